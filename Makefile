@@ -1,0 +1,34 @@
+# zsad: two set-up commands.
+#   make demo   create .venv, install zsad, generate a synthetic dataset, run the smoke job on a local Ray
+#   make test   create/update .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+# torch/torchvision pinned to what this project's machines serve; override for other platforms,
+# e.g. make test TORCH_SPEC="torch torchvision"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY  := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.zsad-installed
+
+.PHONY: demo test venv bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_SPEC)
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/zsad demo --output demo-output --data demo-data
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cpu_throughput.py
+
+clean:
+	rm -rf demo-output demo-data .pytest_cache

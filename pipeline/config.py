@@ -1,0 +1,320 @@
+"""Typed job specification.
+
+A job spec is a YAML file validated into :class:`JobSpec` (pydantic v2, frozen, unknown keys
+rejected). ``--set dotted.key=value`` overrides are applied to the raw YAML mapping before
+validation, so an override of a misspelled key fails exactly like the same key in the file.
+
+Every field has a documented default; ``zsad validate JOB...`` checks files without running them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the file and the offending key."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+
+_URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+
+
+class WeightsSpec(_Model):
+    """Where model weights come from.
+
+    Exactly one of ``tag`` (an open_clip pretrained tag such as ``laion400m_e31``), ``path``
+    (a local checkpoint file) or ``uri`` (``s3://``, ``gs://``, ``https://``... fetched once per
+    node into the weights cache) is set. ``sha256`` is checked for ``path`` and ``uri``.
+
+    In YAML a plain string is accepted: a string with a URI scheme is a ``uri``, one that looks like
+    a file (contains a path separator or ends in .pt/.pth/.bin/.ckpt/.safetensors) is a ``path``,
+    anything else is an open_clip pretrained ``tag``.
+    """
+
+    tag: str | None = None
+    path: str | None = None
+    uri: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if _URI_RE.match(text):
+                if text.startswith("file://"):
+                    return {"path": text[len("file://") :]}
+                return {"uri": text}
+            if os.sep in text or "/" in text or text.lower().endswith(_WEIGHT_SUFFIXES):
+                return {"path": text}
+            return {"tag": text}
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "WeightsSpec":
+        given = [k for k in ("tag", "path", "uri") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"a weights spec needs exactly one of tag, path, uri (got {given or 'none'})")
+        if self.tag and self.sha256:
+            raise ValueError("sha256 applies to path or uri weights, not to an open_clip pretrained tag")
+        return self
+
+    def describe(self) -> str:
+        """A short human-readable form stored in every output row (``tag:x``, ``path:x``, ``uri:x``)."""
+        if self.tag:
+            return f"tag:{self.tag}"
+        if self.path:
+            return f"path:{self.path}"
+        return f"uri:{self.uri}"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+class StorageSpec(_Model):
+    """Object-storage access. Unset fields fall back to the standard AWS environment variables
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), then to the
+    usual botocore chain (instance profile...). ``anon`` reads public buckets without credentials."""
+
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region: str | None = None
+    anon: bool = False
+
+
+class DataSpec(_Model):
+    """How the input is listed.
+
+    ``layout``: ``auto`` (detect), ``folder``, ``mvtec`` or ``manifest``. ``category``: force one
+    category for every image of a ``folder`` input (default: the first sub-folder under the input,
+    or the input folder's own name for files directly in it). ``extensions``: image file endings
+    listed by ``folder``/``mvtec`` (case-insensitive). ``max_images``: keep only the first N listed
+    images (sorted by URI), for trials."""
+
+    layout: Literal["auto", "folder", "mvtec", "manifest"] = "auto"
+    category: str | None = None
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+    max_images: int | None = Field(default=None, ge=1)
+
+
+class DecodeSpec(_Model):
+    """Decode stage: bytes -> RGB uint8. ``max_pixels`` guards against decompression bombs (an image
+    whose header declares more pixels fails with error_type ``DecompressionBomb`` before any pixel
+    is decoded). Default: Pillow's own limit, 89,478,485 pixels (about 9459 x 9459)."""
+
+    max_pixels: int = Field(default=89_478_485, ge=1)
+
+
+class StageResources(_Model):
+    """Resources of one pipeline stage. CPU stages run as Ray tasks; model stages as an actor pool of
+    ``min_actors``..``max_actors`` actors. ``num_gpus`` may be fractional. ``memory`` in bytes is a
+    scheduling reservation (Ray's ``memory`` resource), not a hard limit."""
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=16, ge=1)
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    memory: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _pool(self) -> "StageResources":
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) is below min_actors ({self.min_actors})")
+        return self
+
+
+class ResourcesSpec(_Model):
+    decode: StageResources = StageResources(num_cpus=1, batch_size=32)
+    clip_score: StageResources = StageResources(num_cpus=1, batch_size=16)
+
+
+class ClipSpec(_Model):
+    """The CLIP backbone. ``model``: an open_clip model name (``zsad-tiny`` is a tiny config zsad
+    registers for tests and the offline demo). ``weights``: a weights spec, or ``null`` for random
+    initialisation (needs top-level ``allow_random_weights: true``). ``image_size``: input side in
+    pixels (default: the model's own). ``precision``: ``fp32`` (default) or ``fp16``/``bf16`` (GPU).
+    """
+
+    model: str
+    weights: WeightsSpec | None
+    image_size: int | None = Field(default=None, ge=16)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+PromptSetName = Literal["winclip", "winclip_anomalib"]
+Aggregation = Literal["mean_raw", "mean_norm", "mean_norm_renorm", "per_prompt"]
+
+
+class ObjectNameSpec(_Model):
+    """How a category becomes the object name in prompts: ``raw`` folder name, ``underscore``
+    (``_`` -> space, the default) or ``mapping`` (the built-in table for MVTec/VisA names, e.g.
+    pcb1 -> "printed circuit board", then underscores). ``overrides`` maps category -> name and wins
+    over the policy."""
+
+    policy: Literal["raw", "underscore", "mapping"] = "mapping"
+    overrides: dict[str, str] = Field(default_factory=dict)
+
+
+class WinclipImageScore(_Model):
+    """WinCLIP zero-shot image-level score (METHODS.md sections 1-2): the compositional prompt
+    ensemble, two text embeddings per category, softmax over [normal, anomalous] cosines / tau."""
+
+    kind: Literal["winclip_zero_shot"] = "winclip_zero_shot"
+    prompt_set: PromptSetName = "winclip"
+    aggregation: Aggregation = "mean_norm_renorm"
+    temperature: float = Field(default=0.01, gt=0)
+    object_names: ObjectNameSpec = ObjectNameSpec()
+
+
+ScoreSpec = Annotated[Union[WinclipImageScore], Field(discriminator="kind")]
+
+
+class JobSpec(_Model):
+    """A whole job. See ``jobs/*.yaml`` for the presets and README for every key."""
+
+    name: str = "zsad-job"
+    clip: ClipSpec
+    score: ScoreSpec = WinclipImageScore()
+    allow_random_weights: bool = False
+    max_error_rate: float = Field(default=0.05, ge=0, le=1)
+    data: DataSpec = DataSpec()
+    decode: DecodeSpec = DecodeSpec()
+    storage: StorageSpec = StorageSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    weights_cache: str | None = None
+
+    @field_validator("weights_cache")
+    @classmethod
+    def _cache(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value else value
+
+    @model_validator(mode="after")
+    def _random_weights_gate(self) -> "JobSpec":
+        if self.clip.weights is None and not self.allow_random_weights:
+            raise ValueError(
+                "clip.weights is null, which means random initialisation; scores from random weights "
+                "are meaningless. Give a weights spec (an open_clip pretrained tag, a path or a URI), or "
+                "set allow_random_weights: true (tests/benchmarks only; the run is marked random)"
+            )
+        return self
+
+    @property
+    def random_weights(self) -> bool:
+        return self.clip.weights is None
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved spec as plain data with secrets removed (for run.json)."""
+        data = self.model_dump(mode="json")
+        for key in ("access_key_id", "secret_access_key"):
+            if data["storage"].get(key):
+                data["storage"][key] = "***"
+        return data
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value). The value is parsed as YAML (so ``null``,
+    ``true``, ``3``, ``[1, 2]`` work); an empty value is the empty string."""
+    if "=" not in text:
+        raise SpecError(f"override {text!r} is not of the form dotted.key=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise SpecError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``dotted.key=value`` override applied."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            elif not isinstance(child, dict):
+                raise SpecError(f"override {text!r}: {part!r} is not a mapping (it is {child!r})")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+# Tag values of the discriminated unions: pydantic puts them in error locations
+# (score.winclip_zero_shot.temperature); users wrote score.temperature.
+_KIND_TAGS = {"winclip_zero_shot"}
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid job spec {source}:"]
+    for err in exc.errors():
+        loc = [str(p) for i, p in enumerate(err["loc"]) if not (i > 0 and p in _KIND_TAGS)]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (misspelled?)")
+        else:
+            msg = err["msg"]
+            for prefix in ("Value error, ", "Assertion failed, "):
+                msg = msg[len(prefix) :] if msg.startswith(prefix) else msg
+            lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def spec_from_dict(data: Any, source: str = "<spec>") -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid job spec {source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc, source)) from None
+
+
+def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobSpec:
+    """Load a YAML job spec and apply ``--set`` overrides. Raises :class:`SpecError` naming the file
+    and the offending key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"cannot read job spec {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"job spec {path} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid job spec {path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    return spec_from_dict(data, str(path))

@@ -1,0 +1,126 @@
+"""URIs -> filesystems.
+
+Every path zsad reads or writes is a URI: a local path (absolute or relative), ``file://...`` or an
+object-storage URI such as ``s3://bucket/prefix``. :func:`filesystem` turns a URI into an fsspec
+filesystem plus the path inside it. S3 settings come from the job spec's ``storage`` section and
+fall back to the standard AWS environment variables; :func:`storage_options` resolves them once on
+the driver so the same options travel to every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from pipeline.config import StorageSpec
+
+StorageOptions = dict[str, Any]
+
+
+class StorageError(OSError):
+    """An input or output location that cannot be reached; the message names the URI."""
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs with a scheme other than ``file://`` (``s3://``, ``gs://``, ``memory://``...)."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def storage_options(spec: StorageSpec | None = None, env: dict[str, str] | None = None) -> StorageOptions:
+    """Resolve S3 options: spec fields win, then AWS_* environment variables.
+
+    Returns keyword arguments for ``s3fs.S3FileSystem`` (also accepted, and ignored, for local
+    paths). Credentials that come from neither are left to botocore's own chain (instance profile).
+    """
+    spec = spec or StorageSpec()
+    env = os.environ if env is None else env
+    endpoint = spec.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    key = spec.access_key_id or env.get("AWS_ACCESS_KEY_ID")
+    secret = spec.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY")
+    region = spec.region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION")
+    opts: StorageOptions = {}
+    if spec.anon:
+        opts["anon"] = True
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    if key and secret and not spec.anon:
+        opts["key"] = key
+        opts["secret"] = secret
+    if region:
+        opts["client_kwargs"] = {"region_name": region}
+    return opts
+
+
+def _options_for(uri: str, options: StorageOptions | None) -> StorageOptions:
+    if protocol(uri) in ("s3", "s3a"):
+        return dict(options or {})
+    return {}
+
+
+def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``uri`` -> (fsspec filesystem, path inside it). Local paths are made absolute."""
+    if not is_remote(uri):
+        local = uri[len("file://") :] if uri.startswith("file://") else uri
+        uri = os.path.abspath(os.path.expanduser(local))
+    try:
+        fs, path = url_to_fs(uri, **_options_for(uri, options))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"{uri}: unsupported location ({exc})") from exc
+    return fs, path
+
+
+def normalise(uri: str) -> str:
+    """Canonical form of a URI: absolute local paths, ``scheme://bucket/key`` without trailing '/'."""
+    if is_remote(uri):
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{rest.rstrip('/')}"
+    local = uri[len("file://") :] if uri.startswith("file://") else uri
+    return os.path.abspath(os.path.expanduser(local))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the scheme (local paths use os.path.join)."""
+    if is_remote(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    """Whole object as bytes. Raises FileNotFoundError / PermissionError / StorageError with the URI."""
+    fs, path = filesystem(uri, options)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri}: no such file or object") from None
+    except PermissionError as exc:
+        raise PermissionError(f"{uri}: access denied ({exc})") from None
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write a whole object; parent folders are created for local paths."""
+    fs, path = filesystem(uri, options)
+    if not is_remote(uri):
+        fs.makedirs(posixpath.dirname(path) or "/", exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        fh.write(data)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = filesystem(uri, options)
+    return fs.exists(path)
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """An fsspec path back to a full URI (``bucket/key`` -> ``s3://bucket/key``)."""
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return path
+    return fs.unstrip_protocol(path)

@@ -1,0 +1,392 @@
+"""Image bytes -> RGB uint8 arrays.
+
+:func:`decode_image` is the only entry point. It is pure (bytes in, array out), never touches the
+network or the disk, and turns every failure into a :class:`DecodeError` whose ``error_type`` comes
+from a small fixed vocabulary (see :data:`ERROR_TYPES`), so one bad file never stops a run.
+
+Output convention: a C-contiguous, writeable ``np.ndarray`` of shape ``(H, W, 3)`` (row, column,
+channel), dtype ``uint8``, channels in R, G, B order, in the *displayed* orientation (the EXIF
+orientation tag is applied).
+
+Mode conversions (Pillow mode -> RGB uint8):
+
+* ``RGB``: as stored. ``L``, ``1`` (0/255), ``P``/``PA`` (palette colours; transparency ignored),
+  ``RGBA``/``LA``/``RGBX`` (alpha dropped, colour values kept, like ``convert("RGB")``), ``CMYK``
+  (Pillow's naive conversion, no ICC profile), ``YCbCr``, ``HSV``, ``LAB``: ``Image.convert("RGB")``.
+* 16-bit grayscale (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``) and 32-bit integer ``I`` (how older
+  Pillow versions open 16-bit PNGs): clipped to ``[0, 65535]`` and scaled by the 16-bit range,
+  ``round(v / 257)``, the same for every image (65535 -> 255, 257 -> 1), never by the image's own
+  maximum. A 32-bit integer image with values above 65535 therefore saturates.
+* 32-bit float ``F``: NaN -> 0; if the largest finite value is <= 1 the image is taken as [0, 1] and
+  mapped to ``round(clip(v, 0, 1) * 255)``, otherwise ``round(clip(v, 0, 255))``.
+* 16-bit-per-channel RGB PNGs: Pillow itself opens them as 8-bit ``RGB`` keeping the high byte of
+  each sample (``0x80FF`` -> 128), so they are truncated rather than rounded.
+* Other modes Pillow cannot convert to RGB fail with ``UnsupportedMode``.
+
+Multi-frame files (animated GIF/PNG/WebP, multi-page TIFF, MPO): the first frame only.
+
+Accepted container formats: :data:`FORMATS` (those of them the installed Pillow supports). Other
+formats Pillow knows (EPS, which runs Ghostscript; TGA, whose header has no magic number...) are not
+tried on untrusted bytes; they fail as ``UnidentifiedImage``.
+
+Decompression bombs: the header's declared size is checked against ``max_pixels`` right after
+``Image.open`` (which reads only the header), before any pixel data is decoded. Pillow has its own
+process-global guard (``PIL.Image.MAX_IMAGE_PIXELS``: a warning above it, an error above twice it,
+raised inside ``Image.open``). zsad does not rely on it: both the warning and the error become
+``DecompressionBomb``, and when ``max_pixels`` is larger than Pillow's limit the global is raised to
+``max_pixels`` for the duration of that one decode only (under a lock, restored in ``finally``), so
+images between the two limits decode. ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never changed.
+
+Truncation: with ``LOAD_TRUNCATED_IMAGES`` False (Pillow's default) Pillow (13.0 checked) refuses every
+truncated JPEG and every PNG whose pixel data is incomplete. As a backstop (for a process where some
+other code turned ``LOAD_TRUNCATED_IMAGES`` on) a JPEG that decodes must also have an end-of-image
+marker after its first scan header; the marker segments are walked, so EXIF thumbnails and trailing
+bytes after the marker do not fool the check. A PNG whose pixel data is complete but whose final
+checksum bytes or IEND chunk are missing decodes (as it does in Pillow).
+
+Thread safety: decodes may run in parallel threads, but ``warnings.catch_warnings`` (used to turn
+Pillow's bomb warning into an error) changes process-global state in Python < 3.14, so zsad runs one
+decode per worker process at a time (Ray tasks / single-threaded actors).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+#: Every ``error_type`` :func:`decode_image` produces itself. An exception nobody anticipated is
+#: reported under its own class name instead (``MemoryError``...).
+ERROR_TYPES = (
+    "EmptyFile",  # zero bytes
+    "UnidentifiedImage",  # not one of FORMATS (text, HTML, random bytes...)
+    "TruncatedImage",  # a recognised image whose data ends early
+    "CorruptImage",  # a recognised image whose header or pixel data cannot be parsed
+    "DecompressionBomb",  # header declares more than max_pixels pixels
+    "UnsupportedMode",  # a pixel mode with no conversion to RGB
+)
+
+#: Container formats tried by ``Image.open``, in this order (filtered to those Pillow supports).
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF", "PPM", "JPEG2000", "AVIF", "QOI")
+
+# Magic numbers of the formats above, used only to word error messages.
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG2000"),
+    (b"\xff\x4f\xff\x51", "JPEG2000"),
+    (b"qoif", "QOI"),
+)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+_LIMIT_LOCK = threading.Lock()
+_formats_cache: tuple[str, ...] | None = None
+
+
+class DecodeError(Exception):
+    """A file that cannot become an RGB image.
+
+    ``error_type`` is one of :data:`ERROR_TYPES` (or an unexpected exception's class name);
+    ``message`` says what is wrong in words a user can act on; ``str(exc) == message``.
+    """
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # keep both fields when pickled (Ray ships exceptions between processes)
+        return (type(self), (self.error_type, self.message))
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode one encoded image to RGB.
+
+    Args:
+        data: the whole file's bytes.
+        max_pixels: largest accepted ``width * height`` declared by the header (``decode.max_pixels``).
+
+    Returns:
+        ``(H, W, 3)`` uint8 array (row, column, RGB) in displayed orientation; first frame only.
+
+    Raises:
+        DecodeError: for every problem with the bytes (never any other exception for bad input).
+        ValueError: ``max_pixels`` below 1 (a programming error, not a bad file).
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
+    data = bytes(data)
+    if not data:
+        raise DecodeError("EmptyFile", "empty file (0 bytes)")
+    try:
+        with _pillow_limit(max_pixels), warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _decode(data, max_pixels)
+    except DecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise DecodeError(
+            "DecompressionBomb",
+            f"image declares {declared}, more than decode.max_pixels = {max_pixels:,} (possible "
+            f"decompression bomb); not decoded (Pillow: {exc})",
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - the contract: no raw exception escapes
+        raise DecodeError(type(exc).__name__, _text(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        image = Image.open(io.BytesIO(data), formats=_formats())
+    except UnidentifiedImageError as exc:
+        raise _unidentified(data, exc) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise _broken(data, exc, during="header") from exc
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise DecodeError(
+                "DecompressionBomb",
+                f"{image.format} header declares {width} x {height} = {width * height:,} pixels, more than "
+                f"decode.max_pixels = {max_pixels:,} (possible decompression bomb); not decoded",
+            )
+        fmt = image.format or "image"
+        try:
+            image.load()  # first frame only
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise _broken(data, exc, during="pixels") from exc
+        if fmt in ("JPEG", "MPO") and _jpeg_complete(data) is False:
+            raise DecodeError(
+                "TruncatedImage",
+                f"JPEG data ({len(data):,} bytes) ends before its end-of-image marker (0xFFD9)",
+            )
+        try:
+            oriented = ImageOps.exif_transpose(image)
+        except Exception as exc:  # noqa: BLE001
+            raise DecodeError(type(exc).__name__, f"cannot apply the EXIF orientation: {_text(exc)}") from exc
+        return _to_rgb(oriented)
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        gray = ((values + 128) // 257).astype(np.uint8)  # == round(v / 257); 257 is odd: no ties
+        return _gray_to_rgb(gray)
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        finite = np.isfinite(values)
+        peak = values[finite].max() if finite.any() else 0.0
+        values = np.where(np.isnan(values), 0.0, values)
+        scaled = np.clip(values, 0.0, 1.0) * 255.0 if peak <= 1.0 else np.clip(values, 0.0, 255.0)
+        return _gray_to_rgb(np.rint(scaled).astype(np.uint8))
+    if mode != "RGB":
+        try:
+            image = image.convert("RGB")
+        except ValueError as exc:
+            raise DecodeError("UnsupportedMode", f"pixel mode {mode!r} cannot be converted to RGB ({exc})") from exc
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3:  # defensive: the contract is (H, W, 3)
+        raise DecodeError("UnsupportedMode", f"mode {mode!r} decoded to shape {array.shape}, not (H, W, 3)")
+    if not (array.flags.writeable and array.flags.c_contiguous):
+        array = np.array(array, dtype=np.uint8, order="C")
+    return array
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+
+
+# --------------------------------------------------------------------------------------------
+# Error wording
+# --------------------------------------------------------------------------------------------
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _signature(data: bytes) -> str | None:
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _looks_truncated(data: bytes, fmt: str | None) -> bool:
+    if fmt == "JPEG":
+        return _jpeg_complete(data) is False
+    if fmt == "PNG":
+        return _png_ends_early(data)
+    return False
+
+
+def _unidentified(data: bytes, exc: Exception) -> DecodeError:
+    fmt = _signature(data)
+    if fmt is None:
+        return DecodeError(
+            "UnidentifiedImage",
+            f"not a recognised image format ({', '.join(_formats())}): the {len(data):,} bytes start with "
+            f"{data[:16]!r}{_content_hint(data)}",
+        )
+    if _looks_truncated(data, fmt):
+        return DecodeError(
+            "TruncatedImage", f"{fmt} file ({len(data):,} bytes) ends inside its header, before any pixel data"
+        )
+    return DecodeError(
+        "CorruptImage", f"starts like a {fmt} file but its header cannot be parsed ({len(data):,} bytes)"
+    )
+
+
+def _broken(data: bytes, exc: Exception, during: str) -> DecodeError:
+    message = _text(exc)
+    fmt = _signature(data) or "image"
+    if "truncat" in message.lower() or _looks_truncated(data, _signature(data)):
+        return DecodeError("TruncatedImage", f"{fmt} data ends early ({len(data):,} bytes): {message}")
+    return DecodeError("CorruptImage", f"{fmt} {during} cannot be decoded: {message}")
+
+
+def _content_hint(data: bytes) -> str:
+    """A few words on what non-image bytes look like (text, HTML...), or ''."""
+    head = data[:256]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the 256-byte boundary
+            return ""
+        text = head[: exc.start].decode("utf-8")
+    if not text or not all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return ""
+    lower = text.lstrip().lower()
+    if lower.startswith("<"):
+        return " (looks like HTML/XML text)"
+    if lower.startswith(("{", "[")):
+        return " (looks like JSON text)"
+    return " (looks like text)"
+
+
+# --------------------------------------------------------------------------------------------
+# Structure walks (no pixel decoding)
+# --------------------------------------------------------------------------------------------
+
+
+def _jpeg_complete(data: bytes) -> bool | None:
+    """Whether a JPEG has an end-of-image marker after its first start-of-scan segment.
+
+    Walks the marker segments from SOI by their lengths (so APPn payloads such as an EXIF thumbnail,
+    which has its own markers, are skipped whole). Returns False when the data ends before the first
+    scan or has no 0xFFD9 after it (inside entropy-coded data 0xFF is always followed by 0x00 or a
+    restart marker, so the first 0xFFD9 there is the real end). Returns None when the bytes are not a
+    JPEG or the segment structure cannot be followed (then nothing is claimed).
+    """
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    size = len(data)
+    pos = 2
+    while True:
+        if pos >= size:
+            return False
+        if data[pos] != 0xFF:
+            return None
+        while pos < size and data[pos] == 0xFF:  # fill bytes before a marker
+            pos += 1
+        if pos >= size:
+            return False
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:  # EOI before any scan
+            return True
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers
+            continue
+        if pos + 2 > size:
+            return False
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2:
+            return None
+        if pos + length > size:
+            return False
+        pos += length
+        if marker == 0xDA:  # SOS: entropy-coded data follows
+            return data.find(b"\xff\xd9", pos) != -1
+
+
+def _png_ends_early(data: bytes) -> bool:
+    """True when a PNG's chunk sequence runs past the end of the data before IEND."""
+    pos = 8
+    size = len(data)
+    while pos + 8 <= size:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > size:
+            return True
+        if kind == b"IEND":
+            return False
+        pos = end
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Pillow globals
+# --------------------------------------------------------------------------------------------
+
+
+def _formats() -> tuple[str, ...]:
+    global _formats_cache
+    if _formats_cache is None:
+        Image.init()
+        _formats_cache = tuple(name for name in FORMATS if name in Image.OPEN)
+    return _formats_cache
+
+
+@contextmanager
+def _pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Raise ``PIL.Image.MAX_IMAGE_PIXELS`` to ``max_pixels`` for one decode when it is lower.
+
+    Pillow checks its global inside ``Image.open`` and again while loading some formats (TIFF tiles,
+    GIF frames); our own check against ``max_pixels`` is the one that matters, so Pillow's must not
+    be stricter. Nothing is changed when Pillow's limit is already at least ``max_pixels`` (the
+    default configuration) or disabled (None). Changes are serialised by a lock and always undone.
+    """
+    current = Image.MAX_IMAGE_PIXELS
+    if current is None or current >= max_pixels:
+        yield
+        return
+    with _LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def pillow_globals() -> dict[str, object]:
+    """The Pillow settings decoding depends on, for diagnostics and tests."""
+    return {
+        "MAX_IMAGE_PIXELS": Image.MAX_IMAGE_PIXELS,
+        "LOAD_TRUNCATED_IMAGES": ImageFile.LOAD_TRUNCATED_IMAGES,
+    }

@@ -1,0 +1,609 @@
+"""Dataset layouts -> the input manifest.
+
+The driver lists an input URI once and turns it into the *input manifest*: a pandas DataFrame with
+one row per image, sorted by ``uri``, with exactly the columns of :data:`MANIFEST_COLUMNS`:
+
+=========  ==============  ========  ===========================================================
+column     dtype           nullable  meaning
+=========  ==============  ========  ===========================================================
+uri        object (str)    no        full URI: absolute local path or ``s3://bucket/key``
+image_id   object (str)    no        first 16 hex chars of sha1(uri) (deterministic)
+category   object (str)    no        category name (folder name, MVTec category, manifest value)
+gt_label   Int64           yes       1 anomalous, 0 normal, <NA> unknown
+mask_uri   object (str)    yes       ground-truth mask URI, ``None`` when there is none
+size       Int64           yes       object size in bytes (<NA> when not listed, e.g. manifests)
+mtime      Float64         yes       modification time, seconds since the epoch (<NA> if unknown)
+etag       object (str)    yes       S3 ETag without quotes; ``None`` for local files/manifests
+=========  ==============  ========  ===========================================================
+
+Layouts (``DataSpec.layout``):
+
+- ``folder``: every file under the URI whose extension is in ``DataSpec.extensions``
+  (case-insensitive); hidden files and folders (names starting with '.') are skipped. The category
+  is ``DataSpec.category`` if set, else the first sub-folder under the root, or the root's own name
+  for files directly in it. Labels are unknown.
+- ``mvtec``: an MVTec AD root (``ROOT/<category>/test/<defect>/<image>``) or a single category
+  folder (``ROOT/test/<defect>/<image>``). Only the test split is listed; ``good`` is normal (0),
+  every other defect folder anomalous (1). Masks are matched against one listing of
+  ``ground_truth/<defect>/``: ``<stem>_mask.png`` (MVTec), else ``<stem>.png`` (VisA "1cls").
+  ``DataSpec.category`` restricts the listing to that category.
+- ``manifest``: a ``.csv`` / ``.parquet`` / ``.pq`` file with columns ``uri``, ``category`` and
+  optionally ``label`` (or ``gt_label``) and ``mask_uri``. Relative URIs are resolved against the
+  manifest's folder. ``DataSpec.category`` keeps only that category. size/mtime/etag stay unknown
+  (objects are not stat'ed one by one).
+- ``auto``: :func:`detect_layout`.
+
+Folder and MVTec inputs are listed with ONE recursive ``find(detail=True)`` call (one paginated
+ListObjectsV2 on S3), which also yields size, mtime and ETag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import posixpath
+from typing import Any, Iterable
+
+import pandas as pd
+
+from pipeline.config import DataSpec
+from pipeline.io.fs import StorageError, StorageOptions, filesystem, is_remote, normalise, unstrip
+
+__all__ = [
+    "InputError",
+    "MANIFEST_COLUMNS",
+    "MANIFEST_EXTENSIONS",
+    "INPUTS_SCHEMA_VERSION",
+    "detect_layout",
+    "image_id_for",
+    "list_inputs",
+    "manifest_arrow_schema",
+    "write_manifest",
+]
+
+MANIFEST_COLUMNS: tuple[str, ...] = ("uri", "image_id", "category", "gt_label", "mask_uri", "size", "mtime", "etag")
+MANIFEST_EXTENSIONS: tuple[str, ...] = (".csv", ".parquet", ".pq")
+INPUTS_SCHEMA_VERSION = 1  # schemas/inputs.yaml ``version``
+
+_NORMAL_DEFECT = "good"
+_LABEL_WORDS = {
+    "0": 0,
+    "good": 0,
+    "normal": 0,
+    "ok": 0,
+    "false": 0,
+    "1": 1,
+    "anomalous": 1,
+    "anomaly": 1,
+    "bad": 1,
+    "defect": 1,
+    "true": 1,
+}
+_EMPTY_WORDS = {"", "nan", "none", "null", "na", "<na>"}
+
+
+class InputError(ValueError):
+    """An input that cannot be listed; the message names the URI and what is wrong with it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def image_id_for(uri: str) -> str:
+    """The image id of a URI: the first 16 hex characters of sha1(uri)."""
+    return hashlib.sha1(uri.encode("utf-8")).hexdigest()[:16]
+
+
+def _open(uri: str, storage: StorageOptions | None):
+    try:
+        fs, path = filesystem(uri, storage)
+    except StorageError as exc:
+        raise InputError(f"input {uri}: {exc}") from exc
+    if is_remote(uri) and not path.strip("/"):
+        raise InputError(f"input {uri}: no bucket given (expected scheme://bucket/prefix)")
+    return fs, path
+
+
+def _endpoint(fs: Any) -> str:
+    endpoint = getattr(fs, "endpoint_url", None)
+    if not endpoint:
+        endpoint = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+    return endpoint or "the default AWS endpoint"
+
+
+def _bucket(path: str) -> str:
+    return path.split("/", 1)[0]
+
+
+def _storage_failure(uri: str, fs: Any, path: str, exc: BaseException) -> InputError:
+    """Translate a filesystem/botocore exception into an InputError with a message a user can act on."""
+    text = str(exc) or type(exc).__name__
+    name = type(exc).__name__
+    remote = is_remote(uri)
+    if isinstance(exc, FileNotFoundError):
+        if remote and ("bucket does not exist" in text.lower() or "NoSuchBucket" in text):
+            return InputError(f"input {uri}: bucket {_bucket(path)!r} does not exist")
+        return InputError(f"input {uri}: no such file, folder or prefix")
+    if isinstance(exc, PermissionError):
+        return InputError(f"input {uri}: access denied ({text})")
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return InputError(
+            f"input {uri}: no S3 credentials (set storage.access_key_id/secret_access_key, "
+            f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or storage.anon: true) ({text})"
+        )
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or isinstance(
+        exc, (ConnectionError, TimeoutError)
+    ):
+        return InputError(f"input {uri}: cannot reach endpoint {_endpoint(fs)} ({text})")
+    if isinstance(exc, NotADirectoryError):
+        return InputError(f"input {uri}: not a folder ({text})")
+    return InputError(f"input {uri}: cannot list ({name}: {text})")
+
+
+def _is_storage_exception(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    module = type(exc).__module__ or ""
+    return module.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3"))
+
+
+def _listing(uri: str, storage: StorageOptions | None) -> tuple[Any, str, dict[str, dict[str, Any]]]:
+    """One recursive listing: (fs, root path, {relative posix path: info}) of every file under uri.
+
+    Raises InputError when the location does not exist, is a single file, or cannot be reached."""
+    fs, root = _open(uri, storage)
+    root = root.rstrip("/") or root
+    try:
+        found = fs.find(root, detail=True)
+    except Exception as exc:  # botocore/aiohttp errors are not OSErrors
+        if not _is_storage_exception(exc):
+            raise
+        raise _storage_failure(uri, fs, root, exc) from exc
+    out: dict[str, dict[str, Any]] = {}
+    for name, info in found.items():
+        if info.get("type", "file") != "file" or name.endswith("/"):
+            continue
+        if name == root:
+            raise InputError(
+                f"input {uri}: is a single file; give a folder, or a manifest ending in "
+                f"{'/'.join(MANIFEST_EXTENSIONS)}"
+            )
+        prefix = root.rstrip("/") + "/"
+        if not name.startswith(prefix):
+            continue
+        out[name[len(prefix) :]] = info
+    if not out:
+        try:
+            present = fs.isdir(root)
+        except Exception as exc:
+            if not _is_storage_exception(exc):
+                raise
+            raise _storage_failure(uri, fs, root, exc) from exc
+        if not present:
+            if is_remote(uri) and "/" in root:
+                try:
+                    fs.ls(_bucket(root))
+                except FileNotFoundError:
+                    raise InputError(f"input {uri}: bucket {_bucket(root)!r} does not exist") from None
+                except Exception:  # reachability already proven by the find above
+                    pass
+            raise InputError(f"input {uri}: no such file, folder or prefix")
+    return fs, root, out
+
+
+def _hidden(parts: Iterable[str]) -> bool:
+    return any(p.startswith(".") for p in parts)
+
+
+def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
+    lower = name.lower()
+    return any(lower.endswith(ext.lower() if ext.startswith(".") else "." + ext.lower()) for ext in extensions)
+
+
+def _ext_text(extensions: tuple[str, ...]) -> str:
+    return ", ".join(extensions) if extensions else "(no extensions configured)"
+
+
+def _stat(fs: Any, info: dict[str, Any]) -> tuple[int | None, float | None, str | None]:
+    size = info.get("size")
+    if size is None:
+        size = info.get("Size")
+    mtime: float | None = None
+    raw = info.get("mtime")
+    if raw is None:
+        raw = info.get("LastModified") or info.get("last_modified")
+    if raw is not None:
+        if hasattr(raw, "timestamp"):
+            mtime = float(raw.timestamp())
+        else:
+            try:
+                mtime = float(raw)
+            except (TypeError, ValueError):
+                mtime = None
+    etag = info.get("ETag") or info.get("etag")
+    if etag is not None:
+        etag = str(etag).strip('"') or None
+    return (int(size) if size is not None else None), mtime, etag
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Rows -> manifest with the exact column contract, sorted by uri."""
+    df = pd.DataFrame(
+        {
+            "uri": pd.Series([r["uri"] for r in rows], dtype=object),
+            "image_id": pd.Series([image_id_for(r["uri"]) for r in rows], dtype=object),
+            "category": pd.Series([r["category"] for r in rows], dtype=object),
+            "gt_label": pd.Series([r.get("gt_label") for r in rows], dtype="Int64"),
+            "mask_uri": pd.Series([r.get("mask_uri") for r in rows], dtype=object),
+            "size": pd.Series([r.get("size") for r in rows], dtype="Int64"),
+            "mtime": pd.Series([r.get("mtime") for r in rows], dtype="Float64"),
+            "etag": pd.Series([r.get("etag") for r in rows], dtype=object),
+        },
+        columns=list(MANIFEST_COLUMNS),
+    )
+    return df.sort_values("uri", kind="stable").reset_index(drop=True)
+
+
+def _child_uri(fs: Any, root: str, rel: str) -> str:
+    return unstrip(fs, f"{root.rstrip('/')}/{rel}")
+
+
+def _root_name(fs: Any, root: str) -> str:
+    return posixpath.basename(root.rstrip("/")) or root.strip("/")
+
+
+# --------------------------------------------------------------------------------------------
+# Detection
+# --------------------------------------------------------------------------------------------
+
+
+def _is_manifest_uri(uri: str) -> bool:
+    return uri.lower().rstrip("/").endswith(MANIFEST_EXTENSIONS)
+
+
+def _mvtec_shape(files: Iterable[str]) -> tuple[bool, set[str]]:
+    """(root is itself a category folder, category folders below the root) from relative paths.
+
+    A category folder is one with ``test/good/<file>``."""
+    single = False
+    categories: set[str] = set()
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[0] == "test" and parts[1] == _NORMAL_DEFECT:
+            single = True
+        elif len(parts) == 4 and parts[1] == "test" and parts[2] == _NORMAL_DEFECT and not parts[0].startswith("."):
+            categories.add(parts[0])
+    return single, categories
+
+
+def _detect(uri: str, files: Iterable[str]) -> str:
+    single, categories = _mvtec_shape(files)
+    return "mvtec" if single or categories else "folder"
+
+
+def detect_layout(uri: str, storage: StorageOptions | None = None) -> str:
+    """``manifest`` for a URI ending in .csv/.parquet/.pq; ``mvtec`` for a folder with
+    ``test/good/`` (a category folder) or whose sub-folders have one (an MVTec root); else ``folder``.
+
+    Raises InputError when the folder does not exist or cannot be reached."""
+    if _is_manifest_uri(uri):
+        return "manifest"
+    _, _, files = _listing(uri, storage)
+    return _detect(uri, files)
+
+
+# --------------------------------------------------------------------------------------------
+# Folder
+# --------------------------------------------------------------------------------------------
+
+
+def _list_folder(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    root_name = _root_name(fs, root)
+    rows = []
+    for rel, info in files.items():
+        parts = rel.split("/")
+        if _hidden(parts) or not _has_extension(parts[-1], data.extensions):
+            continue
+        category = data.category or (parts[0] if len(parts) > 1 else root_name)
+        size, mtime, etag = _stat(fs, info)
+        rows.append(
+            {
+                "uri": _child_uri(fs, root, rel),
+                "category": category,
+                "gt_label": None,
+                "mask_uri": None,
+                "size": size,
+                "mtime": mtime,
+                "etag": etag,
+            }
+        )
+    if not rows:
+        raise InputError(
+            f"input {uri}: no images found (looked for files ending in {_ext_text(data.extensions)}, "
+            "case-insensitive; hidden files and folders skipped)"
+        )
+    return _frame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# MVTec
+# --------------------------------------------------------------------------------------------
+
+
+def _list_mvtec(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    # Category folder -> {relative path inside it: info}
+    has_test_here = any(rel.startswith("test/") for rel in files)
+    by_category: dict[str, dict[str, dict[str, Any]]] = {}
+    if has_test_here:
+        name = _root_name(fs, root)
+        by_category[name] = dict(files)
+        prefixes = {name: ""}
+    else:
+        prefixes = {}
+        for rel in files:
+            parts = rel.split("/", 1)
+            if len(parts) == 2 and not parts[0].startswith(".") and parts[1].startswith("test/"):
+                by_category.setdefault(parts[0], {})
+                prefixes[parts[0]] = parts[0] + "/"
+        for rel, info in files.items():
+            head, _, tail = rel.partition("/")
+            if head in by_category and tail:
+                by_category[head][tail] = info
+    if not by_category:
+        raise InputError(
+            f"input {uri}: does not look like an MVTec AD tree (expected ROOT/<category>/test/<defect>/<image> "
+            "or ROOT/test/<defect>/<image>; found no test/ folder)"
+        )
+    if data.category is not None:
+        if data.category not in by_category:
+            raise InputError(
+                f"input {uri}: category {data.category!r} not found; available: {', '.join(sorted(by_category))}"
+            )
+        by_category = {data.category: by_category[data.category]}
+
+    rows = []
+    for category, entries in sorted(by_category.items()):
+        prefix = prefixes[category]
+        masks = {rel for rel in entries if rel.startswith("ground_truth/")}
+        for rel, info in entries.items():
+            parts = rel.split("/")
+            if len(parts) != 3 or parts[0] != "test" or _hidden(parts):
+                continue
+            if not _has_extension(parts[2], data.extensions):
+                continue
+            defect, filename = parts[1], parts[2]
+            label = 0 if defect == _NORMAL_DEFECT else 1
+            mask_uri = None
+            if label == 1:
+                stem = posixpath.splitext(filename)[0]
+                for candidate in (f"ground_truth/{defect}/{stem}_mask.png", f"ground_truth/{defect}/{stem}.png"):
+                    if candidate in masks:
+                        mask_uri = _child_uri(fs, root, prefix + candidate)
+                        break
+            size, mtime, etag = _stat(fs, info)
+            rows.append(
+                {
+                    "uri": _child_uri(fs, root, prefix + rel),
+                    "category": category,
+                    "gt_label": label,
+                    "mask_uri": mask_uri,
+                    "size": size,
+                    "mtime": mtime,
+                    "etag": etag,
+                }
+            )
+    if not rows:
+        raise InputError(
+            f"input {uri}: no test images found in the MVTec tree (looked for test/<defect>/<image> with "
+            f"extensions {_ext_text(data.extensions)}, case-insensitive)"
+        )
+    return _frame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+# --------------------------------------------------------------------------------------------
+
+
+def _is_empty(value: Any) -> bool:
+    if value is None or value is pd.NA:
+        return True
+    if isinstance(value, float) and value != value:
+        return True
+    if isinstance(value, str) and value.strip().lower() in _EMPTY_WORDS:
+        return True
+    return False
+
+
+def _parse_label(value: Any) -> int | None:
+    """0/1 ints, booleans, or label words -> 0/1; empty/NaN -> None. Raises ValueError otherwise."""
+    if _is_empty(value):
+        return None
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return int(bool(value))
+    if isinstance(value, (int, float)) or hasattr(value, "dtype"):
+        number = float(value)
+        if number in (0.0, 1.0):
+            return int(number)
+        raise ValueError(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _LABEL_WORDS:
+            return _LABEL_WORDS[word]
+        try:
+            number = float(word)
+        except ValueError:
+            raise ValueError(value) from None
+        if number in (0.0, 1.0):
+            return int(number)
+    raise ValueError(value)
+
+
+def _resolve(value: str, base: str) -> str:
+    """A manifest entry -> full URI; relative entries are resolved against the manifest's folder."""
+    value = value.strip()
+    if is_remote(value) or value.startswith("file://") or os.path.isabs(value):
+        return normalise(value)
+    if is_remote(base):
+        scheme, rest = base.split("://", 1)
+        bucket, _, key = rest.partition("/")
+        joined = posixpath.normpath(posixpath.join("/" + key, value)).lstrip("/")
+        return f"{scheme}://{bucket}/{joined}" if joined else f"{scheme}://{bucket}"
+    return os.path.normpath(os.path.join(base, value))
+
+
+def _read_table(uri: str, storage: StorageOptions | None) -> pd.DataFrame:
+    fs, path = _open(uri, storage)
+    try:
+        with fs.open(path, "rb") as fh:
+            raw = fh.read()
+    except Exception as exc:
+        if not _is_storage_exception(exc):
+            raise
+        raise _storage_failure(uri, fs, path, exc) from exc
+    try:
+        if uri.lower().rstrip("/").endswith(".csv"):
+            return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(raw)).to_pandas()
+    except Exception as exc:
+        raise InputError(f"input {uri}: cannot parse the manifest ({type(exc).__name__}: {exc})") from exc
+
+
+def _list_manifest(uri: str, data: DataSpec, storage: StorageOptions | None) -> pd.DataFrame:
+    if not _is_manifest_uri(uri):
+        raise InputError(f"input {uri}: a manifest must be a file ending in {', '.join(MANIFEST_EXTENSIONS)}")
+    table = _read_table(uri, storage)
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in ("uri", "category") if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"manifest {uri}: missing required column(s) {', '.join(missing)} "
+            f"(has: {', '.join(table.columns) or 'no columns'})"
+        )
+    label_col = "label" if "label" in table.columns else ("gt_label" if "gt_label" in table.columns else None)
+    full = normalise(uri)
+    base = posixpath.dirname(full) if is_remote(full) else os.path.dirname(full)
+    csv = full.lower().endswith(".csv")
+
+    def where(i: int) -> str:
+        return f"row {i + 1}" + (f" (line {i + 2})" if csv else "")
+
+    rows = []
+    seen: dict[str, int] = {}
+    for i, record in enumerate(table.to_dict("records")):
+        raw_uri = record["uri"]
+        if _is_empty(raw_uri):
+            raise InputError(f"manifest {uri}: {where(i)}: empty uri")
+        category = record["category"]
+        if _is_empty(category):
+            raise InputError(f"manifest {uri}: {where(i)}: empty category")
+        label = None
+        if label_col is not None:
+            try:
+                label = _parse_label(record[label_col])
+            except ValueError:
+                raise InputError(
+                    f"manifest {uri}: {where(i)}: invalid {label_col} {record[label_col]!r} (expected 0/1, "
+                    "true/false, good/normal/ok or anomalous/anomaly/bad/defect, or empty for unknown)"
+                ) from None
+        mask = record.get("mask_uri")
+        full_uri = _resolve(str(raw_uri), base)
+        if full_uri in seen:
+            raise InputError(f"manifest {uri}: {where(i)}: duplicate uri {full_uri} (first at {where(seen[full_uri])})")
+        seen[full_uri] = i
+        rows.append(
+            {
+                "uri": full_uri,
+                "category": str(category).strip(),
+                "gt_label": label,
+                "mask_uri": None if _is_empty(mask) else _resolve(str(mask), base),
+            }
+        )
+    if data.category is not None:
+        available = sorted({r["category"] for r in rows})
+        rows = [r for r in rows if r["category"] == data.category]
+        if not rows and available:
+            raise InputError(
+                f"manifest {uri}: category {data.category!r} not found; available: {', '.join(available)}"
+            )
+    if not rows:
+        raise InputError(f"manifest {uri}: no images found (the manifest has no rows)")
+    return _frame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def list_inputs(uri: str, data: DataSpec, storage: StorageOptions | None = None) -> tuple[str, pd.DataFrame]:
+    """List ``uri`` into the input manifest. Returns (layout used, manifest).
+
+    ``storage`` are resolved storage options (:func:`pipeline.io.fs.storage_options`). Raises
+    :class:`InputError` naming the URI when the location is missing or unreachable, holds no images,
+    or is not a valid instance of the requested layout."""
+    layout = data.layout
+    if layout == "manifest" or (layout == "auto" and _is_manifest_uri(uri)):
+        df = _list_manifest(uri, data, storage)
+        layout = "manifest"
+    else:
+        fs, root, files = _listing(uri, storage)
+        if layout == "auto":
+            layout = _detect(uri, files)
+        if layout == "mvtec":
+            df = _list_mvtec(uri, data, fs, root, files)
+        elif layout == "folder":
+            df = _list_folder(uri, data, fs, root, files)
+        else:  # pragma: no cover - DataSpec validates the literal
+            raise InputError(f"input {uri}: unknown layout {layout!r}")
+    if data.max_images is not None:
+        df = df.head(data.max_images).reset_index(drop=True)
+    return layout, df
+
+
+def manifest_arrow_schema():
+    """The Arrow schema of the input manifest (as written by :func:`write_manifest`); the same
+    fields as the ``inputs`` table contract in ``schemas/inputs.yaml``."""
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            pa.field("uri", pa.string(), nullable=False),
+            pa.field("image_id", pa.string(), nullable=False),
+            pa.field("category", pa.string(), nullable=False),
+            pa.field("gt_label", pa.int64(), nullable=True),
+            pa.field("mask_uri", pa.string(), nullable=True),
+            pa.field("size", pa.int64(), nullable=True),
+            pa.field("mtime", pa.float64(), nullable=True),
+            pa.field("etag", pa.string(), nullable=True),
+        ],
+        metadata={b"zsad.table": b"inputs", b"zsad.schema_version": str(INPUTS_SCHEMA_VERSION).encode()},
+    )
+
+
+def write_manifest(df: pd.DataFrame, uri: str, storage: StorageOptions | None = None) -> None:
+    """Write an input manifest as one Parquet file at ``uri`` (local path or s3://...)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"cannot write manifest {uri}: missing column(s) {', '.join(missing)}")
+    table = pa.Table.from_pandas(df[list(MANIFEST_COLUMNS)], schema=manifest_arrow_schema(), preserve_index=False)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    fs, path = filesystem(uri, storage)
+    if not is_remote(uri):
+        fs.makedirs(posixpath.dirname(path) or "/", exist_ok=True)
+    try:
+        with fs.open(path, "wb") as fh:
+            fh.write(buffer.getvalue())
+    except Exception as exc:
+        if not _is_storage_exception(exc) or isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"{uri}: cannot write manifest ({type(exc).__name__}: {exc})") from exc

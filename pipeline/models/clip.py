@@ -1,0 +1,177 @@
+"""CLIP loading and preprocessing (pure torch + open_clip; no I/O beyond reading a local file).
+
+``zsad-tiny`` is a tiny open_clip config (64 px, patch 8, 4 blocks of width 64, embed 32) that this
+module registers with open_clip on import, so tests and the offline demo build a real open_clip
+model in milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
+
+Weights are given by the caller as one of: an open_clip pretrained tag, a local checkpoint path
+(already fetched and hash-checked by :mod:`pipeline.io.weights`), or nothing (random init, seeded so
+every actor of a pool builds the same model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+TINY_MODEL = "zsad-tiny"
+_CONFIG_DIR = Path(__file__).with_name("configs")
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+RANDOM_INIT_SEED = 0
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be built or whose weights do not load; the message says why."""
+
+
+def register_configs() -> None:
+    """Register zsad's own open_clip configs (``zsad-tiny``). Idempotent."""
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+register_configs()
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model input: squash to ``size`` x ``size`` (no aspect keep, no crop, as in
+    the reference code), bicubic with antialias, then normalise with ``mean``/``std`` on [0, 1]."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def known_tags(model_name: str) -> list[str]:
+    return list(open_clip.list_pretrained_tags_by_model(model_name))
+
+
+def check_model_name(model_name: str) -> None:
+    if model_name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if m.lower().startswith(model_name.lower()[:5])][:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ModelLoadError(f"unknown open_clip model {model_name!r}{hint}")
+
+
+def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"{source}: not a state dict of tensors")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with ``torch.load(weights_only=True)`` on the CPU."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelLoadError(f"weights file {path} does not exist") from None
+    except Exception as exc:  # pickle/zip errors: a corrupt or non-tensor checkpoint
+        raise ModelLoadError(f"weights file {path} could not be loaded safely (weights_only=True): {exc}") from exc
+    return _unwrap_state_dict(obj, path)
+
+
+def build_clip(
+    model_name: str,
+    *,
+    tag: str | None = None,
+    checkpoint: str | None = None,
+    cache_dir: str | None = None,
+    image_size: int | None = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, Preprocess]:
+    """Build an open_clip model in eval mode plus its preprocessing.
+
+    ``tag``: open_clip pretrained tag (downloaded by open_clip into ``cache_dir``). ``checkpoint``:
+    a local state-dict file loaded strictly. Neither: random initialisation with a fixed seed.
+    """
+    check_model_name(model_name)
+    if tag and checkpoint:
+        raise ModelLoadError("give either a pretrained tag or a checkpoint, not both")
+    kwargs = {}
+    if image_size:
+        kwargs["force_image_size"] = image_size
+    if tag:
+        tags = known_tags(model_name)
+        if tag not in tags:
+            raise ModelLoadError(f"open_clip has no pretrained tag {tag!r} for {model_name} (known: {', '.join(tags) or 'none'})")
+        try:
+            model = open_clip.create_model(
+                model_name, pretrained=tag, cache_dir=cache_dir, require_pretrained=True, weights_only=True, **kwargs
+            )
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not load open_clip pretrained weights {model_name}/{tag}: {exc}. Without access to the "
+                "model hub, fetch the checkpoint once and give it as clip.weights: /path/to/file.pt or s3://..."
+            ) from exc
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(model_name, pretrained=None, **kwargs)
+        if checkpoint:
+            sd = load_state_dict_file(checkpoint)
+            if image_size and "visual.positional_embedding" in sd:
+                own = model.visual.positional_embedding
+                if sd["visual.positional_embedding"].shape != own.shape:
+                    raise ModelLoadError(
+                        f"{checkpoint}: positional embedding {tuple(sd['visual.positional_embedding'].shape)} does not "
+                        f"match image_size {image_size} ({tuple(own.shape)}); leave clip.image_size unset"
+                    )
+            result = model.load_state_dict(sd, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ModelLoadError(
+                    f"{checkpoint} does not fit {model_name}: missing {result.missing_keys[:5]}"
+                    f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
+                    f"{'...' if len(result.unexpected_keys) > 5 else ''}"
+                )
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    model = model.to(device=device, dtype=dtype).eval()
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", model.visual.image_size)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    pre = Preprocess(
+        size=int(size), mean=tuple(cfg.get("mean", OPENAI_MEAN)), std=tuple(cfg.get("std", OPENAI_STD))
+    )
+    return model, pre
+
+
+def preprocess_images(images: list[torch.Tensor], pre: Preprocess) -> torch.Tensor:
+    """uint8 images (each (H, W, 3), any size) -> normalised float batch (B, 3, S, S).
+
+    Each image is squashed to S x S (bicubic, antialias), clamped to [0, 1], then normalised.
+    """
+    out = []
+    mean = torch.tensor(pre.mean).view(3, 1, 1)
+    std = torch.tensor(pre.std).view(3, 1, 1)
+    for img in images:
+        x = img.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+        if x.shape[-2:] != (pre.size, pre.size):
+            x = F.interpolate(x, size=(pre.size, pre.size), mode="bicubic", antialias=True, align_corners=False)
+        out.append(((x[0].clamp_(0.0, 1.0) - mean) / std))
+    return torch.stack(out)
+
+
+def encode_text(model: torch.nn.Module, tokenizer, texts: list[str], device: torch.device, chunk: int = 256) -> torch.Tensor:
+    """Raw (unnormalised) text embeddings (N, D) in float32."""
+    parts = []
+    for i in range(0, len(texts), chunk):
+        tokens = tokenizer(texts[i : i + chunk]).to(device)
+        parts.append(model.encode_text(tokens).float())
+    return torch.cat(parts)
+
+
+def encode_image(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Raw image embeddings (B, D) in float32: ln_post(CLS) @ proj for open_clip ViTs."""
+    dtype = next(model.parameters()).dtype
+    return model.encode_image(batch.to(dtype)).float()

@@ -1,0 +1,165 @@
+"""The Ray side of a run: start or attach to Ray, build the Ray Data plan, stream results back.
+
+This module (with the rest of ``pipeline/runtime/``) is the only code that imports ray, and the
+only place that calls ``map_batches``. Minimum Ray version: 2.51 (``compute=ActorPoolStrategy``
+with ``min_size``/``max_size``, named resource arguments).
+
+Plan (one row per image throughout):
+    manifest blocks -> decode (CPU tasks) -> clip_score (actor pool, GPU when given) -> driver
+The image column is dropped before results come back, so only scalar columns reach the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+
+from pipeline.config import JobSpec, StageResources
+from pipeline.io.fs import StorageOptions
+from pipeline.stages.clip_score import ClipScoreStage
+from pipeline.stages.decode import DecodeStage
+
+MIN_RAY = (2, 51)
+RESULT_COLUMNS = (
+    "uri", "image_id", "category", "status", "error_stage", "error_type", "error_message",
+    "height", "width", "decode_ms", "score", "clip_score_ms",
+)
+
+
+def _check_version() -> None:
+    parts = tuple(int(p) for p in ray.__version__.split(".")[:2] if p.isdigit())
+    if parts < MIN_RAY:
+        raise RuntimeError(f"zsad needs Ray >= {'.'.join(map(str, MIN_RAY))}, found {ray.__version__}")
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, log: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    """Start a local Ray for the run (address None) and shut it down after, or attach to a cluster.
+
+    Yields information about the session (address, resources). A Ray that this process had
+    already initialised is reused and left running.
+    """
+    _check_version()
+    if ray.is_initialized():
+        yield {"address": "existing", "resources": ray.cluster_resources(), "local": False}
+        return
+    if address:
+        log(f"attaching to Ray cluster at {address}")
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    else:
+        log("starting a local Ray instance for this run")
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+    try:
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        yield {"address": address or "local", "resources": ray.cluster_resources(), "local": address is None}
+    finally:
+        ray.shutdown()
+
+
+class _ActorStage:
+    """Actor wrapper: builds the stage (and its models) once per actor."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.stage = factory()
+        self.stage.setup()
+
+    def __call__(self, batch: dict) -> dict:
+        return self.stage(batch)
+
+
+def _task(stage: Any) -> Callable[[dict], dict]:
+    def run(batch: dict) -> dict:
+        return stage(batch)
+
+    return run
+
+
+def _remote_args(res: StageResources) -> dict[str, Any]:
+    args: dict[str, Any] = {"num_cpus": res.num_cpus}
+    if res.num_gpus:
+        args["num_gpus"] = res.num_gpus
+    if res.memory:
+        args["memory"] = res.memory
+    return args
+
+
+def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], None]) -> float:
+    """GPUs for the CLIP pool: as the spec asks, except on a local Ray without GPUs, where asking
+    for one would wait forever: there it falls back to CPU and says so. On a cluster the request is
+    kept (an autoscaler may add GPU nodes)."""
+    asked = spec.resources.clip_score.num_gpus
+    if asked and session["local"] and not session["resources"].get("GPU"):
+        log(f"resources.clip_score.num_gpus={asked} but this machine's Ray has no GPU: scoring on CPU")
+        return 0.0
+    return asked
+
+
+def run_plan(
+    spec: JobSpec,
+    manifest: pd.DataFrame,
+    storage: StorageOptions,
+    session: dict[str, Any],
+    log: Callable[[str], None],
+    result_batch_rows: int = 256,
+) -> Iterator[pd.DataFrame]:
+    """Execute the plan over ``manifest`` (uri, image_id, category) and yield result batches with
+    :data:`RESULT_COLUMNS` as they complete."""
+    dec_res = spec.resources.decode
+    clip_res = spec.resources.clip_score
+    gpus = effective_gpus(spec, session, log)
+    block_rows = max(1, dec_res.batch_size)
+    inputs = manifest[["uri", "image_id", "category"]].reset_index(drop=True)
+    blocks = [inputs.iloc[i : i + block_rows] for i in range(0, len(inputs), block_rows)]
+    ds = ray.data.from_pandas(blocks)
+    ds = ds.map_batches(
+        _task(DecodeStage(spec.decode, storage)),
+        batch_size=dec_res.batch_size,
+        batch_format="numpy",
+        **_remote_args(dec_res),
+    )
+    factory = functools.partial(
+        ClipScoreStage,
+        spec.clip,
+        spec.score,
+        weights_cache=spec.weights_cache,
+        storage=storage,
+        use_gpu=gpus > 0,
+    )
+    clip_args = _remote_args(clip_res)
+    if gpus:
+        clip_args["num_gpus"] = gpus
+    else:
+        clip_args.pop("num_gpus", None)
+    ds = ds.map_batches(
+        _ActorStage,
+        fn_constructor_kwargs={"factory": factory},
+        compute=ActorPoolStrategy(min_size=clip_res.min_actors, max_size=clip_res.max_actors),
+        batch_size=clip_res.batch_size,
+        batch_format="numpy",
+        **clip_args,
+    )
+    ds = ds.select_columns(list(RESULT_COLUMNS))
+    yield from ds.iter_batches(batch_size=result_batch_rows, batch_format="pandas")
+
+
+def root_cause(exc: BaseException) -> str:
+    """A one-line cause for an exception that came back through Ray (task or actor errors)."""
+    cause: BaseException = exc
+    seen = set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        nxt = getattr(cause, "cause", None) or cause.__cause__
+        if nxt is None or nxt is cause:
+            break
+        cause = nxt
+    text = str(cause).strip().splitlines()
+    tail = [line for line in text if line.strip()][-1:] if text else []
+    return f"{type(cause).__name__}: {tail[0] if tail else cause!r}"

@@ -1,0 +1,289 @@
+"""One run from start to finish: list -> inputs.parquet -> Ray plan -> scores/ + errors/ -> run.json.
+
+``run.json`` is written LAST and only then does the run count as complete; its ``status`` is
+``succeeded`` or ``failed`` (error budget exceeded, or the plan itself failed, with the cause).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import re
+import secrets
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+import pipeline
+from pipeline.config import DataSpec, JobSpec
+from pipeline.io import fs as fsio
+from pipeline.io.layouts import InputError, list_inputs
+from pipeline.io.sinks import TableWriter, write_json, write_table
+from pipeline.io.weights import WeightsError, preflight
+from pipeline.models import clip as clip_models
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+STAGES = ("decode", "clip_score")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or did not complete; the message says why (CLI exit code 1 or 2)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: str
+    status: str
+    n_images: int
+    n_ok: int
+    n_failed: int
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def error_rate(self) -> float:
+        return self.n_failed / self.n_images if self.n_images else 0.0
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+    import pyarrow
+    import ray
+    import torch
+
+    return {
+        "zsad": pipeline.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+        "pandas": pd.__version__,
+        "numpy": np.__version__,
+    }
+
+
+class Progress:
+    """Prints ``images done / total, images/s`` at most every ``interval`` seconds."""
+
+    def __init__(self, total: int, log: Callable[[str], None], interval: float = 2.0) -> None:
+        self.total, self.log, self.interval = total, log, interval
+        self.done = self.failed = 0
+        self.t0 = self._last = time.monotonic()
+
+    def update(self, n: int, failed: int) -> None:
+        self.done += n
+        self.failed += failed
+        now = time.monotonic()
+        if now - self._last >= self.interval or self.done >= self.total:
+            self._last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            pct = 100.0 * self.done / max(self.total, 1)
+            self.log(f"progress: {self.done}/{self.total} images ({pct:.0f}%), {rate:.1f} images/s, {self.failed} failed")
+
+
+def _model_columns(spec: JobSpec) -> dict[str, Any]:
+    return {
+        "score_method": spec.score.kind,
+        "prompt_set": spec.score.prompt_set,
+        "clip_model": spec.clip.model,
+        "clip_weights": spec.clip.weights.describe() if spec.clip.weights else "random",
+        "random_weights": spec.random_weights,
+    }
+
+
+def _nullable(values: pd.Series, keep: np.ndarray) -> list[Any]:
+    """Values where ``keep`` (and finite, for floats), None elsewhere."""
+    out = []
+    for v, k in zip(values.tolist(), keep):
+        if not k or v is None or (isinstance(v, float) and not np.isfinite(v)):
+            out.append(None)
+        else:
+            out.append(v)
+    return out
+
+
+def score_rows(batch: pd.DataFrame, run_id: str, labels: dict[str, Any], model_cols: dict[str, Any]) -> dict[str, list]:
+    """A result batch from the plan -> columns of the ``scores`` table."""
+    n = len(batch)
+    ok = (batch["status"] == "ok").to_numpy()
+    decoded = (batch["error_stage"].fillna("") != "decode").to_numpy()
+    cols: dict[str, list] = {
+        "run_id": [run_id] * n,
+        "image_id": batch["image_id"].tolist(),
+        "uri": batch["uri"].tolist(),
+        "category": batch["category"].tolist(),
+        "gt_label": [labels.get(i) for i in batch["image_id"]],
+        "score": _nullable(batch["score"], ok),
+        "status": batch["status"].tolist(),
+        "error_stage": _nullable(batch["error_stage"], ~ok),
+        "error_type": _nullable(batch["error_type"], ~ok),
+        "error_message": _nullable(batch["error_message"], ~ok),
+        "height": _nullable(batch["height"], decoded),
+        "width": _nullable(batch["width"], decoded),
+        "decode_ms": _nullable(batch["decode_ms"], np.ones(n, bool)),
+        "clip_score_ms": _nullable(batch["clip_score_ms"], ok),
+    }
+    for key, value in model_cols.items():
+        cols[key] = [value] * n
+    return cols
+
+
+def error_rows(batch: pd.DataFrame, run_id: str) -> dict[str, list]:
+    bad = batch[batch["status"] != "ok"]
+    return {
+        "run_id": [run_id] * len(bad),
+        "image_id": bad["image_id"].tolist(),
+        "uri": bad["uri"].tolist(),
+        "category": bad["category"].tolist(),
+        "stage": bad["error_stage"].fillna("unknown").tolist(),
+        "error_type": bad["error_type"].fillna("Unknown").tolist(),
+        "message": bad["error_message"].fillna("").tolist(),
+    }
+
+
+def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
+    """Fail fast on the driver, before Ray starts: model name, pretrained tag, weights location."""
+    try:
+        clip_models.check_model_name(spec.clip.model)
+        w = spec.clip.weights
+        if w is not None and w.tag and w.tag not in clip_models.known_tags(spec.clip.model):
+            known = ", ".join(clip_models.known_tags(spec.clip.model)) or "none"
+            raise clip_models.ModelLoadError(f"open_clip has no pretrained tag {w.tag!r} for {spec.clip.model} (known: {known})")
+        preflight(w, storage)
+    except (clip_models.ModelLoadError, WeightsError) as exc:
+        raise RunError(f"clip.weights / clip.model: {exc}", exit_code=2) from None
+
+
+def run_job(
+    spec: JobSpec,
+    input_uri: str,
+    output_uri: str,
+    *,
+    run_id: str | None = None,
+    layout: str | None = None,
+    address: str | None = None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> RunResult:
+    """Run ``spec`` over ``input_uri`` and write the tables under ``output_uri/run_id``."""
+    from pipeline.runtime.ray_plan import ray_session, root_cause, run_plan
+
+    started = dt.datetime.now(dt.timezone.utc)
+    t_start = time.monotonic()
+    run_id = run_id or new_run_id(started)
+    if not RUN_ID_RE.match(run_id):
+        raise RunError(f"run id {run_id!r} is invalid: use letters, digits, '.', '_' or '-' (at most 128)", exit_code=2)
+    storage = fsio.storage_options(spec.storage)
+    if layout:
+        spec = spec.model_copy(update={"data": DataSpec(**{**spec.data.model_dump(), "layout": layout})})
+    preflight_spec(spec, storage)
+
+    t0 = time.monotonic()
+    try:
+        used_layout, manifest = list_inputs(input_uri, spec.data, storage)
+    except InputError as exc:
+        raise RunError(str(exc), exit_code=2) from None
+    list_s = time.monotonic() - t0
+    run_dir = fsio.join(fsio.normalise(output_uri), run_id)
+    try:
+        if fsio.exists(fsio.join(run_dir, "run.json"), storage):
+            raise RunError(f"run {run_dir} already exists (it has a run.json); choose another --run-id", exit_code=2)
+    except RunError:
+        raise
+    except Exception as exc:
+        raise RunError(f"output {output_uri}: cannot be reached: {exc}", exit_code=2) from None
+    log(f"run {run_id}: {len(manifest)} images ({used_layout} layout) from {input_uri} -> {run_dir}")
+    if spec.random_weights:
+        log("WARNING: random CLIP weights (allow_random_weights: true): scores are NOT meaningful results")
+    write_table(fsio.join(run_dir, "inputs.parquet"), manifest, "inputs", storage)
+
+    labels = {i: (None if pd.isna(v) else int(v)) for i, v in zip(manifest["image_id"], manifest["gt_label"])}
+    model_cols = _model_columns(spec)
+    scores = TableWriter(fsio.join(run_dir, "scores"), "scores", storage)
+    errors = TableWriter(fsio.join(run_dir, "errors"), "errors", storage)
+    scores.clear()
+    errors.clear()
+    progress = Progress(len(manifest), log)
+    busy = {s: 0.0 for s in STAGES}
+    plan_error: str | None = None
+    session_info: dict[str, Any] = {}
+    t_plan = time.monotonic()
+    try:
+        with ray_session(address, log) as session:
+            session_info = {"address": session["address"], "resources": dict(session["resources"])}
+            for batch in run_plan(spec, manifest, storage, session, log):
+                scores.write(score_rows(batch, run_id, labels, model_cols))
+                errors.write(error_rows(batch, run_id))
+                busy["decode"] += float(np.nansum(batch["decode_ms"].to_numpy(dtype=float))) / 1000.0
+                busy["clip_score"] += float(np.nansum(batch["clip_score_ms"].to_numpy(dtype=float))) / 1000.0
+                progress.update(len(batch), int((batch["status"] != "ok").sum()))
+    except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
+        plan_error = root_cause(exc)
+        log(f"run failed: {plan_error}")
+    plan_s = time.monotonic() - t_plan
+    t_write = time.monotonic()
+    scores.close()
+    errors.close()
+    write_s = time.monotonic() - t_write
+
+    n_ok = progress.done - progress.failed
+    n_failed = progress.failed
+    n_missing = len(manifest) - progress.done
+    rate = n_failed / len(manifest) if len(manifest) else 0.0
+    if plan_error:
+        status, reason = "failed", plan_error
+    elif n_missing:
+        status, reason = "failed", f"{n_missing} images produced no result row"
+    elif rate > spec.max_error_rate:
+        status = "failed"
+        reason = (
+            f"{n_failed} of {len(manifest)} images failed ({100 * rate:.1f}%), above max_error_rate "
+            f"{spec.max_error_rate:g}; see {fsio.join(run_dir, 'errors')}"
+        )
+    else:
+        status, reason = "succeeded", None
+    ended = dt.datetime.now(dt.timezone.utc)
+    manifest_json = {
+        "run_id": run_id,
+        "status": status,
+        "reason": reason,
+        "input": input_uri,
+        "layout": used_layout,
+        "output": run_dir,
+        "started": started.isoformat(),
+        "ended": ended.isoformat(),
+        "wall_seconds": round(time.monotonic() - t_start, 3),
+        "counts": {"images": len(manifest), "ok": n_ok, "failed": n_failed, "missing": n_missing},
+        "error_rate": rate,
+        "max_error_rate": spec.max_error_rate,
+        "random_weights": spec.random_weights,
+        "model": model_cols,
+        "stage_seconds": {
+            "list_wall": round(list_s, 3),
+            "plan_wall": round(plan_s, 3),
+            "write_wall": round(write_s, 3),
+            "decode_busy": round(busy["decode"], 3),
+            "clip_score_busy": round(busy["clip_score"], 3),
+        },
+        "tables": {"scores": scores.files, "errors": errors.files, "inputs": fsio.join(run_dir, "inputs.parquet")},
+        "ray": session_info,
+        "host": socket.gethostname(),
+        "versions": versions(),
+        "spec": spec.redacted(),
+    }
+    write_json(fsio.join(run_dir, "run.json"), manifest_json, storage)
+    return RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, manifest_json)

@@ -1,0 +1,108 @@
+"""Shared pytest fixtures: an S3 server on loopback (moto's standalone server).
+
+- ``s3_server`` (session): starts ``moto_server -H 127.0.0.1 -p PORT`` (or ``python -m moto.server``)
+  as a subprocess, waits until it answers HTTP and yields its connection settings; the process it
+  started is terminated at the end of the session.
+- ``s3_env`` (function): points the standard AWS_* environment variables at that server and clears
+  s3fs's cached filesystem instances, so ``storage_options()`` and ``filesystem()`` reach it.
+- ``s3_bucket`` (function): a fresh, uniquely named, empty bucket on that server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _moto_command(port: int) -> list[str]:
+    here = os.path.join(os.path.dirname(sys.executable), "moto_server")
+    exe = here if os.path.exists(here) else shutil.which("moto_server")
+    if exe:
+        return [exe, "-H", "127.0.0.1", "-p", str(port)]
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5):
+            return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP answer means the server is up
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    pytest.importorskip("moto", reason="moto[server] is needed for the S3 tests")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
+    proc = subprocess.Popen(
+        _moto_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    try:
+        deadline = time.monotonic() + 20.0
+        while not _answers(endpoint + "/moto-api/"):
+            if proc.poll() is not None:
+                pytest.fail(f"moto server exited with code {proc.returncode} before answering on {endpoint}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"moto server did not answer on {endpoint} within 20 s")
+            time.sleep(0.05)
+        yield {"endpoint_url": endpoint, **_CREDENTIALS}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret_access_key"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server["region"])
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_env):
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_env["endpoint_url"],
+        aws_access_key_id=s3_env["access_key_id"],
+        aws_secret_access_key=s3_env["secret_access_key"],
+        region_name=s3_env["region"],
+    )
+    name = f"zsad-test-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    yield name

@@ -1,0 +1,99 @@
+"""CLIP scoring stage on plain dicts (no Ray): scores, caching, pass-through of failed rows."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ClipSpec, WinclipImageScore
+from pipeline.models import clip as clip_models
+from pipeline.models.prompts import PROMPT_SETS
+from pipeline.models.scoring import anomaly_probability, build_classifier
+from pipeline.stages.clip_score import ClipScoreStage
+
+TINY = ClipSpec(model="zsad-tiny", weights=None)
+
+
+def _batch(images, categories, status=None):
+    n = len(images)
+    img = np.empty(n, dtype=object)
+    img[:] = images
+    status = status or ["ok"] * n
+    return {
+        "uri": np.array([f"/x/{i}.png" for i in range(n)], dtype=object),
+        "category": np.array(categories, dtype=object),
+        "image": img,
+        "status": np.array(status, dtype=object),
+        "error_stage": np.array([None if s == "ok" else "decode" for s in status], dtype=object),
+        "error_type": np.array([None if s == "ok" else "EmptyFile" for s in status], dtype=object),
+        "error_message": np.array([None if s == "ok" else "empty file (0 bytes)" for s in status], dtype=object),
+    }
+
+
+def _images(seed, n, sizes=((64, 64), (80, 48), (30, 90))):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, size=(*sizes[i % len(sizes)], 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_scores_equal_an_independent_computation():
+    stage = ClipScoreStage(TINY, WinclipImageScore())
+    images = _images(0, 3)
+    out = stage(_batch(images, ["metal_nut", "pcb1", "metal_nut"]))
+    assert out["score"].dtype == np.float64 and np.all((out["score"] > 0) & (out["score"] < 1))
+    assert list(out["status"]) == ["ok"] * 3 and np.all(out["clip_score_ms"] > 0)
+
+    model, pre = clip_models.build_clip("zsad-tiny")
+    import open_clip
+
+    tok = open_clip.get_tokenizer("zsad-tiny")
+    for i, (img, name) in enumerate(zip(images, ["metal nut", "printed circuit board", "metal nut"])):
+        normal, anomalous = PROMPT_SETS["winclip"].sentences(name)
+        with torch.no_grad():
+            tn = model.encode_text(tok(normal)).float()
+            ta = model.encode_text(tok(anomalous)).float()
+            x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+            x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bicubic", antialias=True).clamp(0, 1)
+            mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+            std = torch.tensor(pre.std).view(1, 3, 1, 1)
+            f = model.encode_image((x - mean) / std).float()
+        expected = anomaly_probability(f, build_classifier(tn, ta, "mean_norm_renorm"), 0.01).item()
+        assert out["score"][i] == pytest.approx(expected, abs=1e-5)
+
+
+def test_batch_invariance_and_text_cache():
+    stage = ClipScoreStage(TINY, WinclipImageScore())
+    images = _images(1, 3)
+    together = stage(_batch(images, ["a", "b", "a"]))["score"]
+    assert set(stage._text) == {"a", "b"}
+    cached = stage._text["a"]
+    alone = [stage(_batch([img], [c]))["score"][0] for img, c in zip(images, ["a", "b", "a"])]
+    assert stage._text["a"] is cached  # computed once per category per actor
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_failed_rows_pass_through_unscored():
+    stage = ClipScoreStage(TINY, WinclipImageScore())
+    images = _images(2, 3)
+    images[1] = np.zeros((0, 0, 3), np.uint8)
+    out = stage(_batch(images, ["a", "a", "a"], status=["ok", "error", "ok"]))
+    assert np.isnan(out["score"][1]) and np.isnan(out["clip_score_ms"][1])
+    assert out["status"][1] == "error" and out["error_stage"][1] == "decode"
+    assert np.isfinite(out["score"][[0, 2]]).all()
+    assert list(out["uri"]) == ["/x/0.png", "/x/1.png", "/x/2.png"]  # pass-through columns kept
+
+
+def test_a_row_that_breaks_scoring_becomes_an_error_row():
+    stage = ClipScoreStage(TINY, WinclipImageScore())
+    images = _images(3, 3)
+    images[2] = np.zeros((5, 5), np.uint8)  # wrong shape: not (H, W, 3)
+    out = stage(_batch(images, ["a", "a", "a"]))
+    assert list(out["status"]) == ["ok", "ok", "error"]
+    assert out["error_stage"][2] == "clip_score" and "scoring failed" in out["error_message"][2]
+    assert np.isfinite(out["score"][:2]).all() and np.isnan(out["score"][2])
+
+
+def test_missing_column_is_named():
+    stage = ClipScoreStage(TINY, WinclipImageScore())
+    batch = _batch(_images(0, 1), ["a"])
+    del batch["category"]
+    with pytest.raises(ValueError, match="'category'"):
+        stage(batch)

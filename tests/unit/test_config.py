@@ -1,0 +1,77 @@
+"""Job specs: presets, overrides, unknown keys, the random-weights gate."""
+
+import glob
+
+import pytest
+
+from pipeline.config import SpecError, apply_overrides, load_spec, parse_override
+
+TINY = ["clip.model=zsad-tiny", "clip.weights=null", "allow_random_weights=true"]
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("jobs/*.yaml")))
+def test_every_preset_validates_and_runs_tiny(path):
+    spec = load_spec(path)
+    assert spec.clip.model
+    tiny = load_spec(path, TINY)
+    assert tiny.clip.model == "zsad-tiny" and tiny.clip.weights is None and tiny.random_weights
+
+
+def test_winclip_preset_contents():
+    spec = load_spec("jobs/winclip.yaml")
+    assert spec.clip.model == "ViT-B-16-plus-240" and spec.clip.weights.tag == "laion400m_e31"
+    assert not spec.allow_random_weights and spec.max_error_rate == 0.05
+    smoke = load_spec("jobs/smoke.yaml")
+    assert smoke.score == spec.score  # same job, tiny model
+
+
+def test_spec_is_frozen():
+    spec = load_spec("jobs/smoke.yaml")
+    with pytest.raises(Exception):
+        spec.max_error_rate = 0.5
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = tmp_path / "job.yaml"
+    p.write_text("clip: {model: zsad-tiny, weights: null}\nallow_random_weights: true\nmax_eror_rate: 0.1\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(p)
+    assert str(p) in str(err.value) and "max_eror_rate: unknown key" in str(err.value)
+    with pytest.raises(SpecError, match=r"score\.temprature: unknown key"):
+        load_spec("jobs/smoke.yaml", ["score.temprature=0.1"])
+
+
+def test_random_weights_gate_names_the_fix():
+    with pytest.raises(SpecError, match="allow_random_weights: true"):
+        load_spec("jobs/winclip.yaml", ["clip.weights=null"])
+
+
+def test_override_value_types_and_errors():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a=null") == (["a"], None)
+    assert parse_override("a=[1, 2]") == (["a"], [1, 2])
+    assert apply_overrides({"a": {"b": 1}}, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    with pytest.raises(SpecError, match="dotted.key=value"):
+        parse_override("novalue")
+    with pytest.raises(SpecError, match="not a mapping"):
+        apply_overrides({"a": 1}, ["a.b=2"])
+    spec = load_spec("jobs/smoke.yaml", ["max_error_rate=0.5", "score.temperature=0.07"])
+    assert spec.max_error_rate == 0.5 and spec.score.temperature == 0.07
+
+
+def test_bad_values_are_reported(tmp_path):
+    with pytest.raises(SpecError, match="max_error_rate"):
+        load_spec("jobs/smoke.yaml", ["max_error_rate=2"])
+    with pytest.raises(SpecError, match="max_actors"):
+        load_spec("jobs/smoke.yaml", ["resources.clip_score.min_actors=3"])
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("clip: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_redacted_hides_secrets():
+    spec = load_spec("jobs/smoke.yaml", ["storage.access_key_id=AKIA", "storage.secret_access_key=shh"])
+    red = spec.redacted()
+    assert red["storage"]["secret_access_key"] == "***" and "shh" not in str(red)

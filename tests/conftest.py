@@ -51,7 +51,6 @@ def _answers(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    pytest.importorskip("moto", reason="moto[server] is needed for the S3 tests")
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = dict(os.environ)

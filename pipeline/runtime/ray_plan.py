@@ -16,6 +16,7 @@ import functools
 import logging
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import ray
 from ray.data import ActorPoolStrategy, DataContext
@@ -64,6 +65,30 @@ def ray_session(address: str | None, log: Callable[[str], None]) -> Iterator[dic
         ray.shutdown()
 
 
+# Text columns that are None on most rows. Ray infers a block's Arrow type from its values, so a
+# block whose values are all None would get a non-string type and fail to merge with the others;
+# between stages they carry "" for "no value" (the driver turns it back into null).
+_SPARSE_TEXT = ("error_stage", "error_type", "error_message")
+
+
+def _dense_text(batch: dict) -> dict:
+    for name in _SPARSE_TEXT:
+        if name in batch:
+            col = np.empty(len(batch[name]), dtype=object)
+            col[:] = ["" if v is None else str(v) for v in batch[name]]
+            batch[name] = col
+    return batch
+
+
+def _sparse_text(batch: dict) -> dict:
+    for name in _SPARSE_TEXT:
+        if name in batch:
+            col = np.empty(len(batch[name]), dtype=object)
+            col[:] = [None if v is None or v == "" else v for v in batch[name]]
+            batch[name] = col
+    return batch
+
+
 class _ActorStage:
     """Actor wrapper: builds the stage (and its models) once per actor."""
 
@@ -72,12 +97,12 @@ class _ActorStage:
         self.stage.setup()
 
     def __call__(self, batch: dict) -> dict:
-        return self.stage(batch)
+        return _dense_text(self.stage(_sparse_text(dict(batch))))
 
 
 def _task(stage: Any) -> Callable[[dict], dict]:
     def run(batch: dict) -> dict:
-        return stage(batch)
+        return _dense_text(stage(_sparse_text(dict(batch))))
 
     return run
 

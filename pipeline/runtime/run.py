@@ -110,7 +110,7 @@ def _nullable(values: pd.Series, keep: np.ndarray) -> list[Any]:
     """Values where ``keep`` (and finite, for floats), None elsewhere."""
     out = []
     for v, k in zip(values.tolist(), keep):
-        if not k or v is None or (isinstance(v, float) and not np.isfinite(v)):
+        if not k or v is None or v == "" or (isinstance(v, float) and not np.isfinite(v)):
             out.append(None)
         else:
             out.append(v)
@@ -121,7 +121,7 @@ def score_rows(batch: pd.DataFrame, run_id: str, labels: dict[str, Any], model_c
     """A result batch from the plan -> columns of the ``scores`` table."""
     n = len(batch)
     ok = (batch["status"] == "ok").to_numpy()
-    decoded = (batch["error_stage"].fillna("") != "decode").to_numpy()
+    decoded = np.array([s != "decode" for s in batch["error_stage"].tolist()])
     cols: dict[str, list] = {
         "run_id": [run_id] * n,
         "image_id": batch["image_id"].tolist(),
@@ -150,9 +150,9 @@ def error_rows(batch: pd.DataFrame, run_id: str) -> dict[str, list]:
         "image_id": bad["image_id"].tolist(),
         "uri": bad["uri"].tolist(),
         "category": bad["category"].tolist(),
-        "stage": bad["error_stage"].fillna("unknown").tolist(),
-        "error_type": bad["error_type"].fillna("Unknown").tolist(),
-        "message": bad["error_message"].fillna("").tolist(),
+        "stage": [v or "unknown" for v in bad["error_stage"].tolist()],
+        "error_type": [v or "Unknown" for v in bad["error_type"].tolist()],
+        "message": [v or "(no message)" for v in bad["error_message"].tolist()],
     }
 
 

@@ -1,0 +1,159 @@
+"""The CLI as a user runs it: `zsad run jobs/smoke.yaml` on local disk, on S3 (moto server on
+127.0.0.1), and on a folder of broken files. Each run starts its own local Ray."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import load_spec
+from pipeline.io import contracts
+from pipeline.io import fs as fsio
+from pipeline.io.synthetic import make_dataset
+from pipeline.stages.clip_score import ClipScoreStage
+from tests.helpers.badfiles import write_bad_inputs, write_good_images
+
+pytestmark = pytest.mark.integration
+ZSAD = str(Path(sys.executable).with_name("zsad"))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def zsad(*args, env=None, timeout=300):
+    full_env = dict(os.environ)
+    full_env.pop("RAY_ADDRESS", None)
+    full_env.update(env or {})
+    return subprocess.run([ZSAD, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
+
+
+def read_table(uri, storage=None):
+    fs, path = fsio.filesystem(uri, storage)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table()
+
+
+def check_run(run_dir, n_expected, storage=None, n_failed=0):
+    """Shared checks of one finished run's tables and manifest; returns (scores df, errors df, run.json)."""
+    scores_t = read_table(fsio.join(run_dir, "scores"), storage)
+    errors_t = read_table(fsio.join(run_dir, "errors"), storage)
+    assert scores_t.schema.remove_metadata().equals(contracts.load("scores").schema.remove_metadata())
+    assert errors_t.schema.remove_metadata().equals(contracts.load("errors").schema.remove_metadata())
+    fs, path = fsio.filesystem(fsio.join(run_dir, "scores"), storage)
+    first = sorted(fs.glob(path + "/part-*.parquet"))[0]
+    with fs.open(first, "rb") as fh:
+        meta = pq.read_metadata(fh).metadata
+    assert meta[b"zsad.table"] == b"scores" and meta[b"zsad.schema_version"] == b"1"
+    scores, errors = scores_t.to_pandas(), errors_t.to_pandas()
+    assert len(scores) == n_expected and scores["image_id"].is_unique
+    ok = scores[scores["status"] == "ok"]
+    assert ok["score"].between(0, 1).all() and ok["score"].notna().all()
+    assert scores.loc[scores["status"] != "ok", "score"].isna().all()
+    assert scores["random_weights"].all() and (scores["clip_weights"] == "random").all()
+    assert (scores["clip_model"] == "zsad-tiny").all()
+    assert len(errors) == n_failed == (scores["status"] == "error").sum()
+    with fs.open(fsio.join(path.rsplit("/", 1)[0], "run.json") if fsio.is_remote(run_dir) else os.path.join(run_dir, "run.json")) as fh:
+        manifest = json.load(fh)
+    assert manifest["counts"] == {"images": n_expected, "ok": n_expected - n_failed, "failed": n_failed, "missing": 0}
+    assert manifest["random_weights"] is True and manifest["model"]["clip_weights"] == "random"
+    assert set(manifest["versions"]) >= {"zsad", "torch", "open_clip", "ray", "pyarrow"}
+    assert manifest["spec"]["clip"]["model"] == "zsad-tiny"
+    assert manifest["stage_seconds"]["plan_wall"] > 0 and manifest["ended"] >= manifest["started"]
+    inputs = read_table(fsio.join(run_dir, "inputs.parquet"), storage).to_pandas()
+    assert sorted(inputs["image_id"]) == sorted(scores["image_id"])
+    return scores, errors, manifest
+
+
+def test_run_on_local_mvtec_tree(tmp_path):
+    info = make_dataset(str(tmp_path / "data"), n_good=3, n_bad=3)
+    res = zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "local1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "progress:" in res.stderr and "images/s" in res.stderr
+    assert "succeeded" in res.stdout and "random model weights" in res.stdout
+    scores, errors, manifest = check_run(str(tmp_path / "out" / "local1"), info["n_test"])
+    assert manifest["status"] == "succeeded" and manifest["layout"] == "mvtec"
+    assert set(scores["category"]) == {"widget", "tile"}
+    assert set(scores["gt_label"]) == {0, 1}
+    assert (scores["gt_label"] == 1).sum() == 6
+    assert scores["decode_ms"].notna().all() and scores["clip_score_ms"].notna().all()
+
+    # the distributed run gives the same scores as the stage called in-process
+    spec = load_spec("jobs/smoke.yaml")
+    stage = ClipScoreStage(spec.clip, spec.score)
+    sample = scores.sort_values("uri").head(4)
+    imgs = np.empty(len(sample), dtype=object)
+    imgs[:] = [np.asarray(Image.open(u).convert("RGB")) for u in sample["uri"]]
+    n = len(sample)
+    out = stage({"image": imgs, "category": sample["category"].to_numpy(object), "status": np.array(["ok"] * n, object),
+                 "error_stage": np.full(n, None), "error_type": np.full(n, None), "error_message": np.full(n, None)})
+    np.testing.assert_allclose(out["score"], sample["score"].to_numpy(), atol=1e-5)
+
+    again = zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "local1")
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_run_with_input_and_output_on_s3(tmp_path, s3_bucket, s3_env):
+    storage = fsio.storage_options()
+    make_dataset(f"s3://{s3_bucket}/datasets/synth", categories=("gear",), n_good=2, n_bad=2, storage=storage)
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    res = zsad("run", "jobs/smoke.yaml", "--input", f"s3://{s3_bucket}/datasets/synth", "--output", f"s3://{s3_bucket}/runs",
+               "--run-id", "s3run", env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scores, _, manifest = check_run(f"s3://{s3_bucket}/runs/s3run", 4, storage)
+    assert scores["uri"].str.startswith(f"s3://{s3_bucket}/datasets/synth/gear/test/").all()
+    assert manifest["output"] == f"s3://{s3_bucket}/runs/s3run"
+    fs, _ = fsio.filesystem(f"s3://{s3_bucket}", storage)
+    assert fs.exists(f"{s3_bucket}/runs/s3run/run.json")
+    # pandas reads the S3 tables directly too
+    df = pd.read_parquet(f"s3://{s3_bucket}/runs/s3run/scores", storage_options=storage)
+    assert len(df) == 4
+
+
+def test_bad_inputs_are_reported_and_the_error_budget_holds(tmp_path):
+    folder = tmp_path / "mixed"
+    expected = write_bad_inputs(folder / "parts")
+    write_good_images(folder / "parts", 120)
+    n_total = 120 + len(expected)
+    bad = {k: v for k, v in expected.items() if v["expect"] == "error"}
+    assert len(bad) == 6 and 6 / n_total <= 0.05
+
+    res = zsad("run", "jobs/smoke.yaml", "--input", str(folder), "--output", str(tmp_path / "out"), "--run-id", "bad1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    scores, errors, manifest = check_run(str(tmp_path / "out" / "bad1"), n_total, n_failed=6)
+    by_name = {Path(u).name: row for u, row in zip(errors["uri"], errors.to_dict("records"))}
+    assert set(by_name) == set(bad)
+    for name, want in bad.items():
+        row = by_name[name]
+        assert row["stage"] == "decode" and row["error_type"] == want["error_type"], (name, row)
+        assert len(row["message"]) > 10
+    assert "0 bytes" in by_name["zero.png"]["message"]
+    assert "900,000,000 pixels" in by_name["bomb.png"]["message"]
+
+    rows = scores.set_index(scores["uri"].map(lambda u: Path(u).name))
+    for name, want in expected.items():
+        if want["expect"] == "ok":
+            assert rows.loc[name, "status"] == "ok", name
+            assert (rows.loc[name, "height"], rows.loc[name, "width"]) == want["shape"], name
+    # the EXIF-rotated JPEG is scored in its displayed orientation
+    spec = load_spec("jobs/smoke.yaml")
+    stage = ClipScoreStage(spec.clip, spec.score)
+    stored = np.asarray(Image.open(folder / "parts" / "exif_rotated.jpg").convert("RGB"))  # no transpose
+    displayed = np.rot90(stored, k=-1)  # orientation 6: rotate 90 degrees clockwise
+    imgs = np.empty(2, dtype=object)
+    imgs[:] = [np.ascontiguousarray(displayed), stored]
+    out = stage({"image": imgs, "category": np.array(["parts", "parts"], object), "status": np.array(["ok", "ok"], object),
+                 "error_stage": np.full(2, None), "error_type": np.full(2, None), "error_message": np.full(2, None)})
+    assert rows.loc["exif_rotated.jpg", "score"] == pytest.approx(out["score"][0], abs=1e-5)
+    assert abs(out["score"][0] - out["score"][1]) > 1e-6  # orientation matters to the score
+
+    strict = zsad("run", "jobs/smoke.yaml", "--input", str(folder), "--output", str(tmp_path / "out"), "--run-id", "bad2",
+                  "--set", "max_error_rate=0.04")
+    assert strict.returncode == 1
+    assert "above max_error_rate 0.04" in strict.stderr + strict.stdout
+    run2 = json.loads((tmp_path / "out" / "bad2" / "run.json").read_text())
+    assert run2["status"] == "failed" and run2["counts"]["failed"] == 6

@@ -102,7 +102,7 @@ class ClipScoreStage:
     @torch.inference_mode()
     def score_images(self, images: list[np.ndarray], categories: list[str]) -> np.ndarray:
         """Score uint8 (H, W, 3) images in one forward pass; returns float64 (B,)."""
-        tensors = [torch.from_numpy(np.ascontiguousarray(img)) for img in images]
+        tensors = [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img)) for img in images]
         batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
         feats = clip_models.encode_image(self.model, batch)
         out = np.empty(len(images), dtype=np.float64)

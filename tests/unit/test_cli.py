@@ -1,0 +1,79 @@
+"""CLI commands that need no Ray: validate, schema, and the run command's refusal paths (exit 2)."""
+
+import ast
+import glob
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_validate_all_presets():
+    res = runner.invoke(app, ["validate", *sorted(glob.glob(str(REPO / "jobs" / "*.yaml")))])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("ok  ") == len(glob.glob(str(REPO / "jobs" / "*.yaml")))
+
+
+def test_validate_reports_misspelled_key_and_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clip: {model: zsad-tiny, weigths: null}\n")
+    res = runner.invoke(app, ["validate", str(REPO / "jobs" / "smoke.yaml"), str(bad)])
+    assert res.exit_code == 2
+    assert str(bad) in res.output and "clip.weigths: unknown key" in res.output
+    assert "ok  " in res.output  # the good file is still reported
+
+
+def test_validate_checks_model_and_tag():
+    res = runner.invoke(app, ["validate", str(REPO / "jobs" / "winclip.yaml"), "--set", "clip.weights=laion2b_nope"])
+    assert res.exit_code == 2 and "no pretrained tag 'laion2b_nope'" in res.output
+    res = runner.invoke(app, ["validate", str(REPO / "jobs" / "smoke.yaml"), "--set", "clip.model=ViT-Q-99"])
+    assert res.exit_code == 2 and "unknown open_clip model 'ViT-Q-99'" in res.output
+
+
+def test_schema_command():
+    res = runner.invoke(app, ["schema", "scores"])
+    assert res.exit_code == 0 and "random_weights" in res.output and "schema version 1" in res.output
+    res = runner.invoke(app, ["schema"])
+    assert all(t in res.output for t in ("scores", "errors", "inputs"))
+    res = runner.invoke(app, ["schema", "nope"])
+    assert res.exit_code == 2 and "no contract for table 'nope'" in res.output
+
+
+def _run(*args):
+    return runner.invoke(app, ["run", str(REPO / "jobs" / "smoke.yaml"), *args])
+
+
+def test_run_refuses_empty_missing_input_and_bad_spec(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = _run("--input", str(tmp_path / "empty"), "--output", str(tmp_path / "out"))
+    assert res.exit_code == 2 and "no images" in res.output.lower() and str(tmp_path / "empty") in res.output
+    res = _run("--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out"))
+    assert res.exit_code == 2 and str(tmp_path / "nowhere") in res.output
+    res = _run("--input", str(tmp_path), "--output", str(tmp_path / "out"), "--set", "clip.weights=null", "--set",
+               "allow_random_weights=false")
+    assert res.exit_code == 2 and "allow_random_weights" in res.output
+    res = _run("--input", str(tmp_path), "--output", str(tmp_path / "out"), "--layout", "zip")
+    assert res.exit_code == 2 and "--layout 'zip'" in res.output
+    res = _run("--input", str(tmp_path), "--output", str(tmp_path / "out"), "--run-id", "../evil")
+    assert res.exit_code == 2 and "run id" in res.output
+    res = _run("--input", str(tmp_path), "--output", str(tmp_path / "out"), "--set", f"clip.weights={tmp_path}/none.pt")
+    assert res.exit_code == 2 and "none.pt does not exist" in res.output
+    assert not (tmp_path / "out").exists()  # nothing was written for a refused run
+
+
+def test_only_runtime_imports_ray():
+    offenders = []
+    for path in (REPO / "pipeline").rglob("*.py"):
+        if "runtime" in path.relative_to(REPO / "pipeline").parts:
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                offenders.append(str(path))
+    assert not offenders, f"only pipeline/runtime/ may import ray: {offenders}"

@@ -162,12 +162,42 @@ def preprocess_images(images: list[torch.Tensor], pre: Preprocess) -> torch.Tens
     return torch.stack(out)
 
 
+def _truncatable(model: torch.nn.Module) -> bool:
+    """True for open_clip ``CLIP`` text towers whose output depends only on the tokens up to the
+    end-of-text token: causal attention mask and argmax/eos pooling. Padding after the longest
+    prompt can then be cut without changing any embedding."""
+    return (
+        type(model) is open_clip.model.CLIP
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos")
+    )
+
+
+def _encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``model.encode_text`` on tokens cut after the longest sequence (same result, less work:
+    prompts are ~20 tokens of the 77-token context)."""
+    length = int((tokens != 0).int().cumsum(-1).argmax(-1).max()) + 1
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = open_clip.transformer.text_global_pool(
+        x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
+    )
+    proj = model.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x
+
+
 def encode_text(model: torch.nn.Module, tokenizer, texts: list[str], device: torch.device, chunk: int = 256) -> torch.Tensor:
     """Raw (unnormalised) text embeddings (N, D) in float32."""
     parts = []
     for i in range(0, len(texts), chunk):
         tokens = tokenizer(texts[i : i + chunk]).to(device)
-        parts.append(model.encode_text(tokens).float())
+        out = _encode_text_truncated(model, tokens) if _truncatable(model) else model.encode_text(tokens)
+        parts.append(out.float())
     return torch.cat(parts)
 
 

@@ -133,10 +133,10 @@ def run_plan(
     storage: StorageOptions,
     session: dict[str, Any],
     log: Callable[[str], None],
-    result_batch_rows: int = 256,
+    result_batch_rows: int | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Execute the plan over ``manifest`` (uri, image_id, category) and yield result batches with
-    :data:`RESULT_COLUMNS` as they complete."""
+    :data:`RESULT_COLUMNS` as they complete (block by block by default, so progress is timely)."""
     dec_res = spec.resources.decode
     clip_res = spec.resources.clip_score
     gpus = effective_gpus(spec, session, log)

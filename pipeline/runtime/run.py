@@ -209,7 +209,10 @@ def run_job(
     log(f"run {run_id}: {len(manifest)} images ({used_layout} layout) from {input_uri} -> {run_dir}")
     if spec.random_weights:
         log("WARNING: random CLIP weights (allow_random_weights: true): scores are NOT meaningful results")
-    write_table(fsio.join(run_dir, "inputs.parquet"), manifest, "inputs", storage)
+    try:
+        write_table(fsio.join(run_dir, "inputs.parquet"), manifest, "inputs", storage)
+    except OSError as exc:
+        raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
 
     labels = {i: (None if pd.isna(v) else int(v)) for i, v in zip(manifest["image_id"], manifest["gt_label"])}
     model_cols = _model_columns(spec)
@@ -222,10 +225,14 @@ def run_job(
     plan_error: str | None = None
     session_info: dict[str, Any] = {}
     t_plan = time.monotonic()
+    first_result_s: float | None = None
+    first_result_rows = 0
     try:
         with ray_session(address, log) as session:
             session_info = {"address": session["address"], "resources": dict(session["resources"])}
             for batch in run_plan(spec, manifest, storage, session, log):
+                if first_result_s is None:
+                    first_result_s, first_result_rows = time.monotonic() - t_plan, len(batch)
                 scores.write(score_rows(batch, run_id, labels, model_cols))
                 errors.write(error_rows(batch, run_id))
                 busy["decode"] += float(np.nansum(batch["decode_ms"].to_numpy(dtype=float))) / 1000.0
@@ -275,10 +282,12 @@ def run_job(
         "stage_seconds": {
             "list_wall": round(list_s, 3),
             "plan_wall": round(plan_s, 3),
+            "first_result_wall": None if first_result_s is None else round(first_result_s, 3),
             "write_wall": round(write_s, 3),
             "decode_busy": round(busy["decode"], 3),
             "clip_score_busy": round(busy["clip_score"], 3),
         },
+        "first_result_rows": first_result_rows,
         "tables": {"scores": scores.files, "errors": errors.files, "inputs": fsio.join(run_dir, "inputs.parquet")},
         "ray": session_info,
         "host": socket.gethostname(),

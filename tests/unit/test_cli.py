@@ -77,3 +77,12 @@ def test_only_runtime_imports_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 offenders.append(str(path))
     assert not offenders, f"only pipeline/runtime/ may import ray: {offenders}"
+
+
+def test_run_refuses_unwritable_output(tmp_path):
+    from tests.helpers.badfiles import write_good_images
+
+    write_good_images(tmp_path / "in" / "cat", 1)
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    res = _run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "blocker"))
+    assert res.exit_code == 2 and "cannot be written" in res.output and str(tmp_path / "blocker") in res.output

@@ -73,3 +73,18 @@ def test_preprocess_squashes_and_normalises():
     assert out.shape == (2, 3, 8, 8)
     assert torch.allclose(out[0, 0], torch.ones(8, 8)) and torch.allclose(out[0, 1], torch.full((8, 8), 2.0))
     assert torch.allclose(out[1, 0], -torch.ones(8, 8))
+
+
+def test_truncated_text_encoding_equals_open_clip():
+    import open_clip
+
+    model, _ = clip_models.build_clip("zsad-tiny")
+    tok = open_clip.get_tokenizer("zsad-tiny")
+    texts = ["a", "a photo of the flawless metal nut for anomaly detection", "a jpeg corrupted photo of a screw with defect."]
+    assert clip_models._truncatable(model)
+    with torch.no_grad():
+        ours = clip_models.encode_text(model, tok, texts, torch.device("cpu"))
+        ref = model.encode_text(tok(texts)).float()
+        short = clip_models._encode_text_truncated(model, tok(texts[:1]))
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert torch.allclose(short, ref[:1], atol=1e-5)

@@ -54,7 +54,6 @@ __all__ = [
     "InputError",
     "MANIFEST_COLUMNS",
     "MANIFEST_EXTENSIONS",
-    "INPUTS_SCHEMA_VERSION",
     "detect_layout",
     "image_id_for",
     "list_inputs",
@@ -64,7 +63,6 @@ __all__ = [
 
 MANIFEST_COLUMNS: tuple[str, ...] = ("uri", "image_id", "category", "gt_label", "mask_uri", "size", "mtime", "etag")
 MANIFEST_EXTENSIONS: tuple[str, ...] = (".csv", ".parquet", ".pq")
-INPUTS_SCHEMA_VERSION = 1  # schemas/inputs.yaml ``version``
 
 _NORMAL_DEFECT = "good"
 _LABEL_WORDS = {
@@ -567,42 +565,21 @@ def list_inputs(uri: str, data: DataSpec, storage: StorageOptions | None = None)
 
 
 def manifest_arrow_schema():
-    """The Arrow schema of the input manifest (as written by :func:`write_manifest`); the same
-    fields as the ``inputs`` table contract in ``schemas/inputs.yaml``."""
-    import pyarrow as pa
+    """The Arrow schema of the input manifest: the ``inputs`` table contract (schemas/inputs.yaml)."""
+    from pipeline.io import contracts
 
-    return pa.schema(
-        [
-            pa.field("uri", pa.string(), nullable=False),
-            pa.field("image_id", pa.string(), nullable=False),
-            pa.field("category", pa.string(), nullable=False),
-            pa.field("gt_label", pa.int64(), nullable=True),
-            pa.field("mask_uri", pa.string(), nullable=True),
-            pa.field("size", pa.int64(), nullable=True),
-            pa.field("mtime", pa.float64(), nullable=True),
-            pa.field("etag", pa.string(), nullable=True),
-        ],
-        metadata={b"zsad.table": b"inputs", b"zsad.schema_version": str(INPUTS_SCHEMA_VERSION).encode()},
-    )
+    return contracts.load("inputs").schema
 
 
 def write_manifest(df: pd.DataFrame, uri: str, storage: StorageOptions | None = None) -> None:
-    """Write an input manifest as one Parquet file at ``uri`` (local path or s3://...)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Write an input manifest as one contract-checked Parquet file at ``uri`` (local or s3://...)."""
+    from pipeline.io.sinks import write_table
 
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"cannot write manifest {uri}: missing column(s) {', '.join(missing)}")
-    table = pa.Table.from_pandas(df[list(MANIFEST_COLUMNS)], schema=manifest_arrow_schema(), preserve_index=False)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    fs, path = filesystem(uri, storage)
-    if not is_remote(uri):
-        fs.makedirs(posixpath.dirname(path) or "/", exist_ok=True)
     try:
-        with fs.open(path, "wb") as fh:
-            fh.write(buffer.getvalue())
+        write_table(uri, df, "inputs", storage)
     except Exception as exc:
         if not _is_storage_exception(exc) or isinstance(exc, StorageError):
             raise

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
+import time
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -93,8 +95,11 @@ class _ActorStage:
     """Actor wrapper: builds the stage (and its models) once per actor."""
 
     def __init__(self, factory: Callable[[], Any]) -> None:
+        t0 = time.perf_counter()
         self.stage = factory()
         self.stage.setup()
+        name = getattr(self.stage, "name", type(self.stage).__name__)
+        print(f"[zsad] {name} actor ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     def __call__(self, batch: dict) -> dict:
         return _dense_text(self.stage(_sparse_text(dict(batch))))

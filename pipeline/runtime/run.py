@@ -22,8 +22,8 @@ import pandas as pd
 import pipeline
 from pipeline.config import DataSpec, JobSpec
 from pipeline.io import fs as fsio
-from pipeline.io.layouts import InputError, list_inputs
-from pipeline.io.sinks import TableWriter, write_json, write_table
+from pipeline.io.layouts import InputError, list_inputs, write_manifest
+from pipeline.io.sinks import TableWriter, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import clip as clip_models
 
@@ -210,7 +210,7 @@ def run_job(
     if spec.random_weights:
         log("WARNING: random CLIP weights (allow_random_weights: true): scores are NOT meaningful results")
     try:
-        write_table(fsio.join(run_dir, "inputs.parquet"), manifest, "inputs", storage)
+        write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
     except OSError as exc:
         raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
 

@@ -38,6 +38,7 @@ class ClipScoreStage:
     tests that build their own model.
     """
 
+    name = STAGE
     requires = ("image", "category", "status", "error_stage", "error_type", "error_message")
     produces = ("score", "clip_score_ms")
 

@@ -1,0 +1,190 @@
+"""Walking an open_clip VisionTransformer by hand: positional-embedding resize, token embeddings,
+GEM (dual-stream self-self attention) and WinCLIP window embeddings. Pure torch.
+
+Conventions: images are (B, 3, S, S) normalised tensors; tokens are batch-first (B, 1 + N, D) with
+the class token first and patches in row-major order (row, col) of the G x G grid, N = G * G.
+open_clip >= 2.26 runs its Transformer batch-first; older versions are sequence-first. Blocks are
+called through :func:`run_blocks`, which follows the installed convention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class UnsupportedModel(ValueError):
+    """A vision tower these walkers do not handle (attention pooling, no class token...)."""
+
+
+def check_visual(visual: torch.nn.Module) -> None:
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+        raise UnsupportedModel("pixel maps need a CLIP ViT with class-token pooling (no attention pooling)")
+    if getattr(visual, "pool_type", "tok") != "tok":
+        raise UnsupportedModel(f"pixel maps need class-token pooling, this model pools with {visual.pool_type!r}")
+
+
+def native_grid(visual: torch.nn.Module) -> int:
+    g = visual.grid_size
+    return int(g[0] if isinstance(g, (tuple, list)) else g)
+
+
+def patch_size(visual: torch.nn.Module) -> int:
+    p = visual.patch_size
+    return int(p[0] if isinstance(p, (tuple, list)) else p)
+
+
+def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1 + G*G, D) positional embedding -> (1 + grid*grid, D): class token kept, grid resized
+    bicubic with antialias. At the native grid the tensor is returned unchanged."""
+    n = pos.shape[0] - 1
+    g = int(round(n**0.5))
+    if g * g != n:
+        raise UnsupportedModel(f"positional embedding of {n} patches is not a square grid")
+    if g == grid:
+        return pos
+    cls, patches = pos[:1], pos[1:]
+    patches = patches.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
+    return torch.cat([cls, patches], dim=0)
+
+
+def embed(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Images (B, 3, S, S) -> tokens after ln_pre (B, 1 + G*G, D) and the grid G = S / patch.
+    The positional embedding is resized on the fly when S is not the model's native size."""
+    check_visual(visual)
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))
+    b, d, gh, gw = x.shape
+    if gh != gw:
+        raise UnsupportedModel(f"square inputs only, got a {gh} x {gw} patch grid")
+    x = x.reshape(b, d, gh * gw).permute(0, 2, 1)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, d).expand(b, 1, d)
+    x = torch.cat([cls, x], dim=1) + resize_pos_embed(visual.positional_embedding, gh).to(x.dtype)
+    return visual.ln_pre(x), gh
+
+
+def run_blocks(transformer: torch.nn.Module, x: torch.Tensor, blocks) -> torch.Tensor:
+    """Run batch-first tokens (B, L, D) through ``blocks`` of ``transformer``, in its convention."""
+    batch_first = getattr(transformer, "batch_first", True)
+    if not batch_first:
+        x = x.transpose(0, 1)
+    for block in blocks:
+        x = block(x)
+    return x if batch_first else x.transpose(0, 1)
+
+
+def project(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """ln_post then proj, on any token tensor (..., D) -> (..., E)."""
+    x = visual.ln_post(tokens)
+    return x @ visual.proj if visual.proj is not None else x
+
+
+# --------------------------------------------------------------------------------------------
+# GEM
+# --------------------------------------------------------------------------------------------
+
+
+def _self_self(z: torch.Tensor, values: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """softmax(s * norm(z) norm(z)^T) @ values, per head. z, values: (B, H, N, hd); s: (B,).
+
+    Computed with scaled-dot-product attention (q = s * norm(z), k = norm(z), scale 1), which does
+    not materialise the N x N matrix on backends with a fused kernel; memory stays bounded."""
+    zn = F.normalize(z, dim=-1)
+    q = zn * s.view(-1, 1, 1, 1).to(zn.dtype)
+    return F.scaled_dot_product_attention(q, zn, values, scale=1.0)
+
+
+def gem_attention(block: torch.nn.Module, x_ori: torch.Tensor) -> torch.Tensor:
+    """GEM output of one residual block (before the residual add): (B, L, D) -> (B, L, D).
+
+    a = ln_1(x_ori); q, k, v from the block's own in-projection; s = mean over tokens of ||a_n||
+    times head_dim^-0.5; for p in (v, k, q): z = self_self(p, p); out_p = self_self(z, v); the
+    output projection is applied to the mean of the three outputs."""
+    attn = block.attn
+    a = block.ln_1(x_ori)
+    b, n, d = a.shape
+    heads = attn.num_heads
+    hd = d // heads
+    qkv = F.linear(a, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = (t.reshape(b, n, heads, hd).transpose(1, 2) for t in qkv.split(d, dim=-1))
+    s = a.norm(dim=-1).mean(dim=1) * hd**-0.5
+    out = sum(_self_self(_self_self(p, p, s), v, s) for p in (v, k, q)) / 3.0
+    out = out.transpose(1, 2).reshape(b, n, d)
+    return attn.out_proj(out)
+
+
+def gem_forward(visual: torch.nn.Module, images: torch.Tensor, depth: int = 6) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Dual-stream forward. Returns (class embedding of the normal stream (B, E), GEM patch
+    embeddings (B, G*G, E) in the joint space, grid G).
+
+    The normal stream runs every block; from the first of the last ``depth`` blocks a GEM stream
+    starts from the normal stream's tokens and adds each block's GEM output (no MLP)."""
+    x, grid = embed(visual, images)
+    blocks = list(visual.transformer.resblocks)
+    if not 1 <= depth <= len(blocks):
+        raise ValueError(f"GEM depth {depth} must be between 1 and the model's {len(blocks)} blocks")
+    start = len(blocks) - depth
+    x = run_blocks(visual.transformer, x, blocks[:start])
+    x_gem = x
+    for block in blocks[start:]:
+        x_gem = x_gem + gem_attention(block, x)  # x is batch-first here whatever the convention
+        x = run_blocks(visual.transformer, x, [block])
+    cls = project(visual, x[:, 0])
+    patches = project(visual, x_gem[:, 1:])
+    return cls, patches, grid
+
+
+def clip_forward(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Plain forward at any input size: (class embedding (B, E), final patch embeddings (B, N, E), G)."""
+    x, grid = embed(visual, images)
+    x = run_blocks(visual.transformer, x, visual.transformer.resblocks)
+    return project(visual, x[:, 0]), project(visual, x[:, 1:]), grid
+
+
+# --------------------------------------------------------------------------------------------
+# WinCLIP windows
+# --------------------------------------------------------------------------------------------
+
+
+def window_indices(grid: int, k: int) -> torch.Tensor:
+    """(W, k*k) patch indices (row-major in the grid) of every k x k window at stride 1, windows
+    ordered row-major by their top-left patch; W = (grid - k + 1) ** 2."""
+    if not 1 <= k <= grid:
+        raise ValueError(f"window size {k} does not fit a {grid} x {grid} grid")
+    rows = torch.arange(grid - k + 1)
+    tl = (rows.view(-1, 1) * grid + rows.view(1, -1)).reshape(-1)  # top-left index of each window
+    offs = (torch.arange(k).view(-1, 1) * grid + torch.arange(k).view(1, -1)).reshape(-1)
+    return tl.view(-1, 1) + offs.view(1, -1)
+
+
+def window_embeddings(visual: torch.nn.Module, tokens: torch.Tensor, grid: int, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Embeddings of every k x k window: (B, W, E).
+
+    Each window is its own sequence (class token + its k*k patch tokens, all with their original
+    positional embeddings, taken from ``tokens`` after ln_pre) run through every block; the window
+    embedding is ln_post(class token) @ proj. All windows of all images go through the blocks as one
+    batch (split into chunks of ``chunk`` sequences to bound memory)."""
+    b = tokens.shape[0]
+    patches = window_indices(grid, k)
+    idx = torch.cat([torch.zeros(patches.shape[0], 1, dtype=torch.long), patches + 1], dim=1).to(tokens.device)
+    w, length = idx.shape
+    seqs = tokens[:, idx.reshape(-1)].reshape(b * w, length, tokens.shape[-1])
+    outs = [run_blocks(visual.transformer, seqs[i : i + chunk], visual.transformer.resblocks)[:, 0]
+            for i in range(0, seqs.shape[0], chunk)]
+    return project(visual, torch.cat(outs)).reshape(b, w, -1)
+
+
+def window_coverage(grid: int, k: int) -> torch.Tensor:
+    """(W, G*G) 0/1 matrix: window w covers patch p."""
+    idx = window_indices(grid, k)
+    cover = torch.zeros(idx.shape[0], grid * grid)
+    cover.scatter_(1, idx, 1.0)
+    return cover
+
+
+def harmonic_patch_scores(window_scores: torch.Tensor, grid: int, k: int) -> torch.Tensor:
+    """Per-patch harmonic mean of the scores of the windows covering it: (B, W) -> (B, G, G)."""
+    cover = window_coverage(grid, k).to(window_scores)
+    inv = (1.0 / window_scores) @ cover
+    return (cover.sum(0) / inv).reshape(-1, grid, grid)

@@ -160,7 +160,7 @@ class ClipSpec(_Model):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
-PromptSetName = Literal["winclip", "winclip_anomalib"]
+PromptSetName = Literal["winclip", "winclip_anomalib", "april_gan", "vvv", "zsad_agnostic"]
 Aggregation = Literal["mean_raw", "mean_norm", "mean_norm_renorm", "per_prompt"]
 
 
@@ -188,12 +188,84 @@ class WinclipImageScore(_Model):
 ScoreSpec = Annotated[Union[WinclipImageScore], Field(discriminator="kind")]
 
 
+class NoPixelMap(_Model):
+    """No pixel map: image-level scores only (no ``masks/`` rows are written)."""
+
+    kind: Literal["none"] = "none"
+
+
+class WinclipWindows(_Model):
+    """WinCLIP zero-shot pixel map (METHODS.md section 3): windows of ``window_sizes`` patches at
+    stride 1 scored with the image-level prompts (``score`` section), harmonic mean per patch,
+    scales fused harmonically with the image score when ``fuse_image_score``."""
+
+    kind: Literal["winclip_windows"] = "winclip_windows"
+    window_sizes: tuple[int, ...] = (2, 3)
+    fuse_image_score: bool = True
+
+    @field_validator("window_sizes")
+    @classmethod
+    def _sizes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("window_sizes needs at least one size >= 1")
+        return value
+
+
+class FadeZeroShot(_Model):
+    """FADE zero-shot maps (METHODS.md section 3): GEM language maps at ``scales`` (input sizes in
+    pixels) averaged on a ``grid`` x ``grid`` map, the zero-shot vision map (2nd nearest neighbour
+    among the image's own patches, 0.5 * (1 - cos), times ``vision_multiplier``), fused as
+    (1 - ``vision_weight``) * language + ``vision_weight`` * vision, clipped to [0, 1].
+    The language map uses ``prompt_sets`` with the object name ``object_name`` (object-agnostic),
+    text aggregation ``aggregation`` and ``temperature``; GEM runs on the last ``gem_depth`` blocks."""
+
+    kind: Literal["fade_zero_shot"] = "fade_zero_shot"
+    scales: tuple[int, ...] = (240, 448, 896)
+    grid: int = Field(default=56, ge=1)
+    gem_depth: int = Field(default=6, ge=1)
+    vision_multiplier: float = Field(default=80.0, ge=0)
+    vision_weight: float = Field(default=0.5, ge=0, le=1)
+    prompt_sets: tuple[PromptSetName, ...] = ("winclip", "zsad_agnostic")
+    object_name: str = "object"
+    aggregation: Aggregation = "mean_norm"
+    temperature: float = Field(default=0.01, gt=0)
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(s < 16 for s in value):
+            raise ValueError("scales needs at least one input size >= 16 pixels")
+        return value
+
+
+PixelSpec = Annotated[Union[NoPixelMap, WinclipWindows, FadeZeroShot], Field(discriminator="kind")]
+
+
+class MapOutputSpec(_Model):
+    """How pixel maps are stored in ``masks/``. ``map_size``: ``original`` (the decoded image's size)
+    or the long side in pixels (aspect kept; default 256, enough for evaluation at the papers'
+    resolution while keeping the table small). ``threshold``: when set, a binary mask (map >=
+    threshold) is stored as COCO RLE."""
+
+    map_size: Union[Literal["original"], int] = 256
+    threshold: float | None = Field(default=None, ge=0, le=1)
+
+    @field_validator("map_size")
+    @classmethod
+    def _size(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("map_size must be 'original' or a positive long side in pixels")
+        return value
+
+
 class JobSpec(_Model):
     """A whole job. See ``jobs/*.yaml`` for the presets and README for every key."""
 
     name: str = "zsad-job"
     clip: ClipSpec
     score: ScoreSpec = WinclipImageScore()
+    pixel: PixelSpec = NoPixelMap()
+    maps: MapOutputSpec = MapOutputSpec()
     allow_random_weights: bool = False
     max_error_rate: float = Field(default=0.05, ge=0, le=1)
     data: DataSpec = DataSpec()
@@ -273,7 +345,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 # Tag values of the discriminated unions: pydantic puts them in error locations
 # (score.winclip_zero_shot.temperature); users wrote score.temperature.
-_KIND_TAGS = {"winclip_zero_shot"}
+_KIND_TAGS = {"winclip_zero_shot", "none", "winclip_windows", "fade_zero_shot"}
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

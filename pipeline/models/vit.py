@@ -114,9 +114,12 @@ def gem_attention(block: torch.nn.Module, x_ori: torch.Tensor) -> torch.Tensor:
     return attn.out_proj(out)
 
 
-def gem_forward(visual: torch.nn.Module, images: torch.Tensor, depth: int = 6) -> tuple[torch.Tensor, torch.Tensor, int]:
+def gem_forward(
+    visual: torch.nn.Module, images: torch.Tensor, depth: int = 6
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Dual-stream forward. Returns (class embedding of the normal stream (B, E), GEM patch
-    embeddings (B, G*G, E) in the joint space, grid G).
+    embeddings (B, G*G, E) in the joint space, the normal stream's final patch embeddings
+    (B, G*G, E), grid G).
 
     The normal stream runs every block; from the first of the last ``depth`` blocks a GEM stream
     starts from the normal stream's tokens and adds each block's GEM output (no MLP)."""
@@ -130,9 +133,7 @@ def gem_forward(visual: torch.nn.Module, images: torch.Tensor, depth: int = 6) -
     for block in blocks[start:]:
         x_gem = x_gem + gem_attention(block, x)  # x is batch-first here whatever the convention
         x = run_blocks(visual.transformer, x, [block])
-    cls = project(visual, x[:, 0])
-    patches = project(visual, x_gem[:, 1:])
-    return cls, patches, grid
+    return project(visual, x[:, 0]), project(visual, x_gem[:, 1:]), project(visual, x[:, 1:]), grid
 
 
 def clip_forward(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

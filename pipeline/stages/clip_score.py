@@ -1,4 +1,5 @@
-"""CLIP scoring stage: WinCLIP zero-shot image-level score (METHODS.md sections 1-2).
+"""CLIP scoring stage: zero-shot image-level score (METHODS.md sections 1-2) and, when configured,
+a zero-shot pixel map (section 3: WinCLIP windows or FADE's GEM language + vision maps).
 
 Runs as a model actor pool: :meth:`ClipScoreStage.setup` builds the model once per actor; text
 classifiers are computed once per category per actor and cached; images of a batch are encoded in
@@ -14,10 +15,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.config import ClipSpec, WinclipImageScore
+from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, WinclipImageScore, WinclipWindows
 from pipeline.io.fs import StorageOptions
 from pipeline.io.weights import resolve
 from pipeline.models import clip as clip_models
+from pipeline.models import pixel as pixel_maps
 from pipeline.models.prompts import PROMPT_SETS, object_name
 from pipeline.models.scoring import TextClassifier, anomaly_probability, build_classifier
 from pipeline.stages._columns import check_columns
@@ -31,8 +33,19 @@ def pick_device(use_gpu: bool) -> torch.device:
     return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
 
+def map_shape(height: int, width: int, map_size) -> tuple[int, int]:
+    """Output map (H, W): the image's own size for ``original``, else long side ``map_size``."""
+    if map_size == "original":
+        return height, width
+    scale = map_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 class ClipScoreStage:
-    """Batch callable: adds ``score`` (float64, NaN when not scored) and ``clip_score_ms``.
+    """Batch callable: adds ``score`` (float64, NaN when not scored), ``score_language``,
+    ``score_vision`` (NaN when the method has none), ``max_pixel_score``, ``anomaly_map`` (float32
+    (H, W) maps in [0, 1] at the configured map size; empty (0, 0) when there is no map) and
+    ``clip_score_ms``.
 
     ``model_factory`` (optional) returns (model, preprocess) and replaces weight resolution, for
     tests that build their own model.
@@ -40,7 +53,7 @@ class ClipScoreStage:
 
     name = STAGE
     requires = ("image", "category", "status", "error_stage", "error_type", "error_message")
-    produces = ("score", "clip_score_ms")
+    produces = ("score", "score_language", "score_vision", "max_pixel_score", "anomaly_map", "clip_score_ms")
 
     def __init__(
         self,
@@ -49,11 +62,15 @@ class ClipScoreStage:
         *,
         weights_cache: str | None = None,
         storage: StorageOptions | None = None,
+        pixel: NoPixelMap | WinclipWindows | FadeZeroShot = NoPixelMap(),
+        maps: MapOutputSpec = MapOutputSpec(),
         use_gpu: bool = False,
         model_factory: ModelFactory | None = None,
     ) -> None:
         self.clip = clip
         self.score = score
+        self.pixel = pixel
+        self.maps = maps
         self.weights_cache = weights_cache
         self.storage = storage
         self.use_gpu = use_gpu
@@ -63,6 +80,7 @@ class ClipScoreStage:
         self.device = torch.device("cpu")
         self._tokenizer = None
         self._text: dict[str, TextClassifier] = {}
+        self._pixel_text: TextClassifier | None = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -101,18 +119,67 @@ class ClipScoreStage:
         return cached
 
     @torch.inference_mode()
-    def score_images(self, images: list[np.ndarray], categories: list[str]) -> np.ndarray:
-        """Score uint8 (H, W, 3) images in one forward pass; returns float64 (B,)."""
+    def pixel_text_classifier(self) -> TextClassifier:
+        """FADE's object-agnostic text classifier (category-independent), computed once."""
+        if self._pixel_text is None:
+            p = self.pixel
+            normal, anomalous = [], []
+            for name in p.prompt_sets:
+                n, a = PROMPT_SETS[name].sentences(p.object_name)
+                normal += n
+                anomalous += a
+            raw = clip_models.encode_text(self.model, self._tokenizer, normal + anomalous, self.device)
+            self._pixel_text = build_classifier(raw[: len(normal)], raw[len(normal) :], p.aggregation)
+        return self._pixel_text
+
+    @torch.inference_mode()
+    def score_images(self, images: list[np.ndarray], categories: list[str]) -> dict[str, object]:
+        """Score uint8 (H, W, 3) images in one batch. Returns ``score``/``score_language``/
+        ``score_vision``/``max_pixel_score`` float64 (B,) and ``maps``: a list of float32 (H', W')
+        maps (empty when the stage has no pixel method)."""
         tensors = [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img)) for img in images]
         batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
         feats = clip_models.encode_image(self.model, batch)
-        out = np.empty(len(images), dtype=np.float64)
+        b = len(images)
+        score = np.empty(b, dtype=np.float64)
+        vision = np.full(b, np.nan)
         cats = np.asarray(categories, dtype=object)
-        for cat in dict.fromkeys(categories):
-            idx = np.flatnonzero(cats == cat)
+        groups = {cat: np.flatnonzero(cats == cat) for cat in dict.fromkeys(categories)}
+        for cat, idx in groups.items():
             probs = anomaly_probability(feats[idx], self.text_classifier(cat), self.score.temperature)
-            out[idx] = probs.double().cpu().numpy()
-        return out
+            score[idx] = probs.double().cpu().numpy()
+        grids: torch.Tensor | None = None
+        visual = self.model.visual
+        if isinstance(self.pixel, WinclipWindows):
+            parts = {}
+            for cat, idx in groups.items():
+                img_scores = torch.from_numpy(score[idx]).to(self.device) if self.pixel.fuse_image_score else None
+                parts[cat] = pixel_maps.winclip_map(
+                    visual, batch[idx], self.text_classifier(cat), self.score.temperature, img_scores, self.pixel.window_sizes
+                )
+            first = next(iter(parts.values()))
+            grids = torch.empty((b, *first.shape[1:]), device=first.device)
+            for cat, idx in groups.items():
+                grids[idx] = parts[cat]
+        elif isinstance(self.pixel, FadeZeroShot):
+            p = self.pixel
+            by_size = {
+                size: clip_models.preprocess_images(tensors, clip_models.Preprocess(size, self.preprocess.mean, self.preprocess.std)).to(self.device)
+                for size in p.scales
+            }
+            _, vis, grids = pixel_maps.fade_maps(
+                visual, by_size, self.pixel_text_classifier(), p.temperature, p.grid, p.gem_depth, p.vision_multiplier, p.vision_weight
+            )
+            vision = vis.amax(dim=(1, 2)).double().cpu().numpy()
+        maps: list[np.ndarray] = []
+        max_pixel = np.full(b, np.nan)
+        if grids is not None:
+            for i, img in enumerate(images):
+                shape = map_shape(img.shape[0], img.shape[1], self.maps.map_size)
+                m = pixel_maps.upsample(grids[i : i + 1].float(), shape)[0].clamp(*pixel_maps.MAP_RANGE)
+                maps.append(m.cpu().numpy().astype(np.float32))
+                max_pixel[i] = float(maps[-1].max())
+        return {"score": score, "score_language": score.copy(), "score_vision": vision, "max_pixel_score": max_pixel, "maps": maps}
 
     # ---------------------------------------------------------------- call
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -123,8 +190,9 @@ class ClipScoreStage:
         err_stage = np.array(batch["error_stage"], dtype=object)
         err_type = np.array(batch["error_type"], dtype=object)
         err_msg = np.array(batch["error_message"], dtype=object)
-        scores = np.full(n, np.nan)
-        ms = np.full(n, np.nan)
+        cols = {k: np.full(n, np.nan) for k in ("score", "score_language", "score_vision", "max_pixel_score", "clip_score_ms")}
+        maps = np.empty(n, dtype=object)
+        maps[:] = [_NO_MAP] * n
         todo = [i for i in range(n) if status[i] == "ok"]
         images = batch["image"]
         cats = [str(c) for c in batch["category"]]
@@ -134,22 +202,35 @@ class ClipScoreStage:
             err_type[i] = type(exc).__name__
             err_msg[i] = f"scoring failed: {exc}"
 
+        def store(rows: list[int], result: dict[str, object], ms: float) -> None:
+            for key in ("score", "score_language", "score_vision", "max_pixel_score"):
+                cols[key][rows] = result[key]
+            cols["clip_score_ms"][rows] = ms
+            for j, i in enumerate(rows):
+                if result["maps"]:
+                    maps[i] = result["maps"][j]
+
         if todo:
             t0 = time.perf_counter()
             try:
-                scores[todo] = self.score_images([images[i] for i in todo], [cats[i] for i in todo])
-                ms[todo] = (time.perf_counter() - t0) * 1000.0 / len(todo)
+                result = self.score_images([images[i] for i in todo], [cats[i] for i in todo])
+                store(todo, result, (time.perf_counter() - t0) * 1000.0 / len(todo))
             except Exception:  # one bad row must not sink the batch: retry one by one
                 for i in todo:
                     t1 = time.perf_counter()
                     try:
-                        scores[i] = self.score_images([images[i]], [cats[i]])[0]
-                        ms[i] = (time.perf_counter() - t1) * 1000.0
+                        store([i], self.score_images([images[i]], [cats[i]]), (time.perf_counter() - t1) * 1000.0)
                     except Exception as exc:
                         fail(i, exc)
             for i in todo:
-                if status[i] == "ok" and not np.isfinite(scores[i]):
-                    fail(i, FloatingPointError(f"non-finite score {scores[i]}"))
-                    scores[i] = np.nan
-        out.update(score=scores, clip_score_ms=ms, status=status, error_stage=err_stage, error_type=err_type, error_message=err_msg)
+                if status[i] == "ok" and not np.isfinite(cols["score"][i]):
+                    fail(i, FloatingPointError(f"non-finite score {cols['score'][i]}"))
+                if status[i] != "ok":
+                    for key in cols:
+                        cols[key][i] = np.nan
+                    maps[i] = _NO_MAP
+        out.update(cols, anomaly_map=maps, status=status, error_stage=err_stage, error_type=err_type, error_message=err_msg)
         return out
+
+
+_NO_MAP = np.zeros((0, 0), dtype=np.float32)

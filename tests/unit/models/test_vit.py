@@ -95,7 +95,7 @@ def _ref_gem(visual, img, depth):
 def test_gem_equals_reference(model, size):
     imgs = _images(2, size, seed=size)
     with torch.no_grad():
-        cls, patches, grid = vit.gem_forward(model.visual, imgs, depth=3)
+        cls, patches, plain_gem, grid = vit.gem_forward(model.visual, imgs, depth=3)
         for i in range(2):
             ref_cls, ref_patches = _ref_gem(model.visual, imgs[i : i + 1], depth=3)
             assert torch.allclose(cls[i], ref_cls[0], atol=1e-5)
@@ -103,6 +103,7 @@ def test_gem_equals_reference(model, size):
     assert grid == size // 8
     # the GEM stream really differs from the plain final tokens
     _, plain, _ = vit.clip_forward(model.visual, imgs)
+    assert torch.allclose(plain, plain_gem, atol=1e-5)  # the normal stream is the plain forward
     assert not torch.allclose(plain, patches, atol=1e-3)
 
 

@@ -1,0 +1,102 @@
+"""Zero-shot pixel maps (METHODS.md section 3), pure torch.
+
+- :func:`winclip_map`: WinCLIP windows of k patches (stride 1), window scores aggregated per patch by
+  harmonic mean, scales and the image score fused harmonically.
+- :func:`fade_maps`: FADE's GEM language maps at several input sizes averaged on a common grid, the
+  zero-shot vision map (2nd nearest neighbour among the image's own patches), and their fusion.
+- :func:`upsample`: bilinear upsampling of (B, g, g) maps to an output size.
+
+All maps are anomaly probabilities in [0, 1] (the fixed output range used to store them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.models import vit
+from pipeline.models.scoring import TextClassifier, anomaly_probability
+
+MAP_RANGE = (0.0, 1.0)
+
+
+def winclip_map(
+    visual: torch.nn.Module,
+    images: torch.Tensor,
+    text: TextClassifier,
+    temperature: float,
+    image_scores: torch.Tensor | None,
+    window_sizes: tuple[int, ...] = (2, 3),
+) -> torch.Tensor:
+    """(B, 3, S, S) -> fused WinCLIP map (B, G, G).
+
+    M = (K' / (sum_k 1 / M_k + [1 / s_img])) with K' the number of fused terms: the K window scales
+    plus the image score when ``image_scores`` is given (METHODS.md: M = (S+1) / (1/s_img + sum 1/M_k))."""
+    tokens, grid = vit.embed(visual, images)
+    b = images.shape[0]
+    inv = torch.zeros(b, grid, grid, dtype=torch.float32, device=images.device)
+    for k in window_sizes:
+        emb = vit.window_embeddings(visual, tokens, grid, k)
+        scores = anomaly_probability(emb.reshape(-1, emb.shape[-1]), text, temperature).reshape(b, -1)
+        inv += 1.0 / vit.harmonic_patch_scores(scores, grid, k)
+    terms = len(window_sizes)
+    if image_scores is not None:
+        inv += (1.0 / image_scores.float()).view(b, 1, 1)
+        terms += 1
+    return terms / inv
+
+
+def second_neighbour_distance(patches: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Zero-shot vision score per patch: 0.5 * (1 - cos) to its 2nd nearest neighbour among the same
+    image's patches (the 1st is the patch itself). (B, N, E) -> (B, N). Rows are processed in
+    chunks so memory is O(chunk * N)."""
+    pn = F.normalize(patches.float(), dim=-1)
+    out = torch.empty(pn.shape[:2], device=pn.device)
+    for b in range(pn.shape[0]):
+        for i in range(0, pn.shape[1], chunk):
+            sims = pn[b, i : i + chunk] @ pn[b].T
+            out[b, i : i + chunk] = 0.5 * (1.0 - sims.topk(2, dim=-1).values[:, 1])
+    return out
+
+
+def _to_grid(values: torch.Tensor, grid: int, out: int) -> torch.Tensor:
+    maps = values.reshape(-1, 1, grid, grid)
+    if grid != out:
+        maps = F.interpolate(maps, size=(out, out), mode="bilinear", align_corners=False)
+    return maps[:, 0]
+
+
+def fade_maps(
+    visual: torch.nn.Module,
+    images_by_size: dict[int, torch.Tensor],
+    text: TextClassifier,
+    temperature: float = 0.01,
+    grid: int = 56,
+    depth: int = 6,
+    vision_multiplier: float = 80.0,
+    vision_weight: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FADE zero-shot maps from the same images prepared at several sizes ({size: (B, 3, size, size)}).
+
+    Returns (language, vision, fused), each (B, grid, grid): language = mean over sizes of
+    softmax(sims / tau)[anomalous] of the GEM patch embeddings; vision = multiplier x mean over sizes
+    of the 2nd-neighbour distance of the plain final patch embeddings; fused = clip((1 - w) L + w V)."""
+    lang, vis = [], []
+    for size in sorted(images_by_size):
+        images = images_by_size[size]
+        b = images.shape[0]
+        _, gem_patches, plain_patches, g = vit.gem_forward(visual, images, depth)
+        l_map = anomaly_probability(gem_patches.reshape(-1, gem_patches.shape[-1]), text, temperature)
+        lang.append(_to_grid(l_map.reshape(b, -1), g, grid))
+        vis.append(_to_grid(second_neighbour_distance(plain_patches), g, grid))
+    language = torch.stack(lang).mean(0)
+    vision = torch.stack(vis).mean(0) * vision_multiplier
+    fused = ((1.0 - vision_weight) * language + vision_weight * vision).clamp(*MAP_RANGE)
+    return language, vision, fused
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, g, g) -> (B, H, W) bilinear (align_corners=False); maps stay within their range."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]

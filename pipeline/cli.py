@@ -41,7 +41,8 @@ def _summary(result) -> str:
         f"run {result.run_id}: {result.status}",
         f"  images: {result.n_images}  ok: {result.n_ok}  failed: {result.n_failed} ({100 * result.error_rate:.1f}%)",
         f"  wall time: {m.get('wall_seconds', 0):.1f} s",
-        f"  tables:  {result.run_dir}/scores/  {result.run_dir}/errors/  {result.run_dir}/inputs.parquet",
+        f"  tables:  {result.run_dir}/scores/  {result.run_dir}/errors/  {result.run_dir}/inputs.parquet"
+        + (f"  {result.run_dir}/masks/" if m.get("tables", {}).get("masks") else ""),
         f"  manifest: {result.run_dir}/run.json",
     ]
     if m.get("random_weights"):
@@ -125,7 +126,7 @@ def validate(
             _err(f"invalid job spec {path}:\n  {problem}")
             continue
         weights = spec.clip.weights.describe() if spec.clip.weights else "random (allowed)"
-        typer.echo(f"ok  {path}  ({spec.name}: {spec.score.kind}, clip {spec.clip.model}, weights {weights})")
+        typer.echo(f"ok  {path}  ({spec.name}: {spec.score.kind} + pixel {spec.pixel.kind}, clip {spec.clip.model}, weights {weights})")
     if failed:
         raise typer.Exit(2)
 

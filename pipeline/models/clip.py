@@ -1,6 +1,7 @@
 """CLIP loading and preprocessing (pure torch + open_clip; no I/O beyond reading a local file).
 
-``zsad-tiny`` is a tiny open_clip config (64 px, patch 8, 4 blocks of width 64, embed 32) that this
+``zsad-tiny`` is a tiny open_clip config (128 px, patch 16 like ViT-B-16, 8 blocks of width 64,
+embed 32; text: 2 blocks of width 64) that this
 module registers with open_clip on import, so tests and the offline demo build a real open_clip
 model in milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
 

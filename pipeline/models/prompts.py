@@ -1,63 +1,41 @@
 """Prompt ensembles and object names (METHODS.md section 1).
 
 A prompt set is (normal states, anomalous states, templates); a state holds ``{}`` for the object
-name and a template holds ``{}`` for the state phrase. The compositional ensemble is every
-template applied to every state, in template-major order.
+name (or no placeholder at all) and a template holds exactly one ``{}`` for the state phrase. The
+compositional ensemble is every template applied to every state, in template-major order.
+
+The lists are data, not code: one YAML file per set in ``pipeline/models/prompt_data/`` (shipped
+as package data), with keys ``name``, ``source`` (where the list comes from), ``normal_states``,
+``anomalous_states`` and ``templates``. Files are read through ``importlib.resources`` on first use
+and cached. Sets:
+
+- ``winclip`` (154 normal / 88 anomalous sentences), ``winclip_anomalib`` (147 / 84),
+  ``april_gan`` (245 / 175), ``vvv`` (19 x 22 = 418 / 23 x 22 = 506);
+- ``zsad_agnostic``: zsad's own object-agnostic sentences (never naming the object, no
+  placeholder, template ``"{}"``), so ``sentences()`` returns them unchanged for any object name.
+
+``LOCALISING_PROMPTS`` holds VVV's 18 object-agnostic localising prompts (``vvv_localising.yaml``).
+
+Braces other than the ``{}`` placeholder are rejected when a file is loaded, so ``str.format`` on
+states and templates can never fail or substitute anything else.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from importlib import resources
 
-WINCLIP_NORMAL_STATES = (
-    "{}",
-    "flawless {}",
-    "perfect {}",
-    "unblemished {}",
-    "{} without flaw",
-    "{} without defect",
-    "{} without damage",
-)
-WINCLIP_ANOMALOUS_STATES = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
-WINCLIP_TEMPLATES = (
-    "a cropped photo of the {}",
-    "a cropped photo of a {}",
-    "a close-up photo of a {}",
-    "a close-up photo of the {}",
-    "a bright photo of a {}",
-    "a bright photo of the {}",
-    "a dark photo of the {}",
-    "a dark photo of a {}",
-    "a jpeg corrupted photo of a {}",
-    "a jpeg corrupted photo of the {}",
-    "a blurry photo of the {}",
-    "a blurry photo of a {}",
-    "a photo of a {}",
-    "a photo of the {}",
-    "a photo of a small {}",
-    "a photo of the small {}",
-    "a photo of a large {}",
-    "a photo of the large {}",
-    "a photo of the {} for visual inspection",
-    "a photo of a {} for visual inspection",
-    "a photo of the {} for anomaly detection",
-    "a photo of a {} for anomaly detection",
-)
+import yaml
 
+_DATA_PACKAGE = "pipeline.models"
+_DATA_DIR = "prompt_data"
 
-def _anomalib_templates() -> tuple[str, ...]:
-    """anomalib's WinCLIP list: the 22 templates minus "a cropped photo of a {}" and
-    "a jpeg corrupted photo of a {}", each ending with a period, with
-    "a jpeg corrupted photo of the {}." listed twice (21 entries)."""
-    dropped = {"a cropped photo of a {}", "a jpeg corrupted photo of a {}"}
-    out = []
-    for t in WINCLIP_TEMPLATES:
-        if t in dropped:
-            continue
-        out.append(t + ".")
-        if t == "a jpeg corrupted photo of the {}":
-            out.append(t + ".")
-    return tuple(out)
+#: Names of the prompt sets, in the order of ``pipeline.config.PromptSetName``.
+PROMPT_SET_NAMES: tuple[str, ...] = ("winclip", "winclip_anomalib", "april_gan", "vvv", "zsad_agnostic")
+_LOCALISING_FILE = "vvv_localising"
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclass(frozen=True)
@@ -66,20 +44,112 @@ class PromptSet:
     normal_states: tuple[str, ...]
     anomalous_states: tuple[str, ...]
     templates: tuple[str, ...]
+    source: str = ""
 
     def sentences(self, object_name: str) -> tuple[list[str], list[str]]:
-        """(normal sentences, anomalous sentences) for one object name."""
+        """(normal sentences, anomalous sentences) for one object name.
+
+        Template-major: for each template, every state in order. A state without ``{}`` ignores
+        the object name. The object name is inserted literally (braces in it are not re-parsed).
+        """
         normal = [t.format(s.format(object_name)) for t in self.templates for s in self.normal_states]
         anomalous = [t.format(s.format(object_name)) for t in self.templates for s in self.anomalous_states]
         return normal, anomalous
 
 
-PROMPT_SETS: dict[str, PromptSet] = {
-    "winclip": PromptSet("winclip", WINCLIP_NORMAL_STATES, WINCLIP_ANOMALOUS_STATES, WINCLIP_TEMPLATES),
-    "winclip_anomalib": PromptSet("winclip_anomalib", WINCLIP_NORMAL_STATES, WINCLIP_ANOMALOUS_STATES, _anomalib_templates()),
-}
+def _read_yaml(stem: str) -> dict:
+    ref = resources.files(_DATA_PACKAGE).joinpath(_DATA_DIR, f"{stem}.yaml")
+    try:
+        text = ref.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"prompt data file {_DATA_DIR}/{stem}.yaml is missing from {_DATA_PACKAGE}") from exc
+    data = yaml.load(text, Loader=_YAML_LOADER)
+    if not isinstance(data, dict):
+        raise ValueError(f"{_DATA_DIR}/{stem}.yaml: expected a mapping at the top level")
+    if data.get("name") != stem:
+        raise ValueError(f"{_DATA_DIR}/{stem}.yaml: 'name' is {data.get('name')!r}, expected {stem!r}")
+    if not isinstance(data.get("source"), str) or not data["source"].strip():
+        raise ValueError(f"{_DATA_DIR}/{stem}.yaml: 'source' must be a non-empty string")
+    return data
 
-# Category folder names of MVTec AD / VisA whose natural object name differs from the folder name.
+
+def _strings(data: dict, key: str, stem: str, max_placeholders: int, min_placeholders: int = 0) -> tuple[str, ...]:
+    """A non-empty list of non-empty strings whose only braces are at most/least N ``{}``."""
+    items = data.get(key)
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{_DATA_DIR}/{stem}.yaml: {key!r} must be a non-empty list")
+    out = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"{_DATA_DIR}/{stem}.yaml: {key!r} holds a non-string or empty entry: {item!r}")
+        n = item.count("{}")
+        rest = item.replace("{}", "")
+        if "{" in rest or "}" in rest:
+            raise ValueError(f"{_DATA_DIR}/{stem}.yaml: {key!r} entry {item!r} has braces other than the '{{}}' placeholder")
+        if not min_placeholders <= n <= max_placeholders:
+            raise ValueError(
+                f"{_DATA_DIR}/{stem}.yaml: {key!r} entry {item!r} has {n} '{{}}' placeholders "
+                f"(expected {min_placeholders}..{max_placeholders})"
+            )
+        out.append(item)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_set(name: str) -> PromptSet:
+    data = _read_yaml(name)
+    return PromptSet(
+        name=name,
+        normal_states=_strings(data, "normal_states", name, max_placeholders=1),
+        anomalous_states=_strings(data, "anomalous_states", name, max_placeholders=1),
+        templates=_strings(data, "templates", name, max_placeholders=1, min_placeholders=1),
+        source=data["source"],
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _load_localising() -> tuple[str, ...]:
+    data = _read_yaml(_LOCALISING_FILE)
+    return _strings(data, "prompts", _LOCALISING_FILE, max_placeholders=0)
+
+
+def prompt_set(name: str) -> PromptSet:
+    """The prompt set called ``name`` (loaded from package data on first use, then cached)."""
+    if name not in PROMPT_SET_NAMES:
+        raise ValueError(f"unknown prompt set {name!r}; known prompt sets: {', '.join(PROMPT_SET_NAMES)}")
+    return _load_set(name)
+
+
+class _PromptSets(Mapping[str, PromptSet]):
+    """Read-only mapping name -> PromptSet over ``PROMPT_SET_NAMES``; loads each set lazily.
+    Indexing an unknown name raises ``KeyError`` (as a dict would); ``prompt_set()`` raises
+    ``ValueError`` with the list of known names."""
+
+    def __getitem__(self, name: str) -> PromptSet:
+        if name not in PROMPT_SET_NAMES:
+            raise KeyError(name)
+        return _load_set(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PROMPT_SET_NAMES)
+
+    def __len__(self) -> int:
+        return len(PROMPT_SET_NAMES)
+
+    def __repr__(self) -> str:
+        return f"PROMPT_SETS({', '.join(PROMPT_SET_NAMES)})"
+
+
+PROMPT_SETS: Mapping[str, PromptSet] = _PromptSets()
+
+
+#: VVV's 18 object-agnostic localising prompts ("a tear", "a rip", ... "a mistake"), one pixel map each.
+LOCALISING_PROMPTS: tuple[str, ...] = _load_localising()
+
+
+# Category folder names whose natural object name differs from the folder name with ``_`` -> space:
+# VisA (pcb1-4, macaroni1/2, chewinggum, pipe_fryum), MVTec AD (metal_nut), MPDD
+# (bracket_*) and MVTec AD 2 (fruit_jelly, sheet_metal, wallplugs, walnuts).
 OBJECT_NAME_MAP: dict[str, str] = {
     "pcb1": "printed circuit board",
     "pcb2": "printed circuit board",
@@ -90,6 +160,13 @@ OBJECT_NAME_MAP: dict[str, str] = {
     "chewinggum": "chewing gum",
     "pipe_fryum": "pipe fryum",
     "metal_nut": "metal nut",
+    "bracket_black": "black bracket",
+    "bracket_brown": "brown bracket",
+    "bracket_white": "white bracket",
+    "metal_plate": "metal plate",
+    "fruit_jelly": "fruit jelly",
+    "sheet_metal": "sheet metal",
+    "wallplugs": "wall plugs",
 }
 
 

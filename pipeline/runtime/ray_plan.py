@@ -5,8 +5,10 @@ only place that calls ``map_batches``. Minimum Ray version: 2.51 (``compute=Acto
 with ``min_size``/``max_size``, named resource arguments).
 
 Plan (one row per image throughout):
-    manifest blocks -> decode (CPU tasks) -> clip_score (actor pool, GPU when given) -> driver
-The image column is dropped before results come back, so only scalar columns reach the driver.
+    manifest blocks -> decode (CPU tasks) -> clip_score (actor pool, GPU when given)
+                    -> encode (CPU tasks: 16-bit heatmap PNG, RLE) -> driver
+The image and float-map columns are dropped before results come back: only scalars and the
+compact PNG/RLE bytes reach the driver.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ from pipeline.config import JobSpec, StageResources
 from pipeline.io.fs import StorageOptions
 from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.stages.decode import DecodeStage
+from pipeline.stages.encode import EncodeStage
 
 MIN_RAY = (2, 51)
 RESULT_COLUMNS = (
     "uri", "image_id", "category", "status", "error_stage", "error_type", "error_message",
-    "height", "width", "decode_ms", "score", "clip_score_ms",
+    "height", "width", "decode_ms", "score", "score_language", "score_vision", "max_pixel_score",
+    "clip_score_ms", "map_png", "map_height", "map_width", "mask_rle", "encode_ms",
 )
 
 
@@ -70,7 +74,7 @@ def ray_session(address: str | None, log: Callable[[str], None]) -> Iterator[dic
 # Text columns that are None on most rows. Ray infers a block's Arrow type from its values, so a
 # block whose values are all None would get a non-string type and fail to merge with the others;
 # between stages they carry "" for "no value" (the driver turns it back into null).
-_SPARSE_TEXT = ("error_stage", "error_type", "error_message")
+_SPARSE_TEXT = ("error_stage", "error_type", "error_message", "mask_rle")
 
 
 def _dense_text(batch: dict) -> dict:
@@ -161,6 +165,8 @@ def run_plan(
         spec.score,
         weights_cache=spec.weights_cache,
         storage=storage,
+        pixel=spec.pixel,
+        maps=spec.maps,
         use_gpu=gpus > 0,
     )
     clip_args = _remote_args(clip_res)
@@ -175,6 +181,12 @@ def run_plan(
         batch_size=clip_res.batch_size,
         batch_format="numpy",
         **clip_args,
+    )
+    ds = ds.map_batches(
+        _task(EncodeStage(threshold=spec.maps.threshold)),
+        batch_size=dec_res.batch_size,
+        batch_format="numpy",
+        **_remote_args(dec_res),
     )
     ds = ds.select_columns(list(RESULT_COLUMNS))
     yield from ds.iter_batches(batch_size=result_batch_rows, batch_format="pandas")

@@ -26,9 +26,10 @@ from pipeline.io.layouts import InputError, list_inputs, write_manifest
 from pipeline.io.sinks import TableWriter, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import clip as clip_models
+from pipeline.models.pixel import MAP_RANGE
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-STAGES = ("decode", "clip_score")
+STAGES = ("decode", "clip_score", "encode")
 
 
 class RunError(RuntimeError):
@@ -99,6 +100,7 @@ class Progress:
 def _model_columns(spec: JobSpec) -> dict[str, Any]:
     return {
         "score_method": spec.score.kind,
+        "pixel_method": spec.pixel.kind,
         "prompt_set": spec.score.prompt_set,
         "clip_model": spec.clip.model,
         "clip_weights": spec.clip.weights.describe() if spec.clip.weights else "random",
@@ -129,6 +131,9 @@ def score_rows(batch: pd.DataFrame, run_id: str, labels: dict[str, Any], model_c
         "category": batch["category"].tolist(),
         "gt_label": [labels.get(i) for i in batch["image_id"]],
         "score": _nullable(batch["score"], ok),
+        "score_language": _nullable(batch["score_language"], ok),
+        "score_vision": _nullable(batch["score_vision"], ok),
+        "max_pixel_score": _nullable(batch["max_pixel_score"], ok),
         "status": batch["status"].tolist(),
         "error_stage": _nullable(batch["error_stage"], ~ok),
         "error_type": _nullable(batch["error_type"], ~ok),
@@ -137,10 +142,34 @@ def score_rows(batch: pd.DataFrame, run_id: str, labels: dict[str, Any], model_c
         "width": _nullable(batch["width"], decoded),
         "decode_ms": _nullable(batch["decode_ms"], np.ones(n, bool)),
         "clip_score_ms": _nullable(batch["clip_score_ms"], ok),
+        "encode_ms": _nullable(batch["encode_ms"], ok & (batch["map_height"].to_numpy() > 0)),
     }
     for key, value in model_cols.items():
         cols[key] = [value] * n
     return cols
+
+
+def mask_rows(batch: pd.DataFrame, run_id: str, method: str, map_range: tuple[float, float], threshold: float | None) -> dict[str, list]:
+    """A result batch -> columns of the ``masks`` table (one row per image; null maps for failures)."""
+    n = len(batch)
+    has = ((batch["status"] == "ok") & (batch["map_height"] > 0)).to_numpy()
+    rles = [None if not h or not r else r for r, h in zip(batch["mask_rle"].tolist(), has)]
+    return {
+        "run_id": [run_id] * n,
+        "image_id": batch["image_id"].tolist(),
+        "uri": batch["uri"].tolist(),
+        "category": batch["category"].tolist(),
+        "status": batch["status"].tolist(),
+        "method": [method] * n,
+        "map_png": [p if h else None for p, h in zip(batch["map_png"].tolist(), has)],
+        "map_height": _nullable(batch["map_height"], has),
+        "map_width": _nullable(batch["map_width"], has),
+        "map_min": [float(map_range[0])] * n,
+        "map_max": [float(map_range[1])] * n,
+        "threshold": [threshold if h and threshold is not None else None for h in has],
+        "mask_rle": rles,
+        "refined": [False] * n,
+    }
 
 
 def error_rows(batch: pd.DataFrame, run_id: str) -> dict[str, list]:
@@ -218,8 +247,11 @@ def run_job(
     model_cols = _model_columns(spec)
     scores = TableWriter(fsio.join(run_dir, "scores"), "scores", storage)
     errors = TableWriter(fsio.join(run_dir, "errors"), "errors", storage)
-    scores.clear()
-    errors.clear()
+    with_maps = spec.pixel.kind != "none"
+    masks = TableWriter(fsio.join(run_dir, "masks"), "masks", storage, rows_per_part=5_000) if with_maps else None
+    for writer in (scores, errors, masks):
+        if writer is not None:
+            writer.clear()
     progress = Progress(len(manifest), log)
     busy = {s: 0.0 for s in STAGES}
     plan_error: str | None = None
@@ -235,6 +267,9 @@ def run_job(
                     first_result_s, first_result_rows = time.monotonic() - t_plan, len(batch)
                 scores.write(score_rows(batch, run_id, labels, model_cols))
                 errors.write(error_rows(batch, run_id))
+                if masks is not None:
+                    masks.write(mask_rows(batch, run_id, spec.pixel.kind, MAP_RANGE, spec.maps.threshold))
+                busy["encode"] += float(np.nansum(batch["encode_ms"].to_numpy(dtype=float))) / 1000.0
                 busy["decode"] += float(np.nansum(batch["decode_ms"].to_numpy(dtype=float))) / 1000.0
                 busy["clip_score"] += float(np.nansum(batch["clip_score_ms"].to_numpy(dtype=float))) / 1000.0
                 progress.update(len(batch), int((batch["status"] != "ok").sum()))
@@ -245,6 +280,8 @@ def run_job(
     t_write = time.monotonic()
     scores.close()
     errors.close()
+    if masks is not None:
+        masks.close()
     write_s = time.monotonic() - t_write
 
     n_ok = progress.done - progress.failed
@@ -286,9 +323,15 @@ def run_job(
             "write_wall": round(write_s, 3),
             "decode_busy": round(busy["decode"], 3),
             "clip_score_busy": round(busy["clip_score"], 3),
+            "encode_busy": round(busy["encode"], 3),
         },
         "first_result_rows": first_result_rows,
-        "tables": {"scores": scores.files, "errors": errors.files, "inputs": fsio.join(run_dir, "inputs.parquet")},
+        "tables": {
+            "scores": scores.files,
+            "errors": errors.files,
+            "masks": masks.files if masks is not None else [],
+            "inputs": fsio.join(run_dir, "inputs.parquet"),
+        },
         "ray": session_info,
         "host": socket.gethostname(),
         "versions": versions(),

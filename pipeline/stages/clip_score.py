@@ -102,9 +102,22 @@ class ClipScoreStage:
                 device=self.device,
             )
         self.model, self.preprocess = model, pre
+        self._check_pixel_config()
         import open_clip
 
         self._tokenizer = open_clip.get_tokenizer(self.clip.model)
+
+    def _check_pixel_config(self) -> None:
+        """Settings that cannot work with this model fail the stage at start-up, not every row."""
+        visual = self.model.visual
+        blocks = len(visual.transformer.resblocks)
+        if isinstance(self.pixel, FadeZeroShot) and self.pixel.gem_depth > blocks:
+            raise ValueError(f"pixel.gem_depth={self.pixel.gem_depth} exceeds the {blocks} blocks of {self.clip.model}")
+        if isinstance(self.pixel, WinclipWindows):
+            grid = self.preprocess.size // pixel_maps.vit.patch_size(visual)
+            too_big = [k for k in self.pixel.window_sizes if k > grid]
+            if too_big:
+                raise ValueError(f"pixel.window_sizes {too_big} do not fit the {grid} x {grid} patch grid of {self.clip.model}")
 
     @torch.inference_mode()
     def text_classifier(self, category: str) -> TextClassifier:

@@ -10,9 +10,9 @@ from pipeline.models import clip as clip_models
 
 def test_tiny_config_registered_and_builds():
     model, pre = clip_models.build_clip("zsad-tiny")
-    assert pre.size == 64
+    assert pre.size == 128
     assert pre.mean == clip_models.OPENAI_MEAN
-    x = torch.zeros(2, 3, 64, 64)
+    x = torch.zeros(2, 3, 128, 128)
     assert clip_models.encode_image(model, x).shape == (2, 32)
     assert not model.training
 

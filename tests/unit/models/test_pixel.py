@@ -29,7 +29,7 @@ def test_second_neighbour_distance_brute_force():
 
 def test_winclip_map_is_the_harmonic_fusion(tiny):
     model, _, text = tiny
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     s_img = torch.tensor([0.3, 0.7])
     with torch.no_grad():
         fused = pixel.winclip_map(model.visual, x, text, 0.07, s_img, (2, 3))
@@ -51,10 +51,10 @@ def _pre(img, size, pre):
 def test_vision_map_finds_the_odd_square(tiny):
     model, pre, text = tiny
     rng = np.random.default_rng(0)
-    img = np.full((64, 64, 3), 128, np.uint8) + rng.integers(0, 3, (64, 64, 3), dtype=np.uint8)  # uniform texture
-    img[24:32, 40:48] = (250, 20, 20)  # one patch (8 px at patch size 8), aligned to the grid: row 3, col 5
+    img = np.full((128, 128, 3), 128, np.uint8) + rng.integers(0, 3, (128, 128, 3), dtype=np.uint8)  # uniform texture
+    img[48:64, 80:96] = (250, 20, 20)  # one patch (16 px at patch size 16), aligned to the grid: row 3, col 5
     with torch.no_grad():
-        _, vision, _ = pixel.fade_maps(model.visual, {64: _pre(img, 64, pre)}, text, grid=8, depth=2)
+        _, vision, _ = pixel.fade_maps(model.visual, {128: _pre(img, 128, pre)}, text, grid=8, depth=2)
     row, col = divmod(int(vision[0].argmax()), 8)
     assert (row, col) == (3, 5)
 
@@ -63,7 +63,7 @@ def test_fade_maps_shapes_and_range(tiny):
     model, pre, text = tiny
     img = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     with torch.no_grad():
-        lang, vis, fused = pixel.fade_maps(model.visual, {64: _pre(img, 64, pre), 96: _pre(img, 96, pre)}, text, grid=12, depth=2)
+        lang, vis, fused = pixel.fade_maps(model.visual, {128: _pre(img, 128, pre), 192: _pre(img, 192, pre)}, text, grid=12, depth=2)
     assert lang.shape == vis.shape == fused.shape == (1, 12, 12)
     assert 0 <= float(lang.min()) and float(lang.max()) <= 1
     assert 0 <= float(fused.min()) and float(fused.max()) <= 1

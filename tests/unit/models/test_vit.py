@@ -36,7 +36,7 @@ def test_pos_embed_resize_identity_at_native_grid(model):
 
 
 def test_clip_forward_matches_open_clip_at_native_size(model):
-    x = _images(2, 64)
+    x = _images(2, 128)
     cls, patches, grid = vit.clip_forward(model.visual, x)
     assert grid == 8 and patches.shape == (2, 64, 32)
     assert torch.allclose(cls, model.encode_image(x), atol=1e-5)
@@ -57,7 +57,7 @@ def _ref_tokens(visual, img, grid):
 
 def _ref_gem(visual, img, depth):
     """GEM by the formulas, one image, explicit loops over heads and paths."""
-    grid = img.shape[-1] // 8
+    grid = img.shape[-1] // 16
     x = _ref_tokens(visual, img, grid)
     blocks = list(visual.transformer.resblocks)
     start = len(blocks) - depth
@@ -91,7 +91,7 @@ def _ref_gem(visual, img, depth):
     return proj(x[:, 0]), proj(x_gem[:, 1:])
 
 
-@pytest.mark.parametrize("size", [64, 96])
+@pytest.mark.parametrize("size", [128, 192])
 def test_gem_equals_reference(model, size):
     imgs = _images(2, size, seed=size)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_gem_equals_reference(model, size):
             ref_cls, ref_patches = _ref_gem(model.visual, imgs[i : i + 1], depth=3)
             assert torch.allclose(cls[i], ref_cls[0], atol=1e-5)
             assert torch.allclose(patches[i], ref_patches[0], atol=1e-5), (patches[i] - ref_patches[0]).abs().max()
-    assert grid == size // 8
+    assert grid == size // 16
     # the GEM stream really differs from the plain final tokens
     _, plain, _ = vit.clip_forward(model.visual, imgs)
     assert torch.allclose(plain, plain_gem, atol=1e-5)  # the normal stream is the plain forward
@@ -117,7 +117,7 @@ def test_window_indices_and_coverage():
 
 def test_window_embeddings_equal_separate_sequences(model):
     visual = model.visual
-    imgs = _images(2, 64, seed=3)
+    imgs = _images(2, 128, seed=3)
     with torch.no_grad():
         tokens, grid = vit.embed(visual, imgs)
         for k in (2, 3):

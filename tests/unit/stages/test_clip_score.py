@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ClipSpec, WinclipImageScore
+from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, WinclipImageScore, WinclipWindows
 from pipeline.models import clip as clip_models
 from pipeline.models.prompts import PROMPT_SETS
 from pipeline.models.scoring import anomaly_probability, build_classifier
@@ -51,7 +51,7 @@ def test_scores_equal_an_independent_computation():
             tn = model.encode_text(tok(normal)).float()
             ta = model.encode_text(tok(anomalous)).float()
             x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-            x = torch.nn.functional.interpolate(x, size=(64, 64), mode="bicubic", antialias=True).clamp(0, 1)
+            x = torch.nn.functional.interpolate(x, size=(128, 128), mode="bicubic", antialias=True).clamp(0, 1)
             mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
             std = torch.tensor(pre.std).view(1, 3, 1, 1)
             f = model.encode_image((x - mean) / std).float()
@@ -97,3 +97,42 @@ def test_missing_column_is_named():
     del batch["category"]
     with pytest.raises(ValueError, match="'category'"):
         stage(batch)
+
+
+@pytest.mark.parametrize(
+    "pixel",
+    [WinclipWindows(window_sizes=(2, 3)), FadeZeroShot(scales=(128, 192), grid=12, gem_depth=2, prompt_sets=("winclip",))],
+    ids=["winclip_windows", "fade_zero_shot"],
+)
+def test_maps_are_batch_invariant(pixel):
+    stage = ClipScoreStage(TINY, WinclipImageScore(), pixel=pixel, maps=MapOutputSpec(map_size=40))
+    images = _images(4, 3)
+    together = stage(_batch(images, ["a", "b", "a"]))
+    for i, img in enumerate(images):
+        alone = stage(_batch([img], [["a", "b", "a"][i]]))
+        assert alone["score"][0] == pytest.approx(together["score"][i], abs=1e-5)
+        np.testing.assert_allclose(alone["anomaly_map"][0], together["anomaly_map"][i], atol=1e-5)
+    for i, img in enumerate(images):
+        m = together["anomaly_map"][i]
+        assert m.dtype == np.float32 and max(m.shape) == 40  # long side = map_size, aspect kept
+        assert abs(m.shape[0] / m.shape[1] - img.shape[0] / img.shape[1]) < 0.1
+        assert 0 <= m.min() and m.max() <= 1 and together["max_pixel_score"][i] == pytest.approx(float(m.max()))
+    if isinstance(pixel, FadeZeroShot):
+        assert np.isfinite(together["score_vision"]).all()
+    else:
+        assert np.isnan(together["score_vision"]).all()
+
+
+def test_original_map_size_and_no_map_without_pixel_method():
+    img = _images(5, 1, sizes=((30, 50),))
+    stage = ClipScoreStage(TINY, WinclipImageScore(), pixel=WinclipWindows(), maps=MapOutputSpec(map_size="original"))
+    assert stage(_batch(img, ["a"]))["anomaly_map"][0].shape == (30, 50)
+    plain = ClipScoreStage(TINY, WinclipImageScore())(_batch(img, ["a"]))
+    assert plain["anomaly_map"][0].shape == (0, 0) and np.isnan(plain["max_pixel_score"][0])
+
+
+def test_impossible_pixel_settings_fail_at_setup():
+    with pytest.raises(ValueError, match="gem_depth=12 exceeds the 8 blocks of zsad-tiny"):
+        ClipScoreStage(TINY, WinclipImageScore(), pixel=FadeZeroShot(gem_depth=12)).setup()
+    with pytest.raises(ValueError, match=r"window_sizes \[9\] do not fit the 8 x 8 patch grid"):
+        ClipScoreStage(TINY, WinclipImageScore(), pixel=WinclipWindows(window_sizes=(2, 9))).setup()

@@ -19,6 +19,7 @@ from pipeline.io import contracts
 from pipeline.io import fs as fsio
 from pipeline.io.synthetic import make_dataset
 from pipeline.stages.clip_score import ClipScoreStage
+from pipeline.ops import heatmap, rle
 from tests.helpers.badfiles import write_bad_inputs, write_good_images
 
 pytestmark = pytest.mark.integration
@@ -48,7 +49,8 @@ def check_run(run_dir, n_expected, storage=None, n_failed=0):
     first = sorted(fs.glob(path + "/part-*.parquet"))[0]
     with fs.open(first, "rb") as fh:
         meta = pq.read_metadata(fh).metadata
-    assert meta[b"zsad.table"] == b"scores" and meta[b"zsad.schema_version"] == b"1"
+    assert meta[b"zsad.table"] == b"scores"
+    assert meta[b"zsad.schema_version"] == str(contracts.load("scores").version).encode()
     scores, errors = scores_t.to_pandas(), errors_t.to_pandas()
     assert len(scores) == n_expected and scores["image_id"].is_unique
     ok = scores[scores["status"] == "ok"]
@@ -69,6 +71,23 @@ def check_run(run_dir, n_expected, storage=None, n_failed=0):
     return scores, errors, manifest
 
 
+def check_masks(run_dir, scores, method, storage=None):
+    """The masks table: contract, one row per image, maps decode to the recorded max pixel score."""
+    t = read_table(fsio.join(run_dir, "masks"), storage)
+    assert t.schema.remove_metadata().equals(contracts.load("masks").schema.remove_metadata())
+    masks = pd.read_parquet(fsio.join(run_dir, "masks")) if storage is None else t.to_pandas()
+    assert sorted(masks["image_id"]) == sorted(scores["image_id"])
+    assert (masks["method"] == method).all() and (masks["map_min"] == 0).all() and (masks["map_max"] == 1).all()
+    assert not masks["refined"].any()
+    by_id = scores.set_index("image_id")
+    for row in masks[masks["status"] == "ok"].itertuples():
+        m = heatmap.decode_png16(row.map_png, row.map_min, row.map_max)
+        assert m.shape == (row.map_height, row.map_width) and max(m.shape) == 256
+        assert abs(m.max() - by_id.loc[row.image_id, "max_pixel_score"]) <= 1.0 / 65535 + 1e-7
+    assert (scores["pixel_method"] == method).all()
+    return masks
+
+
 def test_run_on_local_mvtec_tree(tmp_path):
     info = make_dataset(str(tmp_path / "data"), n_good=3, n_bad=3)
     res = zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "local1")
@@ -81,6 +100,9 @@ def test_run_on_local_mvtec_tree(tmp_path):
     assert set(scores["gt_label"]) == {0, 1}
     assert (scores["gt_label"] == 1).sum() == 6
     assert scores["decode_ms"].notna().all() and scores["clip_score_ms"].notna().all()
+    # smoke = WinCLIP windows: one masks row per image, maps on the fixed [0, 1] grid
+    masks = check_masks(str(tmp_path / "out" / "local1"), scores, "winclip_windows")
+    assert masks["mask_rle"].isna().all()
 
     # the distributed run gives the same scores as the stage called in-process
     spec = load_spec("jobs/smoke.yaml")
@@ -157,3 +179,22 @@ def test_bad_inputs_are_reported_and_the_error_budget_holds(tmp_path):
     assert "above max_error_rate 0.04" in strict.stderr + strict.stdout
     run2 = json.loads((tmp_path / "out" / "bad2" / "run.json").read_text())
     assert run2["status"] == "failed" and run2["counts"]["failed"] == 6
+
+
+def test_fade_preset_with_tiny_model_writes_masks(tmp_path):
+    make_dataset(str(tmp_path / "data"), categories=("gear",), n_good=1, n_bad=2)
+    res = zsad("run", "jobs/fade.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "fade1",
+               "--set", "clip.model=zsad-tiny", "--set", "clip.weights=null", "--set", "allow_random_weights=true",
+               "--set", "maps.threshold=0.5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    scores, _, manifest = check_run(str(tmp_path / "out" / "fade1"), 3)
+    assert manifest["model"]["pixel_method"] == "fade_zero_shot"
+    assert scores["score_vision"].notna().all() and scores["max_pixel_score"].between(0, 1).all()
+    assert (scores["score"] == scores["score_language"]).all()
+    masks = check_masks(str(tmp_path / "out" / "fade1"), scores, "fade_zero_shot")
+    for row in masks.itertuples():
+        m = heatmap.decode_png16(row.map_png, 0.0, 1.0)
+        mask = rle.decode(json.loads(row.mask_rle))
+        assert row.threshold == 0.5 and mask.shape == m.shape
+        near = np.abs(m - 0.5) <= 1.0 / 65535  # within a quantisation step of the threshold either side is right
+        assert np.array_equal(mask[~near], (m >= 0.5)[~near])

@@ -152,12 +152,15 @@ class ClipSpec(_Model):
     registers for tests and the offline demo). ``weights``: a weights spec, or ``null`` for random
     initialisation (needs top-level ``allow_random_weights: true``). ``image_size``: input side in
     pixels (default: the model's own). ``precision``: ``fp32`` (default) or ``fp16``/``bf16`` (GPU).
+    ``cpu_int8``: on CPU workers, quantise the vision tower's MLP linear layers to int8 (dynamic
+    quantisation) for speed; scores and maps deviate slightly from fp32 (measured in BENCHMARKS.md).
     """
 
     model: str
     weights: WeightsSpec | None
     image_size: int | None = Field(default=None, ge=16)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    cpu_int8: bool = False
 
 
 PromptSetName = Literal["winclip", "winclip_anomalib", "april_gan", "vvv", "zsad_agnostic"]

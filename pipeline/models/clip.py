@@ -206,3 +206,16 @@ def encode_image(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Raw image embeddings (B, D) in float32: ln_post(CLS) @ proj for open_clip ViTs."""
     dtype = next(model.parameters()).dtype
     return model.encode_image(batch.to(dtype)).float()
+
+
+def quantise_vision_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of the vision tower's ``nn.Linear`` layers (the MLPs) for CPU
+    inference. Attention projections stay fp32 (open_clip keeps them inside nn.MultiheadAttention)."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.visual = quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8)
+    return model

@@ -171,9 +171,28 @@ def window_embeddings(visual: torch.nn.Module, tokens: torch.Tensor, grid: int, 
     idx = torch.cat([torch.zeros(patches.shape[0], 1, dtype=torch.long), patches + 1], dim=1).to(tokens.device)
     w, length = idx.shape
     seqs = tokens[:, idx.reshape(-1)].reshape(b * w, length, tokens.shape[-1])
-    outs = [run_blocks(visual.transformer, seqs[i : i + chunk], visual.transformer.resblocks)[:, 0]
-            for i in range(0, seqs.shape[0], chunk)]
+    blocks = list(visual.transformer.resblocks)
+    outs = []
+    for i in range(0, seqs.shape[0], chunk):
+        x = run_blocks(visual.transformer, seqs[i : i + chunk], blocks[:-1])
+        outs.append(class_token_block(blocks[-1], x))
     return project(visual, torch.cat(outs)).reshape(b, w, -1)
+
+
+def class_token_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The class token's output of one residual block, (B, L, D) -> (B, D), without computing the
+    other tokens' outputs (only their keys and values are needed). Equal to ``block(x)[:, 0]``; used
+    for the last block when only the class token is read."""
+    y = block.ln_1(x)
+    q = y[:, :1]
+    if not getattr(block.attn, "batch_first", False):
+        q, y = q.transpose(0, 1), y.transpose(0, 1)
+    a = block.attn(q, y, y, need_weights=False)[0]
+    if not getattr(block.attn, "batch_first", False):
+        a = a.transpose(0, 1)
+    h = x[:, :1] + block.ls_1(a)
+    h = h + block.ls_2(block.mlp(block.ln_2(h)))
+    return h[:, 0]
 
 
 def window_coverage(grid: int, k: int) -> torch.Tensor:

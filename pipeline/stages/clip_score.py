@@ -101,6 +101,8 @@ class ClipScoreStage:
                 precision=self.clip.precision if self.device.type == "cuda" else "fp32",
                 device=self.device,
             )
+        if self.clip.cpu_int8 and self.device.type == "cpu":
+            model = clip_models.quantise_vision_int8(model)
         self.model, self.preprocess = model, pre
         self._check_pixel_config()
         import open_clip

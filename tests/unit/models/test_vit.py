@@ -139,3 +139,10 @@ def test_harmonic_aggregation_on_4x4_grid():
     assert out[1, 1].item() == pytest.approx(4 / (1 / 0.1 + 1 / 0.2 + 1 / 0.4 + 1 / 0.5))
     assert out[3, 3].item() == pytest.approx(0.9)
     assert out[2, 1].item() == pytest.approx(4 / (1 / 0.4 + 1 / 0.5 + 1 / 0.7 + 1 / 0.8))
+
+
+def test_class_token_block_equals_full_block(model):
+    x = torch.randn(3, 10, 64, generator=torch.Generator().manual_seed(4))
+    block = model.visual.transformer.resblocks[-1]
+    with torch.no_grad():
+        assert torch.allclose(vit.class_token_block(block, x), block(x)[:, 0], atol=1e-5)

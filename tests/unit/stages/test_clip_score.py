@@ -136,3 +136,14 @@ def test_impossible_pixel_settings_fail_at_setup():
         ClipScoreStage(TINY, WinclipImageScore(), pixel=FadeZeroShot(gem_depth=12)).setup()
     with pytest.raises(ValueError, match=r"window_sizes \[9\] do not fit the 8 x 8 patch grid"):
         ClipScoreStage(TINY, WinclipImageScore(), pixel=WinclipWindows(window_sizes=(2, 9))).setup()
+
+
+def test_cpu_int8_mode_scores_close_to_fp32():
+    images = _images(6, 2)
+    fp32 = ClipScoreStage(TINY, WinclipImageScore(), pixel=WinclipWindows())(_batch(images, ["a", "a"]))
+    int8 = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=None, cpu_int8=True), WinclipImageScore(),
+                          pixel=WinclipWindows())
+    out = int8(_batch(images, ["a", "a"]))
+    assert "DynamicQuantizedLinear" in repr(int8.model.visual.transformer.resblocks[0].mlp.c_fc)
+    assert np.abs(out["score"] - fp32["score"]).max() < 0.05
+    assert np.abs(out["anomaly_map"][0] - fp32["anomaly_map"][0]).max() < 0.05

@@ -6,6 +6,7 @@ measured or implied). Images: generated 240 x 240 RGB.
 
 Each measurement runs in its own subprocess so its peak RSS (ru_maxrss) is its own:
   winclip      WinCLIP windows (2 and 3 patches) + image score, per image (batch 1)
+  winclip_int8 the same with clip.cpu_int8 (int8 MLPs); also reports the deviation from fp32
   gem240/448/896  one GEM dual-stream forward at that input size, per image
   fade         the whole FADE zero-shot map (240 + 448 + 896 GEM passes + vision maps)
 Text embeddings are computed before timing (they are cached per category in the pipeline).
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 
-KINDS = ("winclip", "gem240", "gem448", "gem896", "fade")
+KINDS = ("winclip", "winclip_int8", "gem240", "gem448", "gem896", "fade")
 
 
 def rss_mb() -> float:
@@ -40,9 +41,9 @@ def measure(kind: str, n_images: int, threads: int) -> dict:
     from pipeline.models import vit
     from pipeline.stages.clip_score import ClipScoreStage
 
-    pixel = {"winclip": WinclipWindows(), "fade": FadeZeroShot()}.get(kind, NoPixelMap())
-    stage = ClipScoreStage(ClipSpec(model="ViT-B-16-plus-240", weights=None), WinclipImageScore(), pixel=pixel,
-                           maps=MapOutputSpec(map_size=240))
+    pixel = {"winclip": WinclipWindows(), "winclip_int8": WinclipWindows(), "fade": FadeZeroShot()}.get(kind, NoPixelMap())
+    clip = ClipSpec(model="ViT-B-16-plus-240", weights=None, cpu_int8=kind.endswith("int8"))
+    stage = ClipScoreStage(clip, WinclipImageScore(), pixel=pixel, maps=MapOutputSpec(map_size=240))
     stage.setup()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (240, 240, 3), dtype=np.uint8) for _ in range(n_images + 1)]
@@ -62,15 +63,28 @@ def measure(kind: str, n_images: int, threads: int) -> dict:
                 stage.score_images([img], ["object"])
         if i:  # the first image is a warm-up
             times.append(time.perf_counter() - t0)
+    extra = {}
+    peak = rss_mb()  # before any reference model below
+    if kind == "winclip_int8":  # deviation of the int8 mode from fp32 on the same images
+        ref = ClipScoreStage(ClipSpec(model="ViT-B-16-plus-240", weights=None), WinclipImageScore(), pixel=pixel,
+                             maps=MapOutputSpec(map_size=240))
+        ref.setup()
+        a = stage.score_images(images[1:], ["object"] * n_images)
+        b = ref.score_images(images[1:], ["object"] * n_images)
+        extra = {
+            "max_abs_score_deviation": float(np.abs(a["score"] - b["score"]).max()),
+            "max_abs_map_deviation": float(max(np.abs(x - y).max() for x, y in zip(a["maps"], b["maps"]))),
+        }
     return {
+        **extra,
         "kind": kind,
         "images": n_images,
         "threads": threads,
         "seconds_per_image_min": round(min(times), 3),
         "seconds_per_image_median": round(sorted(times)[len(times) // 2], 3),
         "rss_after_setup_mb": round(base_rss, 1),
-        "peak_rss_mb": round(rss_mb(), 1),
-        "peak_rss_increase_mb": round(rss_mb() - base_rss, 1),
+        "peak_rss_mb": round(peak, 1),
+        "peak_rss_increase_mb": round(peak - base_rss, 1),
     }
 
 
@@ -96,11 +110,13 @@ def main() -> None:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| measurement | s/image (min) | s/image (median) | RSS after setup (MB) | peak RSS (MB) | peak - setup (MB) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| measurement | s/image (min) | s/image (median) | RSS after setup (MB) | peak RSS (MB) | peak - setup (MB) | deviation from fp32 |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
+        dev = (f"score {r['max_abs_score_deviation']:.2e}, map {r['max_abs_map_deviation']:.2e}"
+               if "max_abs_score_deviation" in r else "")
         print(f"| {r['kind']} | {r['seconds_per_image_min']} | {r['seconds_per_image_median']} | {r['rss_after_setup_mb']} | "
-              f"{r['peak_rss_mb']} | {r['peak_rss_increase_mb']} |")
+              f"{r['peak_rss_mb']} | {r['peak_rss_increase_mb']} | {dev} |")
 
 
 if __name__ == "__main__":

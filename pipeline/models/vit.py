@@ -80,6 +80,29 @@ def project(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return x @ visual.proj if visual.proj is not None else x
 
 
+def block_forward(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One residual block on batch-first tokens (B, L, D), equal to the block's own forward, with
+    the attention computed by scaled-dot-product attention so the L x L attention matrix is not
+    materialised (nn.MultiheadAttention's CPU path builds it: 3137^2 x heads floats at 896 px)."""
+    attn = block.attn
+    if not getattr(attn, "_qkv_same_embed_dim", True) or attn.in_proj_weight is None:
+        return run_blocks_single(block, x)
+    b, n, d = x.shape
+    heads = attn.num_heads
+    y = block.ln_1(x)
+    q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in F.linear(y, attn.in_proj_weight, attn.in_proj_bias).split(d, dim=-1))
+    a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+    x = x + block.ls_1(attn.out_proj(a))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def run_blocks_single(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` for batch-first x whatever the block's own convention."""
+    if getattr(block.attn, "batch_first", False):
+        return block(x)
+    return block(x.transpose(0, 1)).transpose(0, 1)
+
+
 # --------------------------------------------------------------------------------------------
 # GEM
 # --------------------------------------------------------------------------------------------
@@ -128,18 +151,20 @@ def gem_forward(
     if not 1 <= depth <= len(blocks):
         raise ValueError(f"GEM depth {depth} must be between 1 and the model's {len(blocks)} blocks")
     start = len(blocks) - depth
-    x = run_blocks(visual.transformer, x, blocks[:start])
+    for block in blocks[:start]:
+        x = block_forward(block, x)
     x_gem = x
     for block in blocks[start:]:
         x_gem = x_gem + gem_attention(block, x)  # x is batch-first here whatever the convention
-        x = run_blocks(visual.transformer, x, [block])
+        x = block_forward(block, x)
     return project(visual, x[:, 0]), project(visual, x_gem[:, 1:]), project(visual, x[:, 1:]), grid
 
 
 def clip_forward(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Plain forward at any input size: (class embedding (B, E), final patch embeddings (B, N, E), G)."""
     x, grid = embed(visual, images)
-    x = run_blocks(visual.transformer, x, visual.transformer.resblocks)
+    for block in visual.transformer.resblocks:
+        x = block_forward(block, x)
     return project(visual, x[:, 0]), project(visual, x[:, 1:]), grid
 
 

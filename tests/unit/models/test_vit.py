@@ -146,3 +146,10 @@ def test_class_token_block_equals_full_block(model):
     block = model.visual.transformer.resblocks[-1]
     with torch.no_grad():
         assert torch.allclose(vit.class_token_block(block, x), block(x)[:, 0], atol=1e-5)
+
+
+def test_block_forward_equals_open_clip_block(model):
+    x = torch.randn(2, 17, 64, generator=torch.Generator().manual_seed(5))
+    for block in model.visual.transformer.resblocks[:2]:
+        with torch.no_grad():
+            assert torch.allclose(vit.block_forward(block, x), block(x), atol=1e-5)

@@ -209,13 +209,31 @@ def encode_image(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def quantise_vision_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantisation of the vision tower's ``nn.Linear`` layers (the MLPs) for CPU
-    inference. Attention projections stay fp32 (open_clip keeps them inside nn.MultiheadAttention)."""
+    """Dynamic int8 quantisation of the vision tower's linear layers for CPU inference: the MLPs,
+    and int8 twins (``zsad_qkv``, ``zsad_out``) of each block's attention in/out projections, used
+    by zsad's own block walkers (:mod:`pipeline.models.vit`). open_clip's own forward keeps using
+    the fp32 attention projections."""
     import warnings
 
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        for block in model.visual.transformer.resblocks:
+            attn = block.attn
+            if not getattr(attn, "_qkv_same_embed_dim", True) or attn.in_proj_weight is None:
+                continue
+            d = attn.embed_dim
+            qkv = torch.nn.Linear(d, 3 * d, bias=attn.in_proj_bias is not None)
+            out = torch.nn.Linear(d, d, bias=attn.out_proj.bias is not None)
+            with torch.no_grad():
+                qkv.weight.copy_(attn.in_proj_weight)
+                out.weight.copy_(attn.out_proj.weight)
+                if qkv.bias is not None:
+                    qkv.bias.copy_(attn.in_proj_bias)
+                if out.bias is not None:
+                    out.bias.copy_(attn.out_proj.bias)
+            block.zsad_qkv = quantize_dynamic(torch.nn.Sequential(qkv), {torch.nn.Linear}, dtype=torch.qint8)
+            block.zsad_out = quantize_dynamic(torch.nn.Sequential(out), {torch.nn.Linear}, dtype=torch.qint8)
         model.visual = quantize_dynamic(model.visual, {torch.nn.Linear}, dtype=torch.qint8)
     return model

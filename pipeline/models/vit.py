@@ -80,6 +80,24 @@ def project(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return x @ visual.proj if visual.proj is not None else x
 
 
+def _qkv(block: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The block's q, k, v in-projection of (B, L, D) -> (B, L, 3D) (int8 twin when present)."""
+    twin = getattr(block, "zsad_qkv", None)
+    if twin is not None:
+        return twin(y)
+    return F.linear(y, block.attn.in_proj_weight, block.attn.in_proj_bias)
+
+
+def _out(block: torch.nn.Module, a: torch.Tensor) -> torch.Tensor:
+    twin = getattr(block, "zsad_out", None)
+    return twin(a) if twin is not None else block.attn.out_proj(a)
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = t.shape
+    return t.reshape(b, n, heads, d // heads).transpose(1, 2)
+
+
 def block_forward(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One residual block on batch-first tokens (B, L, D), equal to the block's own forward, with
     the attention computed by scaled-dot-product attention so the L x L attention matrix is not
@@ -88,11 +106,9 @@ def block_forward(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not getattr(attn, "_qkv_same_embed_dim", True) or attn.in_proj_weight is None:
         return run_blocks_single(block, x)
     b, n, d = x.shape
-    heads = attn.num_heads
-    y = block.ln_1(x)
-    q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in F.linear(y, attn.in_proj_weight, attn.in_proj_bias).split(d, dim=-1))
+    q, k, v = (_heads(t, attn.num_heads) for t in _qkv(block, block.ln_1(x)).split(d, dim=-1))
     a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-    x = x + block.ls_1(attn.out_proj(a))
+    x = x + block.ls_1(_out(block, a))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
@@ -199,7 +215,10 @@ def window_embeddings(visual: torch.nn.Module, tokens: torch.Tensor, grid: int, 
     blocks = list(visual.transformer.resblocks)
     outs = []
     for i in range(0, seqs.shape[0], chunk):
-        x = run_blocks(visual.transformer, seqs[i : i + chunk], blocks[:-1])
+        x = seqs[i : i + chunk]
+        for block in blocks[:-1]:
+            # short sequences: open_clip's own block (fused MHA fast path) unless int8 twins exist
+            x = block_forward(block, x) if hasattr(block, "zsad_qkv") else run_blocks_single(block, x)
         outs.append(class_token_block(blocks[-1], x))
     return project(visual, torch.cat(outs)).reshape(b, w, -1)
 
@@ -208,14 +227,13 @@ def class_token_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The class token's output of one residual block, (B, L, D) -> (B, D), without computing the
     other tokens' outputs (only their keys and values are needed). Equal to ``block(x)[:, 0]``; used
     for the last block when only the class token is read."""
-    y = block.ln_1(x)
-    q = y[:, :1]
-    if not getattr(block.attn, "batch_first", False):
-        q, y = q.transpose(0, 1), y.transpose(0, 1)
-    a = block.attn(q, y, y, need_weights=False)[0]
-    if not getattr(block.attn, "batch_first", False):
-        a = a.transpose(0, 1)
-    h = x[:, :1] + block.ls_1(a)
+    attn = block.attn
+    b, n, d = x.shape
+    qkv = _qkv(block, block.ln_1(x))
+    q = _heads(qkv[:, :1, :d], attn.num_heads)
+    k, v = (_heads(t, attn.num_heads) for t in qkv[:, :, d:].split(d, dim=-1))
+    a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, d)
+    h = x[:, :1] + block.ls_1(_out(block, a))
     h = h + block.ls_2(block.mlp(block.ln_2(h)))
     return h[:, 0]
 

@@ -1,0 +1,123 @@
+"""Exact metrics from a :class:`~pipeline.metrics.state.ValueTable` (METRICS.md definitions).
+
+Label 1 = anomalous; higher score = more anomalous; predict anomalous when score >= t; t runs over
+every distinct value, so the metrics are exact for the values in the table.
+
+- AUROC: Mann-Whitney statistic, ties count 1/2 (= scikit-learn ``roc_auc_score``).
+- AP: step sum over distinct thresholds in descending order, sum_k (R_k - R_{k-1}) P_k
+  (= scikit-learn ``average_precision_score``); not the trapezoidal "AUPR".
+- F1-max: max over thresholds of 2TP / (2TP + FP + FN).
+- AUPRO (MVTec): curve of (FPR, PRO) with one point per distinct value plus (0, 0), trapezoid from
+  FPR 0 to ``limit`` with PRO linearly interpolated at exactly ``limit``, divided by ``limit``.
+- AUPRO ``fixed_grid_200``: the APRIL-GAN / AnomalyCLIP variant (200 linear thresholds between the
+  min and max score, strict ``>``, keep FPR < limit, rescale FPR to [0, 1]); only to reproduce
+  paper tables.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pipeline.metrics.state import ValueTable
+
+
+def _desc(table: ValueTable) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative TP, FP and PRO weight at each threshold, thresholds descending."""
+    return np.cumsum(table.pos[::-1]), np.cumsum(table.neg[::-1]), np.cumsum(table.pro[::-1])
+
+
+def auroc(table: ValueTable) -> float:
+    p, n = int(table.pos.sum()), int(table.neg.sum())
+    if p == 0 or n == 0:
+        return math.nan
+    neg_below = np.concatenate([[0], np.cumsum(table.neg)[:-1]])  # negatives strictly below each value
+    # 2 * (sum pos * neg_below + 1/2 sum pos * neg_equal), in exact integers
+    twice = 2 * int(np.dot(table.pos.astype(object), neg_below.astype(object))) + int(np.dot(table.pos.astype(object), table.neg.astype(object)))
+    return twice / (2 * p * n)
+
+
+def average_precision(table: ValueTable) -> float:
+    p = int(table.pos.sum())
+    if p == 0:
+        return math.nan
+    tp, fp, _ = _desc(table)
+    keep = (tp + fp) > 0
+    tp, fp = tp[keep], fp[keep]
+    precision = tp / (tp + fp)
+    recall = tp / p
+    return float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+
+
+def f1_max(table: ValueTable) -> float:
+    p = int(table.pos.sum())
+    if p == 0:
+        return math.nan
+    tp, fp, _ = _desc(table)
+    fn = p - tp
+    return float(np.max(2 * tp / np.maximum(2 * tp + fp + fn, 1)))
+
+
+def pro_curve(table: ValueTable) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) points, thresholds descending, starting at (0, 0)."""
+    n = int(table.neg.sum())
+    _, fp, pro = _desc(table)
+    fpr = np.concatenate([[0.0], fp / n])
+    pros = np.concatenate([[0.0], pro / table.n_regions])
+    return fpr, pros
+
+
+def aupro(table: ValueTable, limit: float = 0.3) -> float:
+    if table.n_regions == 0 or int(table.neg.sum()) == 0:
+        return math.nan
+    if not 0 < limit <= 1:
+        raise ValueError("AUPRO limit must be in (0, 1]")
+    fpr, pro = pro_curve(table)
+    k = int(np.searchsorted(fpr, limit, side="right"))  # first point with fpr > limit
+    x, y = fpr[:k], pro[:k]
+    if k < len(fpr) and x[-1] < limit:
+        x0, x1, y0, y1 = fpr[k - 1], fpr[k], pro[k - 1], pro[k]
+        x = np.append(x, limit)
+        y = np.append(y, y0 + (y1 - y0) * (limit - x0) / (x1 - x0))
+    return float(np.trapezoid(y, x) / limit)
+
+
+def aupro_fixed_grid_200(table: ValueTable, limit: float = 0.3) -> float:
+    """APRIL-GAN / AnomalyCLIP's AUPRO: 200 linear thresholds, FPR < limit kept, FPR rescaled."""
+    if table.n_regions == 0 or int(table.neg.sum()) == 0:
+        return math.nan
+    lo, hi = float(table.values.min()), float(table.values.max())
+    delta = (hi - lo) / 200
+    if delta == 0:
+        return math.nan
+    n = int(table.neg.sum())
+    fprs, pros = [], []
+    for th in np.arange(lo, hi, delta):
+        above = table.values > th
+        fprs.append(table.neg[above].sum() / n)
+        pros.append(table.pro[above].sum() / table.n_regions)
+    fprs, pros = np.array(fprs), np.array(pros)
+    keep = fprs < limit
+    fprs, pros = fprs[keep], pros[keep]
+    if len(fprs) < 2 or fprs.max() == fprs.min():
+        return math.nan
+    fprs = (fprs - fprs.min()) / (fprs.max() - fprs.min())
+    order = np.argsort(fprs)
+    return float(np.trapezoid(pros[order], fprs[order]))
+
+
+def vand(image_f1: float, pixel_f1: float) -> float:
+    """VAND 2023 per-category score: harmonic mean of image and pixel F1-max."""
+    if math.isnan(image_f1) or math.isnan(pixel_f1) or image_f1 + pixel_f1 == 0:
+        return math.nan
+    return 2 * image_f1 * pixel_f1 / (image_f1 + pixel_f1)
+
+
+def binned_auroc_bound(table: ValueTable) -> float:
+    """Upper bound of |AUROC(binned) - AUROC(exact)|: within a bin, positive/negative pairs may be
+    ordered either way; each such pair moves the statistic by at most 1/2 of 1/(P N)."""
+    p, n = int(table.pos.sum()), int(table.neg.sum())
+    if p == 0 or n == 0:
+        return math.nan
+    return 0.5 * float(np.dot(table.pos.astype(np.float64), table.neg.astype(np.float64))) / (p * n)

@@ -1,0 +1,151 @@
+"""Metrics against scikit-learn and an independent brute-force AUPRO; merging; binned bounds."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from pipeline.metrics import curves
+from pipeline.metrics.state import BinnedStats, LevelStats, ValueTable
+
+
+def _sk_f1max(y, s):
+    p, r, _ = precision_recall_curve(y, s)
+    f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-300), 0)
+    return f1.max()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_image_level_against_sklearn_with_many_ties(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 12, 300) / 11.0  # few distinct values: many ties
+    labels = rng.random(300) < 0.3 + 0.05 * scores
+    t = ValueTable.from_scores(scores, labels)
+    assert curves.auroc(t) == pytest.approx(roc_auc_score(labels, scores), abs=1e-9)
+    assert curves.average_precision(t) == pytest.approx(average_precision_score(labels, scores), abs=1e-9)
+    assert curves.f1_max(t) == pytest.approx(_sk_f1max(labels, scores), abs=1e-9)
+
+
+def _maps(seed, n=4, shape=(12, 15), levels=40):
+    rng = np.random.default_rng(seed)
+    maps, masks = [], []
+    for i in range(n):
+        mask = np.zeros(shape, bool)
+        if i % 3:  # some normal images
+            for _ in range(rng.integers(1, 4)):
+                r, c = rng.integers(0, shape[0] - 3), rng.integers(0, shape[1] - 3)
+                mask[r : r + rng.integers(1, 4), c : c + rng.integers(1, 4)] = True
+        m = rng.integers(0, levels, shape) + 15 * mask * rng.random(shape)
+        maps.append(np.floor(m) / (levels + 15))
+        masks.append(mask)
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pixel_level_against_sklearn_pooled(seed):
+    maps, masks = _maps(seed)
+    table = ValueTable().merge(*[ValueTable.from_pixels(m, k) for m, k in zip(maps, masks)])
+    y = np.concatenate([k.ravel() for k in masks])
+    s = np.concatenate([m.ravel() for m in maps])
+    assert curves.auroc(table) == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+    assert curves.average_precision(table) == pytest.approx(average_precision_score(y, s), abs=1e-9)
+    assert curves.f1_max(table) == pytest.approx(_sk_f1max(y, s), abs=1e-9)
+
+
+def _brute_aupro(maps, masks, limit):
+    """Threshold loop over every distinct score, scipy 8-connected labelling, explicit interpolation."""
+    regions = []
+    for k in masks:
+        lab, n = ndimage.label(k, structure=np.ones((3, 3)))
+        regions += [(len(regions), i, lab) for i in range(1, n + 1)]
+    negatives = sum((~k).sum() for k in masks)
+    points = [(0.0, 0.0)]
+    for t in sorted(set(np.concatenate([m.ravel() for m in maps])), reverse=True):
+        fp = sum(((m >= t) & ~k).sum() for m, k in zip(maps, masks))
+        recalls = []
+        for img, k in enumerate(masks):
+            lab, n = ndimage.label(k, structure=np.ones((3, 3)))
+            for i in range(1, n + 1):
+                region = lab == i
+                recalls.append(((maps[img] >= t) & region).sum() / region.sum())
+        points.append((fp / negatives, float(np.mean(recalls))))
+    area, (px, py) = 0.0, points[0]
+    for x, y in points[1:]:
+        if x > limit:
+            y_lim = py + (y - py) * (limit - px) / (x - px)
+            area += (limit - px) * (py + y_lim) / 2
+            return area / limit
+        area += (x - px) * (py + y) / 2
+        px, py = x, y
+    return area / limit
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("limit", [0.3, 0.05, 1.0])
+def test_aupro_against_brute_force(seed, limit):
+    maps, masks = _maps(seed, n=3, shape=(9, 11), levels=25)
+    table = ValueTable().merge(*[ValueTable.from_pixels(m, k) for m, k in zip(maps, masks)])
+    assert curves.aupro(table, limit) == pytest.approx(_brute_aupro(maps, masks, limit), abs=1e-9)
+
+
+def test_regions_touching_at_a_corner_are_one_region():
+    mask = np.zeros((6, 6), bool)
+    mask[1:3, 1:3] = True
+    mask[3:5, 3:5] = True  # touches the first square only diagonally
+    m = np.zeros((6, 6))
+    m[1:3, 1:3] = 0.9  # first square fully detected, second not at all
+    t = ValueTable.from_pixels(m, mask)
+    assert t.n_regions == 1
+    # one region of 8 pixels, 4 found at t = 0.9 with no false positive: PRO = 0.5 at FPR 0
+    fpr, pro = curves.pro_curve(t)
+    assert (fpr[1], pro[1]) == (0.0, 0.5)
+
+
+def test_merging_partial_states_equals_pooled():
+    maps, masks = _maps(7, n=6)
+    levels = [np.round(m * 65535).astype(np.int64) for m in maps]
+    pooled = LevelStats()
+    for lv, k in zip(levels, masks):
+        pooled.add(lv, k)
+    a, b = LevelStats(), LevelStats()
+    for lv, k in zip(levels[:2], masks[:2]):
+        a.add(lv, k)
+    for lv, k in zip(levels[2:], masks[2:]):
+        b.add(lv, k)
+    merged = a.merge(b)
+    assert np.array_equal(merged.neg, pooled.neg) and np.array_equal(merged.pos, pooled.pos)
+    assert merged.n_regions == pooled.n_regions and np.allclose(merged.pro, pooled.pro, atol=1e-12)
+    exact = ValueTable().merge(*[ValueTable.from_pixels(lv / 65535, k) for lv, k in zip(levels, masks)])
+    dense = merged.table(0.0, 1.0)
+    for fn in (curves.auroc, curves.average_precision, curves.f1_max, curves.aupro):
+        assert fn(dense) == pytest.approx(fn(exact), abs=1e-9), fn.__name__
+
+
+def test_binned_mode_within_reported_bound():
+    rng = np.random.default_rng(3)
+    maps = [rng.random((20, 20)) for _ in range(3)]
+    masks = [rng.random((20, 20)) < 0.2 for _ in range(3)]
+    exact = ValueTable().merge(*[ValueTable.from_pixels(m, k) for m, k in zip(maps, masks)])
+    binned = BinnedStats(0.0, 1.0, bins=65536)
+    for m, k in zip(maps, masks):
+        binned.add(m, k)
+    bt = binned.table()
+    bound = curves.binned_auroc_bound(bt)
+    assert abs(curves.auroc(bt) - curves.auroc(exact)) <= bound + 1e-12
+    assert curves.f1_max(bt) <= curves.f1_max(exact) + 1e-12
+    coarse = BinnedStats(0.0, 1.0, bins=65536)
+    coarse.add(np.full((2, 2), 2.0), np.array([[True, False], [False, False]]))  # overflow bin
+    assert coarse.pos[-1] == 1 and coarse.neg[-1] == 3
+
+
+def test_vand_and_degenerate_cases():
+    assert curves.vand(0.5, 0.25) == pytest.approx(1 / 3)
+    only_neg = ValueTable.from_scores(np.array([0.1, 0.2]), np.array([0, 0]))
+    assert np.isnan(curves.auroc(only_neg)) and np.isnan(curves.f1_max(only_neg))
+
+
+def test_fixed_grid_200_is_labelled_variant_close_to_exact():
+    maps, masks = _maps(2, n=5, shape=(30, 30), levels=200)
+    table = ValueTable().merge(*[ValueTable.from_pixels(m, k) for m, k in zip(maps, masks)])
+    grid = curves.aupro_fixed_grid_200(table)
+    assert 0 <= grid <= 1 and grid != curves.aupro(table)

@@ -52,7 +52,24 @@ def _summary(result) -> str:
     return "\n".join(lines)
 
 
-def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: Optional[str], sets: List[str], address: Optional[str]):
+def _evaluate(run_dir: str, storage, address: Optional[str], **kwargs):
+    from pipeline.runtime.evaluate import EvaluationError, evaluate_run
+
+    try:
+        table = evaluate_run(run_dir, storage=storage, address=address, log=_log, **kwargs)
+    except EvaluationError as exc:
+        _err(str(exc))
+        raise typer.Exit(2)
+    shown = table[["category", "n_images", "image_auroc", "image_f1_max", "pixel_auroc", "pixel_f1_max", "pixel_aupro"]]
+    typer.echo(f"\nmetrics: {run_dir}/metrics/  {run_dir}/metrics.md")
+    if bool(table["random_weights"].iloc[0]):
+        typer.echo("  (random model weights: these numbers are NOT anomaly-detection results)")
+    typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return table
+
+
+def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: Optional[str], sets: List[str], address: Optional[str],
+         evaluate: bool = True):
     from pipeline.runtime.run import RunError, run_job
 
     try:
@@ -70,6 +87,10 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
     typer.echo(_summary(result))
     if result.status != "succeeded":
         raise typer.Exit(1)
+    if evaluate and result.manifest.get("labelled_images", 0):
+        from pipeline.io.fs import storage_options
+
+        _evaluate(result.run_dir, storage_options(spec.storage), address)
     return result
 
 
@@ -82,12 +103,37 @@ def run(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (folder under OUTPUT); default: UTC time + random suffix."),
     set_: List[str] = typer.Option([], "--set", help="Override a spec key: dotted.key=value (repeatable)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: start a local Ray for the run."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate when the input layout carries labels."),
 ) -> None:
     """Run a job over an input and write Parquet tables under OUTPUT/RUN_ID/."""
     if layout not in LAYOUTS:
         _err(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
         raise typer.Exit(2)
-    _run(job, input, output, layout, run_id, set_, address)
+    _run(job, input, output, layout, run_id, set_, address, evaluate)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run: str = typer.Argument(..., help="A finished run folder: OUTPUT/RUN_ID (local or s3://)."),
+    ground_truth: Optional[str] = typer.Option(None, "--ground-truth", help="Ground-truth dataset; default: the run's own input manifest."),
+    layout: str = typer.Option("auto", "--layout", help="Layout of --ground-truth: auto|folder|mvtec|manifest."),
+    eval_size: str = typer.Option("stored", "--eval-size", help="stored (map size; masks resized nearest) or a long side N."),
+    image_score: str = typer.Option("method", "--image-score", help="method (the run's score) or max_map."),
+    aupro_limit: float = typer.Option(0.3, "--aupro-limit", help="FPR limit of AUPRO."),
+    pro_mode: str = typer.Option("mvtec", "--pro-mode", help="mvtec (exact) or fixed_grid_200 (APRIL-GAN/AnomalyCLIP variant)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),
+) -> None:
+    """Evaluate a run against ground truth: writes RUN/metrics/ and RUN/metrics.md."""
+    from pipeline.io.fs import storage_options
+
+    size: object = eval_size
+    if eval_size != "stored":
+        if not eval_size.isdigit() or int(eval_size) < 1:
+            _err(f"--eval-size {eval_size!r}: use stored or a positive integer")
+            raise typer.Exit(2)
+        size = int(eval_size)
+    _evaluate(run, storage_options(), address, gt_uri=ground_truth, layout=None if layout == "auto" else layout,
+              eval_size=size, image_score=image_score, aupro_limit=aupro_limit, pro_mode=pro_mode)
 
 
 def _model_problem(spec) -> Optional[str]:

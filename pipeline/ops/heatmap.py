@@ -58,16 +58,21 @@ def encode_png16(values: np.ndarray, vmin: float, vmax: float) -> bytes:
     return buf.getvalue()
 
 
-def decode_png16(data: bytes, vmin: float, vmax: float) -> np.ndarray:
-    """The float64 ``(H, W)`` map stored by ``encode_png16`` (levels mapped back to [vmin, vmax])."""
-    _check_range(vmin, vmax)
+def decode_png16_levels(data: bytes) -> np.ndarray:
+    """The integer levels (H, W) int64 in 0..65535 of a PNG written by ``encode_png16``: the exact
+    quantised map, for evaluation on levels."""
     with Image.open(io.BytesIO(data)) as image:
         if image.format != "PNG":
             raise ValueError(f"expected a PNG, got {image.format}")
         if image.mode not in ("I;16", "I;16B", "I"):
             raise ValueError(f"expected a 16-bit grayscale PNG, got Pillow mode {image.mode!r}")
-        levels = np.asarray(image)
-    return dequantise(levels.astype(np.int64), vmin, vmax)
+        return np.asarray(image).astype(np.int64)
+
+
+def decode_png16(data: bytes, vmin: float, vmax: float) -> np.ndarray:
+    """The float64 ``(H, W)`` map stored by ``encode_png16`` (levels mapped back to [vmin, vmax])."""
+    _check_range(vmin, vmax)
+    return dequantise(decode_png16_levels(data), vmin, vmax)
 
 
 def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:

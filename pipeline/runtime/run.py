@@ -326,6 +326,7 @@ def run_job(
             "encode_busy": round(busy["encode"], 3),
         },
         "first_result_rows": first_result_rows,
+        "labelled_images": int(manifest["gt_label"].notna().sum()),
         "tables": {
             "scores": scores.files,
             "errors": errors.files,

@@ -88,6 +88,41 @@ def check_masks(run_dir, scores, method, storage=None):
     return masks
 
 
+def check_metrics(run_dir, scores, masks):
+    """The metrics table equals an independent computation (scikit-learn) from the written tables."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from pipeline.metrics import curves
+    from pipeline.metrics.state import ValueTable
+
+    metrics = pd.read_parquet(os.path.join(run_dir, "metrics"))
+    inputs = pd.read_parquet(os.path.join(run_dir, "inputs.parquet")).set_index("image_id")
+    assert list(metrics["category"])[-1] == "mean" and metrics["random_weights"].all()
+    for cat in sorted(scores["category"].unique()):
+        row = metrics[metrics["category"] == cat].iloc[0]
+        sc = scores[scores["category"] == cat]
+        assert row["image_auroc"] == pytest.approx(roc_auc_score(sc["gt_label"], sc["score"]), abs=1e-9)
+        assert row["image_ap"] == pytest.approx(average_precision_score(sc["gt_label"], sc["score"]), abs=1e-9)
+        ys, ss, tables = [], [], []
+        for r in masks[masks["category"] == cat].itertuples():
+            m = heatmap.decode_png16(r.map_png, 0.0, 1.0)
+            uri = inputs.loc[r.image_id, "mask_uri"]
+            gt = np.zeros(m.shape, bool) if not isinstance(uri, str) else (
+                np.asarray(Image.open(uri).convert("L").resize((m.shape[1], m.shape[0]), Image.NEAREST)) > 0)
+            ys.append(gt.ravel())
+            ss.append(m.ravel())
+            tables.append(ValueTable.from_pixels(m, gt))
+        y, s_ = np.concatenate(ys), np.concatenate(ss)
+        assert row["pixel_auroc"] == pytest.approx(roc_auc_score(y, s_), abs=1e-9)
+        assert row["pixel_ap"] == pytest.approx(average_precision_score(y, s_), abs=1e-9)
+        assert row["n_pixels"] == y.size and row["n_anomalous"] == (sc["gt_label"] == 1).sum()
+        assert row["pixel_aupro"] == pytest.approx(curves.aupro(ValueTable().merge(*tables), 0.3), abs=1e-9)
+    mean = metrics[metrics["category"] == "mean"].iloc[0]
+    per_cat = metrics[metrics["category"] != "mean"]
+    assert mean["pixel_auroc"] == pytest.approx(per_cat["pixel_auroc"].mean(), abs=1e-12)
+    return metrics
+
+
 def test_run_on_local_mvtec_tree(tmp_path):
     info = make_dataset(str(tmp_path / "data"), n_good=3, n_bad=3)
     res = zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "local1")
@@ -103,6 +138,9 @@ def test_run_on_local_mvtec_tree(tmp_path):
     # smoke = WinCLIP windows: one masks row per image, maps on the fixed [0, 1] grid
     masks = check_masks(str(tmp_path / "out" / "local1"), scores, "winclip_windows")
     assert masks["mask_rle"].isna().all()
+
+    check_metrics(str(tmp_path / "out" / "local1"), scores, masks)
+    assert "metrics:" in res.stdout and (tmp_path / "out" / "local1" / "metrics.md").read_text().startswith("**Random model weights")
 
     # the distributed run gives the same scores as the stage called in-process
     spec = load_spec("jobs/smoke.yaml")

@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-LAYOUTS = ("auto", "folder", "mvtec", "manifest")
+LAYOUTS = ("auto", "folder", "mvtec", "manifest", "visa", "visa_1cls", "mpdd", "btad")
 
 
 def _err(message: str) -> None:

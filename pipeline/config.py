@@ -109,7 +109,7 @@ class DataSpec(_Model):
     listed by ``folder``/``mvtec`` (case-insensitive). ``max_images``: keep only the first N listed
     images (sorted by URI), for trials."""
 
-    layout: Literal["auto", "folder", "mvtec", "manifest"] = "auto"
+    layout: Literal["auto", "folder", "mvtec", "manifest", "visa", "visa_1cls", "mpdd", "btad"] = "auto"
     category: str | None = None
     extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
     max_images: int | None = Field(default=None, ge=1)

@@ -27,13 +27,23 @@ Layouts (``DataSpec.layout``):
   every other defect folder anomalous (1). Masks are matched against one listing of
   ``ground_truth/<defect>/``: ``<stem>_mask.png`` (MVTec), else ``<stem>.png`` (VisA "1cls").
   ``DataSpec.category`` restricts the listing to that category.
+- ``visa_1cls`` / ``mpdd``: MVTec-like trees, listed exactly like ``mvtec`` (the reorganised VisA
+  "1cls" tree has ``test/{good,bad}`` and ``ground_truth/bad/<stem>.png``).
+- ``btad``: ``ROOT/<category>/test/{ok,ko}/<image>`` (or a single category folder). ``ok`` is normal
+  (0), ``ko`` anomalous (1); masks from ``ground_truth/ko/``: ``<stem>_mask.png``, ``<stem>.png``, or
+  the same stem with another extension (e.g. ``.bmp``).
+- ``visa``: the raw VisA tree (``ROOT/<object>/Data/Images/{Normal,Anomaly}/*.JPG``,
+  ``ROOT/<object>/Data/Masks/Anomaly/*.png``) driven by ``ROOT/split_csv/1cls.csv`` (header
+  ``object,split,label,image,mask``; image/mask relative to ROOT). Only ``split == test`` rows are
+  listed; category = object; label ``normal`` -> 0, ``anomaly`` -> 1. An anomalous row without a mask,
+  an unknown label, or an image/mask missing from the listing is an error naming the CSV row.
 - ``manifest``: a ``.csv`` / ``.parquet`` / ``.pq`` file with columns ``uri``, ``category`` and
   optionally ``label`` (or ``gt_label``) and ``mask_uri``. Relative URIs are resolved against the
   manifest's folder. ``DataSpec.category`` keeps only that category. size/mtime/etag stay unknown
   (objects are not stat'ed one by one).
 - ``auto``: :func:`detect_layout`.
 
-Folder and MVTec inputs are listed with ONE recursive ``find(detail=True)`` call (one paginated
+Folder, MVTec-like and VisA inputs are listed with ONE recursive ``find(detail=True)`` call (one paginated
 ListObjectsV2 on S3), which also yields size, mtime and ETag.
 """
 
@@ -65,6 +75,12 @@ MANIFEST_COLUMNS: tuple[str, ...] = ("uri", "image_id", "category", "gt_label", 
 MANIFEST_EXTENSIONS: tuple[str, ...] = (".csv", ".parquet", ".pq")
 
 _NORMAL_DEFECT = "good"
+_BTAD_NORMAL = "ok"
+_BTAD_ANOMALOUS = "ko"
+_MVTEC_LIKE = ("mvtec", "visa_1cls", "mpdd")
+_VISA_CSV = "split_csv/1cls.csv"
+_VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+_VISA_LABELS = {"normal": 0, "anomaly": 1}
 _LABEL_WORDS = {
     "0": 0,
     "good": 0,
@@ -277,14 +293,31 @@ def _mvtec_shape(files: Iterable[str]) -> tuple[bool, set[str]]:
     return single, categories
 
 
+def _btad_shape(files: Iterable[str]) -> bool:
+    """True when some ``test/`` folder (at the root or one level down) holds ``ok/`` or ``ko/`` files."""
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) in (3, 4) and parts[-3] == "test" and parts[-2] in (_BTAD_NORMAL, _BTAD_ANOMALOUS):
+            if len(parts) == 3 or not parts[0].startswith("."):
+                return True
+    return False
+
+
 def _detect(uri: str, files: Iterable[str]) -> str:
+    files = list(files)
+    if _VISA_CSV in files:
+        return "visa"
     single, categories = _mvtec_shape(files)
-    return "mvtec" if single or categories else "folder"
+    if single or categories:
+        return "mvtec"
+    return "btad" if _btad_shape(files) else "folder"
 
 
 def detect_layout(uri: str, storage: StorageOptions | None = None) -> str:
-    """``manifest`` for a URI ending in .csv/.parquet/.pq; ``mvtec`` for a folder with
-    ``test/good/`` (a category folder) or whose sub-folders have one (an MVTec root); else ``folder``.
+    """``manifest`` for a URI ending in .csv/.parquet/.pq; ``visa`` for a folder with
+    ``split_csv/1cls.csv``; ``mvtec`` for a folder with ``test/good/`` (a category folder) or whose
+    sub-folders have one (an MVTec root); ``btad`` for one whose test folders hold ``ok/``/``ko/``;
+    else ``folder``.
 
     Raises InputError when the folder does not exist or cannot be reached."""
     if _is_manifest_uri(uri):
@@ -331,7 +364,33 @@ def _list_folder(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
-def _list_mvtec(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, dict[str, Any]]) -> pd.DataFrame:
+def _find_mask(masks: set[str], defect: str, filename: str, any_extension: bool) -> str | None:
+    """The ground-truth mask (relative path) of test/<defect>/<filename>, or None."""
+    stem = posixpath.splitext(filename)[0]
+    for candidate in (f"ground_truth/{defect}/{stem}_mask.png", f"ground_truth/{defect}/{stem}.png"):
+        if candidate in masks:
+            return candidate
+    if any_extension:
+        folder = f"ground_truth/{defect}/"
+        for rel in sorted(masks):
+            if rel.startswith(folder) and "/" not in rel[len(folder) :]:
+                mask_stem = posixpath.splitext(rel[len(folder) :])[0]
+                if mask_stem in (stem, f"{stem}_mask"):
+                    return rel
+    return None
+
+
+def _list_mvtec(
+    uri: str,
+    data: DataSpec,
+    fs: Any,
+    root: str,
+    files: dict[str, dict[str, Any]],
+    *,
+    normal: str = _NORMAL_DEFECT,
+    any_mask_extension: bool = False,
+    name: str = "MVTec AD",
+) -> pd.DataFrame:
     # Category folder -> {relative path inside it: info}
     has_test_here = any(rel.startswith("test/") for rel in files)
     by_category: dict[str, dict[str, dict[str, Any]]] = {}
@@ -352,7 +411,7 @@ def _list_mvtec(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, d
                 by_category[head][tail] = info
     if not by_category:
         raise InputError(
-            f"input {uri}: does not look like an MVTec AD tree (expected ROOT/<category>/test/<defect>/<image> "
+            f"input {uri}: does not look like {'an' if name.startswith('MVTec') else 'a'} {name} tree (expected ROOT/<category>/test/<defect>/<image> "
             "or ROOT/test/<defect>/<image>; found no test/ folder)"
         )
     if data.category is not None:
@@ -373,14 +432,12 @@ def _list_mvtec(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, d
             if not _has_extension(parts[2], data.extensions):
                 continue
             defect, filename = parts[1], parts[2]
-            label = 0 if defect == _NORMAL_DEFECT else 1
+            label = 0 if defect == normal else 1
             mask_uri = None
             if label == 1:
-                stem = posixpath.splitext(filename)[0]
-                for candidate in (f"ground_truth/{defect}/{stem}_mask.png", f"ground_truth/{defect}/{stem}.png"):
-                    if candidate in masks:
-                        mask_uri = _child_uri(fs, root, prefix + candidate)
-                        break
+                found = _find_mask(masks, defect, filename, any_mask_extension)
+                if found is not None:
+                    mask_uri = _child_uri(fs, root, prefix + found)
             size, mtime, etag = _stat(fs, info)
             rows.append(
                 {
@@ -395,9 +452,105 @@ def _list_mvtec(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, d
             )
     if not rows:
         raise InputError(
-            f"input {uri}: no test images found in the MVTec tree (looked for test/<defect>/<image> with "
+            f"input {uri}: no test images found in the {name} tree (looked for test/<defect>/<image> with "
             f"extensions {_ext_text(data.extensions)}, case-insensitive)"
         )
+    return _frame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# VisA (raw tree + split_csv/1cls.csv)
+# --------------------------------------------------------------------------------------------
+
+
+def _clean_rel(value: str) -> str:
+    rel = posixpath.normpath(value.strip().replace("\\", "/"))
+    return rel[2:] if rel.startswith("./") else rel
+
+
+def _list_visa(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    csv_uri = _child_uri(fs, root, _VISA_CSV)
+    if _VISA_CSV not in files:
+        raise InputError(f"input {uri}: not a raw VisA tree: {csv_uri} is missing")
+    try:
+        with fs.open(f"{root.rstrip('/')}/{_VISA_CSV}", "rb") as fh:
+            raw = fh.read()
+    except Exception as exc:
+        if not _is_storage_exception(exc):
+            raise
+        raise _storage_failure(csv_uri, fs, root, exc) from exc
+    try:
+        table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise InputError(f"VisA split {csv_uri}: cannot parse ({type(exc).__name__}: {exc})") from exc
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    missing = [c for c in _VISA_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(
+            f"VisA split {csv_uri}: missing column(s) {', '.join(missing)} "
+            f"(expected header {','.join(_VISA_COLUMNS)}; has: {', '.join(table.columns) or 'no columns'})"
+        )
+
+    def where(i: int) -> str:
+        return f"row {i + 1} (line {i + 2})"
+
+    rows = []
+    seen: dict[str, int] = {}
+    available: set[str] = set()
+    for i, record in enumerate(table.to_dict("records")):
+        if str(record["split"]).strip().lower() == "xx":
+            continue
+        category = str(record["object"]).strip()
+        if not category:
+            raise InputError(f"VisA split {csv_uri}: {where(i)}: empty object")
+        available.add(category)
+        if data.category is not None and category != data.category:
+            continue
+        label_text = str(record["label"]).strip().lower()
+        if label_text not in _VISA_LABELS:
+            raise InputError(
+                f"VisA split {csv_uri}: {where(i)}: unknown label {record['label']!r} (expected normal or anomaly)"
+            )
+        label = _VISA_LABELS[label_text]
+        if not str(record["image"]).strip():
+            raise InputError(f"VisA split {csv_uri}: {where(i)}: empty image path")
+        image = _clean_rel(str(record["image"]))
+        if image not in files:
+            raise InputError(f"VisA split {csv_uri}: {where(i)}: image {_child_uri(fs, root, image)} not found")
+        mask_text = str(record["mask"]).strip()
+        mask_uri = None
+        if mask_text:
+            mask = _clean_rel(mask_text)
+            if mask not in files:
+                raise InputError(f"VisA split {csv_uri}: {where(i)}: mask {_child_uri(fs, root, mask)} not found")
+            mask_uri = _child_uri(fs, root, mask)
+        elif label == 1:
+            raise InputError(
+                f"VisA split {csv_uri}: {where(i)}: anomalous image {image} has no mask listed "
+                "(the mask column is empty)"
+            )
+        if image in seen:
+            raise InputError(f"VisA split {csv_uri}: {where(i)}: duplicate image {image} (first at {where(seen[image])})")
+        seen[image] = i
+        size, mtime, etag = _stat(fs, files[image])
+        rows.append(
+            {
+                "uri": _child_uri(fs, root, image),
+                "category": category,
+                "gt_label": label,
+                "mask_uri": mask_uri,
+                "size": size,
+                "mtime": mtime,
+                "etag": etag,
+            }
+        )
+    if data.category is not None and data.category not in available:
+        raise InputError(
+            f"input {uri}: category {data.category!r} not found in {csv_uri}; "
+            f"available: {', '.join(sorted(available)) or 'none'}"
+        )
+    if not rows:
+        raise InputError(f"input {uri}: no test rows in {csv_uri}")
     return _frame(rows)
 
 
@@ -553,8 +706,14 @@ def list_inputs(uri: str, data: DataSpec, storage: StorageOptions | None = None)
         fs, root, files = _listing(uri, storage)
         if layout == "auto":
             layout = _detect(uri, files)
-        if layout == "mvtec":
+        if layout in _MVTEC_LIKE:
             df = _list_mvtec(uri, data, fs, root, files)
+        elif layout == "btad":
+            df = _list_mvtec(
+                uri, data, fs, root, files, normal=_BTAD_NORMAL, any_mask_extension=True, name="BTAD"
+            )
+        elif layout == "visa":
+            df = _list_visa(uri, data, fs, root, files)
         elif layout == "folder":
             df = _list_folder(uri, data, fs, root, files)
         else:  # pragma: no cover - DataSpec validates the literal

@@ -24,7 +24,7 @@ from pipeline.io.layouts import InputError, list_inputs
 from pipeline.io.sinks import TableWriter, read_json
 from pipeline.metrics import curves
 from pipeline.metrics.state import LevelStats, ValueTable
-from pipeline.runtime.ray_plan import ray_session
+from pipeline.runtime.session import ray_session
 from pipeline.stages.evaluate import EvaluateStage, stats_from_row
 
 MASK_COLUMNS = ["image_id", "category", "status", "map_png"]

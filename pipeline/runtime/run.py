@@ -209,7 +209,8 @@ def run_job(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> RunResult:
     """Run ``spec`` over ``input_uri`` and write the tables under ``output_uri/run_id``."""
-    from pipeline.runtime.ray_plan import ray_session, root_cause, run_plan
+    from pipeline.runtime.ray_plan import run_plan
+    from pipeline.runtime.session import ray_session, root_cause
 
     started = dt.datetime.now(dt.timezone.utc)
     t_start = time.monotonic()

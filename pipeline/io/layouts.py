@@ -498,7 +498,7 @@ def _list_visa(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, di
     seen: dict[str, int] = {}
     available: set[str] = set()
     for i, record in enumerate(table.to_dict("records")):
-        if str(record["split"]).strip().lower() == "xx":
+        if str(record["split"]).strip().lower() != "test":
             continue
         category = str(record["object"]).strip()
         if not category:

@@ -153,6 +153,23 @@ def test_run_on_local_mvtec_tree(tmp_path):
                  "error_stage": np.full(n, None), "error_type": np.full(n, None), "error_message": np.full(n, None)})
     np.testing.assert_allclose(out["score"], sample["score"].to_numpy(), atol=1e-5)
 
+    # zsad evaluate with explicit ground truth and non-default settings
+    ev = zsad("evaluate", str(tmp_path / "out" / "local1"), "--ground-truth", str(tmp_path / "data"), "--layout", "mvtec",
+              "--eval-size", "64", "--image-score", "max_map", "--pro-mode", "fixed_grid_200", "--aupro-limit", "0.2")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    m2 = pd.read_parquet(tmp_path / "out" / "local1" / "metrics")
+    row = m2.iloc[0]
+    assert (row["eval_size"], row["image_score_source"], row["aupro_mode"], row["aupro_limit"]) == ("64", "max_map", "fixed_grid_200", 0.2)
+    sc = scores[scores["category"] == row["category"]]
+    from sklearn.metrics import roc_auc_score
+
+    assert row["image_auroc"] == pytest.approx(roc_auc_score(sc["gt_label"], sc["max_pixel_score"]), abs=1e-9)
+    assert row["n_pixels"] == len(sc) * 64 * 64
+    bad = zsad("evaluate", str(tmp_path / "out" / "local1"), "--eval-size", "big")
+    assert bad.returncode == 2 and "--eval-size" in bad.stderr
+    missing = zsad("evaluate", str(tmp_path / "out" / "nope"))
+    assert missing.returncode == 2 and "no run.json" in missing.stderr
+
     again = zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "local1")
     assert again.returncode == 2 and "already exists" in again.stderr
 

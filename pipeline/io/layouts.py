@@ -472,13 +472,7 @@ def _list_visa(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, di
     csv_uri = _child_uri(fs, root, _VISA_CSV)
     if _VISA_CSV not in files:
         raise InputError(f"input {uri}: not a raw VisA tree: {csv_uri} is missing")
-    try:
-        with fs.open(f"{root.rstrip('/')}/{_VISA_CSV}", "rb") as fh:
-            raw = fh.read()
-    except Exception as exc:
-        if not _is_storage_exception(exc):
-            raise
-        raise _storage_failure(csv_uri, fs, root, exc) from exc
+    raw = _read_raw(fs, f"{root.rstrip('/')}/{_VISA_CSV}", csv_uri, failure_path=root)
     try:
         table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
     except Exception as exc:
@@ -606,15 +600,20 @@ def _resolve(value: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, value))
 
 
-def _read_table(uri: str, storage: StorageOptions | None) -> pd.DataFrame:
-    fs, path = _open(uri, storage)
+def _read_raw(fs: Any, path: str, uri: str, failure_path: str | None = None) -> bytes:
+    """Whole file as bytes; storage failures become an InputError naming ``uri``."""
     try:
         with fs.open(path, "rb") as fh:
-            raw = fh.read()
+            return fh.read()
     except Exception as exc:
         if not _is_storage_exception(exc):
             raise
-        raise _storage_failure(uri, fs, path, exc) from exc
+        raise _storage_failure(uri, fs, failure_path or path, exc) from exc
+
+
+def _read_table(uri: str, storage: StorageOptions | None) -> pd.DataFrame:
+    fs, path = _open(uri, storage)
+    raw = _read_raw(fs, path, uri)
     try:
         if uri.lower().rstrip("/").endswith(".csv"):
             return pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)

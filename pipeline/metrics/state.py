@@ -47,6 +47,17 @@ def _check(values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return values, mask
 
 
+def _accumulate(state, idx: np.ndarray, mask: np.ndarray, size: int) -> int:
+    """Add one image's pixels (bin/level index per pixel, flattened) to ``state.neg/pos/pro``;
+    returns the image's number of regions."""
+    m = mask.ravel()
+    state.neg += np.bincount(idx[~m], minlength=size)
+    state.pos += np.bincount(idx[m], minlength=size)
+    weights, n = _pixel_weights(mask)
+    state.pro += np.bincount(idx[m], weights=weights.ravel()[m], minlength=size)
+    return n
+
+
 @dataclass
 class LevelStats:
     """Dense per-level statistics of 16-bit maps (levels 0..65535)."""
@@ -61,13 +72,7 @@ class LevelStats:
         levels, mask = _check(levels, mask)
         if levels.size and (levels.min() < 0 or levels.max() >= LEVELS):
             raise ValueError("levels must lie in [0, 65535]")
-        lv = levels.astype(np.int64).ravel()
-        m = mask.ravel()
-        self.neg += np.bincount(lv[~m], minlength=LEVELS)
-        self.pos += np.bincount(lv[m], minlength=LEVELS)
-        weights, n = _pixel_weights(mask)
-        self.pro += np.bincount(lv[m], weights=weights.ravel()[m], minlength=LEVELS)
-        self.n_regions += n
+        self.n_regions += _accumulate(self, levels.astype(np.int64).ravel(), mask, LEVELS)
         return self
 
     def merge(self, other: "LevelStats") -> "LevelStats":
@@ -183,14 +188,7 @@ class BinnedStats:
 
     def add(self, values: np.ndarray, mask: np.ndarray) -> "BinnedStats":
         values, mask = _check(values, mask)
-        idx = self.index(values).ravel()
-        m = mask.ravel()
-        n = self.bins + 2
-        self.neg += np.bincount(idx[~m], minlength=n)
-        self.pos += np.bincount(idx[m], minlength=n)
-        weights, r = _pixel_weights(mask)
-        self.pro += np.bincount(idx[m], weights=weights.ravel()[m], minlength=n)
-        self.n_regions += r
+        self.n_regions += _accumulate(self, self.index(values).ravel(), mask, self.bins + 2)
         return self
 
     def merge(self, other: "BinnedStats") -> "BinnedStats":

@@ -243,6 +243,13 @@ def _stat(fs: Any, info: dict[str, Any]) -> tuple[int | None, float | None, str 
     return (int(size) if size is not None else None), mtime, etag
 
 
+def _row(fs: Any, root: str, rel: str, info: dict[str, Any], category: str, label: int | None, mask_uri: str | None) -> dict[str, Any]:
+    """One manifest row for the listed file ``rel`` under ``root``."""
+    size, mtime, etag = _stat(fs, info)
+    return {"uri": _child_uri(fs, root, rel), "category": category, "gt_label": label, "mask_uri": mask_uri,
+            "size": size, "mtime": mtime, "etag": etag}
+
+
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Rows -> manifest with the exact column contract, sorted by uri."""
     df = pd.DataFrame(
@@ -339,18 +346,7 @@ def _list_folder(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, 
         if _hidden(parts) or not _has_extension(parts[-1], data.extensions):
             continue
         category = data.category or (parts[0] if len(parts) > 1 else root_name)
-        size, mtime, etag = _stat(fs, info)
-        rows.append(
-            {
-                "uri": _child_uri(fs, root, rel),
-                "category": category,
-                "gt_label": None,
-                "mask_uri": None,
-                "size": size,
-                "mtime": mtime,
-                "etag": etag,
-            }
-        )
+        rows.append(_row(fs, root, rel, info, category, None, None))
     if not rows:
         raise InputError(
             f"input {uri}: no images found (looked for files ending in {_ext_text(data.extensions)}, "
@@ -438,18 +434,7 @@ def _list_mvtec(
                 found = _find_mask(masks, defect, filename, any_mask_extension)
                 if found is not None:
                     mask_uri = _child_uri(fs, root, prefix + found)
-            size, mtime, etag = _stat(fs, info)
-            rows.append(
-                {
-                    "uri": _child_uri(fs, root, prefix + rel),
-                    "category": category,
-                    "gt_label": label,
-                    "mask_uri": mask_uri,
-                    "size": size,
-                    "mtime": mtime,
-                    "etag": etag,
-                }
-            )
+            rows.append(_row(fs, root, prefix + rel, info, category, label, mask_uri))
     if not rows:
         raise InputError(
             f"input {uri}: no test images found in the {name} tree (looked for test/<defect>/<image> with "
@@ -526,18 +511,7 @@ def _list_visa(uri: str, data: DataSpec, fs: Any, root: str, files: dict[str, di
         if image in seen:
             raise InputError(f"VisA split {csv_uri}: {where(i)}: duplicate image {image} (first at {where(seen[image])})")
         seen[image] = i
-        size, mtime, etag = _stat(fs, files[image])
-        rows.append(
-            {
-                "uri": _child_uri(fs, root, image),
-                "category": category,
-                "gt_label": label,
-                "mask_uri": mask_uri,
-                "size": size,
-                "mtime": mtime,
-                "etag": etag,
-            }
-        )
+        rows.append(_row(fs, root, image, files[image], category, label, mask_uri))
     if data.category is not None and data.category not in available:
         raise InputError(
             f"input {uri}: category {data.category!r} not found in {csv_uri}; "

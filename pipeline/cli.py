@@ -69,17 +69,18 @@ def _evaluate(run_dir: str, storage, address: Optional[str], **kwargs):
 
 
 def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: Optional[str], sets: List[str], address: Optional[str],
-         evaluate: bool = True):
+         evaluate: bool = True, resume: bool = False, spec=None):
     from pipeline.runtime.run import RunError, run_job
 
     try:
-        spec = load_spec(spec_path, sets)
+        spec = spec or load_spec(spec_path, sets)
     except SpecError as exc:
         _err(str(exc))
         raise typer.Exit(2)
     try:
         result = run_job(
-            spec, input_uri, output_uri, run_id=run_id, layout=None if layout == "auto" else layout, address=address, log=_log
+            spec, input_uri, output_uri, run_id=run_id, layout=None if layout == "auto" else layout, address=address,
+            resume=resume, log=_log,
         )
     except RunError as exc:
         _err(str(exc))
@@ -104,12 +105,46 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="Override a spec key: dotted.key=value (repeatable)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: start a local Ray for the run."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate when the input layout carries labels."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run --run-id: rerun only shards without a done marker."),
 ) -> None:
     """Run a job over an input and write Parquet tables under OUTPUT/RUN_ID/."""
     if layout not in LAYOUTS:
         _err(f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}")
         raise typer.Exit(2)
-    _run(job, input, output, layout, run_id, set_, address, evaluate)
+    if resume and not run_id:
+        _err("--resume needs --run-id (the run to continue)")
+        raise typer.Exit(2)
+    _run(job, input, output, layout, run_id, set_, address, evaluate, resume)
+
+
+@app.command("resume")
+def resume_cmd(
+    run_dir: str = typer.Argument(..., help="The interrupted run: OUTPUT/RUN_ID (local or s3://)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),
+    evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate when the input layout carries labels."),
+) -> None:
+    """Continue an interrupted run with the spec it was started with (shards without a done marker)."""
+    from pipeline.config import spec_from_dict
+    from pipeline.io import fs as fsio
+    from pipeline.io.sinks import read_json
+
+    run_dir = fsio.normalise(run_dir)
+    try:
+        plan = read_json(fsio.join(run_dir, "_plan.json"), fsio.storage_options())
+    except FileNotFoundError:
+        _err(f"nothing to resume at {run_dir}: no _plan.json")
+        raise typer.Exit(2)
+    data = plan["spec"]
+    for key in ("access_key_id", "secret_access_key"):  # redacted in the plan: fall back to the environment
+        if data.get("storage", {}).get(key) == "***":
+            data["storage"][key] = None
+    try:
+        spec = spec_from_dict(data, f"{run_dir}/_plan.json")
+    except SpecError as exc:
+        _err(str(exc))
+        raise typer.Exit(2)
+    parent, run_id = run_dir.rstrip("/").rsplit("/", 1)
+    _run("", plan["input"], parent, "auto", run_id, [], address, evaluate, True, spec=spec)
 
 
 @app.command("evaluate")

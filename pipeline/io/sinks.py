@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io import contracts
-from pipeline.io.fs import StorageOptions, filesystem, is_remote, join
+from pipeline.io.fs import StorageOptions, filesystem, is_remote, join, unstrip
 
 
 class TableWriter:
@@ -112,3 +112,51 @@ def read_json(uri: str, storage: StorageOptions | None = None) -> dict[str, Any]
     fs, path = filesystem(uri, storage)
     with fs.open(path, "r") as fh:
         return json.load(fh)
+
+
+class ShardSink:
+    """Idempotent per-shard outputs with done markers (resume = list the markers).
+
+    Shard k of a run writes ``TABLE/shard-0000k.parquet`` for every table (an empty file with the
+    schema when the shard has no rows for it), then ``_done/shard-0000k.json`` LAST. A shard without
+    a marker is rerun in full and its files are overwritten, so no row is lost or duplicated."""
+
+    def __init__(self, run_dir: str, tables: list[str], storage: StorageOptions | None = None) -> None:
+        self.run_dir, self.tables, self.storage = run_dir, tables, storage
+        self.contracts = {t: contracts.load(t) for t in tables}
+
+    @staticmethod
+    def name(shard: int) -> str:
+        return f"shard-{shard:05d}"
+
+    def markers(self) -> dict[int, dict[str, Any]]:
+        """Done shards -> their marker contents."""
+        fs, path = filesystem(join(self.run_dir, "_done"), self.storage)
+        out = {}
+        try:
+            found = fs.glob(posixpath.join(path, "shard-*.json"))
+        except FileNotFoundError:
+            found = []
+        for p in found:
+            with fs.open(p, "r") as fh:
+                data = json.load(fh)
+            out[int(data["shard"])] = data
+        return out
+
+    def write_shard(self, shard: int, columns: dict[str, dict[str, Any]], marker: dict[str, Any]) -> None:
+        for table in self.tables:
+            t = contracts.to_table(columns[table], self.contracts[table]) if table in columns else self.contracts[table].schema.empty_table()
+            uri = join(self.run_dir, table, self.name(shard) + ".parquet")
+            fs, path = filesystem(uri, self.storage)
+            if not is_remote(uri):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            with fs.open(path, "wb") as fh:
+                pq.write_table(t.replace_schema_metadata(self.contracts[table].schema.metadata), fh)
+        write_json(join(self.run_dir, "_done", self.name(shard) + ".json"), {"shard": shard, **marker}, self.storage)
+
+    def files(self, table: str) -> list[str]:
+        fs, path = filesystem(join(self.run_dir, table), self.storage)
+        try:
+            return [unstrip(fs, p) for p in sorted(fs.glob(posixpath.join(path, "shard-*.parquet")))]
+        except FileNotFoundError:
+            return []

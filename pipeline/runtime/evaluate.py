@@ -37,7 +37,7 @@ class EvaluationError(RuntimeError):
 
 def _read_table(uri: str, storage, columns=None) -> pd.DataFrame:
     fs, path = fsio.filesystem(uri, storage)
-    files = sorted(fs.glob(posixpath.join(path, "part-*.parquet")))
+    files = sorted(fs.glob(posixpath.join(path, "*.parquet")))
     frames = []
     for f in files:
         with fs.open(f, "rb") as fh:
@@ -138,7 +138,7 @@ def evaluate_run(
     has_maps = manifest.get("model", {}).get("pixel_method", "none") != "none"
     if has_maps:
         fs, path = fsio.filesystem(fsio.join(run_dir, "masks"), storage)
-        parts = [fsio.unstrip(fs, p) for p in sorted(fs.glob(posixpath.join(path, "part-*.parquet")))]
+        parts = [fsio.unstrip(fs, p) for p in sorted(fs.glob(posixpath.join(path, "*.parquet")))]
         lookup = {r.image_id: (int(r.gt_label), r.mask_uri if isinstance(r.mask_uri, str) else None) for r in gt.itertuples()}
         ctx = ray_session(address, log) if session is None else _null_session(session)
         with ctx:

@@ -111,6 +111,9 @@ def run_plan(
 ) -> Iterator[pd.DataFrame]:
     """Execute the plan over ``manifest`` (uri, image_id, category) and yield result batches with
     :data:`RESULT_COLUMNS` as they complete (block by block by default, so progress is timely)."""
+    # results come back in input order, so shards complete one after another and the driver
+    # buffers at most the shards in flight
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     dec_res = spec.resources.decode
     clip_res = spec.resources.clip_score
     gpus = effective_gpus(spec, session, log)

@@ -23,7 +23,7 @@ import pipeline
 from pipeline.config import DataSpec, JobSpec
 from pipeline.io import fs as fsio
 from pipeline.io.layouts import InputError, list_inputs, write_manifest
-from pipeline.io.sinks import TableWriter, write_json
+from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import clip as clip_models
 from pipeline.models.pixel import MAP_RANGE
@@ -185,6 +185,31 @@ def error_rows(batch: pd.DataFrame, run_id: str) -> dict[str, list]:
     }
 
 
+def _write_shard(sink, shard: int, rows: pd.DataFrame, run_id: str, labels, model_cols, spec: JobSpec) -> None:
+    """All tables of one complete shard, then its done marker."""
+    columns = {"scores": score_rows(rows, run_id, labels, model_cols), "errors": error_rows(rows, run_id)}
+    if "masks" in sink.tables:
+        columns["masks"] = mask_rows(rows, run_id, spec.pixel.kind, MAP_RANGE, spec.maps.threshold)
+    busy = {s: float(np.nansum(rows[f"{s}_ms"].to_numpy(dtype=float))) / 1000.0 for s in STAGES}
+    sink.write_shard(shard, columns, {"images": len(rows), "failed": int((rows["status"] != "ok").sum()), "busy": busy})
+
+
+def _comparable(spec_data: dict[str, Any]) -> dict[str, Any]:
+    """A spec as stored in _plan.json, without the (redacted) storage secrets."""
+    storage = {k: v for k, v in spec_data.get("storage", {}).items() if k not in ("access_key_id", "secret_access_key")}
+    return {**spec_data, "storage": storage}
+
+
+def read_manifest(uri: str, storage) -> pd.DataFrame:
+    fs, path = fsio.filesystem(uri, storage)
+    with fs.open(path, "rb") as fh:
+        import pyarrow.parquet as pq
+
+        df = pq.read_table(fh).to_pandas()
+    df["gt_label"] = df["gt_label"].astype("Int64")
+    return df
+
+
 def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
     """Fail fast on the driver, before Ray starts: model name, pretrained tag, weights location."""
     try:
@@ -206,6 +231,7 @@ def run_job(
     run_id: str | None = None,
     layout: str | None = None,
     address: str | None = None,
+    resume: bool = False,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> RunResult:
     """Run ``spec`` over ``input_uri`` and write the tables under ``output_uri/run_id``."""
@@ -222,69 +248,87 @@ def run_job(
         spec = spec.model_copy(update={"data": DataSpec(**{**spec.data.model_dump(), "layout": layout})})
     preflight_spec(spec, storage)
 
-    t0 = time.monotonic()
-    try:
-        used_layout, manifest = list_inputs(input_uri, spec.data, storage)
-    except InputError as exc:
-        raise RunError(str(exc), exit_code=2) from None
-    list_s = time.monotonic() - t0
     run_dir = fsio.join(fsio.normalise(output_uri), run_id)
+    plan_uri = fsio.join(run_dir, "_plan.json")
     try:
-        if fsio.exists(fsio.join(run_dir, "run.json"), storage):
-            raise RunError(f"run {run_dir} already exists (it has a run.json); choose another --run-id", exit_code=2)
-    except RunError:
-        raise
+        finished = fsio.exists(fsio.join(run_dir, "run.json"), storage)
+        interrupted = fsio.exists(plan_uri, storage)
     except Exception as exc:
         raise RunError(f"output {output_uri}: cannot be reached: {exc}", exit_code=2) from None
-    log(f"run {run_id}: {len(manifest)} images ({used_layout} layout) from {input_uri} -> {run_dir}")
+    t0 = time.monotonic()
+    if resume:
+        if not interrupted:
+            raise RunError(f"nothing to resume at {run_dir}: no _plan.json (start it without --resume)", exit_code=2)
+        plan = read_json(plan_uri, storage)
+        if _comparable(plan["spec"]) != _comparable(spec.redacted()):
+            raise RunError(f"run {run_dir} was started with a different job spec; resume it with `zsad resume {run_dir}`", exit_code=2)
+        if finished and read_json(fsio.join(run_dir, "run.json"), storage).get("status") == "succeeded":
+            raise RunError(f"run {run_dir} already succeeded; nothing to resume", exit_code=2)
+        input_uri, used_layout, shard_size = plan["input"], plan["layout"], int(plan["shard_size"])
+        manifest = read_manifest(fsio.join(run_dir, "inputs.parquet"), storage)
+    else:
+        if finished:
+            raise RunError(f"run {run_dir} already exists (it has a run.json); choose another --run-id", exit_code=2)
+        if interrupted:
+            raise RunError(f"run {run_dir} was interrupted; continue it with --resume (or `zsad resume {run_dir}`)", exit_code=2)
+        try:
+            used_layout, manifest = list_inputs(input_uri, spec.data, storage)
+        except InputError as exc:
+            raise RunError(str(exc), exit_code=2) from None
+        shard_size = spec.shard_size
+        try:
+            write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
+            write_json(plan_uri, {"run_id": run_id, "input": input_uri, "layout": used_layout, "shard_size": shard_size,
+                                  "images": len(manifest), "spec": spec.redacted()}, storage)
+        except OSError as exc:
+            raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
+    list_s = time.monotonic() - t0
+
+    with_maps = spec.pixel.kind != "none"
+    sink = ShardSink(run_dir, ["scores", "errors"] + (["masks"] if with_maps else []), storage)
+    shard_of = {iid: i // shard_size for i, iid in enumerate(manifest["image_id"])}
+    expected = pd.Series(list(shard_of.values())).value_counts().to_dict()
+    done = sink.markers()
+    pending = manifest[[shard_of[i] not in done for i in manifest["image_id"]]].reset_index(drop=True)
+    log(f"run {run_id}: {len(manifest)} images ({used_layout} layout) in {len(expected)} shards from {input_uri} -> {run_dir}")
+    if resume:
+        log(f"resuming: {len(done)} shards done, {len(expected) - len(done)} to run ({len(pending)} images)")
     if spec.random_weights:
         log("WARNING: random CLIP weights (allow_random_weights: true): scores are NOT meaningful results")
-    try:
-        write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
-    except OSError as exc:
-        raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
 
     labels = {i: (None if pd.isna(v) else int(v)) for i, v in zip(manifest["image_id"], manifest["gt_label"])}
     model_cols = _model_columns(spec)
-    scores = TableWriter(fsio.join(run_dir, "scores"), "scores", storage)
-    errors = TableWriter(fsio.join(run_dir, "errors"), "errors", storage)
-    with_maps = spec.pixel.kind != "none"
-    masks = TableWriter(fsio.join(run_dir, "masks"), "masks", storage, rows_per_part=5_000) if with_maps else None
-    for writer in (scores, errors, masks):
-        if writer is not None:
-            writer.clear()
-    progress = Progress(len(manifest), log)
-    busy = {s: 0.0 for s in STAGES}
+    progress = Progress(len(pending), log)
     plan_error: str | None = None
     session_info: dict[str, Any] = {}
     t_plan = time.monotonic()
     first_result_s: float | None = None
     first_result_rows = 0
+    buffers: dict[int, list[pd.DataFrame]] = {}
     try:
-        with ray_session(address, log) as session:
-            session_info = {"address": session["address"], "resources": dict(session["resources"])}
-            for batch in run_plan(spec, manifest, storage, session, log):
-                if first_result_s is None:
-                    first_result_s, first_result_rows = time.monotonic() - t_plan, len(batch)
-                scores.write(score_rows(batch, run_id, labels, model_cols))
-                errors.write(error_rows(batch, run_id))
-                if masks is not None:
-                    masks.write(mask_rows(batch, run_id, spec.pixel.kind, MAP_RANGE, spec.maps.threshold))
-                busy["encode"] += float(np.nansum(batch["encode_ms"].to_numpy(dtype=float))) / 1000.0
-                busy["decode"] += float(np.nansum(batch["decode_ms"].to_numpy(dtype=float))) / 1000.0
-                busy["clip_score"] += float(np.nansum(batch["clip_score_ms"].to_numpy(dtype=float))) / 1000.0
-                progress.update(len(batch), int((batch["status"] != "ok").sum()))
+        if len(pending):
+            with ray_session(address, log) as session:
+                session_info = {"address": session["address"], "resources": dict(session["resources"])}
+                for batch in run_plan(spec, pending, storage, session, log):
+                    if first_result_s is None:
+                        first_result_s, first_result_rows = time.monotonic() - t_plan, len(batch)
+                    shards = batch["image_id"].map(shard_of)
+                    for k, part in batch.groupby(shards.to_numpy()):
+                        buffers.setdefault(int(k), []).append(part)
+                        if sum(len(p) for p in buffers[int(k)]) == expected[int(k)]:
+                            _write_shard(sink, int(k), pd.concat(buffers.pop(int(k)), ignore_index=True), run_id, labels,
+                                         model_cols, spec)
+                    progress.update(len(batch), int((batch["status"] != "ok").sum()))
     except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
         plan_error = root_cause(exc)
         log(f"run failed: {plan_error}")
     plan_s = time.monotonic() - t_plan
-    t_write = time.monotonic()
-    scores.close()
-    errors.close()
-    if masks is not None:
-        masks.close()
-    write_s = time.monotonic() - t_write
+    write_s = 0.0
 
+    markers = sink.markers()
+    busy = {s: sum(m["busy"][s] for m in markers.values()) for s in STAGES}
+    progress.done = sum(m["images"] for m in markers.values())
+    progress.failed = sum(m["failed"] for m in markers.values())
     n_ok = progress.done - progress.failed
     n_failed = progress.failed
     n_missing = len(manifest) - progress.done
@@ -328,10 +372,11 @@ def run_job(
         },
         "first_result_rows": first_result_rows,
         "labelled_images": int(manifest["gt_label"].notna().sum()),
+        "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},
         "tables": {
-            "scores": scores.files,
-            "errors": errors.files,
-            "masks": masks.files if masks is not None else [],
+            "scores": sink.files("scores"),
+            "errors": sink.files("errors"),
+            "masks": sink.files("masks") if with_maps else [],
             "inputs": fsio.join(run_dir, "inputs.parquet"),
         },
         "ray": session_info,

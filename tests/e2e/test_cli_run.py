@@ -46,7 +46,7 @@ def check_run(run_dir, n_expected, storage=None, n_failed=0):
     assert scores_t.schema.remove_metadata().equals(contracts.load("scores").schema.remove_metadata())
     assert errors_t.schema.remove_metadata().equals(contracts.load("errors").schema.remove_metadata())
     fs, path = fsio.filesystem(fsio.join(run_dir, "scores"), storage)
-    first = sorted(fs.glob(path + "/part-*.parquet"))[0]
+    first = sorted(fs.glob(path + "/shard-*.parquet"))[0]
     with fs.open(first, "rb") as fh:
         meta = pq.read_metadata(fh).metadata
     assert meta[b"zsad.table"] == b"scores"

@@ -1,0 +1,67 @@
+"""Resume after the driver is SIGKILLed mid-run: exactly-once rows in every output table."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.helpers.badfiles import write_good_images
+
+pytestmark = pytest.mark.integration
+ZSAD = str(Path(sys.executable).with_name("zsad"))
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_sigkill_then_resume_is_exactly_once(tmp_path):
+    write_good_images(tmp_path / "in" / "parts", 240, size=(48, 48))
+    out = tmp_path / "out"
+    done_dir = out / "r1" / "_done"
+    proc = subprocess.Popen(
+        [ZSAD, "run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "r1",
+         "--set", "shard_size=40", "--set", "resources.clip_score.batch_size=8", "--set", "resources.decode.batch_size=8"],
+        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    killed_at = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        n = len(list(done_dir.glob("shard-*.json"))) if done_dir.exists() else 0
+        if 1 <= n < 6:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = n
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed_at is not None, "the run finished (or hung) before it could be killed midway"
+    assert not (out / "r1" / "run.json").exists()
+
+    again = subprocess.run([ZSAD, "run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "r1"],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "was interrupted" in again.stderr
+
+    res = subprocess.run([ZSAD, "resume", str(out / "r1")], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming:" in res.stderr
+    inputs = set(pd.read_parquet(out / "r1" / "inputs.parquet")["image_id"])
+    assert len(inputs) == 240
+    for table in ("scores", "errors", "masks"):
+        df = pd.read_parquet(out / "r1" / table)
+        assert df["image_id"].is_unique, table
+        if table != "errors":
+            assert set(df["image_id"]) == inputs, table
+    manifest = json.loads((out / "r1" / "run.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["counts"]["images"] == 240 and manifest["counts"]["ok"] == 240
+    assert manifest["shards"] == {"size": 40, "count": 6, "done": 6}
+    again = subprocess.run([ZSAD, "resume", str(out / "r1")], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already succeeded" in again.stderr

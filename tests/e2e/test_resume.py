@@ -24,8 +24,41 @@ def _env():
     return env
 
 
+def _ray_pids() -> set[int]:
+    pids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ray" in cmd:
+            pids.add(int(pid))
+    return pids
+
+
+def _stop_orphans(before: set[int]) -> None:
+    """The killed driver's local Ray (raylet, GCS, agents) may outlive it: every Ray process that
+    appeared since ``before`` belongs to that session (nothing else has started one since): stop them."""
+    time.sleep(1)
+    new = _ray_pids() - before
+    for pid in new:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (_ray_pids() & new):
+        time.sleep(0.2)
+    for pid in _ray_pids() & new:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def test_sigkill_then_resume_is_exactly_once(tmp_path):
     write_good_images(tmp_path / "in" / "parts", 240, size=(48, 48))
+    before = _ray_pids()
     out = tmp_path / "out"
     done_dir = out / "r1" / "_done"
     proc = subprocess.Popen(
@@ -43,6 +76,7 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path):
             break
         time.sleep(0.05)
     proc.wait(timeout=60)
+    _stop_orphans(before)
     assert killed_at is not None, "the run finished (or hung) before it could be killed midway"
     assert not (out / "r1" / "run.json").exists()
 

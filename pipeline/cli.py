@@ -106,6 +106,7 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: start a local Ray for the run."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate when the input layout carries labels."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run --run-id: rerun only shards without a done marker."),
+    skip_scored: Optional[str] = typer.Option(None, "--skip-scored", help="Score only inputs not already scored ok (same uri, size, etag/mtime) by runs under this OUTPUT."),
 ) -> None:
     """Run a job over an input and write Parquet tables under OUTPUT/RUN_ID/."""
     if layout not in LAYOUTS:
@@ -114,6 +115,8 @@ def run(
     if resume and not run_id:
         _err("--resume needs --run-id (the run to continue)")
         raise typer.Exit(2)
+    if skip_scored:
+        set_ = [*set_, f"skip_scored={skip_scored}"]
     _run(job, input, output, layout, run_id, set_, address, evaluate, resume)
 
 

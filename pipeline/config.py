@@ -272,6 +272,7 @@ class JobSpec(_Model):
     allow_random_weights: bool = False
     max_error_rate: float = Field(default=0.05, ge=0, le=1)
     shard_size: int = Field(default=1000, ge=1)
+    skip_scored: str | None = None
     data: DataSpec = DataSpec()
     decode: DecodeSpec = DecodeSpec()
     storage: StorageSpec = StorageSpec()

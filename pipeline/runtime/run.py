@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import posixpath
 import re
 import secrets
 import socket
@@ -194,6 +195,40 @@ def _write_shard(sink, shard: int, rows: pd.DataFrame, run_id: str, labels, mode
     sink.write_shard(shard, columns, {"images": len(rows), "failed": int((rows["status"] != "ok").sum()), "busy": busy})
 
 
+def _key(row) -> tuple:
+    """Identity of an input file version: (uri, size, etag or else mtime)."""
+    version = row.etag if isinstance(row.etag, str) and row.etag else (None if pd.isna(row.mtime) else float(row.mtime))
+    return (row.uri, None if pd.isna(row.size) else int(row.size), version)
+
+
+def scored_keys(root: str, storage, exclude: str | None = None) -> set[tuple]:
+    """(uri, size, etag|mtime) of every image scored ok by the runs under ``root`` (finished or
+    interrupted: only shards with a done marker have score files)."""
+    fs, path = fsio.filesystem(fsio.normalise(root), storage)
+    keys: set[tuple] = set()
+    try:
+        plans = fs.glob(posixpath.join(path, "*", "_plan.json"))
+    except FileNotFoundError:
+        return keys
+    for plan in plans:
+        run = posixpath.dirname(plan)
+        if exclude and fsio.normalise(fsio.unstrip(fs, run)) == fsio.normalise(exclude):
+            continue
+        try:
+            inputs = read_manifest(fsio.unstrip(fs, posixpath.join(run, "inputs.parquet")), storage)
+        except FileNotFoundError:
+            continue
+        ok: set[str] = set()
+        for f in fs.glob(posixpath.join(run, "scores", "*.parquet")):
+            with fs.open(f, "rb") as fh:
+                import pyarrow.parquet as pq
+
+                t = pq.read_table(fh, columns=["image_id", "status"]).to_pandas()
+            ok.update(t.loc[t["status"] == "ok", "image_id"])
+        keys.update(_key(r) for r in inputs.itertuples() if r.image_id in ok)
+    return keys
+
+
 def _comparable(spec_data: dict[str, Any]) -> dict[str, Any]:
     """A spec as stored in _plan.json, without the (redacted) storage secrets."""
     storage = {k: v for k, v in spec_data.get("storage", {}).items() if k not in ("access_key_id", "secret_access_key")}
@@ -276,6 +311,13 @@ def run_job(
         except InputError as exc:
             raise RunError(str(exc), exit_code=2) from None
         shard_size = spec.shard_size
+        if spec.skip_scored:
+            before = len(manifest)
+            scored = scored_keys(spec.skip_scored, storage, exclude=run_dir)
+            keep = [_key(r) not in scored for r in manifest.itertuples()]
+            manifest = manifest[keep].reset_index(drop=True)
+            log(f"incremental: {before - len(manifest)} of {before} images already scored ok under {spec.skip_scored}; "
+                f"{len(manifest)} to score")
         try:
             write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
             write_json(plan_uri, {"run_id": run_id, "input": input_uri, "layout": used_layout, "shard_size": shard_size,

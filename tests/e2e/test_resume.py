@@ -99,3 +99,22 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path):
     assert manifest["shards"] == {"size": 40, "count": 6, "done": 6}
     again = subprocess.run([ZSAD, "resume", str(out / "r1")], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already succeeded" in again.stderr
+
+
+def test_incremental_run_scores_only_new_and_changed_files(tmp_path):
+    paths = write_good_images(tmp_path / "in" / "parts", 20, size=(40, 40))
+    out = tmp_path / "out"
+    first = subprocess.run([ZSAD, "run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "night1"],
+                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    added = write_good_images(tmp_path / "new", 5, size=(40, 40), seed=100)
+    for i, p in enumerate(added):
+        p.rename(tmp_path / "in" / "parts" / f"added_{i}.png")
+    for p in paths[:2]:  # modified in place: new size and mtime
+        write_good_images(tmp_path / "mod", 1, size=(44, 44), seed=500)[0].replace(p)
+    second = subprocess.run([ZSAD, "run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "night2",
+                             "--skip-scored", str(out)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    scored = set(Path(u).name for u in pd.read_parquet(out / "night2" / "scores")["uri"])
+    assert scored == {f"added_{i}.png" for i in range(5)} | {paths[0].name, paths[1].name}
+    assert "18 of 25 images already scored" in second.stderr

@@ -108,9 +108,11 @@ def run_plan(
     session: dict[str, Any],
     log: Callable[[str], None],
     result_batch_rows: int | None = None,
+    on_stats: Callable[[str], None] | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Execute the plan over ``manifest`` (uri, image_id, category) and yield result batches with
-    :data:`RESULT_COLUMNS` as they complete (block by block by default, so progress is timely)."""
+    :data:`RESULT_COLUMNS` as they complete (block by block by default, so progress is timely).
+    When the plan is exhausted, ``on_stats`` receives Ray Data's execution statistics."""
     # results come back in input order, so shards complete one after another and the driver
     # buffers at most the shards in flight
     ray.data.DataContext.get_current().execution_options.preserve_order = True
@@ -158,3 +160,8 @@ def run_plan(
     )
     ds = ds.select_columns(list(RESULT_COLUMNS))
     yield from ds.iter_batches(batch_size=result_batch_rows, batch_format="pandas")
+    if on_stats is not None:
+        try:
+            on_stats(ds.stats())
+        except Exception as exc:  # stats are diagnostics: never fail a finished run over them
+            log(f"could not collect Ray Data stats: {exc}")

@@ -192,7 +192,9 @@ def _write_shard(sink, shard: int, rows: pd.DataFrame, run_id: str, labels, mode
     if "masks" in sink.tables:
         columns["masks"] = mask_rows(rows, run_id, spec.pixel.kind, MAP_RANGE, spec.maps.threshold)
     busy = {s: float(np.nansum(rows[f"{s}_ms"].to_numpy(dtype=float))) / 1000.0 for s in STAGES}
-    sink.write_shard(shard, columns, {"images": len(rows), "failed": int((rows["status"] != "ok").sum()), "busy": busy})
+    failed = rows.loc[rows["status"] != "ok", "error_stage"].value_counts()
+    sink.write_shard(shard, columns, {"images": len(rows), "failed": int((rows["status"] != "ok").sum()), "busy": busy,
+                                      "failed_by_stage": {str(k): int(v) for k, v in failed.items()}})
 
 
 def _key(row) -> tuple:
@@ -351,7 +353,12 @@ def run_job(
         if len(pending):
             with ray_session(address, log) as session:
                 session_info = {"address": session["address"], "resources": dict(session["resources"])}
-                for batch in run_plan(spec, pending, storage, session, log):
+                def save_stats(text: str) -> None:
+                    fs_, path_ = fsio.filesystem(fsio.join(run_dir, "ray_data_stats.txt"), storage)
+                    with fs_.open(path_, "w") as fh:
+                        fh.write(text)
+
+                for batch in run_plan(spec, pending, storage, session, log, on_stats=save_stats):
                     if first_result_s is None:
                         first_result_s, first_result_rows = time.monotonic() - t_plan, len(batch)
                     shards = batch["image_id"].map(shard_of)
@@ -371,6 +378,10 @@ def run_job(
     busy = {s: sum(m["busy"][s] for m in markers.values()) for s in STAGES}
     progress.done = sum(m["images"] for m in markers.values())
     progress.failed = sum(m["failed"] for m in markers.values())
+    failed_by_stage: dict[str, int] = {}
+    for m in markers.values():
+        for stage_name, count in m.get("failed_by_stage", {}).items():
+            failed_by_stage[stage_name] = failed_by_stage.get(stage_name, 0) + count
     n_ok = progress.done - progress.failed
     n_failed = progress.failed
     n_missing = len(manifest) - progress.done
@@ -399,6 +410,7 @@ def run_job(
         "ended": ended.isoformat(),
         "wall_seconds": round(time.monotonic() - t_start, 3),
         "counts": {"images": len(manifest), "ok": n_ok, "failed": n_failed, "missing": n_missing},
+        "failed_by_stage": failed_by_stage,
         "error_rate": rate,
         "max_error_rate": spec.max_error_rate,
         "random_weights": spec.random_weights,

@@ -232,6 +232,8 @@ def test_bad_inputs_are_reported_and_the_error_budget_holds(tmp_path):
                   "--set", "max_error_rate=0.04")
     assert strict.returncode == 1
     assert "above max_error_rate 0.04" in strict.stderr + strict.stdout
+    assert manifest["failed_by_stage"] == {"decode": 6}
+    assert "Dataset" in (tmp_path / "out" / "bad1" / "ray_data_stats.txt").read_text()
     run2 = json.loads((tmp_path / "out" / "bad2" / "run.json").read_text())
     assert run2["status"] == "failed" and run2["counts"]["failed"] == 6
 

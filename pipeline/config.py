@@ -273,6 +273,7 @@ class JobSpec(_Model):
     max_error_rate: float = Field(default=0.05, ge=0, le=1)
     shard_size: int = Field(default=1000, ge=1)
     skip_scored: str | None = None
+    stall_timeout_s: float | None = Field(default=1800.0, gt=0)
     data: DataSpec = DataSpec()
     decode: DecodeSpec = DecodeSpec()
     storage: StorageSpec = StorageSpec()

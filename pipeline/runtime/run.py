@@ -231,6 +231,45 @@ def scored_keys(root: str, storage, exclude: str | None = None) -> set[tuple]:
     return keys
 
 
+class StallError(RuntimeError):
+    """No result arrived within the configured stall timeout."""
+
+
+def watched(results, timeout_s: float | None):
+    """Yield from the iterator ``results`` (consumed in a background thread); raise
+    :class:`StallError` when no item arrives for ``timeout_s`` seconds, instead of hanging."""
+    if not timeout_s:
+        yield from results
+        return
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=4)
+    end = object()
+
+    def pump() -> None:
+        try:
+            for item in results:
+                q.put(item)
+            q.put(end)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    threading.Thread(target=pump, name="zsad-results", daemon=True).start()
+    while True:
+        try:
+            item = q.get(timeout=timeout_s)
+        except queue.Empty:
+            raise StallError(
+                f"no result for {timeout_s:g} s (stall_timeout_s): a stage is stuck; the run was stopped"
+            ) from None
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
 def _comparable(spec_data: dict[str, Any]) -> dict[str, Any]:
     """A spec as stored in _plan.json, without the (redacted) storage secrets."""
     storage = {k: v for k, v in spec_data.get("storage", {}).items() if k not in ("access_key_id", "secret_access_key")}
@@ -358,7 +397,8 @@ def run_job(
                     with fs_.open(path_, "w") as fh:
                         fh.write(text)
 
-                for batch in run_plan(spec, pending, storage, session, log, on_stats=save_stats):
+                results = run_plan(spec, pending, storage, session, log, on_stats=save_stats)
+                for batch in watched(results, spec.stall_timeout_s):
                     if first_result_s is None:
                         first_result_s, first_result_rows = time.monotonic() - t_plan, len(batch)
                     shards = batch["image_id"].map(shard_of)

@@ -118,3 +118,23 @@ def test_incremental_run_scores_only_new_and_changed_files(tmp_path):
     scored = set(Path(u).name for u in pd.read_parquet(out / "night2" / "scores")["uri"])
     assert scored == {f"added_{i}.png" for i in range(5)} | {paths[0].name, paths[1].name}
     assert "18 of 25 images already scored" in second.stderr
+
+
+def test_stall_timeout_fails_the_run_instead_of_hanging(tmp_path):
+    good = write_good_images(tmp_path / "imgs", 3, size=(40, 40))
+    fifo = tmp_path / "imgs" / "stuck.png"
+    os.mkfifo(fifo)  # reading it blocks forever: nobody ever writes
+    manifest = tmp_path / "inputs.csv"
+    manifest.write_text("uri,category\n" + "".join(f"{p},parts\n" for p in [*good, fifo]))
+    before = _ray_pids()
+    t0 = time.monotonic()
+    res = subprocess.run([ZSAD, "run", "jobs/smoke.yaml", "--input", str(manifest), "--output", str(tmp_path / "out"),
+                          "--run-id", "stall", "--set", "stall_timeout_s=15", "--set", "resources.decode.batch_size=1"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - t0
+    _stop_orphans(before)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "stall_timeout_s" in res.stderr + res.stdout
+    manifest_json = json.loads((tmp_path / "out" / "stall" / "run.json").read_text())
+    assert manifest_json["status"] == "failed" and "StallError" in manifest_json["reason"]
+    assert elapsed < 150

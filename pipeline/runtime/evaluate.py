@@ -112,7 +112,6 @@ def evaluate_run(
     pro_mode: str = "mvtec",
     address: str | None = None,
     log: Callable[[str], None] = print,
-    session: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Evaluate the run at ``run_dir``; writes ``metrics/`` and ``metrics.md`` there and returns the table."""
     run_dir = fsio.normalise(run_dir)
@@ -140,8 +139,7 @@ def evaluate_run(
         fs, path = fsio.filesystem(fsio.join(run_dir, "masks"), storage)
         parts = [fsio.unstrip(fs, p) for p in sorted(fs.glob(posixpath.join(path, "*.parquet")))]
         lookup = {r.image_id: (int(r.gt_label), r.mask_uri if isinstance(r.mask_uri, str) else None) for r in gt.itertuples()}
-        ctx = ray_session(address, log) if session is None else _null_session(session)
-        with ctx:
+        with ray_session(address, log):
             ds = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=max(1, len(parts)))
             ds = ds.map_batches(_evaluate_parts, batch_size=1, batch_format="numpy",
                                 fn_kwargs={"gt": lookup, "eval_size": eval_size, "storage": storage}, num_cpus=1)
@@ -212,17 +210,6 @@ def evaluate_run(
     with fs.open(path, "w") as fh:
         fh.write(markdown(table, settings))
     return table
-
-
-class _null_session:
-    def __init__(self, info):
-        self.info = info
-
-    def __enter__(self):
-        return self.info
-
-    def __exit__(self, *exc):
-        return False
 
 
 def markdown(table: pd.DataFrame, settings: dict[str, Any]) -> str:

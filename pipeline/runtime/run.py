@@ -388,6 +388,7 @@ def run_job(
     first_result_s: float | None = None
     first_result_rows = 0
     buffers: dict[int, list[pd.DataFrame]] = {}
+    write_s = 0.0
     try:
         if len(pending):
             with ray_session(address, log) as session:
@@ -405,26 +406,26 @@ def run_job(
                     for k, part in batch.groupby(shards.to_numpy()):
                         buffers.setdefault(int(k), []).append(part)
                         if sum(len(p) for p in buffers[int(k)]) == expected[int(k)]:
+                            t_w = time.monotonic()
                             _write_shard(sink, int(k), pd.concat(buffers.pop(int(k)), ignore_index=True), run_id, labels,
                                          model_cols, spec)
+                            write_s += time.monotonic() - t_w
                     progress.update(len(batch), int((batch["status"] != "ok").sum()))
     except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
         plan_error = root_cause(exc)
         log(f"run failed: {plan_error}")
     plan_s = time.monotonic() - t_plan
-    write_s = 0.0
 
     markers = sink.markers()
     busy = {s: sum(m["busy"][s] for m in markers.values()) for s in STAGES}
-    progress.done = sum(m["images"] for m in markers.values())
-    progress.failed = sum(m["failed"] for m in markers.values())
+    n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
+    n_failed = sum(m["failed"] for m in markers.values())
     failed_by_stage: dict[str, int] = {}
     for m in markers.values():
         for stage_name, count in m.get("failed_by_stage", {}).items():
             failed_by_stage[stage_name] = failed_by_stage.get(stage_name, 0) + count
-    n_ok = progress.done - progress.failed
-    n_failed = progress.failed
-    n_missing = len(manifest) - progress.done
+    n_ok = n_done - n_failed
+    n_missing = len(manifest) - n_done
     rate = n_failed / len(manifest) if len(manifest) else 0.0
     if plan_error:
         status, reason = "failed", plan_error
@@ -459,7 +460,7 @@ def run_job(
             "list_wall": round(list_s, 3),
             "plan_wall": round(plan_s, 3),
             "first_result_wall": None if first_result_s is None else round(first_result_s, 3),
-            "write_wall": round(write_s, 3),
+            "write_wall": round(write_s, 3),  # shard files + markers, inside plan_wall
             "decode_busy": round(busy["decode"], 3),
             "clip_score_busy": round(busy["clip_score"], 3),
             "encode_busy": round(busy["encode"], 3),

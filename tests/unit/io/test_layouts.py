@@ -20,14 +20,9 @@ from pipeline.io.layouts import (
     manifest_arrow_schema,
     write_manifest,
 )
+from tests.helpers.files import touch
 
 
-def touch(root, *rels, data=b"x"):
-    for rel in rels:
-        path = os.path.join(str(root), rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(data)
 
 
 def mvtec_tree(root):

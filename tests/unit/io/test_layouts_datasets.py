@@ -11,16 +11,11 @@ from PIL import Image
 
 from pipeline.config import DataSpec
 from pipeline.io.layouts import MANIFEST_COLUMNS, InputError, detect_layout, list_inputs
+from tests.helpers.files import touch
 
 VISA_HEADER = "object,split,label,image,mask"
 
 
-def touch(root, *rels, data=b"x"):
-    for rel in rels:
-        path = os.path.join(str(root), rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as fh:
-            fh.write(data)
 
 
 def class_mask(root, rel, values=(0, 1, 2)):

@@ -142,6 +142,20 @@ class StageResources(_Model):
         return self
 
 
+class RetrySpec(_Model):
+    """Retries of transient failures (connection reset, timeout, throttling, HTTP 429/5xx; see
+    :func:`pipeline.io.retry.is_transient`). ``read``: extra attempts to fetch one image's bytes before
+    the row becomes an error row. ``model_load``: extra attempts to fetch and load a model in a model
+    actor before the stage (and the run) fails. Waits start at ``backoff_s`` and double, capped at
+    ``max_backoff_s``. Permanent errors (missing file, access denied, sha256 mismatch, bad
+    checkpoint) are never retried. Lost nodes and crashed workers are retried by Ray itself."""
+
+    read: int = Field(default=3, ge=0)
+    model_load: int = Field(default=3, ge=0)
+    backoff_s: float = Field(default=1.0, ge=0)
+    max_backoff_s: float = Field(default=30.0, ge=0)
+
+
 class ResourcesSpec(_Model):
     decode: StageResources = StageResources(num_cpus=1, batch_size=32)
     clip_score: StageResources = StageResources(num_cpus=1, batch_size=16)
@@ -278,6 +292,7 @@ class JobSpec(_Model):
     decode: DecodeSpec = DecodeSpec()
     storage: StorageSpec = StorageSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    retries: RetrySpec = RetrySpec()
     weights_cache: str | None = None
 
     @field_validator("weights_cache")

@@ -80,10 +80,9 @@ def fetch(uri: str, cache: str, sha256: str | None = None, storage: StorageOptio
                     os.remove(target)  # stale or corrupt cache entry: fetch again
             fs, path = filesystem(uri, storage)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
+            os.close(fd)
             try:
-                with os.fdopen(fd, "wb") as out, fs.open(path, "rb") as src:
-                    for block in iter(lambda: src.read(1 << 22), b""):
-                        out.write(block)
+                fs.get_file(path, tmp)  # streamed by each filesystem's own download path
                 _check_digest(tmp, sha256, f"weights {uri}")
                 os.replace(tmp, target)
             except FileNotFoundError:

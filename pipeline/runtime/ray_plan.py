@@ -124,7 +124,7 @@ def run_plan(
     blocks = [inputs.iloc[i : i + block_rows] for i in range(0, len(inputs), block_rows)]
     ds = ray.data.from_pandas(blocks)
     ds = ds.map_batches(
-        _task(DecodeStage(spec.decode, storage)),
+        _task(DecodeStage(spec.decode, storage, spec.retries)),
         batch_size=dec_res.batch_size,
         batch_format="numpy",
         **_remote_args(dec_res),
@@ -138,6 +138,7 @@ def run_plan(
         pixel=spec.pixel,
         maps=spec.maps,
         use_gpu=gpus > 0,
+        retries=spec.retries,
     )
     clip_args = _remote_args(clip_res)
     if gpus:

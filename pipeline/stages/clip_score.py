@@ -15,8 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, WinclipImageScore, WinclipWindows
+from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, RetrySpec, WinclipImageScore, WinclipWindows
 from pipeline.io.fs import StorageOptions
+from pipeline.io.retry import retrying, stderr_log
 from pipeline.io.weights import resolve
 from pipeline.models import clip as clip_models
 from pipeline.models import pixel as pixel_maps
@@ -66,6 +67,7 @@ class ClipScoreStage:
         maps: MapOutputSpec = MapOutputSpec(),
         use_gpu: bool = False,
         model_factory: ModelFactory | None = None,
+        retries: RetrySpec | None = None,
     ) -> None:
         self.clip = clip
         self.score = score
@@ -75,6 +77,7 @@ class ClipScoreStage:
         self.storage = storage
         self.use_gpu = use_gpu
         self.model_factory = model_factory
+        self.retries = retries or RetrySpec()
         self.model: torch.nn.Module | None = None
         self.preprocess: clip_models.Preprocess | None = None
         self.device = torch.device("cpu")
@@ -91,16 +94,9 @@ class ClipScoreStage:
             model, pre = self.model_factory()
             model = model.to(self.device).eval()
         else:
-            weights = resolve(self.clip.weights, self.weights_cache, self.storage)
-            model, pre = clip_models.build_clip(
-                self.clip.model,
-                tag=weights.tag,
-                checkpoint=weights.path,
-                cache_dir=self.weights_cache,
-                image_size=self.clip.image_size,
-                precision=self.clip.precision if self.device.type == "cuda" else "fp32",
-                device=self.device,
-            )
+            r = self.retries
+            model, pre = retrying(self._load, retries=r.model_load, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s,
+                                  what=f"load {self.clip.model}", log=stderr_log)
         if self.clip.cpu_int8 and self.device.type == "cpu":
             model = clip_models.quantise_vision_int8(model)
         self.model, self.preprocess = model, pre
@@ -108,6 +104,20 @@ class ClipScoreStage:
         import open_clip
 
         self._tokenizer = open_clip.get_tokenizer(self.clip.model)
+
+    def _load(self):
+        """Fetch (URI weights: once per node, cached) and build the model; transient failures are
+        retried by :meth:`setup` (``retries.model_load``)."""
+        weights = resolve(self.clip.weights, self.weights_cache, self.storage)
+        return clip_models.build_clip(
+            self.clip.model,
+            tag=weights.tag,
+            checkpoint=weights.path,
+            cache_dir=self.weights_cache,
+            image_size=self.clip.image_size,
+            precision=self.clip.precision if self.device.type == "cuda" else "fp32",
+            device=self.device,
+        )
 
     def _check_pixel_config(self) -> None:
         """Settings that cannot work with this model fail the stage at start-up, not every row."""

@@ -22,7 +22,8 @@ column             dtype       value
 
 ``error_type`` vocabulary: the decode types of :data:`pipeline.io.images.ERROR_TYPES`
 (``EmptyFile``, ``UnidentifiedImage``, ``TruncatedImage``, ``CorruptImage``, ``DecompressionBomb``,
-``UnsupportedMode``); for bytes that cannot be fetched, the class name of the read error
+``UnsupportedMode``); for bytes that cannot be fetched (after ``retries.read`` retries of transient failures, see
+:mod:`pipeline.io.retry`), the class name of the read error
 (``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``, ``StorageError``...) with a
 message naming the URI; for anything unforeseen, the exception's class name.
 
@@ -38,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import DecodeSpec
+from pipeline.config import DecodeSpec, RetrySpec
 from pipeline.io.fs import StorageOptions, read_bytes
 from pipeline.io.images import DecodeError, decode_image
+from pipeline.io.retry import retrying, stderr_log
 from pipeline.stages._columns import check_columns
 
 
@@ -64,9 +66,10 @@ class DecodeStage:
         "decode_ms",
     )
 
-    def __init__(self, cfg: DecodeSpec, storage: StorageOptions | None = None) -> None:
+    def __init__(self, cfg: DecodeSpec, storage: StorageOptions | None = None, retries: RetrySpec | None = None) -> None:
         self.cfg = cfg
         self.storage = dict(storage) if storage else None
+        self.retries = retries or RetrySpec()
 
     def setup(self) -> None:
         """Nothing to build: decoding needs no model."""
@@ -122,11 +125,16 @@ class DecodeStage:
     def _decode_row(self, uri: str) -> np.ndarray | tuple[str, str]:
         """The decoded image, or ``(error_type, error_message)``."""
         try:
-            data = read_bytes(uri, self.storage)
+            r = self.retries
+            data = retrying(lambda: read_bytes(uri, self.storage), retries=r.read, backoff_s=r.backoff_s,
+                            max_backoff_s=r.max_backoff_s, what=f"read {uri}", log=stderr_log)
         except Exception as exc:  # noqa: BLE001 - every read failure becomes a row
             message = str(exc) or type(exc).__name__
             if uri not in message:
                 message = f"cannot read {uri}: {message}"
+            attempts = getattr(exc, "zsad_attempts", 1)
+            if attempts > 1:
+                message += f" (after {attempts} attempts)"
             return type(exc).__name__, message
         try:
             return decode_image(data, self.cfg.max_pixels)

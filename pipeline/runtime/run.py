@@ -9,8 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import platform
 import posixpath
-import re
-import secrets
 import socket
 import sys
 import time
@@ -28,8 +26,8 @@ from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import clip as clip_models
 from pipeline.models.pixel import MAP_RANGE
+from pipeline.runtime.ids import check_run_id, new_run_id
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STAGES = ("decode", "clip_score", "encode")
 
 
@@ -54,11 +52,6 @@ class RunResult:
     @property
     def error_rate(self) -> float:
         return self.n_failed / self.n_images if self.n_images else 0.0
-
-
-def new_run_id(now: dt.datetime | None = None) -> str:
-    now = now or dt.datetime.now(dt.timezone.utc)
-    return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 def versions() -> dict[str, str]:
@@ -317,8 +310,9 @@ def run_job(
     started = dt.datetime.now(dt.timezone.utc)
     t_start = time.monotonic()
     run_id = run_id or new_run_id(started)
-    if not RUN_ID_RE.match(run_id):
-        raise RunError(f"run id {run_id!r} is invalid: use letters, digits, '.', '_' or '-' (at most 128)", exit_code=2)
+    problem = check_run_id(run_id)
+    if problem:
+        raise RunError(problem, exit_code=2)
     storage = fsio.storage_options(spec.storage)
     if layout:
         spec = spec.model_copy(update={"data": DataSpec(**{**spec.data.model_dump(), "layout": layout})})

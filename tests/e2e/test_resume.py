@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.helpers.badfiles import write_good_images
+from tests.helpers.procs import ray_pids, stop_new_ray_processes
 
 pytestmark = pytest.mark.integration
 ZSAD = str(Path(sys.executable).with_name("zsad"))
@@ -24,41 +25,9 @@ def _env():
     return env
 
 
-def _ray_pids() -> set[int]:
-    pids = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"ray" in cmd:
-            pids.add(int(pid))
-    return pids
-
-
-def _stop_orphans(before: set[int]) -> None:
-    """The killed driver's local Ray (raylet, GCS, agents) may outlive it: every Ray process that
-    appeared since ``before`` belongs to that session (nothing else has started one since): stop them."""
-    time.sleep(1)
-    new = _ray_pids() - before
-    for pid in new:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and (_ray_pids() & new):
-        time.sleep(0.2)
-    for pid in _ray_pids() & new:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
 def test_sigkill_then_resume_is_exactly_once(tmp_path):
     write_good_images(tmp_path / "in" / "parts", 240, size=(48, 48))
-    before = _ray_pids()
+    before = ray_pids()
     out = tmp_path / "out"
     done_dir = out / "r1" / "_done"
     proc = subprocess.Popen(
@@ -76,7 +45,7 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path):
             break
         time.sleep(0.05)
     proc.wait(timeout=60)
-    _stop_orphans(before)
+    stop_new_ray_processes(before)
     assert killed_at is not None, "the run finished (or hung) before it could be killed midway"
     assert not (out / "r1" / "run.json").exists()
 
@@ -126,13 +95,13 @@ def test_stall_timeout_fails_the_run_instead_of_hanging(tmp_path):
     os.mkfifo(fifo)  # reading it blocks forever: nobody ever writes
     manifest = tmp_path / "inputs.csv"
     manifest.write_text("uri,category\n" + "".join(f"{p},parts\n" for p in [*good, fifo]))
-    before = _ray_pids()
+    before = ray_pids()
     t0 = time.monotonic()
     res = subprocess.run([ZSAD, "run", "jobs/smoke.yaml", "--input", str(manifest), "--output", str(tmp_path / "out"),
                           "--run-id", "stall", "--set", "stall_timeout_s=15", "--set", "resources.decode.batch_size=1"],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     elapsed = time.monotonic() - t0
-    _stop_orphans(before)
+    stop_new_ray_processes(before)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "stall_timeout_s" in res.stderr + res.stdout
     manifest_json = json.loads((tmp_path / "out" / "stall" / "run.json").read_text())

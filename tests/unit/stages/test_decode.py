@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import pipeline.stages.decode as decode_module
-from pipeline.config import DecodeSpec
+from pipeline.config import DecodeSpec, RetrySpec
 from pipeline.stages._columns import check_columns
 from pipeline.stages.decode import DecodeStage
 from tests.helpers.badfiles import write_bad_inputs, write_good_images
@@ -107,11 +107,15 @@ def test_read_errors_become_rows_with_uri_in_message(monkeypatch, tmp_path):
 
     monkeypatch.setattr(decode_module, "read_bytes", fake_read)
     uris = np.array(["s3://bucket/denied.png", "s3://bucket/slow.png"], dtype=object)
-    out = DecodeStage(DecodeSpec())({"uri": uris})
+    out = DecodeStage(DecodeSpec(), retries=RetrySpec(read=0))({"uri": uris})
     assert list(out["status"]) == ["error", "error"]
     assert list(out["error_type"]) == ["PermissionError", "TimeoutError"]
     assert out["error_message"][0] == "s3://bucket/denied.png: access denied (403)"
     assert out["error_message"][1] == "cannot read s3://bucket/slow.png: connection timed out"
+    # with retries, the transient timeout is retried and the message says how often
+    out = DecodeStage(DecodeSpec(), retries=RetrySpec(read=2, backoff_s=0.0))({"uri": uris})
+    assert out["error_message"][0] == "s3://bucket/denied.png: access denied (403)"
+    assert out["error_message"][1] == "cannot read s3://bucket/slow.png: connection timed out (after 3 attempts)"
 
 
 def test_storage_options_reach_read_bytes(monkeypatch, corpus):

@@ -1,0 +1,47 @@
+"""Processes the tests start that outlive their parent (a killed driver's local Ray, `ray start`
+daemons): found by a snapshot of the Ray processes before, and stopped by pid, never `ray stop`
+(which would stop every Ray on the machine)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def ray_pids() -> set[int]:
+    """Pids whose command line mentions ray (gcs_server, raylet, agents, ``ray::`` workers)."""
+    pids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ray" in cmd:
+            pids.add(int(pid))
+    return pids
+
+
+def stop_new_ray_processes(before: set[int], grace_s: float = 15.0) -> None:
+    """SIGTERM every Ray process that appeared since ``before``, then SIGKILL what is left after
+    ``grace_s``. Repeated until none is left, because a dying raylet may still spawn a worker."""
+    time.sleep(1)
+    for _ in range(3):
+        new = ray_pids() - before
+        if not new:
+            return
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and (ray_pids() & new):
+            time.sleep(0.2)
+        for pid in ray_pids() & new:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.5)

@@ -42,7 +42,7 @@ def _summary(result) -> str:
         f"  images: {result.n_images}  ok: {result.n_ok}  failed: {result.n_failed} ({100 * result.error_rate:.1f}%)",
         f"  wall time: {m.get('wall_seconds', 0):.1f} s",
         f"  tables:  {result.run_dir}/scores/  {result.run_dir}/errors/  {result.run_dir}/inputs.parquet"
-        + (f"  {result.run_dir}/masks/" if m.get("tables", {}).get("masks") else ""),
+        + "".join(f"  {result.run_dir}/{t}/" for t in ("masks", "foreground", "tiles") if m.get("tables", {}).get(t)),
         f"  manifest: {result.run_dir}/run.json",
     ]
     if m.get("random_weights"):

@@ -158,6 +158,7 @@ class RetrySpec(_Model):
 
 class ResourcesSpec(_Model):
     decode: StageResources = StageResources(num_cpus=1, batch_size=32)
+    foreground: StageResources = StageResources(num_cpus=1, batch_size=4)
     clip_score: StageResources = StageResources(num_cpus=1, batch_size=16)
 
 
@@ -255,7 +256,88 @@ class FadeZeroShot(_Model):
         return value
 
 
-PixelSpec = Annotated[Union[NoPixelMap, WinclipWindows, FadeZeroShot], Field(discriminator="kind")]
+class ClipSegMaps(_Model):
+    """CLIPSeg pixel localiser (VVV, METHODS.md section 5): the transformers CLIPSeg model with the
+    18 object-agnostic localising prompts (``prompts: null``) or a given list, per-prompt sigmoid
+    maps combined by the harmonic mean. ``weights``: a weights spec for a CLIPSeg state-dict file
+    (``rd64-refined`` architecture), or ``null`` for random initialisation (needs
+    ``allow_random_weights: true``). Needs the optional extra ``pip install 'zsad[clipseg]'``."""
+
+    kind: Literal["clipseg"] = "clipseg"
+    arch: Literal["rd64-refined", "tiny"] = "rd64-refined"
+    weights: WeightsSpec | None = None
+    prompts: tuple[str, ...] | None = None
+
+
+PixelSpec = Annotated[Union[NoPixelMap, WinclipWindows, FadeZeroShot, ClipSegMaps], Field(discriminator="kind")]
+
+
+class SamSpec(_Model):
+    """Segment Anything (METHODS.md sections 5-6). ``model``: ``vit_h``, ``vit_l``, ``vit_b`` or
+    ``tiny`` (a small SAM assembled from segment-anything's modules, for tests). ``weights``: a
+    checkpoint path or URI (SAM has no pretrained tags), or ``null`` for random initialisation
+    (needs ``allow_random_weights: true``)."""
+
+    model: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_b"
+    weights: WeightsSpec | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _no_tag(cls, value: WeightsSpec | None) -> WeightsSpec | None:
+        if value is not None and value.tag:
+            raise ValueError(f"SAM weights need a checkpoint path or URI; {value.tag!r} looks like a pretrained tag")
+        return value
+
+
+class ForegroundSpec(_Model):
+    """Foreground extraction (METHODS.md section 5). ``kind``:
+
+    - ``sam_dis`` (default): SAM automatic masks (a ``points_per_side`` grid of point prompts),
+      a mask kept when at least ``min_inside`` of it lies inside the foreground-probability map
+      (``>= prob_threshold``); the union of kept masks is the foreground. The map comes from the
+      dichotomous segmentation model ``dis_model`` (an ONNX file, run with onnxruntime) or, when
+      that is ``null``, from the classical map (below).
+    - ``classical``: the classical map alone, no SAM: a background colour model from the image
+      border, distance to it, morphology (``pipeline/models/foreground.py``).
+    - ``none``: no foreground; every image is scored whole.
+
+    Connected components of the foreground smaller than ``min_component_fraction`` of the image
+    are dropped."""
+
+    kind: Literal["sam_dis", "classical", "none"] = "sam_dis"
+    dis_model: WeightsSpec | None = None
+    dis_input_size: int = Field(default=1024, ge=16)
+    min_inside: float = Field(default=0.8, gt=0, le=1)
+    prob_threshold: float = Field(default=0.5, gt=0, lt=1)
+    min_component_fraction: float = Field(default=0.001, ge=0, lt=1)
+    points_per_side: int = Field(default=32, ge=1)
+    points_per_batch: int = Field(default=64, ge=1)
+    pred_iou_thresh: float = Field(default=0.88, ge=0, le=1)
+    stability_score_thresh: float = Field(default=0.95, ge=0, le=1)
+    box_nms_thresh: float = Field(default=0.7, gt=0, le=1)
+    border: float = Field(default=0.05, gt=0, lt=0.5)
+
+
+class TilingSpec(_Model):
+    """Instance tiling (METHODS.md section 5): a square tile centred on each foreground component,
+    side at least ``min_tile`` pixels (clipped to the image); a component whose box aspect ratio
+    exceeds ``elongated_aspect`` and that holds more than ``elongated_min_parts`` SAM parts is tiled
+    along its long axis with a step of half its short side. ``write_table``: write ``tiles/``.
+    Tiles are scored by the CLIP stage at ``tile_map_size`` (pixel maps per tile, square)."""
+
+    min_tile: int = Field(default=352, ge=16)
+    elongated_aspect: float = Field(default=1.5, ge=1)
+    elongated_min_parts: int = Field(default=20, ge=0)
+    write_table: bool = True
+    tile_map_size: int = Field(default=240, ge=8)
+
+
+class AggregationSpec(_Model):
+    """Tile aggregation (METHODS.md section 5): tile maps scaled by their tile score, pasted back,
+    overlaps averaged; component score = mean of its tiles' scores; image score = mean of the top
+    ``top_fraction`` of component scores (at least one)."""
+
+    top_fraction: float = Field(default=0.25, gt=0, le=1)
 
 
 class MapOutputSpec(_Model):
@@ -291,6 +373,10 @@ class JobSpec(_Model):
     data: DataSpec = DataSpec()
     decode: DecodeSpec = DecodeSpec()
     storage: StorageSpec = StorageSpec()
+    sam: SamSpec | None = None
+    foreground: ForegroundSpec | None = None
+    tiling: TilingSpec | None = None
+    aggregation: AggregationSpec = AggregationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     retries: RetrySpec = RetrySpec()
     weights_cache: str | None = None
@@ -302,17 +388,39 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _random_weights_gate(self) -> "JobSpec":
-        if self.clip.weights is None and not self.allow_random_weights:
-            raise ValueError(
-                "clip.weights is null, which means random initialisation; scores from random weights "
-                "are meaningless. Give a weights spec (an open_clip pretrained tag, a path or a URI), or "
-                "set allow_random_weights: true (tests/benchmarks only; the run is marked random)"
-            )
+        for key in self.random_models():
+            if not self.allow_random_weights:
+                raise ValueError(
+                    f"{key} is null, which means random initialisation; scores from random weights "
+                    "are meaningless. Give a weights spec (a path or a URI; for CLIP also an open_clip "
+                    "pretrained tag), or set allow_random_weights: true (tests/benchmarks only; the "
+                    "run is marked random)"
+                )
         return self
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> "JobSpec":
+        if self.tiling is not None and self.foreground is None:
+            raise ValueError("tiling needs a foreground section (foreground.kind: sam_dis, classical or none)")
+        if self.foreground is not None and self.foreground.kind == "sam_dis" and self.sam is None:
+            raise ValueError("foreground.kind sam_dis needs a sam section (sam.model, sam.weights)")
+        return self
+
+    def uses_sam(self) -> bool:
+        return self.foreground is not None and self.foreground.kind == "sam_dis"
+
+    def random_models(self) -> list[str]:
+        """The spec keys of models that would run with random weights."""
+        keys = ["clip.weights"] if self.clip.weights is None else []
+        if self.uses_sam() and self.sam is not None and self.sam.weights is None:
+            keys.append("sam.weights")
+        if isinstance(self.pixel, ClipSegMaps) and self.pixel.weights is None:
+            keys.append("pixel.weights")
+        return keys
 
     @property
     def random_weights(self) -> bool:
-        return self.clip.weights is None
+        return bool(self.random_models())
 
     def redacted(self) -> dict[str, Any]:
         """The resolved spec as plain data with secrets removed (for run.json)."""
@@ -366,7 +474,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 # Tag values of the discriminated unions: pydantic puts them in error locations
 # (score.winclip_zero_shot.temperature); users wrote score.temperature.
-_KIND_TAGS = {"winclip_zero_shot", "none", "winclip_windows", "fade_zero_shot"}
+_KIND_TAGS = {"winclip_zero_shot", "none", "winclip_windows", "fade_zero_shot", "clipseg"}
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

@@ -5,7 +5,11 @@ only place that calls ``map_batches``. Minimum Ray version: 2.51 (``compute=Acto
 with ``min_size``/``max_size``, named resource arguments).
 
 Plan (one row per image throughout):
-    manifest blocks -> decode (CPU tasks) -> clip_score (actor pool, GPU when given)
+    manifest blocks -> decode (CPU tasks)
+                    [-> foreground (SAM: actor pool, GPU when given; classical: CPU tasks)
+                     -> tiling (CPU tasks)]                               with a foreground / tiling section
+                    -> clip_score (actor pool, GPU when given; tiles when tiling)
+                    [-> aggregate (CPU tasks: tiles -> image score and map)]
                     -> encode (CPU tasks: 16-bit heatmap PNG, RLE) -> driver
 The image and float-map columns are dropped before results come back: only scalars and the
 compact PNG/RLE bytes reach the driver.
@@ -25,15 +29,31 @@ from ray.data import ActorPoolStrategy
 
 from pipeline.config import JobSpec, StageResources
 from pipeline.io.fs import StorageOptions
+from pipeline.stages.aggregate import AggregateStage
 from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
+from pipeline.stages.foreground import ForegroundStage
+from pipeline.stages.tiling import TilingStage
 
 RESULT_COLUMNS = (
     "uri", "image_id", "category", "status", "error_stage", "error_type", "error_message",
     "height", "width", "decode_ms", "score", "score_language", "score_vision", "max_pixel_score",
     "clip_score_ms", "map_png", "map_height", "map_width", "mask_rle", "encode_ms",
 )
+# with a foreground section (and tiling): the foreground/tiles tables and the scores' new columns
+FOREGROUND_COLUMNS = ("fg_rle", "fg_components", "fg_sam_masks", "fg_kept_masks", "foreground_ms")
+TILING_COLUMNS = ("tiles", "tile_reasons", "tile_scores", "tile_component_scores", "n_components", "n_tiles",
+                  "scoring_mode", "aggregate_ms")
+
+
+def result_columns(spec: JobSpec) -> list[str]:
+    cols = list(RESULT_COLUMNS)
+    if spec.foreground is not None:
+        cols += FOREGROUND_COLUMNS
+    if spec.tiling is not None:
+        cols += TILING_COLUMNS
+    return cols
 
 
 # Text columns that are None on most rows. Ray infers a block's Arrow type from its values, so a
@@ -90,15 +110,24 @@ def _remote_args(res: StageResources) -> dict[str, Any]:
     return args
 
 
-def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], None]) -> float:
-    """GPUs for the CLIP pool: as the spec asks, except on a local Ray without GPUs, where asking
+def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], None], stage: str = "clip_score") -> float:
+    """GPUs for a model pool: as the spec asks, except on a local Ray without GPUs, where asking
     for one would wait forever: there it falls back to CPU and says so. On a cluster the request is
     kept (an autoscaler may add GPU nodes)."""
-    asked = spec.resources.clip_score.num_gpus
+    asked = getattr(spec.resources, stage).num_gpus
     if asked and session["local"] and not session["resources"].get("GPU"):
-        log(f"resources.clip_score.num_gpus={asked} but this machine's Ray has no GPU: scoring on CPU")
+        log(f"resources.{stage}.num_gpus={asked} but this machine's Ray has no GPU: running {stage} on CPU")
         return 0.0
     return asked
+
+
+def _actor_args(res: StageResources, gpus: float) -> dict[str, Any]:
+    args = _remote_args(res)
+    if gpus:
+        args["num_gpus"] = gpus
+    else:
+        args.pop("num_gpus", None)
+    return args
 
 
 def run_plan(
@@ -129,6 +158,22 @@ def run_plan(
         batch_format="numpy",
         **_remote_args(dec_res),
     )
+    if spec.foreground is not None:
+        fg_res = spec.resources.foreground
+        fg_gpus = effective_gpus(spec, session, log, "foreground") if spec.uses_sam() else 0.0
+        fg_stage = functools.partial(ForegroundStage, spec.foreground, spec.sam, weights_cache=spec.weights_cache,
+                                     storage=storage, use_gpu=fg_gpus > 0, retries=spec.retries)
+        if spec.uses_sam():  # a model: an actor pool, the model built once per actor
+            ds = ds.map_batches(
+                _ActorStage, fn_constructor_kwargs={"factory": fg_stage},
+                compute=ActorPoolStrategy(min_size=fg_res.min_actors, max_size=fg_res.max_actors),
+                batch_size=fg_res.batch_size, batch_format="numpy", **_actor_args(fg_res, fg_gpus),
+            )
+        else:  # classical map or none: plain CPU tasks
+            ds = ds.map_batches(_task(fg_stage()), batch_size=fg_res.batch_size, batch_format="numpy", **_remote_args(fg_res))
+    if spec.tiling is not None:
+        ds = ds.map_batches(_task(TilingStage(spec.tiling)), batch_size=dec_res.batch_size, batch_format="numpy",
+                            **_remote_args(dec_res))
     factory = functools.partial(
         ClipScoreStage,
         spec.clip,
@@ -139,12 +184,9 @@ def run_plan(
         maps=spec.maps,
         use_gpu=gpus > 0,
         retries=spec.retries,
+        tiling=spec.tiling,
     )
-    clip_args = _remote_args(clip_res)
-    if gpus:
-        clip_args["num_gpus"] = gpus
-    else:
-        clip_args.pop("num_gpus", None)
+    clip_args = _actor_args(clip_res, gpus)
     ds = ds.map_batches(
         _ActorStage,
         fn_constructor_kwargs={"factory": factory},
@@ -153,13 +195,16 @@ def run_plan(
         batch_format="numpy",
         **clip_args,
     )
+    if spec.tiling is not None:
+        ds = ds.map_batches(_task(AggregateStage(spec.aggregation, spec.maps)), batch_size=dec_res.batch_size,
+                            batch_format="numpy", **_remote_args(dec_res))
     ds = ds.map_batches(
         _task(EncodeStage(threshold=spec.maps.threshold)),
         batch_size=dec_res.batch_size,
         batch_format="numpy",
         **_remote_args(dec_res),
     )
-    ds = ds.select_columns(list(RESULT_COLUMNS))
+    ds = ds.select_columns(result_columns(spec))
     yield from ds.iter_batches(batch_size=result_batch_rows, batch_format="pandas")
     if on_stats is not None:
         try:

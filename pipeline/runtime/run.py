@@ -28,7 +28,7 @@ from pipeline.models import clip as clip_models
 from pipeline.models.pixel import MAP_RANGE
 from pipeline.runtime.ids import check_run_id, new_run_id
 
-STAGES = ("decode", "clip_score", "encode")
+STAGES = ("decode", "foreground", "clip_score", "aggregate", "encode")
 
 
 class RunError(RuntimeError):
@@ -99,6 +99,8 @@ def _model_columns(spec: JobSpec) -> dict[str, Any]:
         "clip_model": spec.clip.model,
         "clip_weights": spec.clip.weights.describe() if spec.clip.weights else "random",
         "random_weights": spec.random_weights,
+        "sam_model": spec.sam.model if spec.uses_sam() else None,
+        "sam_weights": (spec.sam.weights.describe() if spec.sam.weights else "random") if spec.uses_sam() else None,
     }
 
 
@@ -140,6 +142,65 @@ def score_rows(batch: pd.DataFrame, run_id: str, labels: dict[str, Any], model_c
     }
     for key, value in model_cols.items():
         cols[key] = [value] * n
+    has_fg, has_tiles = "foreground_ms" in batch, "scoring_mode" in batch
+    done = ok & (batch["status"] == "ok").to_numpy()
+    if has_tiles:
+        cols["scoring_mode"] = [m if k and m else "none" for m, k in zip(batch["scoring_mode"].tolist(), done)]
+        cols["n_tiles"] = _nullable(batch["n_tiles"], done)
+        cols["aggregate_ms"] = _nullable(batch["aggregate_ms"], done)
+    else:
+        cols["scoring_mode"] = ["whole_image" if k else "none" for k in done]
+        cols["n_tiles"] = [None] * n
+        cols["aggregate_ms"] = [None] * n
+    if has_fg:
+        reached = np.array([s not in ("decode",) for s in batch["error_stage"].tolist()])
+        cols["n_components"] = [len(np.asarray(c).reshape(-1, 7)) if k else None for c, k in zip(batch["fg_components"], done)]
+        cols["foreground_ms"] = _nullable(batch["foreground_ms"], reached)
+    else:
+        cols["n_components"] = [None] * n
+        cols["foreground_ms"] = [None] * n
+    return cols
+
+
+def foreground_rows(batch: pd.DataFrame, run_id: str, kind: str) -> dict[str, list]:
+    """A result batch -> columns of the ``foreground`` table (one row per image)."""
+    n = len(batch)
+    ok = (batch["status"] == "ok").to_numpy()
+    tables = [np.asarray(c, dtype=np.int64).reshape(-1, 7) for c in batch["fg_components"]]
+    pick = lambda col, k: [col(t) if o else None for t, o in zip(tables, ok)]  # noqa: E731
+    return {
+        "run_id": [run_id] * n,
+        "image_id": batch["image_id"].tolist(),
+        "uri": batch["uri"].tolist(),
+        "category": batch["category"].tolist(),
+        "status": batch["status"].tolist(),
+        "kind": [kind] * n,
+        "foreground_rle": [r if o and r else None for r, o in zip(batch["fg_rle"].tolist(), ok)],
+        "n_sam_masks": _nullable(batch["fg_sam_masks"], ok),
+        "n_kept_masks": _nullable(batch["fg_kept_masks"], ok),
+        "n_components": pick(len, None),
+        "component_ids": pick(lambda t: t[:, 0].tolist(), None),
+        "component_boxes": pick(lambda t: t[:, 1:5].tolist(), None),
+        "component_areas": pick(lambda t: t[:, 5].tolist(), None),
+        "component_parts": pick(lambda t: t[:, 6].tolist(), None),
+    }
+
+
+def tile_rows(batch: pd.DataFrame, run_id: str) -> dict[str, list]:
+    """A result batch -> columns of the ``tiles`` table (one row per tile of each scored image)."""
+    cols: dict[str, list] = {k: [] for k in ("run_id", "image_id", "category", "tile_index", "component_id", "x0", "y0",
+                                             "x1", "y1", "reason", "tile_score", "component_score")}
+    for row in batch[batch["status"] == "ok"].itertuples():
+        boxes = np.asarray(row.tiles, dtype=np.int64).reshape(-1, 5)
+        reasons = str(row.tile_reasons).split(",")
+        scores = np.asarray(row.tile_scores, dtype=np.float64)
+        comp = np.asarray(row.tile_component_scores, dtype=np.float64)
+        for t, (b, reason) in enumerate(zip(boxes, reasons)):
+            for key, value in (("run_id", run_id), ("image_id", row.image_id), ("category", row.category), ("tile_index", t),
+                               ("component_id", int(b[0])), ("x0", int(b[1])), ("y0", int(b[2])), ("x1", int(b[3])),
+                               ("y1", int(b[4])), ("reason", reason), ("tile_score", float(scores[t])),
+                               ("component_score", float(comp[t]))):
+                cols[key].append(value)
     return cols
 
 
@@ -184,7 +245,11 @@ def _write_shard(sink, shard: int, rows: pd.DataFrame, run_id: str, labels, mode
     columns = {"scores": score_rows(rows, run_id, labels, model_cols), "errors": error_rows(rows, run_id)}
     if "masks" in sink.tables:
         columns["masks"] = mask_rows(rows, run_id, spec.pixel.kind, MAP_RANGE, spec.maps.threshold)
-    busy = {s: float(np.nansum(rows[f"{s}_ms"].to_numpy(dtype=float))) / 1000.0 for s in STAGES}
+    if "foreground" in sink.tables:
+        columns["foreground"] = foreground_rows(rows, run_id, spec.foreground.kind)
+    if "tiles" in sink.tables:
+        columns["tiles"] = tile_rows(rows, run_id)
+    busy = {s: float(np.nansum(rows[f"{s}_ms"].to_numpy(dtype=float))) / 1000.0 for s in STAGES if f"{s}_ms" in rows}
     failed = rows.loc[rows["status"] != "ok", "error_stage"].value_counts()
     sink.write_shard(shard, columns, {"images": len(rows), "failed": int((rows["status"] != "ok").sum()), "busy": busy,
                                       "failed_by_stage": {str(k): int(v) for k, v in failed.items()}})
@@ -290,6 +355,16 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
         preflight(w, storage)
     except (clip_models.ModelLoadError, WeightsError) as exc:
         raise RunError(f"clip.weights / clip.model: {exc}", exit_code=2) from None
+    others = {
+        "sam.weights": spec.sam.weights if spec.uses_sam() and spec.sam else None,
+        "foreground.dis_model": spec.foreground.dis_model if spec.uses_sam() and spec.foreground else None,
+        "pixel.weights": getattr(spec.pixel, "weights", None),
+    }
+    for key, weights in others.items():
+        try:
+            preflight(weights, storage)
+        except WeightsError as exc:
+            raise RunError(f"{key}: {exc}", exit_code=2) from None
 
 
 def run_job(
@@ -362,7 +437,10 @@ def run_job(
     list_s = time.monotonic() - t0
 
     with_maps = spec.pixel.kind != "none"
-    sink = ShardSink(run_dir, ["scores", "errors"] + (["masks"] if with_maps else []), storage)
+    tables = ["scores", "errors"] + (["masks"] if with_maps else []) + (["foreground"] if spec.foreground else [])
+    if spec.tiling is not None and spec.tiling.write_table:
+        tables.append("tiles")
+    sink = ShardSink(run_dir, tables, storage)
     shard_of = {iid: i // shard_size for i, iid in enumerate(manifest["image_id"])}
     expected = pd.Series(list(shard_of.values())).value_counts().to_dict()
     done = sink.markers()
@@ -371,7 +449,8 @@ def run_job(
     if resume:
         log(f"resuming: {len(done)} shards done, {len(expected) - len(done)} to run ({len(pending)} images)")
     if spec.random_weights:
-        log("WARNING: random CLIP weights (allow_random_weights: true): scores are NOT meaningful results")
+        log(f"WARNING: random weights for {', '.join(spec.random_models())} (allow_random_weights: true): "
+            "scores are NOT meaningful results")
 
     labels = {i: (None if pd.isna(v) else int(v)) for i, v in zip(manifest["image_id"], manifest["gt_label"])}
     model_cols = _model_columns(spec)
@@ -411,7 +490,7 @@ def run_job(
     plan_s = time.monotonic() - t_plan
 
     markers = sink.markers()
-    busy = {s: sum(m["busy"][s] for m in markers.values()) for s in STAGES}
+    busy = {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in STAGES}
     n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
     n_failed = sum(m["failed"] for m in markers.values())
     failed_by_stage: dict[str, int] = {}
@@ -456,7 +535,9 @@ def run_job(
             "first_result_wall": None if first_result_s is None else round(first_result_s, 3),
             "write_wall": round(write_s, 3),  # shard files + markers, inside plan_wall
             "decode_busy": round(busy["decode"], 3),
+            "foreground_busy": round(busy["foreground"], 3),
             "clip_score_busy": round(busy["clip_score"], 3),
+            "aggregate_busy": round(busy["aggregate"], 3),
             "encode_busy": round(busy["encode"], 3),
         },
         "first_result_rows": first_result_rows,
@@ -466,6 +547,8 @@ def run_job(
             "scores": sink.files("scores"),
             "errors": sink.files("errors"),
             "masks": sink.files("masks") if with_maps else [],
+            "foreground": sink.files("foreground") if "foreground" in tables else [],
+            "tiles": sink.files("tiles") if "tiles" in tables else [],
             "inputs": fsio.join(run_dir, "inputs.parquet"),
         },
         "ray": session_info,

@@ -15,7 +15,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, RetrySpec, WinclipImageScore, WinclipWindows
+from pipeline.config import (
+    ClipSegMaps, ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, RetrySpec, TilingSpec, WinclipImageScore, WinclipWindows,
+)
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import retrying, stderr_log
 from pipeline.io.weights import resolve
@@ -63,11 +65,12 @@ class ClipScoreStage:
         *,
         weights_cache: str | None = None,
         storage: StorageOptions | None = None,
-        pixel: NoPixelMap | WinclipWindows | FadeZeroShot = NoPixelMap(),
+        pixel: NoPixelMap | WinclipWindows | FadeZeroShot | ClipSegMaps = NoPixelMap(),
         maps: MapOutputSpec = MapOutputSpec(),
         use_gpu: bool = False,
         model_factory: ModelFactory | None = None,
         retries: RetrySpec | None = None,
+        tiling: TilingSpec | None = None,
     ) -> None:
         self.clip = clip
         self.score = score
@@ -78,6 +81,9 @@ class ClipScoreStage:
         self.use_gpu = use_gpu
         self.model_factory = model_factory
         self.retries = retries or RetrySpec()
+        self.tiling = tiling
+        self.tile_batch_size = 16
+        self.localiser = None  # CLIPSeg, when pixel.kind is clipseg
         self.model: torch.nn.Module | None = None
         self.preprocess: clip_models.Preprocess | None = None
         self.device = torch.device("cpu")
@@ -104,6 +110,18 @@ class ClipScoreStage:
         import open_clip
 
         self._tokenizer = open_clip.get_tokenizer(self.clip.model)
+        if isinstance(self.pixel, ClipSegMaps):
+            r = self.retries
+            self.localiser = retrying(self._load_clipseg, retries=r.model_load, backoff_s=r.backoff_s,
+                                      max_backoff_s=r.max_backoff_s, what="load CLIPSeg", log=stderr_log)
+
+    def _load_clipseg(self):
+        from pipeline.models.clipseg import ClipSegLocaliser, build_clipseg
+
+        p = self.pixel
+        path = resolve(p.weights, self.weights_cache, self.storage).path if p.weights else None
+        model = build_clipseg(path, arch=p.arch, device=self.device)
+        return ClipSegLocaliser(model, prompts=list(p.prompts) if p.prompts else None, device=self.device)
 
     def _load(self):
         """Fetch (URI weights: once per node, cached) and build the model; transient failures are
@@ -158,10 +176,11 @@ class ClipScoreStage:
         return self._pixel_text
 
     @torch.inference_mode()
-    def score_images(self, images: list[np.ndarray], categories: list[str]) -> dict[str, object]:
+    def score_images(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None) -> dict[str, object]:
         """Score uint8 (H, W, 3) images in one batch. Returns ``score``/``score_language``/
         ``score_vision``/``max_pixel_score`` float64 (B,) and ``maps``: a list of float32 (H', W')
-        maps (empty when the stage has no pixel method)."""
+        maps (empty when the stage has no pixel method) at the stored map size, or ``map_side`` x
+        ``map_side`` when given (tiles)."""
         tensors = [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img)) for img in images]
         batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
         feats = clip_models.encode_image(self.model, batch)
@@ -196,11 +215,15 @@ class ClipScoreStage:
                 visual, by_size, self.pixel_text_classifier(), p.temperature, p.grid, p.gem_depth, p.vision_multiplier, p.vision_weight
             )
             vision = vis.amax(dim=(1, 2)).double().cpu().numpy()
+        elif isinstance(self.pixel, ClipSegMaps):
+            from pipeline.models.clipseg import preprocess as clipseg_preprocess
+
+            grids = self.localiser.maps_torch(clipseg_preprocess(images, self.localiser.image_size, self.device))
         maps: list[np.ndarray] = []
         max_pixel = np.full(b, np.nan)
         if grids is not None:
             for i, img in enumerate(images):
-                shape = map_shape(img.shape[0], img.shape[1], self.maps.map_size)
+                shape = (map_side, map_side) if map_side else map_shape(img.shape[0], img.shape[1], self.maps.map_size)
                 m = pixel_maps.upsample(grids[i : i + 1].float(), shape)[0].clamp(*pixel_maps.MAP_RANGE)
                 maps.append(m.cpu().numpy().astype(np.float32))
                 max_pixel[i] = float(maps[-1].max())
@@ -235,7 +258,10 @@ class ClipScoreStage:
                 if result["maps"]:
                     maps[i] = result["maps"][j]
 
-        if todo:
+        if todo and self.tiling is not None:
+            tile_scores, tile_maps = self._call_tiles(batch, todo, cats, cols, fail)
+            out.update(tile_scores=tile_scores, tile_maps=tile_maps)
+        elif todo:
             t0 = time.perf_counter()
             try:
                 result = self.score_images([images[i] for i in todo], [cats[i] for i in todo])
@@ -254,8 +280,55 @@ class ClipScoreStage:
                     for key in cols:
                         cols[key][i] = np.nan
                     maps[i] = _NO_MAP
+        if self.tiling is not None and "tile_scores" not in out:
+            out.update(_empty_tile_columns(n))
         out.update(cols, anomaly_map=maps, status=status, error_stage=err_stage, error_type=err_type, error_message=err_msg)
         return out
 
+    def _call_tiles(self, batch, todo, cats, cols, fail):
+        """Tiling mode: score every tile of each row (image score + a ``tile_map_size`` square map);
+        the aggregation stage turns them into the image's score and map. ``score`` is meanwhile the
+        mean tile score and ``score_vision`` the largest tile vision score."""
+        if "tiles" not in batch:
+            raise ValueError("stage 'clip_score' is in tiling mode but the batch has no 'tiles' column (run the tiling stage first)")
+        n = len(batch["status"])
+        tile_scores, tile_maps = _empty_tile_columns(n).values()
+        side = self.tiling.tile_map_size
+        for i in todo:
+            t0 = time.perf_counter()
+            try:
+                image = np.asarray(batch["image"][i])
+                boxes = np.asarray(batch["tiles"][i], dtype=np.int64).reshape(-1, 5)
+                if not len(boxes):
+                    raise ValueError("no tiles planned for this image")
+                crops = [image[y0:y1, x0:x1] for _, x0, y0, x1, y1 in boxes]
+                scores, maps, vision = [], [], []
+                for k in range(0, len(crops), self.tile_batch_size):
+                    chunk = crops[k : k + self.tile_batch_size]
+                    r = self.score_images(chunk, [cats[i]] * len(chunk), map_side=side)
+                    scores.append(r["score"])
+                    vision.append(r["score_vision"])
+                    maps += r["maps"]
+                t_scores = np.concatenate(scores)
+                if not np.all(np.isfinite(t_scores)):
+                    raise FloatingPointError(f"non-finite tile score in {t_scores.tolist()}")
+                tile_scores[i] = t_scores
+                tile_maps[i] = np.stack(maps).astype(np.float32) if maps else np.zeros((0, side, side), np.float32)
+                cols["score"][i] = cols["score_language"][i] = float(t_scores.mean())
+                v = np.concatenate(vision)
+                cols["score_vision"][i] = float(np.nanmax(v)) if np.isfinite(v).any() else np.nan
+                cols["clip_score_ms"][i] = (time.perf_counter() - t0) * 1000.0
+            except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
+                fail(i, exc)
+        return tile_scores, tile_maps
+
 
 _NO_MAP = np.zeros((0, 0), dtype=np.float32)
+
+
+def _empty_tile_columns(n: int) -> dict[str, np.ndarray]:
+    scores = np.empty(n, dtype=object)
+    scores[:] = [np.zeros(0, np.float64) for _ in range(n)]
+    maps = np.empty(n, dtype=object)
+    maps[:] = [np.zeros((0, 0, 0), np.float32) for _ in range(n)]
+    return {"tile_scores": scores, "tile_maps": maps}

@@ -1,0 +1,95 @@
+"""Aggregation stage (CPU): tile scores and tile maps -> image score and image map (METHODS.md
+section 5), with :func:`pipeline.ops.aggregate.aggregate_tiles`:
+
+- each tile's pixel map is scaled by its tile score, pasted back into image space, and pixels
+  covered by several tiles are averaged;
+- a component's score is the mean of its tiles' scores; the image score is the mean of the top
+  ``aggregation.top_fraction`` of component scores.
+
+Columns: ``score`` and ``score_language`` are replaced by the aggregated image score;
+``anomaly_map`` (float32 at the stored map size, see ``maps.map_size``) and ``max_pixel_score``
+by the aggregated map; ``score_vision`` becomes the largest tile vision score (FADE). New:
+``n_components`` (int64), ``n_tiles`` (int64), ``scoring_mode`` (``tiles``, or
+``whole_image_fallback`` for an image without foreground, scored whole), ``tile_component_scores``
+(float64 (T,): the score of each tile's component). ``tile_maps`` is dropped here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline.config import AggregationSpec, MapOutputSpec
+from pipeline.models.pixel import MAP_RANGE
+from pipeline.ops.aggregate import aggregate_tiles
+from pipeline.ops.heatmap import resize_map
+from pipeline.ops.tiling import Tile
+from pipeline.stages._columns import check_columns
+
+STAGE = "aggregate"
+
+
+def map_shape(height: int, width: int, map_size) -> tuple[int, int]:
+    from pipeline.stages.clip_score import map_shape as shape
+
+    return shape(height, width, map_size)
+
+
+class AggregateStage:
+    """Batch callable; see the module docstring."""
+
+    name = STAGE
+    requires = ("tiles", "tile_reasons", "tile_scores", "tile_maps", "height", "width", "status")
+    produces = ("score", "score_language", "anomaly_map", "max_pixel_score", "n_components", "n_tiles", "scoring_mode",
+                "tile_component_scores", "aggregate_ms")
+
+    def __init__(self, cfg: AggregationSpec, maps: MapOutputSpec) -> None:
+        self.cfg = cfg
+        self.maps = maps
+
+    def setup(self) -> None:
+        """Nothing to build."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = check_columns(STAGE, batch, self.requires)
+        out = {k: v for k, v in batch.items() if k != "tile_maps"}
+        score = np.array(batch.get("score", np.full(n, np.nan)), dtype=np.float64)
+        max_pixel = np.array(batch.get("max_pixel_score", np.full(n, np.nan)), dtype=np.float64)
+        maps = np.empty(n, dtype=object)
+        maps[:] = [np.zeros((0, 0), np.float32)] * n
+        n_comp = np.zeros(n, dtype=np.int64)
+        n_tiles = np.zeros(n, dtype=np.int64)
+        mode = np.empty(n, dtype=object)
+        mode[:] = [""] * n
+        comp_scores = np.empty(n, dtype=object)
+        comp_scores[:] = [np.zeros(0, np.float64) for _ in range(n)]
+        ms = np.zeros(n, dtype=np.float64)
+        for i in range(n):
+            if batch["status"][i] != "ok":
+                continue
+            t0 = time.perf_counter()
+            boxes = np.asarray(batch["tiles"][i], dtype=np.int64).reshape(-1, 5)
+            reasons = str(batch["tile_reasons"][i]).split(",")
+            tiles = [Tile(component_id=int(b[0]), box=(int(b[1]), int(b[2]), int(b[3]), int(b[4])), reason=r)
+                     for b, r in zip(boxes, reasons)]
+            t_scores = np.asarray(batch["tile_scores"][i], dtype=np.float64)
+            t_maps = np.asarray(batch["tile_maps"][i])
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            result = aggregate_tiles((h, w), tiles, t_scores, list(t_maps) if t_maps.size else None,
+                                     top_fraction=self.cfg.top_fraction)
+            score[i] = result.image_score
+            comp_scores[i] = np.array([result.component_scores[t.component_id] for t in tiles], dtype=np.float64)
+            n_tiles[i] = len(tiles)
+            whole = all(t.component_id < 0 for t in tiles)
+            n_comp[i] = 0 if whole else len(result.component_scores)
+            mode[i] = "whole_image_fallback" if whole else "tiles"
+            if result.image_map is not None:
+                full = np.clip(result.image_map, *MAP_RANGE).astype(np.float32)
+                maps[i] = resize_map(full, map_shape(h, w, self.maps.map_size)).astype(np.float32)
+                max_pixel[i] = float(maps[i].max())
+            ms[i] = (time.perf_counter() - t0) * 1000.0
+        out.update(score=score, score_language=score.copy(), anomaly_map=maps, max_pixel_score=max_pixel,
+                   n_components=n_comp, n_tiles=n_tiles, scoring_mode=mode, tile_component_scores=comp_scores,
+                   aggregate_ms=ms)
+        return out

@@ -1,0 +1,166 @@
+"""Foreground stage (a model actor pool when SAM runs): image -> foreground mask and its components
+(METHODS.md section 5).
+
+``foreground.kind``:
+
+- ``sam_dis``: SAM automatic masks (embedded once per image, a grid of point prompts decoded in
+  batches), each kept when at least ``min_inside`` of it lies inside the foreground-probability map;
+  the union of kept masks is the foreground and the kept masks are the *parts* counted per
+  component. The probability map comes from the ONNX dichotomous model ``dis_model`` when one is
+  configured, else from :func:`pipeline.models.foreground.classical_foreground`.
+- ``classical``: the classical map thresholded at ``prob_threshold``; no SAM, no parts.
+- ``none``: no foreground (every image is scored whole later).
+
+Columns produced (one row per image):
+
+==================  ==========  ============================================================
+``fg_rle``          object      COCO RLE (JSON) of the foreground mask; "" when none / failed
+``fg_components``   object      int64 (C, 7): id, x0, y0, x1, y1 (exclusive), area, n_parts
+``fg_sam_masks``    int64       SAM masks proposed (0 without SAM)
+``fg_kept_masks``   int64       SAM masks kept by the foreground filter
+``foreground_ms``   float64     milliseconds for the row
+==================  ==========  ============================================================
+
+A failure on one row makes it an error row (``error_stage = foreground``); the batch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from pipeline.config import ForegroundSpec, RetrySpec, SamSpec
+from pipeline.io.fs import StorageOptions
+from pipeline.io.retry import retrying, stderr_log
+from pipeline.io.weights import resolve
+from pipeline.models import foreground as fgm
+from pipeline.ops import rle
+from pipeline.stages._columns import check_columns
+
+STAGE = "foreground"
+COMPONENT_COLUMNS = ("id", "x0", "y0", "x1", "y1", "area", "n_parts")
+
+
+def _no_components() -> np.ndarray:
+    return np.zeros((0, len(COMPONENT_COLUMNS)), dtype=np.int64)
+
+
+class ForegroundStage:
+    """Batch callable; see the module docstring. ``use_gpu``: run SAM on this worker's GPU."""
+
+    name = STAGE
+    requires = ("image", "status", "error_stage", "error_type", "error_message")
+    produces = ("fg_rle", "fg_components", "fg_sam_masks", "fg_kept_masks", "foreground_ms")
+
+    def __init__(
+        self,
+        cfg: ForegroundSpec,
+        sam: SamSpec | None = None,
+        *,
+        weights_cache: str | None = None,
+        storage: StorageOptions | None = None,
+        use_gpu: bool = False,
+        retries: RetrySpec | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.sam_spec = sam
+        self.weights_cache = weights_cache
+        self.storage = storage
+        self.use_gpu = use_gpu
+        self.retries = retries or RetrySpec()
+        self.engine = None
+        self.dis = None
+        self._ready = False
+
+    def setup(self) -> None:
+        if self._ready:
+            return
+        import torch
+
+        device = torch.device("cuda") if self.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        r = self.retries
+        if self.cfg.kind == "sam_dis":
+            from pipeline.models.sam import SamEngine, build_sam
+
+            spec = self.sam_spec or SamSpec()
+
+            def load_sam():
+                path = resolve(spec.weights, self.weights_cache, self.storage).path if spec.weights else None
+                return build_sam(spec.model, path, device=device)
+
+            sam = retrying(load_sam, retries=r.model_load, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s,
+                           what=f"load SAM {spec.model}", log=stderr_log)
+            self.engine = SamEngine(sam, device=device)
+        if self.cfg.kind == "sam_dis" and self.cfg.dis_model is not None:
+            from pipeline.models.dis import DisModel
+
+            def load_dis():
+                path = resolve(self.cfg.dis_model, self.weights_cache, self.storage).path
+                return DisModel(path, input_size=self.cfg.dis_input_size, device=device.type)
+
+            self.dis = retrying(load_dis, retries=r.model_load, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s,
+                                what="load the dichotomous segmentation model", log=stderr_log)
+        self._ready = True
+
+    # ---------------------------------------------------------------- one image
+    def foreground(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(foreground bool HxW, components (C, 7), SAM masks proposed, SAM masks kept)."""
+        cfg = self.cfg
+        h, w = image.shape[:2]
+        if cfg.kind == "none":
+            return np.zeros((h, w), bool), _no_components(), 0, 0
+        prob = self.dis.predict(image) if self.dis is not None else fgm.classical_foreground(image, border=cfg.border)
+        parts = None
+        proposed = kept_n = 0
+        if cfg.kind == "sam_dis":
+            records = self.engine.automatic_masks(
+                image, points_per_side=cfg.points_per_side, points_per_batch=cfg.points_per_batch,
+                pred_iou_thresh=cfg.pred_iou_thresh, stability_score_thresh=cfg.stability_score_thresh,
+                box_nms_thresh=cfg.box_nms_thresh,
+            )
+            masks = [r["segmentation"] for r in records]
+            keep = fgm.filter_masks(masks, prob, min_inside=cfg.min_inside, prob_threshold=cfg.prob_threshold)
+            parts = [masks[i] for i in keep]
+            proposed, kept_n = len(masks), len(keep)
+            fg = fgm.union(parts, (h, w))
+        else:
+            fg = prob >= cfg.prob_threshold
+        min_area = int(np.ceil(cfg.min_component_fraction * h * w))
+        labels, comps = fgm.components(fg, parts, min_area=min_area)
+        table = np.array([[c.id, *c.box, c.area, c.n_parts] for c in comps], dtype=np.int64).reshape(-1, len(COMPONENT_COLUMNS))
+        return labels >= 0, table, proposed, kept_n
+
+    # ---------------------------------------------------------------- call
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = check_columns(STAGE, batch, self.requires)
+        self.setup()
+        out = dict(batch)
+        status = np.array(batch["status"], dtype=object)
+        err_stage = np.array(batch["error_stage"], dtype=object)
+        err_type = np.array(batch["error_type"], dtype=object)
+        err_msg = np.array(batch["error_message"], dtype=object)
+        fg_rle = np.empty(n, dtype=object)
+        fg_rle[:] = [""] * n
+        comps = np.empty(n, dtype=object)
+        comps[:] = [_no_components() for _ in range(n)]
+        proposed = np.zeros(n, dtype=np.int64)
+        kept = np.zeros(n, dtype=np.int64)
+        ms = np.zeros(n, dtype=np.float64)
+        for i in range(n):
+            if status[i] != "ok":
+                continue
+            t0 = time.perf_counter()
+            try:
+                mask, table, proposed[i], kept[i] = self.foreground(np.asarray(batch["image"][i]))
+                comps[i] = table
+                if self.cfg.kind != "none":
+                    fg_rle[i] = json.dumps(rle.encode(mask))
+            except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
+                status[i], err_stage[i], err_type[i] = "error", STAGE, type(exc).__name__
+                err_msg[i] = f"foreground extraction failed: {exc}"
+            ms[i] = (time.perf_counter() - t0) * 1000.0
+        out.update(fg_rle=fg_rle, fg_components=comps, fg_sam_masks=proposed, fg_kept_masks=kept, foreground_ms=ms,
+                   status=status, error_stage=err_stage, error_type=err_type, error_message=err_msg)
+        return out

@@ -1,0 +1,149 @@
+"""The VVV stages chained in-process (no Ray): foreground -> tiling -> CLIP tile scoring -> aggregation
+-> encode, with the tiny CLIP and tiny SAM on generated multi-instance images."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import (
+    AggregationSpec, ClipSpec, ForegroundSpec, MapOutputSpec, SamSpec, TilingSpec, WinclipImageScore, WinclipWindows,
+)
+from pipeline.io.synthetic import make_multi_instance_dataset
+from pipeline.ops import rle
+from pipeline.stages.aggregate import AggregateStage
+from pipeline.stages.clip_score import ClipScoreStage
+from pipeline.stages.encode import EncodeStage
+from pipeline.stages.foreground import ForegroundStage
+from pipeline.stages.tiling import TilingStage
+
+TINY = ClipSpec(model="zsad-tiny", weights=None)
+TILING = TilingSpec(min_tile=96, tile_map_size=32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multi")
+    info = make_multi_instance_dataset(str(root), n_good=2, n_bad=2, size=(192, 256), instances=(2, 4), seed=3)
+    images = [np.asarray(Image.open(Path(info["root"]) / im["path"]).convert("RGB")) for im in info["images"]]
+    return info, images
+
+
+def _batch(images):
+    n = len(images)
+    col = np.empty(n, dtype=object)
+    col[:] = images
+    none = np.array([None] * n, dtype=object)
+    return {
+        "image_id": np.array([f"i{k}" for k in range(n)], dtype=object),
+        "category": np.array(["pills"] * n, dtype=object),
+        "image": col,
+        "height": np.array([im.shape[0] for im in images], dtype=np.int64),
+        "width": np.array([im.shape[1] for im in images], dtype=np.int64),
+        "status": np.array(["ok"] * n, dtype=object),
+        "error_stage": none.copy(), "error_type": none.copy(), "error_message": none.copy(),
+    }
+
+
+def _chain(images, fg: ForegroundSpec, sam: SamSpec | None = None, pixel=WinclipWindows(), top_fraction=0.25):
+    clip = ClipScoreStage(TINY, WinclipImageScore(), pixel=pixel, tiling=TILING)
+    stages = [ForegroundStage(fg, sam), TilingStage(TILING), clip, AggregateStage(AggregationSpec(top_fraction=top_fraction),
+                                                                                    MapOutputSpec(map_size=128))]
+    batch = _batch(images)
+    for stage in stages:
+        batch = stage(batch)
+    return batch, clip
+
+
+def test_classical_foreground_tiles_each_instance_and_aggregates(dataset):
+    info, images = dataset
+    out, clip = _chain(images, ForegroundSpec(kind="classical"))
+    assert list(out["status"]) == ["ok"] * len(images)
+    for i, meta in enumerate(info["images"]):
+        comps = np.asarray(out["fg_components"][i]).reshape(-1, 7)
+        assert len(comps) == meta["n_instances"] == out["n_components"][i]
+        tiles = np.asarray(out["tiles"][i]).reshape(-1, 5)
+        assert out["scoring_mode"][i] == "tiles" and out["n_tiles"][i] == len(tiles) >= len(comps)
+        h, w = images[i].shape[:2]
+        for x0, y0, x1, y1 in meta["boxes"]:  # every instance's centre lies inside one of its tiles
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            assert any(t[1] <= cx < t[3] and t[2] <= cy < t[4] for t in tiles)
+        assert (tiles[:, 1] >= 0).all() and (tiles[:, 2] >= 0).all() and (tiles[:, 3] <= w).all() and (tiles[:, 4] <= h).all()
+        # the tile scores equal scoring each crop alone, and the image score follows the top-25% rule
+        crops = [images[i][y0:y1, x0:x1] for _, x0, y0, x1, y1 in tiles]
+        alone = np.concatenate([clip.score_images([c], ["pills"], map_side=32)["score"] for c in crops])
+        np.testing.assert_allclose(out["tile_scores"][i], alone, atol=1e-5)
+        per_comp = {}
+        for t, s in zip(tiles, alone):
+            per_comp.setdefault(int(t[0]), []).append(s)
+        comp_scores = sorted((float(np.mean(v)) for v in per_comp.values()), reverse=True)
+        k = max(1, math.ceil(0.25 * len(comp_scores)))
+        assert out["score"][i] == pytest.approx(np.mean(comp_scores[:k]), abs=1e-6)
+        assert out["anomaly_map"][i].shape == (96, 128)  # map_size 128, aspect kept
+        mask = rle.decode(json.loads(out["fg_rle"][i]))
+        assert mask.shape == (h, w) and mask.sum() == comps[:, 5].sum()
+    assert "tile_maps" not in out  # dropped by the aggregation: only compact columns travel on
+
+
+def test_blank_image_falls_back_to_whole_image_scoring(dataset):
+    _, images = dataset
+    blank = np.full((150, 200, 3), 128, np.uint8)
+    out, clip = _chain([blank, images[0]], ForegroundSpec(kind="classical"))
+    assert out["scoring_mode"][0] == "whole_image_fallback" and out["n_components"][0] == 0
+    assert np.asarray(out["tiles"][0]).tolist() == [[-1, 0, 0, 200, 150]]
+    whole = clip.score_images([blank], ["pills"], map_side=32)["score"][0]
+    assert out["score"][0] == pytest.approx(whole, abs=1e-6)
+    assert out["scoring_mode"][1] == "tiles"
+
+
+def test_tiny_sam_foreground_runs_and_counts_parts(dataset):
+    _, images = dataset
+    fg = ForegroundSpec(kind="sam_dis", points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_inside=0.5)
+    out, _ = _chain(images[:2], fg, SamSpec(model="tiny"))
+    for i in range(2):
+        assert out["status"][i] == "ok", out["error_message"][i]
+        assert out["fg_sam_masks"][i] >= out["fg_kept_masks"][i] >= 0
+        comps = np.asarray(out["fg_components"][i]).reshape(-1, 7)
+        assert comps[:, 6].sum() <= out["fg_kept_masks"][i]  # parts counted at most once
+        assert out["scoring_mode"][i] in ("tiles", "whole_image_fallback")
+        assert (out["scoring_mode"][i] == "tiles") == (len(comps) > 0)
+
+
+def test_encode_after_aggregation_and_failed_rows_pass_through(dataset):
+    _, images = dataset
+    batch = _batch([images[0], images[1]])
+    batch["status"][1] = "error"
+    batch["error_stage"][1] = "decode"
+    clip = ClipScoreStage(TINY, WinclipImageScore(), pixel=WinclipWindows(), tiling=TILING)
+    for stage in (ForegroundStage(ForegroundSpec(kind="classical")), TilingStage(TILING), clip,
+                  AggregateStage(AggregationSpec(), MapOutputSpec(map_size=64)), EncodeStage()):
+        batch = stage(batch)
+    assert batch["map_height"][0] > 0 and batch["map_png"][0]
+    assert batch["status"][1] == "error" and batch["map_height"][1] == 0 and len(batch["tile_scores"][1]) == 0
+
+
+def test_tiling_mode_needs_the_tiles_column():
+    clip = ClipScoreStage(TINY, WinclipImageScore(), tiling=TILING)
+    with pytest.raises(ValueError, match="no 'tiles' column"):
+        clip(_batch([np.zeros((32, 32, 3), np.uint8)]))
+
+
+def test_clipseg_localiser_gives_the_tile_maps(dataset):
+    pytest.importorskip("transformers")  # the optional extra; installed with the dev extra
+    from pipeline.config import ClipSegMaps
+    from pipeline.models.clipseg import ClipSegLocaliser, build_clipseg
+
+    _, images = dataset
+    out, clip = _chain(images[:1], ForegroundSpec(kind="classical"), pixel=ClipSegMaps(arch="tiny"))
+    assert out["status"][0] == "ok", out["error_message"][0]
+    assert out["anomaly_map"][0].shape == (96, 128) and np.isfinite(out["anomaly_map"][0]).all()
+    # the stage's tile maps are the localiser's maps of each crop, scaled by the tile score in the aggregate
+    tiles = np.asarray(out["tiles"][0]).reshape(-1, 5)
+    _, x0, y0, x1, y1 = tiles[0]
+    ref = ClipSegLocaliser(build_clipseg(None, arch="tiny"))
+    expected = ref.maps([images[0][y0:y1, x0:x1]])[0]
+    got = clip.score_images([images[0][y0:y1, x0:x1]], ["pills"], map_side=int(y1 - y0))["maps"][0]
+    np.testing.assert_allclose(got, expected, atol=2e-3)

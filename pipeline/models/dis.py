@@ -22,7 +22,7 @@ Pre- and postprocessing follow IS-Net's reference inference script (``xuebinqin/
    (``max - min <= 1e-6 * max(1, |min|, |max|)``) is returned resized and clipped to [0, 1]
    instead of dividing (nearly) by zero, where the reference would return NaN or stretch noise.
 
-``onnxruntime`` is imported lazily: ``pip install 'zsad[dis]'``.
+``onnxruntime`` is imported lazily: ``pip install 'zsad[onnx]'``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ DIS_MEAN = (0.5, 0.5, 0.5)
 DIS_STD = (1.0, 1.0, 1.0)
 #: A raw map whose range is at most this fraction of its magnitude (floor 1) counts as constant.
 FLAT_TOLERANCE = 1e-6
-_INSTALL_HINT = "pip install 'zsad[dis]'"
+_INSTALL_HINT = "pip install 'zsad[onnx]'"
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 

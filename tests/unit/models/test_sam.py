@@ -104,7 +104,8 @@ def test_checkpoint_with_missing_unexpected_or_misshapen_keys_fails_naming_them(
     key = "mask_decoder.iou_prediction_head.layers.2.weight"
     missing = {k: v for k, v in sd.items() if k != key}
     torch.save(missing, tmp_path / "missing.pt")
-    with pytest.raises(SamLoadError, match=r"missing\.pt does not fit tiny: missing keys \['mask_decoder\.iou_prediction_head\.layers\.2\.weight'\]"):
+    named = r"missing\.pt does not fit tiny: missing keys \['mask_decoder\.iou_prediction_head\.layers\.2\.weight'\]"
+    with pytest.raises(SamLoadError, match=named):
         build_sam("tiny", str(tmp_path / "missing.pt"))
 
     torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")

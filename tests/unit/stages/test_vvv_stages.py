@@ -147,3 +147,23 @@ def test_clipseg_localiser_gives_the_tile_maps(dataset):
     expected = ref.maps([images[0][y0:y1, x0:x1]])[0]
     got = clip.score_images([images[0][y0:y1, x0:x1]], ["pills"], map_side=int(y1 - y0))["maps"][0]
     np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_sam_dis_uses_the_onnx_foreground_model_through_the_weights_spec(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from tests.unit.models.test_dis import _red_blue, _save_model
+
+    model = _save_model(tmp_path / "dis.onnx", size=32)
+    image = _red_blue(60, 80)  # red (foreground for this model) on the left half, blue on the right
+    fg_spec = ForegroundSpec(kind="sam_dis", dis_model={"path": model}, dis_input_size=32, points_per_side=8,
+                             pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, min_component_fraction=0)
+    stage = ForegroundStage(fg_spec, SamSpec(model="tiny"))
+    stage.setup()
+    assert stage.dis is not None
+    prob = stage.dis.predict(image)
+    assert prob[:, :40].min() > 0.5 > prob[:, 40:].max()
+    mask, comps, proposed, kept = stage.foreground(image)
+    assert proposed >= 1 and kept <= proposed
+    if mask.any():  # every kept SAM mask lies >= 80 % on the model's foreground side
+        assert mask[:, :40].sum() >= 0.8 * mask.sum()
+    assert all(c[3] <= 80 and c[4] <= 60 for c in comps)

@@ -119,11 +119,15 @@ class ShardSink:
 
     Shard k of a run writes ``TABLE/shard-0000k.parquet`` for every table (an empty file with the
     schema when the shard has no rows for it), then ``_done/shard-0000k.json`` LAST. A shard without
-    a marker is rerun in full and its files are overwritten, so no row is lost or duplicated."""
+    a marker is rerun in full and its files are overwritten, so no row is lost or duplicated.
+
+    Rows are streamed into the shard's files as they arrive (:meth:`append`), so the driver holds
+    one result batch at a time, not whole shards; :meth:`finish` makes the files visible."""
 
     def __init__(self, run_dir: str, tables: list[str], storage: StorageOptions | None = None) -> None:
         self.run_dir, self.tables, self.storage = run_dir, tables, storage
         self.contracts = {t: contracts.load(t) for t in tables}
+        self._open: dict[int, dict[str, tuple[Any, Any, str, str | None]]] = {}
 
     @staticmethod
     def name(shard: int) -> str:
@@ -143,16 +147,63 @@ class ShardSink:
             out[int(data["shard"])] = data
         return out
 
-    def write_shard(self, shard: int, columns: dict[str, dict[str, Any]], marker: dict[str, Any]) -> None:
+    def _start(self, shard: int) -> dict[str, tuple[Any, Any, str, str | None]]:
+        """Open one streaming Parquet writer per table for ``shard``. Local files are written under a
+        hidden temporary name and renamed when the shard finishes; object stores write the final key,
+        which only appears when the upload completes (at :meth:`finish`)."""
+        open_ = {}
         for table in self.tables:
-            t = contracts.to_table(columns[table], self.contracts[table]) if table in columns else self.contracts[table].schema.empty_table()
             uri = join(self.run_dir, table, self.name(shard) + ".parquet")
             fs, path = filesystem(uri, self.storage)
+            final = None
             if not is_remote(uri):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-            with fs.open(path, "wb") as fh:
-                pq.write_table(t.replace_schema_metadata(self.contracts[table].schema.metadata), fh)
+                final, path = path, os.path.join(os.path.dirname(path), f".{self.name(shard)}.parquet.part")
+            fh = fs.open(path, "wb")
+            schema = self.contracts[table].schema
+            writer = pq.ParquetWriter(fh, schema.with_metadata(schema.metadata))
+            open_[table] = (writer, fh, path, final)
+        self._open[shard] = open_
+        return open_
+
+    def append(self, shard: int, columns: dict[str, dict[str, Any]]) -> None:
+        """Add rows to ``shard``'s files (checked against each table's contract); nothing is visible
+        as a shard file until :meth:`finish`."""
+        writers = self._open.get(shard) or self._start(shard)
+        for table, cols in columns.items():
+            t = contracts.to_table(cols, self.contracts[table])
+            if t.num_rows:
+                writers[table][0].write_table(t)
+
+    def finish(self, shard: int, marker: dict[str, Any]) -> None:
+        """Close ``shard``'s files (an empty file with the schema for a table without rows), then
+        write its done marker LAST."""
+        if shard not in self._open:
+            self._start(shard)
+        writers = self._open.pop(shard)
+        for writer, fh, path, final in writers.values():
+            writer.close()
+            fh.close()
+            if final is not None:
+                os.replace(path, final)
         write_json(join(self.run_dir, "_done", self.name(shard) + ".json"), {"shard": shard, **marker}, self.storage)
+
+    def discard(self) -> None:
+        """Drop unfinished shards (their files are rewritten in full by the next attempt)."""
+        for shard in list(self._open):
+            for writer, fh, path, final in self._open.pop(shard).values():
+                try:
+                    writer.close()
+                    fh.close()
+                    if final is not None:
+                        os.remove(path)
+                except Exception:  # best effort: an unfinished shard is rerun anyway
+                    pass
+
+    def write_shard(self, shard: int, columns: dict[str, dict[str, Any]], marker: dict[str, Any]) -> None:
+        """All rows of a shard at once, then its marker."""
+        self.append(shard, columns)
+        self.finish(shard, marker)
 
     def files(self, table: str) -> list[str]:
         fs, path = filesystem(join(self.run_dir, table), self.storage)

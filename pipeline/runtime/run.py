@@ -240,19 +240,39 @@ def error_rows(batch: pd.DataFrame, run_id: str) -> dict[str, list]:
     }
 
 
-def _write_shard(sink, shard: int, rows: pd.DataFrame, run_id: str, labels, model_cols, spec: JobSpec) -> None:
-    """All tables of one complete shard, then its done marker."""
+def _shard_columns(rows: pd.DataFrame, tables: list[str], run_id: str, labels, model_cols, spec: JobSpec) -> dict[str, dict]:
+    """One result batch (rows of one shard) -> the columns of every output table."""
     columns = {"scores": score_rows(rows, run_id, labels, model_cols), "errors": error_rows(rows, run_id)}
-    if "masks" in sink.tables:
+    if "masks" in tables:
         columns["masks"] = mask_rows(rows, run_id, spec.pixel.kind, MAP_RANGE, spec.maps.threshold)
-    if "foreground" in sink.tables:
+    if "foreground" in tables:
         columns["foreground"] = foreground_rows(rows, run_id, spec.foreground.kind)
-    if "tiles" in sink.tables:
+    if "tiles" in tables:
         columns["tiles"] = tile_rows(rows, run_id)
-    busy = {s: float(np.nansum(rows[f"{s}_ms"].to_numpy(dtype=float))) / 1000.0 for s in STAGES if f"{s}_ms" in rows}
-    failed = rows.loc[rows["status"] != "ok", "error_stage"].value_counts()
-    sink.write_shard(shard, columns, {"images": len(rows), "failed": int((rows["status"] != "ok").sum()), "busy": busy,
-                                      "failed_by_stage": {str(k): int(v) for k, v in failed.items()}})
+    return columns
+
+
+class ShardTally:
+    """What a shard's done marker says: images, failed (total and per stage), busy seconds per stage;
+    added up batch by batch as the shard's rows stream through."""
+
+    def __init__(self) -> None:
+        self.images = self.failed = 0
+        self.busy = {s: 0.0 for s in STAGES}
+        self.failed_by_stage: dict[str, int] = {}
+
+    def add(self, rows: pd.DataFrame) -> None:
+        self.images += len(rows)
+        bad = rows["status"] != "ok"
+        self.failed += int(bad.sum())
+        for s in STAGES:
+            if f"{s}_ms" in rows:
+                self.busy[s] += float(np.nansum(rows[f"{s}_ms"].to_numpy(dtype=float))) / 1000.0
+        for stage, count in rows.loc[bad, "error_stage"].value_counts().items():
+            self.failed_by_stage[str(stage)] = self.failed_by_stage.get(str(stage), 0) + int(count)
+
+    def marker(self) -> dict[str, Any]:
+        return {"images": self.images, "failed": self.failed, "busy": self.busy, "failed_by_stage": self.failed_by_stage}
 
 
 def _key(row) -> tuple:
@@ -460,7 +480,7 @@ def run_job(
     t_plan = time.monotonic()
     first_result_s: float | None = None
     first_result_rows = 0
-    buffers: dict[int, list[pd.DataFrame]] = {}
+    tallies: dict[int, ShardTally] = {}
     write_s = 0.0
     try:
         if len(pending):
@@ -476,17 +496,21 @@ def run_job(
                     if first_result_s is None:
                         first_result_s, first_result_rows = time.monotonic() - t_plan, len(batch)
                     shards = batch["image_id"].map(shard_of)
+                    t_w = time.monotonic()
                     for k, part in batch.groupby(shards.to_numpy()):
-                        buffers.setdefault(int(k), []).append(part)
-                        if sum(len(p) for p in buffers[int(k)]) == expected[int(k)]:
-                            t_w = time.monotonic()
-                            _write_shard(sink, int(k), pd.concat(buffers.pop(int(k)), ignore_index=True), run_id, labels,
-                                         model_cols, spec)
-                            write_s += time.monotonic() - t_w
+                        k = int(k)
+                        sink.append(k, _shard_columns(part, sink.tables, run_id, labels, model_cols, spec))
+                        tally = tallies.setdefault(k, ShardTally())
+                        tally.add(part)
+                        if tally.images == expected[k]:
+                            sink.finish(k, tallies.pop(k).marker())
+                    write_s += time.monotonic() - t_w
                     progress.update(len(batch), int((batch["status"] != "ok").sum()))
     except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
         plan_error = root_cause(exc)
         log(f"run failed: {plan_error}")
+    finally:
+        sink.discard()  # unfinished shards: no marker, rerun in full on resume
     plan_s = time.monotonic() - t_plan
 
     markers = sink.markers()
@@ -533,7 +557,7 @@ def run_job(
             "list_wall": round(list_s, 3),
             "plan_wall": round(plan_s, 3),
             "first_result_wall": None if first_result_s is None else round(first_result_s, 3),
-            "write_wall": round(write_s, 3),  # shard files + markers, inside plan_wall
+            "write_wall": round(write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
             "decode_busy": round(busy["decode"], 3),
             "foreground_busy": round(busy["foreground"], 3),
             "clip_score_busy": round(busy["clip_score"], 3),

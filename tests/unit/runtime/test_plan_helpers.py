@@ -12,7 +12,7 @@ def test_gpu_request_falls_back_only_on_a_local_ray_without_gpus():
     spec = load_spec("jobs/smoke.yaml", ["resources.clip_score.num_gpus=0.5"])
     logs = []
     assert effective_gpus(spec, {"local": True, "resources": {"CPU": 2}}, logs.append) == 0.0
-    assert "scoring on CPU" in logs[0]
+    assert "running clip_score on CPU" in logs[0]
     assert effective_gpus(spec, {"local": True, "resources": {"CPU": 2, "GPU": 1}}, logs.append) == 0.5
     assert effective_gpus(spec, {"local": False, "resources": {"CPU": 2}}, logs.append) == 0.5  # autoscaler may add GPUs
     assert len(logs) == 1

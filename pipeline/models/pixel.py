@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from pipeline.models import vit
 from pipeline.models.scoring import TextClassifier, anomaly_probability
+from pipeline.ops.heatmap import PROBABILITY_RANGE
 
-MAP_RANGE = (0.0, 1.0)
+MAP_RANGE = PROBABILITY_RANGE
 
 
 def winclip_map(

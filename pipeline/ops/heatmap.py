@@ -16,6 +16,19 @@ import io
 import numpy as np
 from PIL import Image
 
+# The fixed value range of probability-like anomaly maps (every zsad pixel method): PNG level 0 is
+# 0.0 and level 65535 is 1.0, so all maps of a run share one quantisation grid.
+PROBABILITY_RANGE = (0.0, 1.0)
+
+
+def map_shape(height: int, width: int, map_size) -> tuple[int, int]:
+    """Stored map (H, W) for an image of ``height`` x ``width``: the image's own size for
+    ``"original"``, else long side ``map_size`` with the aspect ratio kept (at least 1 pixel)."""
+    if map_size == "original":
+        return height, width
+    scale = map_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
 __all__ = ["LEVELS", "quantise", "dequantise", "encode_png16", "decode_png16", "resize_map"]
 
 #: The largest quantisation level (uint16).

@@ -18,16 +18,14 @@ compact PNG/RLE bytes reach the driver.
 from __future__ import annotations
 
 import functools
-import sys
-import time
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import pandas as pd
 import ray
 from ray.data import ActorPoolStrategy
 
 from pipeline.config import JobSpec, StageResources
+from pipeline.runtime.udf import _ActorStage, _task
 from pipeline.io.fs import StorageOptions
 from pipeline.stages.aggregate import AggregateStage
 from pipeline.stages.clip_score import ClipScoreStage
@@ -54,51 +52,6 @@ def result_columns(spec: JobSpec) -> list[str]:
     if spec.tiling is not None:
         cols += TILING_COLUMNS
     return cols
-
-
-# Text columns that are None on most rows. Ray infers a block's Arrow type from its values, so a
-# block whose values are all None would get a non-string type and fail to merge with the others;
-# between stages they carry "" for "no value" (the driver turns it back into null).
-_SPARSE_TEXT = ("error_stage", "error_type", "error_message", "mask_rle")
-
-
-def _dense_text(batch: dict) -> dict:
-    for name in _SPARSE_TEXT:
-        if name in batch:
-            col = np.empty(len(batch[name]), dtype=object)
-            col[:] = ["" if v is None else str(v) for v in batch[name]]
-            batch[name] = col
-    return batch
-
-
-def _sparse_text(batch: dict) -> dict:
-    for name in _SPARSE_TEXT:
-        if name in batch:
-            col = np.empty(len(batch[name]), dtype=object)
-            col[:] = [None if v is None or v == "" else v for v in batch[name]]
-            batch[name] = col
-    return batch
-
-
-class _ActorStage:
-    """Actor wrapper: builds the stage (and its models) once per actor."""
-
-    def __init__(self, factory: Callable[[], Any]) -> None:
-        t0 = time.perf_counter()
-        self.stage = factory()
-        self.stage.setup()
-        name = getattr(self.stage, "name", type(self.stage).__name__)
-        print(f"[zsad] {name} actor ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-
-    def __call__(self, batch: dict) -> dict:
-        return _dense_text(self.stage(_sparse_text(dict(batch))))
-
-
-def _task(stage: Any) -> Callable[[dict], dict]:
-    def run(batch: dict) -> dict:
-        return _dense_text(stage(_sparse_text(dict(batch))))
-
-    return run
 
 
 def _remote_args(res: StageResources) -> dict[str, Any]:

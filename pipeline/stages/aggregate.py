@@ -21,19 +21,12 @@ import time
 import numpy as np
 
 from pipeline.config import AggregationSpec, MapOutputSpec
-from pipeline.models.pixel import MAP_RANGE
 from pipeline.ops.aggregate import aggregate_tiles
-from pipeline.ops.heatmap import resize_map
+from pipeline.ops.heatmap import PROBABILITY_RANGE, map_shape, resize_map
 from pipeline.ops.tiling import Tile
 from pipeline.stages._columns import check_columns
 
 STAGE = "aggregate"
-
-
-def map_shape(height: int, width: int, map_size) -> tuple[int, int]:
-    from pipeline.stages.clip_score import map_shape as shape
-
-    return shape(height, width, map_size)
 
 
 class AggregateStage:
@@ -85,7 +78,7 @@ class AggregateStage:
             n_comp[i] = 0 if whole else len(result.component_scores)
             mode[i] = "whole_image_fallback" if whole else "tiles"
             if result.image_map is not None:
-                full = np.clip(result.image_map, *MAP_RANGE).astype(np.float32)
+                full = np.clip(result.image_map, *PROBABILITY_RANGE).astype(np.float32)
                 maps[i] = resize_map(full, map_shape(h, w, self.maps.map_size)).astype(np.float32)
                 max_pixel[i] = float(maps[i].max())
             ms[i] = (time.perf_counter() - t0) * 1000.0

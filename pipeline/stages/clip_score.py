@@ -25,6 +25,7 @@ from pipeline.models import clip as clip_models
 from pipeline.models import pixel as pixel_maps
 from pipeline.models.prompts import PROMPT_SETS, object_name
 from pipeline.models.scoring import TextClassifier, anomaly_probability, build_classifier
+from pipeline.ops.heatmap import map_shape
 from pipeline.stages._columns import check_columns
 
 STAGE = "clip_score"
@@ -34,14 +35,6 @@ ModelFactory = Callable[[], tuple[torch.nn.Module, clip_models.Preprocess]]
 def pick_device(use_gpu: bool) -> torch.device:
     """The stage's device: CUDA when the stage was given a GPU and this worker has one."""
     return torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-
-
-def map_shape(height: int, width: int, map_size) -> tuple[int, int]:
-    """Output map (H, W): the image's own size for ``original``, else long side ``map_size``."""
-    if map_size == "original":
-        return height, width
-    scale = map_size / max(height, width)
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 class ClipScoreStage:

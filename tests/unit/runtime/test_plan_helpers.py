@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import load_spec
-from pipeline.runtime.ray_plan import _dense_text, _sparse_text, effective_gpus
+from pipeline.runtime.ray_plan import effective_gpus
+from pipeline.runtime.udf import _dense_text, _sparse_text
 from pipeline.runtime.run import error_rows, mask_rows, score_rows
 
 

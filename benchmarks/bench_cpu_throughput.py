@@ -21,24 +21,16 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
+from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 RANDOM = ["clip.weights=null", "allow_random_weights=true"]
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_images(folder: str, n: int, size: int) -> None:

@@ -57,6 +57,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # tests.helpers and pipeline, whatever the cwd
@@ -131,13 +132,6 @@ def snapshot() -> set[tuple[int, int]]:
         if st:
             keys.add((pid, st[1]))
     return keys
-
-
-def cpu_name() -> str:
-    for line in (_read("/proc/cpuinfo") or "").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def mem_total_gib() -> float:

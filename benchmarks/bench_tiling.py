@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime as dt
-import platform
 import sys
 import tempfile
 import time
@@ -29,16 +28,9 @@ from pipeline.config import ForegroundSpec, TilingSpec  # noqa: E402
 from pipeline.io.synthetic import make_multi_instance_dataset  # noqa: E402
 from pipeline.stages.foreground import ForegroundStage  # noqa: E402
 from pipeline.stages.tiling import TilingStage  # noqa: E402
+from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -70,7 +62,7 @@ def main() -> None:
         found += int(len(comps) == meta["n_instances"])
         reasons.update(t.reason for t in plan)
     tiles = np.array(per_tiles)
-    print(f"| {dt.date.today()} | {_cpu()}, {len(__import__('os').sched_getaffinity(0))} cores | "
+    print(f"| {dt.date.today()} | {cpu_name()}, {len(__import__('os').sched_getaffinity(0))} cores | "
           f"`python benchmarks/bench_tiling.py --images {args.images} --size {args.size[0]} {args.size[1]} --min-tile {args.min_tile}` | "
           f"{args.kind} | {len(images)} | {np.mean(per_comps):.2f} | {found}/{len(images)} | "
           f"{tiles.mean():.2f} (min {tiles.min()}, median {np.median(tiles):.0f}, max {tiles.max()}) | "

@@ -429,7 +429,7 @@ def validate(
 
 
 @app.command()
-def schema(table: Optional[str] = typer.Argument(None, help="Table name (scores, errors, inputs); default: all.")) -> None:
+def schema(table: Optional[str] = typer.Argument(None, help="Table name (scores, errors, inputs, masks, foreground, tiles, metrics); default: all.")) -> None:
     """Print the table contracts (columns, Arrow types, nullability, docs)."""
     from pipeline.io import contracts
 

@@ -169,11 +169,7 @@ def foreground_rows(batch: pd.DataFrame, run_id: str, kind: str) -> dict[str, li
     tables = [np.asarray(c, dtype=np.int64).reshape(-1, 7) for c in batch["fg_components"]]
     pick = lambda col, k: [col(t) if o else None for t, o in zip(tables, ok)]  # noqa: E731
     return {
-        "run_id": [run_id] * n,
-        "image_id": batch["image_id"].tolist(),
-        "uri": batch["uri"].tolist(),
-        "category": batch["category"].tolist(),
-        "status": batch["status"].tolist(),
+        **_identity(batch, run_id),
         "kind": [kind] * n,
         "foreground_rle": [r if o and r else None for r, o in zip(batch["fg_rle"].tolist(), ok)],
         "n_sam_masks": _nullable(batch["fg_sam_masks"], ok),
@@ -204,17 +200,18 @@ def tile_rows(batch: pd.DataFrame, run_id: str) -> dict[str, list]:
     return cols
 
 
+def _identity(batch: pd.DataFrame, run_id: str) -> dict[str, list]:
+    """The columns that open every per-image table: run_id, image_id, uri, category, status."""
+    return {"run_id": [run_id] * len(batch), **{k: batch[k].tolist() for k in ("image_id", "uri", "category", "status")}}
+
+
 def mask_rows(batch: pd.DataFrame, run_id: str, method: str, map_range: tuple[float, float], threshold: float | None) -> dict[str, list]:
     """A result batch -> columns of the ``masks`` table (one row per image; null maps for failures)."""
     n = len(batch)
     has = ((batch["status"] == "ok") & (batch["map_height"] > 0)).to_numpy()
     rles = [None if not h or not r else r for r, h in zip(batch["mask_rle"].tolist(), has)]
     return {
-        "run_id": [run_id] * n,
-        "image_id": batch["image_id"].tolist(),
-        "uri": batch["uri"].tolist(),
-        "category": batch["category"].tolist(),
-        "status": batch["status"].tolist(),
+        **_identity(batch, run_id),
         "method": [method] * n,
         "map_png": [p if h else None for p, h in zip(batch["map_png"].tolist(), has)],
         "map_height": _nullable(batch["map_height"], has),

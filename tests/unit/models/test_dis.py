@@ -111,7 +111,7 @@ def test_load_errors_name_the_file(tmp_path):
 def test_missing_onnxruntime_says_how_to_install(tmp_path, monkeypatch):
     path = _save_model(tmp_path / "m.onnx")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    with pytest.raises(dis.DisLoadError, match=r"pip install 'zsad\[dis\]'"):
+    with pytest.raises(dis.DisLoadError, match=r"pip install 'zsad\[onnx\]'"):
         dis.DisModel(path, input_size=32)
 
 

@@ -221,7 +221,7 @@ def follow(jobs, attempt: Attempt, write: Callable[[str], None]) -> Attempt:
 
     try:
         asyncio.run(pump())
-    except RuntimeError:  # the log socket closed early (e.g. the dashboard restarted): fall back to polling
+    except Exception:  # noqa: BLE001 - the log socket closed early (dashboard restarted, network): poll instead
         pass
     return wait(jobs, attempt, poll_s=0.5)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.resources
 import os
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -261,8 +260,9 @@ def submit(
         _err("--resume needs --run-id (the run to continue)")
         raise typer.Exit(2)
     run_id = run_id or new_run_id()
-    if check_run_id(run_id):
-        _err(check_run_id(run_id))
+    problem = check_run_id(run_id)
+    if problem:
+        _err(problem)
         raise typer.Exit(2)
     variables = _parse_env(env)
     client = _jobs_client(address)
@@ -314,9 +314,7 @@ def status(
     from pipeline.runtime import jobs
 
     client = _jobs_client(address)
-    found = _jobs_call(jobs.attempts, client, run_id)
-    if not found:
-        _jobs_call(jobs.latest, client, run_id, address)  # raises the "no such run" error
+    found = _jobs_call(jobs.attempts, client, run_id, required=True, address=address)
     last = found[-1]
     record = jobs.run_record(last, storage_options()) if last.terminal else None
     if as_json:
@@ -351,9 +349,7 @@ def logs(
     from pipeline.runtime import jobs
 
     client = _jobs_client(address)
-    found = _jobs_call(jobs.attempts, client, run_id)
-    if not found:
-        _jobs_call(jobs.latest, client, run_id, address)
+    found = _jobs_call(jobs.attempts, client, run_id, required=True, address=address)
     chosen = found[-1] if attempt is None else next((a for a in found if a.attempt == attempt), None)
     if chosen is None:
         _err(f"run {run_id} has no attempt {attempt} (it has {len(found)})")

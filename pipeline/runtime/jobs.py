@@ -172,22 +172,22 @@ def _attempt(info) -> Attempt | None:
     )
 
 
-def attempts(jobs, run_id: str) -> list[Attempt]:
-    """Every submission of ``run_id`` on the cluster, first attempt first."""
+def attempts(jobs, run_id: str, *, required: bool = False, address: str | None = None) -> list[Attempt]:
+    """Every submission of ``run_id`` on the cluster, first attempt first. With ``required``, a run
+    the cluster does not know is a :class:`JobsError`."""
     try:
         infos = jobs.list_jobs()
     except Exception as exc:
         raise JobsError(f"listing the cluster's jobs failed: {exc}") from None
-    found = [a for a in map(_attempt, infos) if a is not None and a.run_id == run_id]
-    return sorted(found, key=lambda a: a.attempt)
+    found = sorted((a for a in map(_attempt, infos) if a is not None and a.run_id == run_id), key=lambda a: a.attempt)
+    if required and not found:
+        raise JobsError(f"no zsad run {run_id!r} on the cluster{f' at {address}' if address else ''} "
+                        "(zsad submit prints the run id)")
+    return found
 
 
 def latest(jobs, run_id: str, address: str | None = None) -> Attempt:
-    found = attempts(jobs, run_id)
-    if not found:
-        raise JobsError(f"no zsad run {run_id!r} on the cluster{f' at {address}' if address else ''} "
-                        "(zsad submit prints the run id)")
-    return found[-1]
+    return attempts(jobs, run_id, required=True, address=address)[-1]
 
 
 def refresh(jobs, attempt: Attempt) -> Attempt:

@@ -29,6 +29,8 @@ from pipeline.models.pixel import MAP_RANGE
 from pipeline.runtime.ids import check_run_id, new_run_id
 
 STAGES = ("decode", "foreground", "clip_score", "aggregate", "encode")
+TILE_COLUMNS = ("run_id", "image_id", "category", "tile_index", "component_id", "x0", "y0", "x1", "y1", "reason",
+                "tile_score", "component_score")
 
 
 class RunError(RuntimeError):
@@ -143,18 +145,17 @@ def score_rows(batch: pd.DataFrame, run_id: str, labels: dict[str, Any], model_c
     for key, value in model_cols.items():
         cols[key] = [value] * n
     has_fg, has_tiles = "foreground_ms" in batch, "scoring_mode" in batch
-    done = ok & (batch["status"] == "ok").to_numpy()
     if has_tiles:
-        cols["scoring_mode"] = [m if k and m else "none" for m, k in zip(batch["scoring_mode"].tolist(), done)]
-        cols["n_tiles"] = _nullable(batch["n_tiles"], done)
-        cols["aggregate_ms"] = _nullable(batch["aggregate_ms"], done)
+        cols["scoring_mode"] = [m if k and m else "none" for m, k in zip(batch["scoring_mode"].tolist(), ok)]
+        cols["n_tiles"] = _nullable(batch["n_tiles"], ok)
+        cols["aggregate_ms"] = _nullable(batch["aggregate_ms"], ok)
     else:
-        cols["scoring_mode"] = ["whole_image" if k else "none" for k in done]
+        cols["scoring_mode"] = ["whole_image" if k else "none" for k in ok]
         cols["n_tiles"] = [None] * n
         cols["aggregate_ms"] = [None] * n
     if has_fg:
-        reached = np.array([s not in ("decode",) for s in batch["error_stage"].tolist()])
-        cols["n_components"] = [len(np.asarray(c).reshape(-1, 7)) if k else None for c, k in zip(batch["fg_components"], done)]
+        reached = np.array([s != "decode" for s in batch["error_stage"].tolist()])
+        cols["n_components"] = [len(np.asarray(c).reshape(-1, 7)) if k else None for c, k in zip(batch["fg_components"], ok)]
         cols["foreground_ms"] = _nullable(batch["foreground_ms"], reached)
     else:
         cols["n_components"] = [None] * n
@@ -167,37 +168,33 @@ def foreground_rows(batch: pd.DataFrame, run_id: str, kind: str) -> dict[str, li
     n = len(batch)
     ok = (batch["status"] == "ok").to_numpy()
     tables = [np.asarray(c, dtype=np.int64).reshape(-1, 7) for c in batch["fg_components"]]
-    pick = lambda col, k: [col(t) if o else None for t, o in zip(tables, ok)]  # noqa: E731
+    pick = lambda col: [col(t) if o else None for t, o in zip(tables, ok)]  # noqa: E731
     return {
         **_identity(batch, run_id),
         "kind": [kind] * n,
         "foreground_rle": [r if o and r else None for r, o in zip(batch["fg_rle"].tolist(), ok)],
         "n_sam_masks": _nullable(batch["fg_sam_masks"], ok),
         "n_kept_masks": _nullable(batch["fg_kept_masks"], ok),
-        "n_components": pick(len, None),
-        "component_ids": pick(lambda t: t[:, 0].tolist(), None),
-        "component_boxes": pick(lambda t: t[:, 1:5].tolist(), None),
-        "component_areas": pick(lambda t: t[:, 5].tolist(), None),
-        "component_parts": pick(lambda t: t[:, 6].tolist(), None),
+        "n_components": pick(len),
+        "component_ids": pick(lambda t: t[:, 0].tolist()),
+        "component_boxes": pick(lambda t: t[:, 1:5].tolist()),
+        "component_areas": pick(lambda t: t[:, 5].tolist()),
+        "component_parts": pick(lambda t: t[:, 6].tolist()),
     }
 
 
 def tile_rows(batch: pd.DataFrame, run_id: str) -> dict[str, list]:
     """A result batch -> columns of the ``tiles`` table (one row per tile of each scored image)."""
-    cols: dict[str, list] = {k: [] for k in ("run_id", "image_id", "category", "tile_index", "component_id", "x0", "y0",
-                                             "x1", "y1", "reason", "tile_score", "component_score")}
+    rows = []
     for row in batch[batch["status"] == "ok"].itertuples():
         boxes = np.asarray(row.tiles, dtype=np.int64).reshape(-1, 5)
-        reasons = str(row.tile_reasons).split(",")
         scores = np.asarray(row.tile_scores, dtype=np.float64)
         comp = np.asarray(row.tile_component_scores, dtype=np.float64)
-        for t, (b, reason) in enumerate(zip(boxes, reasons)):
-            for key, value in (("run_id", run_id), ("image_id", row.image_id), ("category", row.category), ("tile_index", t),
-                               ("component_id", int(b[0])), ("x0", int(b[1])), ("y0", int(b[2])), ("x1", int(b[3])),
-                               ("y1", int(b[4])), ("reason", reason), ("tile_score", float(scores[t])),
-                               ("component_score", float(comp[t]))):
-                cols[key].append(value)
-    return cols
+        for t, (b, reason) in enumerate(zip(boxes, str(row.tile_reasons).split(","))):
+            rows.append({"run_id": run_id, "image_id": row.image_id, "category": row.category, "tile_index": t,
+                         "component_id": int(b[0]), "x0": int(b[1]), "y0": int(b[2]), "x1": int(b[3]), "y1": int(b[4]),
+                         "reason": reason, "tile_score": float(scores[t]), "component_score": float(comp[t])})
+    return {k: [r[k] for r in rows] for k in TILE_COLUMNS}
 
 
 def _identity(batch: pd.DataFrame, run_id: str) -> dict[str, list]:

@@ -1,6 +1,8 @@
-# zsad: two set-up commands.
-#   make demo   create .venv, install zsad, generate a synthetic dataset, run the smoke job on a local Ray
-#   make test   create/update .venv and run the test suite
+# zsad: set-up commands.
+#   make demo        create .venv, install zsad, generate a synthetic dataset, run the smoke job on a local Ray
+#   make test        create/update .venv and run the whole test suite (what .ci/run calls)
+#   make test-fast   create/update .venv and run the unit tests only (tests/unit: no local Ray, no CLI
+#                    runs; a minute or two on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 # torch/torchvision pinned to what this project's machines serve; override for other platforms,
@@ -10,7 +12,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.zsad-installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-fast venv bench clean
 
 venv: $(STAMP)
 
@@ -26,6 +28,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q tests/unit
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu_throughput.py

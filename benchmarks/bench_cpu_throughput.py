@@ -61,10 +61,10 @@ def main() -> None:
         t0 = time.perf_counter()
         result = run_job(spec, data, out, run_id="bench", log=lambda m: None)
         total_s = time.perf_counter() - t0
-        assert result.status == "succeeded", result.manifest.get("reason")
-        plan_s = result.manifest["stage_seconds"]["plan_wall"]
-        first_s = result.manifest["stage_seconds"]["first_result_wall"]
-        busy_s = result.manifest["stage_seconds"]["clip_score_busy"]
+        assert result.status == "succeeded", result.record.get("reason")
+        plan_s = result.record["stage_seconds"]["plan_wall"]
+        first_s = result.record["stage_seconds"]["first_result_wall"]
+        busy_s = result.record["stage_seconds"]["clip_score_busy"]
 
         stage = ClipScoreStage(spec.clip, spec.score)
         stage.setup()

@@ -29,7 +29,7 @@ from PIL import Image
 
 
 def make_run(root: str, n: int, size: int) -> str:
-    from pipeline.io.layouts import image_id_for, write_manifest
+    from pipeline.io.manifest import image_id_for, write_manifest
     from pipeline.ops import heatmap
 
     import pandas as pd

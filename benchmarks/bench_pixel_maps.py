@@ -36,14 +36,14 @@ def measure(kind: str, n_images: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, WinclipImageScore, WinclipWindows
+    from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, ZeroShotImageScore, WinclipWindows
     from pipeline.models import clip as clip_models
     from pipeline.models import vit
     from pipeline.stages.clip_score import ClipScoreStage
 
     pixel = {"winclip": WinclipWindows(), "winclip_int8": WinclipWindows(), "fade": FadeZeroShot()}.get(kind, NoPixelMap())
     clip = ClipSpec(model="ViT-B-16-plus-240", weights=None, cpu_int8=kind.endswith("int8"))
-    stage = ClipScoreStage(clip, WinclipImageScore(), pixel=pixel, maps=MapOutputSpec(map_size=240))
+    stage = ClipScoreStage(clip, ZeroShotImageScore(), pixel=pixel, maps=MapOutputSpec(map_size=240))
     stage.setup()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (240, 240, 3), dtype=np.uint8) for _ in range(n_images + 1)]
@@ -66,7 +66,7 @@ def measure(kind: str, n_images: int, threads: int) -> dict:
     extra = {}
     peak = rss_mb()  # before any reference model below
     if kind == "winclip_int8":  # deviation of the int8 mode from fp32 on the same images
-        ref = ClipScoreStage(ClipSpec(model="ViT-B-16-plus-240", weights=None), WinclipImageScore(), pixel=pixel,
+        ref = ClipScoreStage(ClipSpec(model="ViT-B-16-plus-240", weights=None), ZeroShotImageScore(), pixel=pixel,
                              maps=MapOutputSpec(map_size=240))
         ref.setup()
         a = stage.score_images(images[1:], ["object"] * n_images)

@@ -1,6 +1,6 @@
 """Tiles per image on the generated multi-instance set, and the time of the CPU stages around them.
 
-Generates ``--images`` multi-instance images (pipeline.io.synthetic.make_multi_instance_dataset,
+Generates ``--images`` multi-instance images (pipeline.synthetic.make_multi_instance_dataset,
 ``--size`` H W, 2-5 objects each), runs the foreground stage (``--kind classical`` by default: no SAM,
 deterministic) and the tiling stage with the given ``--min-tile``, and reports the distribution of
 tiles per image, components per image, how many tiles were clipped, and the per-image time of the
@@ -25,9 +25,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import ForegroundSpec, TilingSpec  # noqa: E402
-from pipeline.io.synthetic import make_multi_instance_dataset  # noqa: E402
 from pipeline.stages.foreground import ForegroundStage  # noqa: E402
 from pipeline.stages.tiling import TilingStage  # noqa: E402
+from pipeline.synthetic import make_multi_instance_dataset  # noqa: E402
 from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 

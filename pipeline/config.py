@@ -157,9 +157,17 @@ class RetrySpec(_Model):
 
 
 class ResourcesSpec(_Model):
+    """One section per pipeline stage (``resources.<stage>``), each a :class:`StageResources`.
+    Task stages (decode, tiling, aggregate, encode; foreground without SAM) run as CPU tasks and
+    never ask for GPUs; actor stages (clip_score; foreground with SAM) use ``num_gpus`` and the pool
+    size."""
+
     decode: StageResources = StageResources(num_cpus=1, batch_size=32)
     foreground: StageResources = StageResources(num_cpus=1, batch_size=4)
+    tiling: StageResources = StageResources(num_cpus=1, batch_size=32)
     clip_score: StageResources = StageResources(num_cpus=1, batch_size=16)
+    aggregate: StageResources = StageResources(num_cpus=1, batch_size=32)
+    encode: StageResources = StageResources(num_cpus=1, batch_size=32)
 
 
 class ClipSpec(_Model):
@@ -192,9 +200,12 @@ class ObjectNameSpec(_Model):
     overrides: dict[str, str] = Field(default_factory=dict)
 
 
-class WinclipImageScore(_Model):
-    """WinCLIP zero-shot image-level score (METHODS.md sections 1-2): the compositional prompt
-    ensemble, two text embeddings per category, softmax over [normal, anomalous] cosines / tau."""
+class ZeroShotImageScore(_Model):
+    """Zero-shot image-level score from prompts (METHODS.md sections 1-2), the scorer of every
+    preset: a prompt ensemble (``prompt_set``: WinCLIP's compositional one, APRIL-GAN's, VVV's or
+    zsad's), aggregated into two text embeddings per category, softmax over [normal, anomalous]
+    cosines / tau. The ``kind`` keeps its historical name ``winclip_zero_shot`` (it is stored in
+    the scores table's ``score_method``)."""
 
     kind: Literal["winclip_zero_shot"] = "winclip_zero_shot"
     prompt_set: PromptSetName = "winclip"
@@ -203,7 +214,7 @@ class WinclipImageScore(_Model):
     object_names: ObjectNameSpec = ObjectNameSpec()
 
 
-ScoreSpec = Annotated[Union[WinclipImageScore], Field(discriminator="kind")]
+ScoreSpec = Annotated[Union[ZeroShotImageScore], Field(discriminator="kind")]
 
 
 class NoPixelMap(_Model):
@@ -362,7 +373,7 @@ class JobSpec(_Model):
 
     name: str = "zsad-job"
     clip: ClipSpec
-    score: ScoreSpec = WinclipImageScore()
+    score: ScoreSpec = ZeroShotImageScore()
     pixel: PixelSpec = NoPixelMap()
     maps: MapOutputSpec = MapOutputSpec()
     allow_random_weights: bool = False

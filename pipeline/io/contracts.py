@@ -5,6 +5,13 @@ a schema version. :func:`to_table` builds an Arrow table that conforms (or raise
 :class:`ContractError` naming the table, the column and the problem); :func:`validate` checks an
 existing table. Parquet files carry ``zsad.table`` and ``zsad.schema_version`` in their key-value
 metadata.
+
+Tables written from the pipeline's rows also declare how each column is projected from the row
+(:mod:`pipeline.io.projection`): per field ``source`` (the in-flight column or expression, default
+the field's name), ``value`` (a run-level value such as ``run_id``), ``null_unless`` (``ok``,
+``decoded`` or ``map``: the row condition under which the value is kept) and ``fill`` (the value
+stored for a null); per table ``rows`` (``all``, ``ok`` or ``failed``) and ``explode`` (list
+columns that give one output row per element).
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ class Field:
     type: pa.DataType
     nullable: bool
     doc: str
+    source: str | None = None  # projection from the row: the in-flight column or expression (default: name)
+    value: str | None = None  # or a run-level value (run_id, clip_model...)
+    null_unless: str | None = None  # ok | decoded | map: keep the value only for such rows
+    fill: Any = None  # stored where the value is null
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class Contract:
     version: int
     doc: str
     fields: tuple[Field, ...]
+    rows: str = "all"  # which rows of the plan become rows of this table: all | ok | failed
+    explode: tuple[str, ...] = ()  # list columns exploded in parallel: one table row per element
 
     @property
     def names(self) -> list[str]:
@@ -86,12 +99,17 @@ def load(table: str) -> Contract:
                 type=_parse_type(str(item["type"]), f"{where} field {item['name']}"),
                 nullable=bool(item["nullable"]),
                 doc=str(item.get("doc", "")),
+                source=item.get("source"),
+                value=item.get("value"),
+                null_unless=item.get("null_unless"),
+                fill=item.get("fill"),
             )
         )
     names = [f.name for f in fields]
     if len(set(names)) != len(names):
         raise ContractError(f"{where}: duplicate field names")
-    return Contract(table=raw["table"], version=int(raw["version"]), doc=str(raw.get("doc", "")).strip(), fields=tuple(fields))
+    return Contract(table=raw["table"], version=int(raw["version"]), doc=str(raw.get("doc", "")).strip(), fields=tuple(fields),
+                    rows=str(raw.get("rows", "all")), explode=tuple(raw.get("explode", ())))
 
 
 def validate(table: pa.Table, contract: Contract) -> None:

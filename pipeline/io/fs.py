@@ -5,6 +5,11 @@ object-storage URI such as ``s3://bucket/prefix``. :func:`filesystem` turns a UR
 filesystem plus the path inside it. S3 settings come from the job spec's ``storage`` section and
 fall back to the standard AWS environment variables; :func:`storage_options` resolves them once on
 the driver so the same options travel to every worker.
+
+Inputs that cannot be reached or read raise :class:`InputError`: :func:`storage_failure` turns an
+fsspec / botocore exception into a message a user can act on (missing bucket, file or prefix, access
+denied, no credentials, unreachable endpoint); :func:`open_input` and :func:`read_input_bytes` apply
+it to opening and reading an input.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ StorageOptions = dict[str, Any]
 
 class StorageError(OSError):
     """An input or output location that cannot be reached; the message names the URI."""
+
+
+class InputError(ValueError):
+    """An input that cannot be listed or read; the message names the URI and what is wrong with it."""
 
 
 def is_remote(uri: str) -> bool:
@@ -124,3 +133,79 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     if "file" in protocols or "local" in protocols:
         return path
     return fs.unstrip_protocol(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Storage failures -> errors a user can act on
+# --------------------------------------------------------------------------------------------
+
+
+def bucket_name(path: str) -> str:
+    """The bucket of an object-store path inside its filesystem (``bucket/key`` -> ``bucket``)."""
+    return path.split("/", 1)[0]
+
+
+def _endpoint(fs: Any) -> str:
+    endpoint = getattr(fs, "endpoint_url", None)
+    if not endpoint:
+        endpoint = (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+    return endpoint or "the default AWS endpoint"
+
+
+def is_storage_exception(exc: BaseException) -> bool:
+    """True for what a filesystem raises when a location cannot be reached or read: any OSError, and
+    the botocore / aiobotocore / aiohttp / s3fs / urllib3 errors, which are not OSErrors."""
+    if isinstance(exc, OSError):
+        return True
+    module = type(exc).__module__ or ""
+    return module.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3"))
+
+
+def storage_failure(uri: str, fs: Any, path: str, exc: BaseException) -> InputError:
+    """Translate a filesystem/botocore exception raised for the input ``uri`` (``path`` inside ``fs``)
+    into an InputError with a message a user can act on."""
+    text = str(exc) or type(exc).__name__
+    name = type(exc).__name__
+    remote = is_remote(uri)
+    if isinstance(exc, FileNotFoundError):
+        if remote and ("bucket does not exist" in text.lower() or "NoSuchBucket" in text):
+            return InputError(f"input {uri}: bucket {bucket_name(path)!r} does not exist")
+        return InputError(f"input {uri}: no such file, folder or prefix")
+    if isinstance(exc, PermissionError):
+        return InputError(f"input {uri}: access denied ({text})")
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return InputError(
+            f"input {uri}: no S3 credentials (set storage.access_key_id/secret_access_key, "
+            f"AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or storage.anon: true) ({text})"
+        )
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError") or isinstance(
+        exc, (ConnectionError, TimeoutError)
+    ):
+        return InputError(f"input {uri}: cannot reach endpoint {_endpoint(fs)} ({text})")
+    if isinstance(exc, NotADirectoryError):
+        return InputError(f"input {uri}: not a folder ({text})")
+    return InputError(f"input {uri}: cannot list ({name}: {text})")
+
+
+def open_input(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """:func:`filesystem` for an input: an unsupported location, or an object-store URI without a
+    bucket, is an InputError naming the URI."""
+    try:
+        fs, path = filesystem(uri, options)
+    except StorageError as exc:
+        raise InputError(f"input {uri}: {exc}") from exc
+    if is_remote(uri) and not path.strip("/"):
+        raise InputError(f"input {uri}: no bucket given (expected scheme://bucket/prefix)")
+    return fs, path
+
+
+def read_input_bytes(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
+    """The whole file ``path`` (inside ``fs``) of the input ``uri`` as bytes; storage failures become
+    an InputError naming ``uri``."""
+    try:
+        with fs.open(path, "rb") as fh:
+            return fh.read()
+    except Exception as exc:
+        if not is_storage_exception(exc):
+            raise
+        raise storage_failure(uri, fs, path, exc) from exc

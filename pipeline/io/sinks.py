@@ -3,7 +3,7 @@
 :class:`TableWriter` validates every batch against the table's contract and writes Parquet part
 files ``part-00000.parquet``, ``part-00001.parquet``... of at most ``rows_per_part`` rows into one
 folder (local or object storage), each carrying the contract's schema version in its metadata.
-:func:`write_json` writes ``run.json`` atomically (temp file + rename locally; a single PUT on
+:func:`write_json` writes ``run.json`` (the run record) atomically (temp file + rename locally; a single PUT on
 object storage), which makes it usable as the run's commit marker.
 """
 
@@ -166,9 +166,9 @@ class ShardSink:
         self._open[shard] = open_
         return open_
 
-    def append(self, shard: int, columns: dict[str, dict[str, Any]]) -> None:
-        """Add rows to ``shard``'s files (checked against each table's contract); nothing is visible
-        as a shard file until :meth:`finish`."""
+    def append(self, shard: int, columns: dict[str, dict[str, Any] | pa.Table]) -> None:
+        """Add rows (per table: an Arrow table or columns) to ``shard``'s files, checked against each
+        table's contract; nothing is visible as a shard file until :meth:`finish`."""
         writers = self._open.get(shard) or self._start(shard)
         for table, cols in columns.items():
             t = contracts.to_table(cols, self.contracts[table])
@@ -199,11 +199,6 @@ class ShardSink:
                         os.remove(path)
                 except Exception:  # best effort: an unfinished shard is rerun anyway
                     pass
-
-    def write_shard(self, shard: int, columns: dict[str, dict[str, Any]], marker: dict[str, Any]) -> None:
-        """All rows of a shard at once, then its marker."""
-        self.append(shard, columns)
-        self.finish(shard, marker)
 
     def files(self, table: str) -> list[str]:
         fs, path = filesystem(join(self.run_dir, table), self.storage)

@@ -99,6 +99,14 @@ def fetch(uri: str, cache: str, sha256: str | None = None, storage: StorageOptio
     return target
 
 
+def _local_file(path: str) -> str:
+    """``path`` with ``~`` expanded; a WeightsError when it is not an existing file."""
+    path = os.path.expanduser(path)
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file {path} does not exist")
+    return path
+
+
 def resolve(spec: WeightsSpec | None, cache: str | None = None, storage: StorageOptions | None = None) -> ResolvedWeights:
     """Turn a weights spec into a tag or a verified local path (fetching URIs into the cache)."""
     if spec is None:
@@ -106,23 +114,19 @@ def resolve(spec: WeightsSpec | None, cache: str | None = None, storage: Storage
     if spec.tag:
         return ResolvedWeights(tag=spec.tag)
     if spec.path:
-        path = os.path.expanduser(spec.path)
-        if not os.path.isfile(path):
-            raise WeightsError(f"weights file {path} does not exist")
+        path = _local_file(spec.path)
         return ResolvedWeights(path=path, sha256=_check_digest(path, spec.sha256, f"weights file {path}"))
     local = fetch(spec.uri, cache_dir(cache), spec.sha256, storage)
     return ResolvedWeights(path=local, sha256=spec.sha256.lower() if spec.sha256 else None)
 
 
 def preflight(spec: WeightsSpec | None, storage: StorageOptions | None = None) -> None:
-    """Cheap driver-side check before a run starts: the file or object exists. Tags are checked by
-    the model builder against open_clip's registry."""
+    """Cheap driver-side check before a run starts: the file or object exists. Tags are checked
+    against open_clip's registry by :func:`pipeline.models.clip.check_model`."""
     if spec is None or spec.tag:
         return
     if spec.path:
-        path = os.path.expanduser(spec.path)
-        if not os.path.isfile(path):
-            raise WeightsError(f"weights file {path} does not exist")
+        _local_file(spec.path)
         return
     fs, path = filesystem(spec.uri, storage)
     try:

@@ -6,8 +6,10 @@ module registers with open_clip on import, so tests and the offline demo build a
 model in milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
 
 Weights are given by the caller as one of: an open_clip pretrained tag, a local checkpoint path
-(already fetched and hash-checked by :mod:`pipeline.io.weights`), or nothing (random init, seeded so
-every actor of a pool builds the same model).
+(already fetched and hash-checked by :mod:`pipeline.io.weights`; read and loaded strictly by
+:mod:`pipeline.models.checkpoints`), or nothing (random init, seeded so every actor of a pool builds
+the same model). :func:`check_model` is the one check of a model name and pretrained tag against
+open_clip's registry (the CLI, the run's preflight and :func:`build_clip` use it).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+
+from pipeline.models import checkpoints
 
 TINY_MODEL = "zsad-tiny"
 _CONFIG_DIR = Path(__file__).with_name("configs")
@@ -49,37 +53,17 @@ class Preprocess:
     std: tuple[float, float, float]
 
 
-def known_tags(model_name: str) -> list[str]:
-    return list(open_clip.list_pretrained_tags_by_model(model_name))
-
-
-def check_model_name(model_name: str) -> None:
-    if model_name not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if m.lower().startswith(model_name.lower()[:5])][:8]
+def check_model(model: str, tag: str | None = None) -> None:
+    """Raise :class:`ModelLoadError` unless ``model`` is in open_clip's registry (zsad's own configs
+    included) and ``tag``, when given, is one of its pretrained tags. Weight files are not checked."""
+    if model not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if m.lower().startswith(model.lower()[:5])][:8]
         hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ModelLoadError(f"unknown open_clip model {model_name!r}{hint}")
-
-
-def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(f"{source}: not a state dict of tensors")
-    sd = dict(obj)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Read a checkpoint with ``torch.load(weights_only=True)`` on the CPU."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ModelLoadError(f"weights file {path} does not exist") from None
-    except Exception as exc:  # pickle/zip errors: a corrupt or non-tensor checkpoint
-        raise ModelLoadError(f"weights file {path} could not be loaded safely (weights_only=True): {exc}") from exc
-    return _unwrap_state_dict(obj, path)
+        raise ModelLoadError(f"unknown open_clip model {model!r}{hint}")
+    if tag:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if tag not in tags:
+            raise ModelLoadError(f"open_clip has no pretrained tag {tag!r} for {model} (known: {', '.join(tags) or 'none'})")
 
 
 def build_clip(
@@ -97,16 +81,13 @@ def build_clip(
     ``tag``: open_clip pretrained tag (downloaded by open_clip into ``cache_dir``). ``checkpoint``:
     a local state-dict file loaded strictly. Neither: random initialisation with a fixed seed.
     """
-    check_model_name(model_name)
+    check_model(model_name, tag)
     if tag and checkpoint:
         raise ModelLoadError("give either a pretrained tag or a checkpoint, not both")
     kwargs = {}
     if image_size:
         kwargs["force_image_size"] = image_size
     if tag:
-        tags = known_tags(model_name)
-        if tag not in tags:
-            raise ModelLoadError(f"open_clip has no pretrained tag {tag!r} for {model_name} (known: {', '.join(tags) or 'none'})")
         try:
             model = open_clip.create_model(
                 model_name, pretrained=tag, cache_dir=cache_dir, require_pretrained=True, weights_only=True, **kwargs
@@ -121,7 +102,7 @@ def build_clip(
             torch.manual_seed(RANDOM_INIT_SEED)
             model = open_clip.create_model(model_name, pretrained=None, **kwargs)
         if checkpoint:
-            sd = load_state_dict_file(checkpoint)
+            sd = checkpoints.read_state_dict(checkpoint, what="weights file", error=ModelLoadError)
             if image_size and "visual.positional_embedding" in sd:
                 own = model.visual.positional_embedding
                 if sd["visual.positional_embedding"].shape != own.shape:
@@ -129,13 +110,7 @@ def build_clip(
                         f"{checkpoint}: positional embedding {tuple(sd['visual.positional_embedding'].shape)} does not "
                         f"match image_size {image_size} ({tuple(own.shape)}); leave clip.image_size unset"
                     )
-            result = model.load_state_dict(sd, strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise ModelLoadError(
-                    f"{checkpoint} does not fit {model_name}: missing {result.missing_keys[:5]}"
-                    f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected {result.unexpected_keys[:5]}"
-                    f"{'...' if len(result.unexpected_keys) > 5 else ''}"
-                )
+            checkpoints.load_strict(model, sd, source=checkpoint, model=model_name, error=ModelLoadError)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     model = model.to(device=device, dtype=dtype).eval()
     cfg = open_clip.get_model_preprocess_cfg(model)

@@ -36,23 +36,24 @@ probability that underflows to 0 cannot divide by zero), computed at S x S and r
 image's size (bilinear).
 
 Weights: a local ``.safetensors`` file, or a ``.pt``/``.pth``/``.bin`` torch state dict read with
-``torch.load(weights_only=True)``, loaded strictly (checkpoint keys ``*.position_ids``, persistent
-buffers in older transformers exports and not part of today's state dict, are dropped). Without a
-checkpoint the model is randomly initialised with a fixed seed, so every actor of a pool builds
-the same model. ``transformers`` is imported lazily: ``pip install 'zsad[clipseg]'``.
+``torch.load(weights_only=True)``, loaded strictly by :mod:`pipeline.models.checkpoints` (checkpoint
+keys ``*.position_ids``, persistent buffers in older transformers exports and not part of today's
+state dict, are dropped first). Without a checkpoint the model is randomly initialised with a fixed
+seed, so every actor of a pool builds the same model. ``transformers`` is imported lazily:
+``pip install 'zsad[clipseg]'``.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.models import checkpoints
 from pipeline.models.prompts import LOCALISING_PROMPTS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,39 +118,6 @@ def clipseg_config(arch: str = "rd64-refined") -> CLIPSegConfig:
     )
 
 
-def _unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ClipSegLoadError(f"{source}: not a state dict of tensors")
-    sd = dict(obj)
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
-def load_clipseg_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Read a checkpoint on the CPU: ``.safetensors`` with safetensors, anything else with
-    ``torch.load(weights_only=True)`` (no arbitrary pickles)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ClipSegLoadError(f"CLIPSeg weights file {path} does not exist")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(p), device="cpu")
-        else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, a pickle with non-tensor objects, a bad header
-        raise ClipSegLoadError(f"CLIPSeg weights file {path} could not be loaded safely: {exc}") from exc
-    return _unwrap_state_dict(obj, path)
-
-
-def _first(keys: list[str], n: int = 5) -> str:
-    return f"{keys[:n]}{'...' if len(keys) > n else ''}"
-
-
 def build_clipseg(
     checkpoint: str | None = None,
     *,
@@ -177,22 +145,10 @@ def build_clipseg(
             torch.manual_seed(seed)
             model = tf.CLIPSegForImageSegmentation(config)
         if checkpoint:
-            sd = load_clipseg_state_dict(checkpoint)
+            sd = checkpoints.read_state_dict(checkpoint, what="CLIPSeg weights file", error=ClipSegLoadError)
             own = model.state_dict()
             sd = {k: v for k, v in sd.items() if not (k.endswith(".position_ids") and k not in own)}
-            shapes = [
-                f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-                for k, v in sd.items()
-                if k in own and v.shape != own[k].shape
-            ]
-            if shapes:
-                raise ClipSegLoadError(f"{checkpoint} does not fit CLIPSeg {arch}: shape mismatch {_first(shapes, 3)}")
-            result = model.load_state_dict(sd, strict=False)
-            if result.missing_keys or result.unexpected_keys:
-                raise ClipSegLoadError(
-                    f"{checkpoint} does not fit CLIPSeg {arch}: missing {_first(result.missing_keys)}, "
-                    f"unexpected {_first(result.unexpected_keys)}"
-                )
+            checkpoints.load_strict(model, sd, source=checkpoint, model=f"CLIPSeg {arch}", error=ClipSegLoadError)
         model = model.to(device=device, dtype=torch.float32)
     model.zsad_image_size = ARCH_IMAGE_SIZE[arch]
     return model.eval()

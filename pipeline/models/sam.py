@@ -8,7 +8,8 @@ with global attention) so tests and the offline demo run the real code paths in 
 
 Weights are given by the caller as a local checkpoint path (already fetched and hash-checked by
 :mod:`pipeline.io.weights`) or nothing (random init, seeded so every actor of a pool builds the same
-model). Checkpoints are read with ``torch.load(weights_only=True)`` and loaded strictly.
+model). Checkpoints are read with ``torch.load(weights_only=True)`` (``.safetensors`` files with
+safetensors) and loaded strictly, by :mod:`pipeline.models.checkpoints`.
 
 Coordinate conventions (as SAM's): images are ``(H, W, 3)`` uint8 RGB; points are ``(x, y)`` in
 pixels of the ORIGINAL image; boxes are ``(x0, y0, x1, y1)`` in original pixels. Internally SAM
@@ -41,6 +42,7 @@ from segment_anything.utils import amg
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms
 
+from pipeline.models import checkpoints
 from pipeline.models.clip import ModelLoadError
 
 SAM_MODELS = ("vit_h", "vit_l", "vit_b", "tiny")
@@ -154,37 +156,6 @@ _BUILDERS: dict[str, Callable[[], Sam]] = {
 }
 
 
-def _first(keys: list[str], n: int = 5) -> str:
-    return f"{keys[:n]}{' ...' if len(keys) > n else ''} ({len(keys)} in all)"
-
-
-def load_sam_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Read a SAM checkpoint on the CPU with ``torch.load(weights_only=True)``: a dict of tensors,
-    optionally wrapped as ``{"model": ...}`` or ``{"state_dict": ...}`` and/or with ``module.``
-    prefixes (DataParallel), which are removed."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SamLoadError(f"SAM checkpoint {path} does not exist") from None
-    except IsADirectoryError:
-        raise SamLoadError(f"SAM checkpoint {path} is a directory, not a file") from None
-    except Exception as exc:  # pickle/zip errors: a corrupt, truncated or non-tensor checkpoint
-        raise SamLoadError(f"SAM checkpoint {path} could not be loaded safely (weights_only=True): {exc}") from exc
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not obj:
-        raise SamLoadError(f"SAM checkpoint {path} is not a state dict (got {type(obj).__name__})")
-    bad = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise SamLoadError(f"SAM checkpoint {path} is not a state dict of tensors: non-tensor entries {_first(bad)}")
-    sd = {str(k): v for k, v in obj.items()}
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module.") :]: v for k, v in sd.items()}
-    return sd
-
-
 def build_sam(
     model: str,
     checkpoint: str | None = None,
@@ -195,8 +166,9 @@ def build_sam(
     """Build a SAM (one of :data:`SAM_MODELS`) in eval mode on ``device``.
 
     ``checkpoint``: a local state-dict file (resolve URIs first with :mod:`pipeline.io.weights`),
-    loaded with ``torch.load(weights_only=True)`` and ``load_state_dict(strict=True)``; every key
-    must match. ``None``: random init under ``torch.manual_seed(seed)`` so every actor builds the
+    read with ``torch.load(weights_only=True)`` (or safetensors for ``.safetensors``), optionally
+    wrapped as ``{"model": ...}`` / ``{"state_dict": ...}`` and/or with ``module.`` prefixes, and
+    loaded strictly: every key and shape must match. ``None``: random init under ``torch.manual_seed(seed)`` so every actor builds the
     same model (the caller's global RNG state is left untouched).
 
     Raises :class:`SamLoadError` for an unknown model name, an unreadable or unsafe file, and a
@@ -208,26 +180,10 @@ def build_sam(
         torch.manual_seed(seed)
         sam = _BUILDERS[model]()
     if checkpoint is not None:
-        sd = load_sam_state_dict(str(checkpoint))
-        own = sam.state_dict()
-        missing = [k for k in own if k not in sd]
-        unexpected = [k for k in sd if k not in own]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {_first(missing)}")
-            if unexpected:
-                parts.append(f"unexpected keys {_first(unexpected)}")
-            raise SamLoadError(f"SAM checkpoint {checkpoint} does not fit {model}: {'; '.join(parts)}")
-        shapes = [f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
-        if shapes:
-            raise SamLoadError(
-                f"SAM checkpoint {checkpoint} does not fit {model}: shape mismatch (checkpoint vs model) {_first(shapes, 3)}"
-            )
-        try:
-            sam.load_state_dict(sd, strict=True)
-        except RuntimeError as exc:
-            raise SamLoadError(f"SAM checkpoint {checkpoint} does not fit {model}: {exc}") from exc
+        sd = checkpoints.read_state_dict(str(checkpoint), what="SAM checkpoint", error=SamLoadError)
+        checkpoints.load_strict(
+            sam, sd, source=f"SAM checkpoint {checkpoint}", model=model, error=SamLoadError, counted=True
+        )
     return sam.to(device).eval()
 
 

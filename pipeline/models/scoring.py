@@ -30,9 +30,6 @@ class TextClassifier:
     normal: torch.Tensor
     anomalous: torch.Tensor
 
-    def to(self, device: torch.device) -> "TextClassifier":
-        return TextClassifier(self.aggregation, self.normal.to(device), self.anomalous.to(device))
-
 
 def _aggregate(raw: torch.Tensor, aggregation: str) -> torch.Tensor:
     if aggregation == "mean_raw":

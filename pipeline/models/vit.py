@@ -3,8 +3,9 @@ GEM (dual-stream self-self attention) and WinCLIP window embeddings. Pure torch.
 
 Conventions: images are (B, 3, S, S) normalised tensors; tokens are batch-first (B, 1 + N, D) with
 the class token first and patches in row-major order (row, col) of the G x G grid, N = G * G.
-open_clip >= 2.26 runs its Transformer batch-first; older versions are sequence-first. Blocks are
-called through :func:`run_blocks`, which follows the installed convention.
+open_clip >= 2.26 runs its Transformer batch-first; older versions are sequence-first. Blocks run
+through :func:`block_forward` (batch-first by construction) or :func:`run_blocks_single`, which
+follows the block's own convention.
 """
 
 from __future__ import annotations
@@ -62,16 +63,6 @@ def embed(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, 
     cls = visual.class_embedding.to(x.dtype).view(1, 1, d).expand(b, 1, d)
     x = torch.cat([cls, x], dim=1) + resize_pos_embed(visual.positional_embedding, gh).to(x.dtype)
     return visual.ln_pre(x), gh
-
-
-def run_blocks(transformer: torch.nn.Module, x: torch.Tensor, blocks) -> torch.Tensor:
-    """Run batch-first tokens (B, L, D) through ``blocks`` of ``transformer``, in its convention."""
-    batch_first = getattr(transformer, "batch_first", True)
-    if not batch_first:
-        x = x.transpose(0, 1)
-    for block in blocks:
-        x = block(x)
-    return x if batch_first else x.transpose(0, 1)
 
 
 def project(visual: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

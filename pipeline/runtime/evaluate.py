@@ -116,7 +116,7 @@ def evaluate_run(
     """Evaluate the run at ``run_dir``; writes ``metrics/`` and ``metrics.md`` there and returns the table."""
     run_dir = fsio.normalise(run_dir)
     try:
-        manifest = read_json(fsio.join(run_dir, "run.json"), storage)
+        record = read_json(fsio.join(run_dir, "run.json"), storage)
     except FileNotFoundError:
         raise EvaluationError(f"{run_dir}: no run.json (not a finished zsad run)") from None
     if image_score not in ("method", "max_map"):
@@ -134,7 +134,7 @@ def evaluate_run(
 
     pixel_stats: dict[str, LevelStats] = {}
     problems: dict[str, list[str]] = {}
-    has_maps = manifest.get("model", {}).get("pixel_method", "none") != "none"
+    has_maps = record.get("model", {}).get("pixel_method", "none") != "none"
     if has_maps:
         fs, path = fsio.filesystem(fsio.join(run_dir, "masks"), storage)
         parts = [fsio.unstrip(fs, p) for p in sorted(fs.glob(posixpath.join(path, "*.parquet")))]
@@ -189,7 +189,7 @@ def evaluate_run(
         mean[c] = float(np.mean(vals)) if len(vals) and np.isfinite(vals).all() else math.nan
     table = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
     settings = {
-        "run_id": manifest["run_id"],
+        "run_id": record["run_id"],
         "eval_size": str(eval_size),
         "binarisation": "mask != 0, resized nearest-neighbour to the map",
         "image_score_source": image_score,
@@ -197,7 +197,7 @@ def evaluate_run(
         "aupro_limit": float(aupro_limit),
         "ap_definition": "step sum over distinct thresholds (scikit-learn average_precision_score)",
         "connectivity": 8,
-        "random_weights": bool(manifest.get("random_weights", False)),
+        "random_weights": bool(record.get("random_weights", False)),
     }
     for k, v in settings.items():
         table[k] = v

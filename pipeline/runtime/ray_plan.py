@@ -1,66 +1,31 @@
-"""The Ray side of a run: start or attach to Ray, build the Ray Data plan, stream results back.
+"""The Ray side of a run: the declared plan (:func:`pipeline.stages.plan.build_plan`) as a Ray Data
+dataset, streamed back to the driver.
 
-This module (with the rest of ``pipeline/runtime/``) is the only code that imports ray, and the
-only place that calls ``map_batches``. Minimum Ray version: 2.51 (``compute=ActorPoolStrategy``
-with ``min_size``/``max_size``, named resource arguments).
+This module is the only place that calls ``map_batches`` for a run's plan: one call per planned
+stage, a task stage as Ray tasks, an actor stage as an actor pool (``ActorPoolStrategy``) whose
+actors build their models once. (The evaluation pass over written tables, ``zsad evaluate``, is a
+separate one-stage dataset in :mod:`pipeline.runtime.evaluate`.) Minimum Ray version: 2.51 (``compute=ActorPoolStrategy`` with ``min_size``/``max_size``,
+named resource arguments).
 
-Plan (one row per image throughout):
-    manifest blocks -> decode (CPU tasks)
-                    [-> foreground (SAM: actor pool, GPU when given; classical: CPU tasks)
-                     -> tiling (CPU tasks)]                               with a foreground / tiling section
-                    -> clip_score (actor pool, GPU when given; tiles when tiling)
-                    [-> aggregate (CPU tasks: tiles -> image score and map)]
-                    -> encode (CPU tasks: 16-bit heatmap PNG, RLE) -> driver
-The image and float-map columns are dropped before results come back: only scalars and the
-compact PNG/RLE bytes reach the driver.
+Resources come from ``resources.<stage>`` of the spec. A task stage never asks for a GPU. An
+actor stage asks for ``num_gpus`` except on a local Ray without GPUs, where it runs on the CPU and
+says so. On a local Ray, a request that no node can satisfy fails at once, naming the stage and the
+resources, instead of waiting forever; on a cluster the request is kept, so an autoscaler can add
+nodes. The image and float-map columns are dropped before results come back: only the columns the
+output tables read reach the driver.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-import pandas as pd
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipeline.config import JobSpec, StageResources
-from pipeline.runtime.udf import _ActorStage, _task
-from pipeline.io.fs import StorageOptions
-from pipeline.stages.aggregate import AggregateStage
-from pipeline.stages.clip_score import ClipScoreStage
-from pipeline.stages.decode import DecodeStage
-from pipeline.stages.encode import EncodeStage
-from pipeline.stages.foreground import ForegroundStage
-from pipeline.stages.tiling import TilingStage
-
-RESULT_COLUMNS = (
-    "uri", "image_id", "category", "status", "error_stage", "error_type", "error_message",
-    "height", "width", "decode_ms", "score", "score_language", "score_vision", "max_pixel_score",
-    "clip_score_ms", "map_png", "map_height", "map_width", "mask_rle", "encode_ms",
-)
-# with a foreground section (and tiling): the foreground/tiles tables and the scores' new columns
-FOREGROUND_COLUMNS = ("fg_rle", "fg_components", "fg_sam_masks", "fg_kept_masks", "foreground_ms")
-TILING_COLUMNS = ("tiles", "tile_reasons", "tile_scores", "tile_component_scores", "n_components", "n_tiles",
-                  "scoring_mode", "aggregate_ms")
-
-
-def result_columns(spec: JobSpec) -> list[str]:
-    cols = list(RESULT_COLUMNS)
-    if spec.foreground is not None:
-        cols += FOREGROUND_COLUMNS
-    if spec.tiling is not None:
-        cols += TILING_COLUMNS
-    return cols
-
-
-def _remote_args(res: StageResources) -> dict[str, Any]:
-    args: dict[str, Any] = {"num_cpus": res.num_cpus}
-    if res.num_gpus:
-        args["num_gpus"] = res.num_gpus
-    if res.memory:
-        args["memory"] = res.memory
-    return args
+from pipeline.config import JobSpec
+from pipeline.runtime.udf import ActorStage, TaskStage
+from pipeline.stages.plan import PlanError, PlannedStage
 
 
 def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], None], stage: str = "clip_score") -> float:
@@ -74,91 +39,92 @@ def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], 
     return asked
 
 
-def _actor_args(res: StageResources, gpus: float) -> dict[str, Any]:
-    args = _remote_args(res)
-    if gpus:
-        args["num_gpus"] = gpus
-    else:
-        args.pop("num_gpus", None)
+def stage_request(planned: PlannedStage, spec: JobSpec, session: dict[str, Any], log: Callable[[str], None]) -> dict[str, float]:
+    """What one task or one actor of ``planned`` asks Ray for: ``CPU``, ``GPU``, ``memory``."""
+    res = planned.resources
+    request: dict[str, float] = {"CPU": res.num_cpus}
+    if planned.kind == "actor":
+        gpus = effective_gpus(spec, session, log, planned.name)
+        if gpus:
+            request["GPU"] = gpus
+    elif res.num_gpus:
+        log(f"resources.{planned.name}.num_gpus={res.num_gpus} is not used: {planned.name} runs as CPU tasks")
+    if res.memory:
+        request["memory"] = float(res.memory)
+    return request
+
+
+def check_feasible(requests: Iterable[tuple[PlannedStage, dict[str, float]]], available: dict[str, float]) -> None:
+    """On a local Ray: fail at once when a stage asks for more than this machine has (one task or
+    actor, or an actor pool's ``min_actors`` together), instead of waiting forever."""
+    pools: dict[str, float] = {}
+    for planned, request in requests:
+        count = planned.resources.min_actors if planned.kind == "actor" else 1
+        for resource, amount in request.items():
+            need = amount * count
+            if need > available.get(resource, 0.0) + 1e-9:
+                what = f"{count} actors x {request}" if count > 1 else f"{request} per {planned.kind}"
+                raise PlanError(
+                    f"stage {planned.name!r} asks for {what}, but this machine's Ray has "
+                    f"{ {k: v for k, v in available.items() if k in ('CPU', 'GPU', 'memory')} }: it could never run. "
+                    f"Lower resources.{planned.name} in the job spec, or run on a cluster (--address)"
+                )
+            if planned.kind == "actor":
+                pools[resource] = pools.get(resource, 0.0) + need
+    for resource, need in pools.items():
+        if need > available.get(resource, 0.0) + 1e-9:
+            raise PlanError(
+                f"the actor pools ({', '.join(p.name for p, _ in requests if p.kind == 'actor')}) need {need:g} {resource} "
+                f"at their minimum size together, but this machine's Ray has {available.get(resource, 0.0):g}: "
+                "lower their resources or min_actors"
+            )
+
+
+def _remote_args(request: dict[str, float]) -> dict[str, Any]:
+    args: dict[str, Any] = {"num_cpus": request["CPU"]}
+    if "GPU" in request:
+        args["num_gpus"] = request["GPU"]
+    if "memory" in request:
+        args["memory"] = request["memory"]
     return args
 
 
 def run_plan(
     spec: JobSpec,
-    manifest: pd.DataFrame,
-    storage: StorageOptions,
+    plan: list[PlannedStage],
+    inputs: pa.Table,
+    columns: list[str],
     session: dict[str, Any],
     log: Callable[[str], None],
     result_batch_rows: int | None = None,
     on_stats: Callable[[str], None] | None = None,
-) -> Iterator[pd.DataFrame]:
-    """Execute the plan over ``manifest`` (uri, image_id, category) and yield result batches with
-    :data:`RESULT_COLUMNS` as they complete (block by block by default, so progress is timely).
-    When the plan is exhausted, ``on_stats`` receives Ray Data's execution statistics."""
+) -> Iterator[pa.Table]:
+    """Execute ``plan`` over the input rows ``inputs`` (the input manifest as Arrow) and yield Arrow
+    result batches with ``columns`` as they complete (block by block by default, so progress is
+    timely). When the plan is exhausted, ``on_stats`` receives Ray Data's execution statistics."""
+    requests = [(p, stage_request(p, spec, session, log)) for p in plan]
+    if session["local"]:
+        check_feasible(requests, dict(session["resources"]))
     # results come back in input order, so shards complete one after another and the driver
     # buffers at most the shards in flight
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    dec_res = spec.resources.decode
-    clip_res = spec.resources.clip_score
-    gpus = effective_gpus(spec, session, log)
-    block_rows = max(1, dec_res.batch_size)
-    inputs = manifest[["uri", "image_id", "category"]].reset_index(drop=True)
-    blocks = [inputs.iloc[i : i + block_rows] for i in range(0, len(inputs), block_rows)]
-    ds = ray.data.from_pandas(blocks)
-    ds = ds.map_batches(
-        _task(DecodeStage(spec.decode, storage, spec.retries)),
-        batch_size=dec_res.batch_size,
-        batch_format="numpy",
-        **_remote_args(dec_res),
-    )
-    if spec.foreground is not None:
-        fg_res = spec.resources.foreground
-        fg_gpus = effective_gpus(spec, session, log, "foreground") if spec.uses_sam() else 0.0
-        fg_stage = functools.partial(ForegroundStage, spec.foreground, spec.sam, weights_cache=spec.weights_cache,
-                                     storage=storage, use_gpu=fg_gpus > 0, retries=spec.retries)
-        if spec.uses_sam():  # a model: an actor pool, the model built once per actor
+    block_rows = max(1, plan[0].resources.batch_size) if plan else max(1, inputs.num_rows)
+    blocks = [inputs.slice(i, block_rows) for i in range(0, inputs.num_rows, block_rows)]
+    ds = ray.data.from_arrow(blocks)
+    for planned, request in requests:
+        res = planned.resources
+        if planned.kind == "actor":
+            planned.stage.use_gpu = "GPU" in request
             ds = ds.map_batches(
-                _ActorStage, fn_constructor_kwargs={"factory": fg_stage},
-                compute=ActorPoolStrategy(min_size=fg_res.min_actors, max_size=fg_res.max_actors),
-                batch_size=fg_res.batch_size, batch_format="numpy", **_actor_args(fg_res, fg_gpus),
+                ActorStage, fn_constructor_kwargs={"stage": planned.stage},
+                compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+                batch_size=res.batch_size, batch_format="pyarrow", **_remote_args(request),
             )
-        else:  # classical map or none: plain CPU tasks
-            ds = ds.map_batches(_task(fg_stage()), batch_size=fg_res.batch_size, batch_format="numpy", **_remote_args(fg_res))
-    if spec.tiling is not None:
-        ds = ds.map_batches(_task(TilingStage(spec.tiling)), batch_size=dec_res.batch_size, batch_format="numpy",
-                            **_remote_args(dec_res))
-    factory = functools.partial(
-        ClipScoreStage,
-        spec.clip,
-        spec.score,
-        weights_cache=spec.weights_cache,
-        storage=storage,
-        pixel=spec.pixel,
-        maps=spec.maps,
-        use_gpu=gpus > 0,
-        retries=spec.retries,
-        tiling=spec.tiling,
-    )
-    clip_args = _actor_args(clip_res, gpus)
-    ds = ds.map_batches(
-        _ActorStage,
-        fn_constructor_kwargs={"factory": factory},
-        compute=ActorPoolStrategy(min_size=clip_res.min_actors, max_size=clip_res.max_actors),
-        batch_size=clip_res.batch_size,
-        batch_format="numpy",
-        **clip_args,
-    )
-    if spec.tiling is not None:
-        ds = ds.map_batches(_task(AggregateStage(spec.aggregation, spec.maps)), batch_size=dec_res.batch_size,
-                            batch_format="numpy", **_remote_args(dec_res))
-    ds = ds.map_batches(
-        _task(EncodeStage(threshold=spec.maps.threshold)),
-        batch_size=dec_res.batch_size,
-        batch_format="numpy",
-        **_remote_args(dec_res),
-    )
-    ds = ds.select_columns(result_columns(spec))
-    yield from ds.iter_batches(batch_size=result_batch_rows, batch_format="pandas")
+        else:
+            ds = ds.map_batches(TaskStage(planned.stage), batch_size=res.batch_size, batch_format="pyarrow",
+                                **_remote_args(request))
+    ds = ds.select_columns(columns)
+    yield from ds.iter_batches(batch_size=result_batch_rows, batch_format="pyarrow")
     if on_stats is not None:
         try:
             on_stats(ds.stats())

@@ -1,58 +1,99 @@
-"""What Ray workers run: the stage wrappers of the plan (tasks and actors).
+"""What Ray workers run: the wrappers of the plan's stages (tasks and actors).
 
-Kept apart from :mod:`pipeline.runtime.ray_plan` on purpose: a worker unpickles these functions by
-reference to THIS module, so it imports only numpy plus the stage it runs. CPU tasks (decode,
-tiling, aggregate, encode) then never load torch or open_clip; only the model actors do.
+Kept apart from :mod:`pipeline.runtime.ray_plan` on purpose: a worker unpickles these classes by
+reference to THIS module, so it imports only numpy, pyarrow and Ray plus the stage it runs. CPU
+tasks (decode, tiling, aggregate, encode) then never load torch or open_clip; only the model
+actors do.
+
+Each wrapper takes an Arrow block, gives the stage the numpy view of it
+(:mod:`pipeline.stages.records`), and turns the stage's output back into an Arrow block typed by
+the stage's declaration: text stays text with real nulls, records stay ``list<struct>``, so the
+next stage and the driver see exactly what the stage meant.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Mapping
 
 import numpy as np
+import pyarrow as pa
+from ray.data.block import BlockAccessor
 
-# Text columns that are None on most rows. Ray infers a block's Arrow type from its values, so a
-# block whose values are all None would get a non-string type and fail to merge with the others;
-# between stages they carry "" for "no value" (the driver turns it back into null).
-_SPARSE_TEXT = ("error_stage", "error_type", "error_message", "mask_rle")
+from pipeline.stages.records import TENSOR, codec_for
 
 
-def _dense_text(batch: dict) -> dict:
-    for name in _SPARSE_TEXT:
-        if name in batch:
-            col = np.empty(len(batch[name]), dtype=object)
-            col[:] = ["" if v is None else str(v) for v in batch[name]]
-            batch[name] = col
+def _is_tensor(arrow_type: pa.DataType) -> bool:
+    return isinstance(arrow_type, pa.ExtensionType)
+
+
+def to_numpy(block: pa.Table) -> dict[str, np.ndarray]:
+    """An Arrow block -> the stage view: Ray's numpy conversion, then records as int64 tables."""
+    batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+    for field in block.schema:
+        codec = codec_for(field.type)
+        if codec is not None:
+            batch[field.name] = codec.from_arrow(batch[field.name])
     return batch
 
 
-def _sparse_text(batch: dict) -> dict:
-    for name in _SPARSE_TEXT:
-        if name in batch:
-            col = np.empty(len(batch[name]), dtype=object)
-            col[:] = [None if v is None or v == "" else v for v in batch[name]]
-            batch[name] = col
-    return batch
+def to_arrow(out: Mapping[str, Any], types: Mapping[str, Any], block: pa.Table, view: Mapping[str, Any], stage: str) -> pa.Table:
+    """The stage's output -> an Arrow block. A column passed through unchanged (the same array as
+    in ``view``) keeps its Arrow column from ``block``; the others are built with the type the
+    stage declared (``types``) or, for a changed input column, the input's type. An undeclared new
+    column is an error naming the stage."""
+    arrays: dict[str, Any] = {}
+    tensors: dict[str, Any] = {}
+    for name, values in out.items():
+        if name in view and values is view[name] and name in block.column_names:
+            arrays[name] = block.column(name)
+            continue
+        arrow_type = types.get(name)
+        if arrow_type is None and name in block.column_names:
+            arrow_type = TENSOR if _is_tensor(block.schema.field(name).type) else block.schema.field(name).type
+        if arrow_type is None:
+            raise TypeError(f"stage {stage!r} produced column {name!r} that it does not declare")
+        if arrow_type is TENSOR or arrow_type == TENSOR:
+            tensors[name] = values
+            arrays[name] = None
+            continue
+        codec = codec_for(arrow_type)
+        if codec is not None:
+            arrays[name] = codec.to_arrow(values)
+        else:
+            arrays[name] = pa.array(list(values) if isinstance(values, np.ndarray) and values.dtype == object else values,
+                                    type=arrow_type, from_pandas=True)
+    if tensors:
+        converted = BlockAccessor.batch_to_block(tensors)
+        for name in tensors:
+            arrays[name] = converted.column(name)
+    return pa.table(arrays)
 
 
-class _ActorStage:
-    """Actor wrapper: builds the stage (and its models) once per actor."""
+class _Wrapped:
+    """Numpy view in, typed Arrow out, around one stage's ``__call__``."""
 
-    def __init__(self, factory: Callable[[], Any]) -> None:
+    stage: Any
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        view = to_numpy(block)
+        out = self.stage(dict(view))
+        return to_arrow(out, self.stage.types, block, view, self.stage.name)
+
+
+class TaskStage(_Wrapped):
+    """A stateless stage run as Ray tasks (the stage object travels with the task)."""
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+
+
+class ActorStage(_Wrapped):
+    """Actor wrapper: sets the stage up (builds its models) once per actor."""
+
+    def __init__(self, stage: Any) -> None:
         t0 = time.perf_counter()
-        self.stage = factory()
+        self.stage = stage
         self.stage.setup()
-        name = getattr(self.stage, "name", type(self.stage).__name__)
-        print(f"[zsad] {name} actor ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-
-    def __call__(self, batch: dict) -> dict:
-        return _dense_text(self.stage(_sparse_text(dict(batch))))
-
-
-def _task(stage: Any) -> Callable[[dict], dict]:
-    def run(batch: dict) -> dict:
-        return _dense_text(stage(_sparse_text(dict(batch))))
-
-    return run
+        print(f"[zsad] {stage.name} actor ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)

@@ -6,12 +6,12 @@ section 5), with :func:`pipeline.ops.aggregate.aggregate_tiles`:
 - a component's score is the mean of its tiles' scores; the image score is the mean of the top
   ``aggregation.top_fraction`` of component scores.
 
-Columns: ``score`` and ``score_language`` are replaced by the aggregated image score;
-``anomaly_map`` (float32 at the stored map size, see ``maps.map_size``) and ``max_pixel_score``
-by the aggregated map; ``score_vision`` becomes the largest tile vision score (FADE). New:
-``n_components`` (int64), ``n_tiles`` (int64), ``scoring_mode`` (``tiles``, or
-``whole_image_fallback`` for an image without foreground, scored whole), ``tile_component_scores``
-(float64 (T,): the score of each tile's component). ``tile_maps`` is dropped here.
+Columns: ``score`` is replaced by the aggregated image score; ``anomaly_map`` (float32 at the
+stored map size, see ``maps.map_size``) and ``max_pixel_score`` by the aggregated map
+(``score_vision``, the largest tile vision score, was set by the CLIP stage). New:
+``n_components`` (int64: components scored, 0 for the fallback), ``n_tiles`` (int64), ``scoring_mode`` (``tiles``, or ``whole_image_fallback`` for an image without
+foreground, scored whole; None for failed rows), ``tile_component_scores`` (float64 (T,): the score
+of each tile's component), ``aggregate_ms``. ``tile_maps`` is dropped here.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.config import AggregationSpec, MapOutputSpec
 from pipeline.ops.aggregate import aggregate_tiles
 from pipeline.ops.heatmap import PROBABILITY_RANGE, map_shape, resize_map
 from pipeline.ops.tiling import Tile
-from pipeline.stages._columns import check_columns
+from pipeline.stages.base import check_columns
+from pipeline.stages.records import TENSOR, TILE_CODEC, object_column
 
 STAGE = "aggregate"
 
@@ -33,39 +35,44 @@ class AggregateStage:
     """Batch callable; see the module docstring."""
 
     name = STAGE
+    section = "aggregation"
+    kind = "task"
     requires = ("tiles", "tile_reasons", "tile_scores", "tile_maps", "height", "width", "status")
-    produces = ("score", "score_language", "anomaly_map", "max_pixel_score", "n_components", "n_tiles", "scoring_mode",
-                "tile_component_scores", "aggregate_ms")
+    types = {"score": pa.float64(), "anomaly_map": TENSOR, "max_pixel_score": pa.float64(),
+             "n_components": pa.int64(), "n_tiles": pa.int64(),
+             "scoring_mode": pa.string(), "tile_component_scores": pa.list_(pa.float64()), "aggregate_ms": pa.float64()}
+    produces = tuple(types)
+    drops = ("tile_maps",)
 
     def __init__(self, cfg: AggregationSpec, maps: MapOutputSpec) -> None:
         self.cfg = cfg
         self.maps = maps
+
+    @classmethod
+    def from_spec(cls, spec, storage=None) -> "AggregateStage | None":
+        return cls(spec.aggregation, spec.maps) if spec.tiling is not None else None
 
     def setup(self) -> None:
         """Nothing to build."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = check_columns(STAGE, batch, self.requires)
-        out = {k: v for k, v in batch.items() if k != "tile_maps"}
+        out = {k: v for k, v in batch.items() if k not in self.drops}
         score = np.array(batch.get("score", np.full(n, np.nan)), dtype=np.float64)
         max_pixel = np.array(batch.get("max_pixel_score", np.full(n, np.nan)), dtype=np.float64)
-        maps = np.empty(n, dtype=object)
-        maps[:] = [np.zeros((0, 0), np.float32)] * n
+        maps = object_column([np.zeros((0, 0), np.float32)] * n)
         n_comp = np.zeros(n, dtype=np.int64)
-        n_tiles = np.zeros(n, dtype=np.int64)
-        mode = np.empty(n, dtype=object)
-        mode[:] = [""] * n
-        comp_scores = np.empty(n, dtype=object)
-        comp_scores[:] = [np.zeros(0, np.float64) for _ in range(n)]
-        ms = np.zeros(n, dtype=np.float64)
+        n_tiles = object_column([None] * n)
+        mode = object_column([None] * n)
+        comp_scores = object_column([np.zeros(0, np.float64) for _ in range(n)])
+        ms = np.full(n, np.nan)
         for i in range(n):
             if batch["status"][i] != "ok":
                 continue
             t0 = time.perf_counter()
-            boxes = np.asarray(batch["tiles"][i], dtype=np.int64).reshape(-1, 5)
-            reasons = str(batch["tile_reasons"][i]).split(",")
-            tiles = [Tile(component_id=int(b[0]), box=(int(b[1]), int(b[2]), int(b[3]), int(b[4])), reason=r)
-                     for b, r in zip(boxes, reasons)]
+            boxes = TILE_CODEC.table(batch["tiles"][i])
+            tiles = [Tile(component_id=int(b[0]), box=(int(b[1]), int(b[2]), int(b[3]), int(b[4])), reason=str(r))
+                     for b, r in zip(boxes, batch["tile_reasons"][i])]
             t_scores = np.asarray(batch["tile_scores"][i], dtype=np.float64)
             t_maps = np.asarray(batch["tile_maps"][i])
             h, w = int(batch["height"][i]), int(batch["width"][i])
@@ -82,7 +89,6 @@ class AggregateStage:
                 maps[i] = resize_map(full, map_shape(h, w, self.maps.map_size)).astype(np.float32)
                 max_pixel[i] = float(maps[i].max())
             ms[i] = (time.perf_counter() - t0) * 1000.0
-        out.update(score=score, score_language=score.copy(), anomaly_map=maps, max_pixel_score=max_pixel,
-                   n_components=n_comp, n_tiles=n_tiles, scoring_mode=mode, tile_component_scores=comp_scores,
-                   aggregate_ms=ms)
+        out.update(score=score, anomaly_map=maps, max_pixel_score=max_pixel, n_components=n_comp, n_tiles=n_tiles,
+                   scoring_mode=mode, tile_component_scores=comp_scores, aggregate_ms=ms)
         return out

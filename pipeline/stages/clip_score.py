@@ -13,10 +13,11 @@ import time
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.config import (
-    ClipSegMaps, ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, RetrySpec, TilingSpec, WinclipImageScore, WinclipWindows,
+    ClipSegMaps, ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, RetrySpec, TilingSpec, ZeroShotImageScore, WinclipWindows,
 )
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import retrying, stderr_log
@@ -26,7 +27,8 @@ from pipeline.models import pixel as pixel_maps
 from pipeline.models.prompts import PROMPT_SETS, object_name
 from pipeline.models.scoring import TextClassifier, anomaly_probability, build_classifier
 from pipeline.ops.heatmap import map_shape
-from pipeline.stages._columns import check_columns
+from pipeline.stages.base import check_columns
+from pipeline.stages.records import TENSOR, RowErrors, object_column
 
 STAGE = "clip_score"
 ModelFactory = Callable[[], tuple[torch.nn.Module, clip_models.Preprocess]]
@@ -38,23 +40,26 @@ def pick_device(use_gpu: bool) -> torch.device:
 
 
 class ClipScoreStage:
-    """Batch callable: adds ``score`` (float64, NaN when not scored), ``score_language``,
-    ``score_vision`` (NaN when the method has none), ``max_pixel_score``, ``anomaly_map`` (float32
-    (H, W) maps in [0, 1] at the configured map size; empty (0, 0) when there is no map) and
-    ``clip_score_ms``.
+    """Batch callable: adds ``score`` (float64, NaN when not scored), ``score_vision`` (NaN when the
+    method has none), ``max_pixel_score``, ``anomaly_map`` (float32 (H, W) maps in [0, 1] at the
+    configured map size; empty (0, 0) when there is no map), ``scoring_mode`` (``whole_image``, or
+    ``tiles`` in tiling mode until the aggregation decides; None for failed rows) and
+    ``clip_score_ms``; in tiling mode also ``tile_scores`` and ``tile_maps``.
 
     ``model_factory`` (optional) returns (model, preprocess) and replaces weight resolution, for
     tests that build their own model.
     """
 
     name = STAGE
+    section = "clip"
+    kind = "actor"
     requires = ("image", "category", "status", "error_stage", "error_type", "error_message")
-    produces = ("score", "score_language", "score_vision", "max_pixel_score", "anomaly_map", "clip_score_ms")
+    drops: tuple[str, ...] = ()
 
     def __init__(
         self,
         clip: ClipSpec,
-        score: WinclipImageScore,
+        score: ZeroShotImageScore,
         *,
         weights_cache: str | None = None,
         storage: StorageOptions | None = None,
@@ -84,6 +89,24 @@ class ClipScoreStage:
         self._text: dict[str, TextClassifier] = {}
         self._pixel_text: TextClassifier | None = None
 
+    @classmethod
+    def from_spec(cls, spec, storage: StorageOptions | None = None) -> "ClipScoreStage":
+        return cls(spec.clip, spec.score, weights_cache=spec.weights_cache, storage=storage, pixel=spec.pixel,
+                   maps=spec.maps, retries=spec.retries, tiling=spec.tiling)
+
+    @property
+    def types(self) -> dict[str, object]:
+        out = {"score": pa.float64(), "score_vision": pa.float64(), "max_pixel_score": pa.float64(), "anomaly_map": TENSOR,
+               "scoring_mode": pa.string(), "clip_score_ms": pa.float64(), "status": pa.string(),
+               "error_stage": pa.string(), "error_type": pa.string(), "error_message": pa.string()}
+        if self.tiling is not None:
+            out.update(tile_scores=pa.list_(pa.float64()), tile_maps=TENSOR)
+        return out
+
+    @property
+    def produces(self) -> tuple[str, ...]:
+        return tuple(self.types)
+
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         if self.model is not None:
@@ -103,7 +126,7 @@ class ClipScoreStage:
         import open_clip
 
         self._tokenizer = open_clip.get_tokenizer(self.clip.model)
-        if isinstance(self.pixel, ClipSegMaps):
+        if self.pixel.kind == "clipseg":
             r = self.retries
             self.localiser = retrying(self._load_clipseg, retries=r.model_load, backoff_s=r.backoff_s,
                                       max_backoff_s=r.max_backoff_s, what="load CLIPSeg", log=stderr_log)
@@ -170,8 +193,8 @@ class ClipScoreStage:
 
     @torch.inference_mode()
     def score_images(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None) -> dict[str, object]:
-        """Score uint8 (H, W, 3) images in one batch. Returns ``score``/``score_language``/
-        ``score_vision``/``max_pixel_score`` float64 (B,) and ``maps``: a list of float32 (H', W')
+        """Score uint8 (H, W, 3) images in one batch. Returns ``score``/``score_vision``/
+        ``max_pixel_score`` float64 (B,) and ``maps``: a list of float32 (H', W')
         maps (empty when the stage has no pixel method) at the stored map size, or ``map_side`` x
         ``map_side`` when given (tiles)."""
         tensors = [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img)) for img in images]
@@ -185,33 +208,12 @@ class ClipScoreStage:
         for cat, idx in groups.items():
             probs = anomaly_probability(feats[idx], self.text_classifier(cat), self.score.temperature)
             score[idx] = probs.double().cpu().numpy()
-        grids: torch.Tensor | None = None
-        visual = self.model.visual
-        if isinstance(self.pixel, WinclipWindows):
-            parts = {}
-            for cat, idx in groups.items():
-                img_scores = torch.from_numpy(score[idx]).to(self.device) if self.pixel.fuse_image_score else None
-                parts[cat] = pixel_maps.winclip_map(
-                    visual, batch[idx], self.text_classifier(cat), self.score.temperature, img_scores, self.pixel.window_sizes
-                )
-            first = next(iter(parts.values()))
-            grids = torch.empty((b, *first.shape[1:]), device=first.device)
-            for cat, idx in groups.items():
-                grids[idx] = parts[cat]
-        elif isinstance(self.pixel, FadeZeroShot):
-            p = self.pixel
-            by_size = {
-                size: clip_models.preprocess_images(tensors, clip_models.Preprocess(size, self.preprocess.mean, self.preprocess.std)).to(self.device)
-                for size in p.scales
-            }
-            _, vis, grids = pixel_maps.fade_maps(
-                visual, by_size, self.pixel_text_classifier(), p.temperature, p.grid, p.gem_depth, p.vision_multiplier, p.vision_weight
-            )
-            vision = vis.amax(dim=(1, 2)).double().cpu().numpy()
-        elif isinstance(self.pixel, ClipSegMaps):
-            from pipeline.models.clipseg import preprocess as clipseg_preprocess
-
-            grids = self.localiser.maps_torch(clipseg_preprocess(images, self.localiser.image_size, self.device))
+        grids = None
+        make_grids = _PIXEL_MAPS[self.pixel.kind]
+        if make_grids is not None:
+            grids, vision_score = make_grids(self, images, tensors, batch, score, groups)
+            if vision_score is not None:
+                vision = vision_score
         maps: list[np.ndarray] = []
         max_pixel = np.full(b, np.nan)
         if grids is not None:
@@ -220,31 +222,60 @@ class ClipScoreStage:
                 m = pixel_maps.upsample(grids[i : i + 1].float(), shape)[0].clamp(*pixel_maps.MAP_RANGE)
                 maps.append(m.cpu().numpy().astype(np.float32))
                 max_pixel[i] = float(maps[-1].max())
-        return {"score": score, "score_language": score.copy(), "score_vision": vision, "max_pixel_score": max_pixel, "maps": maps}
+        return {"score": score, "score_vision": vision, "max_pixel_score": max_pixel, "maps": maps}
+
+    # ---------------------------------------------------------------- pixel maps, one per pixel.kind
+    # Each returns the batch's map grids (B, h, w) and the vision score per image (or None).
+    def _winclip_grids(self, images, tensors, batch, score, groups) -> tuple[torch.Tensor, None]:
+        """WinCLIP windows per category (their text differs), put back in batch order."""
+        parts = {}
+        for cat, idx in groups.items():
+            img_scores = torch.from_numpy(score[idx]).to(self.device) if self.pixel.fuse_image_score else None
+            parts[cat] = pixel_maps.winclip_map(
+                self.model.visual, batch[idx], self.text_classifier(cat), self.score.temperature, img_scores,
+                self.pixel.window_sizes,
+            )
+        first = next(iter(parts.values()))
+        grids = torch.empty((len(images), *first.shape[1:]), device=first.device)
+        for cat, idx in groups.items():
+            grids[idx] = parts[cat]
+        return grids, None
+
+    def _fade_grids(self, images, tensors, batch, score, groups) -> tuple[torch.Tensor, np.ndarray]:
+        """FADE's language + vision maps at every scale; also the vision score (the vision map's max)."""
+        p = self.pixel
+        by_size = {
+            size: clip_models.preprocess_images(tensors, clip_models.Preprocess(size, self.preprocess.mean, self.preprocess.std)).to(self.device)
+            for size in p.scales
+        }
+        _, vis, grids = pixel_maps.fade_maps(
+            self.model.visual, by_size, self.pixel_text_classifier(), p.temperature, p.grid, p.gem_depth,
+            p.vision_multiplier, p.vision_weight,
+        )
+        return grids, vis.amax(dim=(1, 2)).double().cpu().numpy()
+
+    def _clipseg_grids(self, images, tensors, batch, score, groups) -> tuple[torch.Tensor, None]:
+        from pipeline.models.clipseg import preprocess as clipseg_preprocess
+
+        return self.localiser.maps_torch(clipseg_preprocess(images, self.localiser.image_size, self.device)), None
 
     # ---------------------------------------------------------------- call
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = check_columns(STAGE, batch, self.requires)
         self.setup()
         out = dict(batch)
-        status = np.array(batch["status"], dtype=object)
-        err_stage = np.array(batch["error_stage"], dtype=object)
-        err_type = np.array(batch["error_type"], dtype=object)
-        err_msg = np.array(batch["error_message"], dtype=object)
-        cols = {k: np.full(n, np.nan) for k in ("score", "score_language", "score_vision", "max_pixel_score", "clip_score_ms")}
-        maps = np.empty(n, dtype=object)
-        maps[:] = [_NO_MAP] * n
-        todo = [i for i in range(n) if status[i] == "ok"]
+        errors = RowErrors(batch, n)
+        cols = {k: np.full(n, np.nan) for k in ("score", "score_vision", "max_pixel_score", "clip_score_ms")}
+        maps = object_column([_NO_MAP] * n)
+        todo = [i for i in range(n) if errors.ok(i)]
         images = batch["image"]
         cats = [str(c) for c in batch["category"]]
 
         def fail(i: int, exc: BaseException) -> None:
-            status[i], err_stage[i] = "error", STAGE
-            err_type[i] = type(exc).__name__
-            err_msg[i] = f"scoring failed: {exc}"
+            errors.fail_with(i, STAGE, exc, "scoring failed")
 
         def store(rows: list[int], result: dict[str, object], ms: float) -> None:
-            for key in ("score", "score_language", "score_vision", "max_pixel_score"):
+            for key in ("score", "score_vision", "max_pixel_score"):
                 cols[key][rows] = result[key]
             cols["clip_score_ms"][rows] = ms
             for j, i in enumerate(rows):
@@ -267,15 +298,17 @@ class ClipScoreStage:
                     except Exception as exc:
                         fail(i, exc)
             for i in todo:
-                if status[i] == "ok" and not np.isfinite(cols["score"][i]):
+                if errors.ok(i) and not np.isfinite(cols["score"][i]):
                     fail(i, FloatingPointError(f"non-finite score {cols['score'][i]}"))
-                if status[i] != "ok":
+                if not errors.ok(i):
                     for key in cols:
                         cols[key][i] = np.nan
                     maps[i] = _NO_MAP
         if self.tiling is not None and "tile_scores" not in out:
             out.update(_empty_tile_columns(n))
-        out.update(cols, anomaly_map=maps, status=status, error_stage=err_stage, error_type=err_type, error_message=err_msg)
+        mode = "tiles" if self.tiling is not None else "whole_image"
+        scoring_mode = object_column([mode if errors.ok(i) else None for i in range(n)])
+        out.update(cols, anomaly_map=maps, scoring_mode=scoring_mode, **errors.columns())
         return out
 
     def _call_tiles(self, batch, todo, cats, cols, fail):
@@ -307,7 +340,7 @@ class ClipScoreStage:
                     raise FloatingPointError(f"non-finite tile score in {t_scores.tolist()}")
                 tile_scores[i] = t_scores
                 tile_maps[i] = np.stack(maps).astype(np.float32) if maps else np.zeros((0, side, side), np.float32)
-                cols["score"][i] = cols["score_language"][i] = float(t_scores.mean())
+                cols["score"][i] = float(t_scores.mean())
                 v = np.concatenate(vision)
                 cols["score_vision"][i] = float(np.nanmax(v)) if np.isfinite(v).any() else np.nan
                 cols["clip_score_ms"][i] = (time.perf_counter() - t0) * 1000.0
@@ -317,11 +350,15 @@ class ClipScoreStage:
 
 
 _NO_MAP = np.zeros((0, 0), dtype=np.float32)
+#: pixel.kind -> the method computing the batch's map grids (None: no pixel map)
+_PIXEL_MAPS = {
+    "none": None,
+    "winclip_windows": ClipScoreStage._winclip_grids,
+    "fade_zero_shot": ClipScoreStage._fade_grids,
+    "clipseg": ClipScoreStage._clipseg_grids,
+}
 
 
 def _empty_tile_columns(n: int) -> dict[str, np.ndarray]:
-    scores = np.empty(n, dtype=object)
-    scores[:] = [np.zeros(0, np.float64) for _ in range(n)]
-    maps = np.empty(n, dtype=object)
-    maps[:] = [np.zeros((0, 0, 0), np.float32) for _ in range(n)]
-    return {"tile_scores": scores, "tile_maps": maps}
+    return {"tile_scores": object_column([np.zeros(0, np.float64) for _ in range(n)]),
+            "tile_maps": object_column([np.zeros((0, 0, 0), np.float32) for _ in range(n)])}

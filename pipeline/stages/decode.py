@@ -11,8 +11,8 @@ column             dtype       value
 =================  ==========  ===========================================================
 ``image``          object      ``(H, W, 3)`` uint8 RGB array (row, col, channel); failed
                                rows: ``np.zeros((0, 0, 3), np.uint8)``
-``height``         int64       ``H`` (0 on failure)
-``width``          int64       ``W`` (0 on failure)
+``height``         int64       ``H`` (0 on failure: the scores table stores null)
+``width``          int64       ``W`` (0 on failure: the scores table stores null)
 ``status``         object      ``"ok"`` or ``"error"``
 ``error_stage``    object      ``"decode"`` for rows that failed here, else None
 ``error_type``     object      see below, else None
@@ -29,21 +29,22 @@ message naming the URI; for anything unforeseen, the exception's class name.
 
 Rows whose input ``status`` is already ``"error"`` (failed in an earlier stage) are not fetched: they
 keep their status and error columns (and any produced column they already carry); missing produced
-columns get the failure defaults above and ``decode_ms`` 0.
+columns get the failure defaults above and ``decode_ms`` 0 (nothing fetched).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.config import DecodeSpec, RetrySpec
 from pipeline.io.fs import StorageOptions, read_bytes
 from pipeline.io.images import DecodeError, decode_image
 from pipeline.io.retry import retrying, stderr_log
-from pipeline.stages._columns import check_columns
+from pipeline.stages.base import check_columns
+from pipeline.stages.records import STATUS_COLUMNS, TENSOR, RowErrors, object_column
 
 
 def _empty_image() -> np.ndarray:
@@ -54,22 +55,21 @@ class DecodeStage:
     """Batch callable: fetch and decode every row's ``uri``. See the module docstring for columns."""
 
     name = "decode"
+    section = "decode"
+    kind = "task"
     requires: tuple[str, ...] = ("uri",)
-    produces: tuple[str, ...] = (
-        "image",
-        "height",
-        "width",
-        "status",
-        "error_stage",
-        "error_type",
-        "error_message",
-        "decode_ms",
-    )
+    types = {"image": TENSOR, "height": pa.int64(), "width": pa.int64(), **STATUS_COLUMNS, "decode_ms": pa.float64()}
+    produces = tuple(types)
+    drops: tuple[str, ...] = ()
 
     def __init__(self, cfg: DecodeSpec, storage: StorageOptions | None = None, retries: RetrySpec | None = None) -> None:
         self.cfg = cfg
         self.storage = dict(storage) if storage else None
         self.retries = retries or RetrySpec()
+
+    @classmethod
+    def from_spec(cls, spec, storage: StorageOptions | None) -> "DecodeStage":
+        return cls(spec.decode, storage, spec.retries)
 
     def setup(self) -> None:
         """Nothing to build: decoding needs no model."""
@@ -77,20 +77,14 @@ class DecodeStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = check_columns(self.name, batch, self.requires)
         uris = batch["uri"]
-        prior_status = batch.get("status")
-
-        image = _start(batch, "image", n, object, None)
-        height = _start(batch, "height", n, np.int64, 0)
-        width = _start(batch, "width", n, np.int64, 0)
-        status = _start(batch, "status", n, object, "ok")
-        error_stage = _start(batch, "error_stage", n, object, None)
-        error_type = _start(batch, "error_type", n, object, None)
-        error_message = _start(batch, "error_message", n, object, None)
-        decode_ms = _start(batch, "decode_ms", n, np.float64, 0.0)
+        errors = RowErrors(batch, n)
+        image = object_column(batch["image"] if "image" in batch else [None] * n)
+        height = np.array(batch["height"] if "height" in batch else np.zeros(n), dtype=np.int64)
+        width = np.array(batch["width"] if "width" in batch else np.zeros(n), dtype=np.int64)
+        decode_ms = np.array(batch["decode_ms"] if "decode_ms" in batch else np.zeros(n), dtype=np.float64)
 
         for i in range(n):
-            if prior_status is not None and prior_status[i] == "error":
-                status[i] = "error"
+            if not errors.ok(i):  # failed in an earlier stage: not fetched
                 if image[i] is None:
                     image[i] = _empty_image()
                 continue
@@ -100,27 +94,13 @@ class DecodeStage:
             if isinstance(row, np.ndarray):
                 image[i] = row
                 height[i], width[i] = row.shape[0], row.shape[1]
-                status[i] = "ok"
-                error_stage[i] = error_type[i] = error_message[i] = None
+                errors.clear(i)
             else:
                 image[i] = _empty_image()
                 height[i] = width[i] = 0
-                status[i] = "error"
-                error_stage[i] = self.name
-                error_type[i], error_message[i] = row
+                errors.fail(i, self.name, *row)
 
-        out = dict(batch)
-        out.update(
-            image=image,
-            height=height,
-            width=width,
-            status=status,
-            error_stage=error_stage,
-            error_type=error_type,
-            error_message=error_message,
-            decode_ms=decode_ms,
-        )
-        return out
+        return {**batch, "image": image, "height": height, "width": width, **errors.columns(), "decode_ms": decode_ms}
 
     def _decode_row(self, uri: str) -> np.ndarray | tuple[str, str]:
         """The decoded image, or ``(error_type, error_message)``."""
@@ -142,14 +122,3 @@ class DecodeStage:
             return exc.error_type, exc.message
         except Exception as exc:  # noqa: BLE001 - decode_image should not raise others; be safe
             return type(exc).__name__, str(exc) or type(exc).__name__
-
-
-def _start(batch: dict[str, Any], name: str, n: int, dtype: Any, fill: Any) -> np.ndarray:
-    """A new output column: a copy of the input column when there is one (so rows that are not
-    decoded keep their values), else ``fill``."""
-    column = np.full(n, fill, dtype=dtype)
-    if name in batch:
-        source = batch[name]
-        for i in range(n):
-            column[i] = source[i]
-    return column

@@ -11,39 +11,50 @@ import json
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.ops import heatmap, rle
-from pipeline.stages._columns import check_columns
+from pipeline.stages.base import check_columns
+from pipeline.stages.records import object_column
 
 STAGE = "encode"
 
 
 class EncodeStage:
-    """Batch callable: ``anomaly_map`` -> ``map_png`` (bytes, b"" when no map), ``map_height``,
-    ``map_width`` (0 when no map), ``mask_rle`` (JSON of a COCO RLE dict, "" when no threshold or
-    no map), ``encode_ms``. Rows without a map (failed, or no pixel method) pass through."""
+    """Batch callable: ``anomaly_map`` -> ``map_png`` (bytes, None when no map), ``map_height``,
+    ``map_width`` (0 when no map), ``mask_rle`` (JSON of a COCO RLE dict, None when no threshold or
+    no map), ``threshold`` (the mask's threshold, None without a mask), ``encode_ms`` (NaN when no
+    map). Rows without a map (failed, or no pixel method) pass through."""
 
     name = STAGE
+    section = "maps"
+    kind = "task"
     requires = ("anomaly_map", "status")
-    produces = ("map_png", "map_height", "map_width", "mask_rle", "encode_ms")
+    types = {"map_png": pa.binary(), "map_height": pa.int64(), "map_width": pa.int64(), "mask_rle": pa.string(),
+             "threshold": pa.float64(), "encode_ms": pa.float64()}
+    produces = tuple(types)
+    drops = ("anomaly_map",)
 
     def __init__(self, map_range: tuple[float, float] = (0.0, 1.0), threshold: float | None = None) -> None:
         self.vmin, self.vmax = map_range
         self.threshold = threshold
+
+    @classmethod
+    def from_spec(cls, spec, storage=None) -> "EncodeStage":
+        return cls(heatmap.PROBABILITY_RANGE, threshold=spec.maps.threshold)
 
     def setup(self) -> None:
         """Nothing to build."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = check_columns(STAGE, batch, self.requires)
-        out = {k: v for k, v in batch.items() if k != "anomaly_map"}
-        png = np.empty(n, dtype=object)
-        png[:] = [b""] * n
-        rles = np.empty(n, dtype=object)
-        rles[:] = [""] * n
+        out = {k: v for k, v in batch.items() if k not in self.drops}
+        png = object_column([None] * n)
+        rles = object_column([None] * n)
         height = np.zeros(n, dtype=np.int64)
         width = np.zeros(n, dtype=np.int64)
-        ms = np.zeros(n, dtype=np.float64)
+        threshold = np.full(n, np.nan)
+        ms = np.full(n, np.nan)
         for i in range(n):
             m = np.asarray(batch["anomaly_map"][i])
             if batch["status"][i] != "ok" or m.size == 0:
@@ -54,6 +65,7 @@ class EncodeStage:
             height[i], width[i] = m.shape
             if self.threshold is not None:
                 rles[i] = json.dumps(rle.encode(m >= self.threshold))
+                threshold[i] = self.threshold
             ms[i] = (time.perf_counter() - t0) * 1000.0
-        out.update(map_png=png, map_height=height, map_width=width, mask_rle=rles, encode_ms=ms)
+        out.update(map_png=png, map_height=height, map_width=width, mask_rle=rles, threshold=threshold, encode_ms=ms)
         return out

@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline.io.fs import StorageOptions, read_bytes
 from pipeline.metrics.state import LEVELS, LevelStats
 from pipeline.ops import heatmap
-from pipeline.stages._columns import check_columns
+from pipeline.stages.base import check_columns
 
 STAGE = "evaluate"
 

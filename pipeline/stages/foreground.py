@@ -14,11 +14,12 @@
 Columns produced (one row per image):
 
 ==================  ==========  ============================================================
-``fg_rle``          object      COCO RLE (JSON) of the foreground mask; "" when none / failed
-``fg_components``   object      int64 (C, 7): id, x0, y0, x1, y1 (exclusive), area, n_parts
+``fg_rle``          string      COCO RLE (JSON) of the foreground mask; None when none / failed
+``fg_components``   COMPONENTS  int64 (C, 7): id, x0, y0, x1, y1 (exclusive), area, n_parts
+                                (in flight: ``list<struct>``, :data:`~pipeline.stages.records.COMPONENTS`)
 ``fg_sam_masks``    int64       SAM masks proposed (0 without SAM)
 ``fg_kept_masks``   int64       SAM masks kept by the foreground filter
-``foreground_ms``   float64     milliseconds for the row
+``foreground_ms``   float64     milliseconds for the row (NaN for rows that failed before)
 ==================  ==========  ============================================================
 
 A failure on one row makes it an error row (``error_stage = foreground``); the batch goes on.
@@ -30,29 +31,35 @@ import json
 import time
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.config import ForegroundSpec, RetrySpec, SamSpec
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import retrying, stderr_log
 from pipeline.io.weights import resolve
-from pipeline.models import foreground as fgm
+from pipeline.ops import foreground as fgm
 from pipeline.ops import rle
-from pipeline.stages._columns import check_columns
+from pipeline.stages.base import check_columns
+from pipeline.stages.records import COMPONENT_CODEC, COMPONENTS, RowErrors, object_column
 
 STAGE = "foreground"
-COMPONENT_COLUMNS = ("id", "x0", "y0", "x1", "y1", "area", "n_parts")
 
 
 def _no_components() -> np.ndarray:
-    return np.zeros((0, len(COMPONENT_COLUMNS)), dtype=np.int64)
+    return COMPONENT_CODEC.table(None)
 
 
 class ForegroundStage:
     """Batch callable; see the module docstring. ``use_gpu``: run SAM on this worker's GPU."""
 
     name = STAGE
+    section = "foreground"
     requires = ("image", "status", "error_stage", "error_type", "error_message")
-    produces = ("fg_rle", "fg_components", "fg_sam_masks", "fg_kept_masks", "foreground_ms")
+    types = {"fg_rle": pa.string(), "fg_components": COMPONENTS, "fg_sam_masks": pa.int64(), "fg_kept_masks": pa.int64(),
+             "foreground_ms": pa.float64(), "status": pa.string(), "error_stage": pa.string(), "error_type": pa.string(),
+             "error_message": pa.string()}
+    produces = tuple(types)
+    drops: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -73,6 +80,17 @@ class ForegroundStage:
         self.engine = None
         self.dis = None
         self._ready = False
+
+    @classmethod
+    def from_spec(cls, spec, storage: StorageOptions | None = None) -> "ForegroundStage | None":
+        if spec.foreground is None:
+            return None
+        return cls(spec.foreground, spec.sam, weights_cache=spec.weights_cache, storage=storage, retries=spec.retries)
+
+    @property
+    def kind(self) -> str:
+        """An actor pool when SAM runs (a model built once per actor), CPU tasks otherwise."""
+        return "actor" if self.cfg.kind == "sam_dis" else "task"
 
     def setup(self) -> None:
         if self._ready:
@@ -129,27 +147,21 @@ class ForegroundStage:
             fg = prob >= cfg.prob_threshold
         min_area = int(np.ceil(cfg.min_component_fraction * h * w))
         labels, comps = fgm.components(fg, parts, min_area=min_area)
-        table = np.array([[c.id, *c.box, c.area, c.n_parts] for c in comps], dtype=np.int64).reshape(-1, len(COMPONENT_COLUMNS))
+        table = COMPONENT_CODEC.table([[c.id, *c.box, c.area, c.n_parts] for c in comps])
         return labels >= 0, table, proposed, kept_n
 
     # ---------------------------------------------------------------- call
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = check_columns(STAGE, batch, self.requires)
         self.setup()
-        out = dict(batch)
-        status = np.array(batch["status"], dtype=object)
-        err_stage = np.array(batch["error_stage"], dtype=object)
-        err_type = np.array(batch["error_type"], dtype=object)
-        err_msg = np.array(batch["error_message"], dtype=object)
-        fg_rle = np.empty(n, dtype=object)
-        fg_rle[:] = [""] * n
-        comps = np.empty(n, dtype=object)
-        comps[:] = [_no_components() for _ in range(n)]
+        errors = RowErrors(batch, n)
+        fg_rle = object_column([None] * n)
+        comps = object_column([_no_components() for _ in range(n)])
         proposed = np.zeros(n, dtype=np.int64)
         kept = np.zeros(n, dtype=np.int64)
-        ms = np.zeros(n, dtype=np.float64)
+        ms = np.full(n, np.nan)
         for i in range(n):
-            if status[i] != "ok":
+            if not errors.ok(i):
                 continue
             t0 = time.perf_counter()
             try:
@@ -158,9 +170,7 @@ class ForegroundStage:
                 if self.cfg.kind != "none":
                     fg_rle[i] = json.dumps(rle.encode(mask))
             except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
-                status[i], err_stage[i], err_type[i] = "error", STAGE, type(exc).__name__
-                err_msg[i] = f"foreground extraction failed: {exc}"
+                errors.fail_with(i, STAGE, exc, "foreground extraction failed")
             ms[i] = (time.perf_counter() - t0) * 1000.0
-        out.update(fg_rle=fg_rle, fg_components=comps, fg_sam_masks=proposed, fg_kept_masks=kept, foreground_ms=ms,
-                   status=status, error_stage=err_stage, error_type=err_type, error_message=err_msg)
-        return out
+        return {**batch, "fg_rle": fg_rle, "fg_components": comps, "fg_sam_masks": proposed, "fg_kept_masks": kept,
+                "foreground_ms": ms, **errors.columns()}

@@ -17,10 +17,11 @@ from PIL import Image
 from pipeline.config import load_spec
 from pipeline.io import contracts
 from pipeline.io import fs as fsio
-from pipeline.io.synthetic import make_dataset
 from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.ops import heatmap, rle
+from pipeline.synthetic import make_dataset
 from tests.helpers.badfiles import write_bad_inputs, write_good_images
+from tests.helpers.batches import image_batch
 
 pytestmark = pytest.mark.integration
 ZSAD = str(Path(sys.executable).with_name("zsad"))
@@ -146,11 +147,7 @@ def test_run_on_local_mvtec_tree(tmp_path):
     spec = load_spec("jobs/smoke.yaml")
     stage = ClipScoreStage(spec.clip, spec.score)
     sample = scores.sort_values("uri").head(4)
-    imgs = np.empty(len(sample), dtype=object)
-    imgs[:] = [np.asarray(Image.open(u).convert("RGB")) for u in sample["uri"]]
-    n = len(sample)
-    out = stage({"image": imgs, "category": sample["category"].to_numpy(object), "status": np.array(["ok"] * n, object),
-                 "error_stage": np.full(n, None), "error_type": np.full(n, None), "error_message": np.full(n, None)})
+    out = stage(image_batch([np.asarray(Image.open(u).convert("RGB")) for u in sample["uri"]], list(sample["category"])))
     np.testing.assert_allclose(out["score"], sample["score"].to_numpy(), atol=1e-5)
 
     # zsad evaluate with explicit ground truth and non-default settings
@@ -221,10 +218,7 @@ def test_bad_inputs_are_reported_and_the_error_budget_holds(tmp_path):
     stage = ClipScoreStage(spec.clip, spec.score)
     stored = np.asarray(Image.open(folder / "parts" / "exif_rotated.jpg").convert("RGB"))  # no transpose
     displayed = np.rot90(stored, k=-1)  # orientation 6: rotate 90 degrees clockwise
-    imgs = np.empty(2, dtype=object)
-    imgs[:] = [np.ascontiguousarray(displayed), stored]
-    out = stage({"image": imgs, "category": np.array(["parts", "parts"], object), "status": np.array(["ok", "ok"], object),
-                 "error_stage": np.full(2, None), "error_type": np.full(2, None), "error_message": np.full(2, None)})
+    out = stage(image_batch([np.ascontiguousarray(displayed), stored], ["parts", "parts"]))
     assert rows.loc["exif_rotated.jpg", "score"] == pytest.approx(out["score"][0], abs=1e-5)
     assert abs(out["score"][0] - out["score"][1]) > 1e-6  # orientation matters to the score
 

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.io.synthetic import make_multi_instance_dataset
 from pipeline.ops import rle
+from pipeline.synthetic import make_multi_instance_dataset
 
 pytestmark = pytest.mark.integration
 ZSAD = str(Path(sys.executable).with_name("zsad"))

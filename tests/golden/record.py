@@ -47,7 +47,7 @@ VOLATILE = ("decode_ms", "clip_score_ms", "encode_ms", "foreground_ms", "aggrega
 
 def make_data(kind: str, root: Path) -> Path:
     """The input of a preset: an mvtec tree with two broken files, or a multi-instance tree."""
-    from pipeline.io.synthetic import make_dataset, make_multi_instance_dataset
+    from pipeline.synthetic import make_dataset, make_multi_instance_dataset
 
     data = root / "in"
     if kind == "mvtec":

@@ -11,8 +11,9 @@ import pytest
 
 from pipeline.config import DataSpec, StorageSpec
 from pipeline.io.fs import filesystem, storage_options
-from pipeline.io.layouts import InputError, list_inputs, write_manifest
-from pipeline.io.synthetic import make_dataset
+from pipeline.io.layouts import InputError, list_inputs
+from pipeline.io.manifest import write_manifest
+from pipeline.synthetic import make_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DataSpec
-from pipeline.io.layouts import MANIFEST_COLUMNS, InputError, detect_layout, list_inputs
+from pipeline.io.layouts import InputError, detect_layout, list_inputs
+from pipeline.io.manifest import MANIFEST_COLUMNS
 from tests.helpers.files import touch
 
 VISA_HEADER = "object,split,label,image,mask"
@@ -323,7 +324,7 @@ def test_auto_detection_keeps_mvtec_and_folder(tmp_path):
 
 
 def test_new_layout_names_accepted_by_spec_and_cli():
-    from pipeline.cli import LAYOUTS
+    from pipeline.io.layouts import LAYOUTS
 
     for name in ("visa", "visa_1cls", "mpdd", "btad"):
         assert DataSpec(layout=name).layout == name

@@ -8,14 +8,14 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 from PIL import Image
 
-from pipeline.config import ClipSpec, DecodeSpec, JobSpec, RetrySpec, WinclipImageScore
+from pipeline.config import ClipSpec, DecodeSpec, JobSpec, RetrySpec, ZeroShotImageScore
 from pipeline.io import fs as fsio
 from pipeline.io.retry import backoff_delays, is_transient, retrying
 from pipeline.io.weights import WeightsError
 from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.stages.decode import DecodeStage
+from tests.helpers.clip_weights import random_clip_checkpoint, tiny_clip_scores
 from tests.helpers.flaky_http import FlakyServer
-from tests.unit.io.test_weights import _random_checkpoint, _scores
 
 FAST = RetrySpec(read=3, model_load=3, backoff_s=0.01, max_backoff_s=0.02)
 
@@ -142,11 +142,11 @@ def test_decode_gives_up_after_the_budget_and_does_not_retry_missing_files():
 
 def test_model_load_retries_a_flaky_weights_server(tmp_path):
     ckpt = tmp_path / "tiny.pt"
-    digest = _random_checkpoint(ckpt)
+    digest = random_clip_checkpoint(ckpt)
     data = ckpt.read_bytes()
     with FlakyServer({"/m/tiny.pt": data}, {"/m/tiny.pt": [503, "reset"]}) as server:
         spec = {"uri": f"{server.url}/m/tiny.pt", "sha256": digest}
-        stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=spec), WinclipImageScore(),
+        stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=spec), ZeroShotImageScore(),
                                weights_cache=str(tmp_path / "cache"), storage=fsio.storage_options(), retries=FAST)
         stage.setup()
         assert server.hits["/m/tiny.pt"] >= 3
@@ -156,15 +156,15 @@ def test_model_load_retries_a_flaky_weights_server(tmp_path):
 
     expected = torch.load(ckpt, weights_only=True)
     assert all(torch.equal(loaded[k].cpu(), expected[k]) for k in expected)
-    np.testing.assert_array_equal(_scores({"path": str(ckpt)}, tmp_path / "cache2"),
-                                  _scores({"uri": spec["uri"], "sha256": digest}, tmp_path / "cache"))
+    np.testing.assert_array_equal(tiny_clip_scores({"path": str(ckpt)}, tmp_path / "cache2"),
+                                  tiny_clip_scores({"uri": spec["uri"], "sha256": digest}, tmp_path / "cache"))
 
 
 def test_model_load_fails_without_retry_budget(tmp_path):
     ckpt = tmp_path / "tiny.pt"
-    _random_checkpoint(ckpt)
+    random_clip_checkpoint(ckpt)
     with FlakyServer({"/m/tiny.pt": ckpt.read_bytes()}, {"/m/tiny.pt": [503]}) as server:
-        stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights={"uri": f"{server.url}/m/tiny.pt"}), WinclipImageScore(),
+        stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights={"uri": f"{server.url}/m/tiny.pt"}), ZeroShotImageScore(),
                                weights_cache=str(tmp_path / "cache"), storage=fsio.storage_options(),
                                retries=RetrySpec(model_load=0))
         with pytest.raises(WeightsError, match="download failed"):

@@ -1,4 +1,4 @@
-"""DisModel on real (tiny) ONNX graphs built in the test: a 1x1 convolution computing
+"""DisModel on real (tiny) ONNX graphs built in code (tests/helpers/dis_models.py): a 1x1 convolution computing
 k * (red - blue) followed by a sigmoid, so the expected foreground map is known in closed form."""
 
 import sys
@@ -6,41 +6,13 @@ import sys
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper  # noqa: E402
-
 from pipeline.models import dis  # noqa: E402
+from tests.helpers.dis_models import DIS_GAIN, red_blue_image, save_dis_model  # noqa: E402
 
-K = 4.0  # conv gain: red pixel -> sigmoid(4) = 0.982, blue pixel -> sigmoid(-4) = 0.018
-
-
-def _save_model(path, size=32, weights=(K, 0.0, -K), symbolic=False):
-    """(1, 3, S, S) float -> Conv 1x1 (fixed weights, no bias) -> Sigmoid -> (1, 1, S, S)."""
-    dims_in = ["N", 3, "H", "W"] if symbolic else [1, 3, size, size]
-    dims_out = ["N", 1, "H", "W"] if symbolic else [1, 1, size, size]
-    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], list(weights))
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["image", "w"], ["logit"], kernel_shape=[1, 1]),
-         helper.make_node("Sigmoid", ["logit"], ["mask"])],
-        "tiny_dis",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims_in)],
-        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, dims_out)],
-        initializer=[w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return str(path)
-
-
-def _red_blue(h, w):
-    img = np.zeros((h, w, 3), np.uint8)
-    img[:, : w // 2, 0] = 255  # left half red
-    img[:, w // 2 :, 2] = 255  # right half blue
-    return img
+K = DIS_GAIN  # conv gain: red pixel -> sigmoid(4) = 0.982, blue pixel -> sigmoid(-4) = 0.018
 
 
 def _sigmoid(x):
@@ -48,10 +20,10 @@ def _sigmoid(x):
 
 
 def test_red_left_blue_right_non_square(tmp_path):
-    model = dis.DisModel(_save_model(tmp_path / "m.onnx"), input_size=32)
+    model = dis.DisModel(save_dis_model(tmp_path / "m.onnx"), input_size=32)
     assert (model.input_name, model.output_name) == ("image", "mask")
     assert model.providers == ["CPUExecutionProvider"]
-    img = _red_blue(20, 50)
+    img = red_blue_image(20, 50)
     m = model.predict(img)
     assert m.shape == (20, 50) and m.dtype == np.float32
     assert m.min() >= 0.0 and m.max() <= 1.0
@@ -62,7 +34,7 @@ def test_red_left_blue_right_non_square(tmp_path):
 def test_matches_hand_computation_without_resizing(tmp_path):
     """At the model's own size no resize happens: the map must equal the closed form
     minmax(sigmoid(K * ((r/255 - 0.5) - (b/255 - 0.5))))."""
-    model = dis.DisModel(_save_model(tmp_path / "m.onnx", size=16), input_size=16)
+    model = dis.DisModel(save_dis_model(tmp_path / "m.onnx", size=16), input_size=16)
     img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     x = img.astype(np.float64) / 255.0 - 0.5
     raw = _sigmoid(K * (x[..., 0] - x[..., 2]))
@@ -72,7 +44,7 @@ def test_matches_hand_computation_without_resizing(tmp_path):
 
 
 def test_preprocess_uses_mean_and_std_on_unit_pixels(tmp_path):
-    path = _save_model(tmp_path / "m.onnx", symbolic=True)
+    path = save_dis_model(tmp_path / "m.onnx", symbolic=True)
     img = np.full((5, 7, 3), (255, 51, 0), np.uint8)
     x = dis.DisModel(path, input_size=8).preprocess(img)
     assert x.shape == (1, 3, 8, 8) and x.dtype == np.float32
@@ -82,15 +54,15 @@ def test_preprocess_uses_mean_and_std_on_unit_pixels(tmp_path):
 
 
 def test_symbolic_input_shape_runs_at_input_size(tmp_path):
-    model = dis.DisModel(_save_model(tmp_path / "dyn.onnx", symbolic=True), input_size=24)
-    m = model.predict(_red_blue(30, 12))
+    model = dis.DisModel(save_dis_model(tmp_path / "dyn.onnx", symbolic=True), input_size=24)
+    m = model.predict(red_blue_image(30, 12))
     assert m.shape == (30, 12)
     assert m[:, :5].mean() > 0.9 and m[:, 7:].mean() < 0.1
 
 
 def test_constant_map_is_returned_clipped_not_divided_by_zero(tmp_path):
-    model = dis.DisModel(_save_model(tmp_path / "flat.onnx", weights=(0.0, 0.0, 0.0)), input_size=32)
-    m = model.predict(_red_blue(10, 10))
+    model = dis.DisModel(save_dis_model(tmp_path / "flat.onnx", weights=(0.0, 0.0, 0.0)), input_size=32)
+    m = model.predict(red_blue_image(10, 10))
     np.testing.assert_allclose(m, 0.5, atol=1e-6)
 
 
@@ -102,14 +74,14 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(dis.DisLoadError, match=r"missing\.onnx does not exist"):
         dis.DisModel(str(tmp_path / "missing.onnx"))
     with pytest.raises(dis.DisLoadError, match=r"m\.onnx: the model's input is 32 x 32 px but input_size is 1024"):
-        dis.DisModel(_save_model(tmp_path / "m.onnx"))
-    model = dis.DisModel(_save_model(tmp_path / "m.onnx"), input_size=32)
+        dis.DisModel(save_dis_model(tmp_path / "m.onnx"))
+    model = dis.DisModel(save_dis_model(tmp_path / "m.onnx"), input_size=32)
     with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) uint8"):
         model.predict(np.zeros((4, 4), np.uint8))
 
 
 def test_missing_onnxruntime_says_how_to_install(tmp_path, monkeypatch):
-    path = _save_model(tmp_path / "m.onnx")
+    path = save_dis_model(tmp_path / "m.onnx")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(dis.DisLoadError, match=r"pip install 'zsad\[onnx\]'"):
         dis.DisModel(path, input_size=32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.models.foreground import Component
+from pipeline.ops.foreground import Component
 from pipeline.ops.tiling import REASONS, Tile, plan_tiles
 
 

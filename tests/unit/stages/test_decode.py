@@ -11,9 +11,10 @@ from PIL import Image
 
 import pipeline.stages.decode as decode_module
 from pipeline.config import DecodeSpec, RetrySpec
-from pipeline.stages._columns import check_columns
+from pipeline.stages.base import check_columns
 from pipeline.stages.decode import DecodeStage
 from tests.helpers.badfiles import write_bad_inputs, write_good_images
+from tests.helpers.batches import image_batch
 
 PRODUCED = ("image", "height", "width", "status", "error_stage", "error_type", "error_message", "decode_ms")
 
@@ -143,13 +144,8 @@ def test_previously_failed_rows_are_kept_and_not_fetched(monkeypatch, corpus):
         return real(uri, options)
 
     monkeypatch.setattr(decode_module, "read_bytes", spy)
-    batch = {
-        "uri": np.array([good_uri, "/nowhere/listed-but-broken.png", good_uri], dtype=object),
-        "status": np.array(["ok", "error", "ok"], dtype=object),
-        "error_stage": np.array([None, "list", None], dtype=object),
-        "error_type": np.array([None, "ManifestError", None], dtype=object),
-        "error_message": np.array([None, "row 7: bad category", None], dtype=object),
-    }
+    batch = image_batch(None, status=["ok", "error", "ok"], failure=("list", "ManifestError", "row 7: bad category"),
+                        uri=[good_uri, "/nowhere/listed-but-broken.png", good_uri])  # row 1 failed when listed
     out = DecodeStage(DecodeSpec())(batch)
     assert fetched == [good_uri, good_uri]
     assert list(out["status"]) == ["ok", "error", "ok"]

@@ -10,15 +10,17 @@ import pytest
 from PIL import Image
 
 from pipeline.config import (
-    AggregationSpec, ClipSpec, ForegroundSpec, MapOutputSpec, SamSpec, TilingSpec, WinclipImageScore, WinclipWindows,
+    AggregationSpec, ClipSpec, ForegroundSpec, MapOutputSpec, SamSpec, TilingSpec, ZeroShotImageScore, WinclipWindows,
 )
-from pipeline.io.synthetic import make_multi_instance_dataset
 from pipeline.ops import rle
 from pipeline.stages.aggregate import AggregateStage
 from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.foreground import ForegroundStage
 from pipeline.stages.tiling import TilingStage
+from pipeline.synthetic import make_multi_instance_dataset
+from tests.helpers.batches import image_batch
+from tests.helpers.dis_models import red_blue_image, save_dis_model
 
 TINY = ClipSpec(model="zsad-tiny", weights=None)
 TILING = TilingSpec(min_tile=96, tile_map_size=32)
@@ -32,27 +34,11 @@ def dataset(tmp_path_factory):
     return info, images
 
 
-def _batch(images):
-    n = len(images)
-    col = np.empty(n, dtype=object)
-    col[:] = images
-    none = np.array([None] * n, dtype=object)
-    return {
-        "image_id": np.array([f"i{k}" for k in range(n)], dtype=object),
-        "category": np.array(["pills"] * n, dtype=object),
-        "image": col,
-        "height": np.array([im.shape[0] for im in images], dtype=np.int64),
-        "width": np.array([im.shape[1] for im in images], dtype=np.int64),
-        "status": np.array(["ok"] * n, dtype=object),
-        "error_stage": none.copy(), "error_type": none.copy(), "error_message": none.copy(),
-    }
-
-
 def _chain(images, fg: ForegroundSpec, sam: SamSpec | None = None, pixel=WinclipWindows(), top_fraction=0.25):
-    clip = ClipScoreStage(TINY, WinclipImageScore(), pixel=pixel, tiling=TILING)
+    clip = ClipScoreStage(TINY, ZeroShotImageScore(), pixel=pixel, tiling=TILING)
     stages = [ForegroundStage(fg, sam), TilingStage(TILING), clip, AggregateStage(AggregationSpec(top_fraction=top_fraction),
                                                                                     MapOutputSpec(map_size=128))]
-    batch = _batch(images)
+    batch = image_batch(images, "pills")
     for stage in stages:
         batch = stage(batch)
     return batch, clip
@@ -114,10 +100,8 @@ def test_tiny_sam_foreground_runs_and_counts_parts(dataset):
 
 def test_encode_after_aggregation_and_failed_rows_pass_through(dataset):
     _, images = dataset
-    batch = _batch([images[0], images[1]])
-    batch["status"][1] = "error"
-    batch["error_stage"][1] = "decode"
-    clip = ClipScoreStage(TINY, WinclipImageScore(), pixel=WinclipWindows(), tiling=TILING)
+    batch = image_batch([images[0], images[1]], "pills", status=["ok", "error"])  # row 1 failed in decode
+    clip = ClipScoreStage(TINY, ZeroShotImageScore(), pixel=WinclipWindows(), tiling=TILING)
     for stage in (ForegroundStage(ForegroundSpec(kind="classical")), TilingStage(TILING), clip,
                   AggregateStage(AggregationSpec(), MapOutputSpec(map_size=64)), EncodeStage()):
         batch = stage(batch)
@@ -126,9 +110,9 @@ def test_encode_after_aggregation_and_failed_rows_pass_through(dataset):
 
 
 def test_tiling_mode_needs_the_tiles_column():
-    clip = ClipScoreStage(TINY, WinclipImageScore(), tiling=TILING)
+    clip = ClipScoreStage(TINY, ZeroShotImageScore(), tiling=TILING)
     with pytest.raises(ValueError, match="no 'tiles' column"):
-        clip(_batch([np.zeros((32, 32, 3), np.uint8)]))
+        clip(image_batch([np.zeros((32, 32, 3), np.uint8)], "pills"))
 
 
 def test_clipseg_localiser_gives_the_tile_maps(dataset):
@@ -151,10 +135,9 @@ def test_clipseg_localiser_gives_the_tile_maps(dataset):
 
 def test_sam_dis_uses_the_onnx_foreground_model_through_the_weights_spec(tmp_path):
     pytest.importorskip("onnxruntime")
-    from tests.unit.models.test_dis import _red_blue, _save_model
 
-    model = _save_model(tmp_path / "dis.onnx", size=32)
-    image = _red_blue(60, 80)  # red (foreground for this model) on the left half, blue on the right
+    model = save_dis_model(tmp_path / "dis.onnx", size=32)
+    image = red_blue_image(60, 80)  # red (foreground for this model) on the left half, blue on the right
     fg_spec = ForegroundSpec(kind="sam_dis", dis_model={"path": model}, dis_input_size=32, points_per_side=8,
                              pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, min_component_fraction=0)
     stage = ForegroundStage(fg_spec, SamSpec(model="tiny"))

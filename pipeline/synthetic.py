@@ -1,6 +1,10 @@
-"""A small synthetic MVTec-layout dataset with known defects, for ``zsad demo`` and the tests.
+"""Synthetic demo and test datasets with known defects, for ``zsad demo``, the tests and the benchmarks.
 
-Layout written under ``root`` (a local folder or an ``s3://`` prefix), per category::
+:func:`make_dataset` writes a small MVTec-layout dataset (below); :func:`make_multi_instance_dataset`
+writes multi-instance images (several objects each, some with a defect) for the foreground and tiling
+stages.
+
+:func:`make_dataset` layout, written under ``root`` (a local folder or an ``s3://`` prefix), per category::
 
     <category>/train/good/000.png ...                 normal training images
     <category>/test/good/000.png ...                  normal test images

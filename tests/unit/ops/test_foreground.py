@@ -1,4 +1,4 @@
-"""pipeline.models.foreground: classical foreground map, SAM mask filtering, union, components."""
+"""pipeline.ops.foreground: classical foreground map, SAM mask filtering, union, components."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.io.synthetic import make_multi_instance_dataset
-from pipeline.models.foreground import Component, classical_foreground, components, filter_masks, union
+from pipeline.ops.foreground import Component, classical_foreground, components, filter_masks, union
+from pipeline.synthetic import make_multi_instance_dataset
 
 
 def _box_iou(a, b):

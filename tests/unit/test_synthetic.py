@@ -1,4 +1,4 @@
-"""pipeline.io.synthetic: the MVTec-layout synthetic dataset."""
+"""pipeline.synthetic: the MVTec-layout synthetic dataset."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.config import DataSpec
 from pipeline.io.layouts import list_inputs
-from pipeline.io.synthetic import DEFECTS, make_dataset, render_defect, render_normal
+from pipeline.synthetic import DEFECTS, make_dataset, render_defect, render_normal
 
 
 def _read(path):
@@ -107,7 +107,7 @@ def test_invalid_arguments(tmp_path, kwargs):
 
 # --- make_multi_instance_dataset ---------------------------------------------------------------
 
-from pipeline.io.synthetic import make_multi_instance_dataset  # noqa: E402
+from pipeline.synthetic import make_multi_instance_dataset  # noqa: E402
 
 
 def test_multi_instance_tree_summary_and_determinism(tmp_path):
@@ -190,7 +190,7 @@ def test_multi_instance_invalid_arguments(tmp_path, kwargs):
 
 
 def test_multi_instance_defect_mask_marks_exactly_the_changed_pixels():
-    from pipeline.io.synthetic import _multi_defect, _render_instances
+    from pipeline.synthetic import _multi_defect, _render_instances
 
     for seed in range(4):
         rng = np.random.default_rng(seed)

@@ -1,0 +1,79 @@
+"""What every stage is: the :class:`Stage` protocol, and the column check it runs on a batch.
+
+A batch is a ``dict[str, np.ndarray]`` of equal-length columns (Ray Data's "numpy" batch format;
+column conventions in :mod:`pipeline.stages.records`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+StageKind = Literal["task", "actor"]
+#: How a stage runs: ``task`` = stateless Ray tasks (CPU), ``actor`` = a pool of actors that build
+#: their models once (``setup``), on a GPU when the stage's resources ask for one.
+STAGE_KINDS: tuple[str, ...] = ("task", "actor")
+
+
+@runtime_checkable
+class Stage(Protocol):
+    """One pipeline stage: a batch callable declared as data.
+
+    - ``name``: the stage's name; its resources are ``resources.<name>`` of the job spec;
+    - ``section``: the job-spec section that configures it (``decode``, ``foreground``...);
+    - ``kind``: ``task`` or ``actor`` (see :data:`STAGE_KINDS`);
+    - ``requires``: the columns it reads; ``produces``: the columns it adds or replaces, and
+      ``types`` their in-flight types (:mod:`pipeline.stages.records`; same keys as ``produces``);
+      ``drops``: the columns it removes;
+    - ``setup()``: builds models once per worker (a no-op for CPU stages);
+    - ``__call__(batch) -> batch``;
+    - ``from_spec(spec, storage)`` (classmethod): the configured stage, or None when the job
+      does not use it.
+    """
+
+    name: ClassVar[str]
+    section: ClassVar[str]
+    requires: tuple[str, ...]
+    produces: tuple[str, ...]
+    types: Mapping[str, Any]
+    drops: tuple[str, ...]
+
+    @property
+    def kind(self) -> str: ...
+
+    def setup(self) -> None: ...
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def check_columns(stage_name: str, batch: Mapping[str, Any], required: tuple[str, ...]) -> int:
+    """Check that ``batch`` has every ``required`` column and that all its columns have one length.
+
+    Returns:
+        The number of rows (0 for a batch with no columns).
+
+    Raises:
+        ValueError: naming the stage and the missing columns (and the columns present), or the
+            length of every column when they differ.
+        TypeError: ``batch`` is not a mapping of columns.
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"stage {stage_name!r}: a batch must be a dict of columns, got {type(batch).__name__}")
+    missing = [name for name in required if name not in batch]
+    if missing:
+        raise ValueError(
+            f"stage {stage_name!r} requires column(s) {', '.join(map(repr, missing))}, missing from the "
+            f"input batch (it has: {', '.join(map(repr, batch)) or 'no columns'})"
+        )
+    lengths: dict[str, int] = {}
+    for name, column in batch.items():
+        try:
+            lengths[name] = len(column)
+        except TypeError:
+            raise ValueError(
+                f"stage {stage_name!r}: column {name!r} is not a sequence ({type(column).__name__})"
+            ) from None
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{name}={n}" for name, n in lengths.items())
+        raise ValueError(f"stage {stage_name!r}: input columns have different lengths ({detail})")
+    return next(iter(lengths.values()), 0)

@@ -1,0 +1,111 @@
+"""The plan: the ordered list of stages a job runs, built from its JobSpec by :func:`build_plan`.
+
+Each stage is a class of :mod:`pipeline.stages` that follows :class:`pipeline.stages.base.Stage`:
+its ``from_spec`` returns the configured stage, or None when the job does not use it. The order
+below is the one declaration a new stage adds; :mod:`pipeline.runtime.ray_plan` turns the built
+list into Ray Data ``map_batches`` calls and nothing else decides what runs.
+
+Column contracts are checked here, before anything runs: every column a stage requires must come
+from the input manifest or an earlier stage, and every column an output table reads must exist at
+the end of the plan (or the table's contract must allow it to be null).
+
+Plan of a job with every section (one row per image throughout)::
+
+    inputs.parquet rows (uri, image_id, category, gt_label, mask_uri, size, mtime, etag)
+      -> decode       task   image, height, width, status, error_*, decode_ms
+      -> foreground   actor (SAM) or task (classical/none)   fg_rle, fg_components, fg_*_masks, foreground_ms
+      -> tiling       task   tiles, tile_reasons
+      -> clip_score   actor  score, score_vision, max_pixel_score, anomaly_map, scoring_mode, clip_score_ms
+                             (+ tile_scores, tile_maps when tiling)
+      -> aggregate    task   score, anomaly_map, max_pixel_score, n_tiles, scoring_mode, ...  (drops tile_maps)
+      -> encode       task   map_png, map_height, map_width, mask_rle, threshold, encode_ms  (drops anomaly_map)
+      -> driver: each output table is one projection of the row (pipeline.io.projection)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from pipeline.config import JobSpec, StageResources
+from pipeline.io.fs import StorageOptions
+from pipeline.stages.aggregate import AggregateStage
+from pipeline.stages.base import STAGE_KINDS, Stage
+from pipeline.stages.clip_score import ClipScoreStage
+from pipeline.stages.decode import DecodeStage
+from pipeline.stages.encode import EncodeStage
+from pipeline.stages.foreground import ForegroundStage
+from pipeline.stages.tiling import TilingStage
+
+#: The order of the stages. A new stage is one module, its spec section and one entry here.
+STAGE_ORDER: tuple[type, ...] = (DecodeStage, ForegroundStage, TilingStage, ClipScoreStage, AggregateStage, EncodeStage)
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; raised when it is built, before any data moves."""
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage of a built plan with its resources (``resources.<name>`` of the spec)."""
+
+    stage: Any  # a Stage
+    resources: StageResources
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def kind(self) -> str:
+        return self.stage.kind
+
+
+def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: Iterable[str] = (),
+               outputs: dict[str, tuple[set[str], set[str]]] | None = None,
+               order: Iterable[type] = STAGE_ORDER) -> list[PlannedStage]:
+    """The ordered stages of ``spec``, checked.
+
+    ``source``: the columns every row starts with (the input manifest's). ``outputs``: table ->
+    (columns it must find, columns it may find: absent ones are stored as null), from
+    :func:`pipeline.io.projection.needs`; checked against the columns at the end of the plan.
+
+    Raises :class:`PlanError` for a stage of unknown kind, a stage without its resources section,
+    a required column that no earlier stage produces, or an output column nothing produces."""
+    planned = []
+    for cls in order:
+        stage = cls.from_spec(spec, storage)
+        if stage is None:
+            continue
+        if stage.kind not in STAGE_KINDS:
+            raise PlanError(f"stage {stage.name!r} has unknown kind {stage.kind!r} (known: {', '.join(STAGE_KINDS)})")
+        resources = getattr(spec.resources, stage.name, None)
+        if not isinstance(resources, StageResources):
+            raise PlanError(f"stage {stage.name!r} has no resources section (resources.{stage.name} in the job spec)")
+        planned.append(PlannedStage(stage, resources))
+    final = check_columns(planned, source)
+    for table, (required, _) in (outputs or {}).items():
+        missing = sorted(required - final)
+        if missing:
+            raise PlanError(f"table {table!r} needs column(s) {', '.join(missing)} that no stage of this plan produces "
+                            f"(plan: {' -> '.join(p.name for p in planned)})")
+    return planned
+
+
+def check_columns(planned: list[PlannedStage] | list[Stage], source: Iterable[str]) -> set[str]:
+    """Walk the plan: each stage's required columns must exist when it runs. Returns the columns
+    at the end of the plan."""
+    have = set(source)
+    for item in planned:
+        stage = item.stage if isinstance(item, PlannedStage) else item
+        missing = [c for c in stage.requires if c not in have]
+        if missing:
+            raise PlanError(
+                f"stage {stage.name!r} requires column(s) {', '.join(map(repr, missing))} that no earlier stage "
+                f"produces (available: {', '.join(sorted(have))})"
+            )
+        if set(stage.produces) != set(stage.types):
+            raise PlanError(f"stage {stage.name!r} declares types for {sorted(stage.types)} but produces {list(stage.produces)}")
+        have |= set(stage.produces)
+        have -= set(stage.drops)
+    return have

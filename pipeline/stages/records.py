@@ -1,0 +1,155 @@
+"""The in-flight row: column types, the one codec for typed records, and per-row error fields.
+
+A stage sees a batch as Ray Data's "numpy" format gives it: a ``dict[str, np.ndarray]`` of
+equal-length columns. Between stages (and back to the driver) the same columns travel as Arrow
+with the types the stages declare in ``produces``; :mod:`pipeline.runtime.udf` converts with the
+functions here, so every stage agrees on one representation:
+
+- text, bytes and integers that may be missing: object columns with ``None`` (Arrow null);
+- floats: ``float64`` with NaN for "no value" (Arrow null);
+- images and maps: object columns of numpy arrays (:data:`TENSOR`: Ray's tensor extension);
+- records: the foreground components and the tile boxes travel as Arrow ``list<struct>`` columns
+  (:data:`COMPONENTS`, :data:`TILES`) and a stage sees them as int64 tables, one row per record,
+  with the columns of :data:`COMPONENT_FIELDS` / :data:`TILE_FIELDS`. :class:`RecordCodec` is the
+  only code that knows the layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+#: Marker type of a column holding one numpy array per row (images, float maps).
+TENSOR = "tensor"
+
+#: The Arrow type of each in-flight column: an Arrow type, :data:`TENSOR`, or a record type.
+ColumnType = Any
+
+
+def object_column(values: Iterable[Any]) -> np.ndarray:
+    """A 1-D object array holding ``values`` as they are (numpy would otherwise stack equal-shape
+    arrays into one multi-dimensional array): ``object_column([a, b])[0] is a``."""
+    values = list(values)
+    col = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        col[i] = value
+    return col
+
+
+@dataclass(frozen=True)
+class RecordCodec:
+    """One record column: per row, a variable number of records with integer fields.
+
+    Stage view: an int64 array ``(R, sum of widths)`` (``None`` for a row without a value).
+    Arrow view: ``list<struct<...>>``; a field of width 1 is an int64, a wider one a
+    ``list<int64>`` of that many values (a box)."""
+
+    fields: tuple[tuple[str, int], ...]
+
+    @property
+    def width(self) -> int:
+        return sum(w for _, w in self.fields)
+
+    @property
+    def arrow_type(self) -> pa.DataType:
+        return pa.list_(pa.struct([(name, pa.int64() if w == 1 else pa.list_(pa.int64())) for name, w in self.fields]))
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The name of every column of the stage view (``box`` of width 4 -> box0..box3)."""
+        return tuple(n if w == 1 else f"{n}{k}" for n, w in self.fields for k in range(w))
+
+    def table(self, value: Any) -> np.ndarray:
+        """A stage-view table from a sequence of rows (or an empty one)."""
+        return np.asarray(value if value is not None else [], dtype=np.int64).reshape(-1, self.width)
+
+    def _record(self, row: list[int]) -> dict[str, Any]:
+        """One stage-view row -> one record (dict of fields)."""
+        out, k = {}, 0
+        for name, w in self.fields:
+            out[name] = row[k] if w == 1 else row[k : k + w]
+            k += w
+        return out
+
+    def _row(self, record: Mapping[str, Any]) -> list[int]:
+        """One record -> one stage-view row."""
+        return [int(x) for name, w in self.fields for x in ([record[name]] if w == 1 else record[name])]
+
+    def to_arrow(self, values: Sequence[Any]) -> pa.Array:
+        """Stage-view tables (one per row, or None) -> the Arrow column."""
+        rows = [None if v is None else [self._record(r) for r in self.table(v).tolist()] for v in values]
+        return pa.array(rows, type=self.arrow_type)
+
+    def from_arrow(self, values: Sequence[Any]) -> np.ndarray:
+        """What Ray's numpy conversion gives for the Arrow column (per row an array of dicts, or
+        None) -> an object column of stage-view tables (None stays None)."""
+        return object_column(None if v is None else self.table([self._row(r) for r in v]) for v in values)
+
+
+#: Foreground components: id, box (x0, y0, x1, y1; x1/y1 exclusive), area, SAM parts.
+COMPONENT_CODEC = RecordCodec((("id", 1), ("box", 4), ("area", 1), ("n_parts", 1)))
+COMPONENT_FIELDS = COMPONENT_CODEC.columns  # id, box0..box3, area, n_parts
+COMPONENTS = COMPONENT_CODEC.arrow_type
+#: Tiles: the component the tile is centred on (-1: whole image) and its box.
+TILE_CODEC = RecordCodec((("component_id", 1), ("x0", 1), ("y0", 1), ("x1", 1), ("y1", 1)))
+TILE_FIELDS = TILE_CODEC.columns
+TILES = TILE_CODEC.arrow_type
+
+RECORD_CODECS: tuple[RecordCodec, ...] = (COMPONENT_CODEC, TILE_CODEC)
+
+
+def codec_for(arrow_type: Any) -> RecordCodec | None:
+    """The record codec of an Arrow type, or None when the type is not a record column."""
+    for codec in RECORD_CODECS:
+        if isinstance(arrow_type, pa.DataType) and arrow_type.equals(codec.arrow_type):
+            return codec
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Per-row status and errors
+# --------------------------------------------------------------------------------------------
+
+STATUS_COLUMNS: dict[str, ColumnType] = {
+    "status": pa.string(),
+    "error_stage": pa.string(),
+    "error_type": pa.string(),
+    "error_message": pa.string(),
+}
+
+
+class RowErrors:
+    """The status and error columns of one batch, as every stage updates them.
+
+    ``RowErrors(batch, n)`` copies ``status`` (default ``"ok"``) and the three error columns
+    (default None) from the batch; :meth:`fail` marks one row; :meth:`columns` returns them to
+    put into the stage's output."""
+
+    def __init__(self, batch: Mapping[str, Any], n: int) -> None:
+        def start(name: str, fill: Any) -> np.ndarray:
+            return object_column(list(batch[name]) if name in batch else [fill] * n)
+
+        self.status = start("status", "ok")
+        self.stage = start("error_stage", None)
+        self.type = start("error_type", None)
+        self.message = start("error_message", None)
+
+    def ok(self, i: int) -> bool:
+        return self.status[i] == "ok"
+
+    def fail(self, i: int, stage: str, error_type: str, message: str) -> None:
+        self.status[i], self.stage[i], self.type[i], self.message[i] = "error", stage, error_type, message
+
+    def fail_with(self, i: int, stage: str, exc: BaseException, what: str) -> None:
+        """Mark row ``i`` failed by ``exc``: type = the exception's class, message ``"{what}: {exc}"``."""
+        self.fail(i, stage, type(exc).__name__, f"{what}: {exc}")
+
+    def clear(self, i: int) -> None:
+        self.status[i], self.stage[i], self.type[i], self.message[i] = "ok", None, None, None
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {"status": self.status, "error_stage": self.stage, "error_type": self.type, "error_message": self.message}

@@ -309,7 +309,7 @@ class ForegroundSpec(_Model):
       dichotomous segmentation model ``dis_model`` (an ONNX file, run with onnxruntime) or, when
       that is ``null``, from the classical map (below).
     - ``classical``: the classical map alone, no SAM: a background colour model from the image
-      border, distance to it, morphology (``pipeline/models/foreground.py``).
+      border, distance to it, morphology (``pipeline/ops/foreground.py``).
     - ``none``: no foreground; every image is scored whole.
 
     Connected components of the foreground smaller than ``min_component_fraction`` of the image

@@ -288,9 +288,9 @@ def _list_mvtec(
     has_test_here = any(rel.startswith("test/") for rel in files)
     by_category: dict[str, dict[str, dict[str, Any]]] = {}
     if has_test_here:
-        name = _root_name(root)
-        by_category[name] = dict(files)
-        prefixes = {name: ""}
+        category = _root_name(root)
+        by_category[category] = dict(files)
+        prefixes = {category: ""}
     else:
         prefixes = {}
         for rel in files:

@@ -74,7 +74,7 @@ def plan_tiles(
     """The tiles of an image of size ``image_hw = (H, W)`` holding ``components``.
 
     ``components``: objects with ``id`` (int), ``box`` ``(x0, y0, x1, y1)`` (non-empty, inside the
-    image) and ``n_parts`` (int), e.g. ``pipeline.models.foreground.Component``. ``min_tile`` >= 1 px:
+    image) and ``n_parts`` (int), e.g. ``pipeline.ops.foreground.Component``. ``min_tile`` >= 1 px:
     smallest tile side; ``elongated_aspect`` >= 1 and ``elongated_min_parts`` >= 0: the elongated
     rule's thresholds (both strict). Rules in the module docstring. Returns at least one tile.
     """

@@ -7,7 +7,7 @@
   batches), each kept when at least ``min_inside`` of it lies inside the foreground-probability map;
   the union of kept masks is the foreground and the kept masks are the *parts* counted per
   component. The probability map comes from the ONNX dichotomous model ``dis_model`` when one is
-  configured, else from :func:`pipeline.models.foreground.classical_foreground`.
+  configured, else from :func:`pipeline.ops.foreground.classical_foreground`.
 - ``classical``: the classical map thresholded at ``prob_threshold``; no SAM, no parts.
 - ``none``: no foreground (every image is scored whole later).
 

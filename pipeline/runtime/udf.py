@@ -54,7 +54,7 @@ def to_arrow(out: Mapping[str, Any], types: Mapping[str, Any], block: pa.Table, 
             arrow_type = TENSOR if _is_tensor(block.schema.field(name).type) else block.schema.field(name).type
         if arrow_type is None:
             raise TypeError(f"stage {stage!r} produced column {name!r} that it does not declare")
-        if arrow_type is TENSOR or arrow_type == TENSOR:
+        if isinstance(arrow_type, str):  # TENSOR, the one type that is not an Arrow type
             tensors[name] = values
             arrays[name] = None
             continue

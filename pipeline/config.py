@@ -397,6 +397,18 @@ class JobSpec(_Model):
     def _cache(cls, value: str | None) -> str | None:
         return os.path.expanduser(value) if value else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kinds(cls, data: Any) -> Any:
+        """A per-kind section given without ``kind`` (``score: {prompt_set: vvv}``) takes the
+        section's default kind, as documented."""
+        if isinstance(data, dict):
+            for section in KIND_SECTIONS:
+                value = data.get(section)
+                if isinstance(value, dict) and "kind" not in value:
+                    data = {**data, section: {"kind": cls.model_fields[section].default.kind, **value}}
+        return data
+
     @model_validator(mode="after")
     def _random_weights_gate(self) -> "JobSpec":
         for key in self.random_models():
@@ -463,13 +475,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+#: Sections whose model is chosen by ``kind`` (a discriminated union): each kind has its own keys.
+KIND_SECTIONS: tuple[str, ...] = ("score", "pixel")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``dotted.key=value`` override applied."""
+    """Return a copy of ``data`` with each ``dotted.key=value`` override applied.
+
+    An override of a per-kind section's ``kind`` (:data:`KIND_SECTIONS`, e.g. ``pixel.kind``) to
+    another kind replaces the section: the old kind's keys go, so a method can be switched from
+    the command line. Kind overrides are applied first, so the other overrides of that section stay
+    whatever their order on the command line."""
     import copy
 
+    def kind_of(path: list[str]) -> str | None:
+        """The section whose kind this override sets, if it is a per-kind section."""
+        return path[0] if len(path) == 2 and path[0] in KIND_SECTIONS and path[1] == "kind" else None
+
     out = copy.deepcopy(data)
-    for text in overrides:
-        path, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for text, path, value in sorted(parsed, key=lambda p: kind_of(p[1]) is None):  # stable: kinds first
+        section_name = kind_of(path)
+        section = out.get(section_name) if section_name else None
+        if isinstance(section, dict):
+            current = section.get("kind", JobSpec.model_fields[section_name].default.kind)
+            if current != value:
+                out[section_name] = {}
         node = out
         for part in path[:-1]:
             child = node.get(part)

@@ -75,3 +75,30 @@ def test_redacted_hides_secrets():
     spec = load_spec("jobs/smoke.yaml", ["storage.access_key_id=AKIA", "storage.secret_access_key=shh"])
     red = spec.redacted()
     assert red["storage"]["secret_access_key"] == "***" and "shh" not in str(red)
+
+
+def test_sections_without_kind_take_the_default_kind(tmp_path):
+    """Issue 11, defect 7: `score:` or `pixel:` without `kind` use the documented default kinds."""
+    path = tmp_path / "job.yaml"
+    path.write_text("clip: {model: zsad-tiny, weights: null}\nallow_random_weights: true\n"
+                    "score: {prompt_set: vvv, temperature: 0.02}\npixel: {}\n")
+    spec = load_spec(path)
+    assert spec.score.kind == "winclip_zero_shot" and spec.score.prompt_set == "vvv" and spec.score.temperature == 0.02
+    assert spec.pixel.kind == "none"
+    path.write_text("clip: {model: zsad-tiny, weights: null}\nallow_random_weights: true\npixel: {window_sizes: [2]}\n")
+    with pytest.raises(SpecError, match="pixel.window_sizes: unknown key"):  # kind none has no windows
+        load_spec(path)
+
+
+def test_setting_a_sections_kind_replaces_its_kind_specific_keys():
+    """Issue 11, defect 7: `--set pixel.kind=fade_zero_shot` on a winclip_windows preset switches the
+    method (the old kind's keys go); keys set after or before the kind on the command line stay."""
+    spec = load_spec("jobs/smoke.yaml", ["pixel.kind=fade_zero_shot"])
+    assert spec.pixel.kind == "fade_zero_shot" and spec.pixel.scales == (240, 448, 896)
+    for order in (["pixel.scales=[128]", "pixel.kind=fade_zero_shot"], ["pixel.kind=fade_zero_shot", "pixel.scales=[128]"]):
+        spec = load_spec("jobs/smoke.yaml", order)
+        assert spec.pixel.kind == "fade_zero_shot" and spec.pixel.scales == (128,)
+    same = load_spec("jobs/smoke.yaml", ["pixel.kind=winclip_windows"])  # same kind: the preset's keys stay
+    assert same.pixel.window_sizes == (2, 3)
+    fg = load_spec("jobs/vvv.yaml", ["foreground.kind=classical", "foreground.min_inside=0.7"])
+    assert fg.foreground.kind == "classical" and fg.foreground.min_inside == 0.7  # not a per-kind section: kept

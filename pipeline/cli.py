@@ -120,24 +120,38 @@ def resume_cmd(
     run_dir: str = typer.Argument(..., help="The interrupted run: OUTPUT/RUN_ID (local or s3://)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate when the input layout carries labels."),
+    set_: List[str] = typer.Option([], "--set", help="storage.* overrides only (endpoint, credentials, region): "
+                                   "they reach the data without changing results; any other key is refused."),
 ) -> None:
     """Continue an interrupted run with the spec it was started with (shards without a done marker)."""
-    from pipeline.config import spec_from_dict
+    from pydantic import ValidationError
+
+    from pipeline.config import StorageSpec, apply_overrides, parse_override, spec_from_dict
     from pipeline.io import fs as fsio
     from pipeline.io.sinks import read_json
 
+    try:
+        refused = [text for text in set_ if parse_override(text)[0][0] != "storage"]
+        storage = StorageSpec.model_validate(apply_overrides({"storage": {}}, set_)["storage"])
+    except (SpecError, ValidationError) as exc:
+        _err(f"zsad resume --set: {exc}")
+        raise typer.Exit(2)
+    if refused:
+        _err(f"zsad resume --set takes storage.* keys only (the run keeps the spec it was started with); refused: "
+             f"{', '.join(refused)}")
+        raise typer.Exit(2)
     run_dir = fsio.normalise(run_dir)
     try:
-        plan = read_json(fsio.join(run_dir, "_plan.json"), fsio.storage_options())
+        plan = read_json(fsio.join(run_dir, "_plan.json"), fsio.storage_options(storage))
     except FileNotFoundError:
         _err(f"nothing to resume at {run_dir}: no _plan.json")
         raise typer.Exit(2)
     data = plan["spec"]
-    for key in ("access_key_id", "secret_access_key"):  # redacted in the plan: fall back to the environment
+    for key in ("access_key_id", "secret_access_key"):  # redacted in the plan: the overrides or the environment
         if data.get("storage", {}).get(key) == "***":
             data["storage"][key] = None
     try:
-        spec = spec_from_dict(data, f"{run_dir}/_plan.json")
+        spec = spec_from_dict(apply_overrides(data, set_), f"{run_dir}/_plan.json")
     except SpecError as exc:
         _err(str(exc))
         raise typer.Exit(2)

@@ -185,9 +185,9 @@ def shard_tables(rows: pa.Table, tables: list[str], values: dict[str, Any]) -> d
 
 
 def _comparable(spec_data: dict[str, Any]) -> dict[str, Any]:
-    """A spec as stored in _plan.json, without the (redacted) storage secrets."""
-    storage = {k: v for k, v in spec_data.get("storage", {}).items() if k not in ("access_key_id", "secret_access_key")}
-    return {**spec_data, "storage": storage}
+    """A spec as stored in _plan.json, without its storage section: how the data is reached
+    (endpoint, credentials, region) does not change results, so a resume may give other settings."""
+    return {k: v for k, v in spec_data.items() if k != "storage"}
 
 
 def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:

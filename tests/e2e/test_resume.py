@@ -107,3 +107,36 @@ def test_stall_timeout_fails_the_run_instead_of_hanging(tmp_path):
     manifest_json = json.loads((tmp_path / "out" / "stall" / "run.json").read_text())
     assert manifest_json["status"] == "failed" and "StallError" in manifest_json["reason"]
     assert elapsed < 150
+
+
+def test_resume_takes_storage_overrides_only(tmp_path, s3_bucket, s3_env):
+    """Issue 11, defect 9: a run whose S3 settings came from --set storage.* can be resumed with the
+    same overrides (and nothing else: other keys would change results)."""
+    from pipeline.io import fs as fsio
+    from pipeline.synthetic import make_dataset
+
+    storage = fsio.storage_options()
+    make_dataset(f"s3://{s3_bucket}/data", categories=("gear",), n_good=2, n_bad=2, size=48, storage=storage)
+    env = {k: v for k, v in _env().items() if not k.startswith("AWS_")}  # settings only through --set
+    sets = ["--set", f"storage.endpoint_url={s3_env['endpoint_url']}", "--set", f"storage.access_key_id={s3_env['access_key_id']}",
+            "--set", f"storage.secret_access_key={s3_env['secret_access_key']}", "--set", f"storage.region={s3_env['region']}"]
+    run = f"s3://{s3_bucket}/runs/r1"
+    res = subprocess.run([ZSAD, "run", "jobs/smoke.yaml", "--input", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/runs",
+                          "--run-id", "r1", "--no-evaluate", "--set", "shard_size=2", *sets],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fs, _ = fsio.filesystem(run, storage)
+    fs.rm(f"{s3_bucket}/runs/r1/run.json")  # as if the driver had died before the end ...
+    fs.rm(f"{s3_bucket}/runs/r1/_done/shard-00001.json")  # ... with one shard unfinished
+    refused = subprocess.run([ZSAD, "resume", run, *sets, "--set", "clip.model=ViT-B-16"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "storage.* keys only" in refused.stderr and "clip.model=ViT-B-16" in refused.stderr
+    again = subprocess.run([ZSAD, "resume", run, "--no-evaluate", *sets], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming: 1 shards done, 1 to run (2 images)" in again.stderr
+    scores = pd.read_parquet(f"{run}/scores", storage_options=storage)
+    assert len(scores) == 4 and scores["image_id"].is_unique and (scores["status"] == "ok").all()
+    with fs.open(f"{s3_bucket}/runs/r1/run.json") as fh:
+        record = json.load(fh)
+    assert record["status"] == "succeeded" and record["spec"]["storage"]["secret_access_key"] == "***"

@@ -3,7 +3,8 @@
 A submission is ``zsad run job.yaml --input I --output O --run-id RUN_ID --address auto`` executed
 on the cluster's head by Ray's job supervisor. The job spec travels in the runtime environment: it
 is written (fully resolved, ``--set`` overrides applied) to ``job.yaml`` in a fresh folder that is
-the job's ``working_dir``. zsad itself must be installed on the cluster's nodes (cluster.yaml's
+the job's ``working_dir``; storage secrets never go into that file, they travel as the job's
+environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``). zsad itself must be installed on the cluster's nodes (cluster.yaml's
 setup commands do that).
 
 Attempts: the first attempt's submission id is the run id itself; a retry (``zsad submit
@@ -106,6 +107,31 @@ def spec_yaml(spec: JobSpec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
+#: storage secrets of a spec -> the environment variables that carry them to the job instead
+SECRET_ENV = {"access_key_id": "AWS_ACCESS_KEY_ID", "secret_access_key": "AWS_SECRET_ACCESS_KEY"}
+
+
+def without_secrets(spec: JobSpec) -> tuple[JobSpec, dict[str, str]]:
+    """(the spec with its storage secrets removed, those secrets as environment variables). Secrets
+    never go into the shipped job.yaml: the job gets them in its runtime environment's variables,
+    where zsad's storage settings find them (``storage`` keys left unset fall back to AWS_*)."""
+    secrets = {env: getattr(spec.storage, key) for key, env in SECRET_ENV.items() if getattr(spec.storage, key)}
+    if not secrets:
+        return spec, {}
+    storage = spec.storage.model_copy(update={key: None for key in SECRET_ENV})
+    return spec.model_copy(update={"storage": storage}), secrets
+
+
+def write_working_dir(folder: str, spec: JobSpec, run_id: str, attempt: int) -> dict[str, str]:
+    """Write the job's working directory (``job.yaml``, without secrets) into ``folder``; returns
+    the environment variables that carry the secrets."""
+    shipped, secrets = without_secrets(spec)
+    with open(os.path.join(folder, "job.yaml"), "w", encoding="utf-8") as fh:
+        fh.write(f"# zsad job spec for run {run_id}, attempt {attempt} (resolved by zsad submit)\n")
+        fh.write(spec_yaml(shipped))
+    return secrets
+
+
 def submit(
     jobs,
     spec: JobSpec,
@@ -123,12 +149,10 @@ def submit(
     input_uri, output_uri = _absolute(input_uri), _absolute(output_uri)
     sid = submission_id(run_id, attempt)
     with tempfile.TemporaryDirectory(prefix="zsad-submit-") as folder:
-        with open(os.path.join(folder, "job.yaml"), "w", encoding="utf-8") as fh:
-            fh.write(f"# zsad job spec for run {run_id}, attempt {attempt} (resolved by zsad submit)\n")
-            fh.write(spec_yaml(spec))
+        secrets = write_working_dir(folder, spec, run_id, attempt)
         runtime_env: dict[str, Any] = {"working_dir": folder}
-        if env:
-            runtime_env["env_vars"] = dict(env)
+        if env or secrets:
+            runtime_env["env_vars"] = {**(env or {}), **secrets}
         metadata = {"zsad_run_id": run_id, "zsad_attempt": str(attempt), "zsad_input": input_uri,
                     "zsad_output": output_uri, "zsad_job": spec.name}
         command = entrypoint(input_uri, output_uri, run_id, resume=resume, layout=layout, evaluate=evaluate)

@@ -74,21 +74,24 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
     except SpecError as exc:
         _err(str(exc))
         raise typer.Exit(2)
+    def summarise_and_evaluate(result) -> None:
+        """Runs while the run's Ray session is still open, so the evaluation reuses it."""
+        typer.echo(_summary(result))
+        if result.status == "succeeded" and evaluate and result.record.get("labelled_images", 0):
+            from pipeline.io.fs import storage_options
+
+            _evaluate(result.run_dir, storage_options(spec.storage), address)
+
     try:
         result = run_job(
             spec, input_uri, output_uri, run_id=run_id, layout=None if layout == "auto" else layout, address=address,
-            resume=resume, log=_log,
+            resume=resume, log=_log, then=summarise_and_evaluate,
         )
     except RunError as exc:
         _err(str(exc))
         raise typer.Exit(exc.exit_code)
-    typer.echo(_summary(result))
     if result.status != "succeeded":
         raise typer.Exit(1)
-    if evaluate and result.record.get("labelled_images", 0):
-        from pipeline.io.fs import storage_options
-
-        _evaluate(result.run_dir, storage_options(spec.storage), address)
     return result
 
 

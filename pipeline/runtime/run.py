@@ -10,6 +10,7 @@ rows (:mod:`pipeline.io.projection`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import platform
 import socket
@@ -220,8 +221,12 @@ def run_job(
     address: str | None = None,
     resume: bool = False,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+    then: Callable[[RunResult], Any] | None = None,
 ) -> RunResult:
-    """Run ``spec`` over ``input_uri`` and write the tables under ``output_uri/run_id``."""
+    """Run ``spec`` over ``input_uri`` and write the tables under ``output_uri/run_id``.
+
+    ``then`` is called with the result after ``run.json`` is written, while the run's Ray session
+    is still open (the CLI evaluates there instead of starting a second Ray)."""
     from pipeline.runtime.ray_plan import run_plan
     from pipeline.runtime.session import ray_session, root_cause
 
@@ -300,9 +305,10 @@ def run_job(
     first_result_rows = 0
     tallies: dict[int, ShardTally] = {}
     write_s = 0.0
-    try:
-        if len(pending):
-            with ray_session(address, log) as session:
+    with contextlib.ExitStack() as ray_stack:  # the run's Ray session stays open until ``then`` has run
+        try:
+            if len(pending):
+                session = ray_stack.enter_context(ray_session(address, log))
                 session_info = {"address": session["address"], "resources": dict(session["resources"])}
                 def save_stats(text: str) -> None:
                     fs_, path_ = fsio.filesystem(fsio.join(run_dir, "ray_data_stats.txt"), storage)
@@ -325,74 +331,77 @@ def run_job(
                             sink.finish(k, tallies.pop(k).marker())
                     write_s += time.monotonic() - t_w
                     progress.update(batch.num_rows, sum(s != "ok" for s in batch.column("status").to_pylist()))
-    except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
-        plan_error = root_cause(exc)
-        log(f"run failed: {plan_error}")
-    finally:
-        sink.discard()  # unfinished shards: no marker, rerun in full on resume
-    plan_s = time.monotonic() - t_plan
+        except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
+            plan_error = root_cause(exc)
+            log(f"run failed: {plan_error}")
+        finally:
+            sink.discard()  # unfinished shards: no marker, rerun in full on resume
+        plan_s = time.monotonic() - t_plan
 
-    markers = sink.markers()
-    busy = {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in TIMED_STAGES}
-    n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
-    n_failed = sum(m["failed"] for m in markers.values())
-    failed_by_stage: dict[str, int] = {}
-    for m in markers.values():
-        for stage_name, count in m.get("failed_by_stage", {}).items():
-            failed_by_stage[stage_name] = failed_by_stage.get(stage_name, 0) + count
-    n_ok = n_done - n_failed
-    n_missing = len(manifest) - n_done
-    rate = n_failed / len(manifest) if len(manifest) else 0.0
-    if plan_error:
-        status, reason = "failed", plan_error
-    elif n_missing:
-        status, reason = "failed", f"{n_missing} images produced no result row"
-    elif rate > spec.max_error_rate:
-        status = "failed"
-        reason = (
-            f"{n_failed} of {len(manifest)} images failed ({100 * rate:.1f}%), above max_error_rate "
-            f"{spec.max_error_rate:g}; see {fsio.join(run_dir, 'errors')}"
-        )
-    else:
-        status, reason = "succeeded", None
-    ended = dt.datetime.now(dt.timezone.utc)
-    record = {
-        "run_id": run_id,
-        "status": status,
-        "reason": reason,
-        "input": input_uri,
-        "layout": used_layout,
-        "output": run_dir,
-        "started": started.isoformat(),
-        "ended": ended.isoformat(),
-        "wall_seconds": round(time.monotonic() - t_start, 3),
-        "counts": {"images": len(manifest), "ok": n_ok, "failed": n_failed, "missing": n_missing},
-        "failed_by_stage": failed_by_stage,
-        "error_rate": rate,
-        "max_error_rate": spec.max_error_rate,
-        "random_weights": spec.random_weights,
-        "model": {k: values[k] for k in MODEL_KEYS},
-        "stage_seconds": {
-            "list_wall": round(list_s, 3),
-            "plan_wall": round(plan_s, 3),
-            "first_result_wall": None if first_result_s is None else round(first_result_s, 3),
-            "write_wall": round(write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
-            **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
-        },
-        "plan": [{"stage": p.name, "kind": p.kind} for p in stages],
-        "first_result_rows": first_result_rows,
-        "labelled_images": int(manifest["gt_label"].notna().sum()),
-        "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},
-        "tables": {
-            "scores": sink.files("scores"),
-            "errors": sink.files("errors"),
-            **{t: sink.files(t) if t in tables else [] for t in ("masks", "foreground", "tiles")},
-            "inputs": fsio.join(run_dir, "inputs.parquet"),
-        },
-        "ray": session_info,
-        "host": socket.gethostname(),
-        "versions": versions(),
-        "spec": spec.redacted(),
-    }
-    write_json(fsio.join(run_dir, "run.json"), record, storage)
-    return RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, record)
+        markers = sink.markers()
+        busy = {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in TIMED_STAGES}
+        n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
+        n_failed = sum(m["failed"] for m in markers.values())
+        failed_by_stage: dict[str, int] = {}
+        for m in markers.values():
+            for stage_name, count in m.get("failed_by_stage", {}).items():
+                failed_by_stage[stage_name] = failed_by_stage.get(stage_name, 0) + count
+        n_ok = n_done - n_failed
+        n_missing = len(manifest) - n_done
+        rate = n_failed / len(manifest) if len(manifest) else 0.0
+        if plan_error:
+            status, reason = "failed", plan_error
+        elif n_missing:
+            status, reason = "failed", f"{n_missing} images produced no result row"
+        elif rate > spec.max_error_rate:
+            status = "failed"
+            reason = (
+                f"{n_failed} of {len(manifest)} images failed ({100 * rate:.1f}%), above max_error_rate "
+                f"{spec.max_error_rate:g}; see {fsio.join(run_dir, 'errors')}"
+            )
+        else:
+            status, reason = "succeeded", None
+        ended = dt.datetime.now(dt.timezone.utc)
+        record = {
+            "run_id": run_id,
+            "status": status,
+            "reason": reason,
+            "input": input_uri,
+            "layout": used_layout,
+            "output": run_dir,
+            "started": started.isoformat(),
+            "ended": ended.isoformat(),
+            "wall_seconds": round(time.monotonic() - t_start, 3),
+            "counts": {"images": len(manifest), "ok": n_ok, "failed": n_failed, "missing": n_missing},
+            "failed_by_stage": failed_by_stage,
+            "error_rate": rate,
+            "max_error_rate": spec.max_error_rate,
+            "random_weights": spec.random_weights,
+            "model": {k: values[k] for k in MODEL_KEYS},
+            "stage_seconds": {
+                "list_wall": round(list_s, 3),
+                "plan_wall": round(plan_s, 3),
+                "first_result_wall": None if first_result_s is None else round(first_result_s, 3),
+                "write_wall": round(write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
+                **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
+            },
+            "plan": [{"stage": p.name, "kind": p.kind} for p in stages],
+            "first_result_rows": first_result_rows,
+            "labelled_images": int(manifest["gt_label"].notna().sum()),
+            "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},
+            "tables": {
+                "scores": sink.files("scores"),
+                "errors": sink.files("errors"),
+                **{t: sink.files(t) if t in tables else [] for t in ("masks", "foreground", "tiles")},
+                "inputs": fsio.join(run_dir, "inputs.parquet"),
+            },
+            "ray": session_info,
+            "host": socket.gethostname(),
+            "versions": versions(),
+            "spec": spec.redacted(),
+        }
+        write_json(fsio.join(run_dir, "run.json"), record, storage)
+        result = RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, record)
+        if then is not None:
+            then(result)  # e.g. the evaluation, in the same Ray session
+        return result

@@ -91,7 +91,7 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
         _err(str(exc))
         raise typer.Exit(exc.exit_code)
     if result.status != "succeeded":
-        raise typer.Exit(1)
+        raise typer.Exit(result.exit_code or 1)
     return result
 
 
@@ -197,8 +197,9 @@ def _check_layout(layout: str) -> None:
 
 def _model_problem(spec) -> Optional[str]:
     """The model name and pretrained tag, checked against open_clip's registry
-    (:func:`pipeline.models.clip.check_model`); weight files are not checked (a spec may be validated
-    on one machine and run on another)."""
+    (:func:`pipeline.models.clip.check_model`), and local weight files, which must exist (URIs are
+    not fetched: they are checked when a run starts)."""
+    from pipeline.io.weights import WeightsError, preflight
     from pipeline.models import clip as clip_models
 
     tag = spec.clip.weights.tag if spec.clip.weights else None
@@ -207,6 +208,15 @@ def _model_problem(spec) -> Optional[str]:
             clip_models.check_model(spec.clip.model, checked_tag)
         except clip_models.ModelLoadError as exc:
             return f"{key}: {exc}"
+    files = {"clip.weights": spec.clip.weights, "sam.weights": spec.sam.weights if spec.sam else None,
+             "foreground.dis_model": spec.foreground.dis_model if spec.foreground else None,
+             "pixel.weights": getattr(spec.pixel, "weights", None)}
+    for key, weights in files.items():
+        if weights is not None and weights.path:
+            try:
+                preflight(weights)
+            except WeightsError as exc:
+                return f"{key}: {exc}"
     return None
 
 
@@ -220,7 +230,8 @@ def validate(
     jobs: List[str] = typer.Argument(..., help="Job spec files to check."),
     set_: List[str] = typer.Option([], "--set", help="Overrides applied to every file before checking."),
 ) -> None:
-    """Check job specs without running them (unknown keys, types, the random-weights gate)."""
+    """Check job specs without running them (unknown keys, types, the random-weights gate, model
+    names and tags, local weight files exist)."""
     failed = 0
     for path in jobs:
         try:

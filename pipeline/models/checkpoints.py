@@ -27,12 +27,24 @@ def _first(items: list[str], n: int, counted: bool) -> str:
     return f"{items[:n]}{'...' if len(items) > n else ''}"
 
 
-def read_state_dict(path: str, *, what: str, error: type[Exception]) -> dict[str, torch.Tensor]:
+def _torch_load(path: str, mmap: bool):
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used with files saved with" not in str(exc):
+                raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str, *, what: str, error: type[Exception], mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read the checkpoint at ``path`` on the CPU: a dict of tensors (wrapper and ``module.`` prefixes removed).
 
     ``what`` names the file in messages (e.g. ``"SAM checkpoint"``). Raises ``error`` when the file
     does not exist, is a directory, cannot be read safely (corrupt, truncated, a pickle with
-    non-tensor objects) or does not hold a non-empty dict of tensors.
+    non-tensor objects) or does not hold a non-empty dict of tensors. ``mmap``: map the tensors'
+    bytes instead of reading them (a cheap full check of the file's structure, e.g. on the driver
+    before a run; files in torch's legacy format are read whole).
     """
     label = f"{what} {path}"
     if os.path.isdir(path):
@@ -46,7 +58,7 @@ def read_state_dict(path: str, *, what: str, error: type[Exception]) -> dict[str
 
             obj = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path, mmap)
     except Exception as exc:  # pickle/zip/header errors: a corrupt, truncated or non-tensor checkpoint
         how = "safetensors" if safetensors else "weights_only=True"
         raise error(f"{label} could not be loaded safely ({how}): {exc}") from exc

@@ -60,6 +60,7 @@ class RunResult:
     n_ok: int
     n_failed: int
     record: dict[str, Any] = field(default_factory=dict)  # the run record (run.json)
+    exit_code: int = 0  # 0 succeeded, 1 failed, 2 failed because a model's weights cannot be used
 
     @property
     def error_rate(self) -> float:
@@ -209,6 +210,19 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
             preflight(weights, storage)
         except WeightsError as exc:
             raise RunError(f"{key}: {exc}", exit_code=2) from None
+    # local torch checkpoints: read their structure now (tensors mapped, not read), so an unusable file
+    # stops the run here with its reason instead of in every model actor
+    from pipeline.models.checkpoints import read_state_dict
+
+    torch_files = {"clip.weights": (spec.clip.weights, "weights file"),
+                   "sam.weights": (spec.sam.weights if spec.uses_sam() and spec.sam else None, "SAM checkpoint"),
+                   "pixel.weights": (getattr(spec.pixel, "weights", None), "CLIPSeg weights file")}
+    for key, (weights, what) in torch_files.items():
+        if weights is not None and weights.path:
+            try:
+                read_state_dict(weights.path, what=what, error=clip_models.ModelLoadError, mmap=True)
+            except clip_models.ModelLoadError as exc:
+                raise RunError(f"{key}: {exc}", exit_code=2) from None
 
 
 def run_job(
@@ -228,7 +242,7 @@ def run_job(
     ``then`` is called with the result after ``run.json`` is written, while the run's Ray session
     is still open (the CLI evaluates there instead of starting a second Ray)."""
     from pipeline.runtime.ray_plan import run_plan
-    from pipeline.runtime.session import ray_session, root_cause
+    from pipeline.runtime.session import LOAD_ERRORS, failure, ray_session
 
     started = dt.datetime.now(dt.timezone.utc)
     t_start = time.monotonic()
@@ -299,6 +313,7 @@ def run_job(
     values = run_values(spec, run_id)
     progress = Progress(len(pending), log)
     plan_error: str | None = None
+    unusable_weights = False
     session_info: dict[str, Any] = {}
     t_plan = time.monotonic()
     first_result_s: float | None = None
@@ -332,7 +347,9 @@ def run_job(
                     write_s += time.monotonic() - t_w
                     progress.update(batch.num_rows, sum(s != "ok" for s in batch.column("status").to_pylist()))
         except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
-            plan_error = root_cause(exc)
+            error_type, text = failure(exc)
+            plan_error = f"{error_type}: {text}"
+            unusable_weights = error_type in LOAD_ERRORS
             log(f"run failed: {plan_error}")
         finally:
             sink.discard()  # unfinished shards: no marker, rerun in full on resume
@@ -401,7 +418,8 @@ def run_job(
             "spec": spec.redacted(),
         }
         write_json(fsio.join(run_dir, "run.json"), record, storage)
-        result = RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, record)
+        exit_code = 0 if status == "succeeded" else (2 if unusable_weights else 1)
+        result = RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, record, exit_code)
         if then is not None:
             then(result)  # e.g. the evaluation, in the same Ray session
         return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from typing import Any, Callable, Iterator
 
 import ray
@@ -45,16 +46,36 @@ def ray_session(address: str | None, log: Callable[[str], None]) -> Iterator[dic
         ray.shutdown()
 
 
+#: error classes that mean "these weights cannot be used": a run that fails with one exits 2
+LOAD_ERRORS = ("ModelLoadError", "SamLoadError", "ClipSegLoadError", "DisLoadError", "WeightsError")
+# the line a Python traceback ends with: "[module.]TypeName: message"
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
+
+
+def failure(exc: BaseException) -> tuple[str, str]:
+    """(error type, one line) for an exception that came back through Ray (task or actor errors).
+
+    Ray wraps a worker's error (an actor that could not start: ``ActorDiedError`` caused by an empty
+    ``SystemException``) with the worker's traceback in its message; the deepest exception with a
+    message is used, and of its text the last ``Type: message`` line."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and all(cause is not c for c in chain):
+        chain.append(cause)
+        cause = getattr(cause, "cause", None) or cause.__cause__
+    for e in reversed(chain):
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if not lines:
+            continue
+        for line in reversed(lines):
+            m = _ERROR_LINE.match(line)
+            if m:
+                return m.group(1), m.group(2) or ""
+        return type(e).__name__, lines[-1]
+    return type(exc).__name__, repr(exc)
+
+
 def root_cause(exc: BaseException) -> str:
-    """A one-line cause for an exception that came back through Ray (task or actor errors)."""
-    cause: BaseException = exc
-    seen = set()
-    while id(cause) not in seen:
-        seen.add(id(cause))
-        nxt = getattr(cause, "cause", None) or cause.__cause__
-        if nxt is None or nxt is cause:
-            break
-        cause = nxt
-    text = str(cause).strip().splitlines()
-    tail = [line for line in text if line.strip()][-1:] if text else []
-    return f"{type(cause).__name__}: {tail[0] if tail else cause!r}"
+    """A one-line cause for an exception that came back through Ray: ``Type: message``."""
+    kind, text = failure(exc)
+    return f"{kind}: {text}"

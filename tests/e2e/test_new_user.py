@@ -29,3 +29,27 @@ def test_auto_evaluation_runs_in_the_runs_own_ray_session(tmp_path):
     assert (tmp_path / "out" / "ev" / "metrics.md").exists() and "metrics:" in res.stdout
     assert res.stdout.index("run ev: succeeded") < res.stdout.index("metrics:")  # summary first, then the metrics
     assert json.loads((tmp_path / "out" / "ev" / "run.json").read_text())["status"] == "succeeded"
+
+
+@pytest.mark.parametrize("content", ["garbage", "pickle"])
+def test_an_unusable_weights_file_stops_the_run_with_exit_2_and_its_reason(tmp_path, content):
+    """Defect 4: a garbage .pt (or a pickle that weights_only refuses) gave the reason
+    `SystemException: SystemException()` after ~340 lines of actor tracebacks."""
+    import fractions
+
+    import torch
+
+    bad = tmp_path / "bad.pt"
+    if content == "garbage":
+        bad.write_bytes(os.urandom(2000))
+    else:  # a real torch checkpoint holding an object weights_only=True refuses to unpickle
+        torch.save({"visual.proj": fractions.Fraction(1, 3)}, bad)
+    make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=1, n_bad=1, size=48)
+    res = _zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                "--run-id", "w", "--no-evaluate", "--set", f"clip.weights={bad}", timeout=300)
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "SystemException" not in res.stderr + res.stdout
+    assert str(bad) in res.stderr and "could not be loaded safely" in res.stderr
+    assert res.stderr.count("Traceback") == 0, res.stderr[-3000:]
+    val = _zsad("validate", "jobs/smoke.yaml", "--set", f"clip.weights={tmp_path / 'missing.pt'}", timeout=120)
+    assert val.returncode == 2 and "missing.pt" in val.stderr and "does not exist" in val.stderr

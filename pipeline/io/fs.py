@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import urllib.parse
 from typing import Any
 
 import fsspec
@@ -74,11 +75,28 @@ def _options_for(uri: str, options: StorageOptions | None) -> StorageOptions:
     return {}
 
 
+def path_uri(path: str) -> str:
+    """A local path as it is stored in the tables: the path itself, or, when its name is not valid
+    UTF-8 (bytes the file system decoded with ``surrogateescape``), a ``file://`` URI with those
+    bytes percent-encoded (RFC 8089), which :func:`local_path` turns back into the same path."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "file://" + urllib.parse.quote(os.fsencode(path), safe="/")
+
+
+def local_path(uri: str) -> str:
+    """A local URI or path -> the path (``file://`` URIs percent-decoded to the file system's bytes)."""
+    if uri.startswith("file://"):
+        return os.fsdecode(urllib.parse.unquote_to_bytes(uri[len("file://") :]))
+    return uri
+
+
 def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """``uri`` -> (fsspec filesystem, path inside it). Local paths are made absolute."""
     if not is_remote(uri):
-        local = uri[len("file://") :] if uri.startswith("file://") else uri
-        uri = os.path.abspath(os.path.expanduser(local))
+        uri = os.path.abspath(os.path.expanduser(local_path(uri)))
     try:
         fs, path = url_to_fs(uri, **_options_for(uri, options))
     except (ImportError, ValueError) as exc:
@@ -91,8 +109,7 @@ def normalise(uri: str) -> str:
     if is_remote(uri):
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://{rest.rstrip('/')}"
-    local = uri[len("file://") :] if uri.startswith("file://") else uri
-    return os.path.abspath(os.path.expanduser(local))
+    return os.path.abspath(os.path.expanduser(local_path(uri)))
 
 
 def join(base: str, *parts: str) -> str:
@@ -131,7 +148,7 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """An fsspec path back to a full URI (``bucket/key`` -> ``s3://bucket/key``)."""
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     if "file" in protocols or "local" in protocols:
-        return path
+        return path_uri(path)
     return fs.unstrip_protocol(path)
 
 

@@ -92,6 +92,16 @@ def image_id_for(uri: str) -> str:
     return hashlib.sha1(uri.encode("utf-8")).hexdigest()[:16]
 
 
+def _text(name: str) -> str:
+    """A name from the file system as table text: bytes that are not UTF-8 (decoded with
+    ``surrogateescape``) are written as ``\\xNN``."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     """Rows (dicts with ``uri``, ``category`` and optionally ``gt_label``, ``mask_uri``, ``size``,
     ``mtime``, ``etag``) -> the input manifest with the exact column contract, sorted by uri."""
@@ -99,7 +109,7 @@ def manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         {
             "uri": pd.Series([r["uri"] for r in rows], dtype=object),
             "image_id": pd.Series([image_id_for(r["uri"]) for r in rows], dtype=object),
-            "category": pd.Series([r["category"] for r in rows], dtype=object),
+            "category": pd.Series([_text(r["category"]) for r in rows], dtype=object),
             "gt_label": pd.Series([r.get("gt_label") for r in rows], dtype="Int64"),
             "mask_uri": pd.Series([r.get("mask_uri") for r in rows], dtype=object),
             "size": pd.Series([r.get("size") for r in rows], dtype="Int64"),

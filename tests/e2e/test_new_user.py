@@ -53,3 +53,27 @@ def test_an_unusable_weights_file_stops_the_run_with_exit_2_and_its_reason(tmp_p
     assert res.stderr.count("Traceback") == 0, res.stderr[-3000:]
     val = _zsad("validate", "jobs/smoke.yaml", "--set", f"clip.weights={tmp_path / 'missing.pt'}", timeout=120)
     assert val.returncode == 2 and "missing.pt" in val.stderr and "does not exist" in val.stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_its_uri_round_trips(tmp_path):
+    """Defect 1: `bad\\xff\\xfename.png` killed the run with UnicodeEncodeError before anything was written."""
+    import pandas as pd
+
+    from pipeline.io import fs as fsio
+    from tests.helpers.badfiles import write_good_images
+
+    folder = tmp_path / "in" / "parts"
+    good = write_good_images(folder, 2, size=(40, 40))
+    odd = os.path.join(os.fsencode(folder), b"bad\xff\xfename.png")
+    os.rename(good[1], odd)
+    res = _zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                "--run-id", "odd", "--no-evaluate")
+    assert res.returncode == 0, res.stderr[-3000:]
+    scores = pd.read_parquet(tmp_path / "out" / "odd" / "scores")
+    assert len(scores) == 2 and (scores["status"] == "ok").all()
+    stored = [u for u in scores["uri"] if "name.png" in u]
+    assert len(stored) == 1 and stored[0].startswith("file://") and "%FF%FE" in stored[0].upper()
+    with open(odd, "rb") as fh:
+        assert fsio.read_bytes(stored[0]) == fh.read()  # the stored URI reads back the same file
+    inputs = pd.read_parquet(tmp_path / "out" / "odd" / "inputs.parquet")
+    assert sorted(inputs["uri"]) == sorted(scores["uri"])

@@ -92,3 +92,37 @@ def test_uri_helpers():
     assert normalise("file:///tmp/a/../b") == "/tmp/b"
     assert join("s3://b/k/", "x", "y.png") == "s3://b/k/x/y.png"
     assert join("/tmp/a", "y.png") == "/tmp/a/y.png"
+
+
+def test_a_path_that_is_not_utf8_becomes_a_file_uri_that_round_trips(tmp_path):
+    """Issue 11, defect 1: names the file system gives as surrogate-escaped text are stored as
+    percent-encoded file:// URIs (valid UTF-8 in Parquet) that open the same file."""
+    import os
+
+    from pipeline.io.fs import local_path, path_uri, read_bytes
+
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9", b"a\xff b%41.png")
+    os.makedirs(os.path.dirname(raw))
+    with open(raw, "wb") as fh:
+        fh.write(b"payload")
+    path = os.fsdecode(raw)
+    uri = path_uri(path)
+    uri.encode("utf-8")  # storable
+    assert uri.startswith("file://") and "caf%E9/a%FF%20b%2541.png" in uri
+    assert local_path(uri) == path and read_bytes(uri) == b"payload"
+    plain = str(tmp_path / "x%41 y.png")  # valid UTF-8: stored as it is, "%" untouched
+    assert path_uri(plain) == plain and local_path(plain) == plain
+
+
+def test_a_folder_name_that_is_not_utf8_is_a_readable_category(tmp_path):
+    import os
+
+    from pipeline.config import DataSpec
+    from pipeline.io.layouts import list_inputs
+    from tests.helpers.badfiles import write_good_images
+
+    write_good_images(tmp_path / "in" / "plain", 1)
+    bad = os.path.join(os.fsencode(tmp_path / "in"), b"caf\xe9")
+    os.rename(os.fsencode(tmp_path / "in" / "plain"), bad)
+    _, df = list_inputs(str(tmp_path / "in"), DataSpec(layout="folder"))
+    assert df["category"].tolist() == ["caf\\xe9"] and df["uri"].str.startswith("file://").all()

@@ -42,6 +42,10 @@ def _summary(result) -> str:
         + "".join(f"  {result.run_dir}/{t}/" for t in ("masks", "foreground", "tiles") if m.get("tables", {}).get(t)),
         f"  run record: {result.run_dir}/run.json",
     ]
+    if m.get("skipped_at_listing"):
+        from pipeline.runtime.run import skipped_text
+
+        lines.append(f"  left out at listing: {skipped_text(m['skipped_at_listing'])}")
     if m.get("random_weights"):
         lines.append("  NOTE: random model weights: these scores are not meaningful anomaly detection results")
     if m.get("reason"):

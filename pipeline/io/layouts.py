@@ -37,8 +37,11 @@ ListObjectsV2 on S3), which also yields size, mtime and ETag.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import posixpath
+import stat
 from functools import partial
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -54,6 +57,7 @@ from pipeline.io.fs import (
     open_input,
     read_input_bytes,
     storage_failure,
+    path_uri,
     unstrip,
 )
 from pipeline.io.manifest import MANIFEST_EXTENSIONS, is_manifest_uri, list_manifest, manifest_frame
@@ -70,11 +74,56 @@ _VISA_LABELS = {"normal": 0, "anomaly": 1}
 
 class Tree(NamedTuple):
     """One recursive listing of an input folder: the filesystem, the root path inside it and
-    ``files``, {path relative to the root (posix): fsspec info} of every file below it."""
+    ``files``, {path relative to the root (posix): fsspec info} of every file below it (a link
+    that cannot be followed is a file whose info carries ``list_error``: (type, message));
+    ``skipped``: what the listing itself left out, by reason."""
 
     fs: Any
     root: str
     files: dict[str, dict[str, Any]]
+    skipped: dict[str, int] = {}
+
+
+def _walk_local(root: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Every file under the local folder ``root``, following symbolic links to files and folders.
+
+    A folder reached twice (a link back to an ancestor, or two links to one folder) is walked once
+    and counted as ``link_loop_folder``; a link that points nowhere is a file with ``list_error``
+    ``BrokenLink``, one that loops (``ELOOP``) ``LinkLoop``."""
+    files: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, int] = {}
+    seen: set[tuple[int, int]] = set()
+
+    def link_error(path: str, exc: OSError) -> tuple[str, str]:
+        target = os.readlink(path)
+        if exc.errno == errno.ELOOP:
+            return "LinkLoop", f"{path_uri(path)}: symbolic link loop (-> {target})"
+        return "BrokenLink", f"{path_uri(path)}: symbolic link to {target}, which does not exist"
+
+    def walk(folder: str, prefix: str) -> None:
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            skipped["link_loop_folder"] = skipped.get("link_loop_folder", 0) + 1
+            return
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            rel = prefix + entry.name
+            try:
+                info = os.stat(entry.path)  # follows links
+            except OSError as exc:
+                if not entry.is_symlink():
+                    raise
+                files[rel] = {"type": "file", "list_error": link_error(entry.path, exc)}
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                walk(entry.path, rel + "/")
+            elif stat.S_ISREG(info.st_mode):
+                files[rel] = {"type": "file", "size": info.st_size, "mtime": info.st_mtime}
+
+    walk(root, "")
+    return files, skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +137,12 @@ def _listing(uri: str, storage: StorageOptions | None) -> Tree:
     Raises InputError when the location does not exist, is a single file, or cannot be reached."""
     fs, root = open_input(uri, storage)
     root = root.rstrip("/") or root
+    if not is_remote(uri) and os.path.isdir(root):  # local: follow links (fsspec's find drops them)
+        try:
+            files, skipped = _walk_local(root)
+        except OSError as exc:
+            raise InputError(f"input {uri}: cannot be listed: {exc}") from exc
+        return Tree(fs, root, files, skipped)
     try:
         found = fs.find(root, detail=True)
     except Exception as exc:  # botocore/aiohttp errors are not OSErrors
@@ -164,8 +219,9 @@ def _stat(info: dict[str, Any]) -> tuple[int | None, float | None, str | None]:
 def _row(fs: Any, root: str, rel: str, info: dict[str, Any], category: str, label: int | None, mask_uri: str | None) -> dict[str, Any]:
     """One manifest row for the listed file ``rel`` under ``root``."""
     size, mtime, etag = _stat(info)
+    error_type, message = info.get("list_error") or (None, None)
     return {"uri": _child_uri(fs, root, rel), "category": category, "gt_label": label, "mask_uri": mask_uri,
-            "size": size, "mtime": mtime, "etag": etag}
+            "size": size, "mtime": mtime, "etag": etag, "list_error_type": error_type, "list_error_message": message}
 
 
 def _child_uri(fs: Any, root: str, rel: str) -> str:
@@ -234,7 +290,7 @@ def detect_layout(uri: str, storage: StorageOptions | None = None) -> str:
 
 
 def _list_folder(uri: str, data: DataSpec, tree: Tree) -> pd.DataFrame:
-    fs, root, files = tree
+    fs, root, files = tree.fs, tree.root, tree.files
     root_name = _root_name(root)
     rows = []
     for rel, info in files.items():
@@ -283,7 +339,7 @@ def _list_mvtec(
 ) -> pd.DataFrame:
     """An MVTec-like tree: ``normal`` is the defect folder of normal images; masks may have any
     extension when ``any_mask_extension`` (BTAD); ``name`` names the dataset in errors."""
-    fs, root, files = tree
+    fs, root, files = tree.fs, tree.root, tree.files
     # Category folder -> {relative path inside it: info}
     has_test_here = any(rel.startswith("test/") for rel in files)
     by_category: dict[str, dict[str, dict[str, Any]]] = {}
@@ -351,7 +407,7 @@ def _clean_rel(value: str) -> str:
 
 
 def _list_visa(uri: str, data: DataSpec, tree: Tree) -> pd.DataFrame:
-    fs, root, files = tree
+    fs, root, files = tree.fs, tree.root, tree.files
     csv_uri = _child_uri(fs, root, _VISA_CSV)
     if _VISA_CSV not in files:
         raise InputError(f"input {uri}: not a raw VisA tree: {csv_uri} is missing")
@@ -433,9 +489,26 @@ def _from_tree(list_tree: Callable[[str, DataSpec, Tree], pd.DataFrame]) -> List
     auto-detection already made it)."""
 
     def lister(uri: str, data: DataSpec, storage: StorageOptions | None, tree: Tree | None) -> pd.DataFrame:
-        return list_tree(uri, data, tree or _listing(uri, storage))
+        tree = tree or _listing(uri, storage)
+        df = list_tree(uri, data, tree)
+        df.attrs["skipped"] = _skipped(tree, data, set(df["uri"]))
+        return df
 
     return lister
+
+
+def _skipped(tree: Tree, data: DataSpec, listed: set[str]) -> dict[str, int]:
+    """Files of the listing that are not in the manifest, by reason: ``hidden`` (a name starting
+    with '.'), ``extension`` (not in ``data.extensions``), ``outside_layout`` (not an image of the
+    layout's test split: masks, train images...), plus what the listing left out itself."""
+    counts = dict(tree.skipped)
+    for rel in tree.files:
+        if _child_uri(tree.fs, tree.root, rel) in listed:
+            continue
+        parts = rel.split("/")
+        reason = "hidden" if _hidden(parts) else "extension" if not _has_extension(parts[-1], data.extensions) else "outside_layout"
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts
 
 
 def _manifest_file(uri: str, data: DataSpec, storage: StorageOptions | None, tree: Tree | None) -> pd.DataFrame:

@@ -63,7 +63,8 @@ __all__ = [
     "write_manifest",
 ]
 
-MANIFEST_COLUMNS: tuple[str, ...] = ("uri", "image_id", "category", "gt_label", "mask_uri", "size", "mtime", "etag")
+MANIFEST_COLUMNS: tuple[str, ...] = ("uri", "image_id", "category", "gt_label", "mask_uri", "size", "mtime", "etag",
+                                     "list_error_type", "list_error_message")
 MANIFEST_EXTENSIONS: tuple[str, ...] = (".csv", ".parquet", ".pq")
 
 _LABEL_WORDS = {
@@ -115,6 +116,8 @@ def manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
             "size": pd.Series([r.get("size") for r in rows], dtype="Int64"),
             "mtime": pd.Series([r.get("mtime") for r in rows], dtype="Float64"),
             "etag": pd.Series([r.get("etag") for r in rows], dtype=object),
+            "list_error_type": pd.Series([r.get("list_error_type") for r in rows], dtype=object),
+            "list_error_message": pd.Series([r.get("list_error_message") for r in rows], dtype=object),
         },
         columns=list(MANIFEST_COLUMNS),
     )
@@ -152,6 +155,9 @@ def read_manifest(uri: str, storage: StorageOptions | None = None) -> pd.DataFra
     with fs.open(path, "rb") as fh:
         df = pq.read_table(fh).to_pandas()
     df["gt_label"] = df["gt_label"].astype("Int64")
+    for column in ("list_error_type", "list_error_message"):  # added in version 2 of the contract
+        if column not in df.columns:
+            df[column] = pd.Series([None] * len(df), dtype=object)
     return df
 
 

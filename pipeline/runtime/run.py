@@ -130,6 +130,13 @@ MODEL_KEYS = ("score_method", "pixel_method", "prompt_set", "clip_model", "clip_
               "sam_weights")
 
 
+def skipped_text(skipped: dict[str, int]) -> str:
+    """``{"extension": 2, "hidden": 1}`` -> a line for the log and the summary, with the hint."""
+    parts = ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()))
+    hint = " (image endings are data.extensions)" if skipped.get("extension") else ""
+    return f"{sum(skipped.values())} files ({parts}){hint}"
+
+
 def output_tables(spec: JobSpec) -> list[str]:
     """The tables a run of ``spec`` writes, besides inputs.parquet."""
     tables = ["scores", "errors"]
@@ -142,10 +149,31 @@ def output_tables(spec: JobSpec) -> list[str]:
     return tables
 
 
+#: the columns every row starts with: the input manifest's, and its status (rows the listing could
+#: not address start as error rows of stage ``list``)
+SOURCE_COLUMNS: tuple[str, ...] = (*contracts.load("inputs").names, "status", "error_stage", "error_type", "error_message")
+
+
+def source_rows(manifest: pd.DataFrame) -> pa.Table:
+    """The input manifest as the plan's first rows (Arrow), with their status columns."""
+    table = contracts.to_table(manifest, contracts.load("inputs"))
+    failed = pc.is_valid(table.column("list_error_type"))
+    nothing = pa.scalar(None, pa.string())
+    columns = {
+        "status": pc.if_else(failed, "error", "ok"),
+        "error_stage": pc.if_else(failed, pa.scalar("list"), nothing),
+        "error_type": table.column("list_error_type"),
+        "error_message": table.column("list_error_message"),
+    }
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
+
+
 def plan_for(spec: JobSpec, storage, tables: list[str]) -> tuple[list[PlannedStage], list[str]]:
     """The checked plan of ``spec`` and the columns its results must bring back for ``tables``
     (and for the shard markers). Raises :class:`RunError` (exit 2) when the plan cannot run."""
-    source = contracts.load("inputs").names
+    source = SOURCE_COLUMNS
     outputs = {t: projection.needs(contracts.load(t)) for t in tables}
     try:
         plan = build_plan(spec, storage, source=source, outputs=outputs)
@@ -274,6 +302,7 @@ def run_job(
         if finished and read_json(fsio.join(run_dir, "run.json"), storage).get("status") == "succeeded":
             raise RunError(f"run {run_dir} already succeeded; nothing to resume", exit_code=2)
         input_uri, used_layout, shard_size = plan["input"], plan["layout"], int(plan["shard_size"])
+        skipped = dict(plan.get("skipped", {}))
         manifest = read_manifest(fsio.join(run_dir, "inputs.parquet"), storage)
     else:
         if finished:
@@ -285,6 +314,9 @@ def run_job(
         except InputError as exc:
             raise RunError(str(exc), exit_code=2) from None
         shard_size = spec.shard_size
+        skipped = dict(manifest.attrs.get("skipped", {}))
+        if skipped:
+            log(f"left out at listing: {skipped_text(skipped)}")
         if spec.skip_scored:
             before = len(manifest)
             manifest = unscored(manifest, spec.skip_scored, storage, exclude=run_dir)
@@ -293,7 +325,7 @@ def run_job(
         try:
             write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
             write_json(plan_uri, {"run_id": run_id, "input": input_uri, "layout": used_layout, "shard_size": shard_size,
-                                  "images": len(manifest), "spec": spec.redacted()}, storage)
+                                  "images": len(manifest), "skipped": skipped, "spec": spec.redacted()}, storage)
         except OSError as exc:
             raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
     list_s = time.monotonic() - t0
@@ -330,7 +362,7 @@ def run_job(
                     with fs_.open(path_, "w") as fh:
                         fh.write(text)
 
-                inputs = contracts.to_table(pending, contracts.load("inputs"))
+                inputs = source_rows(pending)
                 results = run_plan(spec, stages, inputs, result_columns, session, log, on_stats=save_stats)
                 for batch in watched(results, spec.stall_timeout_s):
                     if first_result_s is None:
@@ -403,6 +435,7 @@ def run_job(
                 **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
             },
             "plan": [{"stage": p.name, "kind": p.kind} for p in stages],
+            "skipped_at_listing": skipped,
             "first_result_rows": first_result_rows,
             "labelled_images": int(manifest["gt_label"].notna().sum()),
             "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},

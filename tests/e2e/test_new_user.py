@@ -77,3 +77,28 @@ def test_a_file_name_that_is_not_utf8_is_scored_and_its_uri_round_trips(tmp_path
         assert fsio.read_bytes(stored[0]) == fh.read()  # the stored URI reads back the same file
     inputs = pd.read_parquet(tmp_path / "out" / "odd" / "inputs.parquet")
     assert sorted(inputs["uri"]) == sorted(scores["uri"])
+
+
+def test_links_are_scored_broken_links_are_error_rows_and_skips_are_reported(tmp_path):
+    """Defects 2 and 3, end to end: nothing in the input folder disappears without a trace."""
+    import pandas as pd
+
+    from tests.helpers.badfiles import write_good_images
+
+    root = tmp_path / "in" / "parts"
+    write_good_images(root, 2, size=(40, 40))
+    os.symlink(root / "good_000.png", root / "link.png")
+    os.symlink(tmp_path / "gone.png", root / "dangling.png")
+    (root / "anim.gif").write_bytes(b"GIF89a")
+    res = _zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                "--run-id", "links", "--no-evaluate", "--set", "max_error_rate=0.5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "out" / "links"
+    scores = pd.read_parquet(run / "scores")
+    assert len(scores) == 4 and (scores["status"] == "ok").sum() == 3
+    errors = pd.read_parquet(run / "errors")
+    assert errors[["stage", "error_type"]].values.tolist() == [["list", "BrokenLink"]]
+    assert "gone.png" in errors["message"].iloc[0]
+    record = json.loads((run / "run.json").read_text())
+    assert record["skipped_at_listing"] == {"extension": 1} and record["failed_by_stage"] == {"list": 1}
+    assert "left out at listing: 1 files (extension 1) (image endings are data.extensions)" in res.stdout

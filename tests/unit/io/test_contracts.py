@@ -60,7 +60,8 @@ def test_validate_rejects_wrong_type_and_extra_column():
 def test_pandas_nullable_ints_roundtrip(tmp_path):
     df = pd.DataFrame({"uri": ["a", "b"], "image_id": ["1", "2"], "category": ["x", "x"],
                        "gt_label": pd.array([1, None], dtype="Int64"), "mask_uri": [None, "m"],
-                       "size": pd.array([3, None], dtype="Int64"), "mtime": [1.5, None], "etag": [None, None]})
+                       "size": pd.array([3, None], dtype="Int64"), "mtime": [1.5, None], "etag": [None, None],
+                       "list_error_type": [None, None], "list_error_message": [None, None]})
     t = write_table(str(tmp_path / "inputs.parquet"), df, "inputs")
     back = pq.read_table(tmp_path / "inputs.parquet")
     assert back.schema.equals(contracts.load("inputs").schema) and back.column("gt_label").to_pylist() == [1, None]

@@ -259,3 +259,32 @@ def test_write_manifest_roundtrip_and_relist(tmp_path):
     assert again["gt_label"].tolist() == df["gt_label"].tolist()
     assert again["mask_uri"].tolist() == df["mask_uri"].tolist()
     assert again["image_id"].tolist() == df["image_id"].tolist()
+
+
+def test_symlinks_are_followed_and_broken_ones_are_error_rows_and_skips_are_counted(tmp_path):
+    """Issue 11, defects 2 and 3: links to files and folders are listed (with loop protection); a
+    dangling or looping link is a row with its listing error; files left out are counted by reason."""
+    import os
+
+    from tests.helpers.badfiles import write_good_images
+
+    root = tmp_path / "in" / "parts"
+    write_good_images(root, 1)  # good_000.png
+    os.symlink(root / "good_000.png", root / "link.png")
+    shared = tmp_path / "elsewhere"
+    write_good_images(shared, 3)
+    os.symlink(shared, root / "linked_folder")
+    os.symlink(root, root / "linked_folder_loop")  # a link back to an ancestor: its files are listed once
+    os.symlink(tmp_path / "missing.png", root / "dangling.png")
+    os.symlink(root / "self.png", root / "self.png")  # a link to itself: a loop
+    (root / "anim.gif").write_bytes(b"GIF89a")
+    (root / ".hidden.png").write_bytes(b"x")
+    _, df = list_inputs(str(tmp_path / "in"), DataSpec(layout="folder"))
+    rel = {os.path.relpath(u, tmp_path / "in"): r for u, r in zip(df["uri"], df.itertuples())}
+    ok = {k for k, r in rel.items() if r.list_error_type is None}
+    assert ok == {"parts/good_000.png", "parts/link.png", "parts/linked_folder/good_000.png",
+                  "parts/linked_folder/good_001.png", "parts/linked_folder/good_002.png"}
+    assert rel["parts/dangling.png"].list_error_type == "BrokenLink"
+    assert "missing.png" in rel["parts/dangling.png"].list_error_message
+    assert rel["parts/self.png"].list_error_type == "LinkLoop"
+    assert df.attrs["skipped"] == {"extension": 1, "hidden": 1, "link_loop_folder": 1}

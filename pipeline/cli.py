@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.resources
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, get_args
 
 import typer
 
-from pipeline.config import SpecError, load_spec
+from pipeline.config import DataSpec, SpecError, load_spec
 
 app = typer.Typer(
     name="zsad",
@@ -23,6 +23,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+#: every layout name, spelled out for --help (rich would cut one long "a|b|c" word)
+_LAYOUT_HELP = "auto (detect), " + ", ".join(n for n in get_args(DataSpec.model_fields["layout"].annotation) if n != "auto")
+
 
 def _err(message: str) -> None:
     typer.echo(f"zsad: {message}", err=True)
@@ -70,7 +74,8 @@ def _evaluate(run_dir: str, storage, address: Optional[str], **kwargs):
 
 
 def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: Optional[str], sets: List[str], address: Optional[str],
-         evaluate: bool = True, resume: bool = False, spec=None):
+         evaluate: bool = True, resume: bool = False, spec=None, max_images: Optional[int] = None,
+         categories: Optional[str] = None):
     from pipeline.runtime.run import RunError, run_job
 
     try:
@@ -78,6 +83,13 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
     except SpecError as exc:
         _err(str(exc))
         raise typer.Exit(2)
+    picks = {}
+    if max_images is not None:
+        picks["max_images"] = max_images
+    if categories:
+        picks["categories"] = tuple(c.strip() for c in categories.split(",") if c.strip())
+    if picks:
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update=picks)})
     def summarise_and_evaluate(result) -> None:
         """Runs while the run's Ray session is still open, so the evaluation reuses it."""
         typer.echo(_summary(result))
@@ -102,15 +114,17 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
 @app.command()
 def run(
     job: str = typer.Argument(..., help="Job spec YAML (e.g. jobs/smoke.yaml)."),
-    input: str = typer.Option(..., "--input", "-i", help="Input: local folder/file or s3://bucket/prefix."),
-    output: str = typer.Option(..., "--output", "-o", help="Output root: local folder or s3://bucket/prefix."),
-    layout: str = typer.Option("auto", "--layout", help="Input layout: auto|folder|mvtec|manifest (auto detects)."),
+    input: str = typer.Option(..., "--input", "-i", help="Input: a local folder or file, or an s3:// URI (bucket and prefix)."),
+    output: str = typer.Option(..., "--output", "-o", help="Output root: a local folder or an s3:// URI (bucket and prefix)."),
+    layout: str = typer.Option("auto", "--layout", help=f"Input layout: {_LAYOUT_HELP}."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (folder under OUTPUT); default: UTC time + random suffix."),
     set_: List[str] = typer.Option([], "--set", help="Override a spec key: dotted.key=value (repeatable)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: start a local Ray for the run."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate when the input layout carries labels."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run --run-id: rerun only shards without a done marker."),
     skip_scored: Optional[str] = typer.Option(None, "--skip-scored", help="Score only inputs not already scored ok (same uri, size, etag/mtime) by runs under this OUTPUT."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Score only the first N listed images (sorted by URI); the spec's data.max_images."),
+    categories: Optional[str] = typer.Option(None, "--categories", help="Score only these categories, comma-separated (e.g. bottle,cable); the spec's data.categories."),
 ) -> None:
     """Run a job over an input and write Parquet tables under OUTPUT/RUN_ID/."""
     _check_layout(layout)
@@ -119,7 +133,7 @@ def run(
         raise typer.Exit(2)
     if skip_scored:
         set_ = [*set_, f"skip_scored={skip_scored}"]
-    _run(job, input, output, layout, run_id, set_, address, evaluate, resume)
+    _run(job, input, output, layout, run_id, set_, address, evaluate, resume, max_images=max_images, categories=categories)
 
 
 @app.command("resume")
@@ -170,7 +184,7 @@ def resume_cmd(
 def evaluate_cmd(
     run: str = typer.Argument(..., help="A finished run folder: OUTPUT/RUN_ID (local or s3://)."),
     ground_truth: Optional[str] = typer.Option(None, "--ground-truth", help="Ground-truth dataset; default: the run's own input manifest."),
-    layout: str = typer.Option("auto", "--layout", help="Layout of --ground-truth: auto|folder|mvtec|manifest."),
+    layout: str = typer.Option("auto", "--layout", help=f"Layout of --ground-truth: {_LAYOUT_HELP}."),
     eval_size: str = typer.Option("stored", "--eval-size", help="stored (map size; masks resized nearest) or a long side N."),
     image_score: str = typer.Option("method", "--image-score", help="method (the run's score) or max_map."),
     aupro_limit: float = typer.Option(0.3, "--aupro-limit", help="FPR limit of AUPRO."),

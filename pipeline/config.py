@@ -106,11 +106,13 @@ class DataSpec(_Model):
     ``layout``: ``auto`` (detect), ``folder``, ``mvtec`` or ``manifest``. ``category``: force one
     category for every image of a ``folder`` input (default: the first sub-folder under the input,
     or the input folder's own name for files directly in it). ``extensions``: image file endings
-    listed by ``folder``/``mvtec`` (case-insensitive). ``max_images``: keep only the first N listed
+    listed by ``folder``/``mvtec`` (case-insensitive). ``categories``: keep only the images of these
+    categories (an unknown one is an error listing the available ones). ``max_images``: keep only the first N listed
     images (sorted by URI), for trials."""
 
     layout: Literal["auto", "folder", "mvtec", "manifest", "visa", "visa_1cls", "mpdd", "btad"] = "auto"
     category: str | None = None
+    categories: tuple[str, ...] | None = None  # keep only these categories (after listing); None = all
     extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
     max_images: int | None = Field(default=None, ge=1)
 

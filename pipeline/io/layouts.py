@@ -548,6 +548,15 @@ def list_inputs(uri: str, data: DataSpec, storage: StorageOptions | None = None)
     if lister is None:
         raise InputError(f"input {uri}: unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     df = lister(uri, data, storage, tree)
+    if data.categories is not None:
+        available = set(df["category"])
+        unknown = [c for c in data.categories if c not in available]
+        if unknown:
+            raise InputError(f"input {uri}: categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))} "
+                             f"not found; available: {', '.join(sorted(available))}")
+        attrs = df.attrs
+        df = df[df["category"].isin(data.categories)].reset_index(drop=True)
+        df.attrs = attrs
     if data.max_images is not None:
         df = df.head(data.max_images).reset_index(drop=True)
     return layout, df

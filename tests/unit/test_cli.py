@@ -86,3 +86,33 @@ def test_run_refuses_unwritable_output(tmp_path):
     (tmp_path / "blocker").write_text("a file where the output folder should be")
     res = _run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "blocker"))
     assert res.exit_code == 2 and "cannot be written" in res.output and str(tmp_path / "blocker") in res.output
+
+
+def test_help_spells_out_every_layout():
+    """Issue 11 (CLI): `--help` showed `auto|folder|mvtec|manif…` and `evaluate --layout` 4 of 8 layouts."""
+    from pipeline.io.layouts import LAYOUTS
+
+    for command in ("run", "evaluate"):
+        res = runner.invoke(app, [command, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+        text = " ".join(res.output.replace("│", " ").split())
+        assert res.exit_code == 0 and "…" not in text, text
+        for name in LAYOUTS:
+            assert f" {name}," in text or f" {name}." in text or f" {name} (" in text, (command, name)
+
+
+def test_categories_and_max_images_pick_the_inputs(tmp_path):
+    """Issue 11 (CLI): --categories a,b and --max-images N (also data.categories / data.max_images)."""
+    from pipeline.config import DataSpec
+    from pipeline.io.layouts import InputError, list_inputs
+    from pipeline.synthetic import make_dataset
+
+    make_dataset(str(tmp_path / "d"), categories=("bottle", "cable", "grid"), n_good=1, n_bad=1, size=32)
+    _, df = list_inputs(str(tmp_path / "d"), DataSpec(categories=("cable", "grid"), max_images=3))
+    assert len(df) == 3 and set(df["category"]) <= {"cable", "grid"} and df["uri"].is_monotonic_increasing
+    import pytest
+
+    with pytest.raises(InputError, match="category 'zipper' not found; available: bottle, cable, grid"):
+        list_inputs(str(tmp_path / "d"), DataSpec(categories=("zipper",)))
+    res = runner.invoke(app, ["run", "jobs/smoke.yaml", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "o"),
+                              "--categories", "zipper"])
+    assert res.exit_code == 2 and "category 'zipper' not found" in res.output

@@ -75,7 +75,7 @@ def _evaluate(run_dir: str, storage, address: Optional[str], **kwargs):
 
 def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: Optional[str], sets: List[str], address: Optional[str],
          evaluate: bool = True, resume: bool = False, spec=None, max_images: Optional[int] = None,
-         categories: Optional[str] = None):
+         categories: Optional[str] = None, dry_run: bool = False):
     from pipeline.runtime.run import RunError, run_job
 
     try:
@@ -90,6 +90,18 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
         picks["categories"] = tuple(c.strip() for c in categories.split(",") if c.strip())
     if picks:
         spec = spec.model_copy(update={"data": spec.data.model_copy(update=picks)})
+    if dry_run:
+        import json
+
+        from pipeline.runtime.run import dry_run as plan_only
+
+        try:
+            plan = plan_only(spec, input_uri, layout=None if layout == "auto" else layout)
+        except RunError as exc:
+            _err(str(exc))
+            raise typer.Exit(exc.exit_code)
+        typer.echo(json.dumps(plan, indent=2))
+        return None
     def summarise_and_evaluate(result) -> None:
         """Runs while the run's Ray session is still open, so the evaluation reuses it."""
         typer.echo(_summary(result))
@@ -125,6 +137,7 @@ def run(
     skip_scored: Optional[str] = typer.Option(None, "--skip-scored", help="Score only inputs not already scored ok (same uri, size, etag/mtime) by runs under this OUTPUT."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Score only the first N listed images (sorted by URI); the spec's data.max_images."),
     categories: Optional[str] = typer.Option(None, "--categories", help="Score only these categories, comma-separated (e.g. bottle,cable); the spec's data.categories."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the input and check the spec and the plan, then print the plan (stages, resources, images, tables) as JSON to stdout; nothing is scored or written."),
 ) -> None:
     """Run a job over an input and write Parquet tables under OUTPUT/RUN_ID/."""
     _check_layout(layout)
@@ -133,7 +146,8 @@ def run(
         raise typer.Exit(2)
     if skip_scored:
         set_ = [*set_, f"skip_scored={skip_scored}"]
-    _run(job, input, output, layout, run_id, set_, address, evaluate, resume, max_images=max_images, categories=categories)
+    _run(job, input, output, layout, run_id, set_, address, evaluate, resume, max_images=max_images, categories=categories,
+         dry_run=dry_run)
 
 
 @app.command("resume")

@@ -253,6 +253,35 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
                 raise RunError(f"{key}: {exc}", exit_code=2) from None
 
 
+def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict[str, Any]:
+    """What ``run_job`` would do, without scoring or writing anything: the checks it makes first
+    (model, weights, the plan's column contracts), the listing, the plan with each stage's
+    resources, and the tables. Raises :class:`RunError` as ``run_job`` would."""
+    storage = fsio.storage_options(spec.storage)
+    if layout:
+        spec = spec.model_copy(update={"data": DataSpec(**{**spec.data.model_dump(), "layout": layout})})
+    preflight_spec(spec, storage)
+    tables = output_tables(spec)
+    stages, _ = plan_for(spec, storage, tables)
+    try:
+        used_layout, manifest = list_inputs(input_uri, spec.data, storage)
+    except InputError as exc:
+        raise RunError(str(exc), exit_code=2) from None
+    return {
+        "input": input_uri,
+        "layout": used_layout,
+        "images": len(manifest),
+        "images_by_category": {str(k): int(v) for k, v in manifest["category"].value_counts().sort_index().items()},
+        "labelled_images": int(manifest["gt_label"].notna().sum()),
+        "listing_errors": int(manifest["list_error_type"].notna().sum()),
+        "skipped_at_listing": dict(manifest.attrs.get("skipped", {})),
+        "shards": -(-len(manifest) // spec.shard_size),
+        "plan": [{"stage": p.name, "kind": p.kind, **p.resources.model_dump(exclude_none=True)} for p in stages],
+        "tables": tables,
+        "random_weights": spec.random_weights,
+    }
+
+
 def run_job(
     spec: JobSpec,
     input_uri: str,

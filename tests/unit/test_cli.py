@@ -116,3 +116,22 @@ def test_categories_and_max_images_pick_the_inputs(tmp_path):
     res = runner.invoke(app, ["run", "jobs/smoke.yaml", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "o"),
                               "--categories", "zipper"])
     assert res.exit_code == 2 and "category 'zipper' not found" in res.output
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    """Issue 11 (CLI): --dry-run lists, checks and prints the plan; nothing is scored or written."""
+    import json
+
+    from pipeline.synthetic import make_dataset
+
+    make_dataset(str(tmp_path / "d"), categories=("bottle", "cable"), n_good=1, n_bad=2, size=32)
+    res = runner.invoke(app, ["run", "jobs/vvv.yaml", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "o"),
+                              "--dry-run", "--set", "clip.model=zsad-tiny", "--set", "clip.weights=null",
+                              "--set", "allow_random_weights=true", "--set", "foreground.kind=classical"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert plan["images"] == 6 and plan["images_by_category"] == {"bottle": 3, "cable": 3} and plan["labelled_images"] == 6
+    assert [(s["stage"], s["kind"]) for s in plan["plan"]] == [("decode", "task"), ("foreground", "task"), ("tiling", "task"),
+                                                              ("clip_score", "actor"), ("aggregate", "task"), ("encode", "task")]
+    assert plan["plan"][3]["num_gpus"] == 0.5 and plan["tables"] == ["scores", "errors", "masks", "foreground", "tiles"]
+    assert not (tmp_path / "o").exists()

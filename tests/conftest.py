@@ -11,56 +11,29 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 
 import pytest
 
+from tests.helpers.moto import answers, free_port, moto_command
+
 _CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _moto_command(port: int) -> list[str]:
-    here = os.path.join(os.path.dirname(sys.executable), "moto_server")
-    exe = here if os.path.exists(here) else shutil.which("moto_server")
-    if exe:
-        return [exe, "-H", "127.0.0.1", "-p", str(port)]
-    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=0.5):
-            return True
-    except urllib.error.HTTPError:
-        return True  # any HTTP answer means the server is up
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = dict(os.environ)
     env.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
     proc = subprocess.Popen(
-        _moto_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        moto_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     try:
         deadline = time.monotonic() + 20.0
-        while not _answers(endpoint + "/moto-api/"):
+        while not answers(endpoint + "/moto-api/"):
             if proc.poll() is not None:
                 pytest.fail(f"moto server exited with code {proc.returncode} before answering on {endpoint}")
             if time.monotonic() > deadline:

@@ -127,6 +127,7 @@ class ShardSink:
     def __init__(self, run_dir: str, tables: list[str], storage: StorageOptions | None = None) -> None:
         self.run_dir, self.tables, self.storage = run_dir, tables, storage
         self.contracts = {t: contracts.load(t) for t in tables}
+        self.finished: dict[int, dict[str, Any]] = {}  # markers this sink wrote (what is known without reading them back)
         self._open: dict[int, dict[str, tuple[Any, Any, str, str | None]]] = {}
 
     @staticmethod
@@ -187,6 +188,7 @@ class ShardSink:
             if final is not None:
                 os.replace(path, final)
         write_json(join(self.run_dir, "_done", self.name(shard) + ".json"), {"shard": shard, **marker}, self.storage)
+        self.finished[shard] = {"shard": shard, **marker}
 
     def discard(self) -> None:
         """Drop unfinished shards (their files are rewritten in full by the next attempt)."""

@@ -375,6 +375,7 @@ def run_job(
     progress = Progress(len(pending), log)
     plan_error: str | None = None
     unusable_weights = False
+    output_lost = False
     session_info: dict[str, Any] = {}
     t_plan = time.monotonic()
     first_result_s: float | None = None
@@ -416,7 +417,13 @@ def run_job(
             sink.discard()  # unfinished shards: no marker, rerun in full on resume
         plan_s = time.monotonic() - t_plan
 
-        markers = sink.markers()
+        try:
+            markers = sink.markers()
+        except Exception as exc:  # the output storage went away: what this attempt finished is known
+            log(f"cannot read the shard markers at {run_dir} ({failure(exc)[0]}: {failure(exc)[1]}); "
+                f"counting the {len(sink.finished)} shards this attempt finished")
+            markers = dict(sink.finished)
+            output_lost = True
         busy = {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in TIMED_STAGES}
         n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
         n_failed = sum(m["failed"] for m in markers.values())
@@ -469,9 +476,8 @@ def run_job(
             "labelled_images": int(manifest["gt_label"].notna().sum()),
             "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},
             "tables": {
-                "scores": sink.files("scores"),
-                "errors": sink.files("errors"),
-                **{t: sink.files(t) if t in tables else [] for t in ("masks", "foreground", "tiles")},
+                **{t: sink.files(t) if t in tables and not output_lost else [] for t in
+                   ("scores", "errors", "masks", "foreground", "tiles")},
                 "inputs": fsio.join(run_dir, "inputs.parquet"),
             },
             "ray": session_info,
@@ -479,7 +485,13 @@ def run_job(
             "versions": versions(),
             "spec": spec.redacted(),
         }
-        write_json(fsio.join(run_dir, "run.json"), record, storage)
+        try:
+            write_json(fsio.join(run_dir, "run.json"), record, storage)
+        except Exception as exc:
+            kind, text = failure(exc)
+            log(f"run.json could not be written to {run_dir} ({kind}: {text}); the finished shards there are intact")
+        if status != "succeeded" and n_missing:
+            log(f"continue the run with: zsad resume {run_dir}")
         exit_code = 0 if status == "succeeded" else (2 if unusable_weights else 1)
         result = RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, record, exit_code)
         if then is not None:

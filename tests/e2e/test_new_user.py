@@ -102,3 +102,53 @@ def test_links_are_scored_broken_links_are_error_rows_and_skips_are_reported(tmp
     record = json.loads((run / "run.json").read_text())
     assert record["skipped_at_listing"] == {"extension": 1} and record["failed_by_stage"] == {"list": 1}
     assert "left out at listing: 1 files (extension 1) (image endings are data.extensions)" in res.stdout
+
+
+def test_object_storage_going_away_mid_run_ends_with_one_reason_and_a_resume_hint(tmp_path):
+    """Defect 5: with the S3 endpoint stopped after some shards, the run crashed in five tracebacks
+    with no summary and no run.json. Now: one reason, exit 1, the resume hint, finished shards kept."""
+    import time
+
+    import boto3
+
+    from tests.helpers.badfiles import write_good_images
+    from tests.helpers.moto import answers, free_port, moto_command
+
+    write_good_images(tmp_path / "in" / "parts", 160, size=(32, 32))
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen(moto_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **creds})
+    try:
+        deadline = time.monotonic() + 20
+        while not answers(endpoint + "/moto-api/") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="out")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
+        env.update(creds, AWS_ENDPOINT_URL=endpoint)
+        proc = subprocess.Popen([ZSAD, "run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", "s3://out/runs",
+                                 "--run-id", "gone", "--no-evaluate", "--set", "shard_size=16", "--set", "retries.read=0",
+                                 "--set", "resources.decode.batch_size=8", "--set", "resources.clip_score.batch_size=8"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+        deadline = time.monotonic() + 300
+        done = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = s3.list_objects_v2(Bucket="out", Prefix="runs/gone/_done/").get("KeyCount", 0)
+            if done >= 3:
+                break
+            time.sleep(0.1)
+        assert done >= 3, "the run finished (or hung) before the storage could be stopped midway"
+        server.terminate()
+        server.wait(timeout=10)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err + out, err[-4000:]
+    assert "zsad resume s3://out/runs/gone" in err + out
+    assert "run failed:" in err and "127.0.0.1" in err
+    assert "run.json could not be written" in err + out  # the storage is gone: said so

@@ -253,16 +253,23 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
                 raise RunError(f"{key}: {exc}", exit_code=2) from None
 
 
-def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict[str, Any]:
-    """What ``run_job`` would do, without scoring or writing anything: the checks it makes first
-    (model, weights, the plan's column contracts), the listing, the plan with each stage's
-    resources, and the tables. Raises :class:`RunError` as ``run_job`` would."""
+def prepare(spec: JobSpec, layout: str | None) -> tuple[JobSpec, fsio.StorageOptions, list[str], list[PlannedStage], list[str]]:
+    """The checks a run makes before it lists anything: (spec with ``layout`` applied, storage
+    options, output tables, the checked plan, the columns its results bring back)."""
     storage = fsio.storage_options(spec.storage)
     if layout:
         spec = spec.model_copy(update={"data": DataSpec(**{**spec.data.model_dump(), "layout": layout})})
     preflight_spec(spec, storage)
     tables = output_tables(spec)
-    stages, _ = plan_for(spec, storage, tables)
+    stages, result_columns = plan_for(spec, storage, tables)
+    return spec, storage, tables, stages, result_columns
+
+
+def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict[str, Any]:
+    """What ``run_job`` would do, without scoring or writing anything: the checks it makes first
+    (model, weights, the plan's column contracts), the listing, the plan with each stage's
+    resources, and the tables. Raises :class:`RunError` as ``run_job`` would."""
+    spec, storage, tables, stages, _ = prepare(spec, layout)
     try:
         used_layout, manifest = list_inputs(input_uri, spec.data, storage)
     except InputError as exc:
@@ -307,12 +314,7 @@ def run_job(
     problem = check_run_id(run_id)
     if problem:
         raise RunError(problem, exit_code=2)
-    storage = fsio.storage_options(spec.storage)
-    if layout:
-        spec = spec.model_copy(update={"data": DataSpec(**{**spec.data.model_dump(), "layout": layout})})
-    preflight_spec(spec, storage)
-    tables = output_tables(spec)
-    stages, result_columns = plan_for(spec, storage, tables)
+    spec, storage, tables, stages, result_columns = prepare(spec, layout)
 
     run_dir = fsio.join(fsio.normalise(output_uri), run_id)
     plan_uri = fsio.join(run_dir, "_plan.json")

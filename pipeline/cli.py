@@ -218,6 +218,30 @@ def evaluate_cmd(
               eval_size=size, image_score=image_score, aupro_limit=aupro_limit, pro_mode=pro_mode)
 
 
+@app.command("runs")
+def runs_cmd(
+    output: str = typer.Argument(..., help="An output root (local or s3://) holding runs."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per run instead of the table."),
+) -> None:
+    """List the runs under an output root: id, status, start, images ok/failed, preset, mean metrics."""
+    from pipeline.io.fs import storage_options
+    from pipeline.io.runs import list_runs
+
+    try:
+        table = list_runs(output, storage_options())
+    except (FileNotFoundError, OSError) as exc:
+        _err(str(exc))
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(table.to_json(orient="records", lines=True))
+    elif table.empty:
+        typer.echo(f"no runs under {output}")
+    else:
+        typer.echo(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}"))
+        if table["random_weights"].fillna(False).astype(bool).any():
+            typer.echo("(runs with random_weights True used random model weights: their metrics are NOT results)")
+
+
 def _check_layout(layout: str) -> None:
     """Exit 2 unless ``layout`` is ``auto`` or a registered dataset layout."""
     from pipeline.io.layouts import LAYOUTS

@@ -135,3 +135,29 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
                                                               ("clip_score", "actor"), ("aggregate", "task"), ("encode", "task")]
     assert plan["plan"][3]["num_gpus"] == 0.5 and plan["tables"] == ["scores", "errors", "masks", "foreground", "tiles"]
     assert not (tmp_path / "o").exists()
+
+
+def test_runs_lists_the_runs_under_an_output(tmp_path):
+    """Issue 11 (CLI): `zsad runs OUTPUT` lists run id, status, start, counts, preset and mean metrics."""
+    import json
+
+    import pandas as pd
+
+    out = tmp_path / "out"
+    (out / "a" / "metrics").mkdir(parents=True)
+    (out / "a" / "run.json").write_text(json.dumps({
+        "run_id": "a", "status": "succeeded", "started": "2026-12-01T10:00:00+00:00", "random_weights": True,
+        "counts": {"images": 10, "ok": 9, "failed": 1, "missing": 0}, "spec": {"name": "smoke"}}))
+    pd.DataFrame({"category": ["x", "mean"], "image_auroc": [0.5, 0.625], "pixel_auroc": [0.7, 0.75],
+                  "pixel_aupro": [None, None]}).to_parquet(out / "a" / "metrics" / "part-00000.parquet")
+    (out / "b").mkdir()
+    (out / "b" / "_plan.json").write_text(json.dumps({"run_id": "b", "images": 4, "spec": {"name": "vvv"}}))
+    (out / "not-a-run").mkdir()
+    res = runner.invoke(app, ["runs", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    assert [(r["run_id"], r["status"], r["preset"]) for r in rows] == [("a", "succeeded", "smoke"), ("b", "unfinished", "vvv")]
+    assert (rows[0]["ok"], rows[0]["failed"], rows[0]["image_auroc"], rows[0]["pixel_auroc"]) == (9, 1, 0.625, 0.75)
+    table = runner.invoke(app, ["runs", str(out)])
+    assert table.exit_code == 0 and "succeeded" in table.stdout and "NOT results" in table.stdout
+    assert runner.invoke(app, ["runs", str(tmp_path / "missing")]).exit_code == 2

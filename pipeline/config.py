@@ -383,6 +383,7 @@ class JobSpec(_Model):
     shard_size: int = Field(default=1000, ge=1)
     skip_scored: str | None = None
     stall_timeout_s: float | None = Field(default=1800.0, gt=0)
+    lease_timeout_s: float = Field(default=3600.0, gt=0)  # a run lease whose heartbeat is older is stale (resume may take it over)
     data: DataSpec = DataSpec()
     decode: DecodeSpec = DecodeSpec()
     storage: StorageSpec = StorageSpec()

@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from pipeline.io import fs as fsio
+from pipeline.io.lease import LEASE, is_stale
 
 COLUMNS = ("run_id", "status", "started", "images", "ok", "failed", "preset", "random_weights",
            "image_auroc", "pixel_auroc", "pixel_aupro")
@@ -38,9 +39,10 @@ def _mean_metrics(fs: Any, run: str) -> dict[str, Any]:
     return {}
 
 
-def list_runs(output: str, storage: fsio.StorageOptions | None = None) -> pd.DataFrame:
+def list_runs(output: str, storage: fsio.StorageOptions | None = None, lease_timeout_s: float = 3600.0) -> pd.DataFrame:
     """One row per run under ``output`` (columns :data:`COLUMNS`), oldest first. A folder with a
-    ``_plan.json`` but no ``run.json`` is ``unfinished`` (running, or interrupted: resumable)."""
+    ``_plan.json`` but no ``run.json`` is ``running`` while its lease is held, else ``unfinished``
+    (interrupted: resumable)."""
     fs, root = fsio.filesystem(fsio.normalise(output), storage)
     rows = []
     try:
@@ -59,7 +61,10 @@ def list_runs(output: str, storage: fsio.StorageOptions | None = None) -> pd.Dat
                    "failed": counts.get("failed"), "preset": record.get("spec", {}).get("name"),
                    "random_weights": record.get("random_weights")}
         else:
-            row = {"run_id": plan.get("run_id", posixpath.basename(run)), "status": "unfinished", "started": None,
+            holder = _read_json(fs, posixpath.join(run, LEASE))
+            state = "running" if holder is not None and not is_stale(holder, lease_timeout_s) else "unfinished"
+            row = {"run_id": plan.get("run_id", posixpath.basename(run)), "status": state,
+                   "started": holder.get("started") if holder else None,
                    "images": plan.get("images"), "ok": None, "failed": None, "preset": plan.get("spec", {}).get("name"),
                    "random_weights": None}
         rows.append({**row, **_mean_metrics(fs, run)})

@@ -29,6 +29,7 @@ from pipeline.config import DataSpec, JobSpec
 from pipeline.io import contracts, projection
 from pipeline.io import fs as fsio
 from pipeline.io.layouts import InputError, list_inputs
+from pipeline.io.lease import Lease, LeaseHeld
 from pipeline.io.manifest import read_manifest, write_manifest
 from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
@@ -324,178 +325,191 @@ def run_job(
     except Exception as exc:
         raise RunError(f"output {output_uri}: cannot be reached: {exc}", exit_code=2) from None
     t0 = time.monotonic()
-    if resume:
-        if not interrupted:
-            raise RunError(f"nothing to resume at {run_dir}: no _plan.json (start it without --resume)", exit_code=2)
-        plan = read_json(plan_uri, storage)  # _plan.json: what the run was started with
-        if _comparable(plan["spec"]) != _comparable(spec.redacted()):
-            raise RunError(f"run {run_dir} was started with a different job spec; resume it with `zsad resume {run_dir}`", exit_code=2)
-        if finished and read_json(fsio.join(run_dir, "run.json"), storage).get("status") == "succeeded":
-            raise RunError(f"run {run_dir} already succeeded; nothing to resume", exit_code=2)
-        input_uri, used_layout, shard_size = plan["input"], plan["layout"], int(plan["shard_size"])
-        skipped = dict(plan.get("skipped", {}))
-        manifest = read_manifest(fsio.join(run_dir, "inputs.parquet"), storage)
-    else:
-        if finished:
-            raise RunError(f"run {run_dir} already exists (it has a run.json); choose another --run-id", exit_code=2)
-        if interrupted:
-            raise RunError(f"run {run_dir} was interrupted; continue it with --resume (or `zsad resume {run_dir}`)", exit_code=2)
-        try:
-            used_layout, manifest = list_inputs(input_uri, spec.data, storage)
-        except InputError as exc:
-            raise RunError(str(exc), exit_code=2) from None
-        shard_size = spec.shard_size
-        skipped = dict(manifest.attrs.get("skipped", {}))
-        if skipped:
-            log(f"left out at listing: {skipped_text(skipped)}")
-        if spec.skip_scored:
-            before = len(manifest)
-            manifest = unscored(manifest, spec.skip_scored, storage, exclude=run_dir)
-            log(f"incremental: {before - len(manifest)} of {before} images already scored ok under {spec.skip_scored}; "
-                f"{len(manifest)} to score")
-        try:
-            write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
-            write_json(plan_uri, {"run_id": run_id, "input": input_uri, "layout": used_layout, "shard_size": shard_size,
-                                  "images": len(manifest), "skipped": skipped, "spec": spec.redacted()}, storage)
-        except OSError as exc:
-            raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
-    list_s = time.monotonic() - t0
-
-    sink = ShardSink(run_dir, tables, storage)
-    shard_of = {iid: i // shard_size for i, iid in enumerate(manifest["image_id"])}
-    expected = pd.Series(list(shard_of.values())).value_counts().to_dict()
-    done = sink.markers()
-    pending = manifest[[shard_of[i] not in done for i in manifest["image_id"]]].reset_index(drop=True)
-    log(f"run {run_id}: {len(manifest)} images ({used_layout} layout) in {len(expected)} shards from {input_uri} -> {run_dir}")
-    if resume:
-        log(f"resuming: {len(done)} shards done, {len(expected) - len(done)} to run ({len(pending)} images)")
-    if spec.random_weights:
-        log(f"WARNING: random weights for {', '.join(spec.random_models())} (allow_random_weights: true): "
-            "scores are NOT meaningful results")
-
-    values = run_values(spec, run_id)
-    progress = Progress(len(pending), log)
-    plan_error: str | None = None
-    unusable_weights = False
-    output_lost = False
-    session_info: dict[str, Any] = {}
-    t_plan = time.monotonic()
-    first_result_s: float | None = None
-    first_result_rows = 0
-    tallies: dict[int, ShardTally] = {}
-    write_s = 0.0
-    with contextlib.ExitStack() as ray_stack:  # the run's Ray session stays open until ``then`` has run
-        try:
-            if len(pending):
-                session = ray_stack.enter_context(ray_session(address, log))
-                session_info = {"address": session["address"], "resources": dict(session["resources"])}
-                def save_stats(text: str) -> None:
-                    fs_, path_ = fsio.filesystem(fsio.join(run_dir, "ray_data_stats.txt"), storage)
-                    with fs_.open(path_, "w") as fh:
-                        fh.write(text)
-
-                inputs = source_rows(pending)
-                results = run_plan(spec, stages, inputs, result_columns, session, log, on_stats=save_stats)
-                for batch in watched(results, spec.stall_timeout_s):
-                    if first_result_s is None:
-                        first_result_s, first_result_rows = time.monotonic() - t_plan, batch.num_rows
-                    shards = np.array([shard_of[i] for i in batch.column("image_id").to_pylist()])
-                    t_w = time.monotonic()
-                    for k in dict.fromkeys(shards.tolist()):
-                        part = batch.filter(pa.array(shards == k))
-                        sink.append(k, shard_tables(part, sink.tables, values))
-                        tally = tallies.setdefault(k, ShardTally())
-                        tally.add(part)
-                        if tally.images == expected[k]:
-                            sink.finish(k, tallies.pop(k).marker())
-                    write_s += time.monotonic() - t_w
-                    progress.update(batch.num_rows, sum(s != "ok" for s in batch.column("status").to_pylist()))
-        except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
-            error_type, text = failure(exc)
-            plan_error = f"{error_type}: {text}"
-            unusable_weights = error_type in LOAD_ERRORS
-            log(f"run failed: {plan_error}")
-        finally:
-            sink.discard()  # unfinished shards: no marker, rerun in full on resume
-        plan_s = time.monotonic() - t_plan
-
-        try:
-            markers = sink.markers()
-        except Exception as exc:  # the output storage went away: what this attempt finished is known
-            log(f"cannot read the shard markers at {run_dir} ({failure(exc)[0]}: {failure(exc)[1]}); "
-                f"counting the {len(sink.finished)} shards this attempt finished")
-            markers = dict(sink.finished)
-            output_lost = True
-        busy = {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in TIMED_STAGES}
-        n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
-        n_failed = sum(m["failed"] for m in markers.values())
-        failed_by_stage: dict[str, int] = {}
-        for m in markers.values():
-            for stage_name, count in m.get("failed_by_stage", {}).items():
-                failed_by_stage[stage_name] = failed_by_stage.get(stage_name, 0) + count
-        n_ok = n_done - n_failed
-        n_missing = len(manifest) - n_done
-        rate = n_failed / len(manifest) if len(manifest) else 0.0
-        if plan_error:
-            status, reason = "failed", plan_error
-        elif n_missing:
-            status, reason = "failed", f"{n_missing} images produced no result row"
-        elif rate > spec.max_error_rate:
-            status = "failed"
-            reason = (
-                f"{n_failed} of {len(manifest)} images failed ({100 * rate:.1f}%), above max_error_rate "
-                f"{spec.max_error_rate:g}; see {fsio.join(run_dir, 'errors')}"
-            )
+    lease = Lease(run_dir, storage)  # one process works on a run folder at a time
+    if finished and not resume:
+        raise RunError(f"run {run_dir} already exists (it has a run.json); choose another --run-id", exit_code=2)
+    try:
+        taken_over = lease.acquire(run_id, takeover=resume, timeout_s=spec.lease_timeout_s)
+    except LeaseHeld as exc:
+        raise RunError(str(exc), exit_code=2) from None
+    except Exception as exc:
+        raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
+    if taken_over:
+        log(f"took over the lease of a stopped attempt ({taken_over.get('host')} pid {taken_over.get('pid')}, "
+            f"since {taken_over.get('started')})")
+    with contextlib.ExitStack() as held:
+        held.callback(lease.release)
+        if resume:
+            if not interrupted:
+                raise RunError(f"nothing to resume at {run_dir}: no _plan.json (start it without --resume)", exit_code=2)
+            plan = read_json(plan_uri, storage)  # _plan.json: what the run was started with
+            if _comparable(plan["spec"]) != _comparable(spec.redacted()):
+                raise RunError(f"run {run_dir} was started with a different job spec; resume it with `zsad resume {run_dir}`", exit_code=2)
+            if finished and read_json(fsio.join(run_dir, "run.json"), storage).get("status") == "succeeded":
+                raise RunError(f"run {run_dir} already succeeded; nothing to resume", exit_code=2)
+            input_uri, used_layout, shard_size = plan["input"], plan["layout"], int(plan["shard_size"])
+            skipped = dict(plan.get("skipped", {}))
+            manifest = read_manifest(fsio.join(run_dir, "inputs.parquet"), storage)
         else:
-            status, reason = "succeeded", None
-        ended = dt.datetime.now(dt.timezone.utc)
-        record = {
-            "run_id": run_id,
-            "status": status,
-            "reason": reason,
-            "input": input_uri,
-            "layout": used_layout,
-            "output": run_dir,
-            "started": started.isoformat(),
-            "ended": ended.isoformat(),
-            "wall_seconds": round(time.monotonic() - t_start, 3),
-            "counts": {"images": len(manifest), "ok": n_ok, "failed": n_failed, "missing": n_missing},
-            "failed_by_stage": failed_by_stage,
-            "error_rate": rate,
-            "max_error_rate": spec.max_error_rate,
-            "random_weights": spec.random_weights,
-            "model": {k: values[k] for k in MODEL_KEYS},
-            "stage_seconds": {
-                "list_wall": round(list_s, 3),
-                "plan_wall": round(plan_s, 3),
-                "first_result_wall": None if first_result_s is None else round(first_result_s, 3),
-                "write_wall": round(write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
-                **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
-            },
-            "plan": [{"stage": p.name, "kind": p.kind} for p in stages],
-            "skipped_at_listing": skipped,
-            "first_result_rows": first_result_rows,
-            "labelled_images": int(manifest["gt_label"].notna().sum()),
-            "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},
-            "tables": {
-                **{t: sink.files(t) if t in tables and not output_lost else [] for t in
-                   ("scores", "errors", "masks", "foreground", "tiles")},
-                "inputs": fsio.join(run_dir, "inputs.parquet"),
-            },
-            "ray": session_info,
-            "host": socket.gethostname(),
-            "versions": versions(),
-            "spec": spec.redacted(),
-        }
-        try:
-            write_json(fsio.join(run_dir, "run.json"), record, storage)
-        except Exception as exc:
-            kind, text = failure(exc)
-            log(f"run.json could not be written to {run_dir} ({kind}: {text}); the finished shards there are intact")
-        if status != "succeeded" and n_missing:
-            log(f"continue the run with: zsad resume {run_dir}")
-        exit_code = 0 if status == "succeeded" else (2 if unusable_weights else 1)
-        result = RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, record, exit_code)
-        if then is not None:
-            then(result)  # e.g. the evaluation, in the same Ray session
-        return result
+            if interrupted:
+                raise RunError(f"run {run_dir} was interrupted; continue it with --resume (or `zsad resume {run_dir}`)", exit_code=2)
+            try:
+                used_layout, manifest = list_inputs(input_uri, spec.data, storage)
+            except InputError as exc:
+                raise RunError(str(exc), exit_code=2) from None
+            shard_size = spec.shard_size
+            skipped = dict(manifest.attrs.get("skipped", {}))
+            if skipped:
+                log(f"left out at listing: {skipped_text(skipped)}")
+            if spec.skip_scored:
+                before = len(manifest)
+                manifest = unscored(manifest, spec.skip_scored, storage, exclude=run_dir)
+                log(f"incremental: {before - len(manifest)} of {before} images already scored ok under {spec.skip_scored}; "
+                    f"{len(manifest)} to score")
+            try:
+                write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
+                write_json(plan_uri, {"run_id": run_id, "input": input_uri, "layout": used_layout, "shard_size": shard_size,
+                                      "images": len(manifest), "skipped": skipped, "spec": spec.redacted()}, storage)
+            except OSError as exc:
+                raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
+        list_s = time.monotonic() - t0
+
+        sink = ShardSink(run_dir, tables, storage)
+        shard_of = {iid: i // shard_size for i, iid in enumerate(manifest["image_id"])}
+        expected = pd.Series(list(shard_of.values())).value_counts().to_dict()
+        done = sink.markers()
+        pending = manifest[[shard_of[i] not in done for i in manifest["image_id"]]].reset_index(drop=True)
+        log(f"run {run_id}: {len(manifest)} images ({used_layout} layout) in {len(expected)} shards from {input_uri} -> {run_dir}")
+        if resume:
+            log(f"resuming: {len(done)} shards done, {len(expected) - len(done)} to run ({len(pending)} images)")
+        if spec.random_weights:
+            log(f"WARNING: random weights for {', '.join(spec.random_models())} (allow_random_weights: true): "
+                "scores are NOT meaningful results")
+
+        values = run_values(spec, run_id)
+        progress = Progress(len(pending), log)
+        plan_error: str | None = None
+        unusable_weights = False
+        output_lost = False
+        session_info: dict[str, Any] = {}
+        t_plan = time.monotonic()
+        first_result_s: float | None = None
+        first_result_rows = 0
+        tallies: dict[int, ShardTally] = {}
+        write_s = 0.0
+        with contextlib.ExitStack() as ray_stack:  # the run's Ray session stays open until ``then`` has run
+            try:
+                if len(pending):
+                    session = ray_stack.enter_context(ray_session(address, log))
+                    session_info = {"address": session["address"], "resources": dict(session["resources"])}
+                    def save_stats(text: str) -> None:
+                        fs_, path_ = fsio.filesystem(fsio.join(run_dir, "ray_data_stats.txt"), storage)
+                        with fs_.open(path_, "w") as fh:
+                            fh.write(text)
+
+                    inputs = source_rows(pending)
+                    results = run_plan(spec, stages, inputs, result_columns, session, log, on_stats=save_stats)
+                    for batch in watched(results, spec.stall_timeout_s):
+                        if first_result_s is None:
+                            first_result_s, first_result_rows = time.monotonic() - t_plan, batch.num_rows
+                        shards = np.array([shard_of[i] for i in batch.column("image_id").to_pylist()])
+                        t_w = time.monotonic()
+                        for k in dict.fromkeys(shards.tolist()):
+                            part = batch.filter(pa.array(shards == k))
+                            sink.append(k, shard_tables(part, sink.tables, values))
+                            tally = tallies.setdefault(k, ShardTally())
+                            tally.add(part)
+                            if tally.images == expected[k]:
+                                sink.finish(k, tallies.pop(k).marker())
+                                lease.heartbeat()
+                        write_s += time.monotonic() - t_w
+                        progress.update(batch.num_rows, sum(s != "ok" for s in batch.column("status").to_pylist()))
+            except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
+                error_type, text = failure(exc)
+                plan_error = f"{error_type}: {text}"
+                unusable_weights = error_type in LOAD_ERRORS
+                log(f"run failed: {plan_error}")
+            finally:
+                sink.discard()  # unfinished shards: no marker, rerun in full on resume
+            plan_s = time.monotonic() - t_plan
+
+            try:
+                markers = sink.markers()
+            except Exception as exc:  # the output storage went away: what this attempt finished is known
+                log(f"cannot read the shard markers at {run_dir} ({failure(exc)[0]}: {failure(exc)[1]}); "
+                    f"counting the {len(sink.finished)} shards this attempt finished")
+                markers = dict(sink.finished)
+                output_lost = True
+            busy = {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in TIMED_STAGES}
+            n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
+            n_failed = sum(m["failed"] for m in markers.values())
+            failed_by_stage: dict[str, int] = {}
+            for m in markers.values():
+                for stage_name, count in m.get("failed_by_stage", {}).items():
+                    failed_by_stage[stage_name] = failed_by_stage.get(stage_name, 0) + count
+            n_ok = n_done - n_failed
+            n_missing = len(manifest) - n_done
+            rate = n_failed / len(manifest) if len(manifest) else 0.0
+            if plan_error:
+                status, reason = "failed", plan_error
+            elif n_missing:
+                status, reason = "failed", f"{n_missing} images produced no result row"
+            elif rate > spec.max_error_rate:
+                status = "failed"
+                reason = (
+                    f"{n_failed} of {len(manifest)} images failed ({100 * rate:.1f}%), above max_error_rate "
+                    f"{spec.max_error_rate:g}; see {fsio.join(run_dir, 'errors')}"
+                )
+            else:
+                status, reason = "succeeded", None
+            ended = dt.datetime.now(dt.timezone.utc)
+            record = {
+                "run_id": run_id,
+                "status": status,
+                "reason": reason,
+                "input": input_uri,
+                "layout": used_layout,
+                "output": run_dir,
+                "started": started.isoformat(),
+                "ended": ended.isoformat(),
+                "wall_seconds": round(time.monotonic() - t_start, 3),
+                "counts": {"images": len(manifest), "ok": n_ok, "failed": n_failed, "missing": n_missing},
+                "failed_by_stage": failed_by_stage,
+                "error_rate": rate,
+                "max_error_rate": spec.max_error_rate,
+                "random_weights": spec.random_weights,
+                "model": {k: values[k] for k in MODEL_KEYS},
+                "stage_seconds": {
+                    "list_wall": round(list_s, 3),
+                    "plan_wall": round(plan_s, 3),
+                    "first_result_wall": None if first_result_s is None else round(first_result_s, 3),
+                    "write_wall": round(write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
+                    **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
+                },
+                "plan": [{"stage": p.name, "kind": p.kind} for p in stages],
+                "skipped_at_listing": skipped,
+                "first_result_rows": first_result_rows,
+                "labelled_images": int(manifest["gt_label"].notna().sum()),
+                "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},
+                "tables": {
+                    **{t: sink.files(t) if t in tables and not output_lost else [] for t in
+                       ("scores", "errors", "masks", "foreground", "tiles")},
+                    "inputs": fsio.join(run_dir, "inputs.parquet"),
+                },
+                "ray": session_info,
+                "host": socket.gethostname(),
+                "versions": versions(),
+                "spec": spec.redacted(),
+            }
+            try:
+                write_json(fsio.join(run_dir, "run.json"), record, storage)
+            except Exception as exc:
+                kind, text = failure(exc)
+                log(f"run.json could not be written to {run_dir} ({kind}: {text}); the finished shards there are intact")
+            if status != "succeeded" and n_missing:
+                log(f"continue the run with: zsad resume {run_dir}")
+            exit_code = 0 if status == "succeeded" else (2 if unusable_weights else 1)
+            result = RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, record, exit_code)
+            if then is not None:
+                then(result)  # e.g. the evaluation, in the same Ray session
+            return result

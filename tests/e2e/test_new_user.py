@@ -135,3 +135,33 @@ def test_object_storage_going_away_mid_run_ends_with_one_reason_and_a_resume_hin
     assert "zsad resume s3://out/runs/gone" in err + out
     assert "run failed:" in err and "127.0.0.1" in err
     assert "run.json could not be written" in err + out  # the storage is gone: said so
+
+
+def test_a_second_run_with_the_same_run_id_is_refused_while_the_first_holds_the_lease(tmp_path):
+    """Defect 6: the second run said "was interrupted; continue it with --resume" while the first was
+    still running, and with --resume both redid every shard."""
+    import time
+
+    from tests.helpers.badfiles import write_good_images
+
+    write_good_images(tmp_path / "in" / "parts", 120, size=(32, 32))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = ["run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--run-id", "same",
+            "--no-evaluate", "--set", "shard_size=20"]
+    first = subprocess.Popen([ZSAD, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lease = tmp_path / "out" / "same" / "_lease.json"
+    deadline = time.monotonic() + 120
+    while not lease.exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert lease.exists(), "the first run took no lease"
+    holder = json.loads(lease.read_text())
+    second = _zsad(*args, timeout=120)
+    resumed = _zsad(*args, "--resume", timeout=120)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    for res in (second, resumed):
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert f"run same is in progress (since {holder['started']}, on {holder['host']} pid {holder['pid']})" in res.stderr
+    assert not lease.exists()  # released at the end
+    record = json.loads((tmp_path / "out" / "same" / "run.json").read_text())
+    assert record["status"] == "succeeded" and record["counts"]["images"] == 120

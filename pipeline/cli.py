@@ -75,7 +75,7 @@ def _evaluate(run_dir: str, storage, address: Optional[str], **kwargs):
 
 def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: Optional[str], sets: List[str], address: Optional[str],
          evaluate: bool = True, resume: bool = False, spec=None, max_images: Optional[int] = None,
-         categories: Optional[str] = None, dry_run: bool = False):
+         categories: Optional[str] = None, dry_run: bool = False, quiet: bool = False):
     from pipeline.runtime.run import RunError, run_job
 
     try:
@@ -113,7 +113,8 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
     try:
         result = run_job(
             spec, input_uri, output_uri, run_id=run_id, layout=None if layout == "auto" else layout, address=address,
-            resume=resume, log=_log, then=summarise_and_evaluate,
+            resume=resume, log=(lambda message: None) if quiet else _log, then=summarise_and_evaluate,
+            progress_stream=None if quiet else sys.stderr,
         )
     except RunError as exc:
         _err(str(exc))
@@ -138,6 +139,7 @@ def run(
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Score only the first N listed images (sorted by URI); the spec's data.max_images."),
     categories: Optional[str] = typer.Option(None, "--categories", help="Score only these categories, comma-separated (e.g. bottle,cable); the spec's data.categories."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the input and check the spec and the plan, then print the plan (stages, resources, images, tables) as JSON to stdout; nothing is scored or written."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no log lines of the driver; errors and the summary still print (Ray's own lines may remain)."),
 ) -> None:
     """Run a job over an input and write Parquet tables under OUTPUT/RUN_ID/."""
     _check_layout(layout)
@@ -147,7 +149,7 @@ def run(
     if skip_scored:
         set_ = [*set_, f"skip_scored={skip_scored}"]
     _run(job, input, output, layout, run_id, set_, address, evaluate, resume, max_images=max_images, categories=categories,
-         dry_run=dry_run)
+         dry_run=dry_run, quiet=quiet)
 
 
 @app.command("resume")

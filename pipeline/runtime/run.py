@@ -87,22 +87,45 @@ def versions() -> dict[str, str]:
 
 
 class Progress:
-    """Prints ``images done / total, images/s`` at most every ``interval`` seconds."""
+    """Progress of the run's images: done / total, images/s, failed and the time left (ETA).
 
-    def __init__(self, total: int, log: Callable[[str], None], interval: float = 2.0) -> None:
-        self.total, self.log, self.interval = total, log, interval
+    On a terminal (``stream`` is a TTY) one line is redrawn in place with a bar, at most every
+    ``bar_interval`` seconds; otherwise (a log file, a pipe, Ray Jobs) a plain line goes to ``log``
+    at most every ``interval`` seconds. ``stream=None`` and a ``log`` that drops lines make it quiet."""
+
+    WIDTH = 24
+
+    def __init__(self, total: int, log: Callable[[str], None], interval: float = 2.0, stream: Any = None,
+                 bar_interval: float = 0.2) -> None:
+        self.total, self.log = total, log
+        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self.stream = stream
+        self.interval = bar_interval if self.tty else interval
         self.done = self.failed = 0
         self.t0 = self._last = time.monotonic()
+
+    def text(self, now: float) -> str:
+        rate = self.done / max(now - self.t0, 1e-9)
+        pct = 100.0 * self.done / max(self.total, 1)
+        left = (self.total - self.done) / rate if rate > 0 else None
+        eta = "?" if left is None else str(dt.timedelta(seconds=round(left)))
+        return f"{self.done}/{self.total} images ({pct:.0f}%), {rate:.1f} images/s, {self.failed} failed, ETA {eta}"
 
     def update(self, n: int, failed: int) -> None:
         self.done += n
         self.failed += failed
         now = time.monotonic()
-        if now - self._last >= self.interval or self.done >= self.total:
-            self._last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            pct = 100.0 * self.done / max(self.total, 1)
-            self.log(f"progress: {self.done}/{self.total} images ({pct:.0f}%), {rate:.1f} images/s, {self.failed} failed")
+        if now - self._last < self.interval and self.done < self.total:
+            return
+        self._last = now
+        if self.tty:
+            filled = int(self.WIDTH * self.done / max(self.total, 1))
+            bar = "#" * filled + "-" * (self.WIDTH - filled)
+            end = "\n" if self.done >= self.total else ""
+            self.stream.write(f"\r[{bar}] {self.text(now)}\x1b[K{end}")
+            self.stream.flush()
+        else:
+            self.log(f"progress: {self.text(now)}")
 
 
 def run_values(spec: JobSpec, run_id: str) -> dict[str, Any]:
@@ -301,11 +324,13 @@ def run_job(
     resume: bool = False,
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
     then: Callable[[RunResult], Any] | None = None,
+    progress_stream: Any = None,
 ) -> RunResult:
     """Run ``spec`` over ``input_uri`` and write the tables under ``output_uri/run_id``.
 
     ``then`` is called with the result after ``run.json`` is written, while the run's Ray session
-    is still open (the CLI evaluates there instead of starting a second Ray)."""
+    is still open (the CLI evaluates there instead of starting a second Ray). ``progress_stream``:
+    where a terminal progress bar is drawn (when it is a TTY; else progress goes to ``log``)."""
     from pipeline.runtime.ray_plan import run_plan
     from pipeline.runtime.session import LOAD_ERRORS, failure, ray_session
 
@@ -387,7 +412,7 @@ def run_job(
                 "scores are NOT meaningful results")
 
         values = run_values(spec, run_id)
-        progress = Progress(len(pending), log)
+        progress = Progress(len(pending), log, stream=progress_stream)
         plan_error: str | None = None
         unusable_weights = False
         output_lost = False

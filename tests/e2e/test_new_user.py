@@ -148,7 +148,8 @@ def test_a_second_run_with_the_same_run_id_is_refused_while_the_first_holds_the_
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     args = ["run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--run-id", "same",
             "--no-evaluate", "--set", "shard_size=20"]
-    first = subprocess.Popen([ZSAD, *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([ZSAD, *args, "--quiet"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     lease = tmp_path / "out" / "same" / "_lease.json"
     deadline = time.monotonic() + 120
     while not lease.exists() and time.monotonic() < deadline and first.poll() is None:
@@ -159,6 +160,9 @@ def test_a_second_run_with_the_same_run_id_is_refused_while_the_first_holds_the_
     resumed = _zsad(*args, "--resume", timeout=120)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
+    # --quiet: no progress and no log lines of the driver; the summary stays (Ray's own lines are not zsad's to drop yet)
+    assert "progress:" not in err and "[zsad] run same:" not in err and "[zsad] starting" not in err
+    assert "run same: succeeded" in out
     for res in (second, resumed):
         assert res.returncode == 2, res.stderr[-2000:]
         assert f"run same is in progress (since {holder['started']}, on {holder['host']} pid {holder['pid']})" in res.stderr

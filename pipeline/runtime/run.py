@@ -353,18 +353,23 @@ def run_job(
     lease = Lease(run_dir, storage)  # one process works on a run folder at a time
     if finished and not resume:
         raise RunError(f"run {run_dir} already exists (it has a run.json); choose another --run-id", exit_code=2)
-    try:
-        taken_over = lease.acquire(run_id, takeover=resume, timeout_s=spec.lease_timeout_s)
-    except LeaseHeld as exc:
-        raise RunError(str(exc), exit_code=2) from None
-    except Exception as exc:
-        raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
-    if taken_over:
-        log(f"took over the lease of a stopped attempt ({taken_over.get('host')} pid {taken_over.get('pid')}, "
-            f"since {taken_over.get('started')})")
-    with contextlib.ExitStack() as held:
+
+    def take_lease() -> None:
+        """Before the first write (a refused run writes nothing); released when the run ends."""
+        try:
+            taken_over = lease.acquire(run_id, takeover=resume, timeout_s=spec.lease_timeout_s)
+        except LeaseHeld as exc:
+            raise RunError(str(exc), exit_code=2) from None
+        except Exception as exc:
+            raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
         held.callback(lease.release)
+        if taken_over:
+            log(f"took over the lease of a stopped attempt ({taken_over.get('host')} pid {taken_over.get('pid')}, "
+                f"since {taken_over.get('started')})")
+
+    with contextlib.ExitStack() as held:
         if resume:
+            take_lease()
             if not interrupted:
                 raise RunError(f"nothing to resume at {run_dir}: no _plan.json (start it without --resume)", exit_code=2)
             plan = read_json(plan_uri, storage)  # _plan.json: what the run was started with
@@ -377,6 +382,7 @@ def run_job(
             manifest = read_manifest(fsio.join(run_dir, "inputs.parquet"), storage)
         else:
             if interrupted:
+                take_lease()  # a live holder: "in progress"; a gone one: "was interrupted"
                 raise RunError(f"run {run_dir} was interrupted; continue it with --resume (or `zsad resume {run_dir}`)", exit_code=2)
             try:
                 used_layout, manifest = list_inputs(input_uri, spec.data, storage)
@@ -391,6 +397,7 @@ def run_job(
                 manifest = unscored(manifest, spec.skip_scored, storage, exclude=run_dir)
                 log(f"incremental: {before - len(manifest)} of {before} images already scored ok under {spec.skip_scored}; "
                     f"{len(manifest)} to score")
+            take_lease()
             try:
                 write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
                 write_json(plan_uri, {"run_id": run_id, "input": input_uri, "layout": used_layout, "shard_size": shard_size,

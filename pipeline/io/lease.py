@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 from pipeline.io.fs import StorageOptions, filesystem, is_remote, join
+from pipeline.io.sinks import read_json_if_exists, write_json
 
 LEASE = "_lease.json"
 
@@ -55,15 +56,6 @@ def _create(uri: str, text: str, storage: StorageOptions | None) -> bool:
         return False
     fs.invalidate_cache(path)
     return True
-
-
-def _read(uri: str, storage: StorageOptions | None) -> dict[str, Any] | None:
-    fs, path = filesystem(uri, storage)
-    try:
-        with fs.open(path, "r") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        return None
 
 
 def _alive_here(holder: dict[str, Any]) -> bool | None:
@@ -107,7 +99,7 @@ class Lease:
         for _ in range(3):
             if _create(self.uri, json.dumps(self.info), self.storage):
                 return None
-            holder = _read(self.uri, self.storage)
+            holder = read_json_if_exists(self.uri, self.storage)
             if holder is None:  # released in between: try again
                 continue
             stale = is_stale(holder, timeout_s)
@@ -123,17 +115,15 @@ class Lease:
 
     def heartbeat(self) -> None:
         """Refresh the heartbeat (only while the lease is still this process's)."""
-        holder = _read(self.uri, self.storage)
+        holder = read_json_if_exists(self.uri, self.storage)
         if holder is not None and holder.get("token") == self.info["token"]:
             self.info["heartbeat"] = _now()
-            fs, path = filesystem(self.uri, self.storage)
-            with fs.open(path, "w") as fh:
-                fh.write(json.dumps(self.info))
+            write_json(self.uri, self.info, self.storage)
 
     def release(self) -> None:
         """Remove the lease if it is still this process's (best effort: a lease left behind is stale)."""
         try:
-            holder = _read(self.uri, self.storage)
+            holder = read_json_if_exists(self.uri, self.storage)
             if holder is not None and holder.get("token") == self.info["token"]:
                 self._remove()
         except Exception:  # the storage may be gone: the lease is then stale for the next attempt

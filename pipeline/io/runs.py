@@ -4,7 +4,6 @@ record (``run.json``), or from its ``_plan.json`` while it is unfinished, plus t
 
 from __future__ import annotations
 
-import json
 import posixpath
 from typing import Any
 
@@ -13,17 +12,10 @@ import pyarrow.parquet as pq
 
 from pipeline.io import fs as fsio
 from pipeline.io.lease import LEASE, is_stale
+from pipeline.io.sinks import read_json_if_exists
 
 COLUMNS = ("run_id", "status", "started", "images", "ok", "failed", "preset", "random_weights",
            "image_auroc", "pixel_auroc", "pixel_aupro")
-
-
-def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
-    try:
-        with fs.open(path, "r") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        return None
 
 
 def _mean_metrics(fs: Any, run: str) -> dict[str, Any]:
@@ -50,8 +42,8 @@ def list_runs(output: str, storage: fsio.StorageOptions | None = None, lease_tim
     except FileNotFoundError:
         raise FileNotFoundError(f"{output}: no such folder or prefix") from None
     for run in sorted(entries):
-        record = _read_json(fs, posixpath.join(run, "run.json"))
-        plan = None if record else _read_json(fs, posixpath.join(run, "_plan.json"))
+        record = read_json_if_exists(fsio.unstrip(fs, posixpath.join(run, "run.json")), storage)
+        plan = None if record else read_json_if_exists(fsio.unstrip(fs, posixpath.join(run, "_plan.json")), storage)
         if record is None and plan is None:
             continue  # not a zsad run
         if record is not None:
@@ -61,7 +53,7 @@ def list_runs(output: str, storage: fsio.StorageOptions | None = None, lease_tim
                    "failed": counts.get("failed"), "preset": record.get("spec", {}).get("name"),
                    "random_weights": record.get("random_weights")}
         else:
-            holder = _read_json(fs, posixpath.join(run, LEASE))
+            holder = read_json_if_exists(fsio.unstrip(fs, posixpath.join(run, LEASE)), storage)
             state = "running" if holder is not None and not is_stale(holder, lease_timeout_s) else "unfinished"
             row = {"run_id": plan.get("run_id", posixpath.basename(run)), "status": state,
                    "started": holder.get("started") if holder else None,

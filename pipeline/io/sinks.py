@@ -114,6 +114,14 @@ def read_json(uri: str, storage: StorageOptions | None = None) -> dict[str, Any]
         return json.load(fh)
 
 
+def read_json_if_exists(uri: str, storage: StorageOptions | None = None) -> dict[str, Any] | None:
+    """:func:`read_json`, or None when there is no such file or object."""
+    try:
+        return read_json(uri, storage)
+    except FileNotFoundError:
+        return None
+
+
 class ShardSink:
     """Idempotent per-shard outputs with done markers (resume = list the markers).
 

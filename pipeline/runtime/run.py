@@ -468,7 +468,8 @@ def run_job(
             try:
                 markers = sink.markers()
             except Exception as exc:  # the output storage went away: what this attempt finished is known
-                log(f"cannot read the shard markers at {run_dir} ({failure(exc)[0]}: {failure(exc)[1]}); "
+                kind, text = failure(exc)
+                log(f"cannot read the shard markers at {run_dir} ({kind}: {text}); "
                     f"counting the {len(sink.finished)} shards this attempt finished")
                 markers = dict(sink.finished)
                 output_lost = True

@@ -7,10 +7,11 @@ Exit codes: 0 success; 1 the run completed but failed (error budget exceeded, a 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import os
 import sys
-from typing import List, Optional, get_args
+from typing import Iterator, List, Optional, get_args
 
 import typer
 
@@ -28,12 +29,54 @@ app = typer.Typer(
 _LAYOUT_HELP = "auto (detect), " + ", ".join(n for n in get_args(DataSpec.model_fields["layout"].annotation) if n != "auto")
 
 
+#: where zsad's lines go; a command that starts Ray swaps in its own (see _console)
+_CONSOLE = None
+
+
+def _console():
+    from pipeline.runtime.console import Console
+
+    global _CONSOLE
+    if _CONSOLE is None:
+        _CONSOLE = Console()
+    return _CONSOLE
+
+
+@contextlib.contextmanager
+def _captured(verbose: bool, quiet: bool = False, storage=None) -> Iterator:
+    """For the block: Ray's own output (warnings, core worker lines, Ray Data's INFO lines, the
+    workers' lines) goes to a log file instead of the terminal, unless ``verbose``
+    (:mod:`pipeline.runtime.console`). Yields the console; set its ``keep_at`` to the URI the log
+    is copied to when the block ends. Without one (the run was refused) the log is removed unless
+    Ray wrote to it (then its place is said)."""
+    from pipeline.runtime.console import Console
+
+    global _CONSOLE
+    previous, _CONSOLE = _CONSOLE, Console(verbose=verbose, quiet=quiet)
+    console = _CONSOLE
+    try:
+        with console.captured():
+            yield console
+    finally:
+        _CONSOLE = previous
+        note = console.keep(console.keep_at, storage) if console.keep_at else console.discard()
+        if note:
+            _err(note)
+
+
 def _err(message: str) -> None:
-    typer.echo(f"zsad: {message}", err=True)
+    _console().error(message)
 
 
 def _log(message: str) -> None:
-    typer.echo(f"[zsad] {message}", err=True)
+    _console().say(message)
+
+
+def _attempt_log_name(kind: str) -> str:
+    """``RUN/logs/<kind>-<UTC time>.log``: one log per attempt (run, resume, evaluate)."""
+    import datetime as dt
+
+    return f"{kind}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.log"
 
 
 def _summary(result) -> str:
@@ -54,6 +97,8 @@ def _summary(result) -> str:
         lines.append("  NOTE: random model weights: these scores are not meaningful anomaly detection results")
     if m.get("reason"):
         lines.append(f"  reason: {m['reason']}")
+    if m.get("log"):
+        lines.append(f"  log (Ray's own output too): {m['log']}")
     return "\n".join(lines)
 
 
@@ -75,7 +120,7 @@ def _evaluate(run_dir: str, storage, address: Optional[str], **kwargs):
 
 def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: Optional[str], sets: List[str], address: Optional[str],
          evaluate: bool = True, resume: bool = False, spec=None, max_images: Optional[int] = None,
-         categories: Optional[str] = None, dry_run: bool = False, quiet: bool = False):
+         categories: Optional[str] = None, dry_run: bool = False, quiet: bool = False, verbose: bool = False):
     from pipeline.runtime.run import RunError, run_job
 
     try:
@@ -104,21 +149,25 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
         return None
     def summarise_and_evaluate(result) -> None:
         """Runs while the run's Ray session is still open, so the evaluation reuses it."""
+        _console().keep_at = result.record.get("log")  # also when the evaluation fails
         typer.echo(_summary(result))
         if result.status == "succeeded" and evaluate and result.record.get("labelled_images", 0):
             from pipeline.io.fs import storage_options
 
             _evaluate(result.run_dir, storage_options(spec.storage), address)
 
-    try:
-        result = run_job(
-            spec, input_uri, output_uri, run_id=run_id, layout=None if layout == "auto" else layout, address=address,
-            resume=resume, log=(lambda message: None) if quiet else _log, then=summarise_and_evaluate,
-            progress_stream=None if quiet else sys.stderr,
-        )
-    except RunError as exc:
-        _err(str(exc))
-        raise typer.Exit(exc.exit_code)
+    from pipeline.io.fs import storage_options
+
+    with _captured(verbose, quiet, storage_options(spec.storage)) as console:
+        try:
+            result = run_job(
+                spec, input_uri, output_uri, run_id=run_id, layout=None if layout == "auto" else layout, address=address,
+                resume=resume, log=_log, then=summarise_and_evaluate, progress_stream=console.progress_stream,
+                log_name=_attempt_log_name("resume" if resume else "run"),
+            )
+        except RunError as exc:
+            _err(str(exc))
+            raise typer.Exit(exc.exit_code)
     if result.status != "succeeded":
         raise typer.Exit(result.exit_code or 1)
     return result
@@ -139,17 +188,21 @@ def run(
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Score only the first N listed images (sorted by URI); the spec's data.max_images."),
     categories: Optional[str] = typer.Option(None, "--categories", help="Score only these categories, comma-separated (e.g. bottle,cable); the spec's data.categories."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the input and check the spec and the plan, then print the plan (stages, resources, images, tables) as JSON to stdout; nothing is scored or written."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no log lines of the driver; errors and the summary still print (Ray's own lines may remain)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no log lines of the driver; errors and the summary still print."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output (warnings, core worker and Ray Data lines, the workers' lines) on the terminal; it is always in the run's log, RUN/logs/."),
 ) -> None:
     """Run a job over an input and write Parquet tables under OUTPUT/RUN_ID/."""
     _check_layout(layout)
+    if quiet and verbose:
+        _err("--quiet and --verbose cannot be used together")
+        raise typer.Exit(2)
     if resume and not run_id:
         _err("--resume needs --run-id (the run to continue)")
         raise typer.Exit(2)
     if skip_scored:
         set_ = [*set_, f"skip_scored={skip_scored}"]
     _run(job, input, output, layout, run_id, set_, address, evaluate, resume, max_images=max_images, categories=categories,
-         dry_run=dry_run, quiet=quiet)
+         dry_run=dry_run, quiet=quiet, verbose=verbose)
 
 
 @app.command("resume")
@@ -159,6 +212,7 @@ def resume_cmd(
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate when the input layout carries labels."),
     set_: List[str] = typer.Option([], "--set", help="storage.* overrides only (endpoint, credentials, region): "
                                    "they reach the data without changing results; any other key is refused."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output (warnings, core worker and Ray Data lines, the workers' lines) on the terminal; it is always in the run's log, RUN/logs/."),
 ) -> None:
     """Continue an interrupted run with the spec it was started with (shards without a done marker)."""
     from pydantic import ValidationError
@@ -193,7 +247,7 @@ def resume_cmd(
         _err(str(exc))
         raise typer.Exit(2)
     parent, run_id = run_dir.rstrip("/").rsplit("/", 1)
-    _run("", plan["input"], parent, "auto", run_id, [], address, evaluate, True, spec=spec)
+    _run("", plan["input"], parent, "auto", run_id, [], address, evaluate, True, spec=spec, verbose=verbose)
 
 
 @app.command("evaluate")
@@ -206,6 +260,7 @@ def evaluate_cmd(
     aupro_limit: float = typer.Option(0.3, "--aupro-limit", help="FPR limit of AUPRO."),
     pro_mode: str = typer.Option("mvtec", "--pro-mode", help="mvtec (exact) or fixed_grid_200 (APRIL-GAN/AnomalyCLIP variant)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output (warnings, core worker and Ray Data lines, the workers' lines) on the terminal; it is always in the evaluation's log, RUN/logs/."),
 ) -> None:
     """Evaluate a run against ground truth: writes RUN/metrics/ and RUN/metrics.md."""
     from pipeline.io.fs import storage_options
@@ -216,8 +271,12 @@ def evaluate_cmd(
             _err(f"--eval-size {eval_size!r}: use stored or a positive integer")
             raise typer.Exit(2)
         size = int(eval_size)
-    _evaluate(run, storage_options(), address, gt_uri=ground_truth, layout=None if layout == "auto" else layout,
-              eval_size=size, image_score=image_score, aupro_limit=aupro_limit, pro_mode=pro_mode)
+    from pipeline.io import fs as fsio
+
+    with _captured(verbose, storage=storage_options()) as console:
+        _evaluate(run, storage_options(), address, gt_uri=ground_truth, layout=None if layout == "auto" else layout,
+                  eval_size=size, image_score=image_score, aupro_limit=aupro_limit, pro_mode=pro_mode)
+        console.keep_at = fsio.join(fsio.normalise(run), "logs", _attempt_log_name("evaluate"))
 
 
 @app.command("runs")
@@ -337,13 +396,14 @@ def demo(
     data: str = typer.Option("demo-data", "--data", help="Where the synthetic dataset is generated."),
     job: Optional[str] = typer.Option(None, "--job", help="Job spec (default: the bundled jobs/smoke.yaml)."),
     set_: List[str] = typer.Option([], "--set", help="Spec overrides."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output (warnings, core worker and Ray Data lines, the workers' lines) on the terminal; it is always in the run's log, RUN/logs/."),
 ) -> None:
     """Generate a small synthetic MVTec-style dataset and run the smoke job on it with a local Ray."""
     from pipeline.synthetic import make_dataset
 
     info = make_dataset(data)
     _log(f"generated synthetic dataset at {os.path.abspath(data)}: {info}")
-    result = _run(job or preset_path("smoke"), data, output, "auto", None, set_, None)
+    result = _run(job or preset_path("smoke"), data, output, "auto", None, set_, None, verbose=verbose)
     import pandas as pd
 
     scores = pd.read_parquet(os.path.join(result.run_dir, "scores"))

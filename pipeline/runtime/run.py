@@ -325,12 +325,15 @@ def run_job(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
     then: Callable[[RunResult], Any] | None = None,
     progress_stream: Any = None,
+    log_name: str | None = None,
 ) -> RunResult:
     """Run ``spec`` over ``input_uri`` and write the tables under ``output_uri/run_id``.
 
     ``then`` is called with the result after ``run.json`` is written, while the run's Ray session
     is still open (the CLI evaluates there instead of starting a second Ray). ``progress_stream``:
-    where a terminal progress bar is drawn (when it is a TTY; else progress goes to ``log``)."""
+    where a terminal progress bar is drawn (when it is a TTY; else progress goes to ``log``).
+    ``log_name``: the command's log file is copied to ``RUN/logs/<log_name>`` when it ends (by the
+    caller, :mod:`pipeline.runtime.console`); run.json names it (``log``)."""
     from pipeline.runtime.ray_plan import run_plan
     from pipeline.runtime.session import LOAD_ERRORS, failure, ray_session
 
@@ -530,6 +533,7 @@ def run_job(
                     "inputs": fsio.join(run_dir, "inputs.parquet"),
                 },
                 "ray": session_info,
+                "log": fsio.join(run_dir, "logs", log_name) if log_name else None,
                 "host": socket.gethostname(),
                 "versions": versions(),
                 "spec": spec.redacted(),

@@ -85,6 +85,14 @@ def test_odd_names_links_and_skips_in_one_labelled_run_evaluated_in_its_own_ray(
     # defect 10: evaluated in the run's own Ray session, after the summary
     assert res.stderr.count("starting a local Ray instance") == 1, res.stderr[-3000:]
     assert (run / "metrics.md").exists() and res.stdout.index("run odd: succeeded") < res.stdout.index("metrics:")
+    # Ray's own output (its warnings, core worker lines, Ray Data's INFO lines, the workers' lines)
+    # is not on the terminal without --verbose, and is in the run's log, named by run.json
+    noise = ("Token authentication", "core_worker", "Progress bars disabled", "execution finished", "pid=")
+    assert not [n for n in noise if n in res.stderr], res.stderr
+    assert record["log"].startswith(str(run / "logs" / "run-")) and record["log"] in res.stdout
+    log = Path(record["log"]).read_text()
+    assert "execution finished" in log and "clip_score actor ready" in log and "[zsad] run odd: 7 images" in log
+    assert "\x1b[" not in log  # the workers' prefix without colour codes
 
 
 def test_object_storage_going_away_mid_run_ends_with_one_reason_and_a_resume_hint(tmp_path):

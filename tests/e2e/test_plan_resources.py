@@ -30,8 +30,10 @@ def test_vvv_with_classical_foreground_completes_without_gpu(tmp_path):
     res = _zsad("run", "jobs/vvv.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                 "--run-id", "nogpu", "--layout", "mvtec", "--no-evaluate", *TINY, "--set", "foreground.kind=classical",
                 "--set", "pixel.scales=[128]", "--set", "pixel.grid=8", "--set", "pixel.gem_depth=2",
-                "--set", "tiling.min_tile=96", "--set", "tiling.tile_map_size=32")
+                "--set", "tiling.min_tile=96", "--set", "tiling.tile_map_size=32", "--verbose")
     assert res.returncode == 0, res.stderr[-4000:]
+    # --verbose: Ray's own lines reach the terminal too (without it they are only in RUN/logs/)
+    assert "execution finished" in res.stderr and "actor ready" in res.stderr
     assert "resources.foreground.num_gpus=0.5 is not used: foreground runs as CPU tasks" in res.stderr
     assert "running clip_score on CPU" in res.stderr
     assert "No available node types can fulfill" not in res.stderr

@@ -113,7 +113,7 @@ from pipeline.synthetic import make_multi_instance_dataset  # noqa: E402
 def test_multi_instance_tree_summary_and_determinism(tmp_path):
     summary = make_multi_instance_dataset(str(tmp_path / "a"), n_good=2, n_bad=3, size=(96, 128), seed=5)
     again = make_multi_instance_dataset(str(tmp_path / "b"), n_good=2, n_bad=3, size=(96, 128), seed=5)
-    other = make_multi_instance_dataset(str(tmp_path / "c"), n_good=2, n_bad=3, size=(96, 128), seed=6)
+    make_multi_instance_dataset(str(tmp_path / "c"), n_good=2, n_bad=3, size=(96, 128), seed=6)
     root = tmp_path / "a"
     files = sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names)
     assert files == [

@@ -1,7 +1,6 @@
 """Evaluation stage on plain dicts: exact level statistics, class-index masks, missing masks."""
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from pipeline.metrics.state import LevelStats

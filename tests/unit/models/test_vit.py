@@ -56,7 +56,8 @@ def _ref_tokens(visual, img, grid):
 
 
 def _ref_gem(visual, img, depth):
-    """GEM by the formulas, one image, explicit loops over heads and paths."""
+    """GEM as the official code computes it (WalBouss/GEM gem_utils.py, one self-self iteration),
+    one image, explicit loops over heads and paths: the first pass propagates the NORMALISED tokens."""
     grid = img.shape[-1] // 16
     x = _ref_tokens(visual, img, grid)
     blocks = list(visual.transformer.resblocks)
@@ -80,7 +81,7 @@ def _ref_gem(visual, img, depth):
                 outs = []
                 for p in (v[:, sl], k[:, sl], q[:, sl]):
                     zn = p / p.norm(dim=-1, keepdim=True)
-                    z = torch.softmax(s * zn @ zn.T, dim=-1) @ p
+                    z = torch.softmax(s * zn @ zn.T, dim=-1) @ zn
                     zn = z / z.norm(dim=-1, keepdim=True)
                     outs.append(torch.softmax(s * zn @ zn.T, dim=-1) @ vh)
                 heads.append((outs[0] + outs[1] + outs[2]) / 3)
@@ -91,13 +92,13 @@ def _ref_gem(visual, img, depth):
     return proj(x[:, 0]), proj(x_gem[:, 1:])
 
 
-@pytest.mark.parametrize("size", [128, 192])
-def test_gem_equals_reference(model, size):
+@pytest.mark.parametrize("size,depth", [(128, 3), (192, 6)])
+def test_gem_equals_reference(model, size, depth):
     imgs = _images(2, size, seed=size)
     with torch.no_grad():
-        cls, patches, plain_gem, grid = vit.gem_forward(model.visual, imgs, depth=3)
+        cls, patches, plain_gem, grid = vit.gem_forward(model.visual, imgs, depth=depth)
         for i in range(2):
-            ref_cls, ref_patches = _ref_gem(model.visual, imgs[i : i + 1], depth=3)
+            ref_cls, ref_patches = _ref_gem(model.visual, imgs[i : i + 1], depth=depth)
             assert torch.allclose(cls[i], ref_cls[0], atol=1e-5)
             assert torch.allclose(patches[i], ref_patches[0], atol=1e-5), (patches[i] - ref_patches[0]).abs().max()
     assert grid == size // 16

@@ -8,7 +8,8 @@ Each measurement runs in its own subprocess so its peak RSS (ru_maxrss) is its o
   winclip      WinCLIP windows (2 and 3 patches) + image score, per image (batch 1)
   winclip_int8 the same with clip.cpu_int8 (int8 MLPs); also reports the deviation from fp32
   gem240/448/896  one GEM dual-stream forward at that input size, per image
-  fade         the whole FADE zero-shot map (240 + 448 + 896 GEM passes + vision maps)
+  fade         the whole FADE zero-shot map (240 + 448 + 896 GEM passes + vision maps) with the
+               jobs/fade.yaml settings (PIL resize, wrapped sentences, GEM vision features)
 Text embeddings are computed before timing (they are cached per category in the pipeline).
 
 Usage: python benchmarks/bench_pixel_maps.py [--images 3] [--threads 2] [--only winclip,gem240,...]
@@ -36,14 +37,19 @@ def measure(kind: str, n_images: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, ZeroShotImageScore, WinclipWindows
+    from pipeline.config import ClipSpec, MapOutputSpec, NoPixelMap, WinclipWindows, ZeroShotImageScore, load_spec
     from pipeline.models import clip as clip_models
     from pipeline.models import vit
     from pipeline.stages.clip_score import ClipScoreStage
 
-    pixel = {"winclip": WinclipWindows(), "winclip_int8": WinclipWindows(), "fade": FadeZeroShot()}.get(kind, NoPixelMap())
+    pixel = {"winclip": WinclipWindows(), "winclip_int8": WinclipWindows()}.get(kind, NoPixelMap())
     clip = ClipSpec(model="ViT-B-16-plus-240", weights=None, cpu_int8=kind.endswith("int8"))
-    stage = ClipScoreStage(clip, ZeroShotImageScore(), pixel=pixel, maps=MapOutputSpec(map_size=240))
+    score = ZeroShotImageScore()
+    if kind == "fade":  # the preset's own settings, with random weights
+        spec = load_spec(os.path.join(os.path.dirname(__file__), "..", "jobs", "fade.yaml"),
+                         ["clip.weights=null", "allow_random_weights=true"])
+        clip, score, pixel = spec.clip, spec.score, spec.pixel
+    stage = ClipScoreStage(clip, score, pixel=pixel, maps=MapOutputSpec(map_size=240))
     stage.setup()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (240, 240, 3), dtype=np.uint8) for _ in range(n_images + 1)]
@@ -57,7 +63,7 @@ def measure(kind: str, n_images: int, threads: int) -> dict:
         with torch.inference_mode():
             if kind.startswith("gem"):
                 size = int(kind[3:])
-                x = clip_models.preprocess_images([torch.from_numpy(img)], clip_models.Preprocess(size, stage.preprocess.mean, stage.preprocess.std))
+                x = clip_models.preprocess_images([torch.from_numpy(img)], clip_models.Preprocess(size, stage.preprocess.mean, stage.preprocess.std, "pil"))
                 vit.gem_forward(stage.model.visual, x, 6)
             else:
                 stage.score_images([img], ["object"])

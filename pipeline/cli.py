@@ -334,7 +334,9 @@ def _model_problem(spec) -> Optional[str]:
                 preflight(weights)
             except WeightsError as exc:
                 return f"{key}: {exc}"
-    return None
+    from pipeline.stages.clip_score import prompt_file_problem
+
+    return prompt_file_problem(spec, objects=False)  # objects are checked when a run starts
 
 
 # Ray Jobs commands (submit, status, logs, stop) live in pipeline/cli_jobs.py; importing it registers
@@ -348,7 +350,7 @@ def validate(
     set_: List[str] = typer.Option([], "--set", help="Overrides applied to every file before checking."),
 ) -> None:
     """Check job specs without running them (unknown keys, types, the random-weights gate, model
-    names and tags, local weight files exist)."""
+    names and tags, local weight files exist, local prompt files parse)."""
     failed = 0
     for path in jobs:
         try:

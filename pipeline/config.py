@@ -34,6 +34,20 @@ _URI_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 
 
+def _file_location(text: str) -> dict[str, str]:
+    """A file named by one string: ``{"uri": ...}`` when it has a scheme (``file://`` is a path),
+    else ``{"path": ...}``."""
+    if text.startswith("file://"):
+        return {"path": text[len("file://") :]}
+    return {"uri": text} if _URI_RE.match(text) else {"path": text}
+
+
+def _one_of(model: BaseModel, keys: tuple[str, ...], what: str) -> None:
+    given = [k for k in keys if getattr(model, k)]
+    if len(given) != 1:
+        raise ValueError(f"{what} needs exactly one of {', '.join(keys)} (got {given or 'none'})")
+
+
 class WeightsSpec(_Model):
     """Where model weights come from.
 
@@ -56,20 +70,14 @@ class WeightsSpec(_Model):
     def _from_string(cls, value: Any) -> Any:
         if isinstance(value, str):
             text = value.strip()
-            if _URI_RE.match(text):
-                if text.startswith("file://"):
-                    return {"path": text[len("file://") :]}
-                return {"uri": text}
-            if os.sep in text or "/" in text or text.lower().endswith(_WEIGHT_SUFFIXES):
-                return {"path": text}
-            return {"tag": text}
+            if not _URI_RE.match(text) and not (os.sep in text or "/" in text or text.lower().endswith(_WEIGHT_SUFFIXES)):
+                return {"tag": text}
+            return _file_location(text)
         return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "WeightsSpec":
-        given = [k for k in ("tag", "path", "uri") if getattr(self, k)]
-        if len(given) != 1:
-            raise ValueError(f"a weights spec needs exactly one of tag, path, uri (got {given or 'none'})")
+        _one_of(self, ("tag", "path", "uri"), "a weights spec")
         if self.tag and self.sha256:
             raise ValueError("sha256 applies to path or uri weights, not to an open_clip pretrained tag")
         return self
@@ -179,6 +187,10 @@ class ClipSpec(_Model):
     pixels (default: the model's own). ``precision``: ``fp32`` (default) or ``fp16``/``bf16`` (GPU).
     ``cpu_int8``: on CPU workers, quantise the vision tower's MLP linear layers to int8 (dynamic
     quantisation) for speed; scores and maps deviate slightly from fp32 (measured in BENCHMARKS.md).
+    ``resize``: how an image is squashed to the model's input size(s), bicubic either way:
+    ``torch`` (default; torch's antialiased bicubic on float pixels, as anomalib's WinCLIP) or
+    ``pil`` (PIL's bicubic on the 8-bit image, rounded back to 8 bits, as torchvision's ``Resize``
+    on a PIL image in FADE's data loader).
     """
 
     model: str
@@ -186,9 +198,49 @@ class ClipSpec(_Model):
     image_size: int | None = Field(default=None, ge=16)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     cpu_int8: bool = False
+    resize: Literal["torch", "pil"] = "torch"
 
 
 PromptSetName = Literal["winclip", "winclip_anomalib", "april_gan", "vvv", "zsad_agnostic"]
+
+
+class PromptFileSpec(_Model):
+    """A prompt file the user supplies, in FADE's JSON layout: ``{"normal": {"prompts": [...]},
+    "abnormal": {"prompts": [...]}}`` (or plain lists under ``normal`` and ``abnormal``); sentences
+    may hold ``{classname}`` for the object name. Exactly one of ``path`` (local) or ``uri``
+    (``s3://``... fetched once per node into the weights cache); ``sha256`` is checked when given.
+    A plain string is a ``uri`` when it has a scheme, else a ``path``."""
+
+    path: str | None = None
+    uri: str | None = None
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return _file_location(value.strip()) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "PromptFileSpec":
+        _one_of(self, ("path", "uri"), "a prompt file")
+        return self
+
+    @property
+    def location(self) -> str:
+        return self.path or self.uri or ""
+
+    def as_weights(self) -> "WeightsSpec":
+        """The same file as a :class:`WeightsSpec`, to reuse its fetching and digest check."""
+        return WeightsSpec(path=self.path, uri=self.uri, sha256=self.sha256)
+
+
+def _check_wrapper(value: str | None) -> str | None:
+    """A sentence wrapper holds exactly one ``{}`` (the sentence) and no other braces."""
+    if value is None:
+        return value
+    if value.count("{}") != 1 or "{" in value.replace("{}", "") or "}" in value.replace("{}", ""):
+        raise ValueError(f"wrapper {value!r} must hold exactly one '{{}}' (the sentence) and no other braces")
+    return value
 Aggregation = Literal["mean_raw", "mean_norm", "mean_norm_renorm", "per_prompt"]
 
 
@@ -202,18 +254,43 @@ class ObjectNameSpec(_Model):
     overrides: dict[str, str] = Field(default_factory=dict)
 
 
+def _describe_prompts(sets: list[str], files: tuple[PromptFileSpec, ...]) -> str:
+    return "+".join([*sets, *(f"file:{f.location.rstrip('/').rsplit('/', 1)[-1]}" for f in files)])
+
+
 class ZeroShotImageScore(_Model):
     """Zero-shot image-level score from prompts (METHODS.md sections 1-2), the scorer of every
     preset: a prompt ensemble (``prompt_set``: WinCLIP's compositional one, APRIL-GAN's, VVV's or
     zsad's), aggregated into two text embeddings per category, softmax over [normal, anomalous]
     cosines / tau. The ``kind`` keeps its historical name ``winclip_zero_shot`` (it is stored in
-    the scores table's ``score_method``)."""
+    the scores table's ``score_method``). ``prompt_files``: sentence files the user supplies
+    (:class:`PromptFileSpec`), used after the set's sentences (``prompt_set: null`` for the files
+    alone). ``wrapper``: a template applied to every sentence, e.g. ``"a photo of a {}."``, which is
+    what FADE's text encoder (GEM's ``encode_text``) does to each of its sentences."""
 
     kind: Literal["winclip_zero_shot"] = "winclip_zero_shot"
-    prompt_set: PromptSetName = "winclip"
+    prompt_set: PromptSetName | None = "winclip"
+    prompt_files: tuple[PromptFileSpec, ...] = ()
+    wrapper: str | None = None
     aggregation: Aggregation = "mean_norm_renorm"
     temperature: float = Field(default=0.01, gt=0)
     object_names: ObjectNameSpec = ObjectNameSpec()
+
+    @field_validator("wrapper")
+    @classmethod
+    def _wrapper(cls, value: str | None) -> str | None:
+        return _check_wrapper(value)
+
+    @model_validator(mode="after")
+    def _some_prompts(self) -> "ZeroShotImageScore":
+        if self.prompt_set is None and not self.prompt_files:
+            raise ValueError("score needs prompts: a prompt_set, prompt_files, or both")
+        return self
+
+    def describe_prompts(self) -> str:
+        """The prompts in one word for the tables' ``prompt_set`` column: the set's name and the
+        files' names, joined by ``+`` (``winclip``, ``winclip+file:extra.json``)."""
+        return _describe_prompts([self.prompt_set] if self.prompt_set else [], self.prompt_files)
 
 
 ScoreSpec = Annotated[Union[ZeroShotImageScore], Field(discriminator="kind")]
@@ -247,8 +324,12 @@ class FadeZeroShot(_Model):
     pixels) averaged on a ``grid`` x ``grid`` map, the zero-shot vision map (2nd nearest neighbour
     among the image's own patches, 0.5 * (1 - cos), times ``vision_multiplier``), fused as
     (1 - ``vision_weight``) * language + ``vision_weight`` * vision, clipped to [0, 1].
-    The language map uses ``prompt_sets`` with the object name ``object_name`` (object-agnostic),
-    text aggregation ``aggregation`` and ``temperature``; GEM runs on the last ``gem_depth`` blocks."""
+    The language map uses ``prompt_sets`` and ``prompt_files`` (:class:`PromptFileSpec`; FADE's own
+    LLM-written lists when the user has them) with the object name ``object_name``
+    (object-agnostic), each sentence wrapped by ``wrapper`` when set (FADE: ``"a photo of a {}."``),
+    text aggregation ``aggregation`` and ``temperature``; GEM runs on the last ``gem_depth`` blocks.
+    ``vision_features``: the patch features of the vision map, ``gem`` (FADE's published zero-shot
+    setting) or ``clip`` (the plain final patch tokens; FADE's few-shot setting)."""
 
     kind: Literal["fade_zero_shot"] = "fade_zero_shot"
     scales: tuple[int, ...] = (240, 448, 896)
@@ -256,10 +337,24 @@ class FadeZeroShot(_Model):
     gem_depth: int = Field(default=6, ge=1)
     vision_multiplier: float = Field(default=80.0, ge=0)
     vision_weight: float = Field(default=0.5, ge=0, le=1)
+    vision_features: Literal["gem", "clip"] = "gem"
     prompt_sets: tuple[PromptSetName, ...] = ("winclip", "zsad_agnostic")
+    prompt_files: tuple[PromptFileSpec, ...] = ()
+    wrapper: str | None = None
     object_name: str = "object"
     aggregation: Aggregation = "mean_norm"
     temperature: float = Field(default=0.01, gt=0)
+
+    @field_validator("wrapper")
+    @classmethod
+    def _wrapper(cls, value: str | None) -> str | None:
+        return _check_wrapper(value)
+
+    @model_validator(mode="after")
+    def _some_prompts(self) -> "FadeZeroShot":
+        if not self.prompt_sets and not self.prompt_files:
+            raise ValueError("pixel needs prompts: prompt_sets, prompt_files, or both")
+        return self
 
     @field_validator("scales")
     @classmethod

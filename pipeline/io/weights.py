@@ -99,23 +99,25 @@ def fetch(uri: str, cache: str, sha256: str | None = None, storage: StorageOptio
     return target
 
 
-def _local_file(path: str) -> str:
+def _local_file(path: str, what: str = "weights file") -> str:
     """``path`` with ``~`` expanded; a WeightsError when it is not an existing file."""
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise WeightsError(f"weights file {path} does not exist")
+        raise WeightsError(f"{what} {path} does not exist")
     return path
 
 
-def resolve(spec: WeightsSpec | None, cache: str | None = None, storage: StorageOptions | None = None) -> ResolvedWeights:
-    """Turn a weights spec into a tag or a verified local path (fetching URIs into the cache)."""
+def resolve(spec: WeightsSpec | None, cache: str | None = None, storage: StorageOptions | None = None,
+            what: str = "weights file") -> ResolvedWeights:
+    """Turn a weights spec into a tag or a verified local path (fetching URIs into the cache).
+    ``what`` names the file in errors (other files fetched the same way: prompt files)."""
     if spec is None:
         return ResolvedWeights()
     if spec.tag:
         return ResolvedWeights(tag=spec.tag)
     if spec.path:
-        path = _local_file(spec.path)
-        return ResolvedWeights(path=path, sha256=_check_digest(path, spec.sha256, f"weights file {path}"))
+        path = _local_file(spec.path, what)
+        return ResolvedWeights(path=path, sha256=_check_digest(path, spec.sha256, f"{what} {path}"))
     local = fetch(spec.uri, cache_dir(cache), spec.sha256, storage)
     return ResolvedWeights(path=local, sha256=spec.sha256.lower() if spec.sha256 else None)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
@@ -46,11 +47,16 @@ register_configs()
 @dataclass(frozen=True)
 class Preprocess:
     """How images become model input: squash to ``size`` x ``size`` (no aspect keep, no crop, as in
-    the reference code), bicubic with antialias, then normalise with ``mean``/``std`` on [0, 1]."""
+    the reference code), bicubic, then normalise with ``mean``/``std`` on [0, 1].
+
+    ``resize``: ``torch`` (torch's antialiased bicubic on float pixels, clamped to [0, 1]) or ``pil``
+    (PIL's bicubic on the uint8 image, whose result is rounded to uint8: what torchvision's
+    ``Resize(BICUBIC)`` does to a PIL image, as in FADE's data loader)."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize: str = "torch"
 
 
 def check_model(model: str, tag: str | None = None) -> None:
@@ -125,12 +131,20 @@ def build_clip(
 def preprocess_images(images: list[torch.Tensor], pre: Preprocess) -> torch.Tensor:
     """uint8 images (each (H, W, 3), any size) -> normalised float batch (B, 3, S, S).
 
-    Each image is squashed to S x S (bicubic, antialias), clamped to [0, 1], then normalised.
+    Each image is squashed to S x S (bicubic: torch's antialiased one on [0, 1] floats, clamped, or
+    PIL's on the uint8 image, see :class:`Preprocess`), then normalised.
     """
+    if pre.resize not in ("torch", "pil"):
+        raise ValueError(f"unknown resize {pre.resize!r} (torch, pil)")
     out = []
     mean = torch.tensor(pre.mean).view(3, 1, 1)
     std = torch.tensor(pre.std).view(3, 1, 1)
     for img in images:
+        if pre.resize == "pil" and tuple(img.shape[:2]) != (pre.size, pre.size):
+            from PIL import Image
+
+            small = Image.fromarray(img.numpy()).resize((pre.size, pre.size), Image.BICUBIC)
+            img = torch.from_numpy(np.asarray(small).copy())
         x = img.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         if x.shape[-2:] != (pre.size, pre.size):
             x = F.interpolate(x, size=(pre.size, pre.size), mode="bicubic", antialias=True, align_corners=False)

@@ -3,7 +3,8 @@
 - :func:`winclip_map`: WinCLIP windows of k patches (stride 1), window scores aggregated per patch by
   harmonic mean, scales and the image score fused harmonically.
 - :func:`fade_maps`: FADE's GEM language maps at several input sizes averaged on a common grid, the
-  zero-shot vision map (2nd nearest neighbour among the image's own patches), and their fusion.
+  zero-shot vision map (2nd nearest neighbour among the image's own patches, GEM or plain CLIP
+  features), and their fusion.
 - :func:`upsample`: bilinear upsampling of (B, g, g) maps to an output size.
 
 All maps are anomaly probabilities in [0, 1] (the fixed output range used to store them).
@@ -76,12 +77,17 @@ def fade_maps(
     depth: int = 6,
     vision_multiplier: float = 80.0,
     vision_weight: float = 0.5,
+    vision_features: str = "gem",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FADE zero-shot maps from the same images prepared at several sizes ({size: (B, 3, size, size)}).
 
     Returns (language, vision, fused), each (B, grid, grid): language = mean over sizes of
     softmax(sims / tau)[anomalous] of the GEM patch embeddings; vision = multiplier x mean over sizes
-    of the 2nd-neighbour distance of the plain final patch embeddings; fused = clip((1 - w) L + w V)."""
+    of the 2nd-neighbour distance of the ``vision_features`` patch embeddings (``gem``: the GEM
+    stream's, FADE's published zero-shot setting; ``clip``: the plain final tokens); fused =
+    clip((1 - w) L + w V)."""
+    if vision_features not in ("gem", "clip"):
+        raise ValueError(f"unknown vision_features {vision_features!r} (gem, clip)")
     lang, vis = [], []
     for size in sorted(images_by_size):
         images = images_by_size[size]
@@ -89,7 +95,8 @@ def fade_maps(
         _, gem_patches, plain_patches, g = vit.gem_forward(visual, images, depth)
         l_map = anomaly_probability(gem_patches.reshape(-1, gem_patches.shape[-1]), text, temperature)
         lang.append(_to_grid(l_map.reshape(b, -1), g, grid))
-        vis.append(_to_grid(second_neighbour_distance(plain_patches), g, grid))
+        features = gem_patches if vision_features == "gem" else plain_patches
+        vis.append(_to_grid(second_neighbour_distance(features), g, grid))
     language = torch.stack(lang).mean(0)
     vision = torch.stack(vis).mean(0) * vision_multiplier
     fused = ((1.0 - vision_weight) * language + vision_weight * vision).clamp(*MAP_RANGE)

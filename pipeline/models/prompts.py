@@ -185,3 +185,94 @@ def object_name(category: str, policy: str = "mapping", overrides: dict[str, str
     if policy == "mapping":
         return OBJECT_NAME_MAP.get(category, category).replace("_", " ")
     raise ValueError(f"unknown object-name policy {policy!r} (raw, underscore, mapping)")
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt files the user supplies (FADE's JSON layout) and sentence wrappers
+# --------------------------------------------------------------------------------------------
+
+#: the object-name placeholder of FADE's prompt files
+CLASSNAME = "{classname}"
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file and the problem."""
+
+
+def parse_prompt_file(text: str, source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(normal, abnormal) sentences of a prompt file in FADE's JSON layout.
+
+    Accepted: ``{"normal": {"prompts": [...]}, "abnormal": {"prompts": [...]}}`` (FADE's files; other
+    keys such as ``instruction`` are ignored) or ``{"normal": [...], "abnormal": [...]}``. Sentences
+    are kept as written, duplicates included (FADE keeps them); the only braces allowed are
+    ``{classname}``."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise PromptFileError(f"prompt file {source}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise PromptFileError(f"prompt file {source}: expected an object with 'normal' and 'abnormal'")
+    out = []
+    for key in ("normal", "abnormal"):
+        if key not in data:
+            raise PromptFileError(f"prompt file {source}: no {key!r} list")
+        items = data[key]
+        if isinstance(items, dict):
+            if "prompts" not in items:
+                raise PromptFileError(f"prompt file {source}: {key!r} has no 'prompts' list")
+            items = items["prompts"]
+        if not isinstance(items, list) or not items:
+            raise PromptFileError(f"prompt file {source}: {key!r} must be a non-empty list of sentences")
+        for item in items:
+            if not isinstance(item, str) or not item.strip():
+                raise PromptFileError(f"prompt file {source}: {key!r} holds a non-string or empty entry: {item!r}")
+            rest = item.replace(CLASSNAME, "")
+            if "{" in rest or "}" in rest:
+                raise PromptFileError(
+                    f"prompt file {source}: {key!r} sentence {item!r} has braces other than the {CLASSNAME} placeholder")
+        out.append(tuple(items))
+    return out[0], out[1]
+
+
+def read_prompt_file(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """:func:`parse_prompt_file` of a local file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PromptFileError(f"prompt file {path}: cannot be read ({exc})") from None
+    return parse_prompt_file(text, path)
+
+
+def file_sentences(lists: tuple[tuple[str, ...], tuple[str, ...]], object_name: str) -> tuple[list[str], list[str]]:
+    """A prompt file's (normal, abnormal) sentences with ``{classname}`` replaced by the object name."""
+    return [s.replace(CLASSNAME, object_name) for s in lists[0]], [s.replace(CLASSNAME, object_name) for s in lists[1]]
+
+
+def wrap(sentences: list[str], wrapper: str | None) -> list[str]:
+    """Every sentence put into ``wrapper`` (one ``{}``), e.g. FADE's text encoder turns
+    "a cropped photo of the object" into "a photo of a a cropped photo of the object."."""
+    if not wrapper:
+        return list(sentences)
+    head, _, tail = wrapper.partition("{}")
+    return [f"{head}{s}{tail}" for s in sentences]
+
+
+def ensemble(
+    sets: tuple[str, ...], files: list[tuple[tuple[str, ...], tuple[str, ...]]], object_name: str, wrapper: str | None = None
+) -> tuple[list[str], list[str]]:
+    """(normal, anomalous) sentences for one object name: the named sets' sentences, then each
+    file's, in order, every sentence wrapped by ``wrapper``."""
+    normal: list[str] = []
+    anomalous: list[str] = []
+    for name in sets:
+        n, a = prompt_set(name).sentences(object_name)
+        normal += n
+        anomalous += a
+    for lists in files:
+        n, a = file_sentences(lists, object_name)
+        normal += n
+        anomalous += a
+    return wrap(normal, wrapper), wrap(anomalous, wrapper)

@@ -136,7 +136,7 @@ def run_values(spec: JobSpec, run_id: str) -> dict[str, Any]:
         "run_id": run_id,
         "score_method": spec.score.kind,
         "pixel_method": spec.pixel.kind,
-        "prompt_set": spec.score.prompt_set,
+        "prompt_set": spec.score.describe_prompts(),
         "clip_model": spec.clip.model,
         "clip_weights": spec.clip.weights.describe() if spec.clip.weights else "random",
         "random_weights": spec.random_weights,
@@ -262,6 +262,11 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
             preflight(weights, storage)
         except WeightsError as exc:
             raise RunError(f"{key}: {exc}", exit_code=2) from None
+    from pipeline.stages.clip_score import prompt_file_problem
+
+    problem = prompt_file_problem(spec, storage)
+    if problem:
+        raise RunError(problem, exit_code=2)
     # local torch checkpoints: read their structure now (tensors mapped, not read), so an unusable file
     # stops the run here with its reason instead of in every model actor
     from pipeline.models.checkpoints import read_state_dict

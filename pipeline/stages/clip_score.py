@@ -9,6 +9,7 @@ the affected rows into ``status = error`` rows with ``error_stage = clip_score``
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -24,7 +25,7 @@ from pipeline.io.retry import retrying, stderr_log
 from pipeline.io.weights import resolve
 from pipeline.models import clip as clip_models
 from pipeline.models import pixel as pixel_maps
-from pipeline.models.prompts import PROMPT_SETS, object_name
+from pipeline.models.prompts import ensemble, object_name, read_prompt_file
 from pipeline.models.scoring import TextClassifier, anomaly_probability, build_classifier
 from pipeline.ops.heatmap import map_shape
 from pipeline.stages.base import check_columns
@@ -32,6 +33,26 @@ from pipeline.stages.records import TENSOR, RowErrors, object_column
 
 STAGE = "clip_score"
 ModelFactory = Callable[[], tuple[torch.nn.Module, clip_models.Preprocess]]
+
+
+def prompt_file_problem(spec, storage: StorageOptions | None = None, objects: bool = True) -> str | None:
+    """The first unusable prompt file of ``spec`` (``score.prompt_files``, ``pixel.prompt_files``) as
+    ``key: reason``, checked on the driver before a run: a local file must exist, match its sha256
+    and parse; an object (``objects``) is only checked to exist (the actors fetch, check and parse it)."""
+    from pipeline.io.weights import WeightsError, preflight
+    from pipeline.models.prompts import PromptFileError
+
+    for key, files in (("score.prompt_files", spec.score.prompt_files),
+                       ("pixel.prompt_files", getattr(spec.pixel, "prompt_files", ()))):
+        for f in files:
+            try:
+                if f.path:
+                    read_prompt_file(resolve(f.as_weights(), what="prompt file").path)
+                elif objects:
+                    preflight(f.as_weights(), storage)
+            except (WeightsError, PromptFileError) as exc:
+                return f"{key}: {exc}"
+    return None
 
 
 def pick_device(use_gpu: bool) -> torch.device:
@@ -88,6 +109,7 @@ class ClipScoreStage:
         self._tokenizer = None
         self._text: dict[str, TextClassifier] = {}
         self._pixel_text: TextClassifier | None = None
+        self._prompt_files: dict[str, tuple] = {}  # location -> (normal, abnormal) sentences
 
     @classmethod
     def from_spec(cls, spec, storage: StorageOptions | None = None) -> "ClipScoreStage":
@@ -121,11 +143,15 @@ class ClipScoreStage:
                                   what=f"load {self.clip.model}", log=stderr_log)
         if self.clip.cpu_int8 and self.device.type == "cpu":
             model = clip_models.quantise_vision_int8(model)
-        self.model, self.preprocess = model, pre
+        self.model, self.preprocess = model, dataclasses.replace(pre, resize=self.clip.resize)
         self._check_pixel_config()
         import open_clip
 
         self._tokenizer = open_clip.get_tokenizer(self.clip.model)
+        for f in (*self.score.prompt_files, *getattr(self.pixel, "prompt_files", ())):
+            if f.location not in self._prompt_files:
+                self._prompt_files[f.location] = read_prompt_file(
+                    resolve(f.as_weights(), self.weights_cache, self.storage, what="prompt file").path)
         if self.pixel.kind == "clipseg":
             r = self.retries
             self.localiser = retrying(self._load_clipseg, retries=r.model_load, backoff_s=r.backoff_s,
@@ -170,8 +196,10 @@ class ClipScoreStage:
         """The (normal, anomalous) text classifier of ``category``, computed once and cached."""
         cached = self._text.get(category)
         if cached is None:
-            name = object_name(category, self.score.object_names.policy, self.score.object_names.overrides)
-            normal, anomalous = PROMPT_SETS[self.score.prompt_set].sentences(name)
+            sc = self.score
+            name = object_name(category, sc.object_names.policy, sc.object_names.overrides)
+            normal, anomalous = ensemble((sc.prompt_set,) if sc.prompt_set else (),
+                                         [self._prompt_files[f.location] for f in sc.prompt_files], name, sc.wrapper)
             raw = clip_models.encode_text(self.model, self._tokenizer, normal + anomalous, self.device)
             cached = build_classifier(raw[: len(normal)], raw[len(normal) :], self.score.aggregation)
             self._text[category] = cached
@@ -182,11 +210,8 @@ class ClipScoreStage:
         """FADE's object-agnostic text classifier (category-independent), computed once."""
         if self._pixel_text is None:
             p = self.pixel
-            normal, anomalous = [], []
-            for name in p.prompt_sets:
-                n, a = PROMPT_SETS[name].sentences(p.object_name)
-                normal += n
-                anomalous += a
+            normal, anomalous = ensemble(p.prompt_sets, [self._prompt_files[f.location] for f in p.prompt_files],
+                                         p.object_name, p.wrapper)
             raw = clip_models.encode_text(self.model, self._tokenizer, normal + anomalous, self.device)
             self._pixel_text = build_classifier(raw[: len(normal)], raw[len(normal) :], p.aggregation)
         return self._pixel_text
@@ -245,12 +270,12 @@ class ClipScoreStage:
         """FADE's language + vision maps at every scale; also the vision score (the vision map's max)."""
         p = self.pixel
         by_size = {
-            size: clip_models.preprocess_images(tensors, clip_models.Preprocess(size, self.preprocess.mean, self.preprocess.std)).to(self.device)
+            size: clip_models.preprocess_images(tensors, dataclasses.replace(self.preprocess, size=size)).to(self.device)
             for size in p.scales
         }
         _, vis, grids = pixel_maps.fade_maps(
             self.model.visual, by_size, self.pixel_text_classifier(), p.temperature, p.grid, p.gem_depth,
-            p.vision_multiplier, p.vision_weight,
+            p.vision_multiplier, p.vision_weight, p.vision_features,
         )
         return grids, vis.amax(dim=(1, 2)).double().cpu().numpy()
 

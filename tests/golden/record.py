@@ -4,7 +4,10 @@
 and stores its output tables, normalised by :func:`normalise`, under ``tests/golden/<preset>/``.
 tests/e2e/test_golden_outputs.py runs the same commands and compares the tables with these files:
 same rows, columns, types and values. They were recorded from the commit before the plan refactor
-(issue 10), so they pin the behaviour the refactor must keep.
+(issue 10), so they pin the behaviour the refactor must keep; ``fade`` and ``vvv`` were recorded again
+when their FADE maps were made to compute what FADE's code computes (issue 12: GEM's first pass,
+the sentence wrapper, GEM vision features, PIL resize). ``python -m tests.golden.record fade vvv``
+records only those.
 """
 
 from __future__ import annotations
@@ -93,8 +96,11 @@ def read_tables(run_dir: Path, data_root: Path, tables: tuple[str, ...]) -> dict
     return {t: normalise(tab, data_root, ids) for t, tab in raw.items()}
 
 
-def main() -> None:
+def main(names: list[str] | None = None) -> None:
+    """Record the goldens of ``names`` (default: every preset)."""
     for name, (_, _, tables, _) in PRESETS.items():
+        if names and name not in names:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             run_dir = run_preset(name, root)
@@ -106,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -191,6 +191,9 @@ class ClipSpec(_Model):
     ``torch`` (default; torch's antialiased bicubic on float pixels, as anomalib's WinCLIP) or
     ``pil`` (PIL's bicubic on the 8-bit image, rounded back to 8 bits, as torchvision's ``Resize``
     on a PIL image in FADE's data loader).
+    ``activation``: the activation of every transformer MLP, ``quick_gelu`` or ``gelu``; ``null``
+    (default) keeps the model's own. APRIL-GAN's released adapters were trained on ViT-L-14-336
+    built with ``gelu`` although OpenAI's weights were trained with QuickGELU: ``gelu`` reproduces it.
     """
 
     model: str
@@ -199,6 +202,7 @@ class ClipSpec(_Model):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     cpu_int8: bool = False
     resize: Literal["torch", "pil"] = "torch"
+    activation: Literal["quick_gelu", "gelu"] | None = None
 
 
 PromptSetName = Literal["winclip", "winclip_anomalib", "april_gan", "vvv", "zsad_agnostic"]
@@ -377,7 +381,31 @@ class ClipSegMaps(_Model):
     prompts: tuple[str, ...] | None = None
 
 
-PixelSpec = Annotated[Union[NoPixelMap, WinclipWindows, FadeZeroShot, ClipSegMaps], Field(discriminator="kind")]
+class AprilGanAdapters(_Model):
+    """APRIL-GAN adapter maps (METHODS.md section 3): the raw residual outputs of blocks ``layers``
+    (1-indexed, class token dropped) at an input of ``image_size`` pixels, one trained linear adapter
+    per layer into the joint space, softmax(100 * cos) against the image score's two text vectors
+    (the ``score`` section: APRIL-GAN uses the same text for both) after bilinear upsampling to the
+    map size; the map is the SUM over the layers, stored on the fixed range [0, len(layers)]. The
+    image score uses the class embedding of the same forward pass (at ``image_size``).
+    ``weights``: the adapters, a weights spec for zsad's safetensors file (``zsad train``) or the
+    authors' released ``.pth`` (``mvtec_pretrained.pth``, ``visa_pretrained.pth``); ``null`` is
+    random initialisation (needs ``allow_random_weights: true``)."""
+
+    kind: Literal["april_gan"] = "april_gan"
+    layers: tuple[int, ...] = (6, 12, 18, 24)
+    image_size: int = Field(default=518, ge=16)
+    weights: WeightsSpec | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(v < 1 for v in value) or list(value) != sorted(set(value)):
+            raise ValueError("layers needs block numbers >= 1 (1-indexed), increasing, without repeats")
+        return value
+
+
+PixelSpec = Annotated[Union[NoPixelMap, WinclipWindows, FadeZeroShot, ClipSegMaps, AprilGanAdapters], Field(discriminator="kind")]
 
 
 class SamSpec(_Model):
@@ -525,6 +553,8 @@ class JobSpec(_Model):
             raise ValueError("tiling needs a foreground section (foreground.kind: sam_dis, classical or none)")
         if self.foreground is not None and self.foreground.kind == "sam_dis" and self.sam is None:
             raise ValueError("foreground.kind sam_dis needs a sam section (sam.model, sam.weights)")
+        if self.tiling is not None and isinstance(self.pixel, AprilGanAdapters):
+            raise ValueError("pixel.kind april_gan does not run per tile yet: remove the tiling section")
         return self
 
     def uses_sam(self) -> bool:
@@ -535,9 +565,16 @@ class JobSpec(_Model):
         keys = ["clip.weights"] if self.clip.weights is None else []
         if self.uses_sam() and self.sam is not None and self.sam.weights is None:
             keys.append("sam.weights")
-        if isinstance(self.pixel, ClipSegMaps) and self.pixel.weights is None:
+        if isinstance(self.pixel, (ClipSegMaps, AprilGanAdapters)) and self.pixel.weights is None:
             keys.append("pixel.weights")
         return keys
+
+    def map_range(self) -> tuple[float, float]:
+        """The fixed range the pixel maps are stored on (16-bit PNG levels, evaluation): [0, 1] for
+        probabilities, [0, number of layers] for APRIL-GAN's summed layer maps."""
+        if isinstance(self.pixel, AprilGanAdapters):
+            return 0.0, float(len(self.pixel.layers))
+        return 0.0, 1.0
 
     @property
     def random_weights(self) -> bool:
@@ -545,11 +582,83 @@ class JobSpec(_Model):
 
     def redacted(self) -> dict[str, Any]:
         """The resolved spec as plain data with secrets removed (for run.json)."""
-        data = self.model_dump(mode="json")
-        for key in ("access_key_id", "secret_access_key"):
-            if data["storage"].get(key):
-                data["storage"][key] = "***"
-        return data
+        return _redacted(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Training (zsad train)
+# --------------------------------------------------------------------------------------------
+
+
+def _redacted(spec: BaseModel) -> dict[str, Any]:
+    data = spec.model_dump(mode="json")
+    for key in ("access_key_id", "secret_access_key"):
+        if data["storage"].get(key):
+            data["storage"][key] = "***"
+    return data
+
+
+class TrainingSpec(_Model):
+    """How the adapters are trained (APRIL-GAN, METHODS.md section 3): frozen CLIP; per layer focal
+    (gamma 2) + binary dice loss on the layer's map, summed; Adam with ``learning_rate`` and
+    ``betas``; ``batch_size`` images per step and worker; ``epochs`` passes over the data;
+    ``mosaic_probability``: the chance that a training image is replaced by a 2 x 2 mosaic of four
+    images of its category (with their masks); ``seed`` fixes the adapters' initialisation, the
+    order and the mosaics. Ray Train: ``num_workers`` data-parallel workers, ``use_gpu``, and
+    ``resources_per_worker`` (e.g. ``{CPU: 4, GPU: 1}``)."""
+
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    seed: int = 111
+    mosaic_probability: float = Field(default=0.2, ge=0, le=1)
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+
+
+class TrainSpec(_Model):
+    """A training job (``zsad train``): adapters for ``pixel.kind: april_gan``.
+
+    ``clip``: the frozen backbone (with ``activation``); ``score``: the prompts whose two text
+    vectors the maps are trained against (APRIL-GAN's set by default); ``adapters``: the layers and
+    input size, and ``weights`` to start from (``null``: random initialisation with ``train.seed``);
+    ``data``: how the labelled input is listed (a layout with masks: mvtec, visa, manifest with
+    ``mask_uri``). ``allow_random_weights`` applies to CLIP's weights only."""
+
+    name: str = "train-adapters"
+    clip: ClipSpec
+    score: ZeroShotImageScore = ZeroShotImageScore(prompt_set="april_gan", aggregation="mean_norm_renorm",
+                                                   object_names=ObjectNameSpec(policy="raw"))
+    adapters: AprilGanAdapters = AprilGanAdapters()
+    train: TrainingSpec = TrainingSpec()
+    allow_random_weights: bool = False
+    data: DataSpec = DataSpec()
+    decode: DecodeSpec = DecodeSpec()
+    storage: StorageSpec = StorageSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    retries: RetrySpec = RetrySpec()
+    weights_cache: str | None = None
+
+    @field_validator("weights_cache")
+    @classmethod
+    def _cache(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value else value
+
+    @model_validator(mode="after")
+    def _random_weights_gate(self) -> "TrainSpec":
+        if self.clip.weights is None and not self.allow_random_weights:
+            raise ValueError("clip.weights is null, which means random initialisation: adapters trained on a random "
+                             "CLIP are meaningless. Give a weights spec, or set allow_random_weights: true (tests only)")
+        return self
+
+    @property
+    def random_weights(self) -> bool:
+        return self.clip.weights is None
+
+    def redacted(self) -> dict[str, Any]:
+        return _redacted(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,16 +741,17 @@ def _format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def spec_from_dict(data: Any, source: str = "<spec>") -> JobSpec:
+def spec_from_dict(data: Any, source: str = "<spec>", model: type[BaseModel] | None = None) -> Any:
+    """Validate ``data`` as a :class:`JobSpec` (or ``model``, e.g. :class:`TrainSpec`)."""
     if not isinstance(data, dict):
         raise SpecError(f"invalid job spec {source}: the top level must be a mapping, got {type(data).__name__}")
     try:
-        return JobSpec.model_validate(data)
+        return (model or JobSpec).model_validate(data)
     except ValidationError as exc:
         raise SpecError(_format_errors(exc, source)) from None
 
 
-def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobSpec:
+def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None, model: type[BaseModel] | None = None) -> Any:
     """Load a YAML job spec and apply ``--set`` overrides. Raises :class:`SpecError` naming the file
     and the offending key."""
     path = Path(path)
@@ -658,4 +768,4 @@ def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None) 
     if not isinstance(data, dict):
         raise SpecError(f"invalid job spec {path}: the top level must be a mapping")
     data = apply_overrides(data, overrides or [])
-    return spec_from_dict(data, str(path))
+    return spec_from_dict(data, str(path), model)

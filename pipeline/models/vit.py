@@ -249,3 +249,36 @@ def harmonic_patch_scores(window_scores: torch.Tensor, grid: int, k: int) -> tor
     cover = window_coverage(grid, k).to(window_scores)
     inv = (1.0 / window_scores) @ cover
     return (cover.sum(0) / inv).reshape(-1, grid, grid)
+
+
+# --------------------------------------------------------------------------------------------
+# Intermediate block outputs (APRIL-GAN adapters)
+# --------------------------------------------------------------------------------------------
+
+
+def forward_with_layers(
+    visual: torch.nn.Module, images: torch.Tensor, layers: tuple[int, ...]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One plain forward at any square input size that also keeps intermediate block outputs.
+
+    Returns (class embedding ln_post(CLS) @ proj (B, E), [the raw residual-stream output of block
+    ``l`` (1-indexed) with the class token dropped, (B, N, D), for l in ``layers``]). ``layers``
+    must be strictly increasing block numbers between 1 and the model's depth."""
+    blocks = list(visual.transformer.resblocks)
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers is empty: give at least one block number (1-indexed)")
+    if any(isinstance(l, bool) or not isinstance(l, int) for l in layers):
+        raise ValueError(f"layers {layers} must be integers (1-indexed block numbers)")
+    if any(not 1 <= l <= len(blocks) for l in layers):
+        raise ValueError(f"layers {layers} must lie between 1 and the model's {len(blocks)} blocks")
+    if any(a >= b for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"layers {layers} must be sorted and unique")
+    wanted = set(layers)
+    x, _ = embed(visual, images)
+    kept = []
+    for i, block in enumerate(blocks, start=1):
+        x = block_forward(block, x)
+        if i in wanted:
+            kept.append(x[:, 1:])
+    return project(visual, x[:, 0]), kept

@@ -167,7 +167,7 @@ def evaluate_run(
         }
         st = pixel_stats.get(cat)
         if st is not None:
-            pt = st.table(0.0, 1.0)
+            pt = st.table(*record.get("map_range", (0.0, 1.0)))  # the maps' stored range (run.json)
             row.update(
                 n_pixels=int(st.neg.sum() + st.pos.sum()),
                 n_regions=st.n_regions,

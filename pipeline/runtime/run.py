@@ -34,7 +34,6 @@ from pipeline.io.manifest import read_manifest, write_manifest
 from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import clip as clip_models
-from pipeline.ops.heatmap import PROBABILITY_RANGE
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.watchdog import watched
@@ -128,6 +127,13 @@ class Progress:
             self.log(f"progress: {self.text(now)}")
 
 
+def _pixel_weights(spec: JobSpec) -> str | None:
+    """The pixel method's own weights (APRIL-GAN adapters, CLIPSeg): a spec, ``random``, or None."""
+    if not hasattr(spec.pixel, "weights"):
+        return None
+    return spec.pixel.weights.describe() if spec.pixel.weights else "random"
+
+
 def run_values(spec: JobSpec, run_id: str) -> dict[str, Any]:
     """The run-level values the output tables store in every row (the contracts' ``value:``
     fields): run id, model spec, map range, foreground kind."""
@@ -142,16 +148,18 @@ def run_values(spec: JobSpec, run_id: str) -> dict[str, Any]:
         "random_weights": spec.random_weights,
         "sam_model": spec.sam.model if uses_sam else None,
         "sam_weights": (spec.sam.weights.describe() if spec.sam.weights else "random") if uses_sam else None,
-        "map_min": float(PROBABILITY_RANGE[0]),
-        "map_max": float(PROBABILITY_RANGE[1]),
+        "map_min": float(spec.map_range()[0]),
+        "map_max": float(spec.map_range()[1]),
+        "clip_activation": spec.clip.activation,
+        "pixel_weights": _pixel_weights(spec),
         "refined": False,
         "foreground_kind": spec.foreground.kind if spec.foreground else None,
     }
 
 
 #: run.json's model section: the run values that describe the models
-MODEL_KEYS = ("score_method", "pixel_method", "prompt_set", "clip_model", "clip_weights", "random_weights", "sam_model",
-              "sam_weights")
+MODEL_KEYS = ("score_method", "pixel_method", "prompt_set", "clip_model", "clip_weights", "clip_activation", "pixel_weights",
+              "random_weights", "sam_model", "sam_weights")
 
 
 def skipped_text(skipped: dict[str, int]) -> str:
@@ -520,6 +528,7 @@ def run_job(
                 "max_error_rate": spec.max_error_rate,
                 "random_weights": spec.random_weights,
                 "model": {k: values[k] for k in MODEL_KEYS},
+                "map_range": [values["map_min"], values["map_max"]],
                 "stage_seconds": {
                     "list_wall": round(list_s, 3),
                     "plan_wall": round(plan_s, 3),

@@ -18,7 +18,8 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import (
-    ClipSegMaps, ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, RetrySpec, TilingSpec, ZeroShotImageScore, WinclipWindows,
+    AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, RetrySpec, TilingSpec, WinclipWindows,
+    ZeroShotImageScore,
 )
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import retrying, stderr_log
@@ -84,14 +85,16 @@ class ClipScoreStage:
         *,
         weights_cache: str | None = None,
         storage: StorageOptions | None = None,
-        pixel: NoPixelMap | WinclipWindows | FadeZeroShot | ClipSegMaps = NoPixelMap(),
+        pixel: NoPixelMap | WinclipWindows | FadeZeroShot | ClipSegMaps | AprilGanAdapters = NoPixelMap(),
         maps: MapOutputSpec = MapOutputSpec(),
         use_gpu: bool = False,
         model_factory: ModelFactory | None = None,
         retries: RetrySpec | None = None,
         tiling: TilingSpec | None = None,
+        map_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         self.clip = clip
+        self.map_range = map_range
         self.score = score
         self.pixel = pixel
         self.maps = maps
@@ -103,6 +106,7 @@ class ClipScoreStage:
         self.tiling = tiling
         self.tile_batch_size = 16
         self.localiser = None  # CLIPSeg, when pixel.kind is clipseg
+        self.adapters = None  # APRIL-GAN's adapters, when pixel.kind is april_gan
         self.model: torch.nn.Module | None = None
         self.preprocess: clip_models.Preprocess | None = None
         self.device = torch.device("cpu")
@@ -114,7 +118,7 @@ class ClipScoreStage:
     @classmethod
     def from_spec(cls, spec, storage: StorageOptions | None = None) -> "ClipScoreStage":
         return cls(spec.clip, spec.score, weights_cache=spec.weights_cache, storage=storage, pixel=spec.pixel,
-                   maps=spec.maps, retries=spec.retries, tiling=spec.tiling)
+                   maps=spec.maps, retries=spec.retries, tiling=spec.tiling, map_range=spec.map_range())
 
     @property
     def types(self) -> dict[str, object]:
@@ -141,6 +145,10 @@ class ClipScoreStage:
             r = self.retries
             model, pre = retrying(self._load, retries=r.model_load, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s,
                                   what=f"load {self.clip.model}", log=stderr_log)
+        if self.clip.activation:
+            from pipeline.models.adapters import set_activation
+
+            set_activation(model, self.clip.activation)
         if self.clip.cpu_int8 and self.device.type == "cpu":
             model = clip_models.quantise_vision_int8(model)
         self.model, self.preprocess = model, dataclasses.replace(pre, resize=self.clip.resize)
@@ -152,6 +160,8 @@ class ClipScoreStage:
             if f.location not in self._prompt_files:
                 self._prompt_files[f.location] = read_prompt_file(
                     resolve(f.as_weights(), self.weights_cache, self.storage, what="prompt file").path)
+        if self.pixel.kind == "april_gan":
+            self.adapters = self._load_adapters()
         if self.pixel.kind == "clipseg":
             r = self.retries
             self.localiser = retrying(self._load_clipseg, retries=r.model_load, backoff_s=r.backoff_s,
@@ -164,6 +174,23 @@ class ClipScoreStage:
         path = resolve(p.weights, self.weights_cache, self.storage).path if p.weights else None
         model = build_clipseg(path, arch=p.arch, device=self.device)
         return ClipSegLocaliser(model, prompts=list(p.prompts) if p.prompts else None, device=self.device)
+
+    def _load_adapters(self):
+        """APRIL-GAN's adapters for this backbone: a checkpoint (zsad's or the authors' format,
+        shapes checked against the backbone) or, without weights, a seeded random initialisation."""
+        from pipeline.models.adapters import Adapters, load_adapters
+
+        visual = self.model.visual
+        width, embed = visual.transformer.width, int(visual.output_dim)
+        n = len(self.pixel.layers)
+        if self.pixel.weights is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(clip_models.RANDOM_INIT_SEED)
+                adapters = Adapters(width, embed, n)
+        else:
+            path = resolve(self.pixel.weights, self.weights_cache, self.storage, what="adapters file").path
+            adapters, _ = load_adapters(path, width=width, embed=embed, n_layers=n)
+        return adapters.to(self.device).eval()
 
     def _load(self):
         """Fetch (URI weights: once per node, cached) and build the model; transient failures are
@@ -185,6 +212,8 @@ class ClipScoreStage:
         blocks = len(visual.transformer.resblocks)
         if isinstance(self.pixel, FadeZeroShot) and self.pixel.gem_depth > blocks:
             raise ValueError(f"pixel.gem_depth={self.pixel.gem_depth} exceeds the {blocks} blocks of {self.clip.model}")
+        if isinstance(self.pixel, AprilGanAdapters) and self.pixel.layers[-1] > blocks:
+            raise ValueError(f"pixel.layers {list(self.pixel.layers)} exceed the {blocks} blocks of {self.clip.model}")
         if isinstance(self.pixel, WinclipWindows):
             grid = self.preprocess.size // pixel_maps.vit.patch_size(visual)
             too_big = [k for k in self.pixel.window_sizes if k > grid]
@@ -223,8 +252,17 @@ class ClipScoreStage:
         maps (empty when the stage has no pixel method) at the stored map size, or ``map_side`` x
         ``map_side`` when given (tiles)."""
         tensors = [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img)) for img in images]
-        batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
-        feats = clip_models.encode_image(self.model, batch)
+        tokens = None
+        if self.pixel.kind == "april_gan":  # the score and the layers' tokens from one pass at the adapters' size
+            from pipeline.models.adapters import layer_features
+
+            pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
+            batch = clip_models.preprocess_images(tensors, pre).to(self.device)
+            feats, tokens = layer_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
+            feats = feats.float()
+        else:
+            batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
+            feats = clip_models.encode_image(self.model, batch)
         b = len(images)
         score = np.empty(b, dtype=np.float64)
         vision = np.full(b, np.nan)
@@ -236,7 +274,9 @@ class ClipScoreStage:
         grids = None
         make_grids = _PIXEL_MAPS[self.pixel.kind]
         if make_grids is not None:
-            grids, vision_score = make_grids(self, images, tensors, batch, score, groups)
+            if tokens is not None:
+                batch = tokens  # APRIL-GAN's maps are made from the layers' tokens
+            grids, vision_score = make_grids(self, images, tensors, batch, score, groups, map_side)
             if vision_score is not None:
                 vision = vision_score
         maps: list[np.ndarray] = []
@@ -244,14 +284,15 @@ class ClipScoreStage:
         if grids is not None:
             for i, img in enumerate(images):
                 shape = (map_side, map_side) if map_side else map_shape(img.shape[0], img.shape[1], self.maps.map_size)
-                m = pixel_maps.upsample(grids[i : i + 1].float(), shape)[0].clamp(*pixel_maps.MAP_RANGE)
+                grid = grids[i] if isinstance(grids, list) else grids[i : i + 1]  # a list: maps made at their size
+                m = pixel_maps.upsample(grid.float(), shape)[0].clamp(*self.map_range)
                 maps.append(m.cpu().numpy().astype(np.float32))
                 max_pixel[i] = float(maps[-1].max())
         return {"score": score, "score_vision": vision, "max_pixel_score": max_pixel, "maps": maps}
 
     # ---------------------------------------------------------------- pixel maps, one per pixel.kind
     # Each returns the batch's map grids (B, h, w) and the vision score per image (or None).
-    def _winclip_grids(self, images, tensors, batch, score, groups) -> tuple[torch.Tensor, None]:
+    def _winclip_grids(self, images, tensors, batch, score, groups, map_side=None) -> tuple[torch.Tensor, None]:
         """WinCLIP windows per category (their text differs), put back in batch order."""
         parts = {}
         for cat, idx in groups.items():
@@ -266,7 +307,7 @@ class ClipScoreStage:
             grids[idx] = parts[cat]
         return grids, None
 
-    def _fade_grids(self, images, tensors, batch, score, groups) -> tuple[torch.Tensor, np.ndarray]:
+    def _fade_grids(self, images, tensors, batch, score, groups, map_side=None) -> tuple[torch.Tensor, np.ndarray]:
         """FADE's language + vision maps at every scale; also the vision score (the vision map's max)."""
         p = self.pixel
         by_size = {
@@ -279,7 +320,22 @@ class ClipScoreStage:
         )
         return grids, vis.amax(dim=(1, 2)).double().cpu().numpy()
 
-    def _clipseg_grids(self, images, tensors, batch, score, groups) -> tuple[torch.Tensor, None]:
+    def _april_gan_grids(self, images, tensors, tokens, score, groups, map_side=None) -> tuple[list[torch.Tensor], None]:
+        """APRIL-GAN's summed adapter maps, made directly at each image's stored map size: the
+        logits are upsampled before the softmax, so a map is not a resize of another size's map."""
+        from pipeline.models.adapters import adapter_map
+
+        maps: list[torch.Tensor | None] = [None] * len(images)
+        for cat, idx in groups.items():
+            t = self.text_classifier(cat)
+            text = torch.stack([t.normal, t.anomalous], dim=-1).to(self.device)  # (E, 2) unit columns
+            for i in idx.tolist():
+                img = images[i]
+                shape = (map_side, map_side) if map_side else map_shape(img.shape[0], img.shape[1], self.maps.map_size)
+                maps[i] = adapter_map(self.adapters, [tok[i : i + 1].float() for tok in tokens], text, shape)
+        return maps, None
+
+    def _clipseg_grids(self, images, tensors, batch, score, groups, map_side=None) -> tuple[torch.Tensor, None]:
         from pipeline.models.clipseg import preprocess as clipseg_preprocess
 
         return self.localiser.maps_torch(clipseg_preprocess(images, self.localiser.image_size, self.device)), None
@@ -381,6 +437,7 @@ _PIXEL_MAPS = {
     "winclip_windows": ClipScoreStage._winclip_grids,
     "fade_zero_shot": ClipScoreStage._fade_grids,
     "clipseg": ClipScoreStage._clipseg_grids,
+    "april_gan": ClipScoreStage._april_gan_grids,
 }
 
 

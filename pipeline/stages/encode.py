@@ -41,7 +41,7 @@ class EncodeStage:
 
     @classmethod
     def from_spec(cls, spec, storage=None) -> "EncodeStage":
-        return cls(heatmap.PROBABILITY_RANGE, threshold=spec.maps.threshold)
+        return cls(spec.map_range(), threshold=spec.maps.threshold)
 
     def setup(self) -> None:
         """Nothing to build."""

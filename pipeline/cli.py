@@ -205,6 +205,54 @@ def run(
          dry_run=dry_run, quiet=quiet, verbose=verbose)
 
 
+@app.command("train")
+def train_cmd(
+    job: str = typer.Argument(..., help="Training spec YAML (e.g. jobs/train_aprilgan.yaml)."),
+    input: str = typer.Option(..., "--input", "-i", help="Labelled input with masks (mvtec, visa, or a manifest with mask_uri): a local folder or s3:// URI."),
+    output: str = typer.Option(..., "--output", "-o", help="Output root: checkpoints, the final adapters and train.json go under OUTPUT/TRAIN_ID/."),
+    layout: str = typer.Option("auto", "--layout", help=f"Input layout: {_LAYOUT_HELP}."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Training id (folder under OUTPUT); default: UTC time + random suffix."),
+    set_: List[str] = typer.Option([], "--set", help="Override a spec key: dotted.key=value (repeatable)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted training --run-id after its last finished epoch."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output on the terminal; it is always in OUTPUT/TRAIN_ID/logs/."),
+) -> None:
+    """Train APRIL-GAN adapters on a frozen CLIP with Ray Train; prints the adapters' path and sha256."""
+    from pipeline.config import TrainSpec
+    from pipeline.io.fs import storage_options
+    from pipeline.runtime.train import TrainError, train_job
+
+    _check_layout(layout)
+    if resume and not run_id:
+        _err("--resume needs --run-id (the training to continue)")
+        raise typer.Exit(2)
+    if layout != "auto":
+        set_ = [*set_, f"data.layout={layout}"]
+    try:
+        spec = load_spec(job, set_, model=TrainSpec)
+    except SpecError as exc:
+        _err(str(exc))
+        raise typer.Exit(2)
+    from pipeline.io import fs as fsio
+
+    with _captured(verbose, storage=storage_options(spec.storage)) as console:
+        try:
+            result = train_job(spec, input, output, run_id=run_id, resume=resume, address=address, log=_log)
+        except TrainError as exc:
+            _err(str(exc))
+            raise typer.Exit(exc.exit_code)
+        console.keep_at = fsio.join(result.train_dir, "logs", _attempt_log_name("train"))
+    losses = " ".join(f"{x['loss']:.4f}" for x in result.record["losses"])
+    typer.echo(f"train {result.train_id}: succeeded in {result.record['wall_seconds']:.1f} s")
+    typer.echo(f"  loss per epoch: {losses}")
+    typer.echo(f"  adapters: {result.adapters_uri}")
+    typer.echo(f"  sha256:   {result.sha256}")
+    typer.echo(f"  record:   {result.train_dir}/train.json")
+    if result.record["random_weights"]:
+        typer.echo("  NOTE: random CLIP weights: these adapters are NOT meaningful")
+    typer.echo(f"  use them: --set pixel.weights={result.adapters_uri}")
+
+
 @app.command("resume")
 def resume_cmd(
     run_dir: str = typer.Argument(..., help="The interrupted run: OUTPUT/RUN_ID (local or s3://)."),
@@ -325,9 +373,10 @@ def _model_problem(spec) -> Optional[str]:
             clip_models.check_model(spec.clip.model, checked_tag)
         except clip_models.ModelLoadError as exc:
             return f"{key}: {exc}"
-    files = {"clip.weights": spec.clip.weights, "sam.weights": spec.sam.weights if spec.sam else None,
-             "foreground.dis_model": spec.foreground.dis_model if spec.foreground else None,
-             "pixel.weights": getattr(spec.pixel, "weights", None)}
+    files = {"clip.weights": spec.clip.weights, "sam.weights": spec.sam.weights if getattr(spec, "sam", None) else None,
+             "foreground.dis_model": spec.foreground.dis_model if getattr(spec, "foreground", None) else None,
+             "pixel.weights": getattr(getattr(spec, "pixel", None), "weights", None),
+             "adapters.weights": getattr(getattr(spec, "adapters", None), "weights", None)}
     for key, weights in files.items():
         if weights is not None and weights.path:
             try:
@@ -351,10 +400,13 @@ def validate(
 ) -> None:
     """Check job specs without running them (unknown keys, types, the random-weights gate, model
     names and tags, local weight files exist, local prompt files parse)."""
+    from pipeline.config import TrainSpec, is_training_spec
+
     failed = 0
     for path in jobs:
         try:
-            spec = load_spec(path, set_)
+            training = is_training_spec(path)
+            spec = load_spec(path, set_, model=TrainSpec if training else None)
         except SpecError as exc:
             failed += 1
             _err(str(exc))
@@ -365,7 +417,9 @@ def validate(
             _err(f"invalid job spec {path}:\n  {problem}")
             continue
         weights = spec.clip.weights.describe() if spec.clip.weights else "random (allowed)"
-        typer.echo(f"ok  {path}  ({spec.name}: {spec.score.kind} + pixel {spec.pixel.kind}, clip {spec.clip.model}, weights {weights})")
+        what = (f"training: adapters on layers {list(spec.adapters.layers)}, {spec.train.epochs} epochs" if training
+                else f"{spec.score.kind} + pixel {spec.pixel.kind}")
+        typer.echo(f"ok  {path}  ({spec.name}: {what}, clip {spec.clip.model}, weights {weights})")
     if failed:
         raise typer.Exit(2)
 

@@ -751,6 +751,15 @@ def spec_from_dict(data: Any, source: str = "<spec>", model: type[BaseModel] | N
         raise SpecError(_format_errors(exc, source)) from None
 
 
+def is_training_spec(path: str | os.PathLike[str]) -> bool:
+    """Whether a spec file is a training spec (``zsad train``: top-level ``train`` or ``adapters``)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False  # load_spec reports it
+    return isinstance(data, dict) and ("train" in data or "adapters" in data)
+
+
 def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None, model: type[BaseModel] | None = None) -> Any:
     """Load a YAML job spec and apply ``--set`` overrides. Raises :class:`SpecError` naming the file
     and the offending key."""

@@ -130,3 +130,21 @@ def run_plan(
             on_stats(ds.stats())
         except Exception as exc:  # stats are diagnostics: never fail a finished run over them
             log(f"could not collect Ray Data stats: {exc}")
+
+
+def training_dataset(spec, inputs: pa.Table, storage: Any) -> "ray.data.Dataset":
+    """``zsad train``'s data: the labelled input rows through the decode stage and the training-sample
+    stage (:class:`pipeline.stages.train_prep.TrainPrepStage`: the image at the adapters' size and
+    its mask), as CPU tasks with ``resources.decode``. Failed rows stay in (with their error) so the
+    workers can count them."""
+    from pipeline.stages.decode import DecodeStage
+    from pipeline.stages.train_prep import TrainPrepStage
+
+    res = spec.resources.decode
+    args = _remote_args({"CPU": res.num_cpus, **({"memory": res.memory} if getattr(res, "memory", None) else {})})
+    ds = ray.data.from_arrow(inputs)
+    ds = ds.map_batches(TaskStage(DecodeStage.from_spec(spec, storage)), batch_size=res.batch_size,
+                        batch_format="pyarrow", **args)
+    prep = TrainPrepStage(spec.adapters.image_size, spec.clip.resize, storage)
+    ds = ds.map_batches(TaskStage(prep), batch_size=res.batch_size, batch_format="pyarrow", **args)
+    return ds.select_columns(["image_id", "category", "pixels", "mask", "status", "error_stage", "error_type", "error_message"])

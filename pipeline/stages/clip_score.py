@@ -44,7 +44,7 @@ def prompt_file_problem(spec, storage: StorageOptions | None = None, objects: bo
     from pipeline.models.prompts import PromptFileError
 
     for key, files in (("score.prompt_files", spec.score.prompt_files),
-                       ("pixel.prompt_files", getattr(spec.pixel, "prompt_files", ()))):
+                       ("pixel.prompt_files", getattr(getattr(spec, "pixel", None), "prompt_files", ()))):
         for f in files:
             try:
                 if f.path:

@@ -1,0 +1,407 @@
+"""``zsad train``: APRIL-GAN adapters trained on a frozen CLIP with Ray Train (METHODS.md section 3).
+
+Driver:
+1. list the labelled input (a layout with masks), refuse data that cannot be trained on (exit 2);
+2. write ``OUTPUT/TRAIN_ID/_train_plan.json`` (spec, input; a resume must match it);
+3. start (or attach to) Ray; the data flows through Ray Data (zsad's decode stage, then the
+   training-sample stage: image at the adapters' size + mask) into a ``TorchTrainer`` with
+   ``train.num_workers`` data-parallel workers (DDP; ``use_gpu``; ``resources_per_worker``);
+4. rank 0 writes a checkpoint after every epoch to ``OUTPUT/TRAIN_ID/checkpoints/epoch-NNNN/``
+   (``adapters.safetensors``, ``optimizer.pt``, then ``state.json`` last: a checkpoint without it is
+   unfinished and ignored). ``--resume`` continues after the last finished epoch, loss curve included;
+5. the final adapters, in zsad's format with their metadata, go to ``OUTPUT/TRAIN_ID/adapters.safetensors``
+   and ``train.json`` is written last (settings, loss curve, dataset digest, versions, wall time,
+   the adapters' path and sha256).
+
+Progress (epoch, step, loss, images/s) comes from rank 0 through a Ray queue and is printed by the
+driver while ``fit`` runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pandas as pd
+
+from pipeline.config import TrainSpec
+from pipeline.io import fs as fsio
+from pipeline.io.layouts import InputError, list_inputs
+from pipeline.io.sinks import read_json, write_json
+from pipeline.runtime.ids import check_run_id, new_run_id
+
+PLAN = "_train_plan.json"
+RECORD = "train.json"
+FINAL = "adapters.safetensors"
+
+
+class TrainError(RuntimeError):
+    """Training that cannot start or did not finish; ``exit_code`` 2 for bad input or unusable
+    weights, 1 when training itself failed."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainResult:
+    train_id: str
+    train_dir: str
+    adapters_uri: str
+    sha256: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def dataset_digest(manifest: pd.DataFrame) -> str:
+    """sha256 of the training set's identity: each image's URI, size, ETag, label and mask URI."""
+    h = hashlib.sha256()
+    cols = [c for c in ("uri", "size", "etag", "gt_label", "mask_uri") if c in manifest]
+    rows = sorted("\t".join(str(v) for v in row) for row in manifest[cols].itertuples(index=False, name=None))
+    for row in rows:
+        h.update((row + "\n").encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def check_training_data(manifest: pd.DataFrame, input_uri: str) -> None:
+    """Refuse data that cannot train adapters: no labels, or anomalous images but no masks."""
+    if manifest.empty:
+        raise TrainError(f"input {input_uri}: no images to train on", exit_code=2)
+    labelled = manifest["gt_label"].notna()
+    if not labelled.any():
+        raise TrainError(f"input {input_uri}: no image has a ground-truth label; training needs a layout with labels "
+                         "and masks (mvtec, visa, or a manifest with gt_label and mask_uri)", exit_code=2)
+    anomalous = manifest["gt_label"] == 1
+    if not anomalous.any():
+        raise TrainError(f"input {input_uri}: no anomalous image (gt_label 1): the adapters would learn nothing", exit_code=2)
+    if manifest.loc[anomalous, "mask_uri"].isna().all():
+        raise TrainError(f"input {input_uri}: the anomalous images have no masks (mask_uri); training needs "
+                         "pixel masks (mvtec and visa layouts carry them)", exit_code=2)
+
+
+def _checkpoints(train_dir: str, storage) -> dict[int, str]:
+    """Finished checkpoints: epoch -> folder URI (those with a ``state.json``)."""
+    fs, path = fsio.filesystem(fsio.join(train_dir, "checkpoints"), storage)
+    out = {}
+    try:
+        found = fs.glob(f"{path}/epoch-*/state.json")
+    except FileNotFoundError:
+        return {}
+    for p in found:
+        name = p.rstrip("/").split("/")[-2]
+        out[int(name.split("-")[1])] = fsio.join(train_dir, "checkpoints", name)
+    return out
+
+
+def _put_file(local: str, uri: str, storage) -> None:
+    with open(local, "rb") as fh:
+        fsio.write_bytes(uri, fh.read(), storage)
+
+
+def _read_local(uri: str, storage, suffix: str) -> str:
+    """A local copy of ``uri`` (the path itself when it is local)."""
+    if not fsio.is_remote(uri):
+        return fsio.local_path(uri)
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(fsio.read_bytes(uri, storage))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# the worker loop (runs in Ray Train workers)
+# ------------------------------------------------------------------------------------------------
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.config import NoPixelMap
+    from pipeline.models import adapter_training as training
+    from pipeline.models import adapters as adapter_models
+    from pipeline.ops.mosaic import apply_mosaics
+    from pipeline.stages.clip_score import ClipScoreStage
+
+    spec = TrainSpec.model_validate(config["spec"])
+    storage = config["storage"]
+    t = spec.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    stage = ClipScoreStage(spec.clip, spec.score, weights_cache=spec.weights_cache, storage=storage, pixel=NoPixelMap(),
+                           use_gpu=t.use_gpu)
+    stage.setup()
+    device = stage.device
+    model = stage.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    visual = model.visual
+    width, embed = visual.transformer.width, int(visual.output_dim)
+    layers = spec.adapters.layers
+    if layers[-1] > len(visual.transformer.resblocks):
+        raise ValueError(f"adapters.layers {list(layers)} exceed the {len(visual.transformer.resblocks)} blocks of {spec.clip.model}")
+    resume = config.get("resume")
+    if resume:
+        adapters, _ = adapter_models.load_adapters(_read_local(fsio.join(resume, "adapters.safetensors"), storage, ".safetensors"),
+                                                   width=width, embed=embed, n_layers=len(layers))
+    elif spec.adapters.weights is not None:  # start from given adapters (fetched once per node)
+        from pipeline.io.weights import resolve
+
+        path = resolve(spec.adapters.weights, spec.weights_cache, storage, what="adapters file").path
+        adapters, _ = adapter_models.load_adapters(path, width=width, embed=embed, n_layers=len(layers))
+    else:
+        torch.manual_seed(t.seed)
+        adapters = adapter_models.Adapters(width, embed, len(layers))
+    adapters = adapters.to(device)
+    optimizer = training.make_optimizer(adapters, t.learning_rate, t.betas)
+    if resume:
+        state = torch.load(io.BytesIO(fsio.read_bytes(fsio.join(resume, "optimizer.pt"), storage)), weights_only=True)
+        optimizer.load_state_dict(state)
+    net = ray.train.torch.prepare_model(adapters) if world > 1 else adapters
+    plain = net.module if hasattr(net, "module") else net
+    texts: dict[str, torch.Tensor] = {}
+
+    def text_for(category: str) -> torch.Tensor:
+        if category not in texts:
+            c = stage.text_classifier(category)
+            texts[category] = training.text_matrix(c.normal, c.anomalous).to(device)
+        return texts[category]
+
+    queue = config.get("queue")
+    shard = ray.train.get_dataset_shard("train")
+    losses = list(config.get("losses", []))
+    steps = int(config.get("steps", 0))
+    pre = stage.preprocess
+    for epoch in range(int(config["start_epoch"]), t.epochs):
+        generator = torch.Generator().manual_seed(t.seed * 100003 + epoch * 1009 + rank)
+        total, count, images_seen, failed, mosaics = 0.0, 0, 0, 0, 0
+        t0 = time.monotonic()
+        for batch in shard.iter_batches(batch_size=t.batch_size, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * t.batch_size, local_shuffle_seed=t.seed + epoch):
+            ok = np.asarray([s == "ok" for s in batch["status"]])
+            failed += int((~ok).sum())
+            if not ok.any():
+                continue
+            cats = [str(c) for c in np.asarray(batch["category"])[ok]]
+            images = training.to_input([batch["pixels"][i] for i in np.flatnonzero(ok)], pre.mean, pre.std, device)
+            masks = torch.from_numpy(np.stack([np.asarray(batch["mask"][i]) for i in np.flatnonzero(ok)])).to(device)
+            images, masks, made = apply_mosaics(images, masks, cats, t.mosaic_probability, generator)
+            mosaics += made
+            text = torch.stack([text_for(c) for c in cats])
+            loss = training.train_step(visual, net, optimizer, images, masks, text, layers)
+            steps += 1
+            total += loss * len(cats)
+            count += len(cats)
+            images_seen += len(cats)
+            if queue is not None and rank == 0:
+                rate = images_seen * world / max(time.monotonic() - t0, 1e-9)
+                queue.put({"epoch": epoch + 1, "epochs": t.epochs, "step": steps, "loss": loss, "images_per_s": rate})
+        sums = torch.tensor([total, float(count), float(failed), float(mosaics)], dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(sums)
+        total, count, failed, mosaics = sums.tolist()
+        if count == 0:
+            raise RuntimeError(f"epoch {epoch + 1}: no usable training image ({int(failed)} failed to decode or had no mask)")
+        mean = total / count
+        losses.append({"epoch": epoch + 1, "loss": mean, "images": int(count), "failed": int(failed), "mosaics": int(mosaics),
+                       "seconds": round(time.monotonic() - t0, 3)})
+        if rank == 0:
+            folder = fsio.join(config["train_dir"], "checkpoints", f"epoch-{epoch + 1:04d}")
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, "adapters.safetensors")
+                adapter_models.save_adapters(plain.cpu() if device.type != "cpu" else plain, local,
+                                             {**config["metadata"], "epoch": epoch + 1, "loss": mean})
+                plain.to(device)
+                _put_file(local, fsio.join(folder, "adapters.safetensors"), storage)
+            buf = io.BytesIO()
+            torch.save(optimizer.state_dict(), buf)
+            fsio.write_bytes(fsio.join(folder, "optimizer.pt"), buf.getvalue(), storage)
+            write_json(fsio.join(folder, "state.json"), {"epoch": epoch + 1, "steps": steps, "losses": losses}, storage)
+            if queue is not None:
+                queue.put({"epoch_done": epoch + 1, "epochs": t.epochs, "loss": mean, "images": int(count),
+                           "failed": int(failed)})
+        ray.train.report({"epoch": epoch + 1, "loss": mean})
+
+
+# ------------------------------------------------------------------------------------------------
+# the driver
+# ------------------------------------------------------------------------------------------------
+
+
+def _comparable(spec_data: dict[str, Any]) -> dict[str, Any]:
+    data = json.loads(json.dumps(spec_data))
+    data.pop("storage", None)
+    data.get("train", {}).pop("epochs", None)  # a resume may train for more epochs
+    return data
+
+
+def train_job(
+    spec: TrainSpec,
+    input_uri: str,
+    output_uri: str,
+    *,
+    run_id: str | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train adapters (see the module doc). Raises :class:`TrainError`."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    from pipeline.io.weights import WeightsError, preflight
+    from pipeline.models import clip as clip_models
+    from pipeline.runtime.run import source_rows, versions
+    from pipeline.runtime.ray_plan import training_dataset
+    from pipeline.runtime.session import LOAD_ERRORS, failure, ray_session
+
+    started = dt.datetime.now(dt.timezone.utc)
+    t_start = time.monotonic()
+    run_id = run_id or new_run_id(started)
+    problem = check_run_id(run_id)
+    if problem:
+        raise TrainError(problem, exit_code=2)
+    storage = fsio.storage_options(spec.storage)
+    try:
+        w = spec.clip.weights
+        clip_models.check_model(spec.clip.model, w.tag if w is not None else None)
+        preflight(w, storage)
+        preflight(spec.adapters.weights, storage)
+    except (clip_models.ModelLoadError, WeightsError) as exc:
+        raise TrainError(f"weights: {exc}", exit_code=2) from None
+    train_dir = fsio.join(fsio.normalise(output_uri), run_id)
+    plan_uri = fsio.join(train_dir, PLAN)
+    try:
+        finished = fsio.exists(fsio.join(train_dir, RECORD), storage)
+        planned = fsio.exists(plan_uri, storage)
+    except Exception as exc:
+        raise TrainError(f"output {output_uri}: cannot be reached: {exc}", exit_code=2) from None
+    if finished:
+        raise TrainError(f"training {train_dir} already finished (it has a {RECORD}); choose another --run-id", exit_code=2)
+    if resume and not planned:
+        raise TrainError(f"nothing to resume at {train_dir}: no {PLAN}", exit_code=2)
+    if planned and not resume:
+        raise TrainError(f"training {train_dir} was interrupted; continue it with --resume", exit_code=2)
+    done: dict[int, str] = {}
+    if resume:
+        plan = read_json(plan_uri, storage)
+        if _comparable(plan["spec"]) != _comparable(spec.redacted()):
+            raise TrainError(f"training {train_dir} was started with a different spec", exit_code=2)
+        input_uri = plan["input"]
+        done = _checkpoints(train_dir, storage)
+    try:
+        _, manifest = list_inputs(input_uri, spec.data, storage)
+    except InputError as exc:
+        raise TrainError(str(exc), exit_code=2) from None
+    manifest = manifest[manifest["list_error_type"].isna()] if "list_error_type" in manifest else manifest
+    check_training_data(manifest, input_uri)
+    digest = dataset_digest(manifest)
+    if resume and plan.get("dataset_digest") != digest:
+        raise TrainError(f"the data under {input_uri} changed since training {train_dir} started (dataset digest); "
+                         "start a new training", exit_code=2)
+    if not resume:
+        write_json(plan_uri, {"run_id": run_id, "input": input_uri, "dataset_digest": digest, "spec": spec.redacted()}, storage)
+    start_epoch = max(done) if done else 0
+    losses: list[dict[str, Any]] = []
+    steps = 0
+    if start_epoch:
+        state = read_json(fsio.join(done[start_epoch], "state.json"), storage)
+        losses, steps = state["losses"], state["steps"]
+        log(f"resuming: epoch {start_epoch} of {spec.train.epochs} finished (loss {losses[-1]['loss']:.4f}); "
+            f"continuing at epoch {start_epoch + 1}")
+    metadata = {
+        "backbone": spec.clip.model, "clip_weights": spec.clip.weights.describe() if spec.clip.weights else "random",
+        "random_weights": spec.random_weights, "image_size": spec.adapters.image_size, "layers": list(spec.adapters.layers),
+        "activation": spec.clip.activation, "prompt_set": spec.score.describe_prompts(), "aggregation": spec.score.aggregation,
+        "object_names": spec.score.object_names.policy, "dataset_digest": digest, "zsad_version": versions().get("zsad"),
+        "train_id": run_id,
+    }
+    n_images = len(manifest)
+    log(f"train {run_id}: {n_images} labelled images ({int((manifest['gt_label'] == 1).sum())} anomalous) from "
+        f"{input_uri} -> {train_dir}; {spec.train.epochs} epochs on {spec.train.num_workers} worker(s)")
+    if spec.random_weights:
+        log("WARNING: random CLIP weights (allow_random_weights: true): the adapters are NOT meaningful")
+    if start_epoch >= spec.train.epochs:
+        log(f"all {spec.train.epochs} epochs are done; writing the final adapters")
+    else:
+        with ray_session(address, log):
+            ds = training_dataset(spec, source_rows(manifest), storage)
+            queue = Queue(maxsize=1000)
+            config = {"spec": spec.model_dump(mode="json"), "storage": storage, "train_dir": train_dir, "metadata": metadata,
+                      "start_epoch": start_epoch, "losses": losses, "steps": steps, "queue": queue,
+                      "resume": done.get(start_epoch)}
+            t = spec.train
+            trainer = TorchTrainer(
+                _worker_loop, train_loop_config=config,
+                scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                             resources_per_worker=dict(t.resources_per_worker)),
+                run_config=RunConfig(name=f"zsad-train-{run_id}", storage_path=tempfile.mkdtemp(prefix="zsad-train-")),
+                datasets={"train": ds},
+            )
+            outcome: dict[str, Any] = {}
+
+            def fit() -> None:
+                try:
+                    outcome["result"] = trainer.fit()
+                except BaseException as exc:  # noqa: BLE001 - reported by the driver below
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=fit, name="zsad-train-fit", daemon=True)
+            thread.start()
+            last = 0.0
+            while thread.is_alive() or queue.qsize():
+                try:
+                    msg = queue.get(timeout=0.5)
+                except Empty:
+                    continue
+                if "epoch_done" in msg:
+                    log(f"epoch {msg['epoch_done']}/{msg['epochs']} done: loss {msg['loss']:.4f} on {msg['images']} images"
+                        + (f" ({msg['failed']} left out: decode or mask errors)" if msg["failed"] else "")
+                        + "; checkpoint written")
+                elif time.monotonic() - last >= 2.0:
+                    last = time.monotonic()
+                    log(f"epoch {msg['epoch']}/{msg['epochs']} step {msg['step']}: loss {msg['loss']:.4f}, "
+                        f"{msg['images_per_s']:.1f} images/s")
+            thread.join()
+            if "error" in outcome:
+                kind, text = failure(outcome["error"])
+                raise TrainError(f"training failed: {kind}: {text}", exit_code=2 if kind in LOAD_ERRORS else 1)
+    done = _checkpoints(train_dir, storage)
+    if not done or max(done) < spec.train.epochs:
+        raise TrainError(f"training {train_dir} ended without its last checkpoint (have epochs {sorted(done)})")
+    last_dir = done[max(done)]
+    state = read_json(fsio.join(last_dir, "state.json"), storage)
+    from pipeline.models.adapters import load_adapters, save_adapters
+
+    local = _read_local(fsio.join(last_dir, "adapters.safetensors"), storage, ".safetensors")
+    from safetensors import safe_open
+
+    with safe_open(local, framework="pt") as fh:  # the backbone's sizes, as the checkpoint holds them
+        embed, width = fh.get_slice("fc.0.weight").get_shape()
+    adapters, _ = load_adapters(local, width=width, embed=embed, n_layers=len(spec.adapters.layers))
+    final_uri = fsio.join(train_dir, FINAL)
+    with tempfile.TemporaryDirectory() as tmp:
+        final_local = os.path.join(tmp, FINAL)
+        sha = save_adapters(adapters, final_local, {**metadata, "epochs": spec.train.epochs, "loss": state["losses"][-1]["loss"]})
+        _put_file(final_local, final_uri, storage)
+    record = {
+        "train_id": run_id, "status": "succeeded", "input": input_uri, "output": train_dir,
+        "started": started.isoformat(), "ended": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "wall_seconds": round(time.monotonic() - t_start, 3), "images": n_images, "dataset_digest": digest,
+        "losses": state["losses"], "steps": state["steps"], "adapters": final_uri, "sha256": sha,
+        "random_weights": spec.random_weights, "metadata": metadata, "versions": versions(), "spec": spec.redacted(),
+    }
+    write_json(fsio.join(train_dir, RECORD), record, storage)
+    return TrainResult(run_id, train_dir, final_uri, sha, record)

@@ -372,6 +372,21 @@ def _check_fit(sd: dict, label: str, width: int, embed: int, n_layers: int) -> d
     return sd
 
 
+def read_adapter_file(path: str) -> tuple[dict[str, object], dict[str, object]]:
+    """(tensors, metadata) of an adapter file in any of :func:`load_adapters`' formats, without
+    checking them against a backbone (a cheap check on the driver before a run). Raises
+    :class:`AdapterLoadError` naming the file."""
+    path = os.fspath(path)
+    label = f"adapter file {path}"
+    if os.path.isdir(path):
+        raise AdapterLoadError(f"{label} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise AdapterLoadError(f"{label} does not exist")
+    if _is_safetensors(path):
+        return _read_safetensors(path, label)
+    return _read_torch(path, label)
+
+
 def load_adapters(path: str, *, width: int, embed: int, n_layers: int) -> tuple[Adapters, dict[str, object]]:
     """Read adapters for a backbone of transformer ``width``, joint ``embed`` size and
     ``n_layers`` chosen layers. Returns (Adapters in eval mode on the CPU, metadata).
@@ -384,14 +399,7 @@ def load_adapters(path: str, *, width: int, embed: int, n_layers: int) -> tuple[
     shapes that do not fit the backbone, raise :class:`AdapterLoadError` naming the file."""
     path = os.fspath(path)
     label = f"adapter file {path}"
-    if os.path.isdir(path):
-        raise AdapterLoadError(f"{label} is a directory, not a file")
-    if not os.path.isfile(path):
-        raise AdapterLoadError(f"{label} does not exist")
-    if _is_safetensors(path):
-        sd, meta = _read_safetensors(path, label)
-    else:
-        sd, meta = _read_torch(path, label)
+    sd, meta = read_adapter_file(path)
     sd = _check_fit(sd, label, width, embed, n_layers)
     adapters = Adapters(width, embed, n_layers)
     checkpoints.load_strict(adapters, sd, source=path, model=f"adapters {width} -> {embed} x {n_layers}", error=AdapterLoadError)

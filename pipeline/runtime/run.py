@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import platform
 import socket
 import sys
@@ -281,13 +282,21 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
 
     torch_files = {"clip.weights": (spec.clip.weights, "weights file"),
                    "sam.weights": (spec.sam.weights if spec.uses_sam() and spec.sam else None, "SAM checkpoint"),
-                   "pixel.weights": (getattr(spec.pixel, "weights", None), "CLIPSeg weights file")}
+                   "pixel.weights": (spec.pixel.weights if spec.pixel.kind == "clipseg" else None, "CLIPSeg weights file")}
     for key, (weights, what) in torch_files.items():
         if weights is not None and weights.path:
             try:
                 read_state_dict(weights.path, what=what, error=clip_models.ModelLoadError, mmap=True)
             except clip_models.ModelLoadError as exc:
                 raise RunError(f"{key}: {exc}", exit_code=2) from None
+    adapters = getattr(spec.pixel, "weights", None) if spec.pixel.kind == "april_gan" else None
+    if adapters is not None and adapters.path:  # APRIL-GAN adapters: readable in one of their formats
+        from pipeline.models.adapters import AdapterLoadError, read_adapter_file
+
+        try:
+            read_adapter_file(os.path.expanduser(adapters.path))
+        except AdapterLoadError as exc:
+            raise RunError(f"pixel.weights: {exc}", exit_code=2) from None
 
 
 def prepare(spec: JobSpec, layout: str | None) -> tuple[JobSpec, fsio.StorageOptions, list[str], list[PlannedStage], list[str]]:

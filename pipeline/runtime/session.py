@@ -47,7 +47,7 @@ def ray_session(address: str | None, log: Callable[[str], None]) -> Iterator[dic
 
 
 #: error classes that mean "these weights cannot be used": a run that fails with one exits 2
-LOAD_ERRORS = ("ModelLoadError", "SamLoadError", "ClipSegLoadError", "DisLoadError", "WeightsError")
+LOAD_ERRORS = ("ModelLoadError", "SamLoadError", "ClipSegLoadError", "DisLoadError", "WeightsError", "AdapterLoadError")
 # the line a Python traceback ends with: "[module.]TypeName: message"
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
 

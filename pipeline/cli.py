@@ -234,14 +234,24 @@ def train_cmd(
         _err(str(exc))
         raise typer.Exit(2)
     from pipeline.io import fs as fsio
+    from pipeline.runtime.ids import new_run_id
+    from pipeline.runtime.train import PLAN
 
-    with _captured(verbose, storage=storage_options(spec.storage)) as console:
+    run_id = run_id or new_run_id()
+    train_dir = fsio.join(fsio.normalise(output), run_id)
+    storage = storage_options(spec.storage)
+    with _captured(verbose, storage=storage) as console:
         try:
             result = train_job(spec, input, output, run_id=run_id, resume=resume, address=address, log=_log)
         except TrainError as exc:
             _err(str(exc))
+            try:  # a training that had started keeps its log in its folder
+                if fsio.exists(fsio.join(train_dir, PLAN), storage):
+                    console.keep_at = fsio.join(train_dir, "logs", _attempt_log_name("train"))
+            except Exception:  # noqa: BLE001 - the storage may be what failed; the local log is named then
+                pass
             raise typer.Exit(exc.exit_code)
-        console.keep_at = fsio.join(result.train_dir, "logs", _attempt_log_name("train"))
+        console.keep_at = fsio.join(train_dir, "logs", _attempt_log_name("train"))
     losses = " ".join(f"{x['loss']:.4f}" for x in result.record["losses"])
     typer.echo(f"train {result.train_id}: succeeded in {result.record['wall_seconds']:.1f} s")
     typer.echo(f"  loss per epoch: {losses}")

@@ -138,9 +138,10 @@ def _size(out_size) -> tuple[int, int]:
 def _layer_probs(adapters: Adapters, tokens: list[torch.Tensor], text: torch.Tensor, out_size):
     """Yield the (B, 2, H, W) probabilities layer by layer (one layer's maps alive at a time)."""
     size = _size(out_size)
-    if text.dim() not in (2, 3) or text.shape[-1] != 2 or text.shape[-2] != adapters.embed:
+    embed = getattr(adapters, "module", adapters).embed  # a DistributedDataParallel wrapper forwards, its module knows
+    if text.dim() not in (2, 3) or text.shape[-1] != 2 or text.shape[-2] != embed:
         raise ValueError(
-            f"text must be (embed, 2) or (B, embed, 2) columns [normal, anomalous] with embed {adapters.embed}, "
+            f"text must be (embed, 2) or (B, embed, 2) columns [normal, anomalous] with embed {embed}, "
             f"got {tuple(text.shape)}"
         )
     for i, z in enumerate(adapters(tokens)):

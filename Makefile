@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/zsad demo --output demo-output --data demo-data
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit

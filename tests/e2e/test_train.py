@@ -38,7 +38,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
     make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=3, n_bad=5, size=96)
     out = tmp_path / "out"
     args = ["train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "t",
-            *TRAIN, "--set", "train.num_workers=2", "--set", "train.epochs=3"]
+            *TRAIN, "--set", "train.num_workers=2", "--set", "train.epochs=2"]
     before = ray_pids()
     proc = subprocess.Popen([ZSAD, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
@@ -65,7 +65,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
     assert "resuming: epoch" in res.stderr and "continuing at epoch" in res.stderr
     record = json.loads((out / "t" / "train.json").read_text())
     losses = record["losses"]
-    assert [x["epoch"] for x in losses] == [1, 2, 3]
+    assert [x["epoch"] for x in losses] == [1, 2]
     done_before = max(x["epoch"] for x in epoch1)
     assert losses[:done_before] == epoch1  # the curve continues from the checkpoint
     assert all(x["images"] == 8 for x in losses) and record["random_weights"] is True

@@ -226,6 +226,28 @@ class SamDecoded:
         )
 
 
+@dataclass(frozen=True)
+class CascadeStep:
+    """One decoder step of :meth:`SamEngine.cascade`: ``mask`` (H, W) bool at the original size,
+    SAM's predicted ``iou``, the ``low_res_logits`` (1, 1, L, L) the next step takes as mask input,
+    and the ``box`` (x0, y0, x1, y1) the step was given (None before step 3)."""
+
+    mask: torch.Tensor
+    iou: float
+    low_res_logits: torch.Tensor
+    box: np.ndarray | None
+
+
+def mask_box(mask: Any) -> np.ndarray | None:
+    """(x0, y0, x1, y1) float32 of a mask's pixels (min/max column and row, as SAM's examples
+    give boxes), or None for an empty mask."""
+    m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    ys, xs = np.nonzero(m)
+    if not len(xs):
+        return None
+    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+
+
 def _as_tensor(x: Any, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device, dtype=dtype)
@@ -380,6 +402,31 @@ class SamEngine:
         low_res, iou = self.decode_logits(emb, points, labels, boxes, mask_inputs, multimask)
         masks = self.upscale(emb, low_res) > self.sam.mask_threshold
         return SamDecoded(masks=masks, iou_predictions=iou, low_res_logits=low_res)
+
+    # ------------------------------------------------------------------ the CLIP-SAM cascade
+    def cascade(self, emb: SamEmbedding, points: Any, labels: Any, steps: int = 3) -> list[CascadeStep]:
+        """The CLIP-SAM prompt cascade on ONE embedding (METHODS.md section 6): (1) the points ->
+        the best of SAM's three masks by predicted IoU and its low-res logits L1; (2) the points with
+        L1 as mask input -> M2, L2; (3) the points, the bounding box of M2 and L2 -> M3. ``steps``
+        (1, 2 or 3) stops earlier, for the paper's ablation. ``points`` (N, 2) xy original pixels,
+        ``labels`` (N,) 1/0. Returns one :class:`CascadeStep` per step run; a step-3 box cannot be
+        made from an empty M2, and then the cascade ends at step 2."""
+        if steps not in (1, 2, 3):
+            raise SamInputError(f"cascade steps must be 1, 2 or 3, got {steps!r}")
+        p = np.asarray(points, dtype=np.float32).reshape(-1, 2)[None]
+        lab = np.asarray(labels, dtype=np.int64).reshape(1, -1)
+        first = self.decode(emb, points=p, labels=lab, multimask=True).best()
+        out = [CascadeStep(first.masks[0, 0], float(first.iou_predictions[0, 0]), first.low_res_logits[:, 0:1], None)]
+        if steps >= 2:
+            second = self.decode(emb, points=p, labels=lab, mask_inputs=out[-1].low_res_logits, multimask=False)
+            out.append(CascadeStep(second.masks[0, 0], float(second.iou_predictions[0, 0]), second.low_res_logits[:, 0:1], None))
+        if steps >= 3:
+            box = mask_box(out[-1].mask)
+            if box is not None:
+                third = self.decode(emb, points=p, labels=lab, boxes=box[None], mask_inputs=out[-1].low_res_logits,
+                                    multimask=False)
+                out.append(CascadeStep(third.masks[0, 0], float(third.iou_predictions[0, 0]), third.low_res_logits[:, 0:1], box))
+        return out
 
     # ------------------------------------------------------------------ automatic masks
     @torch.no_grad()

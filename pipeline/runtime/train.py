@@ -221,7 +221,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 local = os.path.join(tmp, "adapters.safetensors")
                 adapter_models.save_adapters(plain.cpu() if device.type != "cpu" else plain, local,
-                                             {**config["metadata"], "epoch": epoch + 1, "loss": mean})
+                                             {**config["metadata"], "width": width, "embed": embed, "epoch": epoch + 1,
+                                              "loss": mean})
                 plain.to(device)
                 _put_file(local, fsio.join(folder, "adapters.safetensors"), storage)
             buf = io.BytesIO()
@@ -394,7 +395,8 @@ def train_job(
     final_uri = fsio.join(train_dir, FINAL)
     with tempfile.TemporaryDirectory() as tmp:
         final_local = os.path.join(tmp, FINAL)
-        sha = save_adapters(adapters, final_local, {**metadata, "epochs": spec.train.epochs, "loss": state["losses"][-1]["loss"]})
+        sha = save_adapters(adapters, final_local, {**metadata, "width": width, "embed": embed, "epochs": spec.train.epochs,
+                                                    "loss": state["losses"][-1]["loss"]})
         _put_file(final_local, final_uri, storage)
     record = {
         "train_id": run_id, "status": "succeeded", "input": input_uri, "output": train_dir,

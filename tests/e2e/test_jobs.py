@@ -75,7 +75,7 @@ def cluster():
         keep = os.environ.get("ZSAD_KEEP_RAY_LOGS")  # debugging: copy the cluster's logs there
         if keep:
             shutil.copytree(root / "r" / "session_latest" / "logs", keep, dirs_exist_ok=True)
-        stop_new_ray_processes(before)
+        stop_new_ray_processes(before, marker=str(root))  # only this cluster's processes
         shutil.rmtree(root, ignore_errors=True)
 
 

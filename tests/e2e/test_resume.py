@@ -33,7 +33,7 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path):
     proc = subprocess.Popen(
         [ZSAD, "run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "r1",
          "--set", "shard_size=40", "--set", "resources.clip_score.batch_size=8", "--set", "resources.decode.batch_size=8"],
-        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     killed_at = None
     deadline = time.monotonic() + 300
@@ -45,7 +45,7 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path):
             break
         time.sleep(0.05)
     proc.wait(timeout=60)
-    stop_new_ray_processes(before)
+    stop_new_ray_processes(before, session=proc.pid)  # the killed driver's local Ray, nobody else's
     assert killed_at is not None, "the run finished (or hung) before it could be killed midway"
     assert not (out / "r1" / "run.json").exists()
 
@@ -97,11 +97,14 @@ def test_stall_timeout_fails_the_run_instead_of_hanging(tmp_path):
     manifest.write_text("uri,category\n" + "".join(f"{p},parts\n" for p in [*good, fifo]))
     before = ray_pids()
     t0 = time.monotonic()
-    res = subprocess.run([ZSAD, "run", "jobs/smoke.yaml", "--input", str(manifest), "--output", str(tmp_path / "out"),
-                          "--run-id", "stall", "--set", "stall_timeout_s=15", "--set", "resources.decode.batch_size=1"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.Popen([ZSAD, "run", "jobs/smoke.yaml", "--input", str(manifest), "--output", str(tmp_path / "out"),
+                             "--run-id", "stall", "--set", "stall_timeout_s=15", "--set", "resources.decode.batch_size=1"],
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    out, err = proc.communicate(timeout=240)
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     elapsed = time.monotonic() - t0
-    stop_new_ray_processes(before)
+    stop_new_ray_processes(before, session=proc.pid)
     assert res.returncode == 1, res.stderr[-3000:]
     assert "stall_timeout_s" in res.stderr + res.stdout
     manifest_json = json.loads((tmp_path / "out" / "stall" / "run.json").read_text())

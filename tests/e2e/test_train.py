@@ -41,7 +41,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
             *TRAIN, "--set", "train.num_workers=2", "--set", "train.epochs=2"]
     before = ray_pids()
     proc = subprocess.Popen([ZSAD, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, start_new_session=True)
     first = out / "t" / "checkpoints" / "epoch-0001" / "state.json"
     deadline = time.monotonic() + 420
     killed = False
@@ -52,7 +52,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
             break
         time.sleep(0.1)
     proc.wait(timeout=60)
-    stop_new_ray_processes(before)
+    stop_new_ray_processes(before, session=proc.pid)  # the killed driver's local Ray, nobody else's
     assert killed, "the training finished (or failed) before its first checkpoint could be seen"
     assert not (out / "t" / "train.json").exists() and not (out / "t" / "adapters.safetensors").exists()
     epoch1 = json.loads(first.read_text())["losses"]
@@ -75,6 +75,11 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
     assert record["sha256"] == hashlib.sha256(adapters.read_bytes()).hexdigest()
     assert record["sha256"] in res.stdout and str(adapters) in res.stdout
     assert record["metadata"]["layers"] == [2, 4, 6, 8] and record["metadata"]["backbone"] == "zsad-tiny"
+    from pipeline.models.adapters import read_adapter_file
+
+    _, meta = read_adapter_file(str(adapters))  # the file's own metadata: what it was trained on
+    assert meta["format"] == "zsad-adapters-1" and (meta["width"], meta["embed"]) == (64, 32)
+    assert meta["dataset_digest"] == record["dataset_digest"] and meta["activation"] == "gelu" and meta["epochs"] == 2
 
     run = _zsad("run", "jobs/aprilgan.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "runs"), "--run-id", "a",
                 *RUN, "--set", f"pixel.weights={adapters}")

@@ -377,3 +377,45 @@ def test_embedding_is_a_plain_value_usable_by_another_engine(tiny, emb):
     out = other.decode(emb, points=[[[30.0, 30.0]]], labels=[[1]])
     assert out.masks.device.type == "cpu" and not out.masks.is_inference()
     out.masks[0, 0, 0, 0] = True  # ordinary tensors: callers may edit them in place
+
+
+# ------------------------------------------------------------------------------------ the cascade
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_cascade_equals_three_sam_predictor_calls_by_hand(tiny, engine, image, emb, steps):
+    """The CLIP-SAM cascade against segment-anything's own predictor: (1) points, best of three by
+    IoU; (2) points + the step-1 low-res logits; (3) points + the box of mask 2 + its logits."""
+    from pipeline.models.sam import mask_box
+
+    pred = SamPredictor(tiny)
+    pred.set_image(image)
+    pts, lab = np.array([[40.0, 30.0], [50.0, 36.0], [100.0, 80.0]]), np.array([1, 1, 0])
+    masks1, iou1, low1 = pred.predict(point_coords=pts, point_labels=lab, multimask_output=True)
+    k = int(np.argmax(iou1))
+    expected = [(masks1[k], iou1[k], low1[k : k + 1])]
+    m2, i2, l2 = pred.predict(point_coords=pts, point_labels=lab, mask_input=low1[k : k + 1], multimask_output=False)
+    expected.append((m2[0], i2[0], l2))
+    box = mask_box(m2[0])
+    m3, i3, l3 = pred.predict(point_coords=pts, point_labels=lab, box=box, mask_input=l2, multimask_output=False)
+    expected.append((m3[0], i3[0], l3))
+    calls = []
+    original = tiny.image_encoder.forward
+    tiny.image_encoder.forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        got = engine.cascade(emb, pts, lab, steps=steps)
+    finally:
+        tiny.image_encoder.forward = original
+    assert calls == []  # the encoder ran once, in embed, whatever the number of steps
+    assert len(got) == steps
+    for step, (mask, iou, low) in zip(got, expected):
+        assert np.array_equal(step.mask.numpy(), mask)
+        assert abs(step.iou - float(iou)) < 1e-5
+        np.testing.assert_allclose(step.low_res_logits[0].numpy(), low, atol=1e-5)
+    if steps == 3:
+        np.testing.assert_array_equal(got[2].box, box)
+
+
+def test_cascade_steps_must_be_1_2_or_3(engine, emb):
+    with pytest.raises(SamInputError, match="cascade steps"):
+        engine.cascade(emb, [[1.0, 1.0]], [1], steps=4)

@@ -174,6 +174,7 @@ class ResourcesSpec(_Model):
 
     decode: StageResources = StageResources(num_cpus=1, batch_size=32)
     foreground: StageResources = StageResources(num_cpus=1, batch_size=4)
+    sam_refine: StageResources = StageResources(num_cpus=1, batch_size=4)
     tiling: StageResources = StageResources(num_cpus=1, batch_size=32)
     clip_score: StageResources = StageResources(num_cpus=1, batch_size=16)
     aggregate: StageResources = StageResources(num_cpus=1, batch_size=32)
@@ -425,6 +426,45 @@ class SamSpec(_Model):
         return value
 
 
+class SamRefineSpec(_Model):
+    """SAM refinement, the CLIP-SAM prompt cascade (METHODS.md section 6), on each image's CLIP map
+    brought to the image's resolution. SAM (the ``sam`` section) embeds the image once.
+
+    - Extreme region R: ``threshold_mode`` ``fraction`` (map >= ``threshold`` x the image's max, the
+      default 0.8), ``absolute`` (map >= ``threshold``) or ``quantile`` (map >= that quantile).
+    - Positive points: the ``positive_points`` highest map values in R, at least ``min_distance``
+      pixels apart (``squared_distance: true`` compares squared distances: the paper's "400 pixels"
+      read as 20^2).
+    - Negative points: in the ring dilate(R) - R (elliptical ``ring_kernel`` x ``ring_kernel``), the
+      ``negative_points`` pixels whose SAM features are least similar to R's pooled feature.
+    - ``steps``: 1 (points), 2 (+ the step-1 logits), 3 (+ the box of mask 2): the paper's ablation.
+    - ``combine`` makes the final map from the refined mask M and the CLIP map C (range [lo, hi]):
+      ``max`` (default: max(C, hi x M): refined pixels rank first, the CLIP order stays elsewhere so
+      pixel AUROC keeps its meaning), ``replace`` (hi x M, lo elsewhere), ``blend``
+      ((1 - ``blend_weight``) C + ``blend_weight`` hi x M) or ``gate`` (C inside M, lo outside).
+    - ``score_gate``: images whose score is below it keep their CLIP map (not refined), as do images
+      without a region."""
+
+    threshold_mode: Literal["absolute", "fraction", "quantile"] = "fraction"
+    threshold: float = Field(default=0.8, ge=0)
+    positive_points: int = Field(default=5, ge=1)
+    negative_points: int = Field(default=5, ge=0)
+    min_distance: float = Field(default=20.0, ge=0)
+    squared_distance: bool = False
+    ring_kernel: int = Field(default=25, ge=3)
+    steps: Literal[1, 2, 3] = 3
+    combine: Literal["max", "replace", "blend", "gate"] = "max"
+    blend_weight: float = Field(default=0.5, ge=0, le=1)
+    score_gate: float | None = None
+
+    @field_validator("ring_kernel")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("ring_kernel must be odd (an elliptical kernel has a centre pixel)")
+        return value
+
+
 class ForegroundSpec(_Model):
     """Foreground extraction (METHODS.md section 5). ``kind``:
 
@@ -513,6 +553,7 @@ class JobSpec(_Model):
     sam: SamSpec | None = None
     foreground: ForegroundSpec | None = None
     tiling: TilingSpec | None = None
+    sam_refine: SamRefineSpec | None = None
     aggregation: AggregationSpec = AggregationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     retries: RetrySpec = RetrySpec()
@@ -553,12 +594,16 @@ class JobSpec(_Model):
             raise ValueError("tiling needs a foreground section (foreground.kind: sam_dis, classical or none)")
         if self.foreground is not None and self.foreground.kind == "sam_dis" and self.sam is None:
             raise ValueError("foreground.kind sam_dis needs a sam section (sam.model, sam.weights)")
+        if self.sam_refine is not None and self.sam is None:
+            raise ValueError("sam_refine needs a sam section (sam.model, sam.weights)")
+        if self.sam_refine is not None and isinstance(self.pixel, NoPixelMap):
+            raise ValueError("sam_refine refines a pixel map: set pixel.kind (e.g. april_gan or fade_zero_shot)")
         if self.tiling is not None and isinstance(self.pixel, AprilGanAdapters):
             raise ValueError("pixel.kind april_gan does not run per tile yet: remove the tiling section")
         return self
 
     def uses_sam(self) -> bool:
-        return self.foreground is not None and self.foreground.kind == "sam_dis"
+        return (self.foreground is not None and self.foreground.kind == "sam_dis") or self.sam_refine is not None
 
     def random_models(self) -> list[str]:
         """The spec keys of models that would run with random weights."""

@@ -41,7 +41,7 @@ from pipeline.runtime.watchdog import watched
 from pipeline.stages.plan import PlanError, PlannedStage, build_plan, check_columns
 
 #: stages that time their rows (``<stage>_ms``); run.json has ``<stage>_busy`` for each
-TIMED_STAGES = ("decode", "foreground", "clip_score", "aggregate", "encode")
+TIMED_STAGES = ("decode", "foreground", "clip_score", "aggregate", "sam_refine", "encode")
 
 
 class RunError(RuntimeError):
@@ -224,7 +224,7 @@ class ShardTally:
     added up batch by batch as the shard's rows stream through."""
 
     def __init__(self) -> None:
-        self.images = self.failed = 0
+        self.images = self.failed = self.refined = 0
         self.busy = {s: 0.0 for s in TIMED_STAGES}
         self.failed_by_stage: dict[str, int] = {}
 
@@ -234,12 +234,15 @@ class ShardTally:
             if status != "ok":
                 self.failed += 1
                 self.failed_by_stage[str(stage)] = self.failed_by_stage.get(str(stage), 0) + 1
+        if "refined" in rows.column_names:
+            self.refined += int(pc.sum(rows.column("refined").cast(pa.int64())).as_py() or 0)
         for s in TIMED_STAGES:
             if f"{s}_ms" in rows.column_names:
                 self.busy[s] += float(pc.sum(rows.column(f"{s}_ms")).as_py() or 0.0) / 1000.0
 
     def marker(self) -> dict[str, Any]:
-        return {"images": self.images, "failed": self.failed, "busy": self.busy, "failed_by_stage": self.failed_by_stage}
+        return {"images": self.images, "failed": self.failed, "busy": self.busy, "failed_by_stage": self.failed_by_stage,
+                "refined": self.refined}
 
 
 def shard_tables(rows: pa.Table, tables: list[str], values: dict[str, Any]) -> dict[str, pa.Table]:
@@ -549,6 +552,9 @@ def run_job(
                 "skipped_at_listing": skipped,
                 "first_result_rows": first_result_rows,
                 "labelled_images": int(manifest["gt_label"].notna().sum()),
+                **({"refine": {"refined": (refined := sum(m.get("refined", 0) for m in markers.values())),
+                               "kept": n_ok - refined, "failed": failed_by_stage.get("sam_refine", 0)}}
+                   if spec.sam_refine is not None else {}),
                 "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},
                 "tables": {
                     **{t: sink.files(t) if t in tables and not output_lost else [] for t in

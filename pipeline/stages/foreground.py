@@ -49,6 +49,21 @@ def _no_components() -> np.ndarray:
     return COMPONENT_CODEC.table(None)
 
 
+def sam_engine(spec: SamSpec, device, weights_cache: str | None, storage: StorageOptions | None, retries: RetrySpec):
+    """A :class:`pipeline.models.sam.SamEngine` for ``spec`` on ``device``: weights fetched (URIs,
+    once per node) and loaded, transient failures retried (``retries.model_load``). The SAM pools
+    (foreground, sam_refine) build theirs with it."""
+    from pipeline.models.sam import SamEngine, build_sam
+
+    def load_sam():
+        path = resolve(spec.weights, weights_cache, storage).path if spec.weights else None
+        return build_sam(spec.model, path, device=device)
+
+    sam = retrying(load_sam, retries=retries.model_load, backoff_s=retries.backoff_s, max_backoff_s=retries.max_backoff_s,
+                   what=f"load SAM {spec.model}", log=stderr_log)
+    return SamEngine(sam, device=device)
+
+
 class ForegroundStage:
     """Batch callable; see the module docstring. ``use_gpu``: run SAM on this worker's GPU."""
 
@@ -100,17 +115,7 @@ class ForegroundStage:
         device = torch.device("cuda") if self.use_gpu and torch.cuda.is_available() else torch.device("cpu")
         r = self.retries
         if self.cfg.kind == "sam_dis":
-            from pipeline.models.sam import SamEngine, build_sam
-
-            spec = self.sam_spec or SamSpec()
-
-            def load_sam():
-                path = resolve(spec.weights, self.weights_cache, self.storage).path if spec.weights else None
-                return build_sam(spec.model, path, device=device)
-
-            sam = retrying(load_sam, retries=r.model_load, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s,
-                           what=f"load SAM {spec.model}", log=stderr_log)
-            self.engine = SamEngine(sam, device=device)
+            self.engine = sam_engine(self.sam_spec or SamSpec(), device, self.weights_cache, self.storage, r)
         if self.cfg.kind == "sam_dis" and self.cfg.dis_model is not None:
             from pipeline.models.dis import DisModel
 

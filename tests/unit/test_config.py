@@ -11,9 +11,12 @@ TINY = ["clip.model=zsad-tiny", "clip.weights=null", "allow_random_weights=true"
 
 @pytest.mark.parametrize("path", sorted(glob.glob("jobs/*.yaml")))
 def test_every_preset_validates_and_runs_tiny(path):
-    spec = load_spec(path)
+    from pipeline.config import TrainSpec, is_training_spec
+
+    model = TrainSpec if is_training_spec(path) else None  # jobs/train_*.yaml are zsad train specs
+    spec = load_spec(path, model=model)
     assert spec.clip.model
-    tiny = load_spec(path, TINY)
+    tiny = load_spec(path, TINY, model=model)
     assert tiny.clip.model == "zsad-tiny" and tiny.clip.weights is None and tiny.random_weights
 
 

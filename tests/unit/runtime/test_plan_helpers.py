@@ -63,6 +63,7 @@ def test_result_rows():
         "map_png": pa.array([b"png", None, None], pa.binary()), "map_height": [4, 0, 0], "map_width": [5, 0, 0],
         "mask_rle": pa.array([None, None, None], pa.string()), "threshold": pa.array([None, None, None], pa.float64()),
         "encode_ms": pa.array([0.1, None, None], pa.float64()),
+        "refined": pa.array([False, False, False]),  # the encode stage says it for every row
     })
     spec = load_spec("jobs/smoke.yaml")
     values = {**run_values(spec, "r1"), "clip_model": "m", "random_weights": True}
@@ -81,6 +82,7 @@ def test_result_rows():
     assert masks["map_png"] == [b"png", None, None] and masks["map_height"] == [4, None, None]
     assert masks["mask_rle"] == [None, None, None] and masks["threshold"] == [None, None, None]
     assert masks["map_min"] == [0.0] * 3 and masks["map_max"] == [1.0] * 3
+    assert masks["refined"] == [False] * 3 and masks["refine_rle"] == [None] * 3
     errs = project(batch, contracts.load("errors"), values).to_pydict()
     assert errs["uri"] == ["/b.png", "/c.png"] and errs["stage"] == ["decode", "clip_score"]
     assert errs["message"] == ["empty file (0 bytes)", "boom"]

@@ -1,0 +1,158 @@
+"""SAM refinement stage: the CLIP-SAM prompt cascade (METHODS.md section 6) on each image's CLIP map.
+
+An actor pool (``resources.sam_refine``) after CLIP scoring (and the tile aggregation), before
+encoding. Per image: the stored CLIP map is brought to the image's resolution (bilinear); the
+extreme region R, the positive points in it and the negative points in the ring around it are chosen
+(:mod:`pipeline.ops.points`); SAM embeds the image ONCE and its decoder runs the cascade
+(:meth:`pipeline.models.sam.SamEngine.cascade`: points; + the logits; + the box); the refined mask
+and the CLIP map make the final map (``sam_refine.combine``), stored at the map size again.
+
+Columns: ``anomaly_map`` and ``max_pixel_score`` replaced for refined rows; ``refined`` (bool);
+``refine_rle`` (the refined mask at the image's resolution, COCO RLE JSON; null when not refined);
+``refine_info`` (JSON: positive and negative points (x, y), the step-3 box, SAM's predicted IoU per
+step; null when not refined); ``sam_refine_ms``. Rows below ``score_gate`` or without a region keep
+the CLIP map (``refined`` false). A map with NaN or infinite values, a constant map, an empty image
+or a decoder failure is a per-row error (stage ``sam_refine``), never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import RetrySpec, SamRefineSpec, SamSpec
+from pipeline.io.fs import StorageOptions
+from pipeline.ops import points as pts
+from pipeline.ops import rle
+from pipeline.ops.heatmap import resize_map
+from pipeline.stages.base import check_columns
+from pipeline.stages.records import TENSOR, RowErrors, object_column
+
+STAGE = "sam_refine"
+
+
+def combine(clip_map: np.ndarray, mask: np.ndarray, how: str, weight: float, lo: float, hi: float) -> np.ndarray:
+    """The final map from the CLIP map C and the refined mask M (both at one size), on [lo, hi]."""
+    m = mask.astype(bool)
+    if how == "max":
+        return np.maximum(clip_map, np.where(m, hi, lo))
+    if how == "replace":
+        return np.where(m, hi, lo).astype(np.float64)
+    if how == "blend":
+        return (1.0 - weight) * clip_map + weight * np.where(m, hi, lo)
+    if how == "gate":
+        return np.where(m, clip_map, lo).astype(np.float64)
+    raise ValueError(f"unknown combine {how!r} (max, replace, blend, gate)")
+
+
+class SamRefineStage:
+    """Batch callable; see the module docstring. ``use_gpu``: run SAM on this worker's GPU."""
+
+    name = STAGE
+    section = "sam_refine"
+    kind = "actor"
+    requires = ("image", "anomaly_map", "score", "status", "error_stage", "error_type", "error_message")
+    types = {"anomaly_map": TENSOR, "max_pixel_score": pa.float64(), "refined": pa.bool_(), "refine_rle": pa.string(),
+             "refine_info": pa.string(), "sam_refine_ms": pa.float64(), "status": pa.string(), "error_stage": pa.string(),
+             "error_type": pa.string(), "error_message": pa.string()}
+    produces = tuple(types)
+    drops: tuple[str, ...] = ()
+
+    def __init__(self, cfg: SamRefineSpec, sam: SamSpec, *, map_range: tuple[float, float] = (0.0, 1.0),
+                 weights_cache: str | None = None, storage: StorageOptions | None = None, use_gpu: bool = False,
+                 retries: RetrySpec | None = None, engine=None) -> None:
+        self.cfg = cfg
+        self.sam_spec = sam
+        self.lo, self.hi = map_range
+        self.weights_cache = weights_cache
+        self.storage = storage
+        self.use_gpu = use_gpu
+        self.retries = retries or RetrySpec()
+        self.engine = engine  # tests may hand in a built SamEngine
+
+    @classmethod
+    def from_spec(cls, spec, storage: StorageOptions | None = None) -> "SamRefineStage | None":
+        if spec.sam_refine is None:
+            return None
+        return cls(spec.sam_refine, spec.sam, map_range=spec.map_range(), weights_cache=spec.weights_cache, storage=storage,
+                   retries=spec.retries)
+
+    def setup(self) -> None:
+        if self.engine is not None:
+            return
+        import torch
+
+        from pipeline.stages.foreground import sam_engine
+
+        device = torch.device("cuda") if self.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.engine = sam_engine(self.sam_spec, device, self.weights_cache, self.storage, self.retries)
+
+    # ---------------------------------------------------------------- one image
+    def refine(self, image: np.ndarray, stored_map: np.ndarray, score: float) -> tuple[np.ndarray, bool, str | None, str | None]:
+        """(final map at the stored size, refined?, refined mask RLE JSON, info JSON) for one image."""
+        cfg = self.cfg
+        stored = np.asarray(stored_map, dtype=np.float64)
+        if image.ndim != 3 or min(image.shape[:2]) < 1:
+            raise ValueError(f"empty image {image.shape}")
+        if stored.ndim != 2 or min(stored.shape) < 1:
+            raise ValueError(f"no pixel map to refine (shape {stored.shape})")
+        if not np.isfinite(stored).all():
+            raise ValueError("the CLIP map holds NaN or infinite values")
+        if cfg.score_gate is not None and not score >= cfg.score_gate:
+            return stored, False, None, None
+        h, w = image.shape[:2]
+        full = resize_map(stored, (h, w))
+        region = pts.extreme_region(full, cfg.threshold_mode, cfg.threshold)  # constant map: ValueError
+        if not region.any():
+            return stored, False, None, None
+        emb = self.engine.embed(np.ascontiguousarray(image))  # the image encoder runs once
+        positive = pts.positive_points(full, region, k=cfg.positive_points, min_distance=cfg.min_distance,
+                                       squared=cfg.squared_distance)
+        negative = np.zeros((0, 2), np.int64)
+        if cfg.negative_points:
+            features = emb.features[0].detach().float().cpu().numpy()
+            negative = pts.negative_points(features, region, pts.ring(region, cfg.ring_kernel), emb.input_size,
+                                           emb.original_size, k=cfg.negative_points, min_distance=cfg.min_distance,
+                                           squared=cfg.squared_distance)
+        points = np.concatenate([positive, negative]).astype(np.float32)
+        labels = np.concatenate([np.ones(len(positive), np.int64), np.zeros(len(negative), np.int64)])
+        steps = self.engine.cascade(emb, points, labels, steps=cfg.steps)
+        mask = steps[-1].mask.detach().cpu().numpy().astype(bool)
+        final_full = combine(full, mask, cfg.combine, cfg.blend_weight, self.lo, self.hi)
+        final = np.clip(resize_map(final_full, stored.shape), self.lo, self.hi)
+        info = {"positive": positive.tolist(), "negative": negative.tolist(),
+                "box": None if steps[-1].box is None else [float(v) for v in steps[-1].box],
+                "iou": [s.iou for s in steps], "steps": len(steps)}
+        return final, True, json.dumps(rle.encode(mask)), json.dumps(info)
+
+    # ---------------------------------------------------------------- call
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = check_columns(STAGE, batch, self.requires)
+        self.setup()
+        errors = RowErrors(batch, n)
+        maps = object_column(list(batch["anomaly_map"]))
+        max_pixel = np.asarray(batch.get("max_pixel_score", np.full(n, np.nan)), dtype=np.float64).copy()
+        refined = np.zeros(n, dtype=bool)
+        rles = object_column([None] * n)
+        infos = object_column([None] * n)
+        ms = np.full(n, np.nan)
+        for i in range(n):
+            if not errors.ok(i):
+                continue
+            t0 = time.perf_counter()
+            try:
+                final, done, mask_rle, info = self.refine(np.asarray(batch["image"][i]), np.asarray(batch["anomaly_map"][i]),
+                                                          float(batch["score"][i]))
+                if done:
+                    maps[i] = final.astype(np.float32)
+                    max_pixel[i] = float(final.max())
+                    refined[i], rles[i], infos[i] = True, mask_rle, info
+            except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
+                errors.fail_with(i, STAGE, exc, "SAM refinement failed")
+                maps[i], max_pixel[i] = np.zeros((0, 0), np.float32), np.nan
+            ms[i] = (time.perf_counter() - t0) * 1000.0
+        return {**batch, "anomaly_map": maps, "max_pixel_score": max_pixel, "refined": refined, "refine_rle": rles,
+                "refine_info": infos, "sam_refine_ms": ms, **errors.columns()}

@@ -40,7 +40,7 @@ from pipeline.io.weights import resolve
 from pipeline.ops import foreground as fgm
 from pipeline.ops import rle
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import COMPONENT_CODEC, COMPONENTS, RowErrors, object_column
+from pipeline.stages.records import COMPONENT_CODEC, COMPONENTS, TENSOR, RowErrors, object_column
 
 STAGE = "foreground"
 
@@ -70,10 +70,6 @@ class ForegroundStage:
     name = STAGE
     section = "foreground"
     requires = ("image", "status", "error_stage", "error_type", "error_message")
-    types = {"fg_rle": pa.string(), "fg_components": COMPONENTS, "fg_sam_masks": pa.int64(), "fg_kept_masks": pa.int64(),
-             "foreground_ms": pa.float64(), "status": pa.string(), "error_stage": pa.string(), "error_type": pa.string(),
-             "error_message": pa.string()}
-    produces = tuple(types)
     drops: tuple[str, ...] = ()
 
     def __init__(
@@ -85,8 +81,12 @@ class ForegroundStage:
         storage: StorageOptions | None = None,
         use_gpu: bool = False,
         retries: RetrySpec | None = None,
+        share_embedding: bool = False,
     ) -> None:
         self.cfg = cfg
+        # with a sam_refine stage later in the plan (same ``sam`` section), the SAM image embedding
+        # travels with the row (``sam_embedding``) so the image is encoded once for both stages
+        self.share_embedding = share_embedding and cfg.kind == "sam_dis"
         self.sam_spec = sam
         self.weights_cache = weights_cache
         self.storage = storage
@@ -100,7 +100,21 @@ class ForegroundStage:
     def from_spec(cls, spec, storage: StorageOptions | None = None) -> "ForegroundStage | None":
         if spec.foreground is None:
             return None
-        return cls(spec.foreground, spec.sam, weights_cache=spec.weights_cache, storage=storage, retries=spec.retries)
+        return cls(spec.foreground, spec.sam, weights_cache=spec.weights_cache, storage=storage, retries=spec.retries,
+                   share_embedding=spec.sam_refine is not None)
+
+    @property
+    def types(self) -> dict[str, object]:
+        out = {"fg_rle": pa.string(), "fg_components": COMPONENTS, "fg_sam_masks": pa.int64(), "fg_kept_masks": pa.int64(),
+               "foreground_ms": pa.float64(), "status": pa.string(), "error_stage": pa.string(), "error_type": pa.string(),
+               "error_message": pa.string()}
+        if self.share_embedding:
+            out["sam_embedding"] = TENSOR
+        return out
+
+    @property
+    def produces(self) -> tuple[str, ...]:
+        return tuple(self.types)
 
     @property
     def kind(self) -> str:
@@ -129,7 +143,9 @@ class ForegroundStage:
 
     # ---------------------------------------------------------------- one image
     def foreground(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """(foreground bool HxW, components (C, 7), SAM masks proposed, SAM masks kept)."""
+        """(foreground bool HxW, components (C, 7), SAM masks proposed, SAM masks kept). The SAM
+        embedding of the image is kept in ``self.last_embedding`` (None without SAM)."""
+        self.last_embedding = None
         cfg = self.cfg
         h, w = image.shape[:2]
         if cfg.kind == "none":
@@ -138,8 +154,9 @@ class ForegroundStage:
         parts = None
         proposed = kept_n = 0
         if cfg.kind == "sam_dis":
+            emb = self.last_embedding = self.engine.embed(image)
             records = self.engine.automatic_masks(
-                image, points_per_side=cfg.points_per_side, points_per_batch=cfg.points_per_batch,
+                emb, points_per_side=cfg.points_per_side, points_per_batch=cfg.points_per_batch,
                 pred_iou_thresh=cfg.pred_iou_thresh, stability_score_thresh=cfg.stability_score_thresh,
                 box_nms_thresh=cfg.box_nms_thresh,
             )
@@ -165,17 +182,23 @@ class ForegroundStage:
         proposed = np.zeros(n, dtype=np.int64)
         kept = np.zeros(n, dtype=np.int64)
         ms = np.full(n, np.nan)
+        embeddings = object_column([np.zeros((0, 0, 0), np.float32) for _ in range(n)])
         for i in range(n):
             if not errors.ok(i):
                 continue
             t0 = time.perf_counter()
             try:
                 mask, table, proposed[i], kept[i] = self.foreground(np.asarray(batch["image"][i]))
+                if self.share_embedding and self.last_embedding is not None:
+                    embeddings[i] = self.last_embedding.features[0].detach().float().cpu().numpy()
                 comps[i] = table
                 if self.cfg.kind != "none":
                     fg_rle[i] = json.dumps(rle.encode(mask))
             except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
                 errors.fail_with(i, STAGE, exc, "foreground extraction failed")
             ms[i] = (time.perf_counter() - t0) * 1000.0
-        return {**batch, "fg_rle": fg_rle, "fg_components": comps, "fg_sam_masks": proposed, "fg_kept_masks": kept,
-                "foreground_ms": ms, **errors.columns()}
+        out = {**batch, "fg_rle": fg_rle, "fg_components": comps, "fg_sam_masks": proposed, "fg_kept_masks": kept,
+               "foreground_ms": ms, **errors.columns()}
+        if self.share_embedding:
+            out["sam_embedding"] = embeddings
+        return out

@@ -59,12 +59,13 @@ class SamRefineStage:
              "refine_info": pa.string(), "sam_refine_ms": pa.float64(), "status": pa.string(), "error_stage": pa.string(),
              "error_type": pa.string(), "error_message": pa.string()}
     produces = tuple(types)
-    drops: tuple[str, ...] = ()
 
     def __init__(self, cfg: SamRefineSpec, sam: SamSpec, *, map_range: tuple[float, float] = (0.0, 1.0),
                  weights_cache: str | None = None, storage: StorageOptions | None = None, use_gpu: bool = False,
-                 retries: RetrySpec | None = None, engine=None) -> None:
+                 retries: RetrySpec | None = None, engine=None, shared_embedding: bool = False) -> None:
         self.cfg = cfg
+        # a SAM foreground stage earlier in the plan hands over the image's embedding (sam_embedding)
+        self.shared_embedding = shared_embedding
         self.sam_spec = sam
         self.lo, self.hi = map_range
         self.weights_cache = weights_cache
@@ -78,7 +79,12 @@ class SamRefineStage:
         if spec.sam_refine is None:
             return None
         return cls(spec.sam_refine, spec.sam, map_range=spec.map_range(), weights_cache=spec.weights_cache, storage=storage,
-                   retries=spec.retries)
+                   retries=spec.retries,
+                   shared_embedding=spec.foreground is not None and spec.foreground.kind == "sam_dis")
+
+    @property
+    def drops(self) -> tuple[str, ...]:
+        return ("sam_embedding",) if self.shared_embedding else ()
 
     def setup(self) -> None:
         if self.engine is not None:
@@ -91,8 +97,10 @@ class SamRefineStage:
         self.engine = sam_engine(self.sam_spec, device, self.weights_cache, self.storage, self.retries)
 
     # ---------------------------------------------------------------- one image
-    def refine(self, image: np.ndarray, stored_map: np.ndarray, score: float) -> tuple[np.ndarray, bool, str | None, str | None]:
-        """(final map at the stored size, refined?, refined mask RLE JSON, info JSON) for one image."""
+    def refine(self, image: np.ndarray, stored_map: np.ndarray, score: float,
+               features: np.ndarray | None = None) -> tuple[np.ndarray, bool, str | None, str | None]:
+        """(final map at the stored size, refined?, refined mask RLE JSON, info JSON) for one image.
+        ``features``: the image's SAM embedding (C, g, g) when an earlier stage made it."""
         cfg = self.cfg
         stored = np.asarray(stored_map, dtype=np.float64)
         if image.ndim != 3 or min(image.shape[:2]) < 1:
@@ -108,7 +116,15 @@ class SamRefineStage:
         region = pts.extreme_region(full, cfg.threshold_mode, cfg.threshold)  # constant map: ValueError
         if not region.any():
             return stored, False, None, None
-        emb = self.engine.embed(np.ascontiguousarray(image))  # the image encoder runs once
+        if features is not None and features.size:  # made by the foreground stage: not encoded again
+            import torch
+
+            from pipeline.models.sam import SamEmbedding
+
+            emb = SamEmbedding(features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None].to(self.engine.device),
+                               original_size=(h, w), input_size=self.engine.transform.get_preprocess_shape(h, w, self.engine.img_size))
+        else:
+            emb = self.engine.embed(np.ascontiguousarray(image))  # the image encoder runs once
         positive = pts.positive_points(full, region, k=cfg.positive_points, min_distance=cfg.min_distance,
                                        squared=cfg.squared_distance)
         negative = np.zeros((0, 2), np.int64)
@@ -144,8 +160,9 @@ class SamRefineStage:
                 continue
             t0 = time.perf_counter()
             try:
+                shared = np.asarray(batch["sam_embedding"][i]) if "sam_embedding" in batch else None
                 final, done, mask_rle, info = self.refine(np.asarray(batch["image"][i]), np.asarray(batch["anomaly_map"][i]),
-                                                          float(batch["score"][i]))
+                                                          float(batch["score"][i]), shared)
                 if done:
                     maps[i] = final.astype(np.float32)
                     max_pixel[i] = float(final.max())
@@ -154,5 +171,6 @@ class SamRefineStage:
                 errors.fail_with(i, STAGE, exc, "SAM refinement failed")
                 maps[i], max_pixel[i] = np.zeros((0, 0), np.float32), np.nan
             ms[i] = (time.perf_counter() - t0) * 1000.0
-        return {**batch, "anomaly_map": maps, "max_pixel_score": max_pixel, "refined": refined, "refine_rle": rles,
+        kept = {k: v for k, v in batch.items() if k not in self.drops}
+        return {**kept, "anomaly_map": maps, "max_pixel_score": max_pixel, "refined": refined, "refine_rle": rles,
                 "refine_info": infos, "sam_refine_ms": ms, **errors.columns()}

@@ -64,10 +64,11 @@ def test_one_step_with_input_and_output_on_s3(tmp_path, s3_bucket, s3_env):
     assert pd.read_parquet(f"s3://{s3_bucket}/runs/s/metrics", storage_options=storage)["pixel_auroc"].notna().all()
 
 
-def test_refinement_after_the_foreground_and_tiling_of_vvv(tmp_path):
+def test_refinement_after_the_sam_foreground_and_tiling_of_vvv(tmp_path):
+    """VVV's SAM foreground hands its embedding to the refinement through the row (sam_embedding)."""
     make_multi_instance_dataset(str(tmp_path / "in"), n_good=1, n_bad=1, size=(160, 224), seed=4)
     res = _zsad("run", "jobs/vvv.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--run-id", "v",
-                "--layout", "mvtec", *TINY, "--set", "foreground.kind=classical", "--set", "resources.foreground.num_gpus=0",
+                "--layout", "mvtec", *TINY, "--set", "foreground.points_per_side=4", "--set", "resources.foreground.num_gpus=0",
                 "--set", "pixel.scales=[128]", "--set", "pixel.grid=8", "--set", "pixel.gem_depth=2",
                 "--set", "tiling.min_tile=96", "--set", "tiling.tile_map_size=32", "--set", "sam_refine={steps: 2}")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

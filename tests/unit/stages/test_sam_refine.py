@@ -104,3 +104,30 @@ def test_the_combination_rules():
     assert np.allclose(combine(4 * c, m, "max", 0.5, 0.0, 4.0), [[4.0, 2.4], [3.6, 4.0]])  # APRIL-GAN's [0, 4]
     with pytest.raises(ValueError, match="unknown combine"):
         combine(c, m, "min", 0.5, 0.0, 1.0)
+
+
+def test_after_a_sam_foreground_the_image_is_encoded_once_for_both_stages(engine):
+    """The foreground stage hands its SAM embedding to the refinement (sam_embedding), which drops it."""
+    from pipeline.config import ForegroundSpec
+    from pipeline.stages.foreground import ForegroundStage
+
+    img, stored = _scene()
+    fg = ForegroundStage(ForegroundSpec(kind="sam_dis", points_per_side=4), SamSpec(model="tiny"), share_embedding=True)
+    fg.engine, fg._ready = engine, True
+    refine = SamRefineStage(SamRefineSpec(), SamSpec(model="tiny"), engine=engine, shared_embedding=True)
+    assert "sam_embedding" in fg.produces and refine.drops == ("sam_embedding",)
+    calls = []
+    original = engine.sam.image_encoder.forward
+    engine.sam.image_encoder.forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        batch = _batch([img], [stored], [0.9])
+        after_fg = fg({k: v for k, v in batch.items() if k not in ("anomaly_map", "score", "max_pixel_score")})
+        assert after_fg["sam_embedding"][0].shape == (32, 16, 16)  # the tiny SAM's (C, g, g)
+        out = refine({**after_fg, "anomaly_map": batch["anomaly_map"], "score": batch["score"],
+                      "max_pixel_score": batch["max_pixel_score"]})
+    finally:
+        engine.sam.image_encoder.forward = original
+    assert calls == [1] and out["refined"][0] and "sam_embedding" not in out
+    # the same refinement as with its own encoding
+    alone = SamRefineStage(SamRefineSpec(), SamSpec(model="tiny"), engine=engine)(_batch([img], [stored], [0.9]))
+    assert alone["refine_info"][0] == out["refine_info"][0] and np.array_equal(alone["anomaly_map"][0], out["anomaly_map"][0])

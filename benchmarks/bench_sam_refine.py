@@ -61,7 +61,25 @@ def measure(model: str, n_images: int, threads: int) -> dict:
         if k:
             rows.append({"embed": t_embed - t0, "points": t_points - t_embed, "cascade_1": step_times[0],
                          "cascade_2": step_times[1], "cascade_3": step_times[2]})
+    # the alternative to encoding again after a SAM foreground stage: the embedding travels with the
+    # row; its cost is an Arrow round trip (the stage's typed output, then the next stage's numpy view)
+    import pyarrow as pa
+
+    from pipeline.runtime.udf import to_arrow, to_numpy
+    from pipeline.stages.records import TENSOR
+
+    features = emb.features[0].float().numpy()
+    trips = []
+    for _ in range(5):
+        t = time.perf_counter()
+        block = to_arrow({"sam_embedding": np.array([features], dtype=object)}, {"sam_embedding": TENSOR},
+                         pa.table({"x": [0]}), {}, "bench")
+        np.asarray(to_numpy(block)["sam_embedding"][0]).sum()
+        trips.append(time.perf_counter() - t)
+    for r in rows:
+        r["embedding_arrow_round_trip"] = float(np.median(trips))
     med = {key: round(1000 * float(np.median([r[key] for r in rows])), 1) for key in rows[0]}
+    med["embedding_mb"] = round(features.nbytes / 1e6, 2)
     return {"model": model, "images": n_images, "threads": threads, "allocator_env": bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")),
             "ms_median": med, "step_ms": {"step1": med["cascade_1"], "step2": round(med["cascade_2"] - med["cascade_1"], 1),
                                           "step3": round(med["cascade_3"] - med["cascade_2"], 1)}}

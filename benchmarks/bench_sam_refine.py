@@ -5,7 +5,7 @@ Model: a segment-anything architecture (default ``vit_b``) with RANDOM weights (
 cannot be downloaded on the benchmark machines; time does not depend on the weight values; no mask
 quality is measured). Images: generated 640 x 480 scenes with a CLIP-like map that has one hot
 region. Each configuration runs in its own process, with or without glibc's allocator settings
-(the SAM pools' workers get them: ``pipeline.runtime.ray_plan.SAM_WORKER_ENV``), side by side.
+(BENCHMARKS.md "Foreground stage"), side by side.
 
 Usage: python benchmarks/bench_sam_refine.py [--model vit_b] [--images 3] [--threads 2]
 """

@@ -80,14 +80,6 @@ def check_feasible(requests: Iterable[tuple[PlannedStage, dict[str, float]]], av
             )
 
 
-#: the actor pools that run SAM, and the environment their workers start with: glibc keeps freed
-#: memory mapped instead of returning it (no page-fault storm on SAM's large temporary tensors; the
-#: decoder was 3.5x faster on CPU with these in BENCHMARKS.md "Foreground stage"), at the cost of
-#: about 1 GB more resident memory per worker
-SAM_POOLS = ("foreground", "sam_refine")
-SAM_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "10000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
-
-
 def _remote_args(request: dict[str, float]) -> dict[str, Any]:
     args: dict[str, Any] = {"num_cpus": request["CPU"]}
     if "GPU" in request:
@@ -123,11 +115,10 @@ def run_plan(
         res = planned.resources
         if planned.kind == "actor":
             planned.stage.use_gpu = "GPU" in request
-            extra = {"runtime_env": {"env_vars": dict(SAM_WORKER_ENV)}} if planned.name in SAM_POOLS else {}
             ds = ds.map_batches(
                 ActorStage, fn_constructor_kwargs={"stage": planned.stage},
                 compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
-                batch_size=res.batch_size, batch_format="pyarrow", **_remote_args(request), **extra,
+                batch_size=res.batch_size, batch_format="pyarrow", **_remote_args(request),
             )
         else:
             ds = ds.map_batches(TaskStage(planned.stage), batch_size=res.batch_size, batch_format="pyarrow",

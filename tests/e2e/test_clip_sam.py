@@ -70,7 +70,10 @@ def test_refinement_after_the_sam_foreground_and_tiling_of_vvv(tmp_path):
     res = _zsad("run", "jobs/vvv.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--run-id", "v",
                 "--layout", "mvtec", *TINY, "--set", "foreground.points_per_side=4", "--set", "resources.foreground.num_gpus=0",
                 "--set", "pixel.scales=[128]", "--set", "pixel.grid=8", "--set", "pixel.gem_depth=2",
-                "--set", "tiling.min_tile=96", "--set", "tiling.tile_map_size=32", "--set", "sam_refine={steps: 2}")
+                "--set", "tiling.min_tile=96", "--set", "tiling.tile_map_size=32", "--set", "sam_refine={steps: 2}",
+                # three actor pools and four task stages on a 2-CPU local Ray: fractions, so the tasks get a CPU
+                *[x for stage in ("foreground", "clip_score", "sam_refine") for x in ("--set", f"resources.{stage}.num_cpus=0.5")],
+                *[x for stage in ("decode", "tiling", "aggregate", "encode") for x in ("--set", f"resources.{stage}.num_cpus=0.1")])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "v" / "run.json").read_text())
     assert [s["stage"] for s in record["plan"]] == ["decode", "foreground", "tiling", "clip_score", "aggregate", "sam_refine",

@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SpecError(ValueError):
     """A job spec that cannot be used; the message names the file and the offending key."""
+
+
+#: a per-node cache folder (``weights_cache`` of job and training specs), ``~`` expanded
+CacheDir = Annotated[str | None, AfterValidator(lambda v: os.path.expanduser(v) if v else v)]
 
 
 class _Model(BaseModel):
@@ -557,12 +561,7 @@ class JobSpec(_Model):
     aggregation: AggregationSpec = AggregationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     retries: RetrySpec = RetrySpec()
-    weights_cache: str | None = None
-
-    @field_validator("weights_cache")
-    @classmethod
-    def _cache(cls, value: str | None) -> str | None:
-        return os.path.expanduser(value) if value else value
+    weights_cache: CacheDir = None
 
     @model_validator(mode="before")
     @classmethod
@@ -684,12 +683,7 @@ class TrainSpec(_Model):
     storage: StorageSpec = StorageSpec()
     resources: ResourcesSpec = ResourcesSpec()
     retries: RetrySpec = RetrySpec()
-    weights_cache: str | None = None
-
-    @field_validator("weights_cache")
-    @classmethod
-    def _cache(cls, value: str | None) -> str | None:
-        return os.path.expanduser(value) if value else value
+    weights_cache: CacheDir = None
 
     @model_validator(mode="after")
     def _random_weights_gate(self) -> "TrainSpec":

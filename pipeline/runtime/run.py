@@ -153,7 +153,6 @@ def run_values(spec: JobSpec, run_id: str) -> dict[str, Any]:
         "map_max": float(spec.map_range()[1]),
         "clip_activation": spec.clip.activation,
         "pixel_weights": _pixel_weights(spec),
-        "refined": False,
         "foreground_kind": spec.foreground.kind if spec.foreground else None,
     }
 

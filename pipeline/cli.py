@@ -47,8 +47,9 @@ def _captured(verbose: bool, quiet: bool = False, storage=None) -> Iterator:
     """For the block: Ray's own output (warnings, core worker lines, Ray Data's INFO lines, the
     workers' lines) goes to a log file instead of the terminal, unless ``verbose``
     (:mod:`pipeline.runtime.console`). Yields the console; set its ``keep_at`` to the URI the log
-    is copied to when the block ends. Without one (the run was refused) the log is removed unless
-    Ray wrote to it (then its place is said)."""
+    is copied to when the block ends (the last line says where it is, or where it stayed when the
+    copy failed). Without one (the run was refused) the log is removed unless Ray wrote to it
+    (then its place is said)."""
     from pipeline.runtime.console import Console
 
     global _CONSOLE
@@ -59,7 +60,13 @@ def _captured(verbose: bool, quiet: bool = False, storage=None) -> Iterator:
             yield console
     finally:
         _CONSOLE = previous
-        note = console.keep(console.keep_at, storage) if console.keep_at else console.discard()
+        if console.keep_at:
+            # said after the copy, so that a log that could not be copied is never named as kept
+            note = console.keep(console.keep_at, storage)
+            if not note:
+                typer.echo(f"  log (Ray's own output too): {console.keep_at}")
+        else:
+            note = console.discard()
         if note:
             _err(note)
 
@@ -97,8 +104,6 @@ def _summary(result) -> str:
         lines.append("  NOTE: random model weights: these scores are not meaningful anomaly detection results")
     if m.get("reason"):
         lines.append(f"  reason: {m['reason']}")
-    if m.get("log"):
-        lines.append(f"  log (Ray's own output too): {m['log']}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ object storage), which makes it usable as the run's commit marker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -190,25 +191,24 @@ class ShardSink:
         if shard not in self._open:
             self._start(shard)
         writers = self._open.pop(shard)
-        for writer, fh, path, final in writers.values():
-            writer.close()
-            fh.close()
-            if final is not None:
-                os.replace(path, final)
+        try:
+            for writer, fh, path, final in writers.values():
+                writer.close()
+                fh.close()
+                if final is not None:
+                    os.replace(path, final)
+        except BaseException:
+            for entry in writers.values():  # e.g. the object store went away: let go of the rest too
+                _abandon(*entry)
+            raise
         write_json(join(self.run_dir, "_done", self.name(shard) + ".json"), {"shard": shard, **marker}, self.storage)
         self.finished[shard] = {"shard": shard, **marker}
 
     def discard(self) -> None:
         """Drop unfinished shards (their files are rewritten in full by the next attempt)."""
         for shard in list(self._open):
-            for writer, fh, path, final in self._open.pop(shard).values():
-                try:
-                    writer.close()
-                    fh.close()
-                    if final is not None:
-                        os.remove(path)
-                except Exception:  # best effort: an unfinished shard is rerun anyway
-                    pass
+            for entry in self._open.pop(shard).values():
+                _abandon(*entry)
 
     def files(self, table: str) -> list[str]:
         fs, path = filesystem(join(self.run_dir, table), self.storage)
@@ -216,3 +216,29 @@ class ShardSink:
             return [unstrip(fs, p) for p in sorted(fs.glob(posixpath.join(path, "shard-*.parquet")))]
         except FileNotFoundError:
             return []
+
+
+def _abandon(writer: Any, fh: Any, path: str, final: str | None) -> None:
+    """Let go of one unfinished shard file (its shard has no marker and is rerun in full), quietly
+    and for good: a local temporary file is removed; an object-store upload is dropped, never
+    published, and marked closed so that garbage collection does not try to upload it later (with
+    the store gone, that printed a traceback from fsspec's finaliser)."""
+    try:
+        writer.close()
+    except Exception:
+        pass
+    finally:
+        writer.is_open = False  # pyarrow's finaliser closes a writer still marked open
+    if final is None:
+        try:
+            fh.discard()
+        except Exception:
+            pass
+        fh.closed = True
+        return
+    try:
+        fh.close()
+    except Exception:
+        pass
+    with contextlib.suppress(OSError):
+        os.remove(path)

@@ -41,3 +41,45 @@ def test_a_shard_without_rows_gets_an_empty_file_with_the_schema(tmp_path):
     sink.finish(2, {"images": 0})
     table = pq.read_table(sink.files("errors")[0])
     assert table.num_rows == 0 and "image_id" in table.schema.names
+
+
+def _unraisable(monkeypatch) -> list:
+    """What finalisers raise (fsspec prints these as "Exception ignored in ... Traceback")."""
+    import sys
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(info))
+    return seen
+
+
+def test_a_store_that_went_away_leaves_no_file_for_garbage_collection_to_upload(monkeypatch):
+    """The object store stops answering while a shard is finished: the shard's other files are let go
+    of as well, so nothing tries to upload them later (that printed fsspec tracebacks at exit)."""
+    import gc
+
+    import pytest
+
+    from tests.helpers.moto import free_port
+
+    seen = _unraisable(monkeypatch)
+    storage = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "k", "secret": "s",
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    sink = ShardSink("s3://gone/run", ["errors", "scores"], storage)
+    sink.append(0, {"errors": _errors(["a"])})
+    sink.append(1, {"errors": _errors(["b"])})
+    with pytest.raises(Exception):
+        sink.finish(0, {"images": 1})
+    sink.discard()  # shard 1: never published
+    gc.collect()
+    assert seen == []
+
+
+def test_a_discarded_shard_is_not_published_to_object_storage(s3_bucket, s3_env):
+    storage = {"endpoint_url": s3_env["endpoint_url"], "key": s3_env["access_key_id"], "secret": s3_env["secret_access_key"]}
+    sink = ShardSink(f"s3://{s3_bucket}/run", ["errors"], storage)
+    sink.append(3, {"errors": _errors(["a", "b"])})
+    sink.finish(4, {"images": 0})
+    sink.append(5, {"errors": _errors(["c"])})
+    sink.discard()
+    assert [f.rsplit("/", 1)[1] for f in sink.files("errors")] == ["shard-00004.parquet"]
+    assert set(sink.markers()) == {4}

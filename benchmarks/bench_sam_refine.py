@@ -4,8 +4,9 @@ step, through the sam_refine stage's own code.
 Model: a segment-anything architecture (default ``vit_b``) with RANDOM weights (the checkpoints
 cannot be downloaded on the benchmark machines; time does not depend on the weight values; no mask
 quality is measured). Images: generated 640 x 480 scenes with a CLIP-like map that has one hot
-region. Each configuration runs in its own process, with or without glibc's allocator settings
-(BENCHMARKS.md "Foreground stage"), side by side.
+region. Each allocator configuration runs in its own process, side by side: glibc's defaults, the
+``MALLOC_*`` variables set at process start (BENCHMARKS.md "Foreground stage"), and
+:func:`pipeline.models.sam.keep_freed_memory` called in the running process (what the SAM pools do).
 
 Usage: python benchmarks/bench_sam_refine.py [--model vit_b] [--images 3] [--threads 2]
 """
@@ -22,9 +23,16 @@ import time
 ENV = {"MALLOC_MMAP_THRESHOLD_": "10000000000", "MALLOC_TRIM_THRESHOLD_": "10000000000"}
 
 
-def measure(model: str, n_images: int, threads: int) -> dict:
+def measure(model: str, n_images: int, threads: int, allocator: str) -> dict:
+    import resource
+
     import numpy as np
     import torch
+
+    if allocator == "mallopt":  # what the SAM pools do at start (sam.cpu_allocator: keep_freed)
+        from pipeline.models.sam import keep_freed_memory
+
+        assert keep_freed_memory(), "mallopt is not available"
 
     torch.set_num_threads(threads)
     from pipeline.config import SamRefineSpec
@@ -80,8 +88,8 @@ def measure(model: str, n_images: int, threads: int) -> dict:
         r["embedding_arrow_round_trip"] = float(np.median(trips))
     med = {key: round(1000 * float(np.median([r[key] for r in rows])), 1) for key in rows[0]}
     med["embedding_mb"] = round(features.nbytes / 1e6, 2)
-    return {"model": model, "images": n_images, "threads": threads, "allocator_env": bool(os.environ.get("MALLOC_MMAP_THRESHOLD_")),
-            "ms_median": med, "step_ms": {"step1": med["cascade_1"], "step2": round(med["cascade_2"] - med["cascade_1"], 1),
+    return {"model": model, "images": n_images, "threads": threads, "allocator": allocator,
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2), "ms_median": med, "step_ms": {"step1": med["cascade_1"], "step2": round(med["cascade_2"] - med["cascade_1"], 1),
                                           "step3": round(med["cascade_3"] - med["cascade_2"], 1)}}
 
 
@@ -90,15 +98,16 @@ def main() -> None:
     ap.add_argument("--model", default="vit_b")
     ap.add_argument("--images", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--one", choices=["default", "env", "mallopt"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.model, args.images, args.threads)))
+        print(json.dumps(measure(args.model, args.images, args.threads, args.one)))
         return
-    for env in ({}, ENV):
+    # glibc defaults; the two variables at process start; mallopt from inside the running process
+    for allocator in ("default", "env", "mallopt"):
         full = {k: v for k, v in os.environ.items() if k not in ENV}
-        full.update(env, OMP_NUM_THREADS=str(args.threads))
-        out = subprocess.run([sys.executable, __file__, "--one", "--model", args.model, "--images", str(args.images),
+        full.update(ENV if allocator == "env" else {}, OMP_NUM_THREADS=str(args.threads))
+        out = subprocess.run([sys.executable, __file__, "--one", allocator, "--model", args.model, "--images", str(args.images),
                               "--threads", str(args.threads)], capture_output=True, text=True, env=full)
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)

@@ -417,10 +417,15 @@ class SamSpec(_Model):
     """Segment Anything (METHODS.md sections 5-6). ``model``: ``vit_h``, ``vit_l``, ``vit_b`` or
     ``tiny`` (a small SAM assembled from segment-anything's modules, for tests). ``weights``: a
     checkpoint path or URI (SAM has no pretrained tags), or ``null`` for random initialisation
-    (needs ``allow_random_weights: true``)."""
+    (needs ``allow_random_weights: true``). ``cpu_allocator``: on a worker where SAM runs on the
+    CPU, ``keep_freed`` (default) makes glibc keep freed memory in the process
+    (:func:`pipeline.models.sam.keep_freed_memory`): SAM's decoder runs several times faster, and
+    the worker's resident size is higher (BENCHMARKS.md); ``default`` leaves glibc's settings. GPU
+    workers are not changed."""
 
     model: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_b"
     weights: WeightsSpec | None = None
+    cpu_allocator: Literal["keep_freed", "default"] = "keep_freed"
 
     @field_validator("weights")
     @classmethod

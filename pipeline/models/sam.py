@@ -190,6 +190,29 @@ def build_sam(
 # ----------------------------------------------------------------------------------------- engine
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(limit: int = 2**31 - 1) -> bool:
+    """Make glibc's allocator keep freed memory in this process instead of handing it back to the
+    kernel (``mallopt``: mmap and trim thresholds raised to ``limit``, the largest value mallopt
+    takes). SAM on a CPU allocates and frees large temporary tensors in every call; with the
+    defaults each one is a fresh ``mmap`` whose pages fault in again, which dominated the decoder's
+    time (BENCHMARKS.md). The price is a higher resident size. The effect of starting the process
+    with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, from inside a worker that is already
+    running. Returns False where there is no glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
 @dataclass(frozen=True)
 class SamEmbedding:
     """One image's SAM embedding: ``features`` (1, C, g, g) float32 (C = 256, g = 64 for the real

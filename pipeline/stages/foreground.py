@@ -52,8 +52,12 @@ def _no_components() -> np.ndarray:
 def sam_engine(spec: SamSpec, device, weights_cache: str | None, storage: StorageOptions | None, retries: RetrySpec):
     """A :class:`pipeline.models.sam.SamEngine` for ``spec`` on ``device``: weights fetched (URIs,
     once per node) and loaded, transient failures retried (``retries.model_load``). The SAM pools
-    (foreground, sam_refine) build theirs with it."""
-    from pipeline.models.sam import SamEngine, build_sam
+    (foreground, sam_refine) build theirs with it. On the CPU, ``spec.cpu_allocator`` applies to
+    this worker process (an actor of its own)."""
+    from pipeline.models.sam import SamEngine, build_sam, keep_freed_memory
+
+    if device.type == "cpu" and spec.cpu_allocator == "keep_freed" and not keep_freed_memory():
+        stderr_log("SAM: glibc's mallopt is not available here; the allocator keeps its defaults")
 
     def load_sam():
         path = resolve(spec.weights, weights_cache, storage).path if spec.weights else None

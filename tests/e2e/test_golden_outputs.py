@@ -28,7 +28,9 @@ def _same(name: str, table: str, got, want) -> None:
             assert [v is None for v in a] == [v is None for v in b], f"{where}.{col}: nulls differ"
             x = np.array([v for v in a if v is not None], float)
             y = np.array([v for v in b if v is not None], float)
-            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7, err_msg=f"{where}.{col}")
+            # float32 models: the same images in differently sized batches (Ray Data's blocks vary
+            # with timing) differ by a few 1e-7 relative; any change of method is orders larger
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=f"{where}.{col}")
         else:
             assert a == b, f"{where}.{col}: {a} != {b}"
 

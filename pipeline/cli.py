@@ -377,10 +377,10 @@ def _check_layout(layout: str) -> None:
 
 def _model_problem(spec) -> Optional[str]:
     """The model name and pretrained tag, checked against open_clip's registry
-    (:func:`pipeline.models.clip.check_model`), and local weight files, which must exist (URIs are
+    (:func:`pipeline.models.registry.check_model`), and local weight files, which must exist (URIs are
     not fetched: they are checked when a run starts)."""
     from pipeline.io.weights import WeightsError, preflight
-    from pipeline.models import clip as clip_models
+    from pipeline.models import registry as clip_models
 
     tag = spec.clip.weights.tag if spec.clip.weights else None
     for key, checked_tag in (("clip.model", None), ("clip.weights", tag)):

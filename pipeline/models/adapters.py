@@ -31,7 +31,6 @@ import re
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU
 from torch import nn
 
 from pipeline.models import checkpoints, vit
@@ -72,6 +71,8 @@ def set_activation(model: nn.Module, activation: str) -> None:
     (``"gelu"``). In place; calling it again with the other name undoes it."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r} (known: {', '.join(ACTIVATIONS)})")
+    from open_clip.transformer import QuickGELU
+
     towers = _towers(model)
     if not towers:
         raise ValueError(f"{type(model).__name__} has no open_clip transformer towers (model.visual.transformer, model.transformer)")

@@ -2,46 +2,50 @@
 
 ``zsad-tiny`` is a tiny open_clip config (128 px, patch 16 like ViT-B-16, 8 blocks of width 64,
 embed 32; text: 2 blocks of width 64) that this
-module registers with open_clip on import, so tests and the offline demo build a real open_clip
+module registers with open_clip when it first uses open_clip (:func:`register_configs`), so tests and the offline demo build a real open_clip
 model in milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
 
 Weights are given by the caller as one of: an open_clip pretrained tag, a local checkpoint path
 (already fetched and hash-checked by :mod:`pipeline.io.weights`; read and loaded strictly by
 :mod:`pipeline.models.checkpoints`), or nothing (random init, seeded so every actor of a pool builds
-the same model). :func:`check_model` is the one check of a model name and pretrained tag against
-open_clip's registry (the CLI, the run's preflight and :func:`build_clip` use it).
+the same model). :func:`check_model` (:mod:`pipeline.models.registry`, which knows open_clip's
+registry without importing it) is the one check of a model name and pretrained tag (the CLI, the
+run's preflight and :func:`build_clip` use it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 
 from pipeline.models import checkpoints
+from pipeline.models.registry import CONFIG_DIR, ModelLoadError, check_model  # noqa: F401 (the names callers use)
 
 TINY_MODEL = "zsad-tiny"
-_CONFIG_DIR = Path(__file__).with_name("configs")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RANDOM_INIT_SEED = 0
 
 
-class ModelLoadError(RuntimeError):
-    """A model that cannot be built or whose weights do not load; the message says why."""
 
 
-def register_configs() -> None:
-    """Register zsad's own open_clip configs (``zsad-tiny``). Idempotent."""
+def register_configs():
+    """open_clip, with zsad's own configs (``zsad-tiny``) registered. Imported on first use, not
+    with this module: importing open_clip takes seconds (torch, torchvision), which the driver of
+    a run does not need. Idempotent."""
+    import open_clip
+
     if TINY_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR)
+        open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
 
 
-register_configs()
+def tokenizer(model_name: str):
+    """open_clip's tokenizer for ``model_name``."""
+    return register_configs().get_tokenizer(model_name)
 
 
 @dataclass(frozen=True)
@@ -57,19 +61,6 @@ class Preprocess:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resize: str = "torch"
-
-
-def check_model(model: str, tag: str | None = None) -> None:
-    """Raise :class:`ModelLoadError` unless ``model`` is in open_clip's registry (zsad's own configs
-    included) and ``tag``, when given, is one of its pretrained tags. Weight files are not checked."""
-    if model not in open_clip.list_models():
-        close = [m for m in open_clip.list_models() if m.lower().startswith(model.lower()[:5])][:8]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ModelLoadError(f"unknown open_clip model {model!r}{hint}")
-    if tag:
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        if tag not in tags:
-            raise ModelLoadError(f"open_clip has no pretrained tag {tag!r} for {model} (known: {', '.join(tags) or 'none'})")
 
 
 def build_clip(
@@ -88,6 +79,7 @@ def build_clip(
     a local state-dict file loaded strictly. Neither: random initialisation with a fixed seed.
     """
     check_model(model_name, tag)
+    open_clip = register_configs()
     if tag and checkpoint:
         raise ModelLoadError("give either a pretrained tag or a checkpoint, not both")
     kwargs = {}
@@ -119,7 +111,7 @@ def build_clip(
             checkpoints.load_strict(model, sd, source=checkpoint, model=model_name, error=ModelLoadError)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     model = model.to(device=device, dtype=dtype).eval()
-    cfg = open_clip.get_model_preprocess_cfg(model)
+    cfg = register_configs().get_model_preprocess_cfg(model)
     size = cfg.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
     pre = Preprocess(
@@ -157,7 +149,7 @@ def _truncatable(model: torch.nn.Module) -> bool:
     end-of-text token: causal attention mask and argmax/eos pooling. Padding after the longest
     prompt can then be cut without changing any embedding."""
     return (
-        type(model) is open_clip.model.CLIP
+        type(model) is register_configs().model.CLIP
         and getattr(model, "attn_mask", None) is not None
         and getattr(model, "text_pool_type", None) in ("argmax", "eos")
     )
@@ -172,7 +164,7 @@ def _encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torc
     x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = open_clip.transformer.text_global_pool(
+    x = register_configs().transformer.text_global_pool(
         x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
     )
     proj = model.text_projection

@@ -194,10 +194,10 @@ def build_sam(
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def keep_freed_memory(limit: int = 2**31 - 1) -> bool:
+def keep_freed_memory() -> bool:
     """Make glibc's allocator keep freed memory in this process instead of handing it back to the
-    kernel (``mallopt``: mmap and trim thresholds raised to ``limit``, the largest value mallopt
-    takes). SAM on a CPU allocates and frees large temporary tensors in every call; with the
+    kernel (``mallopt``: no trimming, and no separate ``mmap`` for large blocks: both thresholds set
+    to -1, which glibc reads as the largest size). SAM on a CPU allocates and frees large temporary tensors in every call; with the
     defaults each one is a fresh ``mmap`` whose pages fault in again, which dominated the decoder's
     time (BENCHMARKS.md). The price is a higher resident size. The effect of starting the process
     with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, from inside a worker that is already
@@ -210,7 +210,7 @@ def keep_freed_memory(limit: int = 2**31 - 1) -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+    return bool(mallopt(_M_MMAP_THRESHOLD, -1)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 @dataclass(frozen=True)

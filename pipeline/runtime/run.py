@@ -34,7 +34,7 @@ from pipeline.io.lease import Lease, LeaseHeld
 from pipeline.io.manifest import read_manifest, write_manifest
 from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
-from pipeline.models import clip as clip_models
+from pipeline.models import registry as clip_models
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.watchdog import watched
@@ -68,17 +68,34 @@ class RunResult:
         return self.n_failed / self.n_images if self.n_images else 0.0
 
 
+def _torch_version() -> str:
+    """torch's ``__version__`` (with its build label, e.g. ``+cu130``) read from its version file,
+    without importing torch in the driver (seconds); the installed distribution's version if that
+    file cannot be read."""
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torch")
+    try:
+        text = open(os.path.join(os.path.dirname(spec.origin), "version.py")).read()  # type: ignore[union-attr]
+        return re.search(r"^__version__\s*=\s*['\"]([^'\"]+)", text, re.M).group(1)  # type: ignore[union-attr]
+    except (OSError, TypeError, AttributeError):
+        return importlib.metadata.version("torch")
+
+
 def versions() -> dict[str, str]:
-    import open_clip
+    import importlib.metadata
+
     import pyarrow
     import ray
-    import torch
 
+    # torch and open_clip as installed, without importing them in the driver (seconds)
     return {
         "zsad": pipeline.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "open_clip": open_clip.__version__,
+        "torch": _torch_version(),
+        "open_clip": importlib.metadata.version("open_clip_torch"),
         "ray": ray.__version__,
         "pyarrow": pyarrow.__version__,
         "pandas": pd.__version__,
@@ -280,13 +297,13 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
         raise RunError(problem, exit_code=2)
     # local torch checkpoints: read their structure now (tensors mapped, not read), so an unusable file
     # stops the run here with its reason instead of in every model actor
-    from pipeline.models.checkpoints import read_state_dict
-
     torch_files = {"clip.weights": (spec.clip.weights, "weights file"),
                    "sam.weights": (spec.sam.weights if spec.uses_sam() and spec.sam else None, "SAM checkpoint"),
                    "pixel.weights": (spec.pixel.weights if spec.pixel.kind == "clipseg" else None, "CLIPSeg weights file")}
     for key, (weights, what) in torch_files.items():
         if weights is not None and weights.path:
+            from pipeline.models.checkpoints import read_state_dict  # torch: only when there is a file to read
+
             try:
                 read_state_dict(weights.path, what=what, error=clip_models.ModelLoadError, mmap=True)
             except clip_models.ModelLoadError as exc:

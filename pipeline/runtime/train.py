@@ -263,7 +263,7 @@ def train_job(
     from ray.util.queue import Empty, Queue
 
     from pipeline.io.weights import WeightsError, preflight
-    from pipeline.models import clip as clip_models
+    from pipeline.models import registry as clip_models
     from pipeline.runtime.run import source_rows, versions
     from pipeline.runtime.ray_plan import training_dataset
     from pipeline.runtime.session import LOAD_ERRORS, failure, ray_session

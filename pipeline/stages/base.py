@@ -77,3 +77,33 @@ def check_columns(stage_name: str, batch: Mapping[str, Any], required: tuple[str
         detail = ", ".join(f"{name}={n}" for name, n in lengths.items())
         raise ValueError(f"stage {stage_name!r}: input columns have different lengths ({detail})")
     return next(iter(lengths.values()), 0)
+
+
+class LazyModule:
+    """A module imported when one of its attributes is first used, not when the stage's module is.
+
+    The driver imports every stage module to read the plan's declarations (names, columns,
+    resources) but runs no model; torch and open_clip take seconds to import, which every
+    ``zsad run``, ``validate`` and refused run paid. The actors use the module as if imported."""
+
+    def __init__(self, name: str) -> None:
+        self.__dict__["_name"] = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(self.__dict__["_name"]), attr)
+
+
+def inference_mode(fn):
+    """``torch.inference_mode()`` as a decorator that imports torch when called, not when defined."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return run

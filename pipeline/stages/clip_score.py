@@ -15,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline.config import (
     AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, RetrySpec, TilingSpec, WinclipWindows,
@@ -24,16 +23,19 @@ from pipeline.config import (
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import retrying, stderr_log
 from pipeline.io.weights import resolve
-from pipeline.models import clip as clip_models
-from pipeline.models import pixel as pixel_maps
 from pipeline.models.prompts import ensemble, object_name, read_prompt_file
-from pipeline.models.scoring import TextClassifier, anomaly_probability, build_classifier
 from pipeline.ops.heatmap import map_shape
-from pipeline.stages.base import check_columns
+from pipeline.stages.base import LazyModule, check_columns, inference_mode
 from pipeline.stages.records import TENSOR, RowErrors, object_column
 
+# imported by the actors when they first use them; the driver only reads the declarations
+torch = LazyModule("torch")
+clip_models = LazyModule("pipeline.models.clip")
+pixel_maps = LazyModule("pipeline.models.pixel")
+scoring = LazyModule("pipeline.models.scoring")
+
 STAGE = "clip_score"
-ModelFactory = Callable[[], tuple[torch.nn.Module, clip_models.Preprocess]]
+ModelFactory = Callable[[], tuple]  # () -> (torch module, pipeline.models.clip.Preprocess)
 
 
 def prompt_file_problem(spec, storage: StorageOptions | None = None, objects: bool = True) -> str | None:
@@ -109,10 +111,10 @@ class ClipScoreStage:
         self.adapters = None  # APRIL-GAN's adapters, when pixel.kind is april_gan
         self.model: torch.nn.Module | None = None
         self.preprocess: clip_models.Preprocess | None = None
-        self.device = torch.device("cpu")
+        self.device = None  # a torch.device from setup
         self._tokenizer = None
-        self._text: dict[str, TextClassifier] = {}
-        self._pixel_text: TextClassifier | None = None
+        self._text: dict[str, scoring.TextClassifier] = {}
+        self._pixel_text: scoring.TextClassifier | None = None
         self._prompt_files: dict[str, tuple] = {}  # location -> (normal, abnormal) sentences
 
     @classmethod
@@ -153,9 +155,7 @@ class ClipScoreStage:
             model = clip_models.quantise_vision_int8(model)
         self.model, self.preprocess = model, dataclasses.replace(pre, resize=self.clip.resize)
         self._check_pixel_config()
-        import open_clip
-
-        self._tokenizer = open_clip.get_tokenizer(self.clip.model)
+        self._tokenizer = clip_models.tokenizer(self.clip.model)
         for f in (*self.score.prompt_files, *getattr(self.pixel, "prompt_files", ())):
             if f.location not in self._prompt_files:
                 self._prompt_files[f.location] = read_prompt_file(
@@ -220,8 +220,8 @@ class ClipScoreStage:
             if too_big:
                 raise ValueError(f"pixel.window_sizes {too_big} do not fit the {grid} x {grid} patch grid of {self.clip.model}")
 
-    @torch.inference_mode()
-    def text_classifier(self, category: str) -> TextClassifier:
+    @inference_mode
+    def text_classifier(self, category: str) -> scoring.TextClassifier:
         """The (normal, anomalous) text classifier of ``category``, computed once and cached."""
         cached = self._text.get(category)
         if cached is None:
@@ -230,22 +230,22 @@ class ClipScoreStage:
             normal, anomalous = ensemble((sc.prompt_set,) if sc.prompt_set else (),
                                          [self._prompt_files[f.location] for f in sc.prompt_files], name, sc.wrapper)
             raw = clip_models.encode_text(self.model, self._tokenizer, normal + anomalous, self.device)
-            cached = build_classifier(raw[: len(normal)], raw[len(normal) :], self.score.aggregation)
+            cached = scoring.build_classifier(raw[: len(normal)], raw[len(normal) :], self.score.aggregation)
             self._text[category] = cached
         return cached
 
-    @torch.inference_mode()
-    def pixel_text_classifier(self) -> TextClassifier:
+    @inference_mode
+    def pixel_text_classifier(self) -> scoring.TextClassifier:
         """FADE's object-agnostic text classifier (category-independent), computed once."""
         if self._pixel_text is None:
             p = self.pixel
             normal, anomalous = ensemble(p.prompt_sets, [self._prompt_files[f.location] for f in p.prompt_files],
                                          p.object_name, p.wrapper)
             raw = clip_models.encode_text(self.model, self._tokenizer, normal + anomalous, self.device)
-            self._pixel_text = build_classifier(raw[: len(normal)], raw[len(normal) :], p.aggregation)
+            self._pixel_text = scoring.build_classifier(raw[: len(normal)], raw[len(normal) :], p.aggregation)
         return self._pixel_text
 
-    @torch.inference_mode()
+    @inference_mode
     def score_images(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None) -> dict[str, object]:
         """Score uint8 (H, W, 3) images in one batch. Returns ``score``/``score_vision``/
         ``max_pixel_score`` float64 (B,) and ``maps``: a list of float32 (H', W')
@@ -269,7 +269,7 @@ class ClipScoreStage:
         cats = np.asarray(categories, dtype=object)
         groups = {cat: np.flatnonzero(cats == cat) for cat in dict.fromkeys(categories)}
         for cat, idx in groups.items():
-            probs = anomaly_probability(feats[idx], self.text_classifier(cat), self.score.temperature)
+            probs = scoring.anomaly_probability(feats[idx], self.text_classifier(cat), self.score.temperature)
             score[idx] = probs.double().cpu().numpy()
         grids = None
         make_grids = _PIXEL_MAPS[self.pixel.kind]

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from open_clip.transformer import QuickGELU
 
 from pipeline.models import adapters as ad
 from pipeline.models import clip as clip_models
@@ -422,7 +423,7 @@ def test_set_activation_changes_outputs_and_is_reversible():
     assert kinds(torch.nn.GELU)
     ad.set_activation(m, "quick_gelu")
     quick = outputs()
-    assert kinds(ad.QuickGELU)
+    assert kinds(QuickGELU)
     for a, b in zip(gelu, quick):
         assert not torch.allclose(a, b, atol=1e-4)
     ad.set_activation(m, "gelu")

@@ -76,10 +76,9 @@ def test_preprocess_squashes_and_normalises():
 
 
 def test_truncated_text_encoding_equals_open_clip():
-    import open_clip
 
     model, _ = clip_models.build_clip("zsad-tiny")
-    tok = open_clip.get_tokenizer("zsad-tiny")
+    tok = clip_models.tokenizer("zsad-tiny")
     texts = ["a", "a photo of the flawless metal nut for anomaly detection", "a jpeg corrupted photo of a screw with defect."]
     assert clip_models._truncatable(model)
     with torch.no_grad():

@@ -112,7 +112,6 @@ def test_prompt_files_and_the_wrapper_give_fades_sentence_list(tmp_path):
 
 
 def test_the_stage_encodes_the_wrapped_file_sentences(tmp_path, tiny):
-    import open_clip
 
     from pipeline.config import ClipSpec
     from pipeline.stages.clip_score import ClipScoreStage
@@ -125,7 +124,7 @@ def test_the_stage_encodes_the_wrapped_file_sentences(tmp_path, tiny):
     stage.setup()
     got = stage.pixel_text_classifier()
     want_n, want_a = _fade_sentences(paths, "object")
-    tokenizer = open_clip.get_tokenizer("zsad-tiny")
+    tokenizer = clip_models.tokenizer("zsad-tiny")
     with torch.no_grad():
         raw = [torch.nn.functional.normalize(model.encode_text(tokenizer([t])), dim=-1)[0] for t in want_n + want_a]
     mean_n = torch.stack(raw[:577]).mean(0)  # FADE's AverageTextModel: mean of normalised embeddings

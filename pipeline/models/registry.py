@@ -4,7 +4,8 @@ Importing open_clip imports torch and torchvision: about five seconds on the pro
 The driver of ``zsad run``, ``train`` and ``validate`` checks a spec's model name and tag before
 anything starts, and needs nothing else from open_clip; so the registry (every model open_clip
 knows, zsad's own configs included, with its pretrained tags) is read from open_clip once and kept
-in a small JSON file, ``$XDG_CACHE_HOME/zsad/`` (default ``~/.cache/zsad/``), named by open_clip's
+in a small JSON file in zsad's cache folder (``$ZSAD_CACHE_DIR``, default ``~/.cache/zsad``; the
+weights cache is beside it), named by open_clip's
 installed version and zsad's config files. Another open_clip version or another config file is
 another name, so a stale registry is never read. Where that folder cannot be written, open_clip is
 imported every time (slower, same answer).
@@ -32,7 +33,7 @@ def _cache_file() -> Path:
     for path in sorted(CONFIG_DIR.glob("*.json")):
         configs.update(path.name.encode() + b"\0" + path.read_bytes())
     version = importlib.metadata.version("open_clip_torch")
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "zsad"
+    root = Path(os.environ.get("ZSAD_CACHE_DIR") or "~/.cache/zsad").expanduser()
     return root / f"open_clip-{version}-{configs.hexdigest()[:16]}.json"
 
 

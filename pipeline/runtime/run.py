@@ -485,7 +485,12 @@ def run_job(
 
                     inputs = source_rows(pending)
                     results = run_plan(spec, stages, inputs, result_columns, session, log, on_stats=save_stats)
-                    for batch in watched(results, spec.stall_timeout_s):
+                    def waiting(quiet: float) -> None:
+                        limit = f"; stall_timeout_s stops the run after {spec.stall_timeout_s:g} s" if spec.stall_timeout_s else ""
+                        log(f"waiting for results: none for {quiet:.0f} s ({progress.done}/{progress.total} images done; "
+                            f"models loading or a slow batch{limit})")
+
+                    for batch in watched(results, spec.stall_timeout_s, on_wait=waiting):
                         if first_result_s is None:
                             first_result_s, first_result_rows = time.monotonic() - t_plan, batch.num_rows
                         shards = np.array([shard_of[i] for i in batch.column("image_id").to_pylist()])

@@ -1,11 +1,14 @@
 """The stall watchdog: a run never hangs silently. :func:`watched` consumes the plan's results in a
-background thread and raises :class:`StallError` when none arrives for ``stall_timeout_s``."""
+background thread, says every ``notice_s`` that it is still waiting (models load, a batch of large
+images takes minutes on a CPU), and raises :class:`StallError` when none arrives for
+``stall_timeout_s``."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, TypeVar
+import time
+from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -14,10 +17,12 @@ class StallError(RuntimeError):
     """No result arrived within the configured stall timeout."""
 
 
-def watched(results: Iterable[T], timeout_s: float | None) -> Iterator[T]:
-    """Yield from the iterator ``results`` (consumed in a background thread); raise
-    :class:`StallError` when no item arrives for ``timeout_s`` seconds, instead of hanging."""
-    if not timeout_s:
+def watched(results: Iterable[T], timeout_s: float | None, on_wait: Callable[[float], None] | None = None,
+            notice_s: float = 60.0) -> Iterator[T]:
+    """Yield from the iterator ``results`` (consumed in a background thread). Every ``notice_s``
+    seconds without an item, ``on_wait(seconds since the last item)``; with ``timeout_s``, raise
+    :class:`StallError` when no item arrives for that long, instead of hanging."""
+    if not timeout_s and on_wait is None:
         yield from results
         return
     q: queue.Queue = queue.Queue(maxsize=4)
@@ -32,13 +37,24 @@ def watched(results: Iterable[T], timeout_s: float | None) -> Iterator[T]:
             q.put(exc)
 
     threading.Thread(target=pump, name="zsad-results", daemon=True).start()
+    last = time.monotonic()
     while True:
+        quiet = time.monotonic() - last
+        wait = notice_s if on_wait is not None else timeout_s
+        if timeout_s:
+            wait = min(wait, max(timeout_s - quiet, 0.0))
         try:
-            item = q.get(timeout=timeout_s)
+            item = q.get(timeout=wait)
         except queue.Empty:
-            raise StallError(
-                f"no result for {timeout_s:g} s (stall_timeout_s): a stage is stuck; the run was stopped"
-            ) from None
+            quiet = time.monotonic() - last
+            if timeout_s and quiet >= timeout_s - 1e-3:
+                raise StallError(
+                    f"no result for {timeout_s:g} s (stall_timeout_s): a stage is stuck; the run was stopped"
+                ) from None
+            if on_wait is not None:
+                on_wait(quiet)
+            continue
+        last = time.monotonic()
         if item is end:
             return
         if isinstance(item, BaseException):

@@ -80,6 +80,27 @@ def check_feasible(requests: Iterable[tuple[PlannedStage, dict[str, float]]], av
             )
 
 
+def cpu_contention(requests: list[tuple[PlannedStage, dict[str, float]]], available: dict[str, float]) -> str | None:
+    """On a local Ray: a line of advice when the actor pools at their minimum size hold so many CPUs
+    that a task stage after the first pool cannot run beside them (a task before it is fused into
+    the pool's actors by Ray Data). That stage then waits until a pool has taken its whole input:
+    fine for a few images, a stall of the stream on a large input."""
+    cpus = available.get("CPU", 0.0)
+    held = sum(r.get("CPU", 0.0) * p.resources.min_actors for p, r in requests if p.kind == "actor")
+    seen_actor, starved = False, []
+    for planned, request in requests:
+        if planned.kind == "actor":
+            seen_actor = True
+        elif seen_actor and held + request.get("CPU", 0.0) > cpus + 1e-9:
+            starved.append(planned.name)
+    if not starved:
+        return None
+    pools = ", ".join(f"resources.{p.name}.num_cpus" for p, _ in requests if p.kind == "actor")
+    return (f"the actor pools hold {held:g} of this machine's {cpus:g} CPUs, so {', '.join(starved)} can only run when a "
+            f"pool has finished its input; on a large input give the pools CPU fractions ({pools}, e.g. 0.5) "
+            f"or run on a cluster")
+
+
 def _remote_args(request: dict[str, float]) -> dict[str, Any]:
     args: dict[str, Any] = {"num_cpus": request["CPU"]}
     if "GPU" in request:
@@ -105,6 +126,9 @@ def run_plan(
     requests = [(p, stage_request(p, spec, session, log)) for p in plan]
     if session["local"]:
         check_feasible(requests, dict(session["resources"]))
+        advice = cpu_contention(requests, dict(session["resources"]))
+        if advice:
+            log(f"note: {advice}")
     # results come back in input order, so shards complete one after another and the driver
     # buffers at most the shards in flight
     ray.data.DataContext.get_current().execution_options.preserve_order = True

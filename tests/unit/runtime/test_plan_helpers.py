@@ -8,7 +8,7 @@ import pytest
 from pipeline.config import load_spec
 from pipeline.io import contracts
 from pipeline.io.projection import project
-from pipeline.runtime.ray_plan import check_feasible, effective_gpus, stage_request
+from pipeline.runtime.ray_plan import check_feasible, cpu_contention, effective_gpus, stage_request
 from pipeline.runtime.run import plan_for, run_values
 from pipeline.runtime.udf import to_arrow, to_numpy
 from pipeline.stages.plan import PlanError
@@ -148,3 +148,24 @@ def test_a_task_never_asks_for_a_gpu_and_infeasible_local_requests_fail_at_once(
     requests = [(p, stage_request(p, pools, session, logs.append)) for p in plan]
     with pytest.raises(PlanError, match="stage 'clip_score' asks for 3 actors"):
         check_feasible(requests, session["resources"])
+
+
+def test_pools_that_hold_every_cpu_are_pointed_out():
+    """clip_sam on a 2-CPU local Ray: the CLIP and SAM actors hold both CPUs, so encode (after
+    them) waits for a pool to finish; with CPU fractions it runs beside them."""
+    session = {"local": True, "resources": {"CPU": 2.0}}
+    sets = ["clip.model=zsad-tiny", "clip.weights=null", "pixel.weights=null", "sam.model=tiny", "sam.weights=null",
+            "allow_random_weights=true", "pixel.layers=[2,4,6,8]", "pixel.image_size=128"]
+
+    def advice(extra):
+        spec = load_spec("jobs/clip_sam.yaml", sets + extra)
+        plan, _ = plan_for(spec, None, ["scores", "errors", "masks"])
+        return cpu_contention([(p, stage_request(p, spec, session, lambda m: None)) for p in plan], session["resources"])
+
+    text = advice([])
+    assert text and "hold 2 of this machine's 2 CPUs, so encode can only run" in text
+    assert "resources.clip_score.num_cpus, resources.sam_refine.num_cpus" in text
+    assert advice(["resources.clip_score.num_cpus=0.5", "resources.sam_refine.num_cpus=0.5"]) is None
+    smoke = load_spec("jobs/smoke.yaml")  # one pool of 1 CPU: encode runs beside it
+    plan, _ = plan_for(smoke, None, ["scores", "errors"])
+    assert cpu_contention([(p, stage_request(p, smoke, session, lambda m: None)) for p in plan], session["resources"]) is None

@@ -380,13 +380,13 @@ def _model_problem(spec) -> Optional[str]:
     (:func:`pipeline.models.registry.check_model`), and local weight files, which must exist (URIs are
     not fetched: they are checked when a run starts)."""
     from pipeline.io.weights import WeightsError, preflight
-    from pipeline.models import registry as clip_models
+    from pipeline.models import registry
 
     tag = spec.clip.weights.tag if spec.clip.weights else None
     for key, checked_tag in (("clip.model", None), ("clip.weights", tag)):
         try:
-            clip_models.check_model(spec.clip.model, checked_tag)
-        except clip_models.ModelLoadError as exc:
+            registry.check_model(spec.clip.model, checked_tag)
+        except registry.ModelLoadError as exc:
             return f"{key}: {exc}"
     files = {"clip.weights": spec.clip.weights, "sam.weights": spec.sam.weights if getattr(spec, "sam", None) else None,
              "foreground.dis_model": spec.foreground.dis_model if getattr(spec, "foreground", None) else None,

@@ -1,9 +1,9 @@
 """CLIP loading and preprocessing (pure torch + open_clip; no I/O beyond reading a local file).
 
 ``zsad-tiny`` is a tiny open_clip config (128 px, patch 16 like ViT-B-16, 8 blocks of width 64,
-embed 32; text: 2 blocks of width 64) that this
-module registers with open_clip when it first uses open_clip (:func:`register_configs`), so tests and the offline demo build a real open_clip
-model in milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
+embed 32; text: 2 blocks of width 64) that this module registers with open_clip when it first uses
+open_clip (:func:`register_configs`), so tests and the offline demo build a real open_clip model in
+milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
 
 Weights are given by the caller as one of: an open_clip pretrained tag, a local checkpoint path
 (already fetched and hash-checked by :mod:`pipeline.io.weights`; read and loaded strictly by
@@ -28,8 +28,6 @@ TINY_MODEL = "zsad-tiny"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RANDOM_INIT_SEED = 0
-
-
 
 
 def register_configs():
@@ -111,7 +109,7 @@ def build_clip(
             checkpoints.load_strict(model, sd, source=checkpoint, model=model_name, error=ModelLoadError)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     model = model.to(device=device, dtype=dtype).eval()
-    cfg = register_configs().get_model_preprocess_cfg(model)
+    cfg = open_clip.get_model_preprocess_cfg(model)
     size = cfg.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
     pre = Preprocess(
@@ -148,8 +146,10 @@ def _truncatable(model: torch.nn.Module) -> bool:
     """True for open_clip ``CLIP`` text towers whose output depends only on the tokens up to the
     end-of-text token: causal attention mask and argmax/eos pooling. Padding after the longest
     prompt can then be cut without changing any embedding."""
+    import open_clip  # already imported by build_clip; only its classes are needed here
+
     return (
-        type(model) is register_configs().model.CLIP
+        type(model) is open_clip.model.CLIP
         and getattr(model, "attn_mask", None) is not None
         and getattr(model, "text_pool_type", None) in ("argmax", "eos")
     )
@@ -158,13 +158,15 @@ def _truncatable(model: torch.nn.Module) -> bool:
 def _encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """``model.encode_text`` on tokens cut after the longest sequence (same result, less work:
     prompts are ~20 tokens of the 77-token context)."""
+    import open_clip
+
     length = int((tokens != 0).int().cumsum(-1).argmax(-1).max()) + 1
     tokens = tokens[:, :length]
     cast = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
     x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
     x = model.ln_final(x)
-    x = register_configs().transformer.text_global_pool(
+    x = open_clip.transformer.text_global_pool(
         x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
     )
     proj = model.text_projection

@@ -5,8 +5,7 @@ The driver of ``zsad run``, ``train`` and ``validate`` checks a spec's model nam
 anything starts, and needs nothing else from open_clip; so the registry (every model open_clip
 knows, zsad's own configs included, with its pretrained tags) is read from open_clip once and kept
 in a small JSON file in zsad's cache folder (``$ZSAD_CACHE_DIR``, default ``~/.cache/zsad``; the
-weights cache is beside it), named by open_clip's
-installed version and zsad's config files. Another open_clip version or another config file is
+weights cache is beside it), named by open_clip's installed version and zsad's config files. Another open_clip version or another config file is
 another name, so a stale registry is never read. Where that folder cannot be written, open_clip is
 imported every time (slower, same answer).
 """
@@ -38,11 +37,9 @@ def _cache_file() -> Path:
 
 
 def _from_open_clip() -> dict[str, list[str]]:
-    import open_clip
+    from pipeline.models.clip import register_configs  # open_clip, with zsad's configs in its registry
 
-    from pipeline.models.clip import register_configs  # adds zsad's configs to open_clip's registry
-
-    register_configs()
+    open_clip = register_configs()
     return {name: list(open_clip.list_pretrained_tags_by_model(name)) for name in open_clip.list_models()}
 
 

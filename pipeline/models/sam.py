@@ -197,9 +197,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 def keep_freed_memory() -> bool:
     """Make glibc's allocator keep freed memory in this process instead of handing it back to the
     kernel (``mallopt``: no trimming, and no separate ``mmap`` for large blocks: both thresholds set
-    to -1, which glibc reads as the largest size). SAM on a CPU allocates and frees large temporary tensors in every call; with the
-    defaults each one is a fresh ``mmap`` whose pages fault in again, which dominated the decoder's
-    time (BENCHMARKS.md). The price is a higher resident size. The effect of starting the process
+    to -1, which glibc reads as the largest size). SAM on a CPU allocates and frees large temporary
+    tensors in every call; with the defaults each one is a fresh ``mmap`` whose pages fault in
+    again, which dominated its time (BENCHMARKS.md). The price is a higher resident size. The effect of starting the process
     with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, from inside a worker that is already
     running. Returns False where there is no glibc (nothing changed)."""
     import ctypes

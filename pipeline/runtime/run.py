@@ -34,7 +34,7 @@ from pipeline.io.lease import Lease, LeaseHeld
 from pipeline.io.manifest import read_manifest, write_manifest
 from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
-from pipeline.models import registry as clip_models
+from pipeline.models import registry
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.watchdog import watched
@@ -276,9 +276,9 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
     """Fail fast on the driver, before Ray starts: model name, pretrained tag, weights location."""
     try:
         w = spec.clip.weights
-        clip_models.check_model(spec.clip.model, w.tag if w is not None else None)
+        registry.check_model(spec.clip.model, w.tag if w is not None else None)
         preflight(w, storage)
-    except (clip_models.ModelLoadError, WeightsError) as exc:
+    except (registry.ModelLoadError, WeightsError) as exc:
         raise RunError(f"clip.weights / clip.model: {exc}", exit_code=2) from None
     others = {
         "sam.weights": spec.sam.weights if spec.uses_sam() and spec.sam else None,
@@ -305,8 +305,8 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
             from pipeline.models.checkpoints import read_state_dict  # torch: only when there is a file to read
 
             try:
-                read_state_dict(weights.path, what=what, error=clip_models.ModelLoadError, mmap=True)
-            except clip_models.ModelLoadError as exc:
+                read_state_dict(weights.path, what=what, error=registry.ModelLoadError, mmap=True)
+            except registry.ModelLoadError as exc:
                 raise RunError(f"{key}: {exc}", exit_code=2) from None
     adapters = getattr(spec.pixel, "weights", None) if spec.pixel.kind == "april_gan" else None
     if adapters is not None and adapters.path:  # APRIL-GAN adapters: readable in one of their formats

@@ -263,7 +263,7 @@ def train_job(
     from ray.util.queue import Empty, Queue
 
     from pipeline.io.weights import WeightsError, preflight
-    from pipeline.models import registry as clip_models
+    from pipeline.models import registry
     from pipeline.runtime.run import source_rows, versions
     from pipeline.runtime.ray_plan import training_dataset
     from pipeline.runtime.session import LOAD_ERRORS, failure, ray_session
@@ -277,10 +277,10 @@ def train_job(
     storage = fsio.storage_options(spec.storage)
     try:
         w = spec.clip.weights
-        clip_models.check_model(spec.clip.model, w.tag if w is not None else None)
+        registry.check_model(spec.clip.model, w.tag if w is not None else None)
         preflight(w, storage)
         preflight(spec.adapters.weights, storage)
-    except (clip_models.ModelLoadError, WeightsError) as exc:
+    except (registry.ModelLoadError, WeightsError) as exc:
         raise TrainError(f"weights: {exc}", exit_code=2) from None
     train_dir = fsio.join(fsio.normalise(output_uri), run_id)
     plan_uri = fsio.join(train_dir, PLAN)

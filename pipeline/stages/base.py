@@ -90,9 +90,12 @@ class LazyModule:
         self.__dict__["_name"] = name
 
     def __getattr__(self, attr: str) -> Any:
-        import importlib
+        module = self.__dict__.get("_module")
+        if module is None:  # first use: import once, then every access is one lookup
+            import importlib
 
-        return getattr(importlib.import_module(self.__dict__["_name"]), attr)
+            module = self.__dict__["_module"] = importlib.import_module(self.__dict__["_name"])
+        return getattr(module, attr)
 
 
 def inference_mode(fn):

@@ -413,6 +413,46 @@ class AprilGanAdapters(_Model):
 PixelSpec = Annotated[Union[NoPixelMap, WinclipWindows, FadeZeroShot, ClipSegMaps, AprilGanAdapters], Field(discriminator="kind")]
 
 
+#: few_shot.method -> the pixel.kind whose zero-shot map it completes (METHODS.md section 4)
+FEW_SHOT_PIXEL = {"winclip": "winclip_windows", "april_gan": "april_gan", "fade": "fade_zero_shot"}
+
+
+class FewShotSpec(_Model):
+    """Few-shot scoring (METHODS.md section 4): ``k`` normal reference images per category, a memory
+    bank of their features per category built once per run (``RUN/banks/``), and the method's
+    nearest-neighbour vision map added to its zero-shot map.
+
+    ``reference``: the reference images (``--reference`` overrides it): a folder with one
+    sub-folder per category, an mvtec/visa/visa_1cls/mpdd/btad root (its train split's normal
+    images) or a manifest (.csv/.parquet with ``uri``, ``category``); ``layout`` as for inputs
+    (``auto`` detects). ``k`` images per category are chosen with ``seed``, without replacement
+    unless ``with_replacement`` (APRIL-GAN's sampler draws with replacement); the choice is written
+    to ``RUN/references.parquet``. ``missing``: a category of the input without references is an
+    ``error`` (the run stops before scoring, naming them) or is scored ``zero_shot`` (its rows say
+    so: ``few_shot_k`` 0). ``method``: ``winclip`` (WinCLIP+), ``april_gan`` or ``fade``; it must
+    match ``pixel.kind`` (winclip_windows, april_gan, fade_zero_shot) and defaults to it.
+    FADE only: ``vision_multiplier`` (3.5), ``vision_weight`` (0.85, the weight of the vision map
+    in the fused map) and ``vision_features`` (``clip``: the final patch tokens, FADE's few-shot
+    recipe; ``gem``: the GEM stream's), at ``pixel.scales``. ``query_chunk``/``bank_chunk``:
+    rows per block of the exact nearest-neighbour search (memory per block = their product x 4
+    bytes). ``max_cached_banks``: banks a scoring actor keeps in memory at once (least recently
+    used go first)."""
+
+    reference: str | None = None
+    layout: Literal["auto", "folder", "mvtec", "visa", "visa_1cls", "mpdd", "btad", "manifest"] = "auto"
+    k: int = Field(default=1, ge=1)
+    seed: int = 0
+    with_replacement: bool = False
+    missing: Literal["error", "zero_shot"] = "error"
+    method: Literal["winclip", "april_gan", "fade"] | None = None
+    vision_multiplier: float = Field(default=3.5, ge=0)
+    vision_weight: float = Field(default=0.85, ge=0, le=1)
+    vision_features: Literal["clip", "gem"] = "clip"
+    query_chunk: int = Field(default=4096, ge=1)
+    bank_chunk: int = Field(default=65536, ge=1)
+    max_cached_banks: int = Field(default=8, ge=1)
+
+
 class SamSpec(_Model):
     """Segment Anything (METHODS.md sections 5-6). ``model``: ``vit_h``, ``vit_l``, ``vit_b`` or
     ``tiny`` (a small SAM assembled from segment-anything's modules, for tests). ``weights``: a
@@ -559,6 +599,7 @@ class JobSpec(_Model):
     data: DataSpec = DataSpec()
     decode: DecodeSpec = DecodeSpec()
     storage: StorageSpec = StorageSpec()
+    few_shot: FewShotSpec | None = None
     sam: SamSpec | None = None
     foreground: ForegroundSpec | None = None
     tiling: TilingSpec | None = None
@@ -604,7 +645,23 @@ class JobSpec(_Model):
             raise ValueError("sam_refine refines a pixel map: set pixel.kind (e.g. april_gan or fade_zero_shot)")
         if self.tiling is not None and isinstance(self.pixel, AprilGanAdapters):
             raise ValueError("pixel.kind april_gan does not run per tile yet: remove the tiling section")
+        if self.few_shot is not None:
+            methods = {v: k for k, v in FEW_SHOT_PIXEL.items()}
+            if self.pixel.kind not in methods:
+                raise ValueError(f"few_shot needs a pixel method it completes (pixel.kind: {', '.join(FEW_SHOT_PIXEL.values())}); "
+                                 f"pixel.kind is {self.pixel.kind}")
+            if self.few_shot.method is not None and FEW_SHOT_PIXEL[self.few_shot.method] != self.pixel.kind:
+                raise ValueError(f"few_shot.method {self.few_shot.method} completes pixel.kind {FEW_SHOT_PIXEL[self.few_shot.method]}, "
+                                 f"but pixel.kind is {self.pixel.kind}")
+            if self.tiling is not None:
+                raise ValueError("few_shot does not run per tile yet: remove the tiling section")
         return self
+
+    def few_shot_method(self) -> str | None:
+        """``winclip``, ``april_gan`` or ``fade`` when the job scores few-shot, else None."""
+        if self.few_shot is None:
+            return None
+        return self.few_shot.method or {v: k for k, v in FEW_SHOT_PIXEL.items()}[self.pixel.kind]
 
     def uses_sam(self) -> bool:
         return (self.foreground is not None and self.foreground.kind == "sam_dis") or self.sam_refine is not None
@@ -620,9 +677,10 @@ class JobSpec(_Model):
 
     def map_range(self) -> tuple[float, float]:
         """The fixed range the pixel maps are stored on (16-bit PNG levels, evaluation): [0, 1] for
-        probabilities, [0, number of layers] for APRIL-GAN's summed layer maps."""
-        if isinstance(self.pixel, AprilGanAdapters):
-            return 0.0, float(len(self.pixel.layers))
+        probabilities, [0, number of layers] for APRIL-GAN's summed layer maps ([0, 3 x layers] few-shot:
+        each layer adds its nearest-neighbour distance 1 - cos, at most 2)."""
+        if isinstance(self.pixel, AprilGanAdapters):  # few-shot adds up to 2 (1 - cos) per layer
+            return 0.0, float(len(self.pixel.layers) * (3 if self.few_shot is not None else 1))
         return 0.0, 1.0
 
     @property

@@ -31,6 +31,9 @@ Layouts (``DataSpec.layout``):
   :func:`pipeline.io.manifest.list_manifest`.
 - ``auto``: :func:`detect_layout`.
 
+The MVTec-like and VisA listers take a ``split`` keyword (default ``test``); the few-shot reference
+images (:mod:`pipeline.io.references`) are the ``train`` split's normal images.
+
 Folder, MVTec-like and VisA inputs are listed with ONE recursive ``find(detail=True)`` call (one paginated
 ListObjectsV2 on S3), which also yields size, mtime and ETag.
 """
@@ -336,14 +339,21 @@ def _list_mvtec(
     normal: str = _NORMAL_DEFECT,
     any_mask_extension: bool = False,
     name: str = "MVTec AD",
+    split: str = "test",
 ) -> pd.DataFrame:
     """An MVTec-like tree: ``normal`` is the defect folder of normal images; masks may have any
-    extension when ``any_mask_extension`` (BTAD); ``name`` names the dataset in errors."""
+    extension when ``any_mask_extension`` (BTAD); ``name`` names the dataset in errors.
+
+    ``split``: the split folder listed (``test``). Any other split (``train``: the few-shot
+    reference images) lists only its ``normal`` folder, label 0, without masks; a category folder
+    without that split is left out."""
     fs, root, files = tree.fs, tree.root, tree.files
+    test = split == "test"
+    shape = f"{split}/<defect>/<image>" if test else f"{split}/{normal}/<image>"
     # Category folder -> {relative path inside it: info}
-    has_test_here = any(rel.startswith("test/") for rel in files)
+    has_split_here = any(rel.startswith(f"{split}/") for rel in files)
     by_category: dict[str, dict[str, dict[str, Any]]] = {}
-    if has_test_here:
+    if has_split_here:
         category = _root_name(root)
         by_category[category] = dict(files)
         prefixes = {category: ""}
@@ -351,7 +361,7 @@ def _list_mvtec(
         prefixes = {}
         for rel in files:
             parts = rel.split("/", 1)
-            if len(parts) == 2 and not parts[0].startswith(".") and parts[1].startswith("test/"):
+            if len(parts) == 2 and not parts[0].startswith(".") and parts[1].startswith(f"{split}/"):
                 by_category.setdefault(parts[0], {})
                 prefixes[parts[0]] = parts[0] + "/"
         for rel, info in files.items():
@@ -360,8 +370,8 @@ def _list_mvtec(
                 by_category[head][tail] = info
     if not by_category:
         raise InputError(
-            f"input {uri}: does not look like {'an' if name.startswith('MVTec') else 'a'} {name} tree (expected ROOT/<category>/test/<defect>/<image> "
-            "or ROOT/test/<defect>/<image>; found no test/ folder)"
+            f"input {uri}: does not look like {'an' if name.startswith('MVTec') else 'a'} {name} tree (expected ROOT/<category>/{shape} "
+            f"or ROOT/{shape}; found no {split}/ folder)"
         )
     if data.category is not None:
         if data.category not in by_category:
@@ -376,7 +386,7 @@ def _list_mvtec(
         masks = {rel for rel in entries if rel.startswith("ground_truth/")}
         for rel, info in entries.items():
             parts = rel.split("/")
-            if len(parts) != 3 or parts[0] != "test" or _hidden(parts):
+            if len(parts) != 3 or parts[0] != split or _hidden(parts) or (not test and parts[1] != normal):
                 continue
             if not _has_extension(parts[2], data.extensions):
                 continue
@@ -390,7 +400,7 @@ def _list_mvtec(
             rows.append(_row(fs, root, prefix + rel, info, category, label, mask_uri))
     if not rows:
         raise InputError(
-            f"input {uri}: no test images found in the {name} tree (looked for test/<defect>/<image> with "
+            f"input {uri}: no {split} images found in the {name} tree (looked for {shape} with "
             f"extensions {_ext_text(data.extensions)}, case-insensitive)"
         )
     return manifest_frame(rows)
@@ -406,7 +416,9 @@ def _clean_rel(value: str) -> str:
     return rel[2:] if rel.startswith("./") else rel
 
 
-def _list_visa(uri: str, data: DataSpec, tree: Tree) -> pd.DataFrame:
+def _list_visa(uri: str, data: DataSpec, tree: Tree, *, split: str = "test") -> pd.DataFrame:
+    """The raw VisA tree: the rows of ``split_csv/1cls.csv`` whose split is ``split`` (``test``;
+    ``train``: the few-shot reference images, which must all be labelled normal)."""
     fs, root, files = tree.fs, tree.root, tree.files
     csv_uri = _child_uri(fs, root, _VISA_CSV)
     if _VISA_CSV not in files:
@@ -431,7 +443,7 @@ def _list_visa(uri: str, data: DataSpec, tree: Tree) -> pd.DataFrame:
     seen: dict[str, int] = {}
     available: set[str] = set()
     for i, record in enumerate(table.to_dict("records")):
-        if str(record["split"]).strip().lower() != "test":
+        if str(record["split"]).strip().lower() != split:
             continue
         category = str(record["object"]).strip()
         if not category:
@@ -445,6 +457,11 @@ def _list_visa(uri: str, data: DataSpec, tree: Tree) -> pd.DataFrame:
                 f"VisA split {csv_uri}: {where(i)}: unknown label {record['label']!r} (expected normal or anomaly)"
             )
         label = _VISA_LABELS[label_text]
+        if label == 1 and split != "test":
+            raise InputError(
+                f"VisA split {csv_uri}: {where(i)}: {split} image {record['image']!r} is labelled anomaly "
+                f"(the {split} split must hold normal images only)"
+            )
         if not str(record["image"]).strip():
             raise InputError(f"VisA split {csv_uri}: {where(i)}: empty image path")
         image = _clean_rel(str(record["image"]))
@@ -472,7 +489,7 @@ def _list_visa(uri: str, data: DataSpec, tree: Tree) -> pd.DataFrame:
             f"available: {', '.join(sorted(available)) or 'none'}"
         )
     if not rows:
-        raise InputError(f"input {uri}: no test rows in {csv_uri}")
+        raise InputError(f"input {uri}: no {split} rows in {csv_uri}")
     return manifest_frame(rows)
 
 

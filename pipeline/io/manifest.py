@@ -231,12 +231,15 @@ def _read_table(uri: str, storage: StorageOptions | None) -> pd.DataFrame:
         raise InputError(f"input {uri}: cannot parse the manifest ({type(exc).__name__}: {exc})") from exc
 
 
-def list_manifest(uri: str, data: DataSpec, storage: StorageOptions | None = None) -> pd.DataFrame:
+def list_manifest(
+    uri: str, data: DataSpec, storage: StorageOptions | None = None, *, normal_only: bool = False
+) -> pd.DataFrame:
     """The user manifest at ``uri`` -> the input manifest (see the module docstring).
 
     Raises :class:`InputError` naming the file (and the row: 1-based, plus the line for CSV) for a
     missing file or column, an empty uri or category, an invalid label, a duplicate uri, an unknown
-    ``data.category`` or a manifest without rows."""
+    ``data.category`` or a manifest without rows; with ``normal_only`` (the few-shot reference
+    images), also for a row labelled anomalous."""
     if not is_manifest_uri(uri):
         raise InputError(f"input {uri}: a manifest must be a file ending in {', '.join(MANIFEST_EXTENSIONS)}")
     table = _read_table(uri, storage)
@@ -273,6 +276,11 @@ def list_manifest(uri: str, data: DataSpec, storage: StorageOptions | None = Non
                     f"manifest {uri}: {where(i)}: invalid {label_col} {record[label_col]!r} (expected 0/1, "
                     "true/false, good/normal/ok or anomalous/anomaly/bad/defect, or empty for unknown)"
                 ) from None
+            if normal_only and label == 1:
+                raise InputError(
+                    f"manifest {uri}: {where(i)}: {record['uri']!r} is labelled anomalous ({label_col} "
+                    f"{record[label_col]!r}); reference images must be normal (0/good/normal/ok, or empty)"
+                )
         mask = record.get("mask_uri")
         full_uri = _resolve(str(raw_uri), base)
         if full_uri in seen:

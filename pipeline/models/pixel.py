@@ -29,16 +29,18 @@ def winclip_map(
     temperature: float,
     image_scores: torch.Tensor | None,
     window_sizes: tuple[int, ...] = (2, 3),
+    windows: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(B, 3, S, S) -> fused WinCLIP map (B, G, G).
 
     M = (K' / (sum_k 1 / M_k + [1 / s_img])) with K' the number of fused terms: the K window scales
-    plus the image score when ``image_scores`` is given (METHODS.md: M = (S+1) / (1/s_img + sum 1/M_k))."""
+    plus the image score when ``image_scores`` is given (METHODS.md: M = (S+1) / (1/s_img + sum 1/M_k)).
+    ``windows``: the window embeddings {k: (B, W_k, E)} when the caller has them already (few-shot)."""
     tokens, grid = vit.embed(visual, images)
     b = images.shape[0]
     inv = torch.zeros(b, grid, grid, dtype=torch.float32, device=images.device)
     for k in window_sizes:
-        emb = vit.window_embeddings(visual, tokens, grid, k)
+        emb = windows[k] if windows is not None else vit.window_embeddings(visual, tokens, grid, k)
         scores = anomaly_probability(emb.reshape(-1, emb.shape[-1]), text, temperature).reshape(b, -1)
         inv += 1.0 / vit.harmonic_patch_scores(scores, grid, k)
     terms = len(window_sizes)
@@ -88,19 +90,40 @@ def fade_maps(
     clip((1 - w) L + w V)."""
     if vision_features not in ("gem", "clip"):
         raise ValueError(f"unknown vision_features {vision_features!r} (gem, clip)")
-    lang, vis = [], []
+    language, patches = fade_language(visual, images_by_size, text, temperature, grid, depth)
+    vis = []
+    for size, (gem_patches, plain_patches, g) in patches.items():
+        features = gem_patches if vision_features == "gem" else plain_patches
+        vis.append(_to_grid(second_neighbour_distance(features), g, grid))
+    vision = torch.stack(vis).mean(0) * vision_multiplier
+    return language, vision, fade_fuse(language, vision, vision_weight)
+
+
+def fade_fuse(language: torch.Tensor, vision: torch.Tensor, vision_weight: float) -> torch.Tensor:
+    """FADE's fused map: clip((1 - w) * language + w * vision) to [0, 1]."""
+    return ((1.0 - vision_weight) * language + vision_weight * vision).clamp(*MAP_RANGE)
+
+
+def fade_language(
+    visual: torch.nn.Module,
+    images_by_size: dict[int, torch.Tensor],
+    text: TextClassifier,
+    temperature: float = 0.01,
+    grid: int = 56,
+    depth: int = 6,
+) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor, int]]]:
+    """FADE's language map (B, grid, grid), the mean over sizes of softmax(sims / tau)[anomalous]
+    of the GEM patch embeddings, and per size (GEM patches, plain patches, patch grid) for the
+    vision maps (zero-shot or few-shot)."""
+    lang, patches = [], {}
     for size in sorted(images_by_size):
         images = images_by_size[size]
         b = images.shape[0]
         _, gem_patches, plain_patches, g = vit.gem_forward(visual, images, depth)
         l_map = anomaly_probability(gem_patches.reshape(-1, gem_patches.shape[-1]), text, temperature)
         lang.append(_to_grid(l_map.reshape(b, -1), g, grid))
-        features = gem_patches if vision_features == "gem" else plain_patches
-        vis.append(_to_grid(second_neighbour_distance(features), g, grid))
-    language = torch.stack(lang).mean(0)
-    vision = torch.stack(vis).mean(0) * vision_multiplier
-    fused = ((1.0 - vision_weight) * language + vision_weight * vision).clamp(*MAP_RANGE)
-    return language, vision, fused
+        patches[size] = (gem_patches, plain_patches, g)
+    return torch.stack(lang).mean(0), patches
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -28,13 +28,15 @@ from pipeline.runtime.udf import ActorStage, TaskStage
 from pipeline.stages.plan import PlanError, PlannedStage
 
 
-def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], None], stage: str = "clip_score") -> float:
-    """GPUs for a model pool: as the spec asks, except on a local Ray without GPUs, where asking
-    for one would wait forever: there it falls back to CPU and says so. On a cluster the request is
-    kept (an autoscaler may add GPU nodes)."""
-    asked = getattr(spec.resources, stage).num_gpus
+def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], None], stage: str = "clip_score",
+                   asked: float | None = None) -> float:
+    """GPUs for a model pool (``asked``, default ``resources.<stage>.num_gpus``): as the spec asks,
+    except on a local Ray without GPUs, where asking for one would wait forever: there it falls
+    back to CPU and says so. On a cluster the request is kept (an autoscaler may add GPU nodes)."""
+    if asked is None:
+        asked = getattr(spec.resources, stage).num_gpus
     if asked and session["local"] and not session["resources"].get("GPU"):
-        log(f"resources.{stage}.num_gpus={asked} but this machine's Ray has no GPU: running {stage} on CPU")
+        log(f"{stage}: {asked} GPU asked but this machine's Ray has no GPU: running {stage} on CPU")
         return 0.0
     return asked
 
@@ -44,7 +46,7 @@ def stage_request(planned: PlannedStage, spec: JobSpec, session: dict[str, Any],
     res = planned.resources
     request: dict[str, float] = {"CPU": res.num_cpus}
     if planned.kind == "actor":
-        gpus = effective_gpus(spec, session, log, planned.name)
+        gpus = effective_gpus(spec, session, log, planned.name, res.num_gpus)
         if gpus:
             request["GPU"] = gpus
     elif res.num_gpus:

@@ -36,6 +36,7 @@ from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import registry
 from pipeline.runtime.ids import check_run_id, new_run_id
+from pipeline.runtime import fewshot
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.watchdog import watched
 from pipeline.stages.plan import PlanError, PlannedStage, build_plan, check_columns
@@ -424,6 +425,9 @@ def run_job(
             input_uri, used_layout, shard_size = plan["input"], plan["layout"], int(plan["shard_size"])
             skipped = dict(plan.get("skipped", {}))
             manifest = read_manifest(fsio.join(run_dir, "inputs.parquet"), storage)
+            if spec.few_shot is not None:
+                few_missing, few_layout = list(plan["few_shot"]["missing"]), plan["few_shot"]["layout"]
+                chosen = fewshot.read_chosen(run_dir, storage)
         else:
             if interrupted:
                 take_lease()  # a live holder: "in progress"; a gone one: "was interrupted"
@@ -441,11 +445,20 @@ def run_job(
                 manifest = unscored(manifest, spec.skip_scored, storage, exclude=run_dir)
                 log(f"incremental: {before - len(manifest)} of {before} images already scored ok under {spec.skip_scored}; "
                     f"{len(manifest)} to score")
+            if spec.few_shot is not None:  # references are chosen before anything is written
+                try:
+                    chosen, few_missing, few_layout = fewshot.choose(spec, manifest, storage, log)
+                except fewshot.FewShotError as exc:
+                    raise RunError(str(exc), exit_code=2) from None
             take_lease()
             try:
                 write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
+                if spec.few_shot is not None:
+                    fewshot.write_chosen(chosen, run_dir, storage)
                 write_json(plan_uri, {"run_id": run_id, "input": input_uri, "layout": used_layout, "shard_size": shard_size,
-                                      "images": len(manifest), "skipped": skipped, "spec": spec.redacted()}, storage)
+                                      "images": len(manifest), "skipped": skipped, "spec": spec.redacted(),
+                                      **({"few_shot": {"layout": few_layout, "missing": few_missing}}
+                                         if spec.few_shot is not None else {})}, storage)
             except OSError as exc:
                 raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
         list_s = time.monotonic() - t0
@@ -463,6 +476,7 @@ def run_job(
                 "scores are NOT meaningful results")
 
         values = run_values(spec, run_id)
+        few_record: dict[str, Any] | None = None
         progress = Progress(len(pending), log, stream=progress_stream)
         plan_error: str | None = None
         unusable_weights = False
@@ -478,6 +492,12 @@ def run_job(
                 if len(pending):
                     session = ray_stack.enter_context(ray_session(address, log))
                     session_info = {"address": session["address"], "resources": dict(session["resources"])}
+                    if spec.few_shot is not None:  # the banks, before any image is scored
+                        entries, summary = fewshot.build_banks(spec, chosen, run_dir, storage, session, log)
+                        few_record = fewshot.record(spec, run_dir, few_layout, few_missing, entries, summary)
+                        for planned in stages:
+                            if planned.name == "clip_score":
+                                planned.stage.banks = entries
                     def save_stats(text: str) -> None:
                         fs_, path_ = fsio.filesystem(fsio.join(run_dir, "ray_data_stats.txt"), storage)
                         with fs_.open(path_, "w") as fh:
@@ -544,6 +564,14 @@ def run_job(
                 )
             else:
                 status, reason = "succeeded", None
+            if spec.few_shot_method() == "april_gan" and not n_missing and not output_lost:
+                try:  # the transductive pass needs every image of a category scored
+                    fewshot.rescore_transductive(sink.files("scores"), storage, log)
+                except Exception as exc:
+                    kind, text = failure(exc)
+                    status, reason = "failed", f"score_transductive could not be written ({kind}: {text})"
+            if spec.few_shot is not None and few_record is None:  # nothing left to score: the banks as stored
+                few_record = fewshot.record(spec, run_dir, few_layout, few_missing, {}, {"built": [], "reused": []})
             ended = dt.datetime.now(dt.timezone.utc)
             record = {
                 "run_id": run_id,
@@ -570,6 +598,7 @@ def run_job(
                     **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
                 },
                 "plan": [{"stage": p.name, "kind": p.kind} for p in stages],
+                **({"few_shot": few_record} if few_record is not None else {}),
                 "skipped_at_listing": skipped,
                 "first_result_rows": first_result_rows,
                 "labelled_images": int(manifest["gt_label"].notna().sum()),

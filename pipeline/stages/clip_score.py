@@ -9,6 +9,7 @@ the affected rows into ``status = error`` rows with ``error_stage = clip_score``
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Callable
@@ -17,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import (
-    AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, MapOutputSpec, NoPixelMap, RetrySpec, TilingSpec, WinclipWindows,
-    ZeroShotImageScore,
+    AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, FewShotSpec, MapOutputSpec, NoPixelMap, RetrySpec, TilingSpec,
+    WinclipWindows, ZeroShotImageScore,
 )
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import retrying, stderr_log
@@ -33,6 +34,7 @@ torch = LazyModule("torch")
 clip_models = LazyModule("pipeline.models.clip")
 pixel_maps = LazyModule("pipeline.models.pixel")
 scoring = LazyModule("pipeline.models.scoring")
+fewshot = LazyModule("pipeline.models.fewshot")
 
 STAGE = "clip_score"
 ModelFactory = Callable[[], tuple]  # () -> (torch module, pipeline.models.clip.Preprocess)
@@ -94,8 +96,19 @@ class ClipScoreStage:
         retries: RetrySpec | None = None,
         tiling: TilingSpec | None = None,
         map_range: tuple[float, float] = (0.0, 1.0),
+        few_shot: FewShotSpec | None = None,
+        few_shot_method: str | None = None,
     ) -> None:
         self.clip = clip
+        self.few_shot = few_shot
+        self.few_shot_method = few_shot_method if few_shot is not None else None
+        if few_shot is not None and few_shot_method is None:
+            raise ValueError("few_shot needs its method (winclip, april_gan or fade)")
+        #: category -> {"uri", "digest", "k", "reference_digest"} of its bank; set by the driver once
+        #: the banks are built (categories without references are scored zero-shot)
+        self.banks: dict[str, dict] = {}
+        self._bank_cache: collections.OrderedDict = collections.OrderedDict()
+        self.bank_loads = 0  # banks read from storage by this actor (each category once while cached)
         self.map_range = map_range
         self.score = score
         self.pixel = pixel
@@ -120,11 +133,14 @@ class ClipScoreStage:
     @classmethod
     def from_spec(cls, spec, storage: StorageOptions | None = None) -> "ClipScoreStage":
         return cls(spec.clip, spec.score, weights_cache=spec.weights_cache, storage=storage, pixel=spec.pixel,
-                   maps=spec.maps, retries=spec.retries, tiling=spec.tiling, map_range=spec.map_range())
+                   maps=spec.maps, retries=spec.retries, tiling=spec.tiling, map_range=spec.map_range(),
+                   few_shot=spec.few_shot, few_shot_method=spec.few_shot_method())
 
     @property
     def types(self) -> dict[str, object]:
-        out = {"score": pa.float64(), "score_vision": pa.float64(), "max_pixel_score": pa.float64(), "anomaly_map": TENSOR,
+        out = {"score": pa.float64(), "score_language": pa.float64(), "score_vision": pa.float64(),
+               "score_fewshot": pa.float64(), "few_shot_k": pa.int64(), "reference_digest": pa.string(),
+               "max_pixel_score": pa.float64(), "anomaly_map": TENSOR,
                "scoring_mode": pa.string(), "clip_score_ms": pa.float64(), "status": pa.string(),
                "error_stage": pa.string(), "error_type": pa.string(), "error_message": pa.string()}
         if self.tiling is not None:
@@ -247,11 +263,55 @@ class ClipScoreStage:
 
     @inference_mode
     def score_images(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None) -> dict[str, object]:
-        """Score uint8 (H, W, 3) images in one batch. Returns ``score``/``score_vision``/
-        ``max_pixel_score`` float64 (B,) and ``maps``: a list of float32 (H', W')
+        """Score uint8 (H, W, 3) images in one batch. Returns ``score``/``score_language``/
+        ``score_vision``/``score_fewshot``/``max_pixel_score`` float64 (B,), ``few_shot_k`` and
+        ``reference_digest`` (lists, None without few-shot) and ``maps``: a list of float32 (H', W')
         maps (empty when the stage has no pixel method) at the stored map size, or ``map_side`` x
-        ``map_side`` when given (tiles)."""
-        tensors = [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img)) for img in images]
+        ``map_side`` when given (tiles). Images of a category with a bank are scored few-shot, the
+        others zero-shot."""
+        if self.few_shot is None or map_side is not None:
+            return self._score_zero_shot(images, categories, map_side)
+        has = np.array([c in self.banks for c in categories], dtype=bool)
+        if has.all():
+            return self._score_few_shot(images, categories)
+        if not has.any():
+            out = self._score_zero_shot(images, categories)
+            out["few_shot_k"] = [0] * len(images)  # no references: scored zero-shot, and the row says so
+            return out
+        parts = [(np.flatnonzero(has), self._score_few_shot), (np.flatnonzero(~has), self._score_zero_shot)]
+        b = len(images)
+        merged: dict[str, object] = {k: np.full(b, np.nan) for k in _SCORE_KEYS}
+        merged.update(maps=[None] * b, few_shot_k=[0] * b, reference_digest=[None] * b)
+        for idx, fn in parts:
+            r = fn([images[i] for i in idx], [categories[i] for i in idx])
+            for j, i in enumerate(idx.tolist()):
+                for key in _SCORE_KEYS:
+                    merged[key][i] = r[key][j]
+                if r["maps"]:
+                    merged["maps"][i] = r["maps"][j]
+                if fn == self._score_few_shot:
+                    merged["few_shot_k"][i] = r["few_shot_k"][j]
+                    merged["reference_digest"][i] = r["reference_digest"][j]
+        return merged
+
+    def _tensors(self, images: list[np.ndarray]) -> list:
+        return [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img)) for img in images]
+
+    def _stored_maps(self, images, grids, map_side=None) -> tuple[list[np.ndarray], np.ndarray]:
+        """Map grids (a (B, h, w) tensor, or a list of maps already at their size) -> the stored maps
+        (float32, clipped to the map range) and their maxima."""
+        maps: list[np.ndarray] = []
+        max_pixel = np.full(len(images), np.nan)
+        for i, img in enumerate(images):
+            shape = (map_side, map_side) if map_side else map_shape(img.shape[0], img.shape[1], self.maps.map_size)
+            grid = grids[i] if isinstance(grids, list) else grids[i : i + 1]  # a list: maps made at their size
+            m = pixel_maps.upsample(grid.float(), shape)[0].clamp(*self.map_range)
+            maps.append(m.cpu().numpy().astype(np.float32))
+            max_pixel[i] = float(maps[-1].max())
+        return maps, max_pixel
+
+    def _score_zero_shot(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None) -> dict[str, object]:
+        tensors = self._tensors(images)
         tokens = None
         if self.pixel.kind == "april_gan":  # the score and the layers' tokens from one pass at the adapters' size
             from pipeline.models.adapters import layer_features
@@ -282,13 +342,137 @@ class ClipScoreStage:
         maps: list[np.ndarray] = []
         max_pixel = np.full(b, np.nan)
         if grids is not None:
-            for i, img in enumerate(images):
-                shape = (map_side, map_side) if map_side else map_shape(img.shape[0], img.shape[1], self.maps.map_size)
-                grid = grids[i] if isinstance(grids, list) else grids[i : i + 1]  # a list: maps made at their size
-                m = pixel_maps.upsample(grid.float(), shape)[0].clamp(*self.map_range)
-                maps.append(m.cpu().numpy().astype(np.float32))
-                max_pixel[i] = float(maps[-1].max())
-        return {"score": score, "score_vision": vision, "max_pixel_score": max_pixel, "maps": maps}
+            maps, max_pixel = self._stored_maps(images, grids, map_side)
+        return {"score": score, "score_language": score.copy(), "score_vision": vision, "score_fewshot": np.full(b, np.nan),
+                "max_pixel_score": max_pixel, "maps": maps, "few_shot_k": [None] * b, "reference_digest": [None] * b}
+
+    # ---------------------------------------------------------------- few-shot (METHODS.md section 4)
+    def bank(self, category: str) -> dict[str, "torch.Tensor"]:
+        """The memory bank of ``category`` on this actor's device: read once from the run folder
+        (its digest checked), then kept among the ``few_shot.max_cached_banks`` most recently used."""
+        cached = self._bank_cache.get(category)
+        if cached is not None:
+            self._bank_cache.move_to_end(category)
+            return cached
+        from pipeline.io.banks import read_bank
+
+        ref = self.banks[category]
+        tensors, _ = read_bank(ref["uri"], ref["digest"], self.storage)
+        bank = {k: torch.from_numpy(v).to(self.device) for k, v in tensors.items()}
+        self.bank_loads += 1
+        self._bank_cache[category] = bank
+        while len(self._bank_cache) > self.few_shot.max_cached_banks:
+            self._bank_cache.popitem(last=False)
+        return bank
+
+    @property
+    def _chunks(self) -> tuple[int, int]:
+        return self.few_shot.query_chunk, self.few_shot.bank_chunk
+
+    def _fade_sizes(self, tensors) -> dict[int, "torch.Tensor"]:
+        return {size: clip_models.preprocess_images(tensors, dataclasses.replace(self.preprocess, size=size)).to(self.device)
+                for size in self.pixel.scales}
+
+    def _april_gan_pass(self, tensors) -> tuple["torch.Tensor", list]:
+        """The class embeddings and the layers' tokens of one pass at the adapters' input size."""
+        from pipeline.models.adapters import layer_features
+
+        pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
+        batch = clip_models.preprocess_images(tensors, pre).to(self.device)
+        feats, tokens = layer_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
+        return feats.float(), [t.float() for t in tokens]
+
+    def _features(self, tensors) -> dict[str, "torch.Tensor"]:
+        """The few-shot features {key: (B, N, D)} of images (bank and query side alike)."""
+        visual = self.model.visual
+        if self.few_shot_method == "winclip":
+            batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
+            return fewshot.winclip_features(visual, batch, self.pixel.window_sizes)
+        if self.few_shot_method == "april_gan":
+            return fewshot.aprilgan_features(self._april_gan_pass(tensors)[1], self.pixel.layers)
+        return fewshot.fade_features(visual, self._fade_sizes(tensors), self.few_shot.vision_features, self.pixel.gem_depth)
+
+    @inference_mode
+    def bank_features(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Per reference image, its bank features {key: float32 (N, D)}: the same code as the query
+        side of :meth:`score_images`."""
+        feats = self._features(self._tensors(images))
+        return [{k: v[i].float().cpu().numpy() for k, v in feats.items()} for i in range(len(images))]
+
+    def _score_few_shot(self, images: list[np.ndarray], categories: list[str]) -> dict[str, object]:
+        """Images whose categories all have banks: the method's zero-shot map and score completed by
+        its nearest-neighbour vision map (pipeline.models.fewshot)."""
+        tensors = self._tensors(images)
+        b = len(images)
+        cats = np.asarray(categories, dtype=object)
+        groups = {cat: np.flatnonzero(cats == cat) for cat in dict.fromkeys(categories)}
+        language = np.empty(b)
+        score = np.empty(b)
+        fs_score = np.empty(b)
+        vision = np.full(b, np.nan)
+        method, visual = self.few_shot_method, self.model.visual
+        grids: object
+        if method == "april_gan":
+            from pipeline.models.adapters import adapter_map
+
+            feats, tokens = self._april_gan_pass(tensors)
+            queries = fewshot.aprilgan_features(tokens, self.pixel.layers)
+            grids = [None] * b
+            side = self.pixel.image_size
+        else:
+            batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
+            feats = clip_models.encode_image(self.model, batch)
+            if method == "winclip":
+                queries = fewshot.winclip_features(visual, batch, self.pixel.window_sizes)
+                grids = None
+            else:
+                lang_map, patches = pixel_maps.fade_language(visual, self._fade_sizes(tensors), self.pixel_text_classifier(),
+                                                             self.pixel.temperature, self.pixel.grid, self.pixel.gem_depth)
+                use = 0 if self.few_shot.vision_features == "gem" else 1
+                queries = {f"scale{size}": p[use] for size, p in patches.items()}
+                grids = torch.empty_like(lang_map)
+        for cat, idx in groups.items():
+            text = self.text_classifier(cat)
+            probs = scoring.anomaly_probability(feats[idx], text, self.score.temperature).double().cpu().numpy()
+            language[idx] = probs
+            bank = self.bank(cat)
+            q = {k: v[idx] for k, v in queries.items()}
+            if method == "winclip":
+                sizes = self.pixel.window_sizes
+                img_scores = torch.from_numpy(probs).to(self.device) if self.pixel.fuse_image_score else None
+                zs = pixel_maps.winclip_map(visual, batch[idx], text, self.score.temperature, img_scores, sizes,
+                                            windows={k: q[f"window{k}"] for k in sizes})
+                fs = fewshot.winclip_fewshot_map(q, bank, zs.shape[-1], sizes, self._chunks)
+                if grids is None:
+                    grids = torch.empty((b, *zs.shape[1:]), device=zs.device)
+                grids[idx] = (zs + fs) / 2
+                top = fs.amax(dim=(1, 2)).double().cpu().numpy()
+                fs_score[idx] = top
+                score[idx] = (probs + top) / 2
+            elif method == "fade":
+                v = fewshot.fade_fewshot_vision(q, bank, self.pixel.grid, self.few_shot.vision_multiplier, self._chunks)
+                grids[idx] = pixel_maps.fade_fuse(lang_map[idx], v, self.few_shot.vision_weight)
+                top = v.amax(dim=(1, 2)).double().cpu().numpy()
+                fs_score[idx] = vision[idx] = top
+                score[idx] = np.clip((probs + top) / 2, 0.0, 1.0)
+            else:  # april_gan: the streaming score stays the text probability (the rescoring pass adds the map's part)
+                t = torch.stack([text.normal, text.anomalous], dim=-1).to(self.device)
+                for j, i in enumerate(idx.tolist()):
+                    qi = {k: v[j : j + 1] for k, v in q.items()}
+                    toks = [tok[i : i + 1] for tok in tokens]
+                    shape = map_shape(images[i].shape[0], images[i].shape[1], self.maps.map_size)
+                    grids[i] = adapter_map(self.adapters, toks, t, shape) + fewshot.aprilgan_fewshot_map(
+                        qi, bank, self.pixel.layers, shape, self._chunks)
+                    # the reference takes the max of the combined map at the input size (518 x 518)
+                    full = adapter_map(self.adapters, toks, t, (side, side)) + fewshot.aprilgan_fewshot_map(
+                        qi, bank, self.pixel.layers, (side, side), self._chunks)
+                    fs_score[i] = float(full.max())
+                score[idx] = probs
+        maps, max_pixel = self._stored_maps(images, grids)
+        return {"score": score, "score_language": language, "score_vision": vision, "score_fewshot": fs_score,
+                "max_pixel_score": max_pixel, "maps": maps,
+                "few_shot_k": [int(self.banks[c]["k"]) for c in categories],
+                "reference_digest": [self.banks[c]["reference_digest"] for c in categories]}
 
     # ---------------------------------------------------------------- pixel maps, one per pixel.kind
     # Each returns the batch's map grids (B, h, w) and the vision score per image (or None).
@@ -346,7 +530,8 @@ class ClipScoreStage:
         self.setup()
         out = dict(batch)
         errors = RowErrors(batch, n)
-        cols = {k: np.full(n, np.nan) for k in ("score", "score_vision", "max_pixel_score", "clip_score_ms")}
+        cols = {k: np.full(n, np.nan) for k in (*_SCORE_KEYS, "clip_score_ms")}
+        few_k, ref_digest = object_column([None] * n), object_column([None] * n)
         maps = object_column([_NO_MAP] * n)
         todo = [i for i in range(n) if errors.ok(i)]
         images = batch["image"]
@@ -356,12 +541,14 @@ class ClipScoreStage:
             errors.fail_with(i, STAGE, exc, "scoring failed")
 
         def store(rows: list[int], result: dict[str, object], ms: float) -> None:
-            for key in ("score", "score_vision", "max_pixel_score"):
+            for key in _SCORE_KEYS:
                 cols[key][rows] = result[key]
             cols["clip_score_ms"][rows] = ms
             for j, i in enumerate(rows):
                 if result["maps"]:
                     maps[i] = result["maps"][j]
+                few_k[i] = result["few_shot_k"][j]
+                ref_digest[i] = result["reference_digest"][j]
 
         if todo and self.tiling is not None:
             tile_scores, tile_maps = self._call_tiles(batch, todo, cats, cols, fail)
@@ -385,11 +572,13 @@ class ClipScoreStage:
                     for key in cols:
                         cols[key][i] = np.nan
                     maps[i] = _NO_MAP
+                    few_k[i] = ref_digest[i] = None
         if self.tiling is not None and "tile_scores" not in out:
             out.update(_empty_tile_columns(n))
         mode = "tiles" if self.tiling is not None else "whole_image"
         scoring_mode = object_column([mode if errors.ok(i) else None for i in range(n)])
-        out.update(cols, anomaly_map=maps, scoring_mode=scoring_mode, **errors.columns())
+        out.update(cols, anomaly_map=maps, scoring_mode=scoring_mode, few_shot_k=few_k, reference_digest=ref_digest,
+                   **errors.columns())
         return out
 
     def _call_tiles(self, batch, todo, cats, cols, fail):
@@ -431,6 +620,8 @@ class ClipScoreStage:
 
 
 _NO_MAP = np.zeros((0, 0), dtype=np.float32)
+#: the float columns of a scored row (``score_images``' results)
+_SCORE_KEYS = ("score", "score_language", "score_vision", "score_fewshot", "max_pixel_score")
 #: pixel.kind -> the method computing the batch's map grids (None: no pixel map)
 _PIXEL_MAPS = {
     "none": None,

@@ -190,7 +190,7 @@ def run(
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate when the input layout carries labels."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run --run-id: rerun only shards without a done marker."),
     skip_scored: Optional[str] = typer.Option(None, "--skip-scored", help="Score only inputs not already scored ok (same uri, size, etag/mtime) by runs under this OUTPUT."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Few-shot reference images (normal, per category): a folder per category, an mvtec/visa/mpdd/btad root (its train split) or a manifest; the spec's few_shot.reference (turns few-shot on with its defaults when the spec has no few_shot section)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Few-shot reference images (normal, per category): a folder per category, a dataset root (its train split: mvtec, visa, mpdd, btad) or a manifest; the spec's few_shot.reference (turns few-shot on with its defaults when the spec has no few_shot section)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=1, help="Score only the first N listed images (sorted by URI); the spec's data.max_images."),
     categories: Optional[str] = typer.Option(None, "--categories", help="Score only these categories, comma-separated (e.g. bottle,cable); the spec's data.categories."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the input and check the spec and the plan, then print the plan (stages, resources, images, tables) as JSON to stdout; nothing is scored or written."),

@@ -57,7 +57,8 @@ def test_result_rows():
         "status": ["ok", "error", "error"], "error_stage": [None, "decode", "clip_score"],
         "error_type": [None, "EmptyFile", "RuntimeError"], "error_message": [None, "empty file (0 bytes)", "boom"],
         "height": [10, 0, 12], "width": [20, 0, 14], "decode_ms": [1.0, 0.5, 2.0],
-        "score": pa.array([0.25, None, None], pa.float64()), "clip_score_ms": pa.array([3.0, None, None], pa.float64()),
+        "score": pa.array([0.25, None, None], pa.float64()), "score_language": pa.array([0.25, None, None], pa.float64()),
+        "clip_score_ms": pa.array([3.0, None, None], pa.float64()),
         "score_vision": pa.array([None, None, None], pa.float64()),
         "max_pixel_score": pa.array([0.5, None, None], pa.float64()), "scoring_mode": ["whole_image", None, None],
         "map_png": pa.array([b"png", None, None], pa.binary()), "map_height": [4, 0, 0], "map_width": [5, 0, 0],
@@ -76,6 +77,7 @@ def test_result_rows():
     assert cols["random_weights"] == [True] * 3 and cols["run_id"] == ["r1"] * 3
     assert cols["max_pixel_score"] == [0.5, None, None] and cols["score_vision"] == [None, None, None]
     assert cols["encode_ms"] == [0.1, None, None]
+    assert cols["few_shot_k"] == [None] * 3 and cols["score_transductive"] == [None] * 3  # zero-shot: no few-shot values
     assert cols["score_language"] == cols["score"] and cols["scoring_mode"] == ["whole_image", "none", "none"]
     assert cols["n_tiles"] == [None] * 3 and cols["sam_model"] == [None] * 3  # no such stage in this plan
     masks = project(batch, contracts.load("masks"), values).to_pydict()

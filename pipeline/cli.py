@@ -322,7 +322,7 @@ def evaluate_cmd(
     ground_truth: Optional[str] = typer.Option(None, "--ground-truth", help="Ground-truth dataset; default: the run's own input manifest."),
     layout: str = typer.Option("auto", "--layout", help=f"Layout of --ground-truth: {_LAYOUT_HELP}."),
     eval_size: str = typer.Option("stored", "--eval-size", help="stored (map size; masks resized nearest) or a long side N."),
-    image_score: str = typer.Option("method", "--image-score", help="method (the run's score) or max_map."),
+    image_score: str = typer.Option("auto", "--image-score", help="method (the run's score), max_map, transductive (APRIL-GAN few-shot's score_transductive) or auto (transductive for APRIL-GAN few-shot runs, else method)."),
     aupro_limit: float = typer.Option(0.3, "--aupro-limit", help="FPR limit of AUPRO."),
     pro_mode: str = typer.Option("mvtec", "--pro-mode", help="mvtec (exact) or fixed_grid_200 (APRIL-GAN/AnomalyCLIP variant)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),

@@ -93,8 +93,13 @@ def ground_truth(run_dir: str, storage, gt_uri: str | None, layout: str | None) 
     return joined
 
 
+#: --image-score -> the scores column it reads: the run's streaming score, the max of its map, or
+#: the transductive few-shot score (APRIL-GAN: written once every image of a category is scored)
+IMAGE_SCORE_SOURCES = {"method": "score", "max_map": "max_pixel_score", "transductive": "score_transductive"}
+
+
 def _image_table(scores: pd.DataFrame, source: str) -> ValueTable:
-    col = "score" if source == "method" else "max_pixel_score"
+    col = IMAGE_SCORE_SOURCES[source]
     s = scores[col].to_numpy(dtype=float)
     keep = np.isfinite(s)
     return ValueTable.from_scores(s[keep], scores["gt_label"].to_numpy()[keep].astype(int))
@@ -107,7 +112,7 @@ def evaluate_run(
     gt_uri: str | None = None,
     layout: str | None = None,
     eval_size: str | int = "stored",
-    image_score: str = "method",
+    image_score: str = "auto",
     aupro_limit: float = 0.3,
     pro_mode: str = "mvtec",
     address: str | None = None,
@@ -119,18 +124,25 @@ def evaluate_run(
         record = read_json(fsio.join(run_dir, "run.json"), storage)
     except FileNotFoundError:
         raise EvaluationError(f"{run_dir}: no run.json (not a finished zsad run)") from None
-    if image_score not in ("method", "max_map"):
-        raise EvaluationError(f"image score source {image_score!r}: use method or max_map")
+    if image_score == "auto":  # APRIL-GAN few-shot's published image score is the transductive one
+        image_score = "transductive" if (record.get("few_shot") or {}).get("method") == "april_gan" else "method"
+    if image_score not in IMAGE_SCORE_SOURCES:
+        raise EvaluationError(f"image score source {image_score!r}: use {', '.join(IMAGE_SCORE_SOURCES)}")
     if pro_mode not in ("mvtec", "fixed_grid_200"):
         raise EvaluationError(f"AUPRO mode {pro_mode!r}: use mvtec or fixed_grid_200")
     gt = ground_truth(run_dir, storage, gt_uri, layout)
     gt = gt[gt["gt_label"].notna()]
     if gt.empty:
         raise EvaluationError(f"{run_dir}: no image has a ground-truth label (give --ground-truth and --layout)")
-    scores = _read_table(fsio.join(run_dir, "scores"), storage, ["image_id", "category", "status", "score", "max_pixel_score"])
+    extra = ["score_transductive"] if image_score == "transductive" else []
+    scores = _read_table(fsio.join(run_dir, "scores"), storage,
+                         ["image_id", "category", "status", "score", "max_pixel_score", *extra])
     scores = scores[scores["status"] == "ok"].drop(columns=["status"]).merge(gt[["image_id", "gt_label"]], on="image_id")
     if image_score == "max_map" and scores["max_pixel_score"].isna().all():
         raise EvaluationError(f"{run_dir}: image score source max_map needs pixel maps; this run has none")
+    if image_score == "transductive" and scores["score_transductive"].isna().all():
+        raise EvaluationError(f"{run_dir}: image score source transductive needs score_transductive, which only APRIL-GAN "
+                              "few-shot runs write (once every image is scored); this run has none")
 
     pixel_stats: dict[str, LevelStats] = {}
     problems: dict[str, list[str]] = {}

@@ -73,6 +73,15 @@ def choose(spec: JobSpec, manifest: pd.DataFrame, storage: StorageOptions | None
     return chosen, missing, layout
 
 
+def plan_entries(spec: JobSpec, resources: bool = False) -> list[dict[str, Any]]:
+    """The bank pass as the run's plan lists it (before the per-image stages): the bank stage, an
+    actor pool with ``resources.clip_score``, over the decoded reference images."""
+    if spec.few_shot is None:
+        return []
+    extra = spec.resources.clip_score.model_dump(exclude_none=True) if resources else {}
+    return [{"stage": "bank", "kind": "actor", "pass": "references", **extra}]
+
+
 def _bank_entries(spec: JobSpec, chosen: pd.DataFrame, run_dir: str) -> dict[str, dict[str, Any]]:
     from pipeline.stages.bank import bank_digest
 

@@ -340,6 +340,16 @@ def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict
         used_layout, manifest = list_inputs(input_uri, spec.data, storage)
     except InputError as exc:
         raise RunError(str(exc), exit_code=2) from None
+    few: dict[str, Any] = {}
+    if spec.few_shot is not None:
+        try:
+            chosen, missing, ref_layout = fewshot.choose(spec, manifest, storage, lambda m: None)
+        except fewshot.FewShotError as exc:
+            raise RunError(str(exc), exit_code=2) from None
+        few = {"few_shot": {"method": spec.few_shot_method(), "k": spec.few_shot.k, "reference": spec.few_shot.reference,
+                            "reference_layout": ref_layout,
+                            "references_by_category": {str(k): int(v) for k, v in chosen.groupby("category").size().items()},
+                            "categories_without_references": missing}}
     return {
         "input": input_uri,
         "layout": used_layout,
@@ -349,9 +359,11 @@ def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict
         "listing_errors": int(manifest["list_error_type"].notna().sum()),
         "skipped_at_listing": dict(manifest.attrs.get("skipped", {})),
         "shards": -(-len(manifest) // spec.shard_size),
-        "plan": [{"stage": p.name, "kind": p.kind, **p.resources.model_dump(exclude_none=True)} for p in stages],
+        "plan": [*fewshot.plan_entries(spec, resources=True),
+                 *({"stage": p.name, "kind": p.kind, **p.resources.model_dump(exclude_none=True)} for p in stages)],
         "tables": tables,
         "random_weights": spec.random_weights,
+        **few,
     }
 
 
@@ -597,7 +609,7 @@ def run_job(
                     "write_wall": round(write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
                     **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
                 },
-                "plan": [{"stage": p.name, "kind": p.kind} for p in stages],
+                "plan": [*fewshot.plan_entries(spec), *({"stage": p.name, "kind": p.kind} for p in stages)],
                 **({"few_shot": few_record} if few_record is not None else {}),
                 "skipped_at_listing": skipped,
                 "first_result_rows": first_result_rows,

@@ -494,12 +494,8 @@ class ClipScoreStage:
     def _fade_grids(self, images, tensors, batch, score, groups, map_side=None) -> tuple[torch.Tensor, np.ndarray]:
         """FADE's language + vision maps at every scale; also the vision score (the vision map's max)."""
         p = self.pixel
-        by_size = {
-            size: clip_models.preprocess_images(tensors, dataclasses.replace(self.preprocess, size=size)).to(self.device)
-            for size in p.scales
-        }
         _, vis, grids = pixel_maps.fade_maps(
-            self.model.visual, by_size, self.pixel_text_classifier(), p.temperature, p.grid, p.gem_depth,
+            self.model.visual, self._fade_sizes(tensors), self.pixel_text_classifier(), p.temperature, p.grid, p.gem_depth,
             p.vision_multiplier, p.vision_weight, p.vision_features,
         )
         return grids, vis.amax(dim=(1, 2)).double().cpu().numpy()

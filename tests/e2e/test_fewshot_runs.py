@@ -128,7 +128,7 @@ def test_references_in_a_folder_per_category(tmp_path):
     assert plan["plan"][0]["stage"] == "bank"
 
 
-@pytest.mark.parametrize("method", sorted(PRESETS))
+@pytest.mark.parametrize("method", ["april_gan", "fade"])  # winclip's storage path is fade's (unit: test_fewshot_storage)
 def test_fewshot_preset_on_s3(method, tmp_path, s3_bucket, s3_env):
     storage = fsio.storage_options()
     data = f"s3://{s3_bucket}/datasets/synth"

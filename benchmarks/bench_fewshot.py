@@ -36,10 +36,13 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+BANK_CHUNK: list[str] = []  # --bank-chunk N: few_shot.bank_chunk for the scoring processes
+
+
 def spec_for(method: str):
     from pipeline.config import load_spec
 
-    sets = ["clip.weights=null", "allow_random_weights=true", "resources.clip_score.num_gpus=0"]
+    sets = ["clip.weights=null", "allow_random_weights=true", "resources.clip_score.num_gpus=0", *BANK_CHUNK]
     if method == "april_gan":
         sets.append("pixel.weights=null")
     return load_spec(os.path.join(HERE, "..", "jobs", PRESETS[method]), sets)
@@ -107,8 +110,10 @@ def score(method: str, k: int, folder: str, n_images: int, threads: int) -> dict
             "rss_after_setup_mb": round(setup_rss, 1), "peak_rss_mb": round(rss_mb(), 1)}
 
 
-def child(args: list[str], threads: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--one", *args], capture_output=True, text=True,
+def child(args: list[str], threads: int, images_per_run: int) -> dict:
+    extra = ["--bank-chunk", BANK_CHUNK[0].split("=")[1]] if BANK_CHUNK else []
+    extra += ["--threads", str(threads), "--images", str(images_per_run)]
+    out = subprocess.run([sys.executable, __file__, *extra, "--one", *args], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if out.returncode:
         print(out.stderr[-3000:], file=sys.stderr)
@@ -121,8 +126,13 @@ def main() -> None:
     ap.add_argument("--methods", default="winclip,fade,april_gan")
     ap.add_argument("--images", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bank-chunk", type=int, help="few_shot.bank_chunk (rows of the bank per similarity block)")
+    ap.add_argument("--shots", default="1,4,16", help="k values scored (banks of 1, 4 and 16 are built)")
+    ap.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot timing")
     ap.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bank_chunk:
+        BANK_CHUNK.append(f"few_shot.bank_chunk={args.bank_chunk}")
     if args.one:
         phase, method, folder = args.one[0], args.one[1], args.one[-1]
         if phase == "build":
@@ -136,18 +146,19 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for method in args.methods.split(","):
-            built = child(["build", method, folder], args.threads)
+            built = child(["build", method, folder], args.threads, args.images)
             print(json.dumps(built), flush=True)
             runs = {}
-            for k in (0, *SHOTS):
-                runs[k] = child(["score", method, str(k), folder], args.threads)
+            shots = [int(x) for x in args.shots.split(",")]
+            for k in ([] if args.no_zero_shot else [0]) + shots:
+                runs[k] = child(["score", method, str(k), folder], args.threads, args.images)
                 print(json.dumps(runs[k]), flush=True)
             rows.append((method, built, runs))
     print("\n| method | bank build s/reference (median) | zero-shot s/image | k | few-shot s/image | overhead s/image | bank MB | peak RSS scoring (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for method, built, runs in rows:
-        zs = runs[0]["seconds_per_image_median"]
-        for k in SHOTS:
+        zs = runs[0]["seconds_per_image_median"] if 0 in runs else float("nan")
+        for k in (k for k in SHOTS if k in runs):
             r = runs[k]
             print(f"| {method} | {built['seconds_per_reference_median']} | {zs} | {k} | {r['seconds_per_image_median']} | "
                   f"{r['seconds_per_image_median'] - zs:+.3f} | {built['bank_mb'][str(k)]} | {r['peak_rss_mb']} |")

@@ -449,7 +449,7 @@ class FewShotSpec(_Model):
     vision_weight: float = Field(default=0.85, ge=0, le=1)
     vision_features: Literal["clip", "gem"] = "clip"
     query_chunk: int = Field(default=4096, ge=1)
-    bank_chunk: int = Field(default=65536, ge=1)
+    bank_chunk: int = Field(default=16384, ge=1)
     max_cached_banks: int = Field(default=8, ge=1)
 
 

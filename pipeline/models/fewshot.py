@@ -84,7 +84,7 @@ def harmonic_patch_scores_safe(window_scores: torch.Tensor, grid: int, k: int) -
 
 
 def winclip_fewshot_map(queries: Mapping[str, torch.Tensor], bank: Bank, grid: int, window_sizes: tuple[int, ...],
-                        chunks: tuple[int, int] = (4096, 65536)) -> torch.Tensor:
+                        chunks: tuple[int, int] = (4096, 16384)) -> torch.Tensor:
     """WinCLIP+'s few-shot map (B, G, G): mean of the patch association map and the harmonically
     aggregated window association maps; association = min over the bank of (1 - cos) / 2."""
     patch = queries["patch"]
@@ -109,21 +109,30 @@ def aprilgan_features(tokens: list[torch.Tensor], layers: tuple[int, ...]) -> di
     return {f"layer{l}": t for l, t in zip(layers, tokens)}
 
 
-def aprilgan_fewshot_map(queries: Mapping[str, torch.Tensor], bank: Bank, layers: tuple[int, ...],
-                         size: tuple[int, int], chunks: tuple[int, int] = (4096, 65536)) -> torch.Tensor:
-    """APRIL-GAN's few-shot map (B, H, W): per layer min over the bank of 1 - cos on the G x G
-    grid, upsampled bilinearly (align_corners=True) to ``size``, summed over the layers."""
-    total = None
+def aprilgan_distances(queries: Mapping[str, torch.Tensor], bank: Bank, layers: tuple[int, ...],
+                       chunks: tuple[int, int] = (4096, 16384)) -> list[torch.Tensor]:
+    """Per layer, min over the bank of 1 - cos of each query token, on its grid: [(B, 1, G, G)]."""
+    out = []
     for l in layers:
         q = queries[f"layer{l}"]
         b, n, _ = q.shape
         g = int(round(n**0.5))
         if g * g != n:
             raise ValueError(f"layer {l} has {n} tokens, not a square grid")
-        dist = _search(q, _key(bank, f"layer{l}"), chunks).reshape(b, 1, g, g)
-        up = F.interpolate(dist, size=size, mode="bilinear", align_corners=True)[:, 0]
-        total = up if total is None else total + up
-    return total
+        out.append(_search(q, _key(bank, f"layer{l}"), chunks).reshape(b, 1, g, g))
+    return out
+
+
+def aprilgan_upsample_sum(distances: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """The layers' distance grids upsampled bilinearly (align_corners=True) to ``size`` and summed: (B, H, W)."""
+    return sum(F.interpolate(d, size=size, mode="bilinear", align_corners=True)[:, 0] for d in distances)
+
+
+def aprilgan_fewshot_map(queries: Mapping[str, torch.Tensor], bank: Bank, layers: tuple[int, ...],
+                         size: tuple[int, int], chunks: tuple[int, int] = (4096, 16384)) -> torch.Tensor:
+    """APRIL-GAN's few-shot map (B, H, W): per layer min over the bank of 1 - cos on the G x G
+    grid, upsampled bilinearly (align_corners=True) to ``size``, summed over the layers."""
+    return aprilgan_upsample_sum(aprilgan_distances(queries, bank, layers, chunks), size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +157,7 @@ def fade_features(visual: torch.nn.Module, images_by_size: Mapping[int, torch.Te
 
 
 def fade_fewshot_vision(queries: Mapping[str, torch.Tensor], bank: Bank, grid: int = 56, multiplier: float = 3.5,
-                        chunks: tuple[int, int] = (4096, 65536)) -> torch.Tensor:
+                        chunks: tuple[int, int] = (4096, 16384)) -> torch.Tensor:
     """FADE's few-shot vision map (B, grid, grid): per scale 0.5 * (1 - cos) to the nearest bank
     feature of that scale, resized to ``grid`` (bilinear, align_corners=False), mean over the
     scales, times ``multiplier``."""

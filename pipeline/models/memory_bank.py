@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 
 def nearest_cosine_distance(queries: torch.Tensor, bank: torch.Tensor, *, query_chunk: int = 4096,
-                            bank_chunk: int = 65536) -> torch.Tensor:
+                            bank_chunk: int = 16384) -> torch.Tensor:
     """For each row of ``queries`` (N, D), ``min over the rows b of bank (M, D) of 1 - cos(q, b)``:
     a (N,) tensor in [0, 2], float32 (features are compared in float32 whatever their dtype).
 

@@ -36,6 +36,7 @@ from pipeline.io.manifest import manifest_frame
 from pipeline.io.references import (
     REFERENCE_FILE, choose_references, list_references, read_references, references_digest, write_references,
 )
+from pipeline.stages.bank import bank_digest, bank_settings
 
 Log = Callable[[str], None]
 
@@ -83,7 +84,6 @@ def plan_entries(spec: JobSpec, resources: bool = False) -> list[dict[str, Any]]
 
 
 def _bank_entries(spec: JobSpec, chosen: pd.DataFrame, run_dir: str) -> dict[str, dict[str, Any]]:
-    from pipeline.stages.bank import bank_digest
 
     digests = references_digest(chosen)
     out = {}
@@ -127,7 +127,8 @@ def build_banks(spec: JobSpec, chosen: pd.DataFrame, run_dir: str, storage: Stor
             tensors = {key: np.concatenate([p[key] for p in parts], axis=0) for key in keys}
             e = entries[cat]
             meta = {"category": cat, "method": spec.few_shot_method(), "k": e["k"], "digest": e["digest"],
-                    "reference_digest": e["reference_digest"], "references": list(rows["uri"])}
+                    "reference_digest": e["reference_digest"], "references": list(rows["uri"]),
+                    "settings": bank_settings(spec)}
             try:
                 e["bytes"] = write_bank(e["uri"], tensors, meta, storage)
             except Exception as exc:

@@ -461,11 +461,10 @@ class ClipScoreStage:
                     qi = {k: v[j : j + 1] for k, v in q.items()}
                     toks = [tok[i : i + 1] for tok in tokens]
                     shape = map_shape(images[i].shape[0], images[i].shape[1], self.maps.map_size)
-                    grids[i] = adapter_map(self.adapters, toks, t, shape) + fewshot.aprilgan_fewshot_map(
-                        qi, bank, self.pixel.layers, shape, self._chunks)
+                    dist = fewshot.aprilgan_distances(qi, bank, self.pixel.layers, self._chunks)  # searched once
+                    grids[i] = adapter_map(self.adapters, toks, t, shape) + fewshot.aprilgan_upsample_sum(dist, shape)
                     # the reference takes the max of the combined map at the input size (518 x 518)
-                    full = adapter_map(self.adapters, toks, t, (side, side)) + fewshot.aprilgan_fewshot_map(
-                        qi, bank, self.pixel.layers, (side, side), self._chunks)
+                    full = adapter_map(self.adapters, toks, t, (side, side)) + fewshot.aprilgan_upsample_sum(dist, (side, side))
                     fs_score[i] = float(full.max())
                 score[idx] = probs
         maps, max_pixel = self._stored_maps(images, grids)

@@ -48,6 +48,8 @@ def check_fewshot_run(run_dir, method, n_images, categories, k, storage=None, wi
         bank = few["banks"][cat]
         tensors, meta = read_bank(bank["uri"], bank["digest"], storage)
         assert meta["method"] == method and int(meta["k"]) == k and bank["built"] is True
+        settings = json.loads(meta["settings"])  # the model spec and the method's feature settings
+        assert settings["clip"]["model"] == "zsad-tiny" and settings["clip"]["weights"] == "random"
         assert json.loads(meta["references"]) == list(refs[refs["category"] == cat].sort_values("shot")["uri"])
         n_rows = {key: v.shape[0] for key, v in tensors.items()}
         assert len(set(n % k for n in n_rows.values())) == 1  # k images' features stacked per key

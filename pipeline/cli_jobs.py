@@ -71,6 +71,7 @@ def submit(
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id = Ray submission id; default: UTC time + random suffix."),
     layout: str = typer.Option("auto", "--layout", help="Input layout (as for zsad run)."),
     set_: List[str] = typer.Option([], "--set", help="Override a spec key: dotted.key=value (repeatable)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Few-shot reference images as the CLUSTER sees them (as for zsad run); the spec's few_shot.reference."),
     env: List[str] = typer.Option([], "--env", help="Environment variable for the job's driver and workers: KEY=VALUE (repeatable)."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Evaluate when the input carries labels."),
     wait: bool = typer.Option(False, "--wait/--no-wait", help="Follow the job's logs until it ends; exit with its outcome."),
@@ -83,6 +84,8 @@ def submit(
     from pipeline.runtime.ids import check_run_id, new_run_id
 
     _check_layout(layout)
+    if reference:
+        set_ = [*set_, f"few_shot.reference={reference}"]
     try:
         spec = load_spec(job, set_)
     except SpecError as exc:

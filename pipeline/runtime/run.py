@@ -35,8 +35,8 @@ from pipeline.io.manifest import read_manifest, write_manifest
 from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import registry
-from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime import fewshot
+from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.watchdog import watched
 from pipeline.stages.plan import PlanError, PlannedStage, build_plan, check_columns
@@ -582,7 +582,7 @@ def run_job(
                 except Exception as exc:
                     kind, text = failure(exc)
                     status, reason = "failed", f"score_transductive could not be written ({kind}: {text})"
-            if spec.few_shot is not None and few_record is None:  # nothing left to score: the banks as stored
+            if spec.few_shot is not None and few_record is None:  # no bank pass ran (nothing to score, or it failed)
                 few_record = fewshot.record(spec, run_dir, few_layout, few_missing, {}, {"built": [], "reused": []})
             ended = dt.datetime.now(dt.timezone.utc)
             record = {

@@ -10,8 +10,8 @@ every distinct value, so the metrics are exact for the values in the table.
 - AUPRO (MVTec): curve of (FPR, PRO) with one point per distinct value plus (0, 0), trapezoid from
   FPR 0 to ``limit`` with PRO linearly interpolated at exactly ``limit``, divided by ``limit``.
 - AUPRO ``fixed_grid_200``: the APRIL-GAN / AnomalyCLIP variant (200 linear thresholds between the
-  min and max score, strict ``>``, keep FPR < limit, rescale FPR to [0, 1]); only to reproduce
-  paper tables.
+  min and max score, strict ``>``, keep FPR < limit, rescale FPR to [0, 1], trapezoid integral taken
+  in threshold order as ``sklearn.metrics.auc`` does); only to reproduce paper tables.
 """
 
 from __future__ import annotations
@@ -103,8 +103,65 @@ def aupro_fixed_grid_200(table: ValueTable, limit: float = 0.3) -> float:
     if len(fprs) < 2 or fprs.max() == fprs.min():
         return math.nan
     fprs = (fprs - fprs.min()) / (fprs.max() - fprs.min())
-    order = np.argsort(fprs)
-    return float(np.trapezoid(pros[order], fprs[order]))
+    return _auc_in_order(fprs, pros)
+
+
+def _auc_in_order(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoid area under the points in the order given (``sklearn.metrics.auc``): x must be
+    monotonic; a non-increasing x (thresholds ascending, so FPR falls) gives the area with its sign
+    flipped. Points that share an x stay in their order, so which y meets the next x is the one the
+    threshold order puts there (sorting by x would pick one arbitrarily)."""
+    dx = np.diff(x)
+    if np.all(dx >= 0):
+        direction = 1.0
+    elif np.all(dx <= 0):
+        direction = -1.0
+    else:
+        raise ValueError("x is neither increasing nor decreasing")
+    return float(direction * np.trapezoid(y, x))
+
+
+def roc_points(table: ValueTable) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, thresholds descending, from (0, 0) to (1, 1); empty
+    arrays when one class is missing."""
+    p, n = int(table.pos.sum()), int(table.neg.sum())
+    if p == 0 or n == 0:
+        return np.zeros(0), np.zeros(0)
+    tp, fp, _ = _desc(table)
+    return np.concatenate([[0.0], fp / n]), np.concatenate([[0.0], tp / p])
+
+
+def pr_points(table: ValueTable) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at every distinct threshold, thresholds descending (the points the AP
+    step sum runs over); empty arrays without positives."""
+    p = int(table.pos.sum())
+    if p == 0:
+        return np.zeros(0), np.zeros(0)
+    tp, fp, _ = _desc(table)
+    keep = (tp + fp) > 0
+    tp, fp = tp[keep], fp[keep]
+    return tp / p, tp / (tp + fp)
+
+
+def f1_max_threshold(table: ValueTable) -> float:
+    """The score t at which F1-max is reached (predict anomalous when score >= t; the highest such
+    t when several tie); NaN without positives."""
+    p = int(table.pos.sum())
+    if p == 0:
+        return math.nan
+    tp, fp, _ = _desc(table)
+    f1 = 2 * tp / np.maximum(2 * tp + fp + (p - tp), 1)
+    return float(table.values[::-1][int(np.argmax(f1))])
+
+
+def thin(x: np.ndarray, y: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` points of a curve for plotting: evenly spaced by index, first and last
+    kept (a display aid, never used for a metric)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) <= max_points:
+        return x, y
+    idx = np.unique(np.round(np.linspace(0, len(x) - 1, max_points)).astype(np.int64))
+    return x[idx], y[idx]
 
 
 def vand(image_f1: float, pixel_f1: float) -> float:

@@ -149,3 +149,77 @@ def test_fixed_grid_200_is_labelled_variant_close_to_exact():
     table = ValueTable().merge(*[ValueTable.from_pixels(m, k) for m, k in zip(maps, masks)])
     grid = curves.aupro_fixed_grid_200(table)
     assert 0 <= grid <= 1 and grid != curves.aupro(table)
+
+
+def _aprilgan_pro_port(maps, masks, max_step=200, expect_fpr=0.3):
+    """Brute-force port of the APRIL-GAN / AnomalyCLIP AUPRO scheme (test.py ``cal_pro_score``):
+    200 linear thresholds, per threshold the mean recall of every 8-connected region and the FPR
+    over all normal pixels, keep FPR < 0.3, min-max rescale FPR, then ``sklearn.metrics.auc`` on the
+    points IN THRESHOLD ORDER."""
+    from sklearn.metrics import auc
+
+    amaps, gts = np.stack(maps), np.stack(masks).astype(bool)
+    lo, hi = amaps.min(), amaps.max()
+    delta = (hi - lo) / max_step
+    pros, fprs = [], []
+    for th in np.arange(lo, hi, delta):
+        binary = amaps > th
+        recalls = []
+        for b, m in zip(binary, gts):
+            labels, n = ndimage.label(m, structure=np.ones((3, 3), bool))
+            for r in range(1, n + 1):
+                region = labels == r
+                recalls.append(b[region].sum() / region.sum())
+        fprs.append(np.logical_and(~gts, binary).sum() / (~gts).sum())
+        pros.append(np.mean(recalls))
+    pros, fprs = np.array(pros), np.array(fprs)
+    keep = fprs < expect_fpr
+    fprs = fprs[keep]
+    fprs = (fprs - fprs.min()) / (fprs.max() - fprs.min())
+    return auc(fprs, pros[keep])
+
+
+def _tied_fpr_maps(seed):
+    """Small maps whose anomalous pixels carry values no normal pixel has: between two normal values
+    several grid thresholds share one FPR while the PRO changes (ties in FPR, not in PRO)."""
+    rng = np.random.default_rng(seed)
+    maps, masks = [], []
+    for i in range(3):
+        mask = np.zeros((6, 7), bool)
+        if i:
+            mask[1 + i : 3 + i, 2:4 + i] = True
+        m = rng.integers(0, 10, mask.shape) / 20.0  # normals on 10 coarse levels
+        m[mask] = rng.uniform(0.05, 0.7, int(mask.sum()))  # positives everywhere in between
+        maps.append(m)
+        masks.append(mask)
+    return maps, masks
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fixed_grid_200_integrates_in_threshold_order_like_sklearn_auc(seed):
+    maps, masks = _tied_fpr_maps(seed)
+    table = ValueTable().merge(*[ValueTable.from_pixels(m, k) for m, k in zip(maps, masks)])
+    expected = _aprilgan_pro_port(maps, masks)
+    assert np.isfinite(expected)
+    assert curves.aupro_fixed_grid_200(table) == pytest.approx(expected, abs=1e-12)
+
+
+def test_fixed_grid_200_ties_change_the_area_when_sorted_by_fpr():
+    """The old implementation sorted the kept points by FPR (np.argsort, unstable): with FPR ties it
+    pairs other PRO values with the neighbouring FPRs. Assert that these vectors do tell the two
+    apart, so the test above can fail."""
+    gaps = []
+    for seed in range(8):
+        maps, masks = _tied_fpr_maps(seed)
+        table = ValueTable().merge(*[ValueTable.from_pixels(m, k) for m, k in zip(maps, masks)])
+        lo, hi = float(table.values.min()), float(table.values.max())
+        n = table.neg.sum()
+        pts = [(table.neg[table.values > th].sum() / n, table.pro[table.values > th].sum() / table.n_regions)
+               for th in np.arange(lo, hi, (hi - lo) / 200)]
+        f, p = np.array(pts).T
+        keep = f < 0.3
+        f, p = f[keep], p[keep]
+        f = (f - f.min()) / (f.max() - f.min())
+        order = np.argsort(f)
+        gaps.append(abs(np.trapezoid(p[order], f[order]) - curves.aupro_fixed_grid_200(table)))
+    assert max(gaps) > 1e-3

@@ -156,10 +156,16 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
         """Runs while the run's Ray session is still open, so the evaluation reuses it."""
         _console().keep_at = result.record.get("log")  # also when the evaluation fails
         typer.echo(_summary(result))
-        if result.status == "succeeded" and evaluate and result.record.get("labelled_images", 0):
-            from pipeline.io.fs import storage_options
+        from pipeline.cli_report import report_after_run
+        from pipeline.io.fs import storage_options
 
-            _evaluate(result.run_dir, storage_options(spec.storage), address)
+        try:
+            if result.status == "succeeded" and evaluate and result.record.get("labelled_images", 0):
+                _evaluate(result.run_dir, storage_options(spec.storage), address)
+        finally:  # the report also when the run or its evaluation failed: it shows what went wrong
+            path = report_after_run(result.run_dir, spec, storage_options(spec.storage))
+            if path:
+                result.record["report"] = path  # for the caller (demo); run.json is not rewritten
 
     from pipeline.io.fs import storage_options
 
@@ -409,6 +415,7 @@ def _model_problem(spec) -> Optional[str]:
 # Ray Jobs commands (submit, status, logs, stop) live in pipeline/cli_jobs.py; importing it registers
 # them on `app`, here so that `zsad --help` lists them after `evaluate`.
 import pipeline.cli_jobs  # noqa: E402,F401
+import pipeline.cli_report  # noqa: E402,F401
 
 
 @app.command()
@@ -486,6 +493,8 @@ def demo(
     typer.echo("\nmean score per category and ground-truth label (random weights: NOT a result):")
     typer.echo(by_cat.to_string(index=False))
     typer.echo(f"\nload the tables with:  pandas.read_parquet('{result.run_dir}/scores')")
+    if result.record.get("report"):
+        typer.echo(f"open the report:      {result.record['report']}")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ Every field has a documented default; ``zsad validate JOB...`` checks files with
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -582,6 +583,31 @@ class MapOutputSpec(_Model):
         return value
 
 
+class ReportSpec(_Model):
+    """The HTML report ``zsad run`` writes at the end of a run (``RUN/report.html``, also for a
+    failed run; ``zsad report RUN`` writes it again). ``enabled``: false to skip it; ``top``: images
+    shown per category, most anomalous and again nearest the threshold; ``map_range``: the heatmap
+    colour scale shared by every image of the page: ``auto`` (0.5th-99.9th percentile of the shown
+    maps' pixels), ``stored`` (the maps' stored range) or ``LO,HI``."""
+
+    enabled: bool = True
+    top: int = Field(default=8, ge=1, le=200)
+    map_range: str = "auto"
+
+    @field_validator("map_range")
+    @classmethod
+    def _range(cls, value: str) -> str:
+        if value in ("auto", "stored"):
+            return value
+        try:
+            lo, hi = (float(v) for v in value.split(","))
+        except ValueError:
+            raise ValueError(f"{value!r}: use auto, stored or LO,HI (two numbers, LO < HI)") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ValueError(f"{value!r}: LO,HI must be finite numbers with LO < HI")
+        return value
+
+
 class JobSpec(_Model):
     """A whole job. See ``jobs/*.yaml`` for the presets and README for every key."""
 
@@ -607,6 +633,7 @@ class JobSpec(_Model):
     aggregation: AggregationSpec = AggregationSpec()
     resources: ResourcesSpec = ResourcesSpec()
     retries: RetrySpec = RetrySpec()
+    report: ReportSpec = ReportSpec()
     weights_cache: CacheDir = None
 
     @model_validator(mode="before")

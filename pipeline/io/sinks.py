@@ -16,6 +16,7 @@ import posixpath
 import tempfile
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -121,6 +122,30 @@ def read_json_if_exists(uri: str, storage: StorageOptions | None = None) -> dict
         return read_json(uri, storage)
     except FileNotFoundError:
         return None
+
+
+def read_folder(uri: str, storage: StorageOptions | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every ``*.parquet`` file of a table folder as one DataFrame, reading only ``columns``; a
+    column a file lacks (written under an older contract version) comes back as nulls. An empty or
+    missing folder gives an empty frame with those columns."""
+    fs, path = filesystem(uri, storage)
+    try:
+        files = sorted(fs.glob(posixpath.join(path, "*.parquet")))
+    except FileNotFoundError:
+        files = []
+    frames = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            have = set(pf.schema_arrow.names)
+            take = None if columns is None else [c for c in columns if c in have]
+            frame = pf.read(columns=take).to_pandas()
+        for c in columns or []:
+            if c not in frame.columns:
+                frame[c] = None
+        frames.append(frame if columns is None else frame[list(columns)])
+    frames = [f for f in frames if len(f)] or frames[:1]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or [])
 
 
 class ShardSink:

@@ -155,12 +155,15 @@ def f1_max_threshold(table: ValueTable) -> float:
 
 
 def thin(x: np.ndarray, y: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``max_points`` points of a curve for plotting: evenly spaced by index, first and last
-    kept (a display aid, never used for a metric)."""
+    """At most about ``max_points`` points of a monotone curve for plotting, evenly spaced along its
+    length (|dx| + |dy|), so that steep and flat parts both keep their shape; first and last points
+    kept. A display aid, never used for a metric."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(x) <= max_points:
         return x, y
-    idx = np.unique(np.round(np.linspace(0, len(x) - 1, max_points)).astype(np.int64))
+    length = np.concatenate([[0.0], np.cumsum(np.abs(np.diff(x)) + np.abs(np.diff(y)))])
+    marks = np.linspace(0.0, length[-1], max_points)
+    idx = np.unique(np.concatenate([[0, len(x) - 1], np.minimum(np.searchsorted(length, marks), len(x) - 1)]))
     return x[idx], y[idx]
 
 

@@ -21,7 +21,7 @@ import ray
 from pipeline.config import DataSpec
 from pipeline.io import fs as fsio
 from pipeline.io.layouts import InputError, list_inputs
-from pipeline.io.sinks import TableWriter, read_json
+from pipeline.io.sinks import TableWriter, read_folder, read_json, write_json
 from pipeline.metrics import curves
 from pipeline.metrics.state import LevelStats, ValueTable
 from pipeline.runtime.session import ray_session
@@ -33,16 +33,6 @@ METRIC_NAMES = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel
 
 class EvaluationError(RuntimeError):
     """An evaluation that cannot run; the message names the run or the ground truth."""
-
-
-def _read_table(uri: str, storage, columns=None) -> pd.DataFrame:
-    fs, path = fsio.filesystem(uri, storage)
-    files = sorted(fs.glob(posixpath.join(path, "*.parquet")))
-    frames = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            frames.append(pq.read_table(fh, columns=columns).to_pandas())
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or [])
 
 
 def _evaluate_parts(batch: dict, gt: dict[str, tuple], eval_size, storage) -> dict:
@@ -135,7 +125,7 @@ def evaluate_run(
     if gt.empty:
         raise EvaluationError(f"{run_dir}: no image has a ground-truth label (give --ground-truth and --layout)")
     extra = ["score_transductive"] if image_score == "transductive" else []
-    scores = _read_table(fsio.join(run_dir, "scores"), storage,
+    scores = read_folder(fsio.join(run_dir, "scores"), storage,
                          ["image_id", "category", "status", "score", "max_pixel_score", *extra])
     scores = scores[scores["status"] == "ok"].drop(columns=["status"]).merge(gt[["image_id", "gt_label"]], on="image_id")
     if image_score == "max_map" and scores["max_pixel_score"].isna().all():
@@ -165,6 +155,7 @@ def evaluate_run(
         log(f"evaluate: {len(items)} anomalous image(s) of {cat} without a usable mask, left out of the pixel metrics: {items[:3]}")
 
     rows = []
+    plot_curves: dict[str, dict[str, dict[str, list[float]]]] = {}
     for cat in sorted(scores["category"].unique()):
         sc = scores[scores["category"] == cat]
         it = _image_table(sc, image_score)
@@ -188,6 +179,7 @@ def evaluate_run(
                 pixel_f1_max=curves.f1_max(pt),
                 pixel_aupro=curves.aupro(pt, aupro_limit) if pro_mode == "mvtec" else curves.aupro_fixed_grid_200(pt, aupro_limit),
             )
+            plot_curves[cat] = _pixel_curves(pt)
         else:
             row.update(n_pixels=0, n_regions=0, pixel_auroc=math.nan, pixel_ap=math.nan, pixel_f1_max=math.nan, pixel_aupro=math.nan)
         row["vand_score"] = curves.vand(row["image_f1_max"], row["pixel_f1_max"])
@@ -221,7 +213,24 @@ def evaluate_run(
     fs, path = fsio.filesystem(fsio.join(run_dir, "metrics.md"), storage)
     with fs.open(path, "w") as fh:
         fh.write(markdown(table, settings))
+    write_json(fsio.join(run_dir, CURVES_FILE), {"settings": settings, "categories": plot_curves}, storage)
     return table
+
+
+#: the pixel curves of the last evaluation, for plots (``zsad report``), beside ``metrics/``
+CURVES_FILE = "curves.json"
+
+
+def _pixel_curves(table: ValueTable, max_points: int = 400) -> dict[str, dict[str, list[float]]]:
+    """The category's pixel ROC and PRO curves (all of FPR 0..1), thinned to about ``max_points``
+    points each for plotting; the metrics come from the full curves, never from these."""
+    out = {}
+    pro = curves.pro_curve(table) if table.n_regions and table.neg.sum() else (np.zeros(0), np.zeros(0))
+    for name, (x, y) in (("pixel_roc", curves.roc_points(table)), ("pixel_pro", pro)):
+        if len(x) and np.isfinite(y).all():
+            x, y = curves.thin(x, y, max_points)
+            out[name] = {"x": [round(float(v), 6) for v in x], "y": [round(float(v), 6) for v in y]}
+    return out
 
 
 def markdown(table: pd.DataFrame, settings: dict[str, Any]) -> str:

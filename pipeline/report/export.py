@@ -40,7 +40,7 @@ from pipeline.ops import rle
 from pipeline.report.runread import ReportError, open_run, predicted_mask, read_image
 
 FORMATS = ("png16", "png8", "npy")
-COLUMNS = ["image_id", "uri", "category", "status", "map_png", "map_min", "map_max", "mask_rle", "refined", "refine_rle"]
+COLUMNS = ["image_id", "uri", "category", "status", "map_png", "map_min", "map_max", "threshold", "mask_rle", "refined", "refine_rle"]
 
 
 @dataclass

@@ -151,7 +151,8 @@ def predicted_mask(row: dict[str, Any]) -> tuple[np.ndarray | None, str]:
     if row.get("refined") and row.get("refine_rle"):
         return rle.decode(_rle(row["refine_rle"])), "refined mask"
     if row.get("mask_rle"):
-        return rle.decode(_rle(row["mask_rle"])), f"mask (map >= {row['threshold']:g})"
+        t = row.get("threshold")
+        return rle.decode(_rle(row["mask_rle"])), "thresholded mask" + (f" (map >= {t:g})" if finite(t) else "")
     return None, ""
 
 

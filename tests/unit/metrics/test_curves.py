@@ -223,3 +223,31 @@ def test_fixed_grid_200_ties_change_the_area_when_sorted_by_fpr():
         order = np.argsort(f)
         gaps.append(abs(np.trapezoid(p[order], f[order]) - curves.aupro_fixed_grid_200(table)))
     assert max(gaps) > 1e-3
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_curve_points_against_sklearn(seed):
+    from sklearn.metrics import f1_score, roc_curve
+
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 15, 120) / 14.0
+    labels = rng.random(120) < 0.4
+    t = ValueTable.from_scores(scores, labels)
+    fpr, tpr = curves.roc_points(t)
+    sk_fpr, sk_tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    assert np.allclose(fpr, sk_fpr) and np.allclose(tpr, sk_tpr)
+    recall, precision = curves.pr_points(t)
+    sk_p, sk_r, _ = precision_recall_curve(labels, scores, drop_intermediate=False)
+    assert np.allclose(recall, sk_r[::-1][1:]) and np.allclose(precision, sk_p[::-1][1:])
+    th = curves.f1_max_threshold(t)
+    assert f1_score(labels, scores >= th) == pytest.approx(curves.f1_max(t), abs=1e-12)
+    assert all(f1_score(labels, scores >= v) <= curves.f1_max(t) + 1e-12 for v in np.unique(scores))
+
+
+def test_thin_keeps_ends_and_shape():
+    x = np.concatenate([np.linspace(0, 0.01, 5000), np.linspace(0.01, 1, 5000)])
+    y = np.sqrt(x)
+    tx, ty = curves.thin(x, y, 300)
+    assert len(tx) <= 302 and tx[0] == 0 and tx[-1] == 1 and np.all(np.diff(tx) >= 0)
+    assert np.max(np.abs(np.interp(x, tx, ty) - y)) < 0.02  # the steep start is kept
+    assert curves.thin(x[:10], y[:10], 300)[0].shape == (10,)

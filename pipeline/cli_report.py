@@ -33,7 +33,7 @@ def _report_call(fn, *args, **kwargs):
 def report_cmd(
     run: str = typer.Argument(..., help="A finished run folder: OUTPUT/RUN_ID (local or s3://)."),
     out: Optional[str] = typer.Option(None, "--out", help="The HTML file to write (local or s3://); default RUN/report.html."),
-    top: int = typer.Option(8, "--top", min=1, max=200, help="Images per category: the N most anomalous, and N more nearest the threshold."),
+    top: int = typer.Option(6, "--top", min=1, max=200, help="Images per category: the N most anomalous, and N more nearest the threshold."),
     map_range: str = typer.Option("auto", "--map-range", help=_RANGE_HELP),
 ) -> None:
     """Write the run's self-contained HTML report: run summary, errors, metrics, curves, histograms,

@@ -591,7 +591,7 @@ class ReportSpec(_Model):
     maps' pixels), ``stored`` (the maps' stored range) or ``LO,HI``."""
 
     enabled: bool = True
-    top: int = Field(default=8, ge=1, le=200)
+    top: int = Field(default=6, ge=1, le=200)
     map_range: str = "auto"
 
     @field_validator("map_range")

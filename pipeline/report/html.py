@@ -18,7 +18,8 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .banner{background:#b00020;color:#fff;font-size:20px;font-weight:700;padding:14px 18px;margin:12px 0;border:4px solid #600}
 .banner small{display:block;font-size:13px;font-weight:400}
 .note{color:#555;font-size:12px}.bad{color:#b00020;font-weight:600}.good{color:#1e7b34;font-weight:600}
-.plots img{margin:4px 8px 4px 0;border:1px solid #eee}
+.plots img{margin:4px 8px 4px 0;border:1px solid #eee;height:220px}
+.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 .cards{display:flex;flex-wrap:wrap;gap:10px}
 .card{border:1px solid #ddd;padding:6px;font-size:11px;width:min-content}
 .card .pics{display:flex;gap:4px}.card img{display:block}

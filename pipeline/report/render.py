@@ -132,7 +132,7 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG goes inline in HTML
 
 
-def _figure(width: float = 3.2, height: float = 2.6):
+def _figure(width: float = 2.7, height: float = 2.3):
     with plt.rc_context(_STYLE):
         return plt.subplots(figsize=(width, height))
 
@@ -166,7 +166,7 @@ def histogram_svg(groups: dict[str, np.ndarray], *, threshold: float | None, thr
         lo, hi = lo - 0.5, hi + 0.5
     edges = np.linspace(lo, hi, bins + 1)
     with plt.rc_context(_STYLE):
-        fig, ax = _figure(3.6, 2.6)
+        fig, ax = _figure(3.0, 2.3)
         for name, v in groups.items():
             if len(v):
                 ax.hist(v, bins=edges, alpha=0.55, color=colours.get(name, "#555555"), label=f"{name} ({len(v)})")

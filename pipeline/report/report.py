@@ -38,6 +38,11 @@ from pipeline.report.runread import (RunData, ReportError, errors, heat, mask_ro
                                      read_truth, write_page)
 
 MAX_FAILED_ROWS = 500
+#: palette size of the example pictures (8-bit indexed PNG): about half the bytes of 256 colours on
+#: textured photographs, which keeps a 15-category report at a few MB (BENCHMARKS.md)
+COLOURS = 64
+#: points drawn per curve (a display aid; the areas printed on the plots are the exact metrics)
+PLOT_POINTS = 300
 MESSAGES_PER_TYPE = 3
 UNLABELLED_QUANTILE = 0.95
 METRIC_COLUMNS = [("image AUROC", "image_auroc"), ("image AP", "image_ap"), ("image F1-max", "image_f1_max"),
@@ -114,8 +119,8 @@ def colour_scale(run: RunData, rows: dict[str, dict[str, Any]], how: str = "auto
     return render.ColourScale(a, b, cmap, "0.5th-99.9th percentile of the shown maps' pixels")
 
 
-def build_report(run_uri: str, out: str | None = None, *, top: int = 8, storage=None, map_range: str = "auto",
-                 thumb: int = 192, log: Callable[[str], None] = print) -> ReportResult:
+def build_report(run_uri: str, out: str | None = None, *, top: int = 6, storage=None, map_range: str = "auto",
+                 thumb: int = 160, log: Callable[[str], None] = print) -> ReportResult:
     """Write the report of the run at ``run_uri`` to ``out`` (default ``RUN/report.html``)."""
     t0 = time.monotonic()
     if top < 1:
@@ -198,10 +203,11 @@ def _run_section(run: RunData) -> str:
         kind = "busy (summed over workers)" if key.endswith("_busy") else "wall"
         rate = f"{n / secs:.2f}" if key.endswith("_busy") and secs > 0 and n else "-"
         stage_rows.append((name, kind, float(secs), rate))
-    out = '<section id="run"><h2>Run</h2>' + H.kv_table(pairs)
+    out = '<section id="run"><h2>Run</h2><div class="row"><div>' + H.kv_table(pairs) + "</div>"
     if stage_rows:
-        out += "<h3>Time per stage</h3>" + H.table(["stage", "time", "seconds", "images per busy second"], stage_rows, numeric=(2, 3))
-    return out + "</section>\n"
+        out += ("<div><h3>Time per stage</h3>" + H.table(["stage", "time", "seconds", "images per busy second"], stage_rows,
+                                                          numeric=(2, 3)) + "</div>")
+    return out + "</div></section>\n"
 
 
 def _column(source: str) -> str:
@@ -263,11 +269,11 @@ def _category_section(run: RunData, cat: str, frame: pd.DataFrame, high: pd.Data
     lab = labels[labelled].astype(float).astype(int) if labelled.any() else np.zeros(0, int)
     if labelled.any() and 0 < lab.sum() < len(lab):
         table = ValueTable.from_scores(values[labelled], lab)
-        fx, fy = curves.roc_points(table)
+        fx, fy = curves.thin(*curves.roc_points(table), PLOT_POINTS)
         plots.append(("image ROC", render.curve_svg(fx, fy, title="Image ROC", xlabel="false positive rate",
                                                    ylabel="true positive rate", diagonal=True,
                                                    note=f"AUROC {curves.auroc(table):.3f}")))
-        rx, py = curves.pr_points(table)
+        rx, py = curves.thin(*curves.pr_points(table), PLOT_POINTS)
         plots.append(("image PR", render.curve_svg(np.concatenate([[0.0], rx]), np.concatenate([[py[0]], py]), title="Image precision-recall",
                                                   xlabel="recall", ylabel="precision",
                                                   note=f"AP {curves.average_precision(table):.3f}")))
@@ -303,14 +309,15 @@ def _card(run: RunData, r, row: dict[str, Any] | None, scale: render.ColourScale
     h, w = (rgb.shape[:2] if rgb is not None else (int(r.height), int(r.width)) if _known(r.height, r.width) else (thumb, thumb))
     size = render.fit_long_side(h, w, thumb)
     pics = []
-    if rgb is not None:
-        pics.append(H.img(render.png_data_uri(render.resize_rgb(rgb, size)), "image", cls="thumb"))
+    if rgb is not None:  # the plain image smaller than the overlay: it is there to recognise the part
+        small = render.fit_long_side(h, w, round(thumb * 0.8))
+        pics.append(H.img(render.png_data_uri(render.resize_rgb(rgb, small), COLOURS), "image", cls="thumb"))
     hm = heat(row) if row else None
     notes = []
     if hm is not None and scale is not None:
         pred, what = predicted_mask(row)
         truth = read_truth(getattr(r, "mask_uri", None), run.storage)
-        pics.append(H.img(render.png_data_uri(render.overlay(rgb, hm, scale, size, predicted=pred, truth=truth)), "heatmap overlay",
+        pics.append(H.img(render.png_data_uri(render.overlay(rgb, hm, scale, size, predicted=pred, truth=truth), COLOURS), "heatmap overlay",
                           cls="overlay"))
         if what:
             notes.append(what)

@@ -105,3 +105,15 @@ def test_setting_a_sections_kind_replaces_its_kind_specific_keys():
     assert same.pixel.window_sizes == (2, 3)
     fg = load_spec("jobs/vvv.yaml", ["foreground.kind=classical", "foreground.min_inside=0.7"])
     assert fg.foreground.kind == "classical" and fg.foreground.min_inside == 0.7  # not a per-kind section: kept
+
+
+def test_report_section_defaults_and_colour_range():
+    spec = load_spec("jobs/smoke.yaml")
+    assert (spec.report.enabled, spec.report.top, spec.report.map_range) == (True, 6, "auto")
+    spec = load_spec("jobs/smoke.yaml", ["report.enabled=false", "report.top=3", "report.map_range=0.2,0.9"])
+    assert (spec.report.enabled, spec.report.top, spec.report.map_range) == (False, 3, "0.2,0.9")
+    for bad in ("0.9,0.2", "low,high", "0.5"):
+        with pytest.raises(SpecError, match="map_range"):
+            load_spec("jobs/smoke.yaml", [f"report.map_range={bad}"])
+    with pytest.raises(SpecError, match="top"):
+        load_spec("jobs/smoke.yaml", ["report.top=0"])

@@ -93,7 +93,7 @@ def _summary(result) -> str:
         f"  images: {result.n_images}  ok: {result.n_ok}  failed: {result.n_failed} ({100 * result.error_rate:.1f}%)",
         f"  wall time: {m.get('wall_seconds', 0):.1f} s",
         f"  tables:  {result.run_dir}/scores/  {result.run_dir}/errors/  {result.run_dir}/inputs.parquet"
-        + "".join(f"  {result.run_dir}/{t}/" for t in ("masks", "foreground", "tiles") if m.get("tables", {}).get(t)),
+        + "".join(f"  {result.run_dir}/{t}/" for t in ("masks", "foreground", "tiles", "embeddings") if m.get("tables", {}).get(t)),
         f"  run record: {result.run_dir}/run.json",
     ]
     if m.get("skipped_at_listing"):
@@ -328,7 +328,7 @@ def evaluate_cmd(
     ground_truth: Optional[str] = typer.Option(None, "--ground-truth", help="Ground-truth dataset; default: the run's own input manifest."),
     layout: str = typer.Option("auto", "--layout", help=f"Layout of --ground-truth: {_LAYOUT_HELP}."),
     eval_size: str = typer.Option("stored", "--eval-size", help="stored (map size; masks resized nearest) or a long side N."),
-    image_score: str = typer.Option("auto", "--image-score", help="method (the run's score), max_map, transductive (APRIL-GAN few-shot's score_transductive) or auto (transductive for APRIL-GAN few-shot runs, else method)."),
+    image_score: str = typer.Option("auto", "--image-score", help="method (the run's score), max_map, transductive (APRIL-GAN few-shot's score_transductive), mutual or rscin (mutual scoring's score_mutual, score_rscin) or auto (transductive for APRIL-GAN few-shot runs, else method)."),
     aupro_limit: float = typer.Option(0.3, "--aupro-limit", help="FPR limit of AUPRO."),
     pro_mode: str = typer.Option("mvtec", "--pro-mode", help="mvtec (exact) or fixed_grid_200 (APRIL-GAN/AnomalyCLIP variant)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),

@@ -303,7 +303,22 @@ class ZeroShotImageScore(_Model):
         return _describe_prompts([self.prompt_set] if self.prompt_set else [], self.prompt_files)
 
 
-ScoreSpec = Annotated[Union[ZeroShotImageScore], Field(discriminator="kind")]
+class MutualImageScore(_Model):
+    """MuSc's image score (MUSC.md section 5.1; needs ``pixel.kind: mutual``): the maximum of the
+    image's mutual map at the model's input size, no prompts. With ``mutual.rscin`` the run's
+    ``score`` becomes the RsCIN re-score (``mutual.score``)."""
+
+    kind: Literal["mutual"] = "mutual"
+
+    @property
+    def prompt_files(self) -> tuple[()]:
+        return ()
+
+    def describe_prompts(self) -> str:
+        return "none"
+
+
+ScoreSpec = Annotated[Union[ZeroShotImageScore, MutualImageScore], Field(discriminator="kind")]
 
 
 class NoPixelMap(_Model):
@@ -411,7 +426,82 @@ class AprilGanAdapters(_Model):
         return value
 
 
-PixelSpec = Annotated[Union[NoPixelMap, WinclipWindows, FadeZeroShot, ClipSegMaps, AprilGanAdapters], Field(discriminator="kind")]
+class MutualMaps(_Model):
+    """MuSc's mutual maps (MUSC.md sections 1-4; settings of the scoring in the ``mutual`` section):
+    the raw residual-stream outputs of blocks ``layers`` (1-indexed, class token dropped, before
+    ln_post) at an input of ``image_size`` pixels (a multiple of the patch size; squashed), each
+    block's token map standardised as a whole, averaged over r x r neighbourhoods for r in
+    ``degrees`` and L2-normalised; each patch is scored by its distance to the nearest patch of the
+    other images of its category's pool (``mutual.pool_size``). The map (distances on unit vectors)
+    is stored on [0, 2]."""
+
+    kind: Literal["mutual"] = "mutual"
+    layers: tuple[int, ...] = (6, 12, 18, 24)
+    image_size: int = Field(default=518, ge=16)
+    degrees: tuple[int, ...] = (1, 3, 5)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(v < 1 for v in value) or list(value) != sorted(set(value)):
+            raise ValueError("layers needs block numbers >= 1 (1-indexed), increasing, without repeats")
+        return value
+
+    @field_validator("degrees")
+    @classmethod
+    def _degrees(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(r < 1 or r % 2 == 0 for r in value) or len(set(value)) != len(value):
+            raise ValueError("degrees needs odd neighbourhood sizes >= 1 without repeats (MuSc: 1, 3, 5)")
+        return value
+
+
+PixelSpec = Annotated[Union[NoPixelMap, WinclipWindows, FadeZeroShot, ClipSegMaps, AprilGanAdapters, MutualMaps],
+                      Field(discriminator="kind")]
+
+
+class MutualSpec(_Model):
+    """Mutual scoring of the input's own images (MuSc; MUSC.md; needs ``pixel.kind: mutual``).
+
+    Per category a *pool* of images of the input is chosen deterministically (the
+    ``pool_size + 1`` images with the smallest sha256 of ``seed`` and their URI; the whole category
+    when it has at most ``pool_size + 1`` images), written to ``RUN/pools.parquet``; the pool's
+    features are computed once per category (``RUN/pools/<category>.safetensors``, reused on resume)
+    and read by the scoring actors. Every image of the category is compared with ``P - 1`` pool
+    images, P the pool's size (itself left out when it is in the pool, else the pool's last image),
+    so with a whole-category pool the result is MuSc exactly. Per patch the mean of the
+    ``int(interval * (P - 1))`` smallest nearest-patch distances is kept (MuSc: 0.3). A category with
+    fewer than 5 usable images cannot be scored (its rows fail with ``PoolTooSmall``).
+
+    ``rscin``: after every image is scored, MuSc's RsCIN re-scores each image with its ``k_list``
+    nearest images of the category by CLIP image embedding (``score_rscin``; MuSc uses [1, 2, 3] on
+    MVTec AD, [1, 8, 9] on VisA; a k above the category's size counts all its images). ``score``:
+    which image score the ``score`` column holds, ``rscin`` or ``raw`` (the map's maximum). Both
+    are transductive: an image's score depends on the other images of its category.
+    ``query_chunk``/``pool_chunk``: patches per block of the nearest-patch search (memory per block
+    = their product x 4 bytes). ``max_cached_pools``: pools a scoring actor keeps in memory."""
+
+    pool_size: int = Field(default=200, ge=4)
+    seed: int = 0
+    interval: float = Field(default=0.3, gt=0, le=1)
+    rscin: bool = True
+    k_list: tuple[int, ...] = (1, 2, 3)
+    score: Literal["rscin", "raw"] = "rscin"
+    query_chunk: int = Field(default=4096, ge=1)
+    pool_chunk: int = Field(default=16384, ge=1)
+    max_cached_pools: int = Field(default=2, ge=1)
+
+    @field_validator("k_list")
+    @classmethod
+    def _k_list(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("k_list needs window sizes >= 1 (MuSc: [1, 2, 3], VisA [1, 8, 9])")
+        return value
+
+    @model_validator(mode="after")
+    def _score_needs_rscin(self) -> "MutualSpec":
+        if self.score == "rscin" and not self.rscin:
+            raise ValueError("mutual.score rscin needs mutual.rscin: true (or set mutual.score: raw)")
+        return self
 
 
 #: few_shot.method -> the pixel.kind whose zero-shot map it completes (METHODS.md section 4)
@@ -626,6 +716,7 @@ class JobSpec(_Model):
     decode: DecodeSpec = DecodeSpec()
     storage: StorageSpec = StorageSpec()
     few_shot: FewShotSpec | None = None
+    mutual: MutualSpec | None = None
     sam: SamSpec | None = None
     foreground: ForegroundSpec | None = None
     tiling: TilingSpec | None = None
@@ -641,6 +732,10 @@ class JobSpec(_Model):
     def _default_kinds(cls, data: Any) -> Any:
         """A per-kind section given without ``kind`` (``score: {prompt_set: vvv}``) takes the
         section's default kind, as documented."""
+        if isinstance(data, dict) and isinstance(data.get("pixel"), dict) and data["pixel"].get("kind") == "mutual":
+            # MuSc: its score and mutual sections follow from the pixel kind when not given
+            data = {**data, "score": data.get("score") or {"kind": "mutual"},
+                    "mutual": data["mutual"] if data.get("mutual") is not None else {}}
         if isinstance(data, dict):
             for section in KIND_SECTIONS:
                 value = data.get(section)
@@ -682,6 +777,18 @@ class JobSpec(_Model):
                                  f"but pixel.kind is {self.pixel.kind}")
             if self.tiling is not None:
                 raise ValueError("few_shot does not run per tile yet: remove the tiling section")
+        mutual = {"pixel.kind": self.pixel.kind == "mutual", "score.kind": self.score.kind == "mutual",
+                  "the mutual section": self.mutual is not None}
+        if any(mutual.values()) and not all(mutual.values()):
+            have = ", ".join(k for k, v in mutual.items() if v)
+            lack = ", ".join(k for k, v in mutual.items() if not v)
+            raise ValueError(f"mutual scoring (MuSc) needs pixel.kind: mutual, score.kind: mutual and a mutual section; "
+                             f"this spec has {have} but not {lack}")
+        if self.mutual is not None:
+            if self.few_shot is not None:
+                raise ValueError("mutual scoring compares the input's own images: remove the few_shot section")
+            if self.tiling is not None:
+                raise ValueError("mutual scoring does not run per tile: remove the tiling section")
         return self
 
     def few_shot_method(self) -> str | None:
@@ -706,6 +813,8 @@ class JobSpec(_Model):
         """The fixed range the pixel maps are stored on (16-bit PNG levels, evaluation): [0, 1] for
         probabilities, [0, number of layers] for APRIL-GAN's summed layer maps ([0, 3 x layers] few-shot:
         each layer adds its nearest-neighbour distance 1 - cos, at most 2)."""
+        if isinstance(self.pixel, MutualMaps):  # distances between unit vectors
+            return 0.0, 2.0
         if isinstance(self.pixel, AprilGanAdapters):  # few-shot adds up to 2 (1 - cos) per layer
             return 0.0, float(len(self.pixel.layers) * (3 if self.few_shot is not None else 1))
         return 0.0, 1.0

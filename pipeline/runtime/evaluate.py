@@ -85,7 +85,8 @@ def ground_truth(run_dir: str, storage, gt_uri: str | None, layout: str | None) 
 
 #: --image-score -> the scores column it reads: the run's streaming score, the max of its map, or
 #: the transductive few-shot score (APRIL-GAN: written once every image of a category is scored)
-IMAGE_SCORE_SOURCES = {"method": "score", "max_map": "max_pixel_score", "transductive": "score_transductive"}
+IMAGE_SCORE_SOURCES = {"method": "score", "max_map": "max_pixel_score", "transductive": "score_transductive",
+                       "mutual": "score_mutual", "rscin": "score_rscin"}
 
 
 def _image_table(scores: pd.DataFrame, source: str) -> ValueTable:
@@ -124,7 +125,7 @@ def evaluate_run(
     gt = gt[gt["gt_label"].notna()]
     if gt.empty:
         raise EvaluationError(f"{run_dir}: no image has a ground-truth label (give --ground-truth and --layout)")
-    extra = ["score_transductive"] if image_score == "transductive" else []
+    extra = [IMAGE_SCORE_SOURCES[image_score]] if image_score in ("transductive", "mutual", "rscin") else []
     scores = read_folder(fsio.join(run_dir, "scores"), storage,
                          ["image_id", "category", "status", "score", "max_pixel_score", *extra])
     scores = scores[scores["status"] == "ok"].drop(columns=["status"]).merge(gt[["image_id", "gt_label"]], on="image_id")
@@ -133,6 +134,9 @@ def evaluate_run(
     if image_score == "transductive" and scores["score_transductive"].isna().all():
         raise EvaluationError(f"{run_dir}: image score source transductive needs score_transductive, which only APRIL-GAN "
                               "few-shot runs write (once every image is scored); this run has none")
+    if image_score in ("mutual", "rscin") and scores[IMAGE_SCORE_SOURCES[image_score]].isna().all():
+        raise EvaluationError(f"{run_dir}: image score source {image_score} needs {IMAGE_SCORE_SOURCES[image_score]}, which "
+                              "only mutual-scoring runs write (score_rscin with mutual.rscin, once every image is scored)")
 
     pixel_stats: dict[str, LevelStats] = {}
     problems: dict[str, list[str]] = {}

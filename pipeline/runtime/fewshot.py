@@ -145,8 +145,10 @@ def build_banks(spec: JobSpec, chosen: pd.DataFrame, run_dir: str, storage: Stor
 
 
 def _bank_pass(spec: JobSpec, wanted: pd.DataFrame, storage: StorageOptions | None, session: dict[str, Any],
-               log: Log) -> tuple[dict[str, dict[str, np.ndarray]], int]:
-    """Decode + bank features of each distinct chosen image: image_id -> its features."""
+               log: Log, failed: list[tuple[str, str]] | None = None) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+    """Decode + bank features of each distinct chosen image: image_id -> its features. An image that
+    fails is a :class:`FewShotError`, or, when ``failed`` is given, is left out and listed there
+    as (uri, reason)."""
     from pipeline.runtime.ray_plan import run_plan
     from pipeline.runtime.run import source_rows
     from pipeline.stages.bank import BankStage, unpack_features
@@ -162,6 +164,9 @@ def _bank_pass(spec: JobSpec, wanted: pd.DataFrame, storage: StorageOptions | No
     features: dict[str, dict[str, np.ndarray]] = {}
     for batch in run_plan(spec, plan, source_rows(rows), columns, session, log):
         for r in batch.to_pylist():
+            if r["status"] != "ok" and failed is not None:
+                failed.append((r["uri"], f"{r['error_stage']} {r['error_type']}: {r['error_message']}"))
+                continue
             if r["status"] != "ok":
                 raise FewShotError(f"reference image {r['uri']} failed in stage {r['error_stage']} "
                                    f"({r['error_type']}: {r['error_message']}); fix or remove it, or choose another seed")

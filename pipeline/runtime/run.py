@@ -35,7 +35,7 @@ from pipeline.io.manifest import read_manifest, write_manifest
 from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import registry
-from pipeline.runtime import fewshot
+from pipeline.runtime import fewshot, mutual
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.watchdog import watched
@@ -196,6 +196,8 @@ def output_tables(spec: JobSpec) -> list[str]:
         tables.append("foreground")
     if spec.tiling is not None and spec.tiling.write_table:
         tables.append("tiles")
+    if spec.mutual is not None:
+        tables.append("embeddings")
     return tables
 
 
@@ -440,6 +442,8 @@ def run_job(
             if spec.few_shot is not None:
                 few_missing, few_layout = list(plan["few_shot"]["missing"]), plan["few_shot"]["layout"]
                 chosen = fewshot.read_chosen(run_dir, storage)
+            if spec.mutual is not None:
+                pools_chosen = mutual.read_chosen(run_dir, storage)
         else:
             if interrupted:
                 take_lease()  # a live holder: "in progress"; a gone one: "was interrupted"
@@ -462,11 +466,15 @@ def run_job(
                     chosen, few_missing, few_layout = fewshot.choose(spec, manifest, storage, log)
                 except fewshot.FewShotError as exc:
                     raise RunError(str(exc), exit_code=2) from None
+            if spec.mutual is not None:
+                pools_chosen = mutual.choose(spec, manifest)
             take_lease()
             try:
                 write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
                 if spec.few_shot is not None:
                     fewshot.write_chosen(chosen, run_dir, storage)
+                if spec.mutual is not None:
+                    mutual.write_chosen(pools_chosen, run_dir, storage)
                 write_json(plan_uri, {"run_id": run_id, "input": input_uri, "layout": used_layout, "shard_size": shard_size,
                                       "images": len(manifest), "skipped": skipped, "spec": spec.redacted(),
                                       **({"few_shot": {"layout": few_layout, "missing": few_missing}}
@@ -489,6 +497,9 @@ def run_job(
 
         values = run_values(spec, run_id)
         few_record: dict[str, Any] | None = None
+        pool_entries: dict[str, dict[str, Any]] = {}
+        pool_summary: dict[str, Any] = {"built": [], "reused": []}
+        rscin_record: dict[str, Any] | None = None
         progress = Progress(len(pending), log, stream=progress_stream)
         plan_error: str | None = None
         unusable_weights = False
@@ -510,6 +521,12 @@ def run_job(
                         for planned in stages:
                             if planned.name == "clip_score":
                                 planned.stage.banks = entries
+                    if spec.mutual is not None:  # the pools, before any image is scored
+                        sizes = manifest.groupby("category").size().to_dict()
+                        pool_entries, pool_summary = mutual.build_pools(spec, pools_chosen, sizes, run_dir, storage, session, log)
+                        for planned in stages:
+                            if planned.name == "clip_score":
+                                planned.stage.pools = pool_entries
                     def save_stats(text: str) -> None:
                         fs_, path_ = fsio.filesystem(fsio.join(run_dir, "ray_data_stats.txt"), storage)
                         with fs_.open(path_, "w") as fh:
@@ -582,6 +599,12 @@ def run_job(
                 except Exception as exc:
                     kind, text = failure(exc)
                     status, reason = "failed", f"score_transductive could not be written ({kind}: {text})"
+            if spec.mutual is not None and spec.mutual.rscin and not n_missing and not output_lost and not plan_error:
+                try:  # RsCIN needs every image of a category scored
+                    rscin_record = mutual.rescore_rscin(spec, sink.files("scores"), sink.files("embeddings"), storage, log)
+                except Exception as exc:
+                    kind, text = failure(exc)
+                    status, reason = "failed", f"score_rscin could not be written ({kind}: {text})"
             if spec.few_shot is not None and few_record is None:  # no bank pass ran (nothing to score, or it failed)
                 few_record = fewshot.record(spec, run_dir, few_layout, few_missing, {}, {"built": [], "reused": []})
             ended = dt.datetime.now(dt.timezone.utc)
@@ -609,8 +632,11 @@ def run_job(
                     "write_wall": round(write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
                     **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
                 },
-                "plan": [*fewshot.plan_entries(spec), *({"stage": p.name, "kind": p.kind} for p in stages)],
+                "plan": [*fewshot.plan_entries(spec), *mutual.plan_entries(spec),
+                         *({"stage": p.name, "kind": p.kind} for p in stages)],
                 **({"few_shot": few_record} if few_record is not None else {}),
+                **({"mutual": mutual.record(spec, run_dir, pool_entries, pool_summary, rscin_record)}
+                   if spec.mutual is not None else {}),
                 "skipped_at_listing": skipped,
                 "first_result_rows": first_result_rows,
                 "labelled_images": int(manifest["gt_label"].notna().sum()),
@@ -620,7 +646,7 @@ def run_job(
                 "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},
                 "tables": {
                     **{t: sink.files(t) if t in tables and not output_lost else [] for t in
-                       ("scores", "errors", "masks", "foreground", "tiles")},
+                       ("scores", "errors", "masks", "foreground", "tiles", "embeddings")},
                     "inputs": fsio.join(run_dir, "inputs.parquet"),
                 },
                 "ray": session_info,

@@ -38,14 +38,15 @@ def bank_settings(spec: JobSpec) -> dict[str, Any]:
     clip = spec.clip
     pixel = spec.pixel.model_dump(mode="json")
     keep = {"winclip_windows": ("window_sizes",), "april_gan": ("layers", "image_size", "weights"),
-            "fade_zero_shot": ("scales", "gem_depth")}[spec.pixel.kind]
+            "fade_zero_shot": ("scales", "gem_depth"), "mutual": ("layers", "image_size")}[spec.pixel.kind]
     return {
-        "method": spec.few_shot_method(),
+        "method": "mutual" if spec.mutual is not None else spec.few_shot_method(),
         "clip": {"model": clip.model, "weights": clip.weights.describe() if clip.weights else "random",
                  "image_size": clip.image_size, "resize": clip.resize, "activation": clip.activation,
                  "precision": clip.precision, "cpu_int8": clip.cpu_int8},
         "pixel": {"kind": spec.pixel.kind, **{k: pixel[k] for k in keep}},
         "vision_features": spec.few_shot.vision_features if spec.few_shot_method() == "fade" else None,
+        **({"pool_format": "standardised block tokens + unit embedding"} if spec.mutual is not None else {}),
     }
 
 
@@ -85,6 +86,10 @@ class BankStage:
 
     @classmethod
     def from_spec(cls, spec: JobSpec, storage: StorageOptions | None = None) -> "BankStage | None":
+        if spec.mutual is not None:  # the pool pass of mutual scoring: the same features as its queries
+            from pipeline.stages.mutual_score import MutualScoreStage
+
+            return cls(MutualScoreStage.from_spec(spec, storage))
         if spec.few_shot is None:
             return None
         return cls(ClipScoreStage.from_spec(spec, storage))

@@ -130,8 +130,13 @@ class ClipScoreStage:
         self._pixel_text: scoring.TextClassifier | None = None
         self._prompt_files: dict[str, tuple] = {}  # location -> (normal, abnormal) sentences
 
+    #: per-row outputs of a subclass beyond the scores and maps (result key -> column), object columns
+    extra_outputs: tuple[str, ...] = ()
+
     @classmethod
-    def from_spec(cls, spec, storage: StorageOptions | None = None) -> "ClipScoreStage":
+    def from_spec(cls, spec, storage: StorageOptions | None = None) -> "ClipScoreStage | None":
+        if getattr(spec, "mutual", None) is not None:  # MuSc: pipeline.stages.mutual_score
+            return None
         return cls(spec.clip, spec.score, weights_cache=spec.weights_cache, storage=storage, pixel=spec.pixel,
                    maps=spec.maps, retries=spec.retries, tiling=spec.tiling, map_range=spec.map_range(),
                    few_shot=spec.few_shot, few_shot_method=spec.few_shot_method())
@@ -527,10 +532,12 @@ class ClipScoreStage:
         errors = RowErrors(batch, n)
         cols = {k: np.full(n, np.nan) for k in (*_SCORE_KEYS, "clip_score_ms")}
         few_k, ref_digest = object_column([None] * n), object_column([None] * n)
+        extras = {k: object_column([None] * n) for k in self.extra_outputs}
         maps = object_column([_NO_MAP] * n)
         todo = [i for i in range(n) if errors.ok(i)]
         images = batch["image"]
         cats = [str(c) for c in batch["category"]]
+        ids = [str(v) for v in batch["image_id"]] if "image_id" in batch else [None] * n
 
         def fail(i: int, exc: BaseException) -> None:
             errors.fail_with(i, STAGE, exc, "scoring failed")
@@ -544,6 +551,8 @@ class ClipScoreStage:
                     maps[i] = result["maps"][j]
                 few_k[i] = result["few_shot_k"][j]
                 ref_digest[i] = result["reference_digest"][j]
+                for key, col in extras.items():
+                    col[i] = result[key][j]
 
         if todo and self.tiling is not None:
             tile_scores, tile_maps = self._call_tiles(batch, todo, cats, cols, fail)
@@ -551,13 +560,13 @@ class ClipScoreStage:
         elif todo:
             t0 = time.perf_counter()
             try:
-                result = self.score_images([images[i] for i in todo], [cats[i] for i in todo])
+                result = self._score_rows([images[i] for i in todo], [cats[i] for i in todo], [ids[i] for i in todo])
                 store(todo, result, (time.perf_counter() - t0) * 1000.0 / len(todo))
             except Exception:  # one bad row must not sink the batch: retry one by one
                 for i in todo:
                     t1 = time.perf_counter()
                     try:
-                        store([i], self.score_images([images[i]], [cats[i]]), (time.perf_counter() - t1) * 1000.0)
+                        store([i], self._score_rows([images[i]], [cats[i]], [ids[i]]), (time.perf_counter() - t1) * 1000.0)
                     except Exception as exc:
                         fail(i, exc)
             for i in todo:
@@ -568,13 +577,19 @@ class ClipScoreStage:
                         cols[key][i] = np.nan
                     maps[i] = _NO_MAP
                     few_k[i] = ref_digest[i] = None
+                    for col in extras.values():
+                        col[i] = None
         if self.tiling is not None and "tile_scores" not in out:
             out.update(_empty_tile_columns(n))
         mode = "tiles" if self.tiling is not None else "whole_image"
         scoring_mode = object_column([mode if errors.ok(i) else None for i in range(n)])
         out.update(cols, anomaly_map=maps, scoring_mode=scoring_mode, few_shot_k=few_k, reference_digest=ref_digest,
-                   **errors.columns())
+                   **extras, **errors.columns())
         return out
+
+    def _score_rows(self, images: list[np.ndarray], categories: list[str], image_ids: list[str | None]) -> dict[str, object]:
+        """The rows' results (:meth:`score_images`; a subclass may need the rows' image ids)."""
+        return self.score_images(images, categories)
 
     def _call_tiles(self, batch, todo, cats, cols, fail):
         """Tiling mode: score every tile of each row (image score + a ``tile_map_size`` square map);

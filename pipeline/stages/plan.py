@@ -16,7 +16,8 @@ Plan of a job with every section (one row per image throughout)::
       -> foreground   actor (SAM) or task (classical/none)   fg_rle, fg_components, fg_*_masks, foreground_ms
       -> tiling       task   tiles, tile_reasons
       -> clip_score   actor  score, score_vision, max_pixel_score, anomaly_map, scoring_mode, clip_score_ms
-                             (+ tile_scores, tile_maps when tiling)
+                             (+ tile_scores, tile_maps when tiling; + score_mutual, image_embedding
+                             for mutual scoring, whose stage of that name is MutualScoreStage)
       -> aggregate    task   score, anomaly_map, max_pixel_score, n_tiles, scoring_mode, ...  (drops tile_maps)
       -> sam_refine   actor  anomaly_map, max_pixel_score, refined, refine_rle, refine_info, sam_refine_ms
       -> encode       task   map_png, map_height, map_width, mask_rle, threshold, encode_ms  (drops anomaly_map)
@@ -36,12 +37,13 @@ from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.foreground import ForegroundStage
+from pipeline.stages.mutual_score import MutualScoreStage
 from pipeline.stages.sam_refine import SamRefineStage
 from pipeline.stages.tiling import TilingStage
 
 #: The order of the stages. A new stage is one module, its spec section and one entry here.
-STAGE_ORDER: tuple[type, ...] = (DecodeStage, ForegroundStage, TilingStage, ClipScoreStage, AggregateStage, SamRefineStage,
-                                 EncodeStage)
+STAGE_ORDER: tuple[type, ...] = (DecodeStage, ForegroundStage, TilingStage, ClipScoreStage, MutualScoreStage, AggregateStage,
+                                 SamRefineStage, EncodeStage)
 
 
 class PlanError(ValueError):

@@ -148,4 +148,4 @@ def test_fewshot_preset_on_s3(method, tmp_path, s3_bucket, s3_env):
     scores, record = check_fewshot_run(run_dir, method, 3, ["gear"], 2, storage)
     assert record["few_shot"]["banks"]["gear"]["uri"] == f"{run_dir}/banks/gear.safetensors"
     assert scores["uri"].str.startswith(f"{data}/gear/test/").all()
-    assert contracts.load("scores").version == 4
+    assert contracts.load("scores").version == 5

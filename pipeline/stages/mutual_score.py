@@ -1,0 +1,163 @@
+"""Mutual scoring stage (MuSc; MUSC.md): every image's patches against its category's pool.
+
+The stage is the CLIP scoring stage of a job with ``pixel.kind: mutual`` (same name, resources
+``resources.clip_score``, same columns, plus ``score_mutual`` and ``image_embedding``). It builds the
+CLIP model as :class:`pipeline.stages.clip_score.ClipScoreStage` does; per batch it runs one forward
+pass at ``pixel.image_size`` (squashed), keeps the raw outputs of ``pixel.layers`` and the unit image
+embedding, and scores each image against its category's pool
+(:mod:`pipeline.models.mutual`): the pool's standardised block tokens are read once per category
+from the run folder (``RUN/pools/<category>.safetensors``, digest checked) and kept for the
+``mutual.max_cached_pools`` most recent categories.
+
+Each image is compared with P - 1 pool images: itself is left out when it is in the pool, else the
+pool's last image, so every image of a category has the same K. The map is upsampled (bilinear,
+align_corners=True) to the stored map size and clipped to [0, 2]; ``score`` (= ``score_mutual``) is
+the maximum of the map upsampled to the model's input size, as MuSc takes it. A category whose pool
+is too small for the interval (fewer than 5 usable images) fails its rows with ``PoolTooSmall``.
+The same class computes the pool's features (:meth:`bank_features`, used by the pool pass), so the
+pool and the queries come from one piece of code.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import MutualSpec
+from pipeline.io.fs import StorageOptions
+from pipeline.ops.heatmap import map_shape
+from pipeline.stages.base import LazyModule, inference_mode
+from pipeline.stages.clip_score import ClipScoreStage, clip_models
+
+torch = LazyModule("torch")
+mutual = LazyModule("pipeline.models.mutual")
+
+MIN_POOL = 5  # images; K = int(0.3 * (P - 1)) is 0 below
+
+
+class PoolTooSmall(ValueError):
+    """The category has too few usable images for mutual scoring."""
+
+
+class MutualScoreStage(ClipScoreStage):
+    extra_outputs = ("score_mutual", "image_embedding")
+
+    def __init__(self, *args, mutual_spec: MutualSpec, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mutual = mutual_spec
+        #: category -> {"uri", "digest", "images", "image_ids"} of its pool; set by the driver once
+        #: the pools are built (a category without an entry has no usable pool)
+        self.pools: dict[str, dict] = {}
+        self._pool_cache: collections.OrderedDict = collections.OrderedDict()
+        self.pool_loads = 0
+
+    @classmethod
+    def from_spec(cls, spec, storage: StorageOptions | None = None) -> "MutualScoreStage | None":
+        if getattr(spec, "mutual", None) is None:
+            return None
+        return cls(spec.clip, spec.score, weights_cache=spec.weights_cache, storage=storage, pixel=spec.pixel,
+                   maps=spec.maps, retries=spec.retries, map_range=spec.map_range(), mutual_spec=spec.mutual)
+
+    @property
+    def types(self) -> dict[str, object]:
+        return {**super().types, "score_mutual": pa.float64(), "image_embedding": pa.list_(pa.float32())}
+
+    def _check_pixel_config(self) -> None:
+        visual = self.model.visual
+        blocks = len(visual.transformer.resblocks)
+        if self.pixel.layers[-1] > blocks:
+            raise ValueError(f"pixel.layers {list(self.pixel.layers)} exceed the {blocks} blocks of {self.clip.model}")
+        from pipeline.models import vit
+
+        patch = vit.patch_size(visual)
+        if self.pixel.image_size % patch:
+            raise ValueError(f"pixel.image_size {self.pixel.image_size} is not a multiple of {self.clip.model}'s patch size "
+                             f"{patch} (MuSc: 518 for ViT-L-14-336, 240 for ViT-B-16-plus-240)")
+
+    # ---------------------------------------------------------------- features
+    def _forward(self, images: list[np.ndarray]):
+        """(unit embeddings (B, E), raw block tokens [(B, M, C)], grid) of one pass."""
+        pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
+        batch = clip_models.preprocess_images(self._tensors(images), pre).to(self.device)
+        return mutual.image_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
+
+    @inference_mode
+    def bank_features(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Per pool image: its standardised block tokens {``layer<l>``: (1, M, C)} and its unit
+        embedding {``embedding``: (1, E)}, float32."""
+        emb, tokens, _ = self._forward(images)
+        normed = [mutual.layer_norm_map(t) for t in tokens]
+        out = []
+        for i in range(len(images)):
+            feats = {f"layer{l}": n[i : i + 1].cpu().numpy().astype(np.float32) for l, n in zip(self.pixel.layers, normed)}
+            feats["embedding"] = emb[i : i + 1].cpu().numpy().astype(np.float32)
+            out.append(feats)
+        return out
+
+    def pool(self, category: str) -> dict:
+        """The pool of ``category`` on this actor's device: {"layers": {l: (P, M, C)}, "ids": [...]}."""
+        cached = self._pool_cache.get(category)
+        if cached is not None:
+            self._pool_cache.move_to_end(category)
+            return cached
+        from pipeline.io.banks import read_bank
+
+        ref = self.pools[category]
+        tensors, meta = read_bank(ref["uri"], ref["digest"], self.storage)
+        pool = {"layers": {l: torch.from_numpy(tensors[f"layer{l}"]).to(self.device) for l in self.pixel.layers},
+                "ids": list(json.loads(meta["image_ids"]))}
+        self.pool_loads += 1
+        self._pool_cache[category] = pool
+        while len(self._pool_cache) > self.mutual.max_cached_pools:
+            self._pool_cache.popitem(last=False)
+        return pool
+
+    # ---------------------------------------------------------------- scoring
+    def _score_rows(self, images, categories, image_ids) -> dict[str, object]:
+        return self.score_images(images, categories, image_ids=image_ids)
+
+    @inference_mode
+    def score_images(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None,
+                     image_ids: list[str | None] | None = None) -> dict[str, object]:
+        b = len(images)
+        if image_ids is None:
+            image_ids = [None] * b
+        short = sorted({c for c in categories if int(self.pools.get(c, {}).get("images", 0)) < MIN_POOL})
+        if short:
+            sizes = ", ".join(f"{c!r} {int(self.pools.get(c, {}).get('images', 0))}" for c in short)
+            raise PoolTooSmall(f"mutual scoring needs at least {MIN_POOL} usable images per category; "
+                               f"usable images: {sizes}")
+        emb, tokens, grid = self._forward(images)
+        layers, degrees = self.pixel.layers, self.pixel.degrees
+        queries = mutual.query_features(tokens, layers, degrees, grid)
+        grids = torch.empty((b, grid, grid), device=emb.device)
+        cats = np.asarray(categories, dtype=object)
+        for cat in dict.fromkeys(categories):
+            idx = np.flatnonzero(cats == cat)
+            pool = self.pool(cat)
+            p = len(pool["ids"])
+            position = {iid: j for j, iid in enumerate(pool["ids"])}
+            exclude = torch.zeros((len(idx), p), dtype=torch.bool)
+            for row, i in enumerate(idx.tolist()):
+                exclude[row, position.get(image_ids[i], p - 1)] = True  # itself, else the pool's last image
+            k = mutual.interval_k(p - 1, self.mutual.interval)
+            t = torch.from_numpy(idx).to(emb.device)
+            grids[t] = mutual.mutual_map({key: v[t] for key, v in queries.items()}, pool["layers"], grid, k,
+                                         exclude, self.mutual.query_chunk, self.mutual.pool_chunk)
+        side = self.pixel.image_size
+        score = mutual.upsample(grids, (side, side)).amax(dim=(1, 2)).double().cpu().numpy()
+        maps, max_pixel = [], np.full(b, np.nan)
+        for i, img in enumerate(images):
+            shape = map_shape(img.shape[0], img.shape[1], self.maps.map_size)
+            m = mutual.upsample(grids[i : i + 1], shape)[0].clamp(*self.map_range)
+            maps.append(m.cpu().numpy().astype(np.float32))
+            max_pixel[i] = float(maps[-1].max())
+        nan = np.full(b, np.nan)
+        return {"score": score, "score_language": nan, "score_vision": nan.copy(), "score_fewshot": nan.copy(),
+                "max_pixel_score": max_pixel, "maps": maps, "few_shot_k": [None] * b, "reference_digest": [None] * b,
+                "score_mutual": [float(v) for v in score],
+                "image_embedding": [e for e in emb.cpu().numpy().astype(np.float32)]}

@@ -767,16 +767,6 @@ class JobSpec(_Model):
             raise ValueError("sam_refine refines a pixel map: set pixel.kind (e.g. april_gan or fade_zero_shot)")
         if self.tiling is not None and isinstance(self.pixel, AprilGanAdapters):
             raise ValueError("pixel.kind april_gan does not run per tile yet: remove the tiling section")
-        if self.few_shot is not None:
-            methods = {v: k for k, v in FEW_SHOT_PIXEL.items()}
-            if self.pixel.kind not in methods:
-                raise ValueError(f"few_shot needs a pixel method it completes (pixel.kind: {', '.join(FEW_SHOT_PIXEL.values())}); "
-                                 f"pixel.kind is {self.pixel.kind}")
-            if self.few_shot.method is not None and FEW_SHOT_PIXEL[self.few_shot.method] != self.pixel.kind:
-                raise ValueError(f"few_shot.method {self.few_shot.method} completes pixel.kind {FEW_SHOT_PIXEL[self.few_shot.method]}, "
-                                 f"but pixel.kind is {self.pixel.kind}")
-            if self.tiling is not None:
-                raise ValueError("few_shot does not run per tile yet: remove the tiling section")
         mutual = {"pixel.kind": self.pixel.kind == "mutual", "score.kind": self.score.kind == "mutual",
                   "the mutual section": self.mutual is not None}
         if any(mutual.values()) and not all(mutual.values()):
@@ -789,6 +779,16 @@ class JobSpec(_Model):
                 raise ValueError("mutual scoring compares the input's own images: remove the few_shot section")
             if self.tiling is not None:
                 raise ValueError("mutual scoring does not run per tile: remove the tiling section")
+        if self.few_shot is not None:
+            methods = {v: k for k, v in FEW_SHOT_PIXEL.items()}
+            if self.pixel.kind not in methods:
+                raise ValueError(f"few_shot needs a pixel method it completes (pixel.kind: {', '.join(FEW_SHOT_PIXEL.values())}); "
+                                 f"pixel.kind is {self.pixel.kind}")
+            if self.few_shot.method is not None and FEW_SHOT_PIXEL[self.few_shot.method] != self.pixel.kind:
+                raise ValueError(f"few_shot.method {self.few_shot.method} completes pixel.kind {FEW_SHOT_PIXEL[self.few_shot.method]}, "
+                                 f"but pixel.kind is {self.pixel.kind}")
+            if self.tiling is not None:
+                raise ValueError("few_shot does not run per tile yet: remove the tiling section")
         return self
 
     def few_shot_method(self) -> str | None:

@@ -186,7 +186,7 @@ def rscin_scores(frame: pd.DataFrame, embeddings: dict[str, np.ndarray], k_list:
     for _, group in ok.groupby("category", sort=True):
         ids = list(group["image_id"])
         e = torch.from_numpy(np.stack([embeddings[i] for i in ids]).astype(np.float64))
-        s = torch.from_numpy(group["score_mutual"].to_numpy(np.float64))
+        s = torch.tensor(group["score_mutual"].to_numpy(np.float64))
         out.update(zip(ids, rscin(s, e, k_list).tolist()))
     return out
 

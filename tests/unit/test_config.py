@@ -117,3 +117,35 @@ def test_report_section_defaults_and_colour_range():
             load_spec("jobs/smoke.yaml", [f"report.map_range={bad}"])
     with pytest.raises(SpecError, match="top"):
         load_spec("jobs/smoke.yaml", ["report.top=0"])
+
+
+def test_mutual_presets_and_rules(tmp_path):
+    """MuSc presets: the reference's backbones, blocks, sizes and RsCIN windows; the rules binding
+    pixel.kind, score.kind and the mutual section; the defaults the pixel kind implies."""
+    musc, fast = load_spec("jobs/musc.yaml"), load_spec("jobs/musc_fast.yaml")
+    assert (musc.clip.model, musc.clip.weights.tag, musc.pixel.layers, musc.pixel.image_size) == (
+        "ViT-L-14-336", "openai", (6, 12, 18, 24), 518)
+    assert (fast.clip.model, fast.clip.weights.tag, fast.pixel.layers, fast.pixel.image_size) == (
+        "ViT-B-16-plus-240", "laion400m_e31", (3, 6, 9, 12), 240)
+    for spec in (musc, fast):
+        assert spec.pixel.degrees == (1, 3, 5) and spec.mutual.pool_size == 200 and spec.mutual.rscin
+        assert spec.mutual.k_list == (1, 2, 3) and spec.score.kind == "mutual" and spec.map_range() == (0.0, 2.0)
+    p = tmp_path / "job.yaml"
+    p.write_text("clip: {model: zsad-tiny, weights: null}\nallow_random_weights: true\npixel: {kind: mutual}\n")
+    implied = load_spec(str(p))
+    assert implied.score.kind == "mutual" and implied.mutual.pool_size == 200 and implied.mutual.score == "rscin"
+    bad = {
+        "score.kind=winclip_zero_shot": "needs pixel.kind: mutual, score.kind: mutual",
+        "mutual.rscin=false": "mutual.score rscin needs mutual.rscin",
+        "pixel.degrees=[1,2]": "odd",
+        "mutual.k_list=[0,2]": "k_list",
+        "mutual.pool_size=3": "pool_size",
+    }
+    for override, text in bad.items():
+        with pytest.raises(SpecError, match=text):
+            load_spec("jobs/musc.yaml", [override])
+    assert load_spec("jobs/musc.yaml", ["mutual.rscin=false", "mutual.score=raw"]).mutual.score == "raw"
+    with pytest.raises(SpecError, match="needs pixel.kind: mutual"):
+        load_spec("jobs/smoke.yaml", ["score.kind=mutual"])
+    with pytest.raises(SpecError, match="remove the few_shot section"):
+        load_spec("jobs/musc.yaml", ["few_shot.k=1"])

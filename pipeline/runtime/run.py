@@ -352,6 +352,11 @@ def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict
                             "reference_layout": ref_layout,
                             "references_by_category": {str(k): int(v) for k, v in chosen.groupby("category").size().items()},
                             "categories_without_references": missing}}
+    if spec.mutual is not None:
+        pools = mutual.choose(spec, manifest).groupby("category").size()
+        few["mutual"] = {"pool_size": spec.mutual.pool_size, "transductive": True,
+                         "pool_images_by_category": {str(k): int(v) for k, v in pools.items()},
+                         "too_small": sorted(str(k) for k, v in pools.items() if v < mutual.MIN_POOL)}
     return {
         "input": input_uri,
         "layout": used_layout,
@@ -361,7 +366,7 @@ def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict
         "listing_errors": int(manifest["list_error_type"].notna().sum()),
         "skipped_at_listing": dict(manifest.attrs.get("skipped", {})),
         "shards": -(-len(manifest) // spec.shard_size),
-        "plan": [*fewshot.plan_entries(spec, resources=True),
+        "plan": [*fewshot.plan_entries(spec, resources=True), *mutual.plan_entries(spec),
                  *({"stage": p.name, "kind": p.kind, **p.resources.model_dump(exclude_none=True)} for p in stages)],
         "tables": tables,
         "random_weights": spec.random_weights,

@@ -37,8 +37,10 @@ class PoolTooSmall(ValueError):
 
 def image_features(visual: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """(B, 3, S, S) -> (unit image embeddings (B, E), [raw block-``l`` tokens (B, G*G, C) for l in
-    ``layers``], grid G). One forward pass; the positional embedding follows S."""
-    emb, tokens = vit.forward_with_layers(visual, images, tuple(layers))
+    ``layers``], grid G). One forward pass; at a size other than the model's own, the positional
+    embedding is resized with torch's plain bicubic, as MuSc's vendored open_clip 2.16 does (its
+    ``resize_pos_embed`` does not pass ``antialias``), not the antialiased one of current open_clip."""
+    emb, tokens = vit.forward_with_layers(visual, images, tuple(layers), pos_antialias=False)
     grid = images.shape[-1] // vit.patch_size(visual)
     return F.normalize(emb.float(), dim=-1), [t.float() for t in tokens], grid
 

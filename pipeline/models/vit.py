@@ -35,9 +35,11 @@ def patch_size(visual: torch.nn.Module) -> int:
     return int(p[0] if isinstance(p, (tuple, list)) else p)
 
 
-def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
+def resize_pos_embed(pos: torch.Tensor, grid: int, antialias: bool = True) -> torch.Tensor:
     """(1 + G*G, D) positional embedding -> (1 + grid*grid, D): class token kept, grid resized
-    bicubic with antialias. At the native grid the tensor is returned unchanged."""
+    bicubic with antialias (current open_clip's ``resize_pos_embed``), or ``antialias=False``: torch's
+    plain bicubic (a = -0.75), which open_clip 2.16 (vendored by MuSc) used; the two differ even when
+    upsampling. At the native grid the tensor is returned unchanged."""
     n = pos.shape[0] - 1
     g = int(round(n**0.5))
     if g * g != n:
@@ -46,14 +48,15 @@ def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
         return pos
     cls, patches = pos[:1], pos[1:]
     patches = patches.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=antialias, align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)
     return torch.cat([cls, patches], dim=0)
 
 
-def embed(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+def embed(visual: torch.nn.Module, images: torch.Tensor, pos_antialias: bool = True) -> tuple[torch.Tensor, int]:
     """Images (B, 3, S, S) -> tokens after ln_pre (B, 1 + G*G, D) and the grid G = S / patch.
-    The positional embedding is resized on the fly when S is not the model's native size."""
+    The positional embedding is resized on the fly when S is not the model's native size
+    (:func:`resize_pos_embed` with ``antialias=pos_antialias``)."""
     check_visual(visual)
     x = visual.conv1(images.to(visual.conv1.weight.dtype))
     b, d, gh, gw = x.shape
@@ -61,7 +64,7 @@ def embed(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, 
         raise UnsupportedModel(f"square inputs only, got a {gh} x {gw} patch grid")
     x = x.reshape(b, d, gh * gw).permute(0, 2, 1)
     cls = visual.class_embedding.to(x.dtype).view(1, 1, d).expand(b, 1, d)
-    x = torch.cat([cls, x], dim=1) + resize_pos_embed(visual.positional_embedding, gh).to(x.dtype)
+    x = torch.cat([cls, x], dim=1) + resize_pos_embed(visual.positional_embedding, gh, pos_antialias).to(x.dtype)
     return visual.ln_pre(x), gh
 
 
@@ -257,7 +260,7 @@ def harmonic_patch_scores(window_scores: torch.Tensor, grid: int, k: int) -> tor
 
 
 def forward_with_layers(
-    visual: torch.nn.Module, images: torch.Tensor, layers: tuple[int, ...]
+    visual: torch.nn.Module, images: torch.Tensor, layers: tuple[int, ...], pos_antialias: bool = True
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One plain forward at any square input size that also keeps intermediate block outputs.
 
@@ -275,7 +278,7 @@ def forward_with_layers(
     if any(a >= b for a, b in zip(layers, layers[1:])):
         raise ValueError(f"layers {layers} must be sorted and unique")
     wanted = set(layers)
-    x, _ = embed(visual, images)
+    x, _ = embed(visual, images, pos_antialias)
     kept = []
     for i, block in enumerate(blocks, start=1):
         x = block_forward(block, x)

@@ -458,3 +458,31 @@ def test_rscin_window_larger_than_the_set_is_the_whole_set():
 def test_rscin_chunk_size_does_not_change_the_result(chunk):
     scores, emb = random_scores_and_embeddings(6, n=11)
     torch.testing.assert_close(mutual.rscin(scores, emb, [1, 8, 9], chunk=chunk), mutual.rscin(scores, emb, [1, 8, 9]), rtol=0, atol=1e-12)
+
+
+def test_positional_embedding_is_resized_as_musc_open_clip_does(visual):
+    """At a size other than the model's own (here 192 px: a 12 x 12 grid from the native 8 x 8), the
+    tokens are those of a model whose positional embedding was resized with torch's PLAIN bicubic
+    (open_clip 2.16's resize_pos_embed, vendored by MuSc, does not pass antialias) and run at its new
+    native size; the antialiased resize of current open_clip gives other tokens."""
+    import copy
+
+    x = smooth_images(5, 2, size=192)
+    with torch.no_grad():
+        emb, tokens, grid = mutual.image_features(visual, x, LAYERS)
+        pos = visual.positional_embedding
+        g0 = int(round((pos.shape[0] - 1) ** 0.5))
+        grid_pe = pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
+        outs = {}
+        for antialias in (False, True):
+            plain = F.interpolate(grid_pe, size=(12, 12), mode="bicubic", align_corners=False, antialias=antialias)
+            resized = copy.deepcopy(visual)
+            resized.positional_embedding = torch.nn.Parameter(
+                torch.cat([pos[:1], plain.permute(0, 2, 3, 1).reshape(144, -1)]))
+            resized.grid_size = (12, 12)
+            outs[antialias] = mutual.image_features(resized, x, LAYERS)
+    assert grid == 12
+    for a, b in zip(tokens, outs[False][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(emb, outs[False][0], rtol=0, atol=1e-6)
+    assert max(float((a - b).abs().max()) for a, b in zip(tokens, outs[True][1])) > 1e-3

@@ -36,9 +36,9 @@ def test_validate_checks_model_and_tag():
 
 def test_schema_command():
     res = runner.invoke(app, ["schema", "scores"])
-    assert res.exit_code == 0 and "random_weights" in res.output and "schema version 4" in res.output
+    assert res.exit_code == 0 and "random_weights" in res.output and "schema version 5" in res.output
     res = runner.invoke(app, ["schema"])
-    assert all(t in res.output for t in ("scores", "errors", "inputs", "masks"))
+    assert all(t in res.output for t in ("scores", "errors", "inputs", "masks", "embeddings"))
     res = runner.invoke(app, ["schema", "nope"])
     assert res.exit_code == 2 and "no contract for table 'nope'" in res.output
 

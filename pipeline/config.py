@@ -402,6 +402,13 @@ class ClipSegMaps(_Model):
     prompts: tuple[str, ...] | None = None
 
 
+def _block_numbers(value: tuple[int, ...]) -> tuple[int, ...]:
+    """``layers`` of a pixel method: 1-indexed block numbers, increasing, without repeats."""
+    if not value or any(v < 1 for v in value) or list(value) != sorted(set(value)):
+        raise ValueError("layers needs block numbers >= 1 (1-indexed), increasing, without repeats")
+    return value
+
+
 class AprilGanAdapters(_Model):
     """APRIL-GAN adapter maps (METHODS.md section 3): the raw residual outputs of blocks ``layers``
     (1-indexed, class token dropped) at an input of ``image_size`` pixels, one trained linear adapter
@@ -418,12 +425,7 @@ class AprilGanAdapters(_Model):
     image_size: int = Field(default=518, ge=16)
     weights: WeightsSpec | None = None
 
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value or any(v < 1 for v in value) or list(value) != sorted(set(value)):
-            raise ValueError("layers needs block numbers >= 1 (1-indexed), increasing, without repeats")
-        return value
+    _layers = field_validator("layers")(classmethod(lambda cls, value: _block_numbers(value)))
 
 
 class MutualMaps(_Model):
@@ -440,12 +442,7 @@ class MutualMaps(_Model):
     image_size: int = Field(default=518, ge=16)
     degrees: tuple[int, ...] = (1, 3, 5)
 
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value or any(v < 1 for v in value) or list(value) != sorted(set(value)):
-            raise ValueError("layers needs block numbers >= 1 (1-indexed), increasing, without repeats")
-        return value
+    _layers = field_validator("layers")(classmethod(lambda cls, value: _block_numbers(value)))
 
     @field_validator("degrees")
     @classmethod

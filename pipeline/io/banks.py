@@ -27,9 +27,10 @@ class BankError(ValueError):
     """A bank file that cannot be used: missing, unreadable, or built from something else."""
 
 
-def bank_uri(run_dir: str, category: str) -> str:
-    """Where the bank of ``category`` lives (the name is URL-quoted, so any category is one file)."""
-    return fsio.join(run_dir, "banks", quote(category, safe="") + ".safetensors")
+def bank_uri(run_dir: str, category: str, folder: str = "banks") -> str:
+    """Where the bank of ``category`` lives (the name is URL-quoted, so any category is one file);
+    mutual scoring's pools live in the folder ``pools``."""
+    return fsio.join(run_dir, folder, quote(category, safe="") + ".safetensors")
 
 
 def encode_bank(tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> bytes:

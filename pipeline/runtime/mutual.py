@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Any, Callable
 
@@ -29,7 +30,7 @@ import pyarrow.parquet as pq
 from pipeline.config import JobSpec
 from pipeline.io import contracts
 from pipeline.io import fs as fsio
-from pipeline.io.banks import BankError, read_bank_metadata, write_bank
+from pipeline.io.banks import BankError, bank_uri, read_bank_metadata, write_bank
 from pipeline.io.fs import StorageOptions
 from pipeline.io.references import REFERENCE_COLUMNS, read_references, references_digest, write_references
 from pipeline.stages.bank import bank_digest, bank_settings
@@ -48,9 +49,7 @@ def pools_uri(run_dir: str) -> str:
 
 
 def pool_uri(run_dir: str, category: str) -> str:
-    from urllib.parse import quote
-
-    return fsio.join(run_dir, "pools", quote(category, safe="") + ".safetensors")
+    return bank_uri(run_dir, category, "pools")
 
 
 def pool_rank(seed: int, uri: str) -> str:
@@ -112,8 +111,6 @@ def build_pools(spec: JobSpec, chosen: pd.DataFrame, category_sizes: dict[str, i
         if meta.get("digest") != e["digest"]:
             raise MutualError(f"pool {e['uri']} was built from another spec or other images (digest "
                               f"{meta.get('digest', '?')[:12]}... != {e['digest'][:12]}...); start a new run (another --run-id)")
-        import json
-
         e.update(images=int(meta["images"]), image_ids=json.loads(meta["image_ids"]), bytes=int(meta.get("bytes", 0)))
         reused.append(cat)
     t0 = time.monotonic()

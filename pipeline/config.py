@@ -186,11 +186,18 @@ class ResourcesSpec(_Model):
     encode: StageResources = StageResources(num_cpus=1, batch_size=32)
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
 class ClipSpec(_Model):
     """The CLIP backbone. ``model``: an open_clip model name (``zsad-tiny`` is a tiny config zsad
     registers for tests and the offline demo). ``weights``: a weights spec, or ``null`` for random
     initialisation (needs top-level ``allow_random_weights: true``). ``image_size``: input side in
-    pixels (default: the model's own). ``precision``: ``fp32`` (default) or ``fp16``/``bf16`` (GPU).
+    pixels (default: the model's own). ``precision``: ``auto`` (default: fp32 on a CPU worker, bf16 on
+    a GPU that supports it), ``fp32``, ``bf16`` or ``fp16`` (GPU only; a CPU worker runs fp32): the
+    image tower's forward passes run under autocast in that precision with fp32 weights; text
+    embeddings, similarities, logits and maps stay fp32 (:mod:`pipeline.models.precision`; the
+    deviation per method is in BENCHMARKS.md).
     ``cpu_int8``: on CPU workers, quantise the vision tower's MLP linear layers to int8 (dynamic
     quantisation) for speed; scores and maps deviate slightly from fp32 (measured in BENCHMARKS.md).
     ``resize``: how an image is squashed to the model's input size(s), bicubic either way:
@@ -205,7 +212,7 @@ class ClipSpec(_Model):
     model: str
     weights: WeightsSpec | None
     image_size: int | None = Field(default=None, ge=16)
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: Precision = "auto"
     cpu_int8: bool = False
     resize: Literal["torch", "pil"] = "torch"
     activation: Literal["quick_gelu", "gelu"] | None = None
@@ -549,11 +556,14 @@ class SamSpec(_Model):
     CPU, ``keep_freed`` (default) makes glibc keep freed memory in the process
     (:func:`pipeline.models.sam.keep_freed_memory`): SAM runs faster (vit_b's encoder 1.9x; with
     smaller point batches, the automatic masks' decoder 3.5x) and the worker's resident size is
-    higher (BENCHMARKS.md); ``default`` leaves glibc's settings. GPU workers are not changed."""
+    higher (BENCHMARKS.md); ``default`` leaves glibc's settings. GPU workers are not changed.
+    ``precision``: as ``clip.precision``, for SAM's image encoder (the prompt and mask decoders,
+    a small part of the work, stay fp32, so masks are thresholded from fp32 logits)."""
 
     model: Literal["vit_h", "vit_l", "vit_b", "tiny"] = "vit_b"
     weights: WeightsSpec | None = None
     cpu_allocator: Literal["keep_freed", "default"] = "keep_freed"
+    precision: Precision = "auto"
 
     @field_validator("weights")
     @classmethod
@@ -695,6 +705,18 @@ class ReportSpec(_Model):
         return value
 
 
+class RuntimeSpec(_Model):
+    """How the model stages share the hardware. ``fuse_models: true`` runs every model stage
+    (SAM foreground, CLIP scoring, SAM refinement, and the CPU stages between them) in ONE actor
+    pool, with ``resources.clip_score``'s pool size and batch size and the largest ``num_gpus`` /
+    ``num_cpus`` of the fused stages: one copy of each model per GPU and no hand-over between pools,
+    for small clusters (one or two GPUs) where separate pools would sit idle waiting for each other.
+    The default (``false``) keeps one pool per model stage, sharing GPUs by the fractions of
+    ``resources.<stage>.num_gpus`` (README "GPU execution")."""
+
+    fuse_models: bool = False
+
+
 class JobSpec(_Model):
     """A whole job. See ``jobs/*.yaml`` for the presets and README for every key."""
 
@@ -722,6 +744,7 @@ class JobSpec(_Model):
     resources: ResourcesSpec = ResourcesSpec()
     retries: RetrySpec = RetrySpec()
     report: ReportSpec = ReportSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
     weights_cache: CacheDir = None
 
     @model_validator(mode="before")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models import checkpoints, vit
+from pipeline.models.precision import forward_pass
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 ZSAD_FORMAT = "zsad-adapters-1"
@@ -84,6 +85,7 @@ def set_activation(model: nn.Module, activation: str) -> None:
             mlp.gelu = QuickGELU() if activation == "quick_gelu" else nn.GELU()
 
 
+@forward_pass
 def layer_features(
     visual: nn.Module, images: torch.Tensor, layers: tuple[int, ...]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:

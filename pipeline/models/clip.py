@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.models import checkpoints
+from pipeline.models.precision import forward_pass
 from pipeline.models.registry import CONFIG_DIR, ModelLoadError, check_model  # noqa: F401 (the names callers use)
 
 TINY_MODEL = "zsad-tiny"
@@ -118,28 +119,42 @@ def build_clip(
     return model, pre
 
 
-def preprocess_images(images: list[torch.Tensor], pre: Preprocess) -> torch.Tensor:
-    """uint8 images (each (H, W, 3), any size) -> normalised float batch (B, 3, S, S).
+def preprocess_images(images: list[torch.Tensor], pre: Preprocess, device: str | torch.device | None = None) -> torch.Tensor:
+    """uint8 images (each (H, W, 3), any size) -> normalised float batch (B, 3, S, S) on ``device``
+    (default: where the images are).
 
     Each image is squashed to S x S (bicubic: torch's antialiased one on [0, 1] floats, clamped, or
-    PIL's on the uint8 image, see :class:`Preprocess`), then normalised.
+    PIL's on the uint8 image, see :class:`Preprocess`), then normalised. The uint8 pixels travel to
+    the device (pinned, non-blocking from the host to a GPU) and are resized and normalised there,
+    images of one size in one call.
     """
+    from pipeline.models.precision import to_device
+
     if pre.resize not in ("torch", "pil"):
         raise ValueError(f"unknown resize {pre.resize!r} (torch, pil)")
-    out = []
-    mean = torch.tensor(pre.mean).view(3, 1, 1)
-    std = torch.tensor(pre.std).view(3, 1, 1)
+    if not images:
+        raise ValueError("no images to preprocess")
+    device = torch.device(device) if device is not None else images[0].device
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+    pixels = []
     for img in images:
         if pre.resize == "pil" and tuple(img.shape[:2]) != (pre.size, pre.size):
             from PIL import Image
 
-            small = Image.fromarray(img.numpy()).resize((pre.size, pre.size), Image.BICUBIC)
+            small = Image.fromarray(img.cpu().numpy()).resize((pre.size, pre.size), Image.BICUBIC)
             img = torch.from_numpy(np.asarray(small).copy())
-        x = img.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-        if x.shape[-2:] != (pre.size, pre.size):
+        pixels.append(to_device(img, device))
+    out = torch.empty((len(images), 3, pre.size, pre.size), device=device)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(pixels):
+        groups.setdefault(tuple(img.shape), []).append(i)
+    for shape, idx in groups.items():
+        x = torch.stack([pixels[i] for i in idx]).permute(0, 3, 1, 2).float().div_(255.0)
+        if tuple(shape[:2]) != (pre.size, pre.size):
             x = F.interpolate(x, size=(pre.size, pre.size), mode="bicubic", antialias=True, align_corners=False)
-        out.append(((x[0].clamp_(0.0, 1.0) - mean) / std))
-    return torch.stack(out)
+        out[torch.as_tensor(idx, device=device)] = (x.clamp_(0.0, 1.0) - mean) / std
+    return out
 
 
 def _truncatable(model: torch.nn.Module) -> bool:
@@ -185,6 +200,7 @@ def encode_text(model: torch.nn.Module, tokenizer, texts: list[str], device: tor
     return torch.cat(parts)
 
 
+@forward_pass
 def encode_image(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Raw image embeddings (B, D) in float32: ln_post(CLS) @ proj for open_clip ViTs."""
     dtype = next(model.parameters()).dtype

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from pipeline.models import vit
 from pipeline.models.memory_bank import nearest_cosine_distance
+from pipeline.models.precision import forward_pass
 
 Bank = Mapping[str, torch.Tensor]
 
@@ -59,6 +60,7 @@ def _key(bank: Bank, key: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+@forward_pass
 def winclip_features(visual: torch.nn.Module, images: torch.Tensor, window_sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """(B, 3, S, S) -> {``patch``: (B, G*G, width) final patch tokens after ln_post (not projected),
     ``window<k>``: (B, W_k, E) window embeddings} for every window size."""

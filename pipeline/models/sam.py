@@ -290,11 +290,15 @@ class SamEngine:
     ``torch.no_grad()`` and return ordinary tensors on that device.
     """
 
-    def __init__(self, sam: Sam, device: str | torch.device | None = None) -> None:
+    def __init__(self, sam: Sam, device: str | torch.device | None = None, precision: str = "fp32") -> None:
+        from pipeline.models.precision import resolve
+
         if device is not None:
             sam = sam.to(device)
         self.sam = sam.eval()
         self.device = torch.device(sam.device)
+        #: the image encoder's autocast precision (resolved for the device); the decoders run fp32
+        self.precision = resolve(precision, self.device)
         self.img_size = int(sam.image_encoder.img_size)
         self.transform = ResizeLongestSide(self.img_size)
         grid = sam.prompt_encoder.image_embedding_size
@@ -315,9 +319,14 @@ class SamEngine:
             raise SamInputError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
         if min(image.shape[:2]) < 1:
             raise SamInputError(f"image is empty: shape {image.shape}")
+        from pipeline.models.precision import autocast, to_device
+
         resized = self.transform.apply_image(np.ascontiguousarray(image))
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None].float()
-        features = self.sam.image_encoder(self.sam.preprocess(x))
+        x = to_device(torch.from_numpy(resized), self.device).permute(2, 0, 1).contiguous()[None].float()
+        x = self.sam.preprocess(x)
+        with autocast(self.device, self.precision):
+            features = self.sam.image_encoder(x)
+        features = features.float()
         return SamEmbedding(
             features=features,
             original_size=(int(image.shape[0]), int(image.shape[1])),

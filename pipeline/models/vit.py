@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.models.precision import forward_pass
+
 
 class UnsupportedModel(ValueError):
     """A vision tower these walkers do not handle (attention pooling, no class token...)."""
@@ -53,6 +55,7 @@ def resize_pos_embed(pos: torch.Tensor, grid: int, antialias: bool = True) -> to
     return torch.cat([cls, patches], dim=0)
 
 
+@forward_pass
 def embed(visual: torch.nn.Module, images: torch.Tensor, pos_antialias: bool = True) -> tuple[torch.Tensor, int]:
     """Images (B, 3, S, S) -> tokens after ln_pre (B, 1 + G*G, D) and the grid G = S / patch.
     The positional embedding is resized on the fly when S is not the model's native size
@@ -154,6 +157,7 @@ def gem_attention(block: torch.nn.Module, x_ori: torch.Tensor) -> torch.Tensor:
     return block.ls_1(attn.out_proj(out))
 
 
+@forward_pass
 def gem_forward(
     visual: torch.nn.Module, images: torch.Tensor, depth: int = 6
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -177,6 +181,7 @@ def gem_forward(
     return project(visual, x[:, 0]), project(visual, x_gem[:, 1:]), project(visual, x[:, 1:]), grid
 
 
+@forward_pass
 def clip_forward(visual: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Plain forward at any input size: (class embedding (B, E), final patch embeddings (B, N, E), G)."""
     x, grid = embed(visual, images)
@@ -201,6 +206,7 @@ def window_indices(grid: int, k: int) -> torch.Tensor:
     return tl.view(-1, 1) + offs.view(1, -1)
 
 
+@forward_pass
 def window_embeddings(visual: torch.nn.Module, tokens: torch.Tensor, grid: int, k: int, chunk: int = 1024) -> torch.Tensor:
     """Embeddings of every k x k window: (B, W, E).
 
@@ -259,6 +265,7 @@ def harmonic_patch_scores(window_scores: torch.Tensor, grid: int, k: int) -> tor
 # --------------------------------------------------------------------------------------------
 
 
+@forward_pass
 def forward_with_layers(
     visual: torch.nn.Module, images: torch.Tensor, layers: tuple[int, ...], pos_antialias: bool = True
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -39,6 +39,7 @@ from pipeline.runtime import fewshot, mutual
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.watchdog import watched
+from pipeline.stages.fused import find_stage
 from pipeline.stages.plan import PlanError, PlannedStage, build_plan, check_columns
 
 #: stages that time their rows (``<stage>_ms``); run.json has ``<stage>_busy`` for each
@@ -68,6 +69,12 @@ class RunResult:
     def error_rate(self) -> float:
         return self.n_failed / self.n_images if self.n_images else 0.0
 
+
+
+def _fused_parts(planned: PlannedStage) -> dict[str, Any]:
+    """``{"fused": [stage names]}`` for the fused model stage (runtime.fuse_models), else nothing."""
+    parts = getattr(planned.stage, "parts", None)
+    return {"fused": [p.name for p in parts]} if parts else {}
 
 def _torch_version() -> str:
     """torch's ``__version__`` (with its build label, e.g. ``+cu130``) read from its version file,
@@ -367,7 +374,8 @@ def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict
         "skipped_at_listing": dict(manifest.attrs.get("skipped", {})),
         "shards": -(-len(manifest) // spec.shard_size),
         "plan": [*fewshot.plan_entries(spec, resources=True), *mutual.plan_entries(spec),
-                 *({"stage": p.name, "kind": p.kind, **p.resources.model_dump(exclude_none=True)} for p in stages)],
+                 *({"stage": p.name, "kind": p.kind, **_fused_parts(p), **p.resources.model_dump(exclude_none=True)}
+                   for p in stages)],
         "tables": tables,
         "random_weights": spec.random_weights,
         **few,
@@ -523,15 +531,11 @@ def run_job(
                     if spec.few_shot is not None:  # the banks, before any image is scored
                         entries, summary = fewshot.build_banks(spec, chosen, run_dir, storage, session, log)
                         few_record = fewshot.record(spec, run_dir, few_layout, few_missing, entries, summary)
-                        for planned in stages:
-                            if planned.name == "clip_score":
-                                planned.stage.banks = entries
+                        find_stage(stages, "clip_score").banks = entries
                     if spec.mutual is not None:  # the pools, before any image is scored
                         sizes = manifest.groupby("category").size().to_dict()
                         pool_entries, pool_summary = mutual.build_pools(spec, pools_chosen, sizes, run_dir, storage, session, log)
-                        for planned in stages:
-                            if planned.name == "clip_score":
-                                planned.stage.pools = pool_entries
+                        find_stage(stages, "clip_score").pools = pool_entries
                     def save_stats(text: str) -> None:
                         fs_, path_ = fsio.filesystem(fsio.join(run_dir, "ray_data_stats.txt"), storage)
                         with fs_.open(path_, "w") as fh:
@@ -638,7 +642,7 @@ def run_job(
                     **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
                 },
                 "plan": [*fewshot.plan_entries(spec), *mutual.plan_entries(spec),
-                         *({"stage": p.name, "kind": p.kind} for p in stages)],
+                         *({"stage": p.name, "kind": p.kind, **_fused_parts(p)} for p in stages)],
                 **({"few_shot": few_record} if few_record is not None else {}),
                 **({"mutual": mutual.record(spec, run_dir, pool_entries, pool_summary, rscin_record)}
                    if spec.mutual is not None else {}),

@@ -110,3 +110,21 @@ def inference_mode(fn):
             return fn(*args, **kwargs)
 
     return run
+
+
+def model_work(method):
+    """For a model stage's methods: ``torch.inference_mode()``, and the stage's device and
+    resolved precision (``self.device``, ``self.precision``) active for the forward passes
+    (:func:`pipeline.models.precision.active`)."""
+    import functools
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        import torch
+
+        from pipeline.models.precision import active
+
+        with torch.inference_mode(), active(self.device, self.precision):
+            return method(self, *args, **kwargs)
+
+    return run

@@ -26,7 +26,7 @@ from pipeline.io.retry import retrying, stderr_log
 from pipeline.io.weights import resolve
 from pipeline.models.prompts import ensemble, object_name, read_prompt_file
 from pipeline.ops.heatmap import map_shape
-from pipeline.stages.base import LazyModule, check_columns, inference_mode
+from pipeline.stages.base import LazyModule, check_columns, inference_mode, model_work
 from pipeline.stages.records import TENSOR, RowErrors, object_column
 
 # imported by the actors when they first use them; the driver only reads the declarations
@@ -35,6 +35,7 @@ clip_models = LazyModule("pipeline.models.clip")
 pixel_maps = LazyModule("pipeline.models.pixel")
 scoring = LazyModule("pipeline.models.scoring")
 fewshot = LazyModule("pipeline.models.fewshot")
+precision = LazyModule("pipeline.models.precision")
 
 STAGE = "clip_score"
 ModelFactory = Callable[[], tuple]  # () -> (torch module, pipeline.models.clip.Preprocess)
@@ -125,10 +126,12 @@ class ClipScoreStage:
         self.model: torch.nn.Module | None = None
         self.preprocess: clip_models.Preprocess | None = None
         self.device = None  # a torch.device from setup
+        self.precision = "fp32"  # clip.precision resolved for the device, from setup
         self._tokenizer = None
         self._text: dict[str, scoring.TextClassifier] = {}
         self._pixel_text: scoring.TextClassifier | None = None
         self._prompt_files: dict[str, tuple] = {}  # location -> (normal, abnormal) sentences
+        self.oom_splits = 0  # batches this actor split after running out of accelerator memory
 
     #: per-row outputs of a subclass beyond the scores and maps (result key -> column), object columns
     extra_outputs: tuple[str, ...] = ()
@@ -161,6 +164,9 @@ class ClipScoreStage:
         if self.model is not None:
             return
         self.device = pick_device(self.use_gpu)
+        # cpu_int8's quantised layers run in fp32 (CPU autocast does not apply to them)
+        self.precision = "fp32" if self.clip.cpu_int8 and self.device.type == "cpu" else \
+            precision.resolve(self.clip.precision, self.device)
         if self.model_factory is not None:
             model, pre = self.model_factory()
             model = model.to(self.device).eval()
@@ -223,7 +229,7 @@ class ClipScoreStage:
             checkpoint=weights.path,
             cache_dir=self.weights_cache,
             image_size=self.clip.image_size,
-            precision=self.clip.precision if self.device.type == "cuda" else "fp32",
+            precision="fp32",  # weights stay fp32; the forward passes run under autocast (self.precision)
             device=self.device,
         )
 
@@ -266,7 +272,7 @@ class ClipScoreStage:
             self._pixel_text = scoring.build_classifier(raw[: len(normal)], raw[len(normal) :], p.aggregation)
         return self._pixel_text
 
-    @inference_mode
+    @model_work
     def score_images(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None) -> dict[str, object]:
         """Score uint8 (H, W, 3) images in one batch. Returns ``score``/``score_language``/
         ``score_vision``/``score_fewshot``/``max_pixel_score`` float64 (B,), ``few_shot_k`` and
@@ -322,11 +328,11 @@ class ClipScoreStage:
             from pipeline.models.adapters import layer_features
 
             pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
-            batch = clip_models.preprocess_images(tensors, pre).to(self.device)
+            batch = clip_models.preprocess_images(tensors, pre, device=self.device)
             feats, tokens = layer_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
             feats = feats.float()
         else:
-            batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
+            batch = clip_models.preprocess_images(tensors, self.preprocess, device=self.device)
             feats = clip_models.encode_image(self.model, batch)
         b = len(images)
         score = np.empty(b, dtype=np.float64)
@@ -363,7 +369,7 @@ class ClipScoreStage:
 
         ref = self.banks[category]
         tensors, _ = read_bank(ref["uri"], ref["digest"], self.storage)
-        bank = {k: torch.from_numpy(v).to(self.device) for k, v in tensors.items()}
+        bank = {k: precision.to_device(torch.from_numpy(v), self.device) for k, v in tensors.items()}
         self.bank_loads += 1
         self._bank_cache[category] = bank
         while len(self._bank_cache) > self.few_shot.max_cached_banks:
@@ -375,7 +381,7 @@ class ClipScoreStage:
         return self.few_shot.query_chunk, self.few_shot.bank_chunk
 
     def _fade_sizes(self, tensors) -> dict[int, "torch.Tensor"]:
-        return {size: clip_models.preprocess_images(tensors, dataclasses.replace(self.preprocess, size=size)).to(self.device)
+        return {size: clip_models.preprocess_images(tensors, dataclasses.replace(self.preprocess, size=size), device=self.device)
                 for size in self.pixel.scales}
 
     def _april_gan_pass(self, tensors) -> tuple["torch.Tensor", list]:
@@ -383,7 +389,7 @@ class ClipScoreStage:
         from pipeline.models.adapters import layer_features
 
         pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
-        batch = clip_models.preprocess_images(tensors, pre).to(self.device)
+        batch = clip_models.preprocess_images(tensors, pre, device=self.device)
         feats, tokens = layer_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
         return feats.float(), [t.float() for t in tokens]
 
@@ -391,13 +397,13 @@ class ClipScoreStage:
         """The few-shot features {key: (B, N, D)} of images (bank and query side alike)."""
         visual = self.model.visual
         if self.few_shot_method == "winclip":
-            batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
+            batch = clip_models.preprocess_images(tensors, self.preprocess, device=self.device)
             return fewshot.winclip_features(visual, batch, self.pixel.window_sizes)
         if self.few_shot_method == "april_gan":
             return fewshot.aprilgan_features(self._april_gan_pass(tensors)[1], self.pixel.layers)
         return fewshot.fade_features(visual, self._fade_sizes(tensors), self.few_shot.vision_features, self.pixel.gem_depth)
 
-    @inference_mode
+    @model_work
     def bank_features(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Per reference image, its bank features {key: float32 (N, D)}: the same code as the query
         side of :meth:`score_images`."""
@@ -425,7 +431,7 @@ class ClipScoreStage:
             grids = [None] * b
             side = self.pixel.image_size
         else:
-            batch = clip_models.preprocess_images(tensors, self.preprocess).to(self.device)
+            batch = clip_models.preprocess_images(tensors, self.preprocess, device=self.device)
             feats = clip_models.encode_image(self.model, batch)
             if method == "winclip":
                 queries = fewshot.winclip_features(visual, batch, self.pixel.window_sizes)
@@ -558,17 +564,24 @@ class ClipScoreStage:
             tile_scores, tile_maps = self._call_tiles(batch, todo, cats, cols, fail)
             out.update(tile_scores=tile_scores, tile_maps=tile_maps)
         elif todo:
-            t0 = time.perf_counter()
-            try:
-                result = self._score_rows([images[i] for i in todo], [cats[i] for i in todo], [ids[i] for i in todo])
-                store(todo, result, (time.perf_counter() - t0) * 1000.0 / len(todo))
+            def score(rows: list[int]) -> tuple[dict[str, object], float]:
+                t0 = time.perf_counter()
+                precision.check_injected(STAGE, [np.shape(images[i]) for i in rows])
+                result = self._score_rows([images[i] for i in rows], [cats[i] for i in rows], [ids[i] for i in rows])
+                return result, (time.perf_counter() - t0) * 1000.0 / len(rows)
+
+            try:  # a batch that does not fit in the GPU's memory is split, down to single images
+                for rows, done in precision.split_on_oom(score, todo, STAGE, on_split=self._log_split):
+                    if isinstance(done, BaseException):
+                        fail(rows[0], done)
+                    else:
+                        store(rows, *done)
             except Exception:  # one bad row must not sink the batch: retry one by one
                 for i in todo:
-                    t1 = time.perf_counter()
                     try:
-                        store([i], self._score_rows([images[i]], [cats[i]], [ids[i]]), (time.perf_counter() - t1) * 1000.0)
+                        store([i], *score([i]))
                     except Exception as exc:
-                        fail(i, exc)
+                        fail(i, precision.OutOfMemory(f"stage {STAGE}: {exc}") if precision.is_out_of_memory(exc) else exc)
             for i in todo:
                 if errors.ok(i) and not np.isfinite(cols["score"][i]):
                     fail(i, FloatingPointError(f"non-finite score {cols['score'][i]}"))
@@ -586,6 +599,10 @@ class ClipScoreStage:
         out.update(cols, anomaly_map=maps, scoring_mode=scoring_mode, few_shot_k=few_k, reference_digest=ref_digest,
                    **extras, **errors.columns())
         return out
+
+    def _log_split(self, size: int, half: int) -> None:
+        self.oom_splits += 1
+        stderr_log(f"{self.name}: out of accelerator memory on {size} images; freed the cache, retrying as {half} + {size - half}")
 
     def _score_rows(self, images: list[np.ndarray], categories: list[str], image_ids: list[str | None]) -> dict[str, object]:
         """The rows' results (:meth:`score_images`; a subclass may need the rows' image ids)."""
@@ -609,12 +626,19 @@ class ClipScoreStage:
                     raise ValueError("no tiles planned for this image")
                 crops = [image[y0:y1, x0:x1] for _, x0, y0, x1, y1 in boxes]
                 scores, maps, vision = [], [], []
+                def score_tiles(ks: list[int]) -> dict[str, object]:
+                    chunk = [crops[k] for k in ks]
+                    precision.check_injected(STAGE, [c.shape for c in chunk])
+                    return self.score_images(chunk, [cats[i]] * len(chunk), map_side=side)
+
                 for k in range(0, len(crops), self.tile_batch_size):
-                    chunk = crops[k : k + self.tile_batch_size]
-                    r = self.score_images(chunk, [cats[i]] * len(chunk), map_side=side)
-                    scores.append(r["score"])
-                    vision.append(r["score_vision"])
-                    maps += r["maps"]
+                    ks = list(range(k, min(k + self.tile_batch_size, len(crops))))
+                    for _, r in precision.split_on_oom(score_tiles, ks, STAGE, on_split=self._log_split):
+                        if isinstance(r, BaseException):  # a tile that does not fit alone fails its image
+                            raise r
+                        scores.append(r["score"])
+                        vision.append(r["score_vision"])
+                        maps += r["maps"]
                 t_scores = np.concatenate(scores)
                 if not np.all(np.isfinite(t_scores)):
                     raise FloatingPointError(f"non-finite tile score in {t_scores.tolist()}")

@@ -65,7 +65,7 @@ def sam_engine(spec: SamSpec, device, weights_cache: str | None, storage: Storag
 
     sam = retrying(load_sam, retries=retries.model_load, backoff_s=retries.backoff_s, max_backoff_s=retries.max_backoff_s,
                    what=f"load SAM {spec.model}", log=stderr_log)
-    return SamEngine(sam, device=device)
+    return SamEngine(sam, device=device, precision=spec.precision)
 
 
 class ForegroundStage:
@@ -176,6 +176,39 @@ class ForegroundStage:
         table = COMPONENT_CODEC.table([[c.id, *c.box, c.area, c.n_parts] for c in comps])
         return labels >= 0, table, proposed, kept_n
 
+    def _foreground_fitting(self, image: np.ndarray):
+        """:meth:`foreground`, and when SAM runs out of accelerator memory on the image: the cache
+        freed and the point prompts decoded in halved batches, down to one point at a time; an
+        image that does not fit even so fails alone with ``OutOfMemory``."""
+        from pipeline.models.precision import OutOfMemory, check_injected, free_cache, is_out_of_memory
+
+        cfg = self.cfg
+        try:
+            check_injected(STAGE, [image.shape])
+            return self.foreground(image)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+            if not is_out_of_memory(exc) or cfg.kind != "sam_dis":
+                raise
+            error = exc
+        per_batch = cfg.points_per_batch
+        while per_batch > 1:
+            free_cache()
+            per_batch = max(1, per_batch // 2)
+            stderr_log(f"{STAGE}: out of accelerator memory on a {image.shape[1]} x {image.shape[0]} image; "
+                       f"freed the cache, retrying with points_per_batch={per_batch}")
+            self.cfg = cfg.model_copy(update={"points_per_batch": per_batch})
+            try:
+                check_injected(STAGE, [image.shape])
+                return self.foreground(image)
+            except Exception as exc:  # noqa: BLE001
+                if not is_out_of_memory(exc):
+                    raise
+                error = exc
+            finally:
+                self.cfg = cfg
+        free_cache()
+        raise OutOfMemory(f"stage {STAGE}: out of accelerator memory for this image alone ({str(error).splitlines()[0][:300]})")
+
     # ---------------------------------------------------------------- call
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = check_columns(STAGE, batch, self.requires)
@@ -192,7 +225,7 @@ class ForegroundStage:
                 continue
             t0 = time.perf_counter()
             try:
-                mask, table, proposed[i], kept[i] = self.foreground(np.asarray(batch["image"][i]))
+                mask, table, proposed[i], kept[i] = self._foreground_fitting(np.asarray(batch["image"][i]))
                 if self.share_embedding and self.last_embedding is not None:
                     embeddings[i] = self.last_embedding.features[0].detach().float().cpu().numpy()
                 comps[i] = table

@@ -30,8 +30,8 @@ import pyarrow as pa
 from pipeline.config import MutualSpec
 from pipeline.io.fs import StorageOptions
 from pipeline.ops.heatmap import map_shape
-from pipeline.stages.base import LazyModule, inference_mode
-from pipeline.stages.clip_score import ClipScoreStage, clip_models
+from pipeline.stages.base import LazyModule, model_work
+from pipeline.stages.clip_score import ClipScoreStage, clip_models, precision
 
 torch = LazyModule("torch")
 mutual = LazyModule("pipeline.models.mutual")
@@ -82,10 +82,10 @@ class MutualScoreStage(ClipScoreStage):
     def _forward(self, images: list[np.ndarray]):
         """(unit embeddings (B, E), raw block tokens [(B, M, C)], grid) of one pass."""
         pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
-        batch = clip_models.preprocess_images(self._tensors(images), pre).to(self.device)
+        batch = clip_models.preprocess_images(self._tensors(images), pre, device=self.device)
         return mutual.image_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
 
-    @inference_mode
+    @model_work
     def bank_features(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Per pool image: its standardised block tokens {``layer<l>``: (1, M, C)} and its unit
         embedding {``embedding``: (1, E)}, float32."""
@@ -108,7 +108,7 @@ class MutualScoreStage(ClipScoreStage):
 
         ref = self.pools[category]
         tensors, meta = read_bank(ref["uri"], ref["digest"], self.storage)
-        pool = {"layers": {l: torch.from_numpy(tensors[f"layer{l}"]).to(self.device) for l in self.pixel.layers},
+        pool = {"layers": {l: precision.to_device(torch.from_numpy(tensors[f"layer{l}"]), self.device) for l in self.pixel.layers},
                 "ids": list(json.loads(meta["image_ids"]))}
         self.pool_loads += 1
         self._pool_cache[category] = pool
@@ -120,7 +120,7 @@ class MutualScoreStage(ClipScoreStage):
     def _score_rows(self, images, categories, image_ids) -> dict[str, object]:
         return self.score_images(images, categories, image_ids=image_ids)
 
-    @inference_mode
+    @model_work
     def score_images(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None,
                      image_ids: list[str | None] | None = None) -> dict[str, object]:
         b = len(images)

@@ -22,6 +22,9 @@ Plan of a job with every section (one row per image throughout)::
       -> sam_refine   actor  anomaly_map, max_pixel_score, refined, refine_rle, refine_info, sam_refine_ms
       -> encode       task   map_png, map_height, map_width, mask_rle, threshold, encode_ms  (drops anomaly_map)
       -> driver: each output table is one projection of the row (pipeline.io.projection)
+
+With ``runtime.fuse_models: true`` the model stages and the stages between them (foreground ..
+sam_refine) become one actor stage, ``models`` (:mod:`pipeline.stages.fused`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.foreground import ForegroundStage
+from pipeline.stages.fused import fuse
 from pipeline.stages.mutual_score import MutualScoreStage
 from pipeline.stages.sam_refine import SamRefineStage
 from pipeline.stages.tiling import TilingStage
@@ -88,6 +92,8 @@ def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: 
         if not isinstance(resources, StageResources):
             raise PlanError(f"stage {stage.name!r} has no resources section (resources.{stage.name} in the job spec)")
         planned.append(PlannedStage(stage, resources))
+    if spec.runtime.fuse_models:  # one actor pool for the model stages (pipeline.stages.fused)
+        planned = fuse(planned)
     final = check_columns(planned, source)
     for table, (required, _) in (outputs or {}).items():
         missing = sorted(required - final)

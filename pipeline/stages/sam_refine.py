@@ -144,6 +144,27 @@ class SamRefineStage:
                 "iou": [s.iou for s in steps], "steps": len(steps)}
         return final, True, json.dumps(rle.encode(mask)), json.dumps(info)
 
+    def _refine_fitting(self, image: np.ndarray, stored_map: np.ndarray, score: float, features: np.ndarray | None):
+        """:meth:`refine`; when SAM runs out of accelerator memory: the cache freed and the image tried
+        once more (alone on the device), then ``OutOfMemory`` for this row."""
+        from pipeline.models.precision import OutOfMemory, check_injected, free_cache, is_out_of_memory
+        from pipeline.io.retry import stderr_log
+
+        error = None
+        for attempt in range(2):
+            try:
+                check_injected(STAGE, [image.shape])
+                return self.refine(image, stored_map, score, features)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+                if not is_out_of_memory(exc):
+                    raise
+                error = exc
+                free_cache()
+                if attempt == 0:
+                    stderr_log(f"{STAGE}: out of accelerator memory on a {image.shape[1]} x {image.shape[0]} image; "
+                               "freed the cache, trying it once more")
+        raise OutOfMemory(f"stage {STAGE}: out of accelerator memory for this image alone ({str(error).splitlines()[0][:300]})")
+
     # ---------------------------------------------------------------- call
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = check_columns(STAGE, batch, self.requires)
@@ -161,8 +182,9 @@ class SamRefineStage:
             t0 = time.perf_counter()
             try:
                 shared = np.asarray(batch["sam_embedding"][i]) if "sam_embedding" in batch else None
-                final, done, mask_rle, info = self.refine(np.asarray(batch["image"][i]), np.asarray(batch["anomaly_map"][i]),
-                                                          float(batch["score"][i]), shared)
+                final, done, mask_rle, info = self._refine_fitting(np.asarray(batch["image"][i]),
+                                                                   np.asarray(batch["anomaly_map"][i]), float(batch["score"][i]),
+                                                                   shared)
                 if done:
                     maps[i] = final.astype(np.float32)
                     max_pixel[i] = float(final.max())

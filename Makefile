@@ -1,6 +1,7 @@
 # zsad: set-up commands.
 #   make demo        create .venv, install zsad, generate a synthetic dataset, run the smoke job on a local Ray
 #   make test        create/update .venv and run the whole test suite (what .ci/run calls)
+#   make test-all    make test plus the S3 twins of local e2e tests and every few-shot preset on S3
 #   make test-fast   create/update .venv and run the unit tests only (tests/unit: no local Ray, no CLI
 #                    runs; a minute or two on 2 cores)
 PYTHON ?= python3
@@ -12,7 +13,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.zsad-installed
 
-.PHONY: demo test test-fast venv bench clean
+.PHONY: demo test test-all test-fast venv bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +29,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=30 tests
+
+test-all: $(STAMP)
+	ZSAD_TEST_ALL=1 ZSAD_TEST_ALL_FEWSHOT_S3=1 $(PY) -m pytest -q --durations=30 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -49,6 +49,7 @@ def test_clip_sam_refines_every_map_and_evaluates(tmp_path):
     assert pd.read_parquet(run / "metrics")["pixel_auroc"].notna().all()
 
 
+@pytest.mark.s3_twin
 def test_one_step_with_input_and_output_on_s3(tmp_path, s3_bucket, s3_env):
     from pipeline.io import fs as fsio
 

@@ -139,6 +139,7 @@ def test_musc_preset_locally_with_resume_and_a_too_small_category(tmp_path):
     np.testing.assert_allclose(rerun.loc[first.index, "score_mutual"], first["score_mutual"], atol=1e-6)
 
 
+@pytest.mark.s3_twin
 def test_musc_fast_preset_on_s3_with_the_whole_category_as_pool(tmp_path, s3_bucket, s3_env):
     storage = fsio.storage_options()
     data = f"s3://{s3_bucket}/datasets/synth"

@@ -83,6 +83,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
     # a run with trained adapters and its evaluation: the next test (the same code, with the file on S3)
 
 
+@pytest.mark.s3_twin
 def test_training_with_input_and_output_on_s3_then_a_run_with_the_s3_adapters(tmp_path, s3_bucket, s3_env):
     from pipeline.io import fs as fsio
 

@@ -512,23 +512,30 @@ def step_clip_image_scores(suite: Suite, rec: dict, deadline: float) -> None:
                                         "mean_norm_renorm")
         for batch in cfg.clip_batches:
             x = torch.randn(batch, 3, size, size, device=device)
-            for p in cfg.precisions:
-                label = f"{name} (random init, {size} px)"
-                if time.monotonic() > deadline - 1:
-                    rec["rows"].append(failed_row(label, batch, p, "skipped", "step budget used up"))
-                    continue
-                try:
-                    timing = timed(partial(_clip_scores, model, x, text, device, p), cfg, deadline)
-                except Exception as exc:  # noqa: BLE001 - e.g. out of memory at one batch size: the others still run
-                    rec["rows"].append(failed_row(label, batch, p, "error", describe(exc)))
-                    free_memory(device)
-                    continue
-                rec["rows"].append(row(label, batch, p, timing, flops_per_image=flops, build_s=build_s,
-                                       notes="model forward only: encode_image + fp32 score, input already on the "
-                                             "device; FLOPs: FlopCounterMode, one batch-1 forward"))
+            _time_precisions(rec, f"{name} (random init, {size} px)", batch, cfg, deadline,
+                             lambda p, m=model, x=x: partial(_clip_scores, m, x, text, device, p), flops, build_s,
+                             "model forward only: encode_image + fp32 score, input already on the device; FLOPs: "
+                             "FlopCounterMode, one batch-1 forward")
             del x
         del model
         free_memory(device)
+
+
+def _time_precisions(rec: dict, label: str, batch: int, cfg: Settings, deadline: float, call: Callable[[str], Callable],
+                     flops: int, build_s: float, notes: str) -> None:
+    """One row per precision of ``cfg.precisions``: ``call(precision)`` timed (skipped once the step's
+    time is used up; an error, e.g. out of memory at one batch size, fails that row only)."""
+    for p in cfg.precisions:
+        if time.monotonic() > deadline - 1:
+            rec["rows"].append(failed_row(label, batch, p, "skipped", "step budget used up"))
+            continue
+        try:
+            timing = timed(call(p), cfg, deadline)
+        except Exception as exc:  # noqa: BLE001 - the other configurations still run
+            rec["rows"].append(failed_row(label, batch, p, "error", describe(exc)))
+            free_memory(cfg.device)
+            continue
+        rec["rows"].append(row(label, batch, p, timing, flops_per_image=flops, build_s=build_s, notes=notes))
 
 
 def step_sam_encoder(suite: Suite, rec: dict, deadline: float) -> None:
@@ -551,19 +558,9 @@ def step_sam_encoder(suite: Suite, rec: dict, deadline: float) -> None:
     label = f"SAM {cfg.sam_model} image encoder (random init, {size} px)"
     for batch in cfg.sam_batches:
         x = torch.randn(batch, 3, size, size, device=device)
-        for p in cfg.precisions:
-            if time.monotonic() > deadline - 1:
-                rec["rows"].append(failed_row(label, batch, p, "skipped", "step budget used up"))
-                continue
-            try:
-                timing = timed(partial(_sam_encode, enc, x, device, p), cfg, deadline)
-            except Exception as exc:  # noqa: BLE001
-                rec["rows"].append(failed_row(label, batch, p, "error", describe(exc)))
-                free_memory(device)
-                continue
-            rec["rows"].append(row(label, batch, p, timing, flops_per_image=flops, build_s=build_s,
-                                   notes="image encoder forward only, input already on the device; FLOPs: "
-                                         "FlopCounterMode, one batch-1 forward"))
+        _time_precisions(rec, label, batch, cfg, deadline, lambda p, x=x: partial(_sam_encode, enc, x, device, p), flops,
+                         build_s, "image encoder forward only, input already on the device; FLOPs: FlopCounterMode, "
+                                  "one batch-1 forward")
         del x
     image = np.random.default_rng(0).integers(0, 256, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     for p in cfg.precisions:

@@ -23,6 +23,8 @@ Steps (each in its own try/except: a failing step records its error and the suit
                      PNGs (fewer when the FADE stage's rate says they would not fit the step's time)
   e2e_vvv            `zsad run jobs/vvv.yaml` (SAM vit_h automatic masks, 32 x 32 points) on
                      --vvv-images generated multi-object PNGs
+  e2e_vvv_fused      the same run with runtime.fuse_models: true (SAM foreground, tiling and CLIP in one
+                     actor pool) on the same images: separate pools against one fused pool
                      e2e images/s = counts.images / run.json wall_seconds (which includes Ray's start);
                      the notes add the steady rate (after the first result) and the CLIP (and SAM)
                      actors' own. Precision: the presets' default (auto: bf16 on a GPU), recorded as
@@ -36,7 +38,9 @@ runs' logs and run.json go to OUT_DIR/e2e/.
 
 --dry-run runs every step, through the same functions, with tiny models on the CPU (the CLIP config
 zsad-tiny, the SAM `tiny`, tiny batches, a handful of small images, the e2e presets with the tests'
-tiny overrides) in under a minute: it checks the suite, its numbers are not benchmarks.
+tiny overrides) in under a minute: it checks the suite, its numbers are not benchmarks. Its e2e
+runs start together (each with its own local Ray) and are collected step by step; on a GPU they
+run one after another, so that each has the machine to itself.
 
 Usage:
   python benchmarks/gpu_suite.py --out-dir OUT [--budget-s 480] [--e2e-images 2000] [--vvv-images 200]
@@ -315,6 +319,8 @@ class Suite:
         self.work.mkdir(parents=True, exist_ok=True)
         self.stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         self.steps: list[dict[str, Any]] = []
+        self.wanted: list[str] = list(STEPS)  # the steps this suite runs (main sets them)
+        self.launched: dict[str, dict[str, Any]] = {}  # e2e runs started ahead of their step (--dry-run)
         self.header = self._header()
 
     @property
@@ -446,6 +452,10 @@ class Suite:
         (self.out_dir / "gpu_suite.md").write_text(self.markdown())
 
     def close(self) -> None:
+        for launched in self.launched.values():  # started ahead of a step that did not run (interrupted)
+            _stop(launched["proc"], grace_s=5)
+            launched["log"].close()
+        self.launched.clear()
         if not self.keep_work:
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -748,58 +758,79 @@ def _run_json_precision(record: dict) -> dict[str, Any]:
     return found
 
 
+def _launch(suite: Suite, key: str, deadline: float) -> dict[str, Any]:
+    """Prepare the input of e2e step ``key`` and start its `zsad run` (not waited for)."""
+    require("ray", "open_clip", "pyarrow", "pydantic", "yaml", "typer", "fsspec", "PIL", "pandas")
+    if key.startswith("e2e_vvv"):
+        require("segment_anything")
+    from pipeline.config import load_spec
+    from pipeline.models.precision import resolve
+
+    cfg, preset = suite.cfg, E2E_PRESETS[key]
+    asked = cfg.e2e_images if key == "e2e_default" else cfg.vvv_images
+    sets = RANDOM + ["report.enabled=false"] + preset["sets"] + (preset["tiny"] if cfg.dry_run else [])
+    job = REPO / "jobs" / preset["job"]
+    spec = load_spec(str(job), sets)  # the spec the run will use (checked here, before Ray starts)
+
+    category, pool = _pool(suite, preset["pool"], cfg.pool_images, cfg.image_size)
+    stop_grace = 30.0  # _stop (20 s) + _reap_group (10 s)
+    timeout = deadline - time.monotonic() - stop_grace
+    if timeout < 20:
+        raise StepError(f"only {max(timeout, 0):.0f} s left for the run ({stop_grace:.0f} s kept to stop it): "
+                        "not enough to start Ray and a model")
+    used, fit = asked, None
+    if key == "e2e_default":  # fewer images when the FADE stage's rate says they would not fit
+        auto = resolve(spec.clip.precision, cfg.device)
+        rate = _stage_rate(suite, "fade_zero_shot", auto)
+        if rate:
+            fits = int(rate * max(0.0, timeout - cfg.e2e_overhead_s) * 0.6)
+            fit = {"stage_rate_from": f"fade_zero_shot ({auto})", "stage_images_per_s": rate,
+                   "run_timeout_s": round(timeout, 1), "overhead_s": cfg.e2e_overhead_s, "images_that_fit": fits}
+            if fits < asked:
+                used = max(fits, min(asked, 16))
+    folder = _link_input(suite.work / f"in-{key}", category, pool, used)
+    out = suite.work / f"out-{key}"
+    run_id = f"{key.replace('_', '-')}-{suite.stamp}"
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(job), "--input", str(folder), "--output", str(out),
+           "--run-id", run_id, "--layout", "folder", "--no-evaluate"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    logs = suite.out_dir / "e2e"
+    logs.mkdir(exist_ok=True)
+    log_path = logs / f"{key}.log"
+    e2e: dict[str, Any] = {"job": f"jobs/{preset['job']}", "images_asked": asked, "images_used": used,
+                           "image_size": cfg.image_size, "distinct_images": len(pool), "fit": fit,
+                           "command": " ".join(shlex.quote(c) for c in cmd), "log": str(log_path),
+                           "timeout_s": round(timeout, 1)}
+    print(f"[gpu_suite] {key}: zsad run on {used} images (asked {asked}), at most {timeout:.0f} s", file=sys.stderr,
+          flush=True)
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return {"e2e": e2e, "spec": spec, "preset": preset, "pool": pool, "asked": asked, "out": out, "run_id": run_id,
+            "logs": logs, "log_path": log_path, "log": log, "proc": proc, "t": time.monotonic(), "timeout": timeout,
+            "deadline": deadline}
+
+
 def step_e2e(key: str) -> Callable[[Suite, dict, float], None]:
     def run(suite: Suite, rec: dict, deadline: float) -> None:
-        require("ray", "open_clip", "pyarrow", "pydantic", "yaml", "typer", "fsspec", "PIL", "pandas")
-        if key.startswith("e2e_vvv"):
-            require("segment_anything")
-        from pipeline.config import load_spec
         from pipeline.models.precision import resolve
 
-        cfg, preset = suite.cfg, E2E_PRESETS[key]
-        asked = cfg.e2e_images if key == "e2e_default" else cfg.vvv_images
-        sets = RANDOM + ["report.enabled=false"] + preset["sets"] + (preset["tiny"] if cfg.dry_run else [])
-        job = REPO / "jobs" / preset["job"]
-        spec = load_spec(str(job), sets)  # the spec the run will use (checked here, before Ray starts)
-
-        category, pool = _pool(suite, preset["pool"], cfg.pool_images, cfg.image_size)
-        stop_grace = 30.0  # _stop (20 s) + _reap_group (10 s)
-        timeout = deadline - time.monotonic() - stop_grace
-        if timeout < 20:
-            raise StepError(f"only {max(timeout, 0):.0f} s left for the run ({stop_grace:.0f} s kept to stop it): "
-                            "not enough to start Ray and a model")
-        used, fit = asked, None
-        if key == "e2e_default":  # fewer images when the FADE stage's rate says they would not fit
-            auto = resolve(spec.clip.precision, cfg.device)
-            rate = _stage_rate(suite, "fade_zero_shot", auto)
-            if rate:
-                fits = int(rate * max(0.0, timeout - cfg.e2e_overhead_s) * 0.6)
-                fit = {"stage_rate_from": f"fade_zero_shot ({auto})", "stage_images_per_s": rate,
-                       "run_timeout_s": round(timeout, 1), "overhead_s": cfg.e2e_overhead_s, "images_that_fit": fits}
-                if fits < asked:
-                    used = max(fits, min(asked, 16))
-        folder = _link_input(suite.work / f"in-{key}", category, pool, used)
-        out = suite.work / f"out-{key}"
-        run_id = f"{key.replace('_', '-')}-{suite.stamp}"
-        cmd = [sys.executable, "-m", "pipeline.cli", "run", str(job), "--input", str(folder), "--output", str(out),
-               "--run-id", run_id, "--layout", "folder", "--no-evaluate"]
-        for s in sets:
-            cmd += ["--set", s]
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray of its own
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-        logs = suite.out_dir / "e2e"
-        logs.mkdir(exist_ok=True)
-        log_path = logs / f"{key}.log"
-        e2e: dict[str, Any] = {"job": f"jobs/{preset['job']}", "images_asked": asked, "images_used": used,
-                               "image_size": cfg.image_size, "distinct_images": len(pool), "fit": fit,
-                               "command": " ".join(shlex.quote(c) for c in cmd), "log": str(log_path),
-                               "timeout_s": round(timeout, 1)}
-        rec["e2e"] = e2e
-        print(f"[gpu_suite] {key}: zsad run on {used} images (asked {asked}), at most {timeout:.0f} s", file=sys.stderr,
-              flush=True)
-        t = time.monotonic()
-        with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        cfg = suite.cfg
+        launched = suite.launched.pop(key, None)
+        if launched is None:
+            if cfg.dry_run:  # the dry run starts its e2e runs together: they check the paths, their times are not figures
+                for other in suite.wanted:
+                    if other in E2E_PRESETS and other != key and other not in suite.launched and suite.step(other) is None:
+                        suite.launched[other] = _launch(suite, other, deadline)
+            launched = _launch(suite, key, deadline)
+        rec["e2e"] = e2e = launched["e2e"]
+        spec, preset, pool, asked = launched["spec"], launched["preset"], launched["pool"], launched["asked"]
+        out, run_id, logs, log_path = launched["out"], launched["run_id"], launched["logs"], launched["log_path"]
+        proc, t = launched["proc"], launched["t"]
+        timeout = max(1.0, min(launched["deadline"], deadline) - 30.0 - time.monotonic())
+        with launched["log"]:
             try:
                 rc = proc.wait(timeout=timeout)
                 timed_out = False
@@ -924,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[gpu_suite] --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     suite = Suite(args, cfg)
-    wanted = [s for s in STEPS if s in args.steps.split(",")]
+    wanted = suite.wanted = [s for s in STEPS if s in args.steps.split(",")]
     print(f"[gpu_suite] {'DRY RUN (tiny models) ' if cfg.dry_run else ''}on {suite.header['device'].get('name')} "
           f"({cfg.device}); budget {suite.budget_s:.0f} s; steps: {', '.join(wanted)}; output {suite.out_dir}",
           file=sys.stderr, flush=True)

@@ -176,6 +176,7 @@ def test_run_on_local_mvtec_tree(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+@pytest.mark.s3_twin  # of test_run_on_local_mvtec_tree; test_fewshot_runs.py runs a whole preset on S3 in make test
 def test_run_with_input_and_output_on_s3(tmp_path, s3_bucket, s3_env):
     storage = fsio.storage_options()
     make_dataset(f"s3://{s3_bucket}/datasets/synth", categories=("gear",), n_good=2, n_bad=2, storage=storage)

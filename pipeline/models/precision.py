@@ -140,6 +140,12 @@ def free_cache() -> None:
         torch.cuda.empty_cache()
 
 
+def alone(stage: str, exc: BaseException) -> OutOfMemory:
+    """The row error of an image that ran out of accelerator memory even alone (``exc``: the last error)."""
+    detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+    return OutOfMemory(f"stage {stage}: out of accelerator memory for this image alone ({detail})")
+
+
 def split_on_oom(fn: Callable[[Sequence[int]], T], rows: Sequence[int], stage: str,
                  on_split: Callable[[int, int], None] | None = None) -> list[tuple[list[int], T | BaseException]]:
     """Run ``fn(rows)``; when it runs out of memory, free the cache and run it on each half, down to
@@ -156,10 +162,10 @@ def split_on_oom(fn: Callable[[Sequence[int]], T], rows: Sequence[int], stage: s
         except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are handled here
             if not is_out_of_memory(exc):
                 raise
-            detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            error = exc
         free_cache()
         if len(part) == 1:
-            out.append((part, OutOfMemory(f"stage {stage}: out of accelerator memory for this image alone ({detail})")))
+            out.append((part, alone(stage, error)))
             continue
         half = (len(part) + 1) // 2
         if on_split is not None:

@@ -146,9 +146,10 @@ class ForegroundStage:
         self._ready = True
 
     # ---------------------------------------------------------------- one image
-    def foreground(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
+    def foreground(self, image: np.ndarray, points_per_batch: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(foreground bool HxW, components (C, 7), SAM masks proposed, SAM masks kept). The SAM
-        embedding of the image is kept in ``self.last_embedding`` (None without SAM)."""
+        embedding of the image is kept in ``self.last_embedding`` (None without SAM).
+        ``points_per_batch``: SAM's point prompts decoded per batch (default ``foreground.points_per_batch``)."""
         self.last_embedding = None
         cfg = self.cfg
         h, w = image.shape[:2]
@@ -160,7 +161,7 @@ class ForegroundStage:
         if cfg.kind == "sam_dis":
             emb = self.last_embedding = self.engine.embed(image)
             records = self.engine.automatic_masks(
-                emb, points_per_side=cfg.points_per_side, points_per_batch=cfg.points_per_batch,
+                emb, points_per_side=cfg.points_per_side, points_per_batch=points_per_batch or cfg.points_per_batch,
                 pred_iou_thresh=cfg.pred_iou_thresh, stability_score_thresh=cfg.stability_score_thresh,
                 box_nms_thresh=cfg.box_nms_thresh,
             )
@@ -180,34 +181,23 @@ class ForegroundStage:
         """:meth:`foreground`, and when SAM runs out of accelerator memory on the image: the cache
         freed and the point prompts decoded in halved batches, down to one point at a time; an
         image that does not fit even so fails alone with ``OutOfMemory``."""
-        from pipeline.models.precision import OutOfMemory, check_injected, free_cache, is_out_of_memory
+        from pipeline.models.precision import alone, check_injected, free_cache, is_out_of_memory
 
-        cfg = self.cfg
-        try:
-            check_injected(STAGE, [image.shape])
-            return self.foreground(image)
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
-            if not is_out_of_memory(exc) or cfg.kind != "sam_dis":
-                raise
-            error = exc
-        per_batch = cfg.points_per_batch
-        while per_batch > 1:
+        per_batch = self.cfg.points_per_batch
+        while True:
+            try:
+                check_injected(STAGE, [image.shape])
+                return self.foreground(image, points_per_batch=per_batch)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory errors are retried
+                if not is_out_of_memory(exc) or self.cfg.kind != "sam_dis":
+                    raise
+                error = exc
             free_cache()
+            if per_batch == 1:
+                raise alone(STAGE, error)
             per_batch = max(1, per_batch // 2)
             stderr_log(f"{STAGE}: out of accelerator memory on a {image.shape[1]} x {image.shape[0]} image; "
                        f"freed the cache, retrying with points_per_batch={per_batch}")
-            self.cfg = cfg.model_copy(update={"points_per_batch": per_batch})
-            try:
-                check_injected(STAGE, [image.shape])
-                return self.foreground(image)
-            except Exception as exc:  # noqa: BLE001
-                if not is_out_of_memory(exc):
-                    raise
-                error = exc
-            finally:
-                self.cfg = cfg
-        free_cache()
-        raise OutOfMemory(f"stage {STAGE}: out of accelerator memory for this image alone ({str(error).splitlines()[0][:300]})")
 
     # ---------------------------------------------------------------- call
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

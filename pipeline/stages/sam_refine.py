@@ -147,8 +147,8 @@ class SamRefineStage:
     def _refine_fitting(self, image: np.ndarray, stored_map: np.ndarray, score: float, features: np.ndarray | None):
         """:meth:`refine`; when SAM runs out of accelerator memory: the cache freed and the image tried
         once more (alone on the device), then ``OutOfMemory`` for this row."""
-        from pipeline.models.precision import OutOfMemory, check_injected, free_cache, is_out_of_memory
         from pipeline.io.retry import stderr_log
+        from pipeline.models.precision import alone, check_injected, free_cache, is_out_of_memory
 
         error = None
         for attempt in range(2):
@@ -163,7 +163,7 @@ class SamRefineStage:
                 if attempt == 0:
                     stderr_log(f"{STAGE}: out of accelerator memory on a {image.shape[1]} x {image.shape[0]} image; "
                                "freed the cache, trying it once more")
-        raise OutOfMemory(f"stage {STAGE}: out of accelerator memory for this image alone ({str(error).splitlines()[0][:300]})")
+        raise alone(STAGE, error)
 
     # ---------------------------------------------------------------- call
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -25,6 +25,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+#: --executor and --tiny, as run, resume, evaluate, train and validate take them
+_EXECUTOR_HELP = ("What runs the plan: ray (a local Ray for this command, or the cluster at --address) or local (this "
+                  "process, no Ray: a quick look at a few images, debugging, tests); default: the spec's runtime.executor "
+                  "(ray). Results are the same.")
+_TINY_HELP = ("Run the spec on the tiny random-weight models (CLIP zsad-tiny, tiny SAM, random adapters, small layers, "
+              "image and map sizes, no GPU requests): try any preset in seconds without its weights. The outputs say "
+              "random weights; --set overrides still apply after it.")
+
 #: every layout name, spelled out for --help (rich would cut one long "a|b|c" word)
 _LAYOUT_HELP = "auto (detect), " + ", ".join(n for n in get_args(DataSpec.model_fields["layout"].annotation) if n != "auto")
 
@@ -107,11 +115,24 @@ def _summary(result) -> str:
     return "\n".join(lines)
 
 
-def _evaluate(run_dir: str, storage, address: Optional[str], **kwargs):
+def _check_executor(executor: Optional[str], address: Optional[str]) -> None:
+    """Exit 2 unless ``executor`` (None: the spec's) is ray or local, and local comes without --address."""
+    from pipeline.runtime.executors import ExecutorError, check
+
+    if executor is None:
+        return
+    try:
+        check(executor, address)
+    except ExecutorError as exc:
+        _err(f"--executor: {exc}")
+        raise typer.Exit(2)
+
+
+def _evaluate(run_dir: str, storage, address: Optional[str], executor: str = "ray", **kwargs):
     from pipeline.runtime.evaluate import EvaluationError, evaluate_run
 
     try:
-        table = evaluate_run(run_dir, storage=storage, address=address, log=_log, **kwargs)
+        table = evaluate_run(run_dir, storage=storage, address=address, log=_log, executor=executor, **kwargs)
     except EvaluationError as exc:
         _err(str(exc))
         raise typer.Exit(2)
@@ -125,13 +146,21 @@ def _evaluate(run_dir: str, storage, address: Optional[str], **kwargs):
 
 def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: Optional[str], sets: List[str], address: Optional[str],
          evaluate: bool = True, resume: bool = False, spec=None, max_images: Optional[int] = None,
-         categories: Optional[str] = None, dry_run: bool = False, quiet: bool = False, verbose: bool = False):
+         categories: Optional[str] = None, dry_run: bool = False, quiet: bool = False, verbose: bool = False,
+         executor: Optional[str] = None, tiny: bool = False):
     from pipeline.runtime.run import RunError, run_job
 
+    _check_executor(executor, address)
     try:
-        spec = spec or load_spec(spec_path, sets)
+        spec = spec or load_spec(spec_path, sets, tiny=tiny)
     except SpecError as exc:
         _err(str(exc))
+        raise typer.Exit(2)
+    if executor is not None:
+        spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"executor": executor})})
+    if spec.runtime.executor == "local" and address:
+        _err(f"runtime.executor is local (this process, no Ray), which cannot use --address {address}: "
+             "give --executor ray or drop --address")
         raise typer.Exit(2)
     picks = {}
     if max_images is not None:
@@ -161,7 +190,7 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
 
         try:
             if result.status == "succeeded" and evaluate and result.record.get("labelled_images", 0):
-                _evaluate(result.run_dir, storage_options(spec.storage), address)
+                _evaluate(result.run_dir, storage_options(spec.storage), address, executor=spec.runtime.executor)
         finally:  # the report also when the run or its evaluation failed: it shows what went wrong
             path = report_after_run(result.run_dir, spec, storage_options(spec.storage))
             if path:
@@ -202,6 +231,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="List the input and check the spec and the plan, then print the plan (stages, resources, images, tables) as JSON to stdout; nothing is scored or written."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress and no log lines of the driver; errors and the summary still print."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output (warnings, core worker and Ray Data lines, the workers' lines) on the terminal; it is always in the run's log, RUN/logs/."),
+    executor: Optional[str] = typer.Option(None, "--executor", help=_EXECUTOR_HELP),
+    tiny: bool = typer.Option(False, "--tiny", help=_TINY_HELP),
 ) -> None:
     """Run a job over an input and write Parquet tables under OUTPUT/RUN_ID/."""
     _check_layout(layout)
@@ -216,7 +247,7 @@ def run(
     if reference:
         set_ = [*set_, f"few_shot.reference={reference}"]
     _run(job, input, output, layout, run_id, set_, address, evaluate, resume, max_images=max_images, categories=categories,
-         dry_run=dry_run, quiet=quiet, verbose=verbose)
+         dry_run=dry_run, quiet=quiet, verbose=verbose, executor=executor, tiny=tiny)
 
 
 @app.command("train")
@@ -230,6 +261,7 @@ def train_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted training --run-id after its last finished epoch."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output on the terminal; it is always in OUTPUT/TRAIN_ID/logs/."),
+    tiny: bool = typer.Option(False, "--tiny", help=_TINY_HELP),
 ) -> None:
     """Train APRIL-GAN adapters on a frozen CLIP with Ray Train; prints the adapters' path and sha256."""
     from pipeline.config import TrainSpec
@@ -243,7 +275,7 @@ def train_cmd(
     if layout != "auto":
         set_ = [*set_, f"data.layout={layout}"]
     try:
-        spec = load_spec(job, set_, model=TrainSpec)
+        spec = load_spec(job, set_, model=TrainSpec, tiny=tiny)
     except SpecError as exc:
         _err(str(exc))
         raise typer.Exit(2)
@@ -285,6 +317,7 @@ def resume_cmd(
     set_: List[str] = typer.Option([], "--set", help="storage.* overrides only (endpoint, credentials, region): "
                                    "they reach the data without changing results; any other key is refused."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output (warnings, core worker and Ray Data lines, the workers' lines) on the terminal; it is always in the run's log, RUN/logs/."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="What runs the rest of the plan: ray or local; default: what the run was started with. Results are the same."),
 ) -> None:
     """Continue an interrupted run with the spec it was started with (shards without a done marker)."""
     from pydantic import ValidationError
@@ -319,7 +352,7 @@ def resume_cmd(
         _err(str(exc))
         raise typer.Exit(2)
     parent, run_id = run_dir.rstrip("/").rsplit("/", 1)
-    _run("", plan["input"], parent, "auto", run_id, [], address, evaluate, True, spec=spec, verbose=verbose)
+    _run("", plan["input"], parent, "auto", run_id, [], address, evaluate, True, spec=spec, verbose=verbose, executor=executor)
 
 
 @app.command("evaluate")
@@ -333,10 +366,12 @@ def evaluate_cmd(
     pro_mode: str = typer.Option("mvtec", "--pro-mode", help="mvtec (exact) or fixed_grid_200 (APRIL-GAN/AnomalyCLIP variant)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output (warnings, core worker and Ray Data lines, the workers' lines) on the terminal; it is always in the evaluation's log, RUN/logs/."),
+    executor: str = typer.Option("ray", "--executor", help="What reads the masks: ray (one task per part file on a local Ray or the cluster at --address) or local (this process, no Ray). Results are the same."),
 ) -> None:
     """Evaluate a run against ground truth: writes RUN/metrics/ and RUN/metrics.md."""
     from pipeline.io.fs import storage_options
 
+    _check_executor(executor, address)
     size: object = eval_size
     if eval_size != "stored":
         if not eval_size.isdigit() or int(eval_size) < 1:
@@ -347,7 +382,7 @@ def evaluate_cmd(
 
     with _captured(verbose, storage=storage_options()) as console:
         _evaluate(run, storage_options(), address, gt_uri=ground_truth, layout=None if layout == "auto" else layout,
-                  eval_size=size, image_score=image_score, aupro_limit=aupro_limit, pro_mode=pro_mode)
+                  eval_size=size, image_score=image_score, aupro_limit=aupro_limit, pro_mode=pro_mode, executor=executor)
         console.keep_at = fsio.join(fsio.normalise(run), "logs", _attempt_log_name("evaluate"))
 
 
@@ -422,6 +457,7 @@ import pipeline.cli_report  # noqa: E402,F401
 def validate(
     jobs: List[str] = typer.Argument(..., help="Job spec files to check."),
     set_: List[str] = typer.Option([], "--set", help="Overrides applied to every file before checking."),
+    tiny: bool = typer.Option(False, "--tiny", help="Check each file as --tiny runs it (the tiny random-weight models)."),
 ) -> None:
     """Check job specs without running them (unknown keys, types, the random-weights gate, model
     names and tags, local weight files exist, local prompt files parse)."""
@@ -431,7 +467,7 @@ def validate(
     for path in jobs:
         try:
             training = is_training_spec(path)
-            spec = load_spec(path, set_, model=TrainSpec if training else None)
+            spec = load_spec(path, set_, model=TrainSpec if training else None, tiny=tiny)
         except SpecError as exc:
             failed += 1
             _err(str(exc))

@@ -77,6 +77,7 @@ def submit(
     wait: bool = typer.Option(False, "--wait/--no-wait", help="Follow the job's logs until it ends; exit with its outcome."),
     retries: int = typer.Option(0, "--retries", min=0, help="Resubmit a failed job up to N times with --resume (implies --wait)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the stopped or failed run --run-id as a new attempt (only shards without a done marker)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Run the spec on the tiny random-weight models (as zsad run --tiny)."),
 ) -> None:
     """Submit a run to a Ray cluster through Ray Jobs (the run id is the submission id)."""
     from pipeline.io.fs import storage_options
@@ -87,9 +88,13 @@ def submit(
     if reference:
         set_ = [*set_, f"few_shot.reference={reference}"]
     try:
-        spec = load_spec(job, set_)
+        spec = load_spec(job, set_, tiny=tiny)
     except SpecError as exc:
         _err(str(exc))
+        raise typer.Exit(2)
+    if spec.runtime.executor != "ray":
+        _err(f"invalid job spec {job}: runtime.executor is {spec.runtime.executor}, but a submitted run runs on the "
+             "cluster's Ray (set runtime.executor: ray, or use zsad run --executor local on this machine)")
         raise typer.Exit(2)
     problem = _model_problem(spec)
     if problem:

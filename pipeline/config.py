@@ -712,9 +712,18 @@ class RuntimeSpec(_Model):
     ``num_cpus`` of the fused stages: one copy of each model per GPU and no hand-over between pools,
     for small clusters (one or two GPUs) where separate pools would sit idle waiting for each other.
     The default (``false``) keeps one pool per model stage, sharing GPUs by the fractions of
-    ``resources.<stage>.num_gpus`` (README "GPU execution")."""
+    ``resources.<stage>.num_gpus`` (README "GPU execution").
+
+    ``executor``: what runs the plan. ``ray`` (the default) streams it through Ray Data: a local Ray
+    started for the command, or the cluster at ``--address``; actor pools, parallel stages, GPUs
+    by request, workers on other nodes. ``local`` runs the same stages, batch by batch, in the
+    command's own process without starting Ray: seconds instead of a Ray start, for a quick look at
+    a few images, debugging a stage, or tests; one stage at a time, no pools, one machine.
+    ``zsad run --executor`` sets it; it never changes the results, so a run may be resumed with the
+    other executor."""
 
     fuse_models: bool = False
+    executor: Literal["ray", "local"] = "ray"
 
 
 class JobSpec(_Model):
@@ -1018,9 +1027,59 @@ def is_training_spec(path: str | os.PathLike[str]) -> bool:
     return isinstance(data, dict) and ("train" in data or "adapters" in data)
 
 
-def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None, model: type[BaseModel] | None = None) -> Any:
-    """Load a YAML job spec and apply ``--set`` overrides. Raises :class:`SpecError` naming the file
-    and the offending key."""
+#: ``--tiny``: the tiny random-weight stand-ins of the models (tests, trying a preset without weights)
+TINY_CLIP = "zsad-tiny"  # pipeline/models/configs/zsad-tiny.json: 8 blocks, width 64, patch 16, 128 px
+TINY_LAYERS = "[2,4,6,8]"  # four of its eight blocks, as the presets take four of 24 (or 12)
+TINY_IMAGE_SIZE = 128
+
+
+def tiny_overrides(data: dict[str, Any]) -> list[str]:
+    """The ``--set`` overrides that put every model section of a spec (as read from its file) on the
+    tiny random-weight models, so any preset runs in seconds on a CPU without downloading weights:
+
+    - ``clip``: ``zsad-tiny`` with random weights (and its own image size), ``allow_random_weights``;
+    - ``pixel``: APRIL-GAN and mutual maps on layers 2/4/6/8 at 128 px (APRIL-GAN's adapters random),
+      FADE at scales 128 (and 160) on an 8-cell grid with GEM depth 2, CLIPSeg's tiny architecture;
+    - ``sam``: the tiny SAM with random weights; ``foreground``: no DIS model (the classical map);
+    - ``tiling``: 96-px tiles with 32-px tile maps; ``maps.map_size``: 64;
+    - ``adapters`` (training specs): layers 2/4/6/8 at 128 px; ``train``: CPU workers of one CPU;
+    - every ``resources.<stage>.num_gpus`` the spec sets: 0.
+
+    The keys are applied before the command's own ``--set`` overrides, which therefore win. The
+    outputs say random weights as for any random-weight run."""
+    sets = [f"clip.model={TINY_CLIP}", "clip.weights=null", "clip.image_size=null", "allow_random_weights=true",
+            "maps.map_size=64"]
+    pixel = data.get("pixel") if isinstance(data.get("pixel"), dict) else {}
+    kind = pixel.get("kind")
+    if kind in ("april_gan", "mutual"):
+        sets += [f"pixel.layers={TINY_LAYERS}", f"pixel.image_size={TINY_IMAGE_SIZE}"]
+    if kind == "april_gan":
+        sets.append("pixel.weights=null")
+    if kind == "fade_zero_shot":
+        n = len(pixel.get("scales") or FadeZeroShot.model_fields["scales"].default)
+        sets += [f"pixel.scales={[128, 160][:max(1, min(n, 2))]}".replace(" ", ""), "pixel.grid=8", "pixel.gem_depth=2"]
+    if kind == "clipseg":
+        sets += ["pixel.arch=tiny", "pixel.weights=null"]
+    if isinstance(data.get("sam"), dict):
+        sets += ["sam.model=tiny", "sam.weights=null"]
+    if isinstance(data.get("foreground"), dict):
+        sets.append("foreground.dis_model=null")
+    if isinstance(data.get("tiling"), dict):
+        sets += ["tiling.min_tile=96", "tiling.tile_map_size=32"]
+    if isinstance(data.get("adapters"), dict) or isinstance(data.get("train"), dict):
+        sets = [x for x in sets if not x.startswith("maps.")]
+        sets += [f"adapters.layers={TINY_LAYERS}", f"adapters.image_size={TINY_IMAGE_SIZE}", "train.use_gpu=false",
+                 "train.resources_per_worker={CPU: 1}"]
+    for stage, res in (data.get("resources") or {}).items():
+        if isinstance(res, dict) and res.get("num_gpus"):
+            sets.append(f"resources.{stage}.num_gpus=0")
+    return sets
+
+
+def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None, model: type[BaseModel] | None = None,
+              tiny: bool = False) -> Any:
+    """Load a YAML job spec and apply ``--set`` overrides (after :func:`tiny_overrides` when ``tiny``).
+    Raises :class:`SpecError` naming the file and the offending key."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -1034,5 +1093,5 @@ def load_spec(path: str | os.PathLike[str], overrides: list[str] | None = None, 
         data = {}
     if not isinstance(data, dict):
         raise SpecError(f"invalid job spec {path}: the top level must be a mapping")
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(data, [*(tiny_overrides(data) if tiny else []), *(overrides or [])])
     return spec_from_dict(data, str(path), model)

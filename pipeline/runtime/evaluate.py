@@ -96,6 +96,25 @@ def _image_table(scores: pd.DataFrame, source: str) -> ValueTable:
     return ValueTable.from_scores(s[keep], scores["gt_label"].to_numpy()[keep].astype(int))
 
 
+def _part_rows(parts: list[str], lookup: dict[str, tuple], eval_size, storage, executor: str, address: str | None,
+               log: Callable[[str], None]):
+    """The rows of :func:`_evaluate_parts` over every masks part file: Ray tasks, or in this process."""
+    from pipeline.runtime.executors import check
+
+    check(executor, address)
+    kwargs = {"gt": lookup, "eval_size": eval_size, "storage": storage}
+    if executor == "local":
+        for p in parts:
+            out = _evaluate_parts({"path": np.array([p], dtype=object)}, **kwargs)
+            for j in range(len(out["category"])):
+                yield {k: v[j] for k, v in out.items()}
+        return
+    with ray_session(address, log):
+        ds = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=max(1, len(parts)))
+        ds = ds.map_batches(_evaluate_parts, batch_size=1, batch_format="numpy", fn_kwargs=kwargs, num_cpus=1)
+        yield from ds.iter_rows()
+
+
 def evaluate_run(
     run_dir: str,
     *,
@@ -108,8 +127,11 @@ def evaluate_run(
     pro_mode: str = "mvtec",
     address: str | None = None,
     log: Callable[[str], None] = print,
+    executor: str = "ray",
 ) -> pd.DataFrame:
-    """Evaluate the run at ``run_dir``; writes ``metrics/`` and ``metrics.md`` there and returns the table."""
+    """Evaluate the run at ``run_dir``; writes ``metrics/`` and ``metrics.md`` there and returns the table.
+    ``executor``: ``ray`` (one Ray task per masks part file; a local Ray, the cluster at ``address``,
+    or the Ray this process already runs) or ``local`` (the same task body, part by part, here)."""
     run_dir = fsio.normalise(run_dir)
     try:
         record = read_json(fsio.join(run_dir, "run.json"), storage)
@@ -145,16 +167,12 @@ def evaluate_run(
         fs, path = fsio.filesystem(fsio.join(run_dir, "masks"), storage)
         parts = [fsio.unstrip(fs, p) for p in sorted(fs.glob(posixpath.join(path, "*.parquet")))]
         lookup = {r.image_id: (int(r.gt_label), r.mask_uri if isinstance(r.mask_uri, str) else None) for r in gt.itertuples()}
-        with ray_session(address, log):
-            ds = ray.data.from_items([{"path": p} for p in parts], override_num_blocks=max(1, len(parts)))
-            ds = ds.map_batches(_evaluate_parts, batch_size=1, batch_format="numpy",
-                                fn_kwargs={"gt": lookup, "eval_size": eval_size, "storage": storage}, num_cpus=1)
-            for row in ds.iter_rows():
-                st = stats_from_row(row["neg"], row["pos"], row["pro"], row["n_regions"])
-                cat = row["category"]
-                pixel_stats[cat] = pixel_stats[cat].merge(st) if cat in pixel_stats else st
-                if row["problems"]:
-                    problems.setdefault(cat, []).extend(row["problems"].split("\n"))
+        for row in _part_rows(parts, lookup, eval_size, storage, executor, address, log):
+            st = stats_from_row(row["neg"], row["pos"], row["pro"], row["n_regions"])
+            cat = row["category"]
+            pixel_stats[cat] = pixel_stats[cat].merge(st) if cat in pixel_stats else st
+            if row["problems"]:
+                problems.setdefault(cat, []).extend(row["problems"].split("\n"))
     for cat, items in problems.items():
         log(f"evaluate: {len(items)} anomalous image(s) of {cat} without a usable mask, left out of the pixel metrics: {items[:3]}")
 

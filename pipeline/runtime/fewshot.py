@@ -149,7 +149,7 @@ def _bank_pass(spec: JobSpec, wanted: pd.DataFrame, storage: StorageOptions | No
     """Decode + bank features of each distinct chosen image: image_id -> its features. An image that
     fails is a :class:`FewShotError`, or, when ``failed`` is given, is left out and listed there
     as (uri, reason)."""
-    from pipeline.runtime.ray_plan import run_plan
+    from pipeline.runtime.executors import execute
     from pipeline.runtime.run import source_rows
     from pipeline.stages.bank import BankStage, unpack_features
     from pipeline.stages.decode import DecodeStage
@@ -162,7 +162,7 @@ def _bank_pass(spec: JobSpec, wanted: pd.DataFrame, storage: StorageOptions | No
             PlannedStage(BankStage.from_spec(spec, storage), spec.resources.clip_score)]
     columns = ["image_id", "uri", "status", "error_stage", "error_type", "error_message", "bank_features"]
     features: dict[str, dict[str, np.ndarray]] = {}
-    for batch in run_plan(spec, plan, source_rows(rows), columns, session, log):
+    for batch in execute(spec, plan, source_rows(rows), columns, session, log):
         for r in batch.to_pylist():
             if r["status"] != "ok" and failed is not None:
                 failed.append((r["uri"], f"{r['error_stage']} {r['error_type']}: {r['error_message']}"))

@@ -278,8 +278,12 @@ def shard_tables(rows: pa.Table, tables: list[str], values: dict[str, Any]) -> d
 
 def _comparable(spec_data: dict[str, Any]) -> dict[str, Any]:
     """A spec as stored in _plan.json, without its storage section: how the data is reached
-    (endpoint, credentials, region) does not change results, so a resume may give other settings."""
-    return {k: v for k, v in spec_data.items() if k != "storage"}
+    (endpoint, credentials, region) does not change results, so a resume may give other settings;
+    nor does ``runtime.executor``."""
+    out = {k: v for k, v in spec_data.items() if k != "storage"}
+    if isinstance(out.get("runtime"), dict):  # the executor runs the same stages: results do not change
+        out["runtime"] = {k: v for k, v in out["runtime"].items() if k != "executor"}
+    return out
 
 
 def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
@@ -377,6 +381,7 @@ def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict
                  *({"stage": p.name, "kind": p.kind, **_fused_parts(p), **p.resources.model_dump(exclude_none=True)}
                    for p in stages)],
         "tables": tables,
+        "executor": spec.runtime.executor,
         "random_weights": spec.random_weights,
         **few,
     }
@@ -403,8 +408,8 @@ def run_job(
     where a terminal progress bar is drawn (when it is a TTY; else progress goes to ``log``).
     ``log_name``: the command's log file is copied to ``RUN/logs/<log_name>`` when it ends (by the
     caller, :mod:`pipeline.runtime.console`); run.json names it (``log``)."""
-    from pipeline.runtime.ray_plan import run_plan
-    from pipeline.runtime.session import LOAD_ERRORS, failure, ray_session
+    from pipeline.runtime.executors import ExecutorError, check, execute, plan_session
+    from pipeline.runtime.session import LOAD_ERRORS, failure
 
     started = dt.datetime.now(dt.timezone.utc)
     t_start = time.monotonic()
@@ -412,6 +417,11 @@ def run_job(
     problem = check_run_id(run_id)
     if problem:
         raise RunError(problem, exit_code=2)
+    executor = spec.runtime.executor
+    try:
+        check(executor, address)
+    except ExecutorError as exc:
+        raise RunError(str(exc), exit_code=2) from None
     spec, storage, tables, stages, result_columns = prepare(spec, layout)
 
     run_dir = fsio.join(fsio.normalise(output_uri), run_id)
@@ -526,8 +536,9 @@ def run_job(
         with contextlib.ExitStack() as ray_stack:  # the run's Ray session stays open until ``then`` has run
             try:
                 if len(pending):
-                    session = ray_stack.enter_context(ray_session(address, log))
-                    session_info = {"address": session["address"], "resources": dict(session["resources"])}
+                    session = ray_stack.enter_context(plan_session(executor, address, log, spec))
+                    if executor == "ray":
+                        session_info = {"address": session["address"], "resources": dict(session["resources"])}
                     if spec.few_shot is not None:  # the banks, before any image is scored
                         entries, summary = fewshot.build_banks(spec, chosen, run_dir, storage, session, log)
                         few_record = fewshot.record(spec, run_dir, few_layout, few_missing, entries, summary)
@@ -537,12 +548,13 @@ def run_job(
                         pool_entries, pool_summary = mutual.build_pools(spec, pools_chosen, sizes, run_dir, storage, session, log)
                         find_stage(stages, "clip_score").pools = pool_entries
                     def save_stats(text: str) -> None:
-                        fs_, path_ = fsio.filesystem(fsio.join(run_dir, "ray_data_stats.txt"), storage)
+                        name = "ray_data_stats.txt" if executor == "ray" else "local_stats.txt"
+                        fs_, path_ = fsio.filesystem(fsio.join(run_dir, name), storage)
                         with fs_.open(path_, "w") as fh:
                             fh.write(text)
 
                     inputs = source_rows(pending)
-                    results = run_plan(spec, stages, inputs, result_columns, session, log, on_stats=save_stats)
+                    results = execute(spec, stages, inputs, result_columns, session, log, on_stats=save_stats)
                     def waiting(quiet: float) -> None:
                         limit = f"; stall_timeout_s stops the run after {spec.stall_timeout_s:g} s" if spec.stall_timeout_s else ""
                         log(f"waiting for results: none for {quiet:.0f} s ({progress.done}/{progress.total} images done; "
@@ -658,6 +670,7 @@ def run_job(
                        ("scores", "errors", "masks", "foreground", "tiles", "embeddings")},
                     "inputs": fsio.join(run_dir, "inputs.parquet"),
                 },
+                "executor": executor,
                 "ray": session_info,
                 "log": fsio.join(run_dir, "logs", log_name) if log_name else None,
                 "host": socket.gethostname(),

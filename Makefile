@@ -31,7 +31,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=30 tests
 
 test-all: $(STAMP)
-	ZSAD_TEST_ALL=1 ZSAD_TEST_ALL_FEWSHOT_S3=1 $(PY) -m pytest -q --durations=30 tests
+	ZSAD_TEST_ALL=1 $(PY) -m pytest -q --durations=30 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -1,10 +1,9 @@
 """The CLI as a user runs it: `zsad run jobs/smoke.yaml` on local disk, on S3 (moto server on
-127.0.0.1), and on a folder of broken files. Each run starts its own local Ray."""
+127.0.0.1), and on a folder of broken files. The runs use the in-process executor
+(tests/helpers/zsad.py), except the S3 one, which shows the Ray workers reading and writing S3."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +21,9 @@ from pipeline.ops import heatmap, rle
 from pipeline.synthetic import make_dataset
 from tests.helpers.badfiles import write_bad_inputs, write_good_images
 from tests.helpers.batches import image_batch
+from tests.helpers.zsad import TINY, zsad
 
 pytestmark = pytest.mark.integration
-ZSAD = str(Path(sys.executable).with_name("zsad"))
-REPO = Path(__file__).resolve().parents[2]
-
-
-def zsad(*args, env=None, timeout=300):
-    """The CLI in a subprocess. A `zsad run` here writes no HTML report unless the test sets
-    report.enabled itself: the report has its own tests (tests/e2e/test_report.py), and skipping it
-    saves make test 2-3 s per run."""
-    if args and args[0] == "run" and not any("report.enabled" in str(a) for a in args):
-        args = (*args, "--set", "report.enabled=false")
-    full_env = dict(os.environ)
-    full_env.pop("RAY_ADDRESS", None)
-    full_env.update(env or {})
-    return subprocess.run([ZSAD, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
 
 
 def read_table(uri, storage=None):
@@ -148,7 +134,7 @@ def test_run_on_local_mvtec_tree(tmp_path):
     check_metrics(str(tmp_path / "out" / "local1"), scores, masks)
     assert "metrics:" in res.stdout and (tmp_path / "out" / "local1" / "metrics.md").read_text().startswith("**Random model weights")
 
-    # the distributed run gives the same scores as the stage called in-process
+    # the run gives the same scores as the stage called directly
     spec = load_spec("jobs/smoke.yaml")
     stage = ClipScoreStage(spec.clip, spec.score)
     sample = scores.sort_values("uri").head(4)
@@ -176,13 +162,13 @@ def test_run_on_local_mvtec_tree(tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-@pytest.mark.s3_twin  # of test_run_on_local_mvtec_tree; test_fewshot_runs.py runs a whole preset on S3 in make test
 def test_run_with_input_and_output_on_s3(tmp_path, s3_bucket, s3_env):
+    """Needs Ray: the decode tasks and the scoring actors (Ray workers) read and write S3."""
     storage = fsio.storage_options()
     make_dataset(f"s3://{s3_bucket}/datasets/synth", categories=("gear",), n_good=2, n_bad=2, storage=storage)
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     res = zsad("run", "jobs/smoke.yaml", "--input", f"s3://{s3_bucket}/datasets/synth", "--output", f"s3://{s3_bucket}/runs",
-               "--run-id", "s3run", env=env)
+               "--run-id", "s3run", env=env, ray=True)
     assert res.returncode == 0, res.stderr[-3000:]
     scores, _, manifest = check_run(f"s3://{s3_bucket}/runs/s3run", 4, storage)
     assert scores["uri"].str.startswith(f"s3://{s3_bucket}/datasets/synth/gear/test/").all()
@@ -233,7 +219,8 @@ def test_bad_inputs_are_reported_and_the_error_budget_holds(tmp_path):
     assert strict.returncode == 1
     assert "above max_error_rate 0.04" in strict.stderr + strict.stdout
     assert manifest["failed_by_stage"] == {"decode": 6}
-    assert "Dataset" in (tmp_path / "out" / "bad1" / "ray_data_stats.txt").read_text()
+    stats = (tmp_path / "out" / "bad1" / "local_stats.txt").read_text()  # the executor's statistics
+    assert f"decode (task): {n_total} rows" in stats and "clip_score (actor)" in stats
     run2 = json.loads((tmp_path / "out" / "bad2" / "run.json").read_text())
     assert run2["status"] == "failed" and run2["counts"]["failed"] == 6
 
@@ -241,8 +228,7 @@ def test_bad_inputs_are_reported_and_the_error_budget_holds(tmp_path):
 def test_fade_preset_with_tiny_model_writes_masks(tmp_path):
     make_dataset(str(tmp_path / "data"), categories=("gear",), n_good=1, n_bad=2)
     res = zsad("run", "jobs/fade.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "fade1",
-               "--set", "clip.model=zsad-tiny", "--set", "clip.weights=null", "--set", "allow_random_weights=true",
-               "--set", "maps.threshold=0.5")
+               *TINY, "--set", "maps.map_size=256", "--set", "maps.threshold=0.5")
     assert res.returncode == 0, res.stderr[-3000:]
     scores, _, manifest = check_run(str(tmp_path / "out" / "fade1"), 3)
     assert manifest["model"]["pixel_method"] == "fade_zero_shot"

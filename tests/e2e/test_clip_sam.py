@@ -1,12 +1,10 @@
 """The CLIP-SAM cascade preset end to end with the tiny CLIP and tiny SAM: refined masks, the
 documented columns, the evaluation, one step on S3 input and output, and refinement after VVV's
-foreground and tiling."""
+foreground and tiling. In-process executor (tests/helpers/zsad.py): what is checked is the
+refinement's data, not Ray."""
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -14,25 +12,15 @@ import pytest
 from pipeline.ops import rle
 from pipeline.synthetic import make_dataset, make_multi_instance_dataset
 
+from tests.helpers.zsad import TINY, zsad as _zsad
+
 pytestmark = pytest.mark.integration
-ZSAD = str(Path(sys.executable).with_name("zsad"))
-REPO = Path(__file__).resolve().parents[2]
-TINY = ["--set", "clip.model=zsad-tiny", "--set", "clip.weights=null", "--set", "allow_random_weights=true",
-        "--set", "sam.model=tiny", "--set", "sam.weights=null", "--set", "resources.clip_score.num_gpus=0",
-        "--set", "resources.sam_refine.num_gpus=0", "--set", "maps.map_size=64"]
-CLIP_SAM = [*TINY, "--set", "pixel.weights=null", "--set", "pixel.layers=[2,4,6,8]", "--set", "pixel.image_size=128"]
-
-
-def _zsad(*args, env=None, timeout=600):
-    full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    full.update(env or {})
-    return subprocess.run([ZSAD, *args], cwd=REPO, capture_output=True, text=True, env=full, timeout=timeout)
 
 
 def test_clip_sam_refines_every_map_and_evaluates(tmp_path):
     make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=2, n_bad=3, size=96)
     res = _zsad("run", "jobs/clip_sam.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                "--run-id", "c", *CLIP_SAM)
+                "--run-id", "c", *TINY, report=False)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     run = tmp_path / "out" / "c"
     masks = pd.read_parquet(run / "masks")
@@ -49,7 +37,6 @@ def test_clip_sam_refines_every_map_and_evaluates(tmp_path):
     assert pd.read_parquet(run / "metrics")["pixel_auroc"].notna().all()
 
 
-@pytest.mark.s3_twin
 def test_one_step_with_input_and_output_on_s3(tmp_path, s3_bucket, s3_env):
     from pipeline.io import fs as fsio
 
@@ -57,7 +44,7 @@ def test_one_step_with_input_and_output_on_s3(tmp_path, s3_bucket, s3_env):
     make_dataset(f"s3://{s3_bucket}/data", categories=("gear",), n_good=1, n_bad=2, size=64, storage=storage)
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     res = _zsad("run", "jobs/clip_sam.yaml", "--input", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/runs",
-                "--run-id", "s", *CLIP_SAM, "--set", "sam_refine.steps=1", env=env)
+                "--run-id", "s", *TINY, "--set", "sam_refine.steps=1", env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     masks = pd.read_parquet(f"s3://{s3_bucket}/runs/s/masks", storage_options=storage)
     infos = [json.loads(i) for i in masks["refine_info"].dropna()]
@@ -69,12 +56,8 @@ def test_refinement_after_the_sam_foreground_and_tiling_of_vvv(tmp_path):
     """VVV's SAM foreground hands its embedding to the refinement through the row (sam_embedding)."""
     make_multi_instance_dataset(str(tmp_path / "in"), n_good=1, n_bad=1, size=(160, 224), seed=4)
     res = _zsad("run", "jobs/vvv.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--run-id", "v",
-                "--layout", "mvtec", *TINY, "--set", "foreground.points_per_side=4", "--set", "resources.foreground.num_gpus=0",
-                "--set", "pixel.scales=[128]", "--set", "pixel.grid=8", "--set", "pixel.gem_depth=2",
-                "--set", "tiling.min_tile=96", "--set", "tiling.tile_map_size=32", "--set", "sam_refine={steps: 2}",
-                # three actor pools and four task stages on a 2-CPU local Ray: fractions, so the tasks get a CPU
-                *[x for stage in ("foreground", "clip_score", "sam_refine") for x in ("--set", f"resources.{stage}.num_cpus=0.5")],
-                *[x for stage in ("decode", "tiling", "aggregate", "encode") for x in ("--set", f"resources.{stage}.num_cpus=0.1")])
+                "--layout", "mvtec", *TINY, "--set", "foreground.points_per_side=4", "--set", "pixel.scales=[128]",
+                "--set", "sam_refine={steps: 2}")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "v" / "run.json").read_text())
     assert [s["stage"] for s in record["plan"]] == ["decode", "foreground", "tiling", "clip_score", "aggregate", "sam_refine",

@@ -1,6 +1,7 @@
 """Few-shot presets end to end with `zsad run ... --reference`: tiny CLIP, a generated MVTec tree whose
 train/good images are the references; banks, scores, masks and metrics; categories without references
-in both `few_shot.missing` modes; input, references and output on the loopback S3 server."""
+in both `few_shot.missing` modes; input, references and output on the loopback S3 server. In-process
+executor (tests/helpers/zsad.py): the bank pass and the scoring are the plan's data, not Ray's."""
 
 import json
 import os
@@ -13,17 +14,16 @@ from pipeline.io import contracts
 from pipeline.io import fs as fsio
 from pipeline.io.banks import read_bank
 from pipeline.synthetic import make_dataset
-from tests.e2e.test_cli_run import check_run, read_table, zsad
+from tests.e2e.test_cli_run import check_run, read_table
+from tests.helpers.zsad import TINY as _TINY, zsad
 
 pytestmark = pytest.mark.integration
 
-TINY = ["--set", "clip.model=zsad-tiny", "--set", "clip.weights=null", "--set", "allow_random_weights=true",
-        "--set", "resources.clip_score.num_gpus=0", "--set", "maps.map_size=48"]
+TINY = [*_TINY, "--set", "maps.map_size=48"]
 PRESETS = {
-    "fade": ("jobs/fade_fewshot.yaml", ["--set", "pixel.scales=[128,160]", "--set", "pixel.grid=8", "--set", "pixel.gem_depth=2"]),
+    "fade": ("jobs/fade_fewshot.yaml", []),
     "winclip": ("jobs/winclip_fewshot.yaml", []),
-    "april_gan": ("jobs/aprilgan_fewshot.yaml", ["--set", "pixel.weights=null", "--set", "pixel.layers=[2,4]",
-                                                 "--set", "pixel.image_size=64"]),
+    "april_gan": ("jobs/aprilgan_fewshot.yaml", ["--set", "pixel.layers=[2,4]", "--set", "pixel.image_size=64"]),
 }
 PIXEL = {"fade": "fade_zero_shot", "winclip": "winclip_windows", "april_gan": "april_gan"}
 
@@ -130,13 +130,7 @@ def test_references_in_a_folder_per_category(tmp_path):
     assert plan["plan"][0]["stage"] == "bank"
 
 
-# make test runs APRIL-GAN on S3 (the storage path every method shares, plus the transductive rewrite; the
-# others' storage code is the same and tests/unit/io/test_fewshot_storage.py covers it without Ray), to keep
-# the suite's time; ZSAD_TEST_ALL_FEWSHOT_S3=1 runs the three presets on S3
-S3_METHODS = sorted(PRESETS) if os.environ.get("ZSAD_TEST_ALL_FEWSHOT_S3") else ["april_gan"]
-
-
-@pytest.mark.parametrize("method", S3_METHODS)
+@pytest.mark.parametrize("method", sorted(PRESETS))
 def test_fewshot_preset_on_s3(method, tmp_path, s3_bucket, s3_env):
     storage = fsio.storage_options()
     data = f"s3://{s3_bucket}/datasets/synth"

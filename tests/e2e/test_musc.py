@@ -3,7 +3,8 @@ CLIP: a generated MVTec tree with 2 categories (+ one of 4 images, too small to 
 RsCIN scores, embeddings, masks and metrics; the raw scores recomputed in the test from the stored
 images with the library's model and pipeline.models.mutual (the stage's wiring: pool membership, the
 image left out, K); RsCIN recomputed from the written tables with an explicit loop; `zsad resume`
-reuses the stored pools; input and output on the loopback S3 server."""
+reuses the stored pools; input and output on the loopback S3 server. In-process executor
+(tests/helpers/zsad.py): pools and scores are the plan's data, not Ray's."""
 
 import dataclasses
 import json
@@ -19,15 +20,14 @@ from pipeline.io import contracts
 from pipeline.io import fs as fsio
 from pipeline.io.banks import read_bank
 from pipeline.synthetic import make_dataset
-from tests.e2e.test_cli_run import check_run, read_table, zsad
+from tests.e2e.test_cli_run import check_run, read_table
+from tests.helpers.zsad import TINY as _TINY, zsad
 
 pytestmark = pytest.mark.integration
 
 LAYERS = [2, 4, 6, 8]
 SIZE = 128
-TINY = ["--set", "clip.model=zsad-tiny", "--set", "clip.weights=null", "--set", "allow_random_weights=true",
-        "--set", "resources.clip_score.num_gpus=0", "--set", "maps.map_size=48",
-        "--set", f"pixel.layers=[{','.join(map(str, LAYERS))}]", "--set", f"pixel.image_size={SIZE}"]
+TINY = [*_TINY, "--set", "maps.map_size=48", "--set", f"pixel.layers=[{','.join(map(str, LAYERS))}]", "--set", f"pixel.image_size={SIZE}"]
 
 
 def run_musc(data, out, run_id, *extra, job="jobs/musc.yaml", env=None):
@@ -139,7 +139,6 @@ def test_musc_preset_locally_with_resume_and_a_too_small_category(tmp_path):
     np.testing.assert_allclose(rerun.loc[first.index, "score_mutual"], first["score_mutual"], atol=1e-6)
 
 
-@pytest.mark.s3_twin
 def test_musc_fast_preset_on_s3_with_the_whole_category_as_pool(tmp_path, s3_bucket, s3_env):
     storage = fsio.storage_options()
     data = f"s3://{s3_bucket}/datasets/synth"

@@ -1,14 +1,11 @@
 """Seeing results: the HTML report `zsad run` writes, `zsad report`, `zsad compare` and
-`zsad export-maps` on real tiny-model runs (local Ray), the pages loaded in headless Chromium,
+`zsad export-maps` on real tiny-model runs (in-process executor), the pages loaded in headless Chromium,
 and the report and the export to and from the loopback S3 server."""
 
 import base64
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -27,17 +24,15 @@ from pipeline.stages.evaluate import read_mask
 from pipeline.synthetic import make_dataset
 from tests.helpers import browser
 from tests.helpers.clip_weights import random_clip_checkpoint
+from tests.helpers.zsad import zsad as _zsad
 
 pytestmark = pytest.mark.integration
-ZSAD = str(Path(sys.executable).with_name("zsad"))
-REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("run", "errors-by-type", "metrics", "colour-scale", "category-tile", "category-widget", "failed-inputs")
 
 
 def zsad(*args, timeout=400):
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([ZSAD, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    """The CLI (tests/helpers/zsad.py) with the report on: it is what these tests check."""
+    return _zsad(*args, timeout=timeout, report=True)
 
 
 @pytest.fixture(scope="module")

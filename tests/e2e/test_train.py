@@ -1,37 +1,27 @@
 """zsad train (APRIL-GAN adapters on Ray Train) end to end with the tiny CLIP on generated data:
 two workers, a kill after the first epoch and --resume; one worker with input and output on the
 loopback S3 server, then the trained adapters in zsad run jobs/aprilgan.yaml with the evaluation;
-and input that cannot be trained on."""
+and input that cannot be trained on. Training needs Ray (Ray Train's workers, their kill and
+resume); the runs that use the trained adapters are in-process (tests/helpers/zsad.py)."""
 
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from pipeline.synthetic import make_dataset
 from tests.helpers.procs import ray_pids, stop_new_ray_processes
+from tests.helpers.zsad import TINY, popen, zsad as _zsad
 
 pytestmark = pytest.mark.integration
-ZSAD = str(Path(sys.executable).with_name("zsad"))
-REPO = Path(__file__).resolve().parents[2]
-TINY = ["--set", "clip.model=zsad-tiny", "--set", "clip.weights=null", "--set", "allow_random_weights=true"]
-TRAIN = [*TINY, "--set", "adapters.layers=[2,4,6,8]", "--set", "adapters.image_size=128", "--set", "train.use_gpu=false",
-         "--set", "train.batch_size=4", "--set", "train.resources_per_worker={CPU: 0.5}",
+# two Ray Train workers and the decode tasks share the 2 CPUs of a local Ray
+TRAIN = [*TINY, "--set", "train.batch_size=4", "--set", "train.resources_per_worker={CPU: 0.5}",
          "--set", "resources.decode.num_cpus=0.25", "--set", "resources.decode.batch_size=4"]
-RUN = [*TINY, "--set", "pixel.layers=[2,4,6,8]", "--set", "pixel.image_size=128", "--set", "maps.map_size=64",
-       "--set", "resources.clip_score.num_gpus=0"]
-
-
-def _zsad(*args, env=None, timeout=600):
-    full = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    full.update(env or {})
-    return subprocess.run([ZSAD, *args], cwd=REPO, capture_output=True, text=True, env=full, timeout=timeout)
+RUN = [*TINY]
 
 
 def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(tmp_path):
@@ -40,8 +30,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
     args = ["train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "t",
             *TRAIN, "--set", "train.num_workers=2", "--set", "train.epochs=2"]
     before = ray_pids()
-    proc = subprocess.Popen([ZSAD, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, start_new_session=True)
+    proc = popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = out / "t" / "checkpoints" / "epoch-0001" / "state.json"
     deadline = time.monotonic() + 420
     killed = False
@@ -83,7 +72,6 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
     # a run with trained adapters and its evaluation: the next test (the same code, with the file on S3)
 
 
-@pytest.mark.s3_twin
 def test_training_with_input_and_output_on_s3_then_a_run_with_the_s3_adapters(tmp_path, s3_bucket, s3_env):
     from pipeline.io import fs as fsio
 

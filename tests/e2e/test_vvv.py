@@ -1,9 +1,7 @@
-"""jobs/vvv.yaml end to end on a local Ray with the tiny CLIP (and the tiny SAM), on a generated
-multi-instance dataset: scores, masks, foreground and tiles tables."""
+"""jobs/vvv.yaml end to end with the tiny CLIP (and the tiny SAM), on a generated multi-instance
+dataset: scores, masks, foreground and tiles tables. In-process executor (tests/helpers/zsad.py)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +11,10 @@ import pytest
 from pipeline.ops import rle
 from pipeline.synthetic import make_multi_instance_dataset
 
+from tests.helpers.zsad import TINY as _TINY, ok, zsad
+
 pytestmark = pytest.mark.integration
-ZSAD = str(Path(sys.executable).with_name("zsad"))
-REPO = Path(__file__).resolve().parents[2]
-TINY = ["--set", "clip.model=zsad-tiny", "--set", "clip.weights=null", "--set", "allow_random_weights=true",
-        "--set", "sam.model=tiny", "--set", "sam.weights=null", "--set", "pixel.scales=[128]", "--set", "pixel.grid=8",
-        "--set", "pixel.gem_depth=2", "--set", "tiling.min_tile=96", "--set", "tiling.tile_map_size=32",
-        "--set", "resources.foreground.num_gpus=0", "--set", "resources.clip_score.num_gpus=0"]
+TINY = [*_TINY, "--set", "pixel.scales=[128]", "--set", "maps.map_size=256"]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +25,8 @@ def data(tmp_path_factory):
 
 
 def _run(root, run_id, *extra):
-    res = subprocess.run([ZSAD, "run", "jobs/vvv.yaml", "--input", str(root / "in"), "--output", str(root / "out"),
-                          "--run-id", run_id, *TINY, *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    ok(zsad("run", "jobs/vvv.yaml", "--input", str(root / "in"), "--output", str(root / "out"), "--run-id", run_id,
+            *TINY, *extra))
     return root / "out" / run_id
 
 

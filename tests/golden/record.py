@@ -1,13 +1,15 @@
-"""Golden output tables of the smoke, fade and vvv presets (tiny models, generated data).
+"""Golden output tables of presets on the tiny models (``--tiny``) and generated data.
 
-``python -m tests.golden.record`` runs each preset with ``zsad run`` on data generated from fixed seeds
-and stores its output tables, normalised by :func:`normalise`, under ``tests/golden/<preset>/``.
-tests/e2e/test_golden_outputs.py runs the same commands and compares the tables with these files:
-same rows, columns, types and values. They were recorded from the commit before the plan refactor
-(issue 10), so they pin the behaviour the refactor must keep; ``fade`` and ``vvv`` were recorded again
-when their FADE maps were made to compute what FADE's code computes (issue 12: GEM's first pass,
-the sentence wrapper, GEM vision features, PIL resize). ``python -m tests.golden.record fade vvv``
-records only those.
+``python -m tests.golden.record`` runs each preset with ``zsad run --tiny`` on the Ray executor, on
+data generated from fixed seeds, and stores its output tables, normalised by :func:`normalise`, under
+``tests/golden/<preset>/``. tests/e2e/test_golden_outputs.py runs the same presets with the
+in-process executor and with the Ray executor and compares both with these files: same rows,
+columns, types and values. ``smoke``, ``fade`` and ``vvv`` were recorded from the commit before the
+plan refactor (issue 10), so they pin the behaviour the refactor must keep; ``fade`` and ``vvv`` were
+recorded again when their FADE maps were made to compute what FADE's code computes (issue 12);
+``winclip``, ``default``, ``musc_fast`` and ``clip_sam`` were recorded with the Ray executor when the
+in-process executor was added (issue 26). ``python -m tests.golden.record fade vvv`` records only
+those.
 """
 
 from __future__ import annotations
@@ -25,27 +27,23 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 ZSAD = str(Path(sys.executable).with_name("zsad"))
-TINY_CLIP = ["--set", "clip.model=zsad-tiny", "--set", "clip.weights=null", "--set", "allow_random_weights=true"]
+SCORE_TABLES = ("scores", "errors", "masks")
 
-# preset -> (job file, extra overrides, tables, data kind)
+# preset -> (job file, its --set overrides after --tiny, tables, data kind)
 PRESETS: dict[str, tuple[str, list[str], tuple[str, ...], str]] = {
-    "smoke": ("jobs/smoke.yaml", ["--set", "maps.map_size=48", "--set", "maps.threshold=0.5", "--set", "shard_size=7"],
-              ("scores", "errors", "masks"), "mvtec"),
-    "fade": ("jobs/fade.yaml", TINY_CLIP + ["--set", "pixel.scales=[128,160]", "--set", "pixel.grid=8",
-                                            "--set", "pixel.gem_depth=2", "--set", "maps.map_size=48",
-                                            "--set", "resources.clip_score.num_gpus=0"],
-             ("scores", "errors", "masks"), "mvtec"),
-    "vvv": ("jobs/vvv.yaml", TINY_CLIP + ["--set", "sam.model=tiny", "--set", "sam.weights=null",
-                                          "--set", "pixel.scales=[128]", "--set", "pixel.grid=8",
-                                          "--set", "pixel.gem_depth=2", "--set", "tiling.min_tile=96",
-                                          "--set", "tiling.tile_map_size=32", "--set", "foreground.kind=classical",
-                                          "--set", "maps.map_size=64",
-                                          "--set", "resources.foreground.num_gpus=0",
-                                          "--set", "resources.clip_score.num_gpus=0"],
-            ("scores", "errors", "masks", "foreground", "tiles"), "multi"),
+    "smoke": ("jobs/smoke.yaml", ["maps.map_size=48", "maps.threshold=0.5", "shard_size=7"], SCORE_TABLES, "mvtec"),
+    "fade": ("jobs/fade.yaml", ["maps.map_size=48"], SCORE_TABLES, "mvtec"),
+    "vvv": ("jobs/vvv.yaml", ["pixel.scales=[128]", "foreground.kind=classical"],
+            (*SCORE_TABLES, "foreground", "tiles"), "multi"),
+    "winclip": ("jobs/winclip.yaml", ["maps.map_size=48", "shard_size=5"], SCORE_TABLES, "mvtec"),
+    "default": ("jobs/default.yaml", ["maps.map_size=48"], SCORE_TABLES, "mvtec"),
+    "musc_fast": ("jobs/musc_fast.yaml", ["maps.map_size=48"], (*SCORE_TABLES, "embeddings"), "mvtec"),
+    "clip_sam": ("jobs/clip_sam.yaml", ["maps.map_size=48"], SCORE_TABLES, "mvtec"),
 }
+#: every preset's run: broken files in the input are expected, the evaluation is not part of it
+COMMON = ["max_error_rate=0.5"]
 # columns that measure time: they differ on every run
-VOLATILE = ("decode_ms", "clip_score_ms", "encode_ms", "foreground_ms", "aggregate_ms")
+VOLATILE = ("decode_ms", "clip_score_ms", "encode_ms", "foreground_ms", "aggregate_ms", "sam_refine_ms")
 
 
 def make_data(kind: str, root: Path) -> Path:
@@ -62,12 +60,28 @@ def make_data(kind: str, root: Path) -> Path:
     return data
 
 
-def run_preset(name: str, root: Path) -> Path:
-    job, extra, _, kind = PRESETS[name]
+def run_preset(name: str, root: Path, executor: str = "ray", in_process: bool = False) -> Path:
+    """Run preset ``name`` on its generated data under ``root``; returns the run folder.
+
+    ``in_process=False``: ``zsad run --tiny`` in a subprocess (how the goldens are recorded).
+    ``in_process=True``: the same spec through :func:`pipeline.runtime.run.run_job` in this process
+    (a Ray this process already runs is used by the Ray executor)."""
+    job, sets, _, kind = PRESETS[name]
     data = make_data(kind, root)
+    sets = [*COMMON, *sets]
+    if in_process:
+        from pipeline.config import load_spec
+        from pipeline.runtime.run import run_job
+
+        spec = load_spec(REPO / job, [*sets, f"runtime.executor={executor}", "report.enabled=false"], tiny=True)
+        result = run_job(spec, str(data), str(root / "out"), run_id="golden", log=lambda _m: None)
+        if result.status != "succeeded":
+            raise RuntimeError(f"{name} ({executor}): {result.record.get('reason')}")
+        return Path(result.run_dir)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    res = subprocess.run([ZSAD, "run", job, "--input", str(data), "--output", str(root / "out"), "--run-id", "golden", "--set", "max_error_rate=0.5",
-                          "--no-evaluate", *extra], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run([ZSAD, "run", job, "--input", str(data), "--output", str(root / "out"), "--run-id", "golden",
+                          "--no-evaluate", "--tiny", "--executor", executor, *(x for s in sets for x in ("--set", s))],
+                         cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     if res.returncode != 0:
         raise RuntimeError(f"zsad run {job} exited {res.returncode}:\n{res.stderr[-4000:]}")
     return root / "out" / "golden"

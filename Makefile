@@ -1,19 +1,21 @@
 # zsad: set-up commands.
 #   make demo        create .venv, install zsad, generate a synthetic dataset, run the smoke job on a local Ray
-#   make test        create/update .venv and run the whole test suite (what .ci/run calls)
-#   make test-all    make test plus the S3 twins of local e2e tests and every few-shot preset on S3
+#   make test        create/update .venv and run the whole test suite (what .ci/run calls), on as many
+#                    pytest-xdist workers as the machine has cores (a module's tests stay on one worker)
 #   make test-fast   create/update .venv and run the unit tests only (tests/unit: no local Ray, no CLI
-#                    runs; a minute or two on 2 cores)
+#                    runs; under a minute on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 # torch/torchvision pinned to what this project's machines serve; override for other platforms,
 # e.g. make test TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# pytest-xdist workers: auto = one per core; make test WORKERS=0 runs in one process
+WORKERS ?= auto
 PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.zsad-installed
 
-.PHONY: demo test test-all test-fast venv bench clean
+.PHONY: demo test test-fast venv bench clean
 
 venv: $(STAMP)
 
@@ -28,13 +30,10 @@ demo: $(STAMP)
 	$(VENV)/bin/zsad demo --output demo-output --data demo-data
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=30 tests
-
-test-all: $(STAMP)
-	ZSAD_TEST_ALL=1 $(PY) -m pytest -q --durations=30 tests
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadscope --durations=30 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -n $(WORKERS) tests/unit
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu_throughput.py

@@ -768,7 +768,8 @@ def _launch(suite: Suite, key: str, deadline: float) -> dict[str, Any]:
 
     cfg, preset = suite.cfg, E2E_PRESETS[key]
     asked = cfg.e2e_images if key == "e2e_default" else cfg.vvv_images
-    sets = RANDOM + ["report.enabled=false"] + preset["sets"] + (preset["tiny"] if cfg.dry_run else [])
+    sets = (RANDOM + ["report.enabled=false", f"runtime.executor={suite.args.e2e_executor}"] + preset["sets"]
+            + (preset["tiny"] if cfg.dry_run else []))
     job = REPO / "jobs" / preset["job"]
     spec = load_spec(str(job), sets)  # the spec the run will use (checked here, before Ray starts)
 
@@ -884,7 +885,8 @@ def step_e2e(key: str) -> Callable[[Suite, dict, float], None]:
                    precision_spec={"clip": clip_p, **({"sam": spec.sam.precision} if spec.uses_sam() else {})},
                    precision_recorded=_run_json_precision(record) or None,
                    ray_resources=(record.get("ray") or {}).get("resources"))
-        notes = (f"zsad run (CLI, local Ray), {images} x {cfg.image_size} px PNG ({len(pool)} distinct), asked {asked}; "
+        where = "local Ray" if spec.runtime.executor == "ray" else "in-process executor, no Ray"
+        notes = (f"zsad run (CLI, {where}), {images} x {cfg.image_size} px PNG ({len(pool)} distinct), asked {asked}; "
                  f"images / run.json wall_seconds {wall:.1f} s (incl. Ray start; first result at {first} s); "
                  f"steady {_num(steady)}/s; own rate of the CLIP actor {_num(busy.get('clip_score'))}/s"
                  + (f", SAM foreground actor {_num(busy.get('foreground'))}/s" if "foreground" in busy else "")
@@ -936,6 +938,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stage-batch", type=int, default=None,
                     help="batch of the stage steps (default: each preset's resources.clip_score.batch_size; 4 dry)")
     ap.add_argument("--timed-s", type=float, default=3.0, help="seconds timed per micro configuration (default 3)")
+    ap.add_argument("--e2e-executor", choices=("ray", "local"), default="ray",
+                    help="what runs the e2e steps' zsad runs: ray (default: a local Ray each, what the figures are of) or "
+                         "local (the in-process executor: a quicker check of the suite's paths with --dry-run)")
     ap.add_argument("--keep-work", default=None, metavar="DIR",
                     help="generate inputs and run outputs in DIR and keep them (default: a temporary folder, removed)")
     args = ap.parse_args(argv)

@@ -6,10 +6,6 @@
 - ``s3_env`` (function): points the standard AWS_* environment variables at that server and clears
   s3fs's cached filesystem instances, so ``storage_options()`` and ``filesystem()`` reach it.
 - ``s3_bucket`` (function): a fresh, uniquely named, empty bucket on that server.
-
-Tests marked ``s3_twin`` repeat a local end-to-end test with input and output on the S3 server (the
-same code, other storage); ``make test`` skips them to stay within its time, ``make test-all``
-(``ZSAD_TEST_ALL=1``) runs them.
 """
 
 from __future__ import annotations
@@ -82,12 +78,3 @@ def s3_bucket(s3_env):
     name = f"zsad-test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
     yield name
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("ZSAD_TEST_ALL"):
-        return
-    skip = pytest.mark.skip(reason="the S3 twin of a local e2e test: make test-all (ZSAD_TEST_ALL=1) runs it")
-    for item in items:
-        if "s3_twin" in item.keywords:
-            item.add_marker(skip)

@@ -560,21 +560,24 @@ def run_job(
                         log(f"waiting for results: none for {quiet:.0f} s ({progress.done}/{progress.total} images done; "
                             f"models loading or a slow batch{limit})")
 
-                    for batch in watched(results, spec.stall_timeout_s, on_wait=waiting):
-                        if first_result_s is None:
-                            first_result_s, first_result_rows = time.monotonic() - t_plan, batch.num_rows
-                        shards = np.array([shard_of[i] for i in batch.column("image_id").to_pylist()])
-                        t_w = time.monotonic()
-                        for k in dict.fromkeys(shards.tolist()):
-                            part = batch.filter(pa.array(shards == k))
-                            sink.append(k, shard_tables(part, sink.tables, values))
-                            tally = tallies.setdefault(k, ShardTally())
-                            tally.add(part)
-                            if tally.images == expected[k]:
-                                sink.finish(k, tallies.pop(k).marker())
-                                lease.heartbeat()
-                        write_s += time.monotonic() - t_w
-                        progress.update(batch.num_rows, sum(s != "ok" for s in batch.column("status").to_pylist()))
+                    # closed as soon as the loop ends, early too: the plan stops with it (the local
+                    # executor runs it in this process and must not go on scoring after a failure)
+                    with contextlib.closing(watched(results, spec.stall_timeout_s, on_wait=waiting)) as stream:
+                        for batch in stream:
+                            if first_result_s is None:
+                                first_result_s, first_result_rows = time.monotonic() - t_plan, batch.num_rows
+                            shards = np.array([shard_of[i] for i in batch.column("image_id").to_pylist()])
+                            t_w = time.monotonic()
+                            for k in dict.fromkeys(shards.tolist()):
+                                part = batch.filter(pa.array(shards == k))
+                                sink.append(k, shard_tables(part, sink.tables, values))
+                                tally = tallies.setdefault(k, ShardTally())
+                                tally.add(part)
+                                if tally.images == expected[k]:
+                                    sink.finish(k, tallies.pop(k).marker())
+                                    lease.heartbeat()
+                            write_s += time.monotonic() - t_w
+                            progress.update(batch.num_rows, sum(s != "ok" for s in batch.column("status").to_pylist()))
             except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
                 error_type, text = failure(exc)
                 plan_error = f"{error_type}: {text}"

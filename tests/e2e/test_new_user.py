@@ -115,7 +115,8 @@ def test_object_storage_going_away_mid_run_ends_with_one_reason_and_a_resume_hin
         boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                      region_name="us-east-1").create_bucket(Bucket="out")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
-        env.update(creds, AWS_ENDPOINT_URL=endpoint)
+        # one attempt per request (botocore's default retries take about 60 s at a dead endpoint)
+        env.update(creds, AWS_ENDPOINT_URL=endpoint, AWS_MAX_ATTEMPTS="1")
         proc = popen("run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", "s3://out/runs",
                      "--run-id", "gone", "--no-evaluate", "--set", "shard_size=16", "--set", "retries.read=0",
                      "--set", "resources.decode.batch_size=8", "--set", "resources.clip_score.batch_size=8",

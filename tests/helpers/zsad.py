@@ -3,7 +3,7 @@
 - :func:`zsad` runs ``zsad ARGS`` from the repository root with the environment of the tests minus
   ``RAY_ADDRESS`` (a test never attaches to a Ray it did not start), and returns the
   ``CompletedProcess`` (text output captured).
-- A ``run`` or ``resume`` runs on the in-process executor (``--executor local``) unless the test
+- A ``run``, ``resume`` or ``evaluate`` runs on the in-process executor (``--executor local``) unless the test
   passes ``ray=True``: Ray is started only where Ray is what a test checks (each such test says
   why in one line). ``run`` also writes no HTML report unless the test sets ``report.enabled``
   itself (the report has its own tests in tests/e2e/test_report.py).
@@ -34,7 +34,7 @@ def env_without_ray(extra: dict[str, str] | None = None, inherit: bool = True) -
 def command(*args: str, ray: bool = False, report: bool = False) -> list[str]:
     """The ``zsad`` command line of ``args`` with the helper's defaults (executor, report)."""
     args = tuple(str(a) for a in args)
-    if args and args[0] in ("run", "resume"):
+    if args and args[0] in ("run", "resume", "evaluate"):
         if not ray and "--executor" not in args:
             args = (*args, "--executor", "local")
         if args[0] == "run" and not report and not any("report.enabled" in a for a in args):

@@ -161,3 +161,27 @@ def test_runs_lists_the_runs_under_an_output(tmp_path):
     table = runner.invoke(app, ["runs", str(out)])
     assert table.exit_code == 0 and "succeeded" in table.stdout and "NOT results" in table.stdout
     assert runner.invoke(app, ["runs", str(tmp_path / "missing")]).exit_code == 2
+
+
+def test_executor_option_refusals_exit_2_before_anything_starts(tmp_path):
+    (tmp_path / "in").mkdir()
+    res = _run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--executor", "dask")
+    assert res.exit_code == 2 and "executor 'dask': use ray or local" in res.output
+    res = _run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--executor", "local", "--address", "auto")
+    assert res.exit_code == 2 and "--address auto needs the ray executor" in res.output
+    res = _run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--set", "runtime.executor=local",
+               "--address", "auto")
+    assert res.exit_code == 2 and "runtime.executor is local" in res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "out"), "--executor", "spark"])
+    assert res.exit_code == 2 and "executor 'spark'" in res.output
+    res = runner.invoke(app, ["submit", str(REPO / "jobs" / "smoke.yaml"), "--input", "s3://b/in", "--output", "s3://b/out",
+                              "--set", "runtime.executor=local", "--address", "http://127.0.0.1:1"])
+    assert res.exit_code == 2 and "runtime.executor is local" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_with_tiny_checks_every_preset_on_the_tiny_models():
+    paths = sorted(glob.glob(str(REPO / "jobs" / "*.yaml")))
+    res = runner.invoke(app, ["validate", "--tiny", *paths])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("ok  ") == len(paths) and res.output.count("clip zsad-tiny, weights random (allowed)") == len(paths)

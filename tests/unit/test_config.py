@@ -149,3 +149,49 @@ def test_mutual_presets_and_rules(tmp_path):
         load_spec("jobs/smoke.yaml", ["score.kind=mutual"])
     with pytest.raises(SpecError, match="remove the few_shot section"):
         load_spec("jobs/musc.yaml", ["few_shot.k=1"])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("jobs/*.yaml")))
+def test_tiny_puts_every_model_section_of_a_preset_on_the_tiny_models(path):
+    """--tiny (config.tiny_overrides): zsad-tiny CLIP with random weights, SAM tiny, adapter and map
+    layers within zsad-tiny's 8 blocks at 128 px, FADE on small scales, no GPU request anywhere."""
+    from pipeline.config import AprilGanAdapters, FadeZeroShot, MutualMaps, TrainSpec, is_training_spec
+
+    training = is_training_spec(path)
+    spec = load_spec(path, model=TrainSpec if training else None, tiny=True)
+    assert spec.clip.model == "zsad-tiny" and spec.clip.weights is None and spec.clip.image_size is None
+    assert spec.random_weights and spec.allow_random_weights
+    assert all(getattr(spec.resources, name).num_gpus == 0 for name in type(spec.resources).model_fields)
+    if training:
+        assert list(spec.adapters.layers) == [2, 4, 6, 8] and spec.adapters.image_size == 128
+        assert spec.train.use_gpu is False and "GPU" not in spec.train.resources_per_worker
+        return
+    assert spec.maps.map_size == 64
+    if isinstance(spec.pixel, (AprilGanAdapters, MutualMaps)):
+        assert list(spec.pixel.layers) == [2, 4, 6, 8] and spec.pixel.image_size == 128
+    if isinstance(spec.pixel, AprilGanAdapters):
+        assert spec.pixel.weights is None and "pixel.weights" in spec.random_models()
+    if isinstance(spec.pixel, FadeZeroShot):
+        assert max(spec.pixel.scales) <= 160 and spec.pixel.grid == 8 and spec.pixel.gem_depth == 2
+    if spec.sam is not None:
+        assert spec.sam.model == "tiny" and spec.sam.weights is None
+    if spec.tiling is not None:
+        assert spec.tiling.min_tile == 96 and spec.tiling.tile_map_size == 32
+    # everything else is the preset's own
+    full = load_spec(path)
+    assert spec.score == full.score
+    assert spec.few_shot == full.few_shot and spec.mutual == full.mutual and spec.sam_refine == full.sam_refine
+
+
+def test_tiny_comes_before_the_commands_own_overrides():
+    spec = load_spec("jobs/musc.yaml", ["pixel.layers=[2,4]", "maps.map_size=48", "resources.clip_score.num_gpus=0.5"],
+                     tiny=True)
+    assert list(spec.pixel.layers) == [2, 4] and spec.maps.map_size == 48 and spec.resources.clip_score.num_gpus == 0.5
+    assert spec.clip.model == "zsad-tiny"
+
+
+def test_runtime_executor_key():
+    assert load_spec("jobs/smoke.yaml").runtime.executor == "ray"
+    assert load_spec("jobs/smoke.yaml", ["runtime.executor=local"]).runtime.executor == "local"
+    with pytest.raises(SpecError, match="runtime.executor"):
+        load_spec("jobs/smoke.yaml", ["runtime.executor=dask"])

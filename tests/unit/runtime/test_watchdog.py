@@ -35,3 +35,30 @@ def test_an_error_of_the_plan_reaches_the_consumer():
 
     with pytest.raises(ValueError, match="stage failed"):
         list(watched(broken(), timeout_s=5, on_wait=lambda q: None))
+
+
+def test_a_consumer_that_stops_early_stops_the_producer_and_waits_for_it():
+    """The local executor runs the plan in the watchdog's thread: when the run stops taking results
+    (a sink failed), the thread must stop after its current item and close the plan, not keep
+    scoring while the process exits."""
+    produced, closed = [], []
+
+    def plan():
+        try:
+            for i in range(100):
+                time.sleep(0.05)
+                produced.append(i)
+                yield i
+        finally:
+            closed.append(True)
+
+    stream = watched(plan(), timeout_s=10, on_wait=lambda q: None, notice_s=5)
+    with pytest.raises(RuntimeError, match="sink failed"):
+        for item in stream:
+            if item == 2:
+                stream.close()  # as the run's ``closing`` does when its loop body raises
+                raise RuntimeError("sink failed")
+    assert closed == [True]  # the plan was closed, in the thread, before close() returned
+    count = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == count and count <= 2 + 1 + 4 + 1  # nothing after the stop: item 2, the queue, one in hand

@@ -78,3 +78,16 @@ def s3_bucket(s3_env):
     name = f"zsad-test-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
     yield name
+
+
+#: the modules that take longest (each a few Ray starts): collected first, so that pytest-xdist
+#: (make test: --dist loadscope, a module per worker at a time) starts them first and the short ones
+#: fill in around them, instead of one long module running alone at the end
+SLOW_FIRST = ("tests/e2e/test_train.py", "tests/e2e/test_jobs.py", "tests/e2e/test_resume.py",
+              "tests/e2e/test_golden_outputs.py", "tests/e2e/test_new_user.py", "tests/e2e/test_gpu_execution.py",
+              "tests/e2e/test_gpu_suite.py", "tests/e2e/test_plan_resources.py", "tests/e2e/test_cli_run.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(SLOW_FIRST)))  # stable: the rest in order

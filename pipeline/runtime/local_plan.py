@@ -106,9 +106,11 @@ class _Timed:
 
 
 def as_shipped(stage: Any) -> Any:
-    """The stage as a worker receives it: a pickle round trip (Ray pickles the stage for every task
-    and actor), so setting it up never changes the driver's planned stage."""
-    return pickle.loads(pickle.dumps(stage))
+    """The stage as a worker receives it: a round trip through Ray's cloudpickle (what Ray ships to
+    every task and actor), so setting it up never changes the driver's planned stage."""
+    from ray import cloudpickle
+
+    return pickle.loads(cloudpickle.dumps(stage))
 
 
 def run_plan_local(

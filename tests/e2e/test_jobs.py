@@ -93,6 +93,7 @@ def _status(cluster, run_id):
 
 
 def test_submit_follow_status_and_outputs(cluster, tmp_path):
+    """Needs Ray: Ray Jobs on a 2-node cluster (submission, logs, status)."""
     write_good_images(tmp_path / "in" / "parts", 30, size=(40, 40))
     out = tmp_path / "out"
     sub = _zsad(cluster, "submit", "jobs/smoke.yaml", "--address", cluster["address"], "--input", str(tmp_path / "in"),
@@ -125,6 +126,7 @@ def test_submit_follow_status_and_outputs(cluster, tmp_path):
 
 
 def test_stop_a_long_job(cluster, tmp_path):
+    """Needs Ray: stopping a Ray job whose task hangs on the cluster."""
     good = write_good_images(tmp_path / "imgs", 3, size=(40, 40))
     fifo = tmp_path / "imgs" / "stuck.png"
     os.mkfifo(fifo)  # reading it blocks forever: the job never ends by itself
@@ -163,6 +165,7 @@ def _driver_pid(run_id: str) -> int | None:
 
 
 def test_retries_resubmit_a_killed_job_with_resume_exactly_once(cluster, tmp_path):
+    """Needs Ray: a killed Ray job resubmitted with --resume by zsad submit --retries."""
     write_good_images(tmp_path / "in" / "parts", 120, size=(40, 40))
     out = tmp_path / "out"
     env = dict(cluster["env"], RAY_API_SERVER_ADDRESS=cluster["address"])

@@ -25,6 +25,7 @@ RUN = [*TINY]
 
 
 def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(tmp_path):
+    """Needs Ray: two Ray Train workers, killed with their driver after an epoch, resumed from the checkpoint."""
     make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=3, n_bad=5, size=96)
     out = tmp_path / "out"
     args = ["train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "t",
@@ -73,6 +74,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
 
 
 def test_training_with_input_and_output_on_s3_then_a_run_with_the_s3_adapters(tmp_path, s3_bucket, s3_env):
+    """Needs Ray: Ray Train's worker reads its data and writes its checkpoints on S3."""
     from pipeline.io import fs as fsio
 
     storage = fsio.storage_options()

@@ -37,7 +37,7 @@ def _mine(pid: int, session: int | None, marker: bytes | None) -> bool:
     return True
 
 
-def stop_new_ray_processes(before: set[int], grace_s: float = 15.0, session: int | None = None,
+def stop_new_ray_processes(before: set[int], grace_s: float = 5.0, session: int | None = None,
                            marker: str | None = None) -> None:
     """SIGTERM every Ray process that appeared since ``before`` (only those of ``session`` or whose
     command line holds ``marker``, when given, so a test never stops another suite's Ray), then

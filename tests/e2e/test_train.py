@@ -47,7 +47,7 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
     assert not (out / "t" / "train.json").exists() and not (out / "t" / "adapters.safetensors").exists()
     epoch1 = json.loads(first.read_text())["losses"]
 
-    again = _zsad(*args)
+    again = _zsad(*args, here=True)  # refused before Ray starts
     assert again.returncode == 2 and "continue it with --resume" in again.stderr
 
     res = _zsad(*args, "--resume")
@@ -99,22 +99,25 @@ def test_training_with_input_and_output_on_s3_then_a_run_with_the_s3_adapters(tm
 
 
 def test_input_that_cannot_be_trained_on_is_refused_with_exit_2(tmp_path):
+    """Every command here is refused before Ray starts: they run in the test's process."""
     from PIL import Image
 
     # a folder of unlabelled images
     (tmp_path / "plain" / "parts").mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(tmp_path / "plain" / "parts" / "a.png")
-    res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "plain"), "--output", str(tmp_path / "o"), *TRAIN)
+    res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "plain"), "--output", str(tmp_path / "o"), *TRAIN,
+                here=True)
     assert res.returncode == 2 and "no image has a ground-truth label" in res.stderr, res.stderr[-2000:]
     # an mvtec tree whose masks are gone
     make_dataset(str(tmp_path / "nomask"), categories=("widget",), n_good=1, n_bad=2, size=48)
     for m in (tmp_path / "nomask").rglob("*_mask.png"):
         m.unlink()
-    res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "nomask"), "--output", str(tmp_path / "o"), *TRAIN)
+    res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "nomask"), "--output", str(tmp_path / "o"), *TRAIN,
+                here=True)
     assert res.returncode == 2 and "have no masks" in res.stderr, res.stderr[-2000:]
     # a category with no images
     res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "nomask"), "--output", str(tmp_path / "o"),
-                "--set", "data.categories=[screw]", *TRAIN)
+                "--set", "data.categories=[screw]", *TRAIN, here=True)
     assert res.returncode == 2 and "screw" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("train.json"))
     # a corrupt adapters file for a run: refused before anything starts

@@ -19,7 +19,6 @@ import pytest
 
 from tests.helpers.badfiles import write_good_images
 from tests.helpers.procs import ray_pids, stop_new_ray_processes
-from tests.helpers.zsad import zsad
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -81,10 +80,12 @@ def cluster():
 
 
 def _zsad(cluster, *args, timeout=300, address_env=True):
-    """The Ray Jobs client commands (submit, status, logs, stop) talk to the cluster over HTTP and
-    start no Ray: they run in the test's process (tests/helpers/zsad.py), with the cluster's settings."""
-    env = {**cluster["env"], "RAY_API_SERVER_ADDRESS": cluster["address"] if address_env else None}
-    return zsad(*args, env=env, timeout=timeout, here=True)
+    """A subprocess, not the test's process: Ray's client caches the token of the first cluster it
+    met in a process, and this cluster has its own."""
+    env = dict(cluster["env"])
+    if address_env:
+        env["RAY_API_SERVER_ADDRESS"] = cluster["address"]
+    return subprocess.run([ZSAD, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _status(cluster, run_id):

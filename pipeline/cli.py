@@ -115,16 +115,14 @@ def _summary(result) -> str:
     return "\n".join(lines)
 
 
-def _check_executor(executor: Optional[str], address: Optional[str]) -> None:
-    """Exit 2 unless ``executor`` (None: the spec's) is ray or local, and local comes without --address."""
+def _check_executor(executor: str, address: Optional[str]) -> None:
+    """Exit 2 unless ``executor`` is ray or local, and local comes without --address."""
     from pipeline.runtime.executors import ExecutorError, check
 
-    if executor is None:
-        return
     try:
         check(executor, address)
     except ExecutorError as exc:
-        _err(f"--executor: {exc}")
+        _err(str(exc))
         raise typer.Exit(2)
 
 
@@ -150,18 +148,14 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
          executor: Optional[str] = None, tiny: bool = False):
     from pipeline.runtime.run import RunError, run_job
 
-    _check_executor(executor, address)
     try:
         spec = spec or load_spec(spec_path, sets, tiny=tiny)
     except SpecError as exc:
         _err(str(exc))
         raise typer.Exit(2)
-    if executor is not None:
+    if executor is not None:  # --executor: the spec's runtime.executor for this command
         spec = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"executor": executor})})
-    if spec.runtime.executor == "local" and address:
-        _err(f"runtime.executor is local (this process, no Ray), which cannot use --address {address}: "
-             "give --executor ray or drop --address")
-        raise typer.Exit(2)
+    _check_executor(spec.runtime.executor, address)
     picks = {}
     if max_images is not None:
         picks["max_images"] = max_images

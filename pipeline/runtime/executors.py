@@ -22,15 +22,15 @@ def check(executor: str, address: str | None) -> None:
     if executor not in EXECUTORS:
         raise ExecutorError(f"executor {executor!r}: use {' or '.join(EXECUTORS)}")
     if executor == "local" and address:
-        raise ExecutorError(f"--address {address} needs the ray executor: the local executor runs in this process "
-                            "without Ray (drop --address, or use --executor ray)")
+        raise ExecutorError(f"runtime.executor is local (this process, no Ray): --address {address} needs the ray "
+                            "executor (drop --address, or use --executor ray)")
 
 
 @contextlib.contextmanager
 def plan_session(executor: str, address: str | None, log: Callable[[str], None], spec: Any = None) -> Iterator[dict[str, Any]]:
     """The session a command's plans run in: a Ray session (started or attached; shut down after when
-    started here) or the in-process one. Yields ``{"executor", "address", "resources", "local"}``."""
-    check(executor, address)
+    started here) or the in-process one. Yields ``{"executor", "address", "resources", "local"}``.
+    The caller has checked the pair with :func:`check` (run_job does, before anything is written)."""
     if executor == "local":
         from pipeline.runtime.local_plan import local_session
 

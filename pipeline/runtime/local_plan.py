@@ -12,7 +12,7 @@ on one stream, in input order, so the driver holds one batch per stage at a time
 What it does not do: parallelism (one process, one stage at a time), actor pools, resource
 requests, retries of a lost worker. ``resources.<stage>`` sizes the batches and nothing else;
 ``num_gpus`` asks for this process's GPU (CUDA) when it has one, else the stage runs on the CPU
-and says so. Everything after the plan (shards, sinks, markers, passes, records, reports) is the
+and says so (:func:`pipeline.runtime.ray_plan.stage_request`, the rule of the Ray executor). Everything after the plan (shards, sinks, markers, passes, records, reports) is the
 caller's and is the same code for both executors.
 """
 
@@ -44,7 +44,7 @@ def local_session(spec: JobSpec | None, log: Callable[[str], None]) -> Iterator[
     """The in-process executor's session: what this process has (CPUs, GPUs), no Ray."""
     resources = {"CPU": float(os.cpu_count() or 1), "GPU": float(_gpu_count()) if _asks_gpu(spec) else 0.0}
     log("running the plan in this process (executor local: no Ray, stages one after another)")
-    yield {"executor": "local", "address": None, "resources": resources, "local": True}
+    yield {"executor": "local", "address": None, "resources": resources, "local": True, "where": "this process"}
 
 
 def _asks_gpu(spec: JobSpec | None) -> bool:
@@ -126,25 +126,20 @@ def run_plan_local(
     """Execute ``plan`` over ``inputs`` in this process and yield Arrow result batches with
     ``columns``, in input order (the same contract as :func:`pipeline.runtime.ray_plan.run_plan`).
     When the plan is exhausted, ``on_stats`` receives a few lines of statistics per stage."""
+    from pipeline.runtime.ray_plan import stage_request
     from pipeline.runtime.udf import ActorStage, TaskStage
 
     t_start = time.perf_counter()
     steps: list[_Timed] = []
     for planned in plan:
         stage = as_shipped(planned.stage)
-        res = planned.resources
+        request = stage_request(planned, spec, session, log)  # the GPU rule and its messages, as on Ray
         if planned.kind == "actor":
-            stage.use_gpu = bool(res.num_gpus)
-            if res.num_gpus and not session["resources"].get("GPU"):
-                log(f"{planned.name}: {res.num_gpus} GPU asked but this process has no GPU (CUDA): running "
-                    f"{planned.name} on CPU")
-                stage.use_gpu = False
+            stage.use_gpu = "GPU" in request
             t0 = time.perf_counter()
             wrapper = ActorStage(stage)  # sets the stage up (builds its models) once
             steps.append(_Timed(planned.name, "actor", wrapper, time.perf_counter() - t0))
         else:
-            if res.num_gpus:
-                log(f"resources.{planned.name}.num_gpus={res.num_gpus} is not used: {planned.name} runs as CPU tasks")
             steps.append(_Timed(planned.name, "task", TaskStage(stage), 0.0))
     block_rows = max(1, plan[0].resources.batch_size) if plan else max(1, inputs.num_rows)
     stream: Iterable[pa.Table] = (inputs.slice(i, block_rows) for i in range(0, inputs.num_rows, block_rows))

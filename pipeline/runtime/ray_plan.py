@@ -31,12 +31,14 @@ from pipeline.stages.plan import PlanError, PlannedStage
 def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], None], stage: str = "clip_score",
                    asked: float | None = None) -> float:
     """GPUs for a model pool (``asked``, default ``resources.<stage>.num_gpus``): as the spec asks,
-    except on a local Ray without GPUs, where asking for one would wait forever: there it falls
-    back to CPU and says so. On a cluster the request is kept (an autoscaler may add GPU nodes)."""
+    except on a local session without GPUs (a local Ray, where asking for one would wait forever, or
+    the in-process executor): there it falls back to CPU and says so, naming the session
+    (``session["where"]``). On a cluster the request is kept (an autoscaler may add GPU nodes)."""
     if asked is None:
         asked = getattr(spec.resources, stage).num_gpus
     if asked and session["local"] and not session["resources"].get("GPU"):
-        log(f"{stage}: {asked} GPU asked but this machine's Ray has no GPU: running {stage} on CPU")
+        where = session.get("where", "this machine's Ray")
+        log(f"{stage}: {asked} GPU asked but {where} has no GPU: running {stage} on CPU")
         return 0.0
     return asked
 

@@ -14,8 +14,6 @@ those.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +24,6 @@ import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-ZSAD = str(Path(sys.executable).with_name("zsad"))
 SCORE_TABLES = ("scores", "errors", "masks")
 
 # preset -> (job file, its --set overrides after --tiny, tables, data kind)
@@ -63,7 +60,8 @@ def make_data(kind: str, root: Path) -> Path:
 def run_preset(name: str, root: Path, executor: str = "ray", in_process: bool = False) -> Path:
     """Run preset ``name`` on its generated data under ``root``; returns the run folder.
 
-    ``in_process=False``: ``zsad run --tiny`` in a subprocess (how the goldens are recorded).
+    ``in_process=False``: ``zsad run --tiny`` as the tests run the CLI (tests/helpers/zsad.py; how the
+    goldens are recorded).
     ``in_process=True``: the same spec through :func:`pipeline.runtime.run.run_job` in this process
     (a Ray this process already runs is used by the Ray executor)."""
     job, sets, _, kind = PRESETS[name]
@@ -78,10 +76,10 @@ def run_preset(name: str, root: Path, executor: str = "ray", in_process: bool = 
         if result.status != "succeeded":
             raise RuntimeError(f"{name} ({executor}): {result.record.get('reason')}")
         return Path(result.run_dir)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    res = subprocess.run([ZSAD, "run", job, "--input", str(data), "--output", str(root / "out"), "--run-id", "golden",
-                          "--no-evaluate", "--tiny", "--executor", executor, *(x for s in sets for x in ("--set", s))],
-                         cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    from tests.helpers.zsad import zsad
+
+    res = zsad("run", job, "--input", str(data), "--output", str(root / "out"), "--run-id", "golden", "--no-evaluate",
+               "--tiny", "--executor", executor, *(x for s in sets for x in ("--set", s)))
     if res.returncode != 0:
         raise RuntimeError(f"zsad run {job} exited {res.returncode}:\n{res.stderr[-4000:]}")
     return root / "out" / "golden"

@@ -1,4 +1,4 @@
-"""Running ``zsad`` in the tests: one helper for every test that runs the CLI in a subprocess.
+"""Running ``zsad`` in the tests: one helper for every test that runs the CLI.
 
 - :func:`zsad` runs ``zsad ARGS`` from the repository root with the environment of the tests minus
   ``RAY_ADDRESS`` (a test never attaches to a Ray it did not start), and returns the
@@ -12,8 +12,8 @@
   ``CliRunner`` (the same ``app``, arguments, exit code, stdout and stderr; an uncaught exception
   becomes exit 1 with its traceback on stderr, as in a subprocess), so the suite pays the imports of
   torch and open_clip once per pytest worker instead of once per command. ``env`` is set for the
-  call (a None value unsets a variable) and the working directory is the repository root. ``ZSAD_TESTS_SUBPROCESS=1`` runs every
-  command in a subprocess instead (the same assertions hold either way). Ray runs, training and
+  call (a None value unsets a variable) and the working directory is the repository root.
+  ``ZSAD_TESTS_SUBPROCESS=1`` runs every command in a subprocess instead (the same assertions hold either way). Ray runs, training and
   the commands a test starts in the background (:func:`popen`) are always subprocesses.
 - :data:`TINY` is the switch that puts a preset on the tiny random-weight models (``--tiny``,
   :func:`pipeline.config.tiny_overrides`); tests add their own ``--set`` after it where they need

@@ -54,7 +54,8 @@ def _plan(task_batch=4, actor_batch=3, gpus=0.0):
 
 
 def _session(gpus=0.0):
-    return {"executor": "local", "address": None, "resources": {"CPU": 2.0, "GPU": gpus}, "local": True}
+    return {"executor": "local", "address": None, "resources": {"CPU": 2.0, "GPU": gpus}, "local": True,
+            "where": "this process"}
 
 
 def test_rebatch_gives_exact_sizes_across_blocks_in_order():
@@ -92,7 +93,7 @@ def test_a_gpu_request_without_a_gpu_runs_on_cpu_and_says_so():
     batches = list(run_plan_local(None, _plan(gpus=1.0), pa.table({"x": np.arange(3)}), ["x"], _session(gpus=0.0),
                                   lines.append))
     assert sum(b.num_rows for b in batches) == 3
-    assert lines == ["model: 1.0 GPU asked but this process has no GPU (CUDA): running model on CPU"]
+    assert lines == ["model: 1.0 GPU asked but this process has no GPU: running model on CPU"]
 
 
 def test_result_batches_of_a_given_size():

@@ -202,6 +202,10 @@ def _run(spec_path: str, input_uri: str, output_uri: str, layout: str, run_id: O
         except RunError as exc:
             _err(str(exc))
             raise typer.Exit(exc.exit_code)
+    if result.already:  # a resume (an operator's retry loop, zsad submit --retries) of a finished run
+        typer.echo(f"run {result.run_id} already succeeded (finished at {result.record.get('ended', '?')}); nothing to do")
+        typer.echo(_summary(result))
+        return result
     if result.status != "succeeded":
         raise typer.Exit(result.exit_code or 1)
     return result
@@ -415,8 +419,9 @@ def _check_layout(layout: str) -> None:
 
 def _model_problem(spec) -> Optional[str]:
     """The model name and pretrained tag, checked against open_clip's registry
-    (:func:`pipeline.models.registry.check_model`), and local weight files, which must exist (URIs are
-    not fetched: they are checked when a run starts)."""
+    (:func:`pipeline.models.registry.check_model`), local weight files, which must exist (URIs are
+    not fetched: they are checked when a run starts), and the settings that depend on the model's
+    shape (:mod:`pipeline.runtime.preflight`), one per line."""
     from pipeline.io.weights import WeightsError, preflight
     from pipeline.models import registry
 
@@ -438,7 +443,12 @@ def _model_problem(spec) -> Optional[str]:
                 return f"{key}: {exc}"
     from pipeline.stages.clip_score import prompt_file_problem
 
-    return prompt_file_problem(spec, objects=False)  # objects are checked when a run starts
+    problem = prompt_file_problem(spec, objects=False)  # objects are checked when a run starts
+    if problem:
+        return problem
+    from pipeline.runtime.preflight import model_problems  # settings against the model's shape
+
+    return "\n  ".join(model_problems(spec)) or None
 
 
 # Ray Jobs commands (submit, status, logs, stop) live in pipeline/cli_jobs.py; importing it registers

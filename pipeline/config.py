@@ -876,8 +876,18 @@ class TrainingSpec(_Model):
     ``betas``; ``batch_size`` images per step and worker; ``epochs`` passes over the data;
     ``mosaic_probability``: the chance that a training image is replaced by a 2 x 2 mosaic of four
     images of its category (with their masks); ``seed`` fixes the adapters' initialisation, the
-    order and the mosaics. Ray Train: ``num_workers`` data-parallel workers, ``use_gpu``, and
-    ``resources_per_worker`` (e.g. ``{CPU: 4, GPU: 1}``)."""
+    order and the mosaics.
+
+    Ray Train: ``num_workers`` data-parallel workers, each asking Ray for ``resources_per_worker``
+    (e.g. ``{CPU: 4, GPU: 1}``; the GPU count defaults to 1 when a GPU is used). ``use_gpu``:
+    ``auto`` (default) trains on GPUs where the Ray session can have them (a cluster, or a local
+    Ray with a GPU) and on the CPU of a local Ray without one, saying so; ``true`` always asks for
+    GPUs (on a local Ray without one: refused at once, exit 2); ``false`` never does. On a local Ray
+    a request that the machine can never satisfy is refused at once (exit 2, naming these keys); on
+    a cluster the command waits for the workers, says every minute what it waits for and what the
+    cluster has, and gives up after ``start_timeout_s`` seconds (exit 1). ``max_failures``: how
+    many times Ray Train restarts failed workers (from the last finished epoch's checkpoint)
+    before the training fails; never unbounded."""
 
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=8, ge=1)
@@ -886,8 +896,28 @@ class TrainingSpec(_Model):
     seed: int = 111
     mosaic_probability: float = Field(default=0.2, ge=0, le=1)
     num_workers: int = Field(default=1, ge=1)
-    use_gpu: bool = False
+    use_gpu: Union[bool, Literal["auto"]] = "auto"
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    start_timeout_s: float = Field(default=1800.0, gt=0)
+    max_failures: int = Field(default=1, ge=0)
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _amounts(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not (v >= 0 and math.isfinite(v))}
+        if bad:
+            raise ValueError(f"resource amounts must be finite numbers >= 0, got {bad}")
+        return value
+
+    @model_validator(mode="after")
+    def _gpu_agrees(self) -> "TrainingSpec":
+        gpus = self.resources_per_worker.get("GPU")
+        if self.use_gpu is False and gpus:
+            raise ValueError(f"use_gpu is false but resources_per_worker asks for GPU: {gpus:g}; set use_gpu: auto "
+                             "(or true), or remove GPU from resources_per_worker")
+        if self.use_gpu is True and gpus == 0:
+            raise ValueError("use_gpu is true but resources_per_worker has GPU: 0; set use_gpu: false, or ask for GPUs")
+        return self
 
 
 class TrainSpec(_Model):

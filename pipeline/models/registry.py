@@ -1,9 +1,11 @@
-"""open_clip's model names and pretrained tags, known without importing open_clip.
+"""open_clip's model names, pretrained tags and vision-tower geometry, known without importing open_clip.
 
 Importing open_clip imports torch and torchvision: about five seconds on the project's machines.
 The driver of ``zsad run``, ``train`` and ``validate`` checks a spec's model name and tag before
-anything starts, and needs nothing else from open_clip; so the registry (every model open_clip
-knows, zsad's own configs included, with its pretrained tags) is read from open_clip once and kept
+anything starts (and the settings that depend on the model's shape: :mod:`pipeline.runtime.preflight`),
+and needs nothing else from open_clip; so the registry (every model open_clip knows, zsad's own
+configs included, with its pretrained tags and, for a plain ViT, the depth, width, patch size and
+native input size of its vision tower, read from the model's config) is read from open_clip once and kept
 in a small JSON file in zsad's cache folder (``$ZSAD_CACHE_DIR``, default ``~/.cache/zsad``; the
 weights cache is beside it), named by open_clip's installed version and zsad's config files. Another open_clip version or another config file is
 another name, so a stale registry is never read. Where that folder cannot be written, open_clip is
@@ -18,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).with_name("configs")  # zsad's own open_clip configs (zsad-tiny)
@@ -27,28 +30,75 @@ class ModelLoadError(RuntimeError):
     """A model that cannot be built or whose weights do not load; the message says why."""
 
 
+#: the layout of the cached file; another layout is another file name
+_FORMAT = 2
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """An open_clip vision tower as zsad's ViT walkers see it (:mod:`pipeline.models.vit`), from the
+    model's config without building it: ``layers`` residual blocks of ``width``, ``patch_size``-pixel
+    patches, a native input of ``image_size`` pixels (its patch grid ``image_size // patch_size``),
+    joint embedding ``embed_dim``. ``walkable``: a plain ViT with class-token pooling (no attention
+    pooling), which pixel maps, mutual scoring and adapters need; otherwise ``why`` says what it is."""
+
+    walkable: bool
+    why: str = ""
+    layers: int = 0
+    width: int = 0
+    patch_size: int = 0
+    image_size: int = 0
+    embed_dim: int = 0
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size if self.patch_size else 0
+
+
+def _geometry(config: dict | None) -> dict:
+    """The cached form of :class:`VisionGeometry` for one open_clip model config."""
+    vision = (config or {}).get("vision_cfg") or {}
+    if not vision:
+        return {"walkable": False, "why": "no vision tower config"}
+    if vision.get("timm_model_name"):
+        return {"walkable": False, "why": f"a timm vision tower ({vision['timm_model_name']})"}
+    layers = vision.get("layers")
+    if not isinstance(layers, int):
+        return {"walkable": False, "why": "a ResNet vision tower"}
+    if vision.get("attentional_pool") or vision.get("pool_type", "tok") != "tok" or vision.get("final_ln_after_pool"):
+        return {"walkable": False, "why": "a ViT without class-token pooling"}
+    size, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    return {"walkable": True, "layers": layers, "width": int(vision.get("width", 768)), "patch_size": int(patch),
+            "image_size": int(size), "embed_dim": int(config.get("embed_dim", 0))}
+
+
 def _cache_file() -> Path:
     configs = hashlib.sha256()
     for path in sorted(CONFIG_DIR.glob("*.json")):
         configs.update(path.name.encode() + b"\0" + path.read_bytes())
     version = importlib.metadata.version("open_clip_torch")
     root = Path(os.environ.get("ZSAD_CACHE_DIR") or "~/.cache/zsad").expanduser()
-    return root / f"open_clip-{version}-{configs.hexdigest()[:16]}.json"
+    return root / f"open_clip-{version}-{configs.hexdigest()[:16]}-v{_FORMAT}.json"
 
 
-def _from_open_clip() -> dict[str, list[str]]:
+def _from_open_clip() -> dict[str, dict]:
     from pipeline.models.clip import register_configs  # open_clip, with zsad's configs in its registry
 
     open_clip = register_configs()
-    return {name: list(open_clip.list_pretrained_tags_by_model(name)) for name in open_clip.list_models()}
+    names = open_clip.list_models()
+    return {"models": {name: list(open_clip.list_pretrained_tags_by_model(name)) for name in names},
+            "vision": {name: _geometry(open_clip.get_model_config(name)) for name in names}}
 
 
-def models() -> dict[str, list[str]]:
-    """Every model name open_clip knows (zsad's configs included) -> its pretrained tags."""
+def _known() -> dict[str, dict]:
+    """The cached registry: ``{"models": {name: tags}, "vision": {name: geometry}}``."""
     path = _cache_file()
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(path.read_text())
-        if isinstance(known, dict) and known:
+        if isinstance(known, dict) and isinstance(known.get("models"), dict) and known["models"] \
+                and isinstance(known.get("vision"), dict):
             return known
     known = _from_open_clip()
     with contextlib.suppress(OSError):
@@ -58,6 +108,17 @@ def models() -> dict[str, list[str]]:
             json.dump(known, fh)
         os.replace(tmp, path)
     return known
+
+
+def models() -> dict[str, list[str]]:
+    """Every model name open_clip knows (zsad's configs included) -> its pretrained tags."""
+    return _known()["models"]
+
+
+def vision(model: str) -> VisionGeometry | None:
+    """The vision tower of ``model`` (None for a name open_clip does not know)."""
+    found = _known()["vision"].get(model)
+    return None if found is None else VisionGeometry(**found)
 
 
 def check_model(model: str, tag: str | None = None) -> None:

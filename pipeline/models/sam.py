@@ -105,6 +105,10 @@ TINY_ARCH = SamArch(
     iou_head_hidden_dim=32,
 )
 
+#: the image encoder's width of each model (segment-anything's builders; the tiny one above): a
+#: checkpoint's ``image_encoder.patch_embed.proj.weight`` has this many rows
+ENCODER_WIDTHS = {"vit_h": 1280, "vit_l": 1024, "vit_b": 768, "tiny": TINY_ARCH.encoder_embed_dim}
+
 
 def assemble_sam(arch: SamArch) -> Sam:
     """A randomly initialised :class:`segment_anything.modeling.Sam` with these architecture numbers

@@ -38,6 +38,7 @@ from pipeline.models import registry
 from pipeline.runtime import fewshot, mutual
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
+from pipeline.runtime.preflight import model_problems, shape_error
 from pipeline.runtime.watchdog import watched
 from pipeline.stages.fused import find_stage
 from pipeline.stages.plan import PlanError, PlannedStage, build_plan, check_columns
@@ -64,6 +65,7 @@ class RunResult:
     n_failed: int
     record: dict[str, Any] = field(default_factory=dict)  # the run record (run.json)
     exit_code: int = 0  # 0 succeeded, 1 failed, 2 failed because a model's weights cannot be used
+    already: bool = False  # a resume found the run succeeded: nothing was run or written
 
     @property
     def error_rate(self) -> float:
@@ -287,12 +289,19 @@ def _comparable(spec_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
-    """Fail fast on the driver, before Ray starts: model name, pretrained tag, weights location."""
+    """Fail fast on the driver, before Ray starts: model name, pretrained tag, the settings against the
+    model's shape (:mod:`pipeline.runtime.preflight`), weights locations, local files."""
+    w = spec.clip.weights
     try:
-        w = spec.clip.weights
         registry.check_model(spec.clip.model, w.tag if w is not None else None)
+    except registry.ModelLoadError as exc:
+        raise RunError(f"clip.weights / clip.model: {exc}", exit_code=2) from None
+    problems = model_problems(spec)  # the settings against the model's shape, before any weights are looked up
+    if problems:
+        raise RunError(shape_error(spec, problems), exit_code=2)
+    try:
         preflight(w, storage)
-    except (registry.ModelLoadError, WeightsError) as exc:
+    except WeightsError as exc:
         raise RunError(f"clip.weights / clip.model: {exc}", exit_code=2) from None
     others = {
         "sam.weights": spec.sam.weights if spec.uses_sam() and spec.sam else None,
@@ -310,9 +319,9 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
     if problem:
         raise RunError(problem, exit_code=2)
     # local torch checkpoints: read their structure now (tensors mapped, not read), so an unusable file
-    # stops the run here with its reason instead of in every model actor
+    # stops the run here with its reason instead of in every model actor (SAM's and the adapters' files:
+    # with the model-shape checks above)
     torch_files = {"clip.weights": (spec.clip.weights, "weights file"),
-                   "sam.weights": (spec.sam.weights if spec.uses_sam() and spec.sam else None, "SAM checkpoint"),
                    "pixel.weights": (spec.pixel.weights if spec.pixel.kind == "clipseg" else None, "CLIPSeg weights file")}
     for key, (weights, what) in torch_files.items():
         if weights is not None and weights.path:
@@ -322,14 +331,6 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
                 read_state_dict(weights.path, what=what, error=registry.ModelLoadError, mmap=True)
             except registry.ModelLoadError as exc:
                 raise RunError(f"{key}: {exc}", exit_code=2) from None
-    adapters = getattr(spec.pixel, "weights", None) if spec.pixel.kind == "april_gan" else None
-    if adapters is not None and adapters.path:  # APRIL-GAN adapters: readable in one of their formats
-        from pipeline.models.adapters import AdapterLoadError, read_adapter_file
-
-        try:
-            read_adapter_file(os.path.expanduser(adapters.path))
-        except AdapterLoadError as exc:
-            raise RunError(f"pixel.weights: {exc}", exit_code=2) from None
 
 
 def prepare(spec: JobSpec, layout: str | None) -> tuple[JobSpec, fsio.StorageOptions, list[str], list[PlannedStage], list[str]]:
@@ -409,7 +410,7 @@ def run_job(
     ``log_name``: the command's log file is copied to ``RUN/logs/<log_name>`` when it ends (by the
     caller, :mod:`pipeline.runtime.console`); run.json names it (``log``)."""
     from pipeline.runtime.executors import ExecutorError, check, execute, plan_session
-    from pipeline.runtime.session import LOAD_ERRORS, failure
+    from pipeline.runtime.session import CONFIG_ERRORS, LOAD_ERRORS, failure
 
     started = dt.datetime.now(dt.timezone.utc)
     t_start = time.monotonic()
@@ -449,6 +450,16 @@ def run_job(
             log(f"took over the lease of a stopped attempt ({taken_over.get('host')} pid {taken_over.get('pid')}, "
                 f"since {taken_over.get('started')})")
 
+    if resume and finished:  # a run that already succeeded: nothing to do, nothing written (no lease either)
+        record = read_json(fsio.join(run_dir, "run.json"), storage)
+        if record.get("status") == "succeeded":
+            if interrupted and _comparable(read_json(plan_uri, storage)["spec"]) != _comparable(spec.redacted()):
+                raise RunError(f"run {run_dir} was started with a different job spec; resume it with `zsad resume {run_dir}`",
+                               exit_code=2)
+            counts = record.get("counts", {})
+            return RunResult(run_id, run_dir, "succeeded", int(counts.get("images", 0)), int(counts.get("ok", 0)),
+                             int(counts.get("failed", 0)), record, 0, already=True)
+
     with contextlib.ExitStack() as held:
         if resume:
             take_lease()
@@ -457,8 +468,6 @@ def run_job(
             plan = read_json(plan_uri, storage)  # _plan.json: what the run was started with
             if _comparable(plan["spec"]) != _comparable(spec.redacted()):
                 raise RunError(f"run {run_dir} was started with a different job spec; resume it with `zsad resume {run_dir}`", exit_code=2)
-            if finished and read_json(fsio.join(run_dir, "run.json"), storage).get("status") == "succeeded":
-                raise RunError(f"run {run_dir} already succeeded; nothing to resume", exit_code=2)
             input_uri, used_layout, shard_size = plan["input"], plan["layout"], int(plan["shard_size"])
             skipped = dict(plan.get("skipped", {}))
             manifest = read_manifest(fsio.join(run_dir, "inputs.parquet"), storage)
@@ -581,7 +590,7 @@ def run_job(
             except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
                 error_type, text = failure(exc)
                 plan_error = f"{error_type}: {text}"
-                unusable_weights = error_type in LOAD_ERRORS
+                unusable_weights = error_type in LOAD_ERRORS or error_type in CONFIG_ERRORS
                 log(f"run failed: {plan_error}")
             finally:
                 sink.discard()  # unfinished shards: no marker, rerun in full on resume
@@ -685,7 +694,10 @@ def run_job(
             except Exception as exc:
                 kind, text = failure(exc)
                 log(f"run.json could not be written to {run_dir} ({kind}: {text}); the finished shards there are intact")
-            if status != "succeeded" and n_missing:
+            if status != "succeeded" and n_missing and unusable_weights:  # the same spec would fail again
+                log(f"the run stopped on its spec or its weights ({plan_error}): fix them and start a new run; "
+                    f"a resume would run the same spec again")
+            elif status != "succeeded" and n_missing:
                 log(f"continue the run with: zsad resume {run_dir}")
             exit_code = 0 if status == "succeeded" else (2 if unusable_weights else 1)
             result = RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, record, exit_code)

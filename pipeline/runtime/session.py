@@ -20,6 +20,21 @@ def _check_version() -> None:
         raise RuntimeError(f"zsad needs Ray >= {'.'.join(map(str, MIN_RAY))}, found {ray.__version__}")
 
 
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A ``HOST:PORT`` address where nothing answers fails at once with ``ConnectionError``
+    (``ray.init`` retries such an address for minutes, silently)."""
+    m = re.fullmatch(r"([\w.\-]+):(\d+)", address)
+    if not m:
+        return  # ray://, auto and the like: Ray's own resolution
+    import socket
+
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or exc}): is the cluster's head running, "
+                              "and is that its GCS port (ray start --head --port)?") from None
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, log: Callable[[str], None]) -> Iterator[dict[str, Any]]:
     """Start a local Ray for the run (address None) and shut it down after, or attach to a cluster.
@@ -33,6 +48,7 @@ def ray_session(address: str | None, log: Callable[[str], None]) -> Iterator[dic
         return
     if address:
         log(f"attaching to Ray cluster at {address}")
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
         log("starting a local Ray instance for this run")
@@ -48,6 +64,9 @@ def ray_session(address: str | None, log: Callable[[str], None]) -> Iterator[dic
 
 #: error classes that mean "these weights cannot be used": a run that fails with one exits 2
 LOAD_ERRORS = ("ModelLoadError", "SamLoadError", "ClipSegLoadError", "DisLoadError", "WeightsError", "AdapterLoadError")
+#: error classes that mean "the spec does not fit its models" (a setting the driver's checks could not
+#: see, e.g. adapters at a URI): exit 2 too, and resuming the same spec cannot help
+CONFIG_ERRORS = ("SpecError", "UnsupportedModel")
 # the line a Python traceback ends with: "[module.]TypeName: message"
 _ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
 

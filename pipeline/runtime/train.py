@@ -19,10 +19,12 @@ driver while ``fit`` runs.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 import threading
@@ -128,7 +130,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.config import NoPixelMap
+    from pipeline.config import NoPixelMap, SpecError
     from pipeline.models import adapter_training as training
     from pipeline.models import adapters as adapter_models
     from pipeline.ops.mosaic import apply_mosaics
@@ -139,8 +141,18 @@ def _worker_loop(config: dict[str, Any]) -> None:
     t = spec.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    queue = config.get("queue")
+    if queue is not None and rank == 0:  # the workers are placed: the driver stops waiting for them
+        queue.put({"started": world})
+    start_epoch, resume = int(config["start_epoch"]), config.get("resume")
+    losses, steps = list(config.get("losses", [])), int(config.get("steps", 0))
+    done = _checkpoints(config["train_dir"], storage)
+    if done and max(done) > start_epoch:  # Ray Train restarted the workers (train.max_failures): go on from there
+        start_epoch, resume = max(done), done[max(done)]
+        state = read_json(fsio.join(resume, "state.json"), storage)
+        losses, steps = list(state["losses"]), int(state["steps"])
     stage = ClipScoreStage(spec.clip, spec.score, weights_cache=spec.weights_cache, storage=storage, pixel=NoPixelMap(),
-                           use_gpu=t.use_gpu)
+                           use_gpu=bool(config["use_gpu"]))
     stage.setup()
     device = stage.device
     model = stage.model
@@ -150,8 +162,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     width, embed = visual.transformer.width, int(visual.output_dim)
     layers = spec.adapters.layers
     if layers[-1] > len(visual.transformer.resblocks):
-        raise ValueError(f"adapters.layers {list(layers)} exceed the {len(visual.transformer.resblocks)} blocks of {spec.clip.model}")
-    resume = config.get("resume")
+        raise SpecError(f"adapters.layers {list(layers)} exceed the {len(visual.transformer.resblocks)} blocks of {spec.clip.model}")
     if resume:
         adapters, _ = adapter_models.load_adapters(_read_local(fsio.join(resume, "adapters.safetensors"), storage, ".safetensors"),
                                                    width=width, embed=embed, n_layers=len(layers))
@@ -178,12 +189,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
             texts[category] = training.text_matrix(c.normal, c.anomalous).to(device)
         return texts[category]
 
-    queue = config.get("queue")
     shard = ray.train.get_dataset_shard("train")
-    losses = list(config.get("losses", []))
-    steps = int(config.get("steps", 0))
     pre = stage.preprocess
-    for epoch in range(int(config["start_epoch"]), t.epochs):
+    for epoch in range(start_epoch, t.epochs):
         generator = torch.Generator().manual_seed(t.seed * 100003 + epoch * 1009 + rank)
         total, count, images_seen, failed, mosaics = 0.0, 0, 0, 0, 0
         t0 = time.monotonic()
@@ -239,6 +247,139 @@ def _worker_loop(config: dict[str, Any]) -> None:
 # the driver
 # ------------------------------------------------------------------------------------------------
 
+#: the first "waiting for workers" line comes after this many seconds, then one every WAIT_EVERY_S
+FIRST_WAIT_S = 10.0
+WAIT_EVERY_S = 60.0
+#: how long Ray Train's controller waits for a worker group to start (read from the driver's environment)
+GROUP_START_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+#: the driver's own limit goes this far beyond train.start_timeout_s (the controller should have given up)
+_GRACE_S = 60.0
+
+
+def _shown(resources: dict[str, float]) -> str:
+    """``{CPU: 4, GPU: 1}``: the resources a person reads (no object store or node markers)."""
+    keep = {k: v for k, v in resources.items() if not k.startswith(("node:", "object_store", "accelerator_type:"))}
+    return "{" + ", ".join(f"{k}: {v / 2**30:.1f} GiB" if k == "memory" else f"{k}: {v:g}"
+                           for k, v in sorted(keep.items())) + "}"
+
+
+def worker_request(t, session: dict[str, Any], log: Callable[[str], None]) -> dict[str, float]:
+    """What each Ray Train worker asks for: ``train.resources_per_worker`` with a GPU (1 unless it
+    says otherwise) when ``train.use_gpu`` is true, or ``auto`` where the session can have GPUs (a
+    cluster, whose autoscaler may add them, or a local Ray with a GPU); on a local Ray without a GPU,
+    ``auto`` trains on the CPU and says so."""
+    request = {k: float(v) for k, v in t.resources_per_worker.items() if k != "GPU"}
+    gpus = float(t.resources_per_worker.get("GPU", 1.0))
+    if t.use_gpu is False:
+        return request
+    if t.use_gpu == "auto" and session["local"] and not session["resources"].get("GPU"):
+        log(f"train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU "
+            f"({t.num_workers} worker(s) x {_shown(request)})")
+        return request
+    return {**request, "GPU": gpus}
+
+
+def check_local(spec: TrainSpec, request: dict[str, float], available: dict[str, float]) -> None:
+    """On a local Ray: refuse at once (exit 2) a worker group this machine can never hold, or one
+    that leaves no CPU for the data pipeline's decode tasks, instead of waiting forever."""
+    t = spec.train
+    n = t.num_workers
+    have = _shown({k: v for k, v in available.items() if k in ("CPU", "GPU", "memory")})
+    if request.get("GPU") and not available.get("GPU"):
+        raise TrainError(f"train.use_gpu is {str(t.use_gpu).lower()} and train.resources_per_worker asks for {_shown(request)} "
+                         f"per worker, but this machine's Ray has no GPU ({have}): set train.use_gpu: auto (train on "
+                         "the CPU) or false, or run on a cluster with GPUs (--address)", exit_code=2)
+    for resource, amount in request.items():
+        need = amount * n
+        if need > available.get(resource, 0.0) + 1e-9:
+            raise TrainError(f"{n} training worker(s) x {_shown(request)} (train.num_workers x train.resources_per_worker) "
+                             f"need {need:g} {resource}, but this machine's Ray has {available.get(resource, 0.0):g} ({have}): "
+                             f"they could never start. Lower train.resources_per_worker.{resource} or train.num_workers "
+                             "(e.g. --set 'train.resources_per_worker={CPU: 1}'), or run on a cluster (--address)",
+                             exit_code=2)
+    cpus = available.get("CPU", 0.0)
+    left = cpus - request.get("CPU", 0.0) * n
+    decode = spec.resources.decode.num_cpus
+    if decode > left + 1e-9:
+        raise TrainError(f"the {n} training worker(s) hold {request.get('CPU', 0.0) * n:g} of this machine's {cpus:g} CPUs, "
+                         f"leaving {max(left, 0.0):g} for the data pipeline's tasks, which ask for "
+                         f"resources.decode.num_cpus={decode:g}: they could never run. Lower train.resources_per_worker.CPU "
+                         "or resources.decode.num_cpus (e.g. 0.5)", exit_code=2)
+
+
+def failure_config(t):
+    """Ray Train's failure policy, bounded: ``train.max_failures`` restarts of failed (or preempted)
+    workers, and no restart of a worker group that could not start (Ray's default for both of the
+    latter is unbounded: a request no node can satisfy was retried forever). How long a start may
+    take is ``train.start_timeout_s`` (:func:`start_timeout_env`)."""
+    from ray.train import FailureConfig
+
+    return FailureConfig(max_failures=t.max_failures, controller_failure_limit=0, max_preemption_failures=t.max_failures)
+
+
+@contextlib.contextmanager
+def start_timeout_env(t):
+    """For the block: Ray Train's worker-group start timeout (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``,
+    60 s by default, passed from the driver's environment to the Train controller) is
+    ``train.start_timeout_s``, so the controller itself gives up when the workers cannot be placed
+    in time. A value the user exported is kept."""
+    if GROUP_START_ENV in os.environ:
+        yield
+        return
+    os.environ[GROUP_START_ENV] = f"{t.start_timeout_s:g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(GROUP_START_ENV, None)
+
+
+class Waiting:
+    """The driver's watch over the start of the workers: until rank 0 says it runs, a line
+    ``waiting for N workers with {...}: the cluster has ...`` after :data:`FIRST_WAIT_S` and then
+    every :data:`WAIT_EVERY_S`; after ``train.start_timeout_s`` a :class:`TrainError` (exit 1)."""
+
+    def __init__(self, t, request: dict[str, float], session: dict[str, Any], log: Callable[[str], None]) -> None:
+        self.t, self.request, self.session, self.log = t, request, session, log
+        self.t0 = time.monotonic()
+        self.next = self.t0 + FIRST_WAIT_S
+        self.started = False
+
+    def _where(self) -> str:
+        import ray
+
+        where = "this machine's Ray" if self.session["local"] else "the cluster"
+        try:
+            total, free = _shown(ray.cluster_resources()), _shown(ray.available_resources())
+        except Exception as exc:  # noqa: BLE001 - the line is information; the wait goes on
+            return f"{where} (its resources could not be read: {exc})"
+        return f"{where} has {total} in all, {free} free now"
+
+    def done(self, workers: int) -> None:
+        if not self.started and time.monotonic() - self.t0 >= FIRST_WAIT_S:
+            self.log(f"{workers} training worker(s) started after {time.monotonic() - self.t0:.0f} s")
+        self.started = True
+
+    def gave_up(self) -> TrainError:
+        """The error of a training whose workers never started (exit 1)."""
+        what = f"{self.t.num_workers} training worker(s) with {_shown(self.request)} each"
+        return TrainError(f"no training worker started in {self.t.start_timeout_s:g} s (train.start_timeout_s): Ray could "
+                          f"not place {what}; {self._where()}. Add nodes with those resources, lower "
+                          "train.resources_per_worker or train.num_workers, or raise train.start_timeout_s", exit_code=1)
+
+    def check(self) -> None:
+        if self.started:
+            return
+        now = time.monotonic()
+        waited = now - self.t0
+        what = f"{self.t.num_workers} training worker(s) with {_shown(self.request)} each"
+        if waited >= self.t.start_timeout_s + _GRACE_S:  # Ray Train's controller should have given up by now
+            raise self.gave_up()
+        if now >= self.next:
+            self.next = now + WAIT_EVERY_S
+            self.log(f"waiting for {what}: {self._where()} ({waited:.0f} s so far; train.start_timeout_s gives up after "
+                     f"{self.t.start_timeout_s:g} s)")
+
+
 
 def _comparable(spec_data: dict[str, Any]) -> dict[str, Any]:
     data = json.loads(json.dumps(spec_data))
@@ -266,7 +407,7 @@ def train_job(
     from pipeline.models import registry
     from pipeline.runtime.run import source_rows, versions
     from pipeline.runtime.ray_plan import training_dataset
-    from pipeline.runtime.session import LOAD_ERRORS, failure, ray_session
+    from pipeline.runtime.session import CONFIG_ERRORS, LOAD_ERRORS, failure, ray_session, root_cause
 
     started = dt.datetime.now(dt.timezone.utc)
     t_start = time.monotonic()
@@ -275,9 +416,14 @@ def train_job(
     if problem:
         raise TrainError(problem, exit_code=2)
     storage = fsio.storage_options(spec.storage)
+    from pipeline.runtime.preflight import model_problems, shape_error
+
     try:
         w = spec.clip.weights
         registry.check_model(spec.clip.model, w.tag if w is not None else None)
+        problems = model_problems(spec)  # the settings against the model's shape, before any weights are looked up
+        if problems:
+            raise TrainError(shape_error(spec, problems), exit_code=2)
         preflight(w, storage)
         preflight(spec.adapters.weights, storage)
     except (registry.ModelLoadError, WeightsError) as exc:
@@ -312,8 +458,6 @@ def train_job(
     if resume and plan.get("dataset_digest") != digest:
         raise TrainError(f"the data under {input_uri} changed since training {train_dir} started (dataset digest); "
                          "start a new training", exit_code=2)
-    if not resume:
-        write_json(plan_uri, {"run_id": run_id, "input": input_uri, "dataset_digest": digest, "spec": spec.redacted()}, storage)
     start_epoch = max(done) if done else 0
     losses: list[dict[str, Any]] = []
     steps = 0
@@ -337,18 +481,28 @@ def train_job(
     if start_epoch >= spec.train.epochs:
         log(f"all {spec.train.epochs} epochs are done; writing the final adapters")
     else:
-        with ray_session(address, log):
+        with contextlib.ExitStack() as held:
+            try:
+                session = held.enter_context(ray_session(address, log))
+            except ConnectionError as exc:  # a cluster that cannot be reached (or refuses this client)
+                raise TrainError(f"cannot attach to the Ray cluster at {address}: {root_cause(exc)}", exit_code=2) from None
+            t = spec.train
+            request = worker_request(t, session, log)
+            if session["local"]:
+                check_local(spec, request, dict(session["resources"]))
+            if not resume:  # written once nothing refuses the training: from here on it can be resumed
+                write_json(plan_uri, {"run_id": run_id, "input": input_uri, "dataset_digest": digest,
+                                      "spec": spec.redacted()}, storage)
             ds = training_dataset(spec, source_rows(manifest), storage)
             queue = Queue(maxsize=1000)
             config = {"spec": spec.model_dump(mode="json"), "storage": storage, "train_dir": train_dir, "metadata": metadata,
                       "start_epoch": start_epoch, "losses": losses, "steps": steps, "queue": queue,
-                      "resume": done.get(start_epoch)}
-            t = spec.train
+                      "resume": done.get(start_epoch), "use_gpu": "GPU" in request}
             trainer = TorchTrainer(
                 _worker_loop, train_loop_config=config,
-                scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                             resources_per_worker=dict(t.resources_per_worker)),
-                run_config=RunConfig(name=f"zsad-train-{run_id}", storage_path=tempfile.mkdtemp(prefix="zsad-train-")),
+                scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu="GPU" in request, resources_per_worker=request),
+                run_config=RunConfig(name=f"zsad-train-{run_id}", storage_path=tempfile.mkdtemp(prefix="zsad-train-"),
+                                     failure_config=failure_config(t)),
                 datasets={"train": ds},
             )
             outcome: dict[str, Any] = {}
@@ -360,14 +514,19 @@ def train_job(
                     outcome["error"] = exc
 
             thread = threading.Thread(target=fit, name="zsad-train-fit", daemon=True)
+            held.enter_context(start_timeout_env(t))  # read by fit() when it starts the controller
             thread.start()
             last = 0.0
+            waiting = Waiting(t, request, session, log)
             while thread.is_alive() or queue.qsize():
                 try:
                     msg = queue.get(timeout=0.5)
                 except Empty:
+                    waiting.check()  # until the workers are placed: a line every minute, then the time limit
                     continue
-                if "epoch_done" in msg:
+                if "started" in msg:
+                    waiting.done(msg["started"])
+                elif "epoch_done" in msg:
                     log(f"epoch {msg['epoch_done']}/{msg['epochs']} done: loss {msg['loss']:.4f} on {msg['images']} images"
                         + (f" ({msg['failed']} left out: decode or mask errors)" if msg["failed"] else "")
                         + "; checkpoint written")
@@ -376,9 +535,13 @@ def train_job(
                     log(f"epoch {msg['epoch']}/{msg['epochs']} step {msg['step']}: loss {msg['loss']:.4f}, "
                         f"{msg['images_per_s']:.1f} images/s")
             thread.join()
+            error = outcome.get("error")
+            if error is not None and not waiting.started and \
+                    type(getattr(error, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
+                raise waiting.gave_up()  # Ray Train's controller gave up after train.start_timeout_s
             if "error" in outcome:
                 kind, text = failure(outcome["error"])
-                raise TrainError(f"training failed: {kind}: {text}", exit_code=2 if kind in LOAD_ERRORS else 1)
+                raise TrainError(f"training failed: {kind}: {text}", exit_code=2 if kind in LOAD_ERRORS + CONFIG_ERRORS else 1)
     done = _checkpoints(train_dir, storage)
     if not done or max(done) < spec.train.epochs:
         raise TrainError(f"training {train_dir} ended without its last checkpoint (have epochs {sorted(done)})")

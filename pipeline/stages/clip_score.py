@@ -18,8 +18,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import (
-    AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, FewShotSpec, MapOutputSpec, NoPixelMap, RetrySpec, TilingSpec,
-    WinclipWindows, ZeroShotImageScore,
+    AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, FewShotSpec, MapOutputSpec, NoPixelMap, RetrySpec, SpecError,
+    TilingSpec, WinclipWindows, ZeroShotImageScore,
 )
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import retrying, stderr_log
@@ -234,18 +234,19 @@ class ClipScoreStage:
         )
 
     def _check_pixel_config(self) -> None:
-        """Settings that cannot work with this model fail the stage at start-up, not every row."""
+        """Settings that cannot work with this model fail the stage at start-up, not every row (the
+        driver checks them first from the model's config: :mod:`pipeline.runtime.preflight`)."""
         visual = self.model.visual
         blocks = len(visual.transformer.resblocks)
         if isinstance(self.pixel, FadeZeroShot) and self.pixel.gem_depth > blocks:
-            raise ValueError(f"pixel.gem_depth={self.pixel.gem_depth} exceeds the {blocks} blocks of {self.clip.model}")
+            raise SpecError(f"pixel.gem_depth={self.pixel.gem_depth} exceeds the {blocks} blocks of {self.clip.model}")
         if isinstance(self.pixel, AprilGanAdapters) and self.pixel.layers[-1] > blocks:
-            raise ValueError(f"pixel.layers {list(self.pixel.layers)} exceed the {blocks} blocks of {self.clip.model}")
+            raise SpecError(f"pixel.layers {list(self.pixel.layers)} exceed the {blocks} blocks of {self.clip.model}")
         if isinstance(self.pixel, WinclipWindows):
             grid = self.preprocess.size // pixel_maps.vit.patch_size(visual)
             too_big = [k for k in self.pixel.window_sizes if k > grid]
             if too_big:
-                raise ValueError(f"pixel.window_sizes {too_big} do not fit the {grid} x {grid} patch grid of {self.clip.model}")
+                raise SpecError(f"pixel.window_sizes {too_big} do not fit the {grid} x {grid} patch grid of {self.clip.model}")
 
     @inference_mode
     def text_classifier(self, category: str) -> scoring.TextClassifier:

@@ -27,7 +27,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import MutualSpec
+from pipeline.config import MutualSpec, SpecError
 from pipeline.io.fs import StorageOptions
 from pipeline.ops.heatmap import map_shape
 from pipeline.stages.base import LazyModule, model_work
@@ -70,12 +70,12 @@ class MutualScoreStage(ClipScoreStage):
         visual = self.model.visual
         blocks = len(visual.transformer.resblocks)
         if self.pixel.layers[-1] > blocks:
-            raise ValueError(f"pixel.layers {list(self.pixel.layers)} exceed the {blocks} blocks of {self.clip.model}")
+            raise SpecError(f"pixel.layers {list(self.pixel.layers)} exceed the {blocks} blocks of {self.clip.model}")
         from pipeline.models import vit
 
         patch = vit.patch_size(visual)
         if self.pixel.image_size % patch:
-            raise ValueError(f"pixel.image_size {self.pixel.image_size} is not a multiple of {self.clip.model}'s patch size "
+            raise SpecError(f"pixel.image_size {self.pixel.image_size} is not a multiple of {self.clip.model}'s patch size "
                              f"{patch} (MuSc: 518 for ViT-L-14-336, 240 for ViT-B-16-plus-240)")
 
     # ---------------------------------------------------------------- features

@@ -92,7 +92,8 @@ def s3_bucket(s3_env):
 #: fill in around them, instead of one long module running alone at the end
 SLOW_FIRST = ("tests/e2e/test_train.py", "tests/e2e/test_jobs.py", "tests/e2e/test_resume.py",
               "tests/e2e/test_golden_outputs.py", "tests/e2e/test_new_user.py", "tests/e2e/test_gpu_execution.py",
-              "tests/e2e/test_gpu_suite.py", "tests/e2e/test_plan_resources.py", "tests/e2e/test_cli_run.py")
+              "tests/e2e/test_gpu_suite.py", "tests/e2e/test_plan_resources.py", "tests/e2e/test_cli_run.py",
+              "tests/e2e/test_refusals.py")
 
 
 def pytest_collection_modifyitems(config, items):

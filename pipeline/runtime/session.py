@@ -20,6 +20,25 @@ def _check_version() -> None:
         raise RuntimeError(f"zsad needs Ray >= {'.'.join(map(str, MIN_RAY))}, found {ray.__version__}")
 
 
+def local_resources() -> dict[str, float]:
+    """The CPUs and GPUs a local Ray started by :func:`ray_session` will have, counted as Ray counts
+    them (its CPU count, which follows cgroup limits and CPU affinity; its GPU count, which follows
+    ``CUDA_VISIBLE_DEVICES``), without starting it: so a request this machine can never satisfy is
+    refused before Ray starts. The checks run again on the started session's own resources."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+    from ray._private.utils import get_num_cpus
+
+    out = {"CPU": float(get_num_cpus())}
+    try:
+        manager = get_accelerator_manager_for_resource("GPU")
+        gpus = manager.get_current_node_num_accelerators()
+        visible = manager.get_current_process_visible_accelerator_ids()
+        out["GPU"] = float(min(gpus, len(visible)) if visible is not None else gpus)
+    except Exception:  # noqa: BLE001 - no usable GPU probe: the started session's count decides
+        out["GPU"] = 0.0
+    return out
+
+
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """A ``HOST:PORT`` address where nothing answers fails at once with ``ConnectionError``
     (``ray.init`` retries such an address for minutes, silently)."""

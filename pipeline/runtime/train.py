@@ -1,11 +1,17 @@
 """``zsad train``: APRIL-GAN adapters trained on a frozen CLIP with Ray Train (METHODS.md section 3).
 
 Driver:
-1. list the labelled input (a layout with masks), refuse data that cannot be trained on (exit 2);
-2. write ``OUTPUT/TRAIN_ID/_train_plan.json`` (spec, input; a resume must match it);
-3. start (or attach to) Ray; the data flows through Ray Data (zsad's decode stage, then the
-   training-sample stage: image at the adapters' size + mask) into a ``TorchTrainer`` with
-   ``train.num_workers`` data-parallel workers (DDP; ``use_gpu``; ``resources_per_worker``);
+1. check the spec against the model's shape (:mod:`pipeline.runtime.preflight`), list the labelled
+   input (a layout with masks), refuse data that cannot be trained on (exit 2);
+2. decide what each worker asks for (:func:`worker_request`: ``train.use_gpu`` auto/true/false);
+   for a local Ray, refuse workers the machine can never hold (:func:`check_local`, exit 2) before
+   Ray starts, and again on the started Ray's resources; start (or attach to) Ray; then write ``OUTPUT/TRAIN_ID/_train_plan.json`` (spec, input; a
+   resume must match it);
+3. the data flows through Ray Data (zsad's decode stage, then the training-sample stage: image at
+   the adapters' size + mask) into a ``TorchTrainer`` with ``train.num_workers`` data-parallel
+   workers (DDP), a bounded failure policy (:func:`failure_config`: ``train.max_failures``
+   restarts, each going on after the last finished epoch) and ``train.start_timeout_s`` to place
+   the workers, during which the driver says what it waits for every minute (:class:`Waiting`);
 4. rank 0 writes a checkpoint after every epoch to ``OUTPUT/TRAIN_ID/checkpoints/epoch-NNNN/``
    (``adapters.safetensors``, ``optimizer.pt``, then ``state.json`` last: a checkpoint without it is
    unfinished and ignored). ``--resume`` continues after the last finished epoch, loss curve included;
@@ -24,7 +30,6 @@ import datetime as dt
 import hashlib
 import io
 import json
-import math
 import os
 import tempfile
 import threading
@@ -247,7 +252,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
 # the driver
 # ------------------------------------------------------------------------------------------------
 
-#: the first "waiting for workers" line comes after this many seconds, then one every WAIT_EVERY_S
+#: the first "waiting for workers" line comes after this many seconds (half of train.start_timeout_s when
+#: that is shorter), then one every WAIT_EVERY_S
 FIRST_WAIT_S = 10.0
 WAIT_EVERY_S = 60.0
 #: how long Ray Train's controller waits for a worker group to start (read from the driver's environment)
@@ -341,8 +347,9 @@ class Waiting:
     def __init__(self, t, request: dict[str, float], session: dict[str, Any], log: Callable[[str], None]) -> None:
         self.t, self.request, self.session, self.log = t, request, session, log
         self.t0 = time.monotonic()
-        self.next = self.t0 + FIRST_WAIT_S
+        self.next = self.t0 + min(FIRST_WAIT_S, t.start_timeout_s / 2)
         self.started = False
+        self.said = False
 
     def _where(self) -> str:
         import ray
@@ -355,7 +362,7 @@ class Waiting:
         return f"{where} has {total} in all, {free} free now"
 
     def done(self, workers: int) -> None:
-        if not self.started and time.monotonic() - self.t0 >= FIRST_WAIT_S:
+        if not self.started and self.said:  # the wait was announced: say that it ended
             self.log(f"{workers} training worker(s) started after {time.monotonic() - self.t0:.0f} s")
         self.started = True
 
@@ -375,7 +382,7 @@ class Waiting:
         if waited >= self.t.start_timeout_s + _GRACE_S:  # Ray Train's controller should have given up by now
             raise self.gave_up()
         if now >= self.next:
-            self.next = now + WAIT_EVERY_S
+            self.next, self.said = now + WAIT_EVERY_S, True
             self.log(f"waiting for {what}: {self._where()} ({waited:.0f} s so far; train.start_timeout_s gives up after "
                      f"{self.t.start_timeout_s:g} s)")
 
@@ -407,7 +414,7 @@ def train_job(
     from pipeline.models import registry
     from pipeline.runtime.run import source_rows, versions
     from pipeline.runtime.ray_plan import training_dataset
-    from pipeline.runtime.session import CONFIG_ERRORS, LOAD_ERRORS, failure, ray_session, root_cause
+    from pipeline.runtime.session import CONFIG_ERRORS, LOAD_ERRORS, failure, local_resources, ray_session, root_cause
 
     started = dt.datetime.now(dt.timezone.utc)
     t_start = time.monotonic()
@@ -481,14 +488,17 @@ def train_job(
     if start_epoch >= spec.train.epochs:
         log(f"all {spec.train.epochs} epochs are done; writing the final adapters")
     else:
+        t = spec.train
+        if address is None:  # a local Ray: refused before it starts when the machine can never hold the workers
+            predicted = local_resources()
+            check_local(spec, worker_request(t, {"local": True, "resources": predicted}, lambda m: None), predicted)
         with contextlib.ExitStack() as held:
             try:
                 session = held.enter_context(ray_session(address, log))
             except ConnectionError as exc:  # a cluster that cannot be reached (or refuses this client)
                 raise TrainError(f"cannot attach to the Ray cluster at {address}: {root_cause(exc)}", exit_code=2) from None
-            t = spec.train
             request = worker_request(t, session, log)
-            if session["local"]:
+            if session["local"]:  # again, with what the started Ray has
                 check_local(spec, request, dict(session["resources"]))
             if not resume:  # written once nothing refuses the training: from here on it can be resumed
                 write_json(plan_uri, {"run_id": run_id, "input": input_uri, "dataset_digest": digest,

@@ -70,7 +70,7 @@ def cluster():
         while _alive_nodes(env, gcs) < 2:
             assert time.monotonic() < deadline, "the second node did not join"
             time.sleep(1)
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env}
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "gcs": f"127.0.0.1:{gcs}"}
     finally:
         keep = os.environ.get("ZSAD_KEEP_RAY_LOGS")  # debugging: copy the cluster's logs there
         if keep:
@@ -122,6 +122,14 @@ def test_submit_follow_status_and_outputs(cluster, tmp_path):
 
     again = _zsad(cluster, "submit", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "job-ok")
     assert again.returncode == 2 and "already has a job 'job-ok'" in again.stderr
+    # a resubmission (a retry loop's) of the succeeded run: the attempt ends as succeeded, nothing is rewritten
+    record = (out / "job-ok" / "run.json").stat().st_mtime_ns
+    resumed = _zsad(cluster, "submit", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out),
+                    "--run-id", "job-ok", "--set", "shard_size=10", "--resume", "--wait")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "run job-ok already succeeded (finished at" in resumed.stdout and "nothing to do" in resumed.stdout
+    assert [a["status"] for a in _status(cluster, "job-ok")["attempts"]] == ["SUCCEEDED", "SUCCEEDED"]
+    assert (out / "job-ok" / "run.json").stat().st_mtime_ns == record
     assert _zsad(cluster, "status", "no-such-run").returncode == 2
     bad = _zsad(cluster, "submit", "jobs/smoke.yaml", "--input", "x", "--output", "y", "--set", "shard_sise=3")
     assert bad.returncode == 2 and "shard_sise" in bad.stderr
@@ -202,3 +210,23 @@ def test_retries_resubmit_a_killed_job_with_resume_exactly_once(cluster, tmp_pat
         assert df["image_id"].is_unique and set(df["image_id"]) == inputs, table
     manifest = json.loads((out / "job-retry" / "run.json").read_text())
     assert manifest["status"] == "succeeded" and manifest["shards"] == {"size": 20, "count": 6, "done": 6}
+
+
+def test_training_waits_for_workers_the_cluster_cannot_place_and_gives_up(cluster, tmp_path):
+    """Needs Ray: a cluster (no GPU, no autoscaler) cannot place a GPU worker; zsad train attached to
+    it says what it waits for and what the cluster has, and gives up after train.start_timeout_s
+    with exit 1 instead of waiting forever."""
+    from pipeline.synthetic import make_dataset
+
+    make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=2, n_bad=2, size=48)
+    t0 = time.monotonic()
+    res = _zsad(cluster, "train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "t"),
+                "--run-id", "wait", "--address", cluster["gcs"], "--tiny", "--set", "train.use_gpu=true",
+                "--set", "train.resources_per_worker={CPU: 1, GPU: 1}", "--set", "train.start_timeout_s=6",
+                address_env=False, timeout=240)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert time.monotonic() - t0 < 6 + 90  # the limit, the attach and Ray Train's start, not a wait without end
+    assert "waiting for 1 training worker(s) with {CPU: 1, GPU: 1} each: the cluster has {CPU: 3" in res.stderr
+    assert "train.start_timeout_s gives up after 6 s" in res.stderr  # the first line comes at half the limit here
+    assert "no training worker started in 6 s (train.start_timeout_s): Ray could not place 1 training worker(s)" in res.stderr
+    assert "Traceback" not in res.stderr

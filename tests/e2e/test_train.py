@@ -1,7 +1,7 @@
 """zsad train (APRIL-GAN adapters on Ray Train) end to end with the tiny CLIP on generated data:
-two workers, a kill after the first epoch and --resume; one worker with input and output on the
-loopback S3 server, then the trained adapters in zsad run jobs/aprilgan.yaml with the evaluation;
-and input that cannot be trained on. Training needs Ray (Ray Train's workers, their kill and
+a worker killed twice (a restart from the checkpoint, then max_failures used up) and --resume; two
+data-parallel workers with input and output on the loopback S3 server, then the trained adapters
+in zsad run jobs/aprilgan.yaml with the evaluation; and input that cannot be trained on. Training needs Ray (Ray Train's workers, their kill and
 resume); the runs that use the trained adapters are in-process (tests/helpers/zsad.py)."""
 
 import json
@@ -24,41 +24,66 @@ TRAIN = [*TINY, "--set", "train.batch_size=4", "--set", "train.resources_per_wor
 RUN = [*TINY]
 
 
-def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(tmp_path):
-    """Needs Ray: two Ray Train workers, killed with their driver after an epoch, resumed from the checkpoint."""
-    make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=3, n_bad=5, size=96)
+def _train_worker(session: int) -> int | None:
+    """The pid of the Ray Train worker started by the driver whose session is ``session``."""
+    for pid in ray_pids():
+        try:
+            if os.getsid(pid) == session and b"ray::RayTrainWorker" in open(f"/proc/{pid}/cmdline", "rb").read():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def test_killed_workers_restart_from_the_checkpoint_until_max_failures_then_resume_finishes(tmp_path):
+    """Needs Ray: Ray Train's workers killed mid-training, and the resume after. 3 epochs,
+    train.max_failures 1: the worker killed after epoch 1 is restarted by Ray Train and goes on after
+    the last checkpoint (epoch 1 is not trained again); killed again after epoch 2, the restarts are
+    used up and the training fails (exit 1) instead of retrying forever; started again without
+    --resume it is refused; --resume trains epoch 3 only, the loss curve continuing. (Two
+    data-parallel workers: the S3 test.)"""
+    make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=2, n_bad=3, size=64)
     out = tmp_path / "out"
     args = ["train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "t",
-            *TRAIN, "--set", "train.num_workers=2", "--set", "train.epochs=2"]
+            *TRAIN, "--set", "train.epochs=3", "--set", "train.max_failures=1"]
     before = ray_pids()
-    proc = popen(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    first = out / "t" / "checkpoints" / "epoch-0001" / "state.json"
-    deadline = time.monotonic() + 420
-    killed = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        if first.exists():
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.1)
-    proc.wait(timeout=60)
-    stop_new_ray_processes(before, session=proc.pid)  # the killed driver's local Ray, nobody else's
-    assert killed, "the training finished (or failed) before its first checkpoint could be seen"
+    proc = popen(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    marks = [out / "t" / "checkpoints" / f"epoch-{e:04d}" / "state.json" for e in (1, 2)]
+    killed, seen, err = [], {}, ""
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and len(killed) < 2:
+            mark = marks[len(killed)]
+            pid = _train_worker(proc.pid) if mark.exists() else None
+            if pid:
+                seen[len(killed)] = mark.stat().st_mtime_ns
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.1)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop_new_ray_processes(before, session=proc.pid)  # whatever the driver's local Ray left, nobody else's
+    assert len(killed) == 2, f"killed {len(killed)} workers; the training ended first?\n{err[-3000:]}"
+    assert proc.returncode == 1, err[-3000:]
+    assert "training failed:" in err and "Traceback" not in err
+    assert marks[0].stat().st_mtime_ns == seen[0]  # the restarted worker did not train epoch 1 again
+    epoch2 = json.loads(marks[1].read_text())["losses"]
+    assert [x["epoch"] for x in epoch2] == [1, 2] and epoch2[0] == json.loads(marks[0].read_text())["losses"][0]
     assert not (out / "t" / "train.json").exists() and not (out / "t" / "adapters.safetensors").exists()
-    epoch1 = json.loads(first.read_text())["losses"]
 
     again = _zsad(*args, here=True)  # refused before Ray starts
     assert again.returncode == 2 and "continue it with --resume" in again.stderr
 
     res = _zsad(*args, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming: epoch" in res.stderr and "continuing at epoch" in res.stderr
+    assert "resuming: epoch 2 of 3 finished" in res.stderr and "continuing at epoch 3" in res.stderr
     record = json.loads((out / "t" / "train.json").read_text())
     losses = record["losses"]
-    assert [x["epoch"] for x in losses] == [1, 2]
-    done_before = max(x["epoch"] for x in epoch1)
-    assert losses[:done_before] == epoch1  # the curve continues from the checkpoint
-    assert all(x["images"] == 8 for x in losses) and record["random_weights"] is True
+    assert [x["epoch"] for x in losses] == [1, 2, 3]
+    assert losses[:2] == epoch2  # the curve continues from the checkpoint
+    assert all(x["images"] == 5 for x in losses) and record["random_weights"] is True
     adapters = out / "t" / "adapters.safetensors"
     import hashlib
 
@@ -69,20 +94,25 @@ def test_two_workers_killed_after_an_epoch_resume_and_the_adapters_score_a_run(t
 
     _, meta = read_adapter_file(str(adapters))  # the file's own metadata: what it was trained on
     assert meta["format"] == "zsad-adapters-1" and (meta["width"], meta["embed"]) == (64, 32)
-    assert meta["dataset_digest"] == record["dataset_digest"] and meta["activation"] == "gelu" and meta["epochs"] == 2
+    assert meta["dataset_digest"] == record["dataset_digest"] and meta["activation"] == "gelu" and meta["epochs"] == 3
     # a run with trained adapters and its evaluation: the next test (the same code, with the file on S3)
 
 
 def test_training_with_input_and_output_on_s3_then_a_run_with_the_s3_adapters(tmp_path, s3_bucket, s3_env):
-    """Needs Ray: Ray Train's worker reads its data and writes its checkpoints on S3."""
+    """Needs Ray: two data-parallel Ray Train workers (DDP) read their data and write their
+    checkpoints on S3; asked for a GPU with use_gpu auto, they train on the CPU of this machine's Ray."""
     from pipeline.io import fs as fsio
 
     storage = fsio.storage_options()
     make_dataset(f"s3://{s3_bucket}/data", categories=("gear",), n_good=2, n_bad=2, size=64, storage=storage)
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/train",
-                "--run-id", "s", *TRAIN, "--set", "train.epochs=1", env=env)
+                "--run-id", "s", *TRAIN, "--set", "train.epochs=1", "--set", "train.num_workers=2", "--set", "train.use_gpu=auto",
+                "--set", "train.resources_per_worker={CPU: 0.5, GPU: 1}", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    # the preset's GPU request on a local Ray without a GPU (train.use_gpu auto): trained on the CPU, and said so
+    assert "train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (2 worker(s) x {CPU: 0.5})" \
+        in res.stderr
     adapters = f"s3://{s3_bucket}/train/s/adapters.safetensors"
     assert fsio.exists(adapters, storage) and fsio.exists(f"s3://{s3_bucket}/train/s/train.json", storage)
     assert fsio.exists(f"s3://{s3_bucket}/train/s/checkpoints/epoch-0001/state.json", storage)
@@ -127,3 +157,4 @@ def test_input_that_cannot_be_trained_on_is_refused_with_exit_2(tmp_path):
                 *RUN, "--set", f"pixel.weights={bad}")
     assert run.returncode == 2 and str(bad) in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+

@@ -253,8 +253,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 #: the first "waiting for workers" line comes after this many seconds (half of train.start_timeout_s when
-#: that is shorter), then one every WAIT_EVERY_S
-FIRST_WAIT_S = 10.0
+#: that is shorter; Ray Train takes 10-20 s to start its workers on a free machine), then one every WAIT_EVERY_S
+FIRST_WAIT_S = 30.0
 WAIT_EVERY_S = 60.0
 #: how long Ray Train's controller waits for a worker group to start (read from the driver's environment)
 GROUP_START_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -264,7 +264,8 @@ _GRACE_S = 60.0
 
 def _shown(resources: dict[str, float]) -> str:
     """``{CPU: 4, GPU: 1}``: the resources a person reads (no object store or node markers)."""
-    keep = {k: v for k, v in resources.items() if not k.startswith(("node:", "object_store", "accelerator_type:"))}
+    keep = {k: v for k, v in resources.items()
+            if not k.startswith(("node:", "object_store", "accelerator_type:")) and "_group_" not in k}  # no placement groups
     return "{" + ", ".join(f"{k}: {v / 2**30:.1f} GiB" if k == "memory" else f"{k}: {v:g}"
                            for k, v in sorted(keep.items())) + "}"
 
@@ -341,7 +342,8 @@ def start_timeout_env(t):
 
 class Waiting:
     """The driver's watch over the start of the workers: until rank 0 says it runs, a line
-    ``waiting for N workers with {...}: the cluster has ...`` after :data:`FIRST_WAIT_S` and then
+    ``waiting for N workers with {...}: the cluster has ...`` after :data:`FIRST_WAIT_S` (or half of
+    ``train.start_timeout_s``) and then
     every :data:`WAIT_EVERY_S`; after ``train.start_timeout_s`` a :class:`TrainError` (exit 1)."""
 
     def __init__(self, t, request: dict[str, float], session: dict[str, Any], log: Callable[[str], None]) -> None:

@@ -135,3 +135,20 @@ def test_resuming_a_run_that_already_succeeded_exits_0_and_writes_nothing(tmp_pa
                   "--resume", "--set", "score.temperature=0.02", env=env, ray=True)
     assert other.returncode == 2 and "was started with a different job spec" in other.stderr
     assert _tree(folder) == before
+
+
+def test_adapters_at_a_uri_that_do_not_fit_stop_the_run_without_resume_advice(tmp_path, data, s3_bucket):
+    """What the driver cannot see (adapters at a URI, fetched by the model stage) still stops the run
+    on its spec: exit 2, the loader's reason, and the advice to start a new run, not to resume."""
+    from pipeline.io import fs as fsio
+    from pipeline.models.adapters import Adapters, save_adapters
+
+    wide = tmp_path / "wide.safetensors"
+    save_adapters(Adapters(1024, 768, 4), str(wide), {})
+    uri = f"s3://{s3_bucket}/wide.safetensors"
+    fsio.write_bytes(uri, wide.read_bytes(), fsio.storage_options())
+    res = _zsad("run", "jobs/aprilgan.yaml", *TINY, "--set", f"pixel.weights={uri}", "--input", str(data),
+                "--output", str(tmp_path / "out"), "--run-id", "wide")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "AdapterLoadError" in res.stderr and "fix them and start a new run" in res.stderr
+    assert "zsad resume" not in res.stderr + res.stdout

@@ -1,8 +1,9 @@
 """zsad train (APRIL-GAN adapters on Ray Train) end to end with the tiny CLIP on generated data:
-a worker killed twice (a restart from the checkpoint, then max_failures used up) and --resume; two
-data-parallel workers with input and output on the loopback S3 server, then the trained adapters
-in zsad run jobs/aprilgan.yaml with the evaluation; and input that cannot be trained on. Training needs Ray (Ray Train's workers, their kill and
-resume); the runs that use the trained adapters are in-process (tests/helpers/zsad.py)."""
+one training on the loopback S3 server with two data-parallel workers, killed twice (a restart from
+the checkpoint, then max_failures used up) and resumed, whose adapters then score a run of
+jobs/aprilgan.yaml with the evaluation; and input that cannot be trained on. Training needs Ray
+(Ray Train's workers, their kill and resume); the runs that use the trained adapters are
+in-process (tests/helpers/zsad.py)."""
 
 import json
 import os
@@ -35,28 +36,46 @@ def _train_worker(session: int) -> int | None:
     return None
 
 
-def test_killed_workers_restart_from_the_checkpoint_until_max_failures_then_resume_finishes(tmp_path):
-    """Needs Ray: Ray Train's workers killed mid-training, and the resume after. 3 epochs,
-    train.max_failures 1: the worker killed after epoch 1 is restarted by Ray Train and goes on after
-    the last checkpoint (epoch 1 is not trained again); killed again after epoch 2, the restarts are
-    used up and the training fails (exit 1) instead of retrying forever; started again without
-    --resume it is refused; --resume trains epoch 3 only, the loss curve continuing. (Two
-    data-parallel workers: the S3 test.)"""
-    make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=2, n_bad=3, size=64)
-    out = tmp_path / "out"
-    args = ["train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "t",
-            *TRAIN, "--set", "train.epochs=3", "--set", "train.max_failures=1"]
+def test_training_on_s3_killed_workers_resume_and_a_run_with_the_adapters(tmp_path, s3_bucket, s3_env):
+    """Needs Ray: Ray Train's workers, killed mid-training, and the resume after; one training (each
+    costs a Ray start and a Train start) that goes through all of it:
+
+    - two data-parallel workers (DDP) read their data and write their checkpoints on S3; asked for
+      a GPU with use_gpu auto, they train on the CPU of this machine's Ray, and say so;
+    - train.max_failures 1, 3 epochs: a worker killed after epoch 1 is restarted by Ray Train and the
+      workers go on after the last checkpoint (epoch 1 is not trained again); killed again after
+      epoch 2, the restarts are used up and the training fails (exit 1) instead of retrying forever;
+    - started again without --resume it is refused; --resume trains epoch 3 only (the driver reads
+      the checkpoints back from S3), the loss curve continuing;
+    - the adapters on S3 then score a run of jobs/aprilgan.yaml, evaluated (in-process)."""
+    import hashlib
+
+    from pipeline.io import fs as fsio
+    from pipeline.models.adapters import read_adapter_file
+
+    storage = fsio.storage_options()
+    make_dataset(f"s3://{s3_bucket}/data", categories=("gear",), n_good=2, n_bad=2, size=64, storage=storage)
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    args = ["train", "jobs/train_aprilgan.yaml", "--input", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/train",
+            "--run-id", "s", *TRAIN, "--set", "train.epochs=3", "--set", "train.num_workers=2", "--set", "train.max_failures=1",
+            "--set", "train.use_gpu=auto", "--set", "train.resources_per_worker={CPU: 0.5, GPU: 1}"]
+    fs, root = fsio.filesystem(f"s3://{s3_bucket}/train/s", storage)
+    marks = [f"{root}/checkpoints/epoch-{e:04d}/state.json" for e in (1, 2)]
+
+    def stamp(path: str):
+        fs.invalidate_cache()
+        return fs.info(path)["ETag"], fs.info(path)["LastModified"]
+
     before = ray_pids()
-    proc = popen(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    marks = [out / "t" / "checkpoints" / f"epoch-{e:04d}" / "state.json" for e in (1, 2)]
+    proc = popen(*args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     killed, seen, err = [], {}, ""
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and proc.poll() is None and len(killed) < 2:
-            mark = marks[len(killed)]
-            pid = _train_worker(proc.pid) if mark.exists() else None
+            fs.invalidate_cache()
+            pid = _train_worker(proc.pid) if fs.exists(marks[len(killed)]) else None
             if pid:
-                seen[len(killed)] = mark.stat().st_mtime_ns
+                seen[len(killed)] = stamp(marks[len(killed)])
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             time.sleep(0.1)
@@ -68,54 +87,33 @@ def test_killed_workers_restart_from_the_checkpoint_until_max_failures_then_resu
     assert len(killed) == 2, f"killed {len(killed)} workers; the training ended first?\n{err[-3000:]}"
     assert proc.returncode == 1, err[-3000:]
     assert "training failed:" in err and "Traceback" not in err
-    assert marks[0].stat().st_mtime_ns == seen[0]  # the restarted worker did not train epoch 1 again
-    epoch2 = json.loads(marks[1].read_text())["losses"]
-    assert [x["epoch"] for x in epoch2] == [1, 2] and epoch2[0] == json.loads(marks[0].read_text())["losses"][0]
-    assert not (out / "t" / "train.json").exists() and not (out / "t" / "adapters.safetensors").exists()
+    assert "train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (2 worker(s) x {CPU: 0.5})" in err
+    assert stamp(marks[0]) == seen[0]  # the restarted workers did not train epoch 1 again
+    epoch2 = json.loads(fs.cat(marks[1]))["losses"]
+    assert [x["epoch"] for x in epoch2] == [1, 2] and epoch2[0] == json.loads(fs.cat(marks[0]))["losses"][0]
+    assert not fs.exists(f"{root}/train.json") and not fs.exists(f"{root}/adapters.safetensors")
 
-    again = _zsad(*args, here=True)  # refused before Ray starts
+    again = _zsad(*args, env=env, here=True)  # refused before Ray starts
     assert again.returncode == 2 and "continue it with --resume" in again.stderr
 
-    res = _zsad(*args, "--resume")
+    res = _zsad(*args, "--resume", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming: epoch 2 of 3 finished" in res.stderr and "continuing at epoch 3" in res.stderr
-    record = json.loads((out / "t" / "train.json").read_text())
+    fs.invalidate_cache()
+    record = json.loads(fs.cat(f"{root}/train.json"))
     losses = record["losses"]
-    assert [x["epoch"] for x in losses] == [1, 2, 3]
-    assert losses[:2] == epoch2  # the curve continues from the checkpoint
-    assert all(x["images"] == 5 for x in losses) and record["random_weights"] is True
-    adapters = out / "t" / "adapters.safetensors"
-    import hashlib
-
-    assert record["sha256"] == hashlib.sha256(adapters.read_bytes()).hexdigest()
-    assert record["sha256"] in res.stdout and str(adapters) in res.stdout
+    assert [x["epoch"] for x in losses] == [1, 2, 3] and losses[:2] == epoch2  # the curve continues
+    assert all(x["images"] == 4 for x in losses) and record["random_weights"] is True
+    adapters = f"s3://{s3_bucket}/train/s/adapters.safetensors"
+    local = tmp_path / "adapters.safetensors"
+    local.write_bytes(fsio.read_bytes(adapters, storage))
+    assert record["sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
+    assert record["sha256"] in res.stdout and adapters in res.stdout
     assert record["metadata"]["layers"] == [2, 4, 6, 8] and record["metadata"]["backbone"] == "zsad-tiny"
-    from pipeline.models.adapters import read_adapter_file
-
-    _, meta = read_adapter_file(str(adapters))  # the file's own metadata: what it was trained on
+    _, meta = read_adapter_file(str(local))  # the file's own metadata: what it was trained on
     assert meta["format"] == "zsad-adapters-1" and (meta["width"], meta["embed"]) == (64, 32)
     assert meta["dataset_digest"] == record["dataset_digest"] and meta["activation"] == "gelu" and meta["epochs"] == 3
-    # a run with trained adapters and its evaluation: the next test (the same code, with the file on S3)
 
-
-def test_training_with_input_and_output_on_s3_then_a_run_with_the_s3_adapters(tmp_path, s3_bucket, s3_env):
-    """Needs Ray: two data-parallel Ray Train workers (DDP) read their data and write their
-    checkpoints on S3; asked for a GPU with use_gpu auto, they train on the CPU of this machine's Ray."""
-    from pipeline.io import fs as fsio
-
-    storage = fsio.storage_options()
-    make_dataset(f"s3://{s3_bucket}/data", categories=("gear",), n_good=2, n_bad=2, size=64, storage=storage)
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/train",
-                "--run-id", "s", *TRAIN, "--set", "train.epochs=1", "--set", "train.num_workers=2", "--set", "train.use_gpu=auto",
-                "--set", "train.resources_per_worker={CPU: 0.5, GPU: 1}", env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    # the preset's GPU request on a local Ray without a GPU (train.use_gpu auto): trained on the CPU, and said so
-    assert "train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (2 worker(s) x {CPU: 0.5})" \
-        in res.stderr
-    adapters = f"s3://{s3_bucket}/train/s/adapters.safetensors"
-    assert fsio.exists(adapters, storage) and fsio.exists(f"s3://{s3_bucket}/train/s/train.json", storage)
-    assert fsio.exists(f"s3://{s3_bucket}/train/s/checkpoints/epoch-0001/state.json", storage)
     run = _zsad("run", "jobs/aprilgan.yaml", "--input", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/runs",
                 "--run-id", "r", *RUN, "--set", f"pixel.weights={adapters}", env=env)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -26,6 +26,8 @@ def _train(**kw):
 def test_the_request_per_use_gpu():
     lines = []
     auto = _train(use_gpu="auto", resources_per_worker="{CPU: 4, GPU: 1}")
+    assert train._shown({"CPU": 4.0, "CPU_group_0_abc": 1.0, "node:127.0.0.1": 1.0, "memory": 2**31}) == \
+        "{CPU: 4, memory: 2.0 GiB}"  # what a person reads: no placement groups or node markers
     assert worker_request(auto, NO_GPU, lines.append) == {"CPU": 4.0}
     assert lines == ["train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (1 worker(s) x {CPU: 4})"]
     assert worker_request(auto, LOCAL_GPU, lines.append) == {"CPU": 4.0, "GPU": 1.0}
@@ -86,7 +88,7 @@ def test_the_wait_for_workers_says_what_it_waits_for_then_gives_up(monkeypatch):
     clock[0] += train.FIRST_WAIT_S
     waiting.check()
     assert len(lines) == 1 and lines[0].startswith("waiting for 1 training worker(s) with {CPU: 1, GPU: 1} each: the cluster")
-    assert "(10 s so far; train.start_timeout_s gives up after 300 s)" in lines[0]
+    assert "(30 s so far; train.start_timeout_s gives up after 300 s)" in lines[0]
     clock[0] += 30
     waiting.check()
     assert len(lines) == 1  # one line a minute

@@ -493,13 +493,13 @@ def train_job(
         t = spec.train
         if address is None:  # a local Ray: refused before it starts when the machine can never hold the workers
             predicted = local_resources()
-            check_local(spec, worker_request(t, {"local": True, "resources": predicted}, lambda m: None), predicted)
+            check_local(spec, worker_request(t, {"local": True, "resources": predicted}, log), predicted)
         with contextlib.ExitStack() as held:
             try:
                 session = held.enter_context(ray_session(address, log))
             except ConnectionError as exc:  # a cluster that cannot be reached (or refuses this client)
                 raise TrainError(f"cannot attach to the Ray cluster at {address}: {root_cause(exc)}", exit_code=2) from None
-            request = worker_request(t, session, log)
+            request = worker_request(t, session, log if address else lambda m: None)  # a local one: said above
             if session["local"]:  # again, with what the started Ray has
                 check_local(spec, request, dict(session["resources"]))
             if not resume:  # written once nothing refuses the training: from here on it can be resumed

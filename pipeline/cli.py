@@ -295,8 +295,11 @@ def train_cmd(
             except Exception:  # noqa: BLE001 - the storage may be what failed; the local log is named then
                 pass
             raise typer.Exit(exc.exit_code)
-        console.keep_at = fsio.join(train_dir, "logs", _attempt_log_name("train"))
+        if not result.already:  # a resume that found the training finished writes nothing, not even a log
+            console.keep_at = fsio.join(train_dir, "logs", _attempt_log_name("train"))
     losses = " ".join(f"{x['loss']:.4f}" for x in result.record["losses"])
+    if result.already:
+        typer.echo(f"train {result.train_id} already finished (at {result.record.get('ended', '?')}); nothing to do")
     typer.echo(f"train {result.train_id}: succeeded in {result.record['wall_seconds']:.1f} s")
     typer.echo(f"  loss per epoch: {losses}")
     typer.echo(f"  adapters: {result.adapters_uri}")

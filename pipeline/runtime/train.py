@@ -66,6 +66,7 @@ class TrainResult:
     adapters_uri: str
     sha256: str
     record: dict[str, Any] = field(default_factory=dict)
+    already: bool = False  # a --resume found the training finished: nothing was run or written
 
 
 def dataset_digest(manifest: pd.DataFrame) -> str:
@@ -297,6 +298,8 @@ def check_local(spec: TrainSpec, request: dict[str, float], available: dict[str,
                          f"per worker, but this machine's Ray has no GPU ({have}): set train.use_gpu: auto (train on "
                          "the CPU) or false, or run on a cluster with GPUs (--address)", exit_code=2)
     for resource, amount in request.items():
+        if resource == "memory" and resource not in available:
+            continue  # not predicted before Ray starts: checked on the started Ray's resources
         need = amount * n
         if need > available.get(resource, 0.0) + 1e-9:
             raise TrainError(f"{n} training worker(s) x {_shown(request)} (train.num_workers x train.resources_per_worker) "
@@ -444,6 +447,12 @@ def train_job(
         planned = fsio.exists(plan_uri, storage)
     except Exception as exc:
         raise TrainError(f"output {output_uri}: cannot be reached: {exc}", exit_code=2) from None
+    if finished and resume:  # a retry loop's resume of a finished training: nothing to do, nothing written
+        record = read_json(fsio.join(train_dir, RECORD), storage)
+        plan = read_json(plan_uri, storage) if planned else None
+        if plan is not None and _comparable(plan["spec"]) != _comparable(spec.redacted()):
+            raise TrainError(f"training {train_dir} was started with a different spec", exit_code=2)
+        return TrainResult(run_id, train_dir, record["adapters"], record["sha256"], record, already=True)
     if finished:
         raise TrainError(f"training {train_dir} already finished (it has a {RECORD}); choose another --run-id", exit_code=2)
     if resume and not planned:

@@ -113,6 +113,12 @@ def test_training_on_s3_killed_workers_resume_and_a_run_with_the_adapters(tmp_pa
     _, meta = read_adapter_file(str(local))  # the file's own metadata: what it was trained on
     assert meta["format"] == "zsad-adapters-1" and (meta["width"], meta["embed"]) == (64, 32)
     assert meta["dataset_digest"] == record["dataset_digest"] and meta["activation"] == "gelu" and meta["epochs"] == 3
+    fs.invalidate_cache()
+    files = {p: fs.info(p)["ETag"] for p in fs.find(root)}
+    done = _zsad(*args, "--resume", env=env, here=True)  # a retry loop's resume of the finished training: nothing to do
+    assert done.returncode == 0 and "train s already finished (at " in done.stdout and record["sha256"] in done.stdout
+    fs.invalidate_cache()
+    assert {p: fs.info(p)["ETag"] for p in fs.find(root)} == files  # nothing written, not even a log
 
     run = _zsad("run", "jobs/aprilgan.yaml", "--input", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/runs",
                 "--run-id", "r", *RUN, "--set", f"pixel.weights={adapters}", env=env)

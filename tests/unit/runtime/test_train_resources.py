@@ -60,6 +60,9 @@ def test_local_refusals_name_the_keys_and_what_the_machine_has():
     with pytest.raises(TrainError, match=r"leaving 0 for the data pipeline's tasks, which ask for resources.decode.num_cpus=1"):
         check_local(spec, {"CPU": 4.0}, {"CPU": 8.0})
     check_local(spec, {"CPU": 4.0}, {"CPU": 9.0})  # fits, with one CPU for the decode tasks
+    check_local(spec, {"CPU": 4.0, "memory": 2.0**33}, {"CPU": 9.0})  # memory: not predicted before Ray starts
+    with pytest.raises(TrainError, match=r"need 1.71799e\+10 memory, but this machine's Ray has 1.07374e\+09"):
+        check_local(spec, {"CPU": 4.0, "memory": 2.0**33}, {"CPU": 9.0, "memory": 2.0**30})
 
 
 def test_the_failure_policy_is_bounded():

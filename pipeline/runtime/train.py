@@ -350,7 +350,8 @@ class Waiting:
     every :data:`WAIT_EVERY_S`; after ``train.start_timeout_s`` a :class:`TrainError` (exit 1)."""
 
     def __init__(self, t, request: dict[str, float], session: dict[str, Any], log: Callable[[str], None]) -> None:
-        self.t, self.request, self.session, self.log = t, request, session, log
+        self.t, self.session, self.log = t, session, log
+        self.what = f"{t.num_workers} training worker(s) with {_shown(request)} each"
         self.t0 = time.monotonic()
         self.next = self.t0 + min(FIRST_WAIT_S, t.start_timeout_s / 2)
         self.started = False
@@ -373,9 +374,8 @@ class Waiting:
 
     def gave_up(self) -> TrainError:
         """The error of a training whose workers never started (exit 1)."""
-        what = f"{self.t.num_workers} training worker(s) with {_shown(self.request)} each"
         return TrainError(f"no training worker started in {self.t.start_timeout_s:g} s (train.start_timeout_s): Ray could "
-                          f"not place {what}; {self._where()}. Add nodes with those resources, lower "
+                          f"not place {self.what}; {self._where()}. Add nodes with those resources, lower "
                           "train.resources_per_worker or train.num_workers, or raise train.start_timeout_s", exit_code=1)
 
     def check(self) -> None:
@@ -383,12 +383,11 @@ class Waiting:
             return
         now = time.monotonic()
         waited = now - self.t0
-        what = f"{self.t.num_workers} training worker(s) with {_shown(self.request)} each"
         if waited >= self.t.start_timeout_s + _GRACE_S:  # Ray Train's controller should have given up by now
             raise self.gave_up()
         if now >= self.next:
             self.next, self.said = now + WAIT_EVERY_S, True
-            self.log(f"waiting for {what}: {self._where()} ({waited:.0f} s so far; train.start_timeout_s gives up after "
+            self.log(f"waiting for {self.what}: {self._where()} ({waited:.0f} s so far; train.start_timeout_s gives up after "
                      f"{self.t.start_timeout_s:g} s)")
 
 
@@ -560,8 +559,8 @@ def train_job(
             if error is not None and not waiting.started and \
                     type(getattr(error, "controller_failure", None)).__name__ == "WorkerGroupStartupTimeoutError":
                 raise waiting.gave_up()  # Ray Train's controller gave up after train.start_timeout_s
-            if "error" in outcome:
-                kind, text = failure(outcome["error"])
+            if error is not None:
+                kind, text = failure(error)
                 raise TrainError(f"training failed: {kind}: {text}", exit_code=2 if kind in LOAD_ERRORS + CONFIG_ERRORS else 1)
     done = _checkpoints(train_dir, storage)
     if not done or max(done) < spec.train.epochs:

@@ -1,17 +1,36 @@
-"""Few-shot memory banks on storage: ``RUN/banks/<category>.safetensors``.
+"""Few-shot memory banks and mutual-scoring pools on storage: part files and a manifest per category.
 
-One file per category: the bank's feature tensors (float32, {key: (M, D)}; keys per method in
-:mod:`pipeline.models.fewshot`) and, in the safetensors header, zsad's metadata: ``zsad.format``
-(``bank/1``), ``category``, ``method``, ``k``, ``digest`` (what the bank was built from: the model,
-the method's settings and the reference images, see :func:`pipeline.stages.bank.bank_digest``)
-and ``spec`` (the same, readable JSON). A bank is read back only when its digest is the one the
-run expects: a bank built with another model, method or references is an error, never silently
-used. Works on local paths and s3:// alike (whole-object writes).
+A category's bank (``RUN/banks/<category>/``) or pool (``RUN/pools/<category>/``) is built by the
+actors that compute its features (:class:`pipeline.stages.bank.BankStage`), never by the driver:
+
+- **Part files** ``part-<hash>.safetensors``: one per (batch, category) an actor computed, written
+  atomically (a local file under a temporary name, then renamed; an object in one PUT). The
+  tensors are the images' features stacked on axis 0 in the part's image order (float32, or float16
+  for pools with ``mutual.pool_dtype: float16``); the safetensors header holds zsad's metadata:
+  ``zsad.format`` (``bank-part/1``), ``category``, ``digest`` (what the bank is built from, see
+  :func:`pipeline.stages.bank.bank_digest`), ``image_ids`` and ``offsets`` (per tensor, the first
+  row of each image and the end), and ``precision`` (what the actor's forward pass resolved).
+- **The manifest** ``manifest.json``, written by the driver from the actors' metadata (ids, byte
+  counts, sha256s) once every image of the category is accounted for. It names the parts, the
+  images in bank order (shot order; pool order), the digest and the precision. A category is
+  complete exactly when its manifest exists: a resumed run reuses complete categories and rebuilds
+  the others (left-over parts of an interrupted build are deleted when the manifest is written).
+
+Readers (:class:`StoredBank`) never read a part into a bytes string: a local part is memory-mapped
+(``numpy.memmap`` on the tensor's byte range, found in the header); a part on s3:// is downloaded
+once per node into the node cache (``<weights cache>/run-parts/``, sha256 checked) and mapped there.
+A part whose size or header disagrees with the manifest (truncated, or a file of another bank) is a
+:class:`BankError` naming the file. Rows are read per image range (:meth:`StoredBank.rows`), so a
+pool larger than ``mutual.max_pool_bytes`` can be streamed in chunks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import posixpath
+import tempfile
 from typing import Any
 from urllib.parse import quote
 
@@ -20,85 +39,293 @@ import numpy as np
 from pipeline.io import fs as fsio
 from pipeline.io.fs import StorageOptions
 
-FORMAT = "bank/1"
+PART_FORMAT = "bank-part/1"
+MANIFEST_FORMAT = "bank-manifest/1"
+MANIFEST = "manifest.json"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16}
 
 
 class BankError(ValueError):
-    """A bank file that cannot be used: missing, unreadable, or built from something else."""
+    """A bank or pool that cannot be used: missing, unreadable, truncated, or built from something else."""
 
 
-def bank_uri(run_dir: str, category: str, folder: str = "banks") -> str:
-    """Where the bank of ``category`` lives (the name is URL-quoted, so any category is one file);
-    mutual scoring's pools live in the folder ``pools``."""
-    return fsio.join(run_dir, folder, quote(category, safe="") + ".safetensors")
+def category_dir(run_dir: str, category: str, folder: str = "banks") -> str:
+    """The folder of ``category``'s bank (the name is URL-quoted, so any category is one folder);
+    mutual scoring's pools live under ``pools``."""
+    return fsio.join(run_dir, folder, quote(category, safe=""))
 
 
-def encode_bank(tensors: dict[str, np.ndarray], metadata: dict[str, Any]) -> bytes:
-    """Tensors and metadata -> the bytes of a bank file."""
+def manifest_uri(run_dir: str, category: str, folder: str = "banks") -> str:
+    return fsio.join(category_dir(run_dir, category, folder), MANIFEST)
+
+
+def part_name(digest: str, image_ids: list[str]) -> str:
+    """A part's file name: the same images of the same bank give the same name (a rerun batch
+    overwrites its own part), other images another."""
+    h = hashlib.sha256(json.dumps([digest, list(image_ids)]).encode()).hexdigest()[:20]
+    return f"part-{h}.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# writing (actors: parts; driver: manifests)
+# --------------------------------------------------------------------------------------------
+
+
+def encode_part(features: list[dict[str, np.ndarray]], image_ids: list[str], metadata: dict[str, Any],
+                dtype: str = "float32") -> bytes:
+    """Per image its features {key: (rows, ...)} -> the bytes of one part file: each key's rows
+    stacked on axis 0 in the given order, ``offsets`` recording where each image starts."""
     from safetensors.numpy import save
 
-    meta = {"zsad.format": FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
-    return save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=meta)
+    if not features or len(features) != len(image_ids):
+        raise ValueError("a part needs one feature dict per image id")
+    keys = sorted(features[0])
+    tensors, offsets = {}, {}
+    for key in keys:
+        arrays = [np.asarray(f[key]) for f in features]
+        tensors[key] = np.ascontiguousarray(np.concatenate(arrays, axis=0), dtype=DTYPES[dtype])
+        offsets[key] = np.cumsum([0] + [a.shape[0] for a in arrays]).tolist()
+    meta = {"zsad.format": PART_FORMAT, "image_ids": json.dumps(list(image_ids)), "offsets": json.dumps(offsets),
+            "dtype": dtype, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
+    return save(tensors, metadata=meta)
 
 
-def write_bank(uri: str, tensors: dict[str, np.ndarray], metadata: dict[str, Any], storage: StorageOptions | None = None) -> int:
-    """Write one bank file; returns its size in bytes."""
-    data = encode_bank(tensors, metadata)
-    fsio.write_bytes(uri, data, storage)
-    return len(data)
-
-
-def decode_bank(data: bytes, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The bytes of a bank file -> (tensors, metadata). Raises :class:`BankError` naming ``what``."""
-    from safetensors.numpy import load
-
+def write_atomic(uri: str, data: bytes, storage: StorageOptions | None = None) -> None:
+    """A whole file that appears complete or not at all: locally a temporary file renamed over the
+    name; on an object store one PUT (an object is visible only when its upload completes)."""
+    if fsio.is_remote(uri):
+        fsio.write_bytes(uri, data, storage)
+        return
+    _, path = fsio.filesystem(uri, storage)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        tensors = load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
-    except Exception as exc:  # noqa: BLE001 - any parse failure is an unusable file
-        raise BankError(f"bank {what}: not a readable bank file ({type(exc).__name__}: {exc})") from None
-    if meta.get("zsad.format") != FORMAT:
-        raise BankError(f"bank {what}: not a zsad bank file (format {meta.get('zsad.format')!r}, expected {FORMAT!r})")
-    return tensors, meta
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with _quiet():
+            os.unlink(tmp)
+        raise
 
 
-def read_bank(uri: str, expected_digest: str | None, storage: StorageOptions | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a bank file; when ``expected_digest`` is given, a bank whose digest differs is a
-    :class:`BankError` (it was built with another model, method, setting or references)."""
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def write_part(folder_uri: str, features: list[dict[str, np.ndarray]], image_ids: list[str], metadata: dict[str, Any],
+               storage: StorageOptions | None = None, dtype: str = "float32") -> dict[str, Any]:
+    """Write one part into ``folder_uri``: returns its ``name``, ``bytes`` and ``sha256``."""
+    data = encode_part(features, image_ids, {**metadata}, dtype)
+    name = part_name(str(metadata.get("digest", "")), image_ids)
+    write_atomic(fsio.join(folder_uri, name), data, storage)
+    return {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_manifest(uri: str, manifest: dict[str, Any], storage: StorageOptions | None = None,
+                   clean: bool = True) -> dict[str, Any]:
+    """Write a category's manifest (``parts``: [{name, bytes, sha256}], ``image_ids`` in bank order,
+    ``digest``, ``precision``, ...) LAST, making the category complete; then delete the parts of
+    its folder the manifest does not name (left by an interrupted build). Returns what was written."""
+    data = {"zsad.format": MANIFEST_FORMAT, **manifest,
+            "bytes": int(sum(int(p["bytes"]) for p in manifest["parts"]))}
+    write_atomic(uri, json.dumps(data, indent=1, sort_keys=True).encode(), storage)
+    if clean:
+        named = {p["name"] for p in manifest["parts"]}
+        fs, path = fsio.filesystem(uri, storage)
+        try:
+            for found in fs.ls(posixpath.dirname(path), detail=False):
+                base = posixpath.basename(found)
+                if base.startswith("part-") and base not in named:
+                    fs.rm(found)
+        except (OSError, FileNotFoundError):  # cleaning is a courtesy; the manifest is what counts
+            pass
+    return data
+
+
+def read_manifest(uri: str, storage: StorageOptions | None = None) -> dict[str, Any]:
+    """A category's manifest. Raises FileNotFoundError when there is none (the category is not
+    complete) and :class:`BankError` when the file is not a zsad manifest."""
     try:
-        data = fsio.read_bytes(uri, storage)
-    except FileNotFoundError:
-        raise BankError(f"bank {uri}: no such file") from None
-    tensors, meta = decode_bank(data, uri)
-    if expected_digest is not None and meta.get("digest") != expected_digest:
-        raise BankError(
-            f"bank {uri}: built for something else (digest {meta.get('digest', '?')[:12]}..., this run's spec and "
-            f"references give {expected_digest[:12]}...): the model, the few-shot method or the references changed. "
-            "Start a new run (another --run-id) to build banks for the new spec")
-    return tensors, meta
-
-
-def read_bank_metadata(uri: str, storage: StorageOptions | None = None) -> dict[str, str]:
-    """The metadata of a bank file from its header alone (the tensors are not read), with
-    ``bytes``: the file's size. Raises FileNotFoundError when there is no such file and
-    :class:`BankError` when it is not a bank file."""
-    fs, path = fsio.filesystem(uri, storage)
-    try:
-        with fs.open(path, "rb") as fh:
-            head = fh.read(8)
-            n = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if not 0 < n < 100_000_000:
-                raise BankError(f"bank {uri}: not a safetensors file")
-            header = json.loads(fh.read(n))
-        size = fs.size(path)
+        raw = fsio.read_bytes(uri, storage)
     except FileNotFoundError:
         raise FileNotFoundError(uri) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, BankError):
-            raise
-        raise BankError(f"bank {uri}: unreadable header ({exc})") from None
-    meta = header.get("__metadata__") or {}
-    if meta.get("zsad.format") != FORMAT:
-        raise BankError(f"bank {uri}: not a zsad bank file (format {meta.get('zsad.format')!r}, expected {FORMAT!r})")
-    return {**meta, "bytes": str(size)}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise BankError(f"bank manifest {uri}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("zsad.format") != MANIFEST_FORMAT:
+        got = data.get("zsad.format") if isinstance(data, dict) else None
+        raise BankError(f"bank manifest {uri}: not a zsad bank manifest (format {got!r}, expected {MANIFEST_FORMAT!r})")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# reading (scoring actors)
+# --------------------------------------------------------------------------------------------
+
+
+def _header(path: str, size: int, what: str) -> tuple[dict[str, Any], int]:
+    """(safetensors header, offset of the data) of a local file, checked against its size."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise BankError(f"bank part {what}: not a safetensors file, or truncated ({size} bytes)")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as exc:
+            raise BankError(f"bank part {what}: unreadable header ({exc})") from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise BankError(f"bank part {what}: truncated or padded: {size} bytes, its header describes {8 + n + end}")
+    return header, 8 + n
+
+
+def node_copy(uri: str, sha256: str, size: int, storage: StorageOptions | None, cache: str | None) -> str:
+    """A local path for a part: the file itself, or (s3://) this node's cached copy, downloaded once
+    (sha256 checked, written under a temporary name and renamed, so actors of one node share it)."""
+    if not fsio.is_remote(uri):
+        return fsio.filesystem(uri, storage)[1]
+    from pipeline.io.weights import cache_dir
+
+    folder = os.path.join(cache_dir(cache), "run-parts")
+    path = os.path.join(folder, f"{sha256}.safetensors")
+    if os.path.exists(path) and os.path.getsize(path) == size:
+        return path
+    os.makedirs(folder, exist_ok=True)
+    fs, remote = fsio.filesystem(uri, storage)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-")
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open(remote, "rb") as src:
+            while chunk := src.read(8 << 20):
+                h.update(chunk)
+                out.write(chunk)
+        if h.hexdigest() != sha256:
+            raise BankError(f"bank part {uri}: its content is not what the manifest names (sha256 {h.hexdigest()[:12]}... "
+                            f"!= {sha256[:12]}...): the file was replaced or truncated")
+        os.replace(tmp, path)
+    except FileNotFoundError:
+        raise BankError(f"bank part {uri}: no such file (the manifest names it)") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+class StoredBank:
+    """A complete bank or pool, opened from its manifest: digest checked, parts mapped (not read).
+
+    ``image_ids`` are in bank order; :meth:`rows` gives one tensor's rows of an image range as one
+    array (one copy, from the mapped parts); :attr:`image_bytes` is what one image's rows of the
+    given keys take, for chunk sizes."""
+
+    def __init__(self, uri: str, expected_digest: str | None, storage: StorageOptions | None = None,
+                 cache: str | None = None) -> None:
+        self.uri = uri
+        try:
+            self.manifest = read_manifest(uri, storage)
+        except FileNotFoundError:
+            raise BankError(f"bank {uri}: no such manifest (the bank was not built)") from None
+        m = self.manifest
+        if expected_digest is not None and m.get("digest") != expected_digest:
+            raise BankError(
+                f"bank {uri}: built for something else (digest {str(m.get('digest', '?'))[:12]}..., this run's spec and "
+                f"images give {expected_digest[:12]}...): the model, the method, the precision or the images changed. "
+                "Start a new run (another --run-id) to build it for the new spec")
+        self.image_ids: list[str] = list(m["image_ids"])
+        self.precision: str | None = m.get("precision")
+        self.nbytes = int(m.get("bytes", 0))
+        folder = posixpath.dirname(uri) if not fsio.is_remote(uri) else uri.rsplit("/", 1)[0]
+        self._where: dict[str, tuple[int, int]] = {}  # image id -> (part, index in part)
+        self._parts: list[dict[str, Any]] = []
+        for p in m["parts"]:
+            part_uri = fsio.join(folder, p["name"])
+            try:
+                path = node_copy(part_uri, p["sha256"], int(p["bytes"]), storage, cache)
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                raise BankError(f"bank part {part_uri}: no such file (the manifest {uri} names it)") from None
+            if size != int(p["bytes"]):
+                raise BankError(f"bank part {part_uri}: {size} bytes, the manifest says {p['bytes']}: truncated or replaced")
+            header, start = _header(path, size, part_uri)
+            meta = header.get("__metadata__") or {}
+            if meta.get("zsad.format") != PART_FORMAT:
+                raise BankError(f"bank part {part_uri}: not a zsad bank part (format {meta.get('zsad.format')!r}, "
+                                f"expected {PART_FORMAT!r})")
+            if meta.get("digest") != m.get("digest") or meta.get("category") != m.get("category"):
+                raise BankError(f"bank part {part_uri}: belongs to another bank (category {meta.get('category')!r}, digest "
+                                f"{str(meta.get('digest'))[:12]}...; the manifest: {m.get('category')!r}, "
+                                f"{str(m.get('digest'))[:12]}...)")
+            ids = json.loads(meta["image_ids"])
+            self._parts.append({"uri": part_uri, "path": path, "start": start, "header": header,
+                                "offsets": json.loads(meta["offsets"]), "maps": {}})
+            for j, iid in enumerate(ids):
+                self._where[iid] = (len(self._parts) - 1, j)
+        missing = [i for i in self.image_ids if i not in self._where]
+        if missing:
+            raise BankError(f"bank {uri}: its parts lack {len(missing)} of its images (e.g. {missing[0]})")
+        self.keys = sorted(k for k in self._parts[0]["header"] if k != "__metadata__") if self._parts else []
+
+    def _map(self, part: dict[str, Any], key: str) -> np.ndarray:
+        arr = part["maps"].get(key)
+        if arr is None:
+            info = part["header"].get(key)
+            if info is None:
+                raise BankError(f"bank part {part['uri']}: has no tensor {key!r}")
+            b, e = (int(v) for v in info["data_offsets"])
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise BankError(f"bank part {part['uri']}: tensor {key!r} has dtype {info['dtype']}, expected F32 or F16")
+            shape = tuple(int(s) for s in info["shape"])
+            arr = np.memmap(part["path"], dtype=dtype, mode="r", offset=part["start"] + b, shape=shape) if e > b \
+                else np.zeros(shape, dtype)
+            part["maps"][key] = arr
+        return arr
+
+    def image_bytes(self, keys: list[str] | None = None) -> int:
+        """Bytes of one image's rows of ``keys`` (all keys by default), from the first part."""
+        if not self._parts:
+            return 0
+        part = self._parts[0]
+        total = 0
+        for key in keys or self.keys:
+            arr = self._map(part, key)
+            rows = part["offsets"][key][1] - part["offsets"][key][0]
+            total += rows * (arr.nbytes // max(arr.shape[0], 1))
+        return total
+
+    def rows(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The rows of ``key`` of the images ``[start, stop)`` in bank order, as one array (the stored dtype)."""
+        ids = self.image_ids[start:stop]
+        pieces: list[np.ndarray] = []
+        run: tuple[int, int, int] | None = None  # (part, first index, last index + 1): consecutive images, one slice
+
+        def flush() -> None:
+            if run is not None:
+                part = self._parts[run[0]]
+                off = part["offsets"][key]
+                pieces.append(self._map(part, key)[off[run[1]] : off[run[2]]])
+
+        for iid in ids:
+            p, j = self._where[iid]
+            if run is not None and run[0] == p and run[2] == j:
+                run = (p, run[1], j + 1)
+            else:
+                flush()
+                run = (p, j, j + 1)
+        flush()
+        if not pieces:
+            return np.zeros((0,), np.float32)
+        return np.concatenate(pieces, axis=0) if len(pieces) > 1 else np.array(pieces[0])
+
+    def load(self, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Every image's rows of ``keys`` (all by default): {key: array} in bank order."""
+        return {k: self.rows(k) for k in (keys or self.keys)}

@@ -122,7 +122,7 @@ def update(state: MutualState, queries: Mapping[Key, torch.Tensor], pool: Mappin
         j1 = min(n_pool, j0 + per_pool)
         skip = exclude[:, j0:j1]
         for layer, rs in degrees.items():
-            normed = pool[layer][j0:j1].to(device)
+            normed = pool[layer][j0:j1].to(device=device, dtype=torch.float32)  # float16 pools: computed in float32
             for r in rs:
                 ref = aggregate(normed, grid, r).reshape(-1, normed.shape[-1])  # ((j1-j0) * M, C)
                 q = queries[(layer, r)]
@@ -178,13 +178,16 @@ def upsample(grids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def rscin(scores: torch.Tensor, embeddings: torch.Tensor, k_list: Sequence[int] = (1, 2, 3), chunk: int = 4096) -> torch.Tensor:
+def rscin(scores: torch.Tensor, embeddings: torch.Tensor, k_list: Sequence[int] = (1, 2, 3), chunk: int = 4096,
+          rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Re-score N images of one category from their raw scores (N,) and unit image embeddings (N, E).
 
     The scores are min-max normalised over the category (all equal: 0); per window k in ``k_list``
     each image gets the mean of the normalised scores of its k most cosine-similar images (itself
     included), weighted by those similarities; the result is the mean over the windows. A k larger
-    than N is N. Exact k nearest neighbours, ``chunk`` query rows at a time."""
+    than N is N. Exact k nearest neighbours, ``chunk`` query rows at a time. ``rows`` ``(i0, i1)``:
+    only those images' values (the normalisation and the neighbours still span all N), so a large
+    category can be split into query chunks computed apart; each row's value is the same."""
     if not len(k_list) or any(k < 1 for k in k_list):
         raise ValueError(f"k_list {list(k_list)} needs window sizes >= 1")
     s = scores.double()
@@ -193,13 +196,15 @@ def rscin(scores: torch.Tensor, embeddings: torch.Tensor, k_list: Sequence[int] 
     c = (s - s.min()) / span if n and span > 0 else torch.zeros_like(s)
     e = embeddings.double()
     kmax = min(max(k_list), n)
-    out = torch.empty(n, dtype=torch.float64, device=s.device)
-    for i0 in range(0, n, chunk):
-        w, idx = (e[i0 : i0 + chunk] @ e.T).topk(kmax, dim=1, largest=True, sorted=True)
+    lo, hi = rows if rows is not None else (0, n)
+    out = torch.empty(hi - lo, dtype=torch.float64, device=s.device)
+    for i0 in range(lo, hi, chunk):
+        i1 = min(hi, i0 + chunk)
+        w, idx = (e[i0:i1] @ e.T).topk(kmax, dim=1, largest=True, sorted=True)
         parts = []
         for k in k_list:
             kk = min(k, n)
             wk = w[:, :kk]
             parts.append((wk * c[idx[:, :kk]]).sum(1) / wk.sum(1))
-        out[i0 : i0 + chunk] = torch.stack(parts).mean(0)
+        out[i0 - lo : i1 - lo] = torch.stack(parts).mean(0)
     return out

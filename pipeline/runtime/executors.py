@@ -53,3 +53,36 @@ def execute(spec: Any, plan: list, inputs: pa.Table, columns: list[str], session
     from pipeline.runtime.ray_plan import run_plan
 
     return run_plan(spec, plan, inputs, columns, session, log, **kwargs)
+
+
+def run_tasks(fn: Callable[..., Any], calls: list[dict[str, Any]], session: dict[str, Any], log: Callable[[str], None],
+              what: str, num_cpus: float = 1.0, on_result: Callable[[Any], None] | None = None) -> list[Any]:
+    """Run ``fn(**call)`` for every call: as Ray tasks of ``num_cpus`` each in a Ray session (as many
+    at once as the cluster places), one after another in this process with the local executor. The
+    results (small: counts and names, never tensors) come back in completion order; ``on_result``
+    sees each as it arrives. A task that fails raises its error here."""
+    if not calls:
+        return []
+    if session.get("executor") == "local":
+        out = []
+        for call in calls:
+            out.append(fn(**call))
+            if on_result is not None:
+                on_result(out[-1])
+        return out
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=2, retry_exceptions=False)(fn)
+    pending = [remote.remote(**call) for call in calls]
+    log(f"{what}: {len(pending)} Ray task(s) of {num_cpus:g} CPU")
+    out = []
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=60.0)
+        if not done:
+            log(f"{what}: waiting for {len(pending)} task(s) ({len(out)} done; the cluster has "
+                f"{ray.available_resources().get('CPU', 0):g} CPU free)")
+            continue
+        out.append(ray.get(done[0]))
+        if on_result is not None:
+            on_result(out[-1])
+    return out

@@ -1,38 +1,45 @@
-"""The driver's passes of mutual scoring (MuSc; MUSC.md; ARCHITECTURE.md "passes over a whole category").
+"""Mutual scoring's passes (MuSc; MUSC.md; ARCHITECTURE.md "passes over a whole category";
+:mod:`pipeline.runtime.passes`).
+
+:class:`PoolsPass` (before the plan):
 
 1. :func:`choose` (before anything is written): per category of the input, the pool: the
    ``mutual.pool_size + 1`` images with the smallest sha256 of (``mutual.seed``, URI), the whole
    category when it is smaller. Deterministic, independent of the listing order; written to
    ``RUN/pools.parquet`` (read back on resume).
-2. :func:`build_pools` (in the run's Ray session, before the images are scored): one Ray Data pass
-   over the pool images (decode tasks -> the bank stage's actors, which build the mutual scoring
-   stage and ask it for the pool features), stacked per category in pool order into
-   ``RUN/pools/<category>.safetensors`` with the pool's image ids. A pool image that fails (decode)
-   is left out of its pool and fails again, as a row, when the images are scored. A stored pool
-   (a resumed run) is reused when its digest is the expected one; another digest is an error.
-3. :func:`rescore_rscin` (after every image is scored): RsCIN per category from the raw scores and
-   the image embeddings (the ``embeddings`` table), written into the scores shards'
-   ``score_rscin`` column, and into ``score`` with ``mutual.score: rscin``.
+2. :meth:`PoolsPass.run` (in the run's session, before the images are scored): the categories
+   without a complete pool go through one plan on the workers (:mod:`pipeline.runtime.features`):
+   decode tasks -> the bank stage's actors, which build the mutual scoring stage, compute the pool
+   features and write them as part files under ``RUN/pools/<category>/`` (``mutual.pool_dtype``).
+   The driver writes each category's manifest (pool order, image ids, parts, digest, the resolved
+   precision) as soon as the category's images are all accounted for. A pool image that fails
+   (decode) is left out of its pool and fails again, as a row, when the images are scored. A
+   complete pool (a resumed run) is reused when its digest is the expected one; another digest is
+   an error. The scoring input is grouped by category, so an actor maps each pool once.
+
+:class:`RscinPass` (after every image is scored): RsCIN per category on the workers
+(:mod:`pipeline.runtime.rescore`), from the raw scores and the image embeddings (the
+``embeddings`` table), written into the scores shards' ``score_rscin`` column, and into ``score``
+with ``mutual.score: rscin``. Its windows follow the input's layout unless ``mutual.k_list`` is set.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.config import JobSpec
-from pipeline.io import contracts
 from pipeline.io import fs as fsio
-from pipeline.io.banks import BankError, bank_uri, read_bank_metadata, write_bank
+from pipeline.io.banks import manifest_uri
 from pipeline.io.fs import StorageOptions
 from pipeline.io.references import REFERENCE_COLUMNS, read_references, references_digest, write_references
+from pipeline.runtime import rescore
+from pipeline.runtime.features import FeatureError, LoadTally, actor_precision, build, stored
+from pipeline.runtime.passes import CategoryPass, PassError, RunContext
+from pipeline.runtime.rescore import rscin_scores  # noqa: F401 - the function the pass computes, by name
 from pipeline.stages.bank import bank_digest, bank_settings
 
 Log = Callable[[str], None]
@@ -40,7 +47,7 @@ POOL_FILE = "pools.parquet"
 MIN_POOL = 5
 
 
-class MutualError(RuntimeError):
+class MutualError(PassError):
     """A mutual-scoring pass that cannot go on (a pool that cannot be built, stored or used)."""
 
 
@@ -49,7 +56,8 @@ def pools_uri(run_dir: str) -> str:
 
 
 def pool_uri(run_dir: str, category: str) -> str:
-    return bank_uri(run_dir, category, "pools")
+    """Where the manifest of ``category``'s pool is (its parts beside it)."""
+    return manifest_uri(run_dir, category, "pools")
 
 
 def pool_rank(seed: int, uri: str) -> str:
@@ -82,139 +90,151 @@ def read_chosen(run_dir: str, storage: StorageOptions | None) -> pd.DataFrame:
     return read_references(pools_uri(run_dir), storage)
 
 
-def plan_entries(spec: JobSpec) -> list[dict[str, Any]]:
-    """The pool pass as the run's plan lists it (before the per-image stages)."""
-    return [{"stage": "bank", "kind": "actor", "pass": "pools"}] if spec.mutual is not None else []
+class PoolsPass(CategoryPass):
+    """MuSc's pools, built on the workers before the plan."""
+
+    name = "pools"
+    section = "mutual"
+    result_columns = ("scorer", "pool_loads")
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec)
+        self.chosen = pd.DataFrame()
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.summary: dict[str, Any] = {"built": [], "reused": []}
+        self.loads = LoadTally("pool_loads")
+        self.run_dir = ""
+
+    @classmethod
+    def applies(cls, spec: JobSpec) -> bool:
+        return spec.mutual is not None
+
+    def plan_entries(self, resources: bool = False) -> list[dict[str, Any]]:
+        extra = self.spec.resources.clip_score.model_dump(exclude_none=True) if resources else {}
+        return [{"stage": "bank", "kind": "actor", "pass": "pools", **extra}]
+
+    def choose(self, ctx: RunContext) -> None:
+        self.run_dir = ctx.run_dir
+        self.chosen = choose(self.spec, ctx.manifest)
+
+    def save(self, ctx: RunContext) -> None:
+        write_chosen(self.chosen, ctx.run_dir, ctx.storage)
+
+    def restore(self, ctx: RunContext, plan: dict[str, Any]) -> None:
+        self.run_dir = ctx.run_dir
+        self.chosen = read_chosen(ctx.run_dir, ctx.storage)
+
+    def dry_run(self, ctx: RunContext) -> dict[str, Any]:
+        pools = choose(self.spec, ctx.manifest).groupby("category").size()
+        return {"mutual": {"pool_size": self.spec.mutual.pool_size, "transductive": True,
+                           "pool_images_by_category": {str(k): int(v) for k, v in pools.items()},
+                           "too_small": sorted(str(k) for k, v in pools.items() if v < MIN_POOL),
+                           "k_list": list(self.spec.mutual.windows(ctx.layout))}}
+
+    def run(self, ctx: RunContext) -> None:
+        self.entries, self.summary = build_pools(self.spec, self.chosen, ctx.category_sizes(), ctx,
+                                                 actor_precision(self.spec, ctx))
+
+    def stage_inputs(self) -> dict[str, Any]:
+        return {"pools": self.entries}
+
+    def observe(self, batch) -> None:
+        self.loads.observe(batch)
+
+    def record(self) -> dict[str, Any]:
+        m = self.spec.mutual
+        return {"method": "MuSc mutual scoring", "transductive": True,
+                "note": "every score depends on the other images of its category (pool, RsCIN)",
+                "pool_size": m.pool_size, "seed": m.seed, "interval": m.interval, "rscin": m.rscin,
+                "score": m.score, "pool_dtype": m.pool_dtype, "max_pool_bytes": m.max_pool_bytes,
+                "pools_file": pools_uri(self.run_dir),
+                "pools": {c: {k: e.get(k) for k in ("uri", "images", "category_images", "digest", "precision", "bytes",
+                                                    "parts", "built")}
+                          for c, e in self.entries.items()},
+                **{f"pools_{k}": v for k, v in self.summary.items()},
+                "pool_loads_by_actor": dict(self.loads.by_actor)}
 
 
-def build_pools(spec: JobSpec, chosen: pd.DataFrame, category_sizes: dict[str, int], run_dir: str,
-                storage: StorageOptions | None, session: dict[str, Any], log: Log) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def build_pools(spec: JobSpec, chosen: pd.DataFrame, category_sizes: dict[str, int], ctx: RunContext,
+                precision: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The pools of every category of ``chosen``: (category -> {uri, digest, images, image_ids,
-    category_images, built}, a summary for run.json)."""
-    from pipeline.runtime.fewshot import _bank_pass
-
+    category_images, bytes, built}, a summary for run.json). Builds the missing ones on the workers."""
     digests = references_digest(chosen)
     entries: dict[str, dict[str, Any]] = {}
-    todo, reused = [], []
     for cat, rows in chosen.groupby("category", sort=True):
         cat = str(cat)
-        e = {"uri": pool_uri(run_dir, cat), "digest": bank_digest(spec, digests[cat], int(len(rows))),
-             "category_images": int(category_sizes.get(cat, len(rows))), "built": False}
-        entries[cat] = e
-        try:
-            meta = read_bank_metadata(e["uri"], storage)
-        except FileNotFoundError:
-            todo.append(cat)
-            continue
-        except BankError as exc:
-            raise MutualError(str(exc)) from None
-        if meta.get("digest") != e["digest"]:
-            raise MutualError(f"pool {e['uri']} was built from another spec or other images (digest "
-                              f"{meta.get('digest', '?')[:12]}... != {e['digest'][:12]}...); start a new run (another --run-id)")
-        e.update(images=int(meta["images"]), image_ids=json.loads(meta["image_ids"]), bytes=int(meta.get("bytes", 0)))
-        reused.append(cat)
+        entries[cat] = {"uri": manifest_uri(ctx.run_dir, cat, "pools"), "precision": precision,
+                        "digest": bank_digest(spec, digests[cat], int(len(rows)), precision),
+                        "category_images": int(category_sizes.get(cat, len(rows))), "built": False}
+    reused, todo = stored(entries, ctx.storage, "pool", MutualError)
     t0 = time.monotonic()
     failed: list[tuple[str, str]] = []
-    n_images = 0
+    counts = {"images": 0, "bytes": 0}
     if todo:
-        wanted = chosen[chosen["category"].isin(todo)]
-        features, n_images = _bank_pass(spec, wanted, storage, session, log, failed=failed)
-        for cat in todo:
+        def complete(cat: str, manifest: dict[str, Any], bad: list[tuple[str, str]]) -> dict[str, Any] | None:
             e = entries[cat]
-            rows = wanted[wanted["category"] == cat].sort_values("shot")
-            ok = [r for r in rows.itertuples() if r.image_id in features]
-            e.update(images=len(ok), image_ids=[r.image_id for r in ok], built=True)
-            if len(ok) < MIN_POOL:
-                log(f"mutual: category {cat!r} has {len(ok)} usable pool images, fewer than {MIN_POOL}: its images "
-                    "fail with PoolTooSmall")
-                continue
-            keys = list(features[ok[0].image_id])
-            tensors = {k: np.concatenate([features[r.image_id][k] for r in ok], axis=0) for k in keys}
-            meta = {"category": cat, "method": "mutual", "digest": e["digest"], "images": len(ok),
-                    "image_ids": [r.image_id for r in ok], "uris": [r.uri for r in ok], "settings": bank_settings(spec)}
-            try:
-                e["bytes"] = write_bank(e["uri"], tensors, meta, storage)
-            except Exception as exc:
-                raise MutualError(f"pool {e['uri']}: cannot be written: {exc}") from None
+            failed.extend(bad)
+            e.update(images=manifest["images"], image_ids=list(manifest["image_ids"]), built=True)
+            if manifest["images"] < MIN_POOL:
+                ctx.log(f"mutual: category {cat!r} has {manifest['images']} usable pool images, fewer than {MIN_POOL}: "
+                        "its images fail with PoolTooSmall")
+                return None
+            rows = chosen[chosen["category"] == cat].set_index("image_id")
+            manifest.update(method="mutual", uris=[str(rows.loc[i, "uri"]) for i in manifest["image_ids"]],
+                            settings=bank_settings(spec, precision), dtype=spec.mutual.pool_dtype)
+            e.update(bytes=int(sum(p["bytes"] for p in manifest["parts"])), parts=len(manifest["parts"]))
+            return manifest
+
+        wanted = chosen[chosen["category"].isin(todo)]
+        try:
+            counts = build(spec, wanted, "pools", ctx.run_dir, {c: entries[c]["digest"] for c in todo}, precision,
+                           ctx.storage, ctx.session(), ctx.log, complete, dtype=spec.mutual.pool_dtype)
+        except FeatureError as exc:
+            raise MutualError(str(exc)) from None
         for uri, why in failed[:5]:
-            log(f"mutual: pool image {uri} left out of its pool: {why}")
-        log(f"mutual: built {len(todo)} pool(s) from {n_images} images in {time.monotonic() - t0:.1f} s"
-            + (f"; {len(failed)} pool images failed and were left out" if failed else "")
-            + (f"; reused {len(reused)} stored" if reused else ""))
+            ctx.log(f"mutual: pool image {uri} left out of its pool: {why}")
+        ctx.log(f"mutual: built {len(todo)} pool(s) from {counts['images']} images on the workers in "
+                f"{time.monotonic() - t0:.1f} s ({counts['bytes'] / 1e6:.1f} MB of part files)"
+                + (f"; {len(failed)} pool images failed and were left out" if failed else "")
+                + (f"; reused {len(reused)} stored" if reused else ""))
     elif reused:
-        log(f"mutual: reusing the {len(reused)} stored pool(s) under {fsio.join(run_dir, 'pools')}")
-    summary = {"built": sorted(todo), "reused": sorted(reused), "pool_images": n_images,
+        ctx.log(f"mutual: reusing the {len(reused)} stored pool(s) under {fsio.join(ctx.run_dir, 'pools')}")
+    summary = {"built": sorted(todo), "reused": sorted(reused), "pool_images": counts["images"],
                "failed_pool_images": len(failed), "seconds": round(time.monotonic() - t0, 3)}
     return entries, summary
 
 
-def record(spec: JobSpec, run_dir: str, entries: dict[str, dict[str, Any]], summary: dict[str, Any],
-           rscin: dict[str, Any] | None) -> dict[str, Any]:
-    """run.json's ``mutual`` section."""
-    m = spec.mutual
-    return {"method": "MuSc mutual scoring", "transductive": True,
-            "note": "every score depends on the other images of its category (pool, RsCIN)",
-            "pool_size": m.pool_size, "seed": m.seed, "interval": m.interval, "rscin": m.rscin, "k_list": list(m.k_list),
-            "score": m.score, "pools_file": pools_uri(run_dir),
-            "pools": {c: {k: e.get(k) for k in ("uri", "images", "category_images", "digest", "bytes", "built")}
-                      for c, e in entries.items()},
-            **{f"pools_{k}": v for k, v in summary.items()},
-            "rscin_pass": rscin}
+class RscinPass(CategoryPass):
+    """MuSc's RsCIN, after the plan, on the workers."""
 
+    name = "rscin"
+    section = "mutual"
+    when = "after"
 
-def _read(files: list[str], columns: list[str] | None, storage: StorageOptions | None) -> list[pa.Table]:
-    tables = []
-    for uri in files:
-        fs, path = fsio.filesystem(uri, storage)
-        with fs.open(path, "rb") as fh:
-            tables.append(pq.read_table(fh, columns=columns))
-    return tables
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec)
+        self.summary: dict[str, Any] | None = None
+        self.k_list: tuple[int, ...] = ()
 
+    @classmethod
+    def applies(cls, spec: JobSpec) -> bool:
+        return spec.mutual is not None and spec.mutual.rscin
 
-def rscin_scores(frame: pd.DataFrame, embeddings: dict[str, np.ndarray], k_list: tuple[int, ...]) -> dict[str, float]:
-    """{image_id: RsCIN score} for the scored rows of ``frame`` (image_id, category, score_mutual),
-    per category, from their embeddings (image_id -> (E,))."""
-    import torch
+    def plan_entries(self, resources: bool = False) -> list[dict[str, Any]]:
+        return [{"stage": "rescore", "kind": "task", "pass": "rscin"}]
 
-    from pipeline.models.mutual import rscin
+    def run(self, ctx: RunContext) -> None:
+        m = self.spec.mutual
+        self.k_list = m.windows(ctx.layout)
+        job = rescore.Rescore("rscin", "score_rscin", also_score=m.score == "rscin", k_list=self.k_list, chunk=m.rscin_chunk)
+        self.summary = {**rescore.run(job, ctx.category_sizes(), ctx.files("scores"), ctx.files("embeddings"), ctx.run_dir,
+                                      ctx.storage, ctx.session(), ctx.log),
+                        "k_list": list(self.k_list), "k_list_from": "mutual.k_list" if m.k_list else f"layout {ctx.layout}",
+                        "score_is_rscin": m.score == "rscin"}
+        s = self.summary
+        ctx.log(f"mutual: RsCIN (k_list {list(self.k_list)}) written for {s['images']} images in "
+                f"{len(s['categories_computed']) + len(s['categories_reused'])} categories "
+                f"({len(s['categories_reused'])} reused)" + ("; score = score_rscin" if m.score == "rscin" else ""))
 
-    out: dict[str, float] = {}
-    ok = frame[frame["score_mutual"].notna() & frame["image_id"].isin(embeddings.keys())]
-    for _, group in ok.groupby("category", sort=True):
-        ids = list(group["image_id"])
-        e = torch.from_numpy(np.stack([embeddings[i] for i in ids]).astype(np.float64))
-        s = torch.tensor(group["score_mutual"].to_numpy(np.float64))
-        out.update(zip(ids, rscin(s, e, k_list).tolist()))
-    return out
-
-
-def rescore_rscin(spec: JobSpec, score_files: list[str], embedding_files: list[str], storage: StorageOptions | None,
-                  log: Log) -> dict[str, Any]:
-    """Fill ``score_rscin`` (and ``score`` with ``mutual.score: rscin``) in every scores shard file
-    (each rewritten whole). Returns run.json's summary of the pass."""
-    t0 = time.monotonic()
-    embeddings: dict[str, np.ndarray] = {}
-    for t in _read(embedding_files, ["image_id", "image_embedding"], storage):
-        for iid, vec in zip(t.column("image_id").to_pylist(), t.column("image_embedding").to_numpy(zero_copy_only=False)):
-            embeddings[iid] = np.asarray(vec, dtype=np.float32)  # as stored; 3 KB per ViT-L image
-    tables = _read(score_files, None, storage)
-    frame = pd.concat([t.select(["image_id", "category", "score_mutual"]).to_pandas() for t in tables], ignore_index=True)
-    values = rscin_scores(frame, embeddings, spec.mutual.k_list)
-    contract = contracts.load("scores")
-    use = spec.mutual.score == "rscin"
-    from pipeline.runtime.fewshot import _replace
-
-    for uri, table in zip(score_files, tables):
-        ids = table.column("image_id").to_pylist()
-        new = pa.array([values.get(i) for i in ids], pa.float64())
-        table = table.set_column(table.schema.get_field_index("score_rscin"), contract.schema.field("score_rscin"), new)
-        if use:
-            old = table.column("score").to_pylist()
-            score = pa.array([values[i] if i in values else (None if v is None else v) for i, v in zip(ids, old)], pa.float64())
-            table = table.set_column(table.schema.get_field_index("score"), contract.schema.field("score"), score)
-        _replace(uri, table.replace_schema_metadata(contract.schema.metadata), storage)
-    categories = int(frame.loc[frame["image_id"].isin(values.keys()), "category"].nunique())
-    log(f"mutual: RsCIN (k_list {list(spec.mutual.k_list)}) written for {len(values)} images in {categories} categories"
-        + ("; score = score_rscin" if use else ""))
-    return {"images": len(values), "categories": categories, "k_list": list(spec.mutual.k_list),
-            "score_is_rscin": use, "seconds": round(time.monotonic() - t0, 3)}
+    def record(self) -> dict[str, Any]:
+        return {"rscin_pass": self.summary, "k_list": list(self.k_list) if self.summary else None}

@@ -36,6 +36,8 @@ from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import registry
 from pipeline.runtime import fewshot, mutual
+from pipeline.runtime.passes import CategoryPass, PassError, RunContext
+from pipeline.runtime.rows import SOURCE_COLUMNS, source_rows  # noqa: F401 - source_rows: the plan's first rows, by name
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.preflight import model_problems, shape_error
@@ -210,25 +212,23 @@ def output_tables(spec: JobSpec) -> list[str]:
     return tables
 
 
-#: the columns every row starts with: the input manifest's, and its status (rows the listing could
-#: not address start as error rows of stage ``list``)
-SOURCE_COLUMNS: tuple[str, ...] = (*contracts.load("inputs").names, "status", "error_stage", "error_type", "error_message")
+#: the passes over whole categories, in the order they run (each says whether a job has it)
+PASSES: tuple[type[CategoryPass], ...] = (fewshot.BanksPass, mutual.PoolsPass, mutual.RscinPass, fewshot.TransductivePass)
 
 
-def source_rows(manifest: pd.DataFrame) -> pa.Table:
-    """The input manifest as the plan's first rows (Arrow), with their status columns."""
-    table = contracts.to_table(manifest, contracts.load("inputs"))
-    failed = pc.is_valid(table.column("list_error_type"))
-    nothing = pa.scalar(None, pa.string())
-    columns = {
-        "status": pc.if_else(failed, "error", "ok"),
-        "error_stage": pc.if_else(failed, pa.scalar("list"), nothing),
-        "error_type": table.column("list_error_type"),
-        "error_message": table.column("list_error_message"),
-    }
-    for name, column in columns.items():
-        table = table.append_column(name, column)
-    return table
+def passes_for(spec: JobSpec) -> list[CategoryPass]:
+    return [cls(spec) for cls in PASSES if cls.applies(spec)]
+
+
+def plan_entries(spec: JobSpec, stages: list[PlannedStage], passes: list[CategoryPass], resources: bool = False) -> list[dict[str, Any]]:
+    """run.json's ``plan``: the passes before the plan, its stages, the passes after it."""
+    def entries(when: str) -> list[dict[str, Any]]:
+        return [e for p in passes if p.when == when for e in p.plan_entries(resources)]
+
+    return [*entries("before"),
+            *({"stage": p.name, "kind": p.kind, **_fused_parts(p), **(p.resources.model_dump(exclude_none=True)
+                                                                    if resources else {})} for p in stages),
+            *entries("after")]
 
 
 def plan_for(spec: JobSpec, storage, tables: list[str]) -> tuple[list[PlannedStage], list[str]]:
@@ -242,6 +242,7 @@ def plan_for(spec: JobSpec, storage, tables: list[str]) -> tuple[list[PlannedSta
         raise RunError(f"the job's plan cannot run: {exc}", exit_code=2) from None
     final = check_columns(plan, source)
     wanted = {"image_id", "status", "error_stage"} | {f"{s}_ms" for s in TIMED_STAGES}
+    wanted |= {c for p in passes_for(spec) for c in p.result_columns}
     for required, optional in outputs.values():
         wanted |= required | optional
     return plan, sorted(wanted & final)
@@ -354,21 +355,14 @@ def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict
         used_layout, manifest = list_inputs(input_uri, spec.data, storage)
     except InputError as exc:
         raise RunError(str(exc), exit_code=2) from None
+    passes = passes_for(spec)
+    ctx = RunContext(spec, "", storage, lambda m: None, manifest, used_layout)
     few: dict[str, Any] = {}
-    if spec.few_shot is not None:
+    for p in passes:
         try:
-            chosen, missing, ref_layout = fewshot.choose(spec, manifest, storage, lambda m: None)
-        except fewshot.FewShotError as exc:
-            raise RunError(str(exc), exit_code=2) from None
-        few = {"few_shot": {"method": spec.few_shot_method(), "k": spec.few_shot.k, "reference": spec.few_shot.reference,
-                            "reference_layout": ref_layout,
-                            "references_by_category": {str(k): int(v) for k, v in chosen.groupby("category").size().items()},
-                            "categories_without_references": missing}}
-    if spec.mutual is not None:
-        pools = mutual.choose(spec, manifest).groupby("category").size()
-        few["mutual"] = {"pool_size": spec.mutual.pool_size, "transductive": True,
-                         "pool_images_by_category": {str(k): int(v) for k, v in pools.items()},
-                         "too_small": sorted(str(k) for k, v in pools.items() if v < mutual.MIN_POOL)}
+            few.update(p.dry_run(ctx))
+        except PassError as exc:
+            raise RunError(str(exc), exit_code=exc.exit_code) from None
     return {
         "input": input_uri,
         "layout": used_layout,
@@ -378,9 +372,7 @@ def dry_run(spec: JobSpec, input_uri: str, *, layout: str | None = None) -> dict
         "listing_errors": int(manifest["list_error_type"].notna().sum()),
         "skipped_at_listing": dict(manifest.attrs.get("skipped", {})),
         "shards": -(-len(manifest) // spec.shard_size),
-        "plan": [*fewshot.plan_entries(spec, resources=True), *mutual.plan_entries(spec),
-                 *({"stage": p.name, "kind": p.kind, **_fused_parts(p), **p.resources.model_dump(exclude_none=True)}
-                   for p in stages)],
+        "plan": plan_entries(spec, stages, passes, resources=True),
         "tables": tables,
         "executor": spec.runtime.executor,
         "random_weights": spec.random_weights,
@@ -404,303 +396,381 @@ def run_job(
 ) -> RunResult:
     """Run ``spec`` over ``input_uri`` and write the tables under ``output_uri/run_id``.
 
+    The steps: open the run (checks, lease), list the input or restore a resumed run's listing,
+    the passes before the plan, stream the shards, the passes after it, write the record. The
+    passes over whole categories (:data:`PASSES`) run through the same steps whatever they are.
+
     ``then`` is called with the result after ``run.json`` is written, while the run's Ray session
     is still open (the CLI evaluates there instead of starting a second Ray). ``progress_stream``:
     where a terminal progress bar is drawn (when it is a TTY; else progress goes to ``log``).
     ``log_name``: the command's log file is copied to ``RUN/logs/<log_name>`` when it ends (by the
     caller, :mod:`pipeline.runtime.console`); run.json names it (``log``)."""
-    from pipeline.runtime.executors import ExecutorError, check, execute, plan_session
-    from pipeline.runtime.session import CONFIG_ERRORS, LOAD_ERRORS, failure
+    run = _Run(spec, input_uri, output_uri, run_id=run_id, layout=layout, address=address, resume=resume, log=log,
+               progress_stream=progress_stream, log_name=log_name)
+    already = run.open()
+    if already is not None:
+        return already
+    with contextlib.ExitStack() as held:
+        run.held = held
+        run.list_or_restore()
+        with contextlib.ExitStack() as ray_stack:  # the run's Ray session stays open until ``then`` has run
+            run.ray_stack = ray_stack
+            run.passes_before_and_stream()
+            run.count()
+            run.passes_after()
+            result = run.write_record()
+            if then is not None:
+                then(result)  # e.g. the evaluation, in the same Ray session
+            return result
 
-    started = dt.datetime.now(dt.timezone.utc)
-    t_start = time.monotonic()
-    run_id = run_id or new_run_id(started)
-    problem = check_run_id(run_id)
-    if problem:
-        raise RunError(problem, exit_code=2)
-    executor = spec.runtime.executor
-    try:
-        check(executor, address)
-    except ExecutorError as exc:
-        raise RunError(str(exc), exit_code=2) from None
-    spec, storage, tables, stages, result_columns = prepare(spec, layout)
 
-    run_dir = fsio.join(fsio.normalise(output_uri), run_id)
-    plan_uri = fsio.join(run_dir, "_plan.json")
-    try:
-        finished = fsio.exists(fsio.join(run_dir, "run.json"), storage)
-        interrupted = fsio.exists(plan_uri, storage)
-    except Exception as exc:
-        raise RunError(f"output {output_uri}: cannot be reached: {exc}", exit_code=2) from None
-    t0 = time.monotonic()
-    lease = Lease(run_dir, storage)  # one process works on a run folder at a time
-    if finished and not resume:
-        raise RunError(f"run {run_dir} already exists (it has a run.json); choose another --run-id", exit_code=2)
+class _Run:
+    """One run's state between the steps of :func:`run_job`."""
 
-    def take_lease() -> None:
+    def __init__(self, spec: JobSpec, input_uri: str, output_uri: str, *, run_id: str | None, layout: str | None,
+                 address: str | None, resume: bool, log: Callable[[str], None], progress_stream: Any,
+                 log_name: str | None) -> None:
+        self.spec, self.input_uri, self.output_uri = spec, input_uri, output_uri
+        self.run_id, self.layout, self.address, self.resume = run_id, layout, address, resume
+        self.log, self.progress_stream, self.log_name = log, progress_stream, log_name
+        self.held: contextlib.ExitStack | None = None
+        self.ray_stack: contextlib.ExitStack | None = None
+        self.session: dict[str, Any] | None = None
+        self.session_info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ open the run
+    def open(self) -> RunResult | None:
+        """The checks before anything is written; a resumed run that already succeeded: its result."""
+        from pipeline.runtime.executors import ExecutorError, check
+
+        self.started = dt.datetime.now(dt.timezone.utc)
+        self.t_start = time.monotonic()
+        self.run_id = self.run_id or new_run_id(self.started)
+        problem = check_run_id(self.run_id)
+        if problem:
+            raise RunError(problem, exit_code=2)
+        self.executor = self.spec.runtime.executor
+        try:
+            check(self.executor, self.address)
+        except ExecutorError as exc:
+            raise RunError(str(exc), exit_code=2) from None
+        self.spec, self.storage, self.tables, self.stages, self.result_columns = prepare(self.spec, self.layout)
+        self.passes = passes_for(self.spec)
+        self.run_dir = fsio.join(fsio.normalise(self.output_uri), self.run_id)
+        self.plan_uri = fsio.join(self.run_dir, "_plan.json")
+        try:
+            self.finished = fsio.exists(fsio.join(self.run_dir, "run.json"), self.storage)
+            self.interrupted = fsio.exists(self.plan_uri, self.storage)
+        except Exception as exc:
+            raise RunError(f"output {self.output_uri}: cannot be reached: {exc}", exit_code=2) from None
+        self.t0 = time.monotonic()
+        self.lease = Lease(self.run_dir, self.storage)  # one process works on a run folder at a time
+        if self.finished and not self.resume:
+            raise RunError(f"run {self.run_dir} already exists (it has a run.json); choose another --run-id", exit_code=2)
+        if self.resume and self.finished:  # a run that already succeeded: nothing to do, nothing written (no lease either)
+            record = read_json(fsio.join(self.run_dir, "run.json"), self.storage)
+            if record.get("status") == "succeeded":
+                if self.interrupted and not self._same_spec(read_json(self.plan_uri, self.storage)):
+                    raise RunError(f"run {self.run_dir} was started with a different job spec; resume it with "
+                                   f"`zsad resume {self.run_dir}`", exit_code=2)
+                counts = record.get("counts", {})
+                return RunResult(self.run_id, self.run_dir, "succeeded", int(counts.get("images", 0)),
+                                 int(counts.get("ok", 0)), int(counts.get("failed", 0)), record, 0, already=True)
+        return None
+
+    def _same_spec(self, plan: dict[str, Any]) -> bool:
+        return _comparable(plan["spec"]) == _comparable(self.spec.redacted())
+
+    def take_lease(self) -> None:
         """Before the first write (a refused run writes nothing); released when the run ends."""
         try:
-            taken_over = lease.acquire(run_id, takeover=resume, timeout_s=spec.lease_timeout_s)
+            taken_over = self.lease.acquire(self.run_id, takeover=self.resume, timeout_s=self.spec.lease_timeout_s)
         except LeaseHeld as exc:
             raise RunError(str(exc), exit_code=2) from None
         except Exception as exc:
-            raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
-        held.callback(lease.release)
+            raise RunError(f"output {self.run_dir}: cannot be written: {exc}", exit_code=2) from None
+        self.held.callback(self.lease.release)
         if taken_over:
-            log(f"took over the lease of a stopped attempt ({taken_over.get('host')} pid {taken_over.get('pid')}, "
-                f"since {taken_over.get('started')})")
+            self.log(f"took over the lease of a stopped attempt ({taken_over.get('host')} pid {taken_over.get('pid')}, "
+                     f"since {taken_over.get('started')})")
 
-    if resume and finished:  # a run that already succeeded: nothing to do, nothing written (no lease either)
-        record = read_json(fsio.join(run_dir, "run.json"), storage)
-        if record.get("status") == "succeeded":
-            if interrupted and _comparable(read_json(plan_uri, storage)["spec"]) != _comparable(spec.redacted()):
-                raise RunError(f"run {run_dir} was started with a different job spec; resume it with `zsad resume {run_dir}`",
-                               exit_code=2)
-            counts = record.get("counts", {})
-            return RunResult(run_id, run_dir, "succeeded", int(counts.get("images", 0)), int(counts.get("ok", 0)),
-                             int(counts.get("failed", 0)), record, 0, already=True)
+    def context(self) -> RunContext:
+        return RunContext(self.spec, self.run_dir, self.storage, self.log, self.manifest, self.used_layout,
+                          open_session=self.open_session, files=lambda table: self.sink.files(table))
 
-    with contextlib.ExitStack() as held:
-        if resume:
-            take_lease()
-            if not interrupted:
-                raise RunError(f"nothing to resume at {run_dir}: no _plan.json (start it without --resume)", exit_code=2)
-            plan = read_json(plan_uri, storage)  # _plan.json: what the run was started with
-            if _comparable(plan["spec"]) != _comparable(spec.redacted()):
-                raise RunError(f"run {run_dir} was started with a different job spec; resume it with `zsad resume {run_dir}`", exit_code=2)
-            input_uri, used_layout, shard_size = plan["input"], plan["layout"], int(plan["shard_size"])
-            skipped = dict(plan.get("skipped", {}))
-            manifest = read_manifest(fsio.join(run_dir, "inputs.parquet"), storage)
-            if spec.few_shot is not None:
-                few_missing, few_layout = list(plan["few_shot"]["missing"]), plan["few_shot"]["layout"]
-                chosen = fewshot.read_chosen(run_dir, storage)
-            if spec.mutual is not None:
-                pools_chosen = mutual.read_chosen(run_dir, storage)
+    def open_session(self) -> dict[str, Any]:
+        """The run's session (Ray, or this process), opened on first use and kept until the run ends."""
+        from pipeline.runtime.executors import plan_session
+
+        if self.session is None:
+            self.session = self.ray_stack.enter_context(plan_session(self.executor, self.address, self.log, self.spec))
+            if self.executor == "ray":
+                self.session_info = {"address": self.session["address"], "resources": dict(self.session["resources"])}
+        return self.session
+
+    # ------------------------------------------------------------------ list or restore
+    def list_or_restore(self) -> None:
+        spec, storage, log = self.spec, self.storage, self.log
+        if self.resume:
+            self.take_lease()
+            if not self.interrupted:
+                raise RunError(f"nothing to resume at {self.run_dir}: no _plan.json (start it without --resume)", exit_code=2)
+            plan = read_json(self.plan_uri, storage)  # _plan.json: what the run was started with
+            if not self._same_spec(plan):
+                raise RunError(f"run {self.run_dir} was started with a different job spec; resume it with "
+                               f"`zsad resume {self.run_dir}`", exit_code=2)
+            self.input_uri, self.used_layout, self.shard_size = plan["input"], plan["layout"], int(plan["shard_size"])
+            self.skipped = dict(plan.get("skipped", {}))
+            self.manifest = read_manifest(fsio.join(self.run_dir, "inputs.parquet"), storage)
+            ctx = self.context()
+            for p in self.passes:
+                p.restore(ctx, plan)
         else:
-            if interrupted:
-                take_lease()  # a live holder: "in progress"; a gone one: "was interrupted"
-                raise RunError(f"run {run_dir} was interrupted; continue it with --resume (or `zsad resume {run_dir}`)", exit_code=2)
+            if self.interrupted:
+                self.take_lease()  # a live holder: "in progress"; a gone one: "was interrupted"
+                raise RunError(f"run {self.run_dir} was interrupted; continue it with --resume (or `zsad resume "
+                               f"{self.run_dir}`)", exit_code=2)
             try:
-                used_layout, manifest = list_inputs(input_uri, spec.data, storage)
+                self.used_layout, manifest = list_inputs(self.input_uri, spec.data, storage)
             except InputError as exc:
                 raise RunError(str(exc), exit_code=2) from None
-            shard_size = spec.shard_size
-            skipped = dict(manifest.attrs.get("skipped", {}))
-            if skipped:
-                log(f"left out at listing: {skipped_text(skipped)}")
+            self.shard_size = spec.shard_size
+            self.skipped = dict(manifest.attrs.get("skipped", {}))
+            if self.skipped:
+                log(f"left out at listing: {skipped_text(self.skipped)}")
             if spec.skip_scored:
                 before = len(manifest)
-                manifest = unscored(manifest, spec.skip_scored, storage, exclude=run_dir)
+                manifest = unscored(manifest, spec.skip_scored, storage, exclude=self.run_dir)
                 log(f"incremental: {before - len(manifest)} of {before} images already scored ok under {spec.skip_scored}; "
                     f"{len(manifest)} to score")
-            if spec.few_shot is not None:  # references are chosen before anything is written
+            self.manifest = manifest
+            ctx = self.context()
+            for p in self.passes:  # the passes choose their images before anything is written
                 try:
-                    chosen, few_missing, few_layout = fewshot.choose(spec, manifest, storage, log)
-                except fewshot.FewShotError as exc:
-                    raise RunError(str(exc), exit_code=2) from None
-            if spec.mutual is not None:
-                pools_chosen = mutual.choose(spec, manifest)
-            take_lease()
+                    p.choose(ctx)
+                except PassError as exc:
+                    raise RunError(str(exc), exit_code=exc.exit_code) from None
+            self.take_lease()
             try:
-                write_manifest(manifest, fsio.join(run_dir, "inputs.parquet"), storage)
-                if spec.few_shot is not None:
-                    fewshot.write_chosen(chosen, run_dir, storage)
-                if spec.mutual is not None:
-                    mutual.write_chosen(pools_chosen, run_dir, storage)
-                write_json(plan_uri, {"run_id": run_id, "input": input_uri, "layout": used_layout, "shard_size": shard_size,
-                                      "images": len(manifest), "skipped": skipped, "spec": spec.redacted(),
-                                      **({"few_shot": {"layout": few_layout, "missing": few_missing}}
-                                         if spec.few_shot is not None else {})}, storage)
+                write_manifest(manifest, fsio.join(self.run_dir, "inputs.parquet"), storage)
+                for p in self.passes:
+                    p.save(ctx)
+                write_json(self.plan_uri, {"run_id": self.run_id, "input": self.input_uri, "layout": self.used_layout,
+                                           "shard_size": self.shard_size, "images": len(manifest), "skipped": self.skipped,
+                                           "spec": spec.redacted(), **_merged(p.plan_record() for p in self.passes)},
+                           storage)
             except OSError as exc:
-                raise RunError(f"output {run_dir}: cannot be written: {exc}", exit_code=2) from None
-        list_s = time.monotonic() - t0
+                raise RunError(f"output {self.run_dir}: cannot be written: {exc}", exit_code=2) from None
+        self.list_s = time.monotonic() - self.t0
 
-        sink = ShardSink(run_dir, tables, storage)
-        shard_of = {iid: i // shard_size for i, iid in enumerate(manifest["image_id"])}
-        expected = pd.Series(list(shard_of.values())).value_counts().to_dict()
+    # ------------------------------------------------------------------ passes before, stream the shards
+    def passes_before_and_stream(self) -> None:
+        from pipeline.runtime.executors import execute
+        from pipeline.runtime.session import CONFIG_ERRORS, LOAD_ERRORS, failure
+
+        spec, storage, log, manifest = self.spec, self.storage, self.log, self.manifest
+        self.sink = sink = ShardSink(self.run_dir, self.tables, storage)
+        shard_of = {iid: i // self.shard_size for i, iid in enumerate(manifest["image_id"])}
+        self.expected = expected = pd.Series(list(shard_of.values())).value_counts().to_dict()
         done = sink.markers()
         pending = manifest[[shard_of[i] not in done for i in manifest["image_id"]]].reset_index(drop=True)
-        log(f"run {run_id}: {len(manifest)} images ({used_layout} layout) in {len(expected)} shards from {input_uri} -> {run_dir}")
-        if resume:
+        before = [p for p in self.passes if p.when == "before"]
+        if before:  # grouped by category: a scoring actor reads each category's bank or pool once
+            pending = pending.sort_values("category", kind="stable").reset_index(drop=True)
+        log(f"run {self.run_id}: {len(manifest)} images ({self.used_layout} layout) in {len(expected)} shards from "
+            f"{self.input_uri} -> {self.run_dir}")
+        if self.resume:
             log(f"resuming: {len(done)} shards done, {len(expected) - len(done)} to run ({len(pending)} images)")
         if spec.random_weights:
             log(f"WARNING: random weights for {', '.join(spec.random_models())} (allow_random_weights: true): "
                 "scores are NOT meaningful results")
-
-        values = run_values(spec, run_id)
-        few_record: dict[str, Any] | None = None
-        pool_entries: dict[str, dict[str, Any]] = {}
-        pool_summary: dict[str, Any] = {"built": [], "reused": []}
-        rscin_record: dict[str, Any] | None = None
-        progress = Progress(len(pending), log, stream=progress_stream)
-        plan_error: str | None = None
-        unusable_weights = False
-        output_lost = False
-        session_info: dict[str, Any] = {}
+        self.values = values = run_values(spec, self.run_id)
+        progress = Progress(len(pending), log, stream=self.progress_stream)
+        self.plan_error: str | None = None
+        self.unusable_weights = False
         t_plan = time.monotonic()
-        first_result_s: float | None = None
-        first_result_rows = 0
+        self.first_result_s: float | None = None
+        self.first_result_rows = 0
         tallies: dict[int, ShardTally] = {}
-        write_s = 0.0
-        with contextlib.ExitStack() as ray_stack:  # the run's Ray session stays open until ``then`` has run
-            try:
-                if len(pending):
-                    session = ray_stack.enter_context(plan_session(executor, address, log, spec))
-                    if executor == "ray":
-                        session_info = {"address": session["address"], "resources": dict(session["resources"])}
-                    if spec.few_shot is not None:  # the banks, before any image is scored
-                        entries, summary = fewshot.build_banks(spec, chosen, run_dir, storage, session, log)
-                        few_record = fewshot.record(spec, run_dir, few_layout, few_missing, entries, summary)
-                        find_stage(stages, "clip_score").banks = entries
-                    if spec.mutual is not None:  # the pools, before any image is scored
-                        sizes = manifest.groupby("category").size().to_dict()
-                        pool_entries, pool_summary = mutual.build_pools(spec, pools_chosen, sizes, run_dir, storage, session, log)
-                        find_stage(stages, "clip_score").pools = pool_entries
-                    def save_stats(text: str) -> None:
-                        name = "ray_data_stats.txt" if executor == "ray" else "local_stats.txt"
-                        fs_, path_ = fsio.filesystem(fsio.join(run_dir, name), storage)
-                        with fs_.open(path_, "w") as fh:
-                            fh.write(text)
+        self.write_s = 0.0
+        try:
+            if len(pending):
+                session = self.open_session()
+                ctx = self.context()
+                scorer = find_stage(self.stages, "clip_score")
+                for p in before:  # the banks and pools, before any image is scored
+                    p.run(ctx)
+                    for name, value in p.stage_inputs().items():
+                        setattr(scorer, name, value)
 
-                    inputs = source_rows(pending)
-                    results = execute(spec, stages, inputs, result_columns, session, log, on_stats=save_stats)
-                    def waiting(quiet: float) -> None:
-                        limit = f"; stall_timeout_s stops the run after {spec.stall_timeout_s:g} s" if spec.stall_timeout_s else ""
-                        log(f"waiting for results: none for {quiet:.0f} s ({progress.done}/{progress.total} images done; "
-                            f"models loading or a slow batch{limit})")
+                def save_stats(text: str) -> None:
+                    name = "ray_data_stats.txt" if self.executor == "ray" else "local_stats.txt"
+                    fs_, path_ = fsio.filesystem(fsio.join(self.run_dir, name), storage)
+                    with fs_.open(path_, "w") as fh:
+                        fh.write(text)
 
-                    # closed as soon as the loop ends, early too: the plan stops with it (the local
-                    # executor runs it in this process and must not go on scoring after a failure)
-                    with contextlib.closing(watched(results, spec.stall_timeout_s, on_wait=waiting)) as stream:
-                        for batch in stream:
-                            if first_result_s is None:
-                                first_result_s, first_result_rows = time.monotonic() - t_plan, batch.num_rows
-                            shards = np.array([shard_of[i] for i in batch.column("image_id").to_pylist()])
-                            t_w = time.monotonic()
-                            for k in dict.fromkeys(shards.tolist()):
-                                part = batch.filter(pa.array(shards == k))
-                                sink.append(k, shard_tables(part, sink.tables, values))
-                                tally = tallies.setdefault(k, ShardTally())
-                                tally.add(part)
-                                if tally.images == expected[k]:
-                                    sink.finish(k, tallies.pop(k).marker())
-                                    lease.heartbeat()
-                            write_s += time.monotonic() - t_w
-                            progress.update(batch.num_rows, sum(s != "ok" for s in batch.column("status").to_pylist()))
-            except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
-                error_type, text = failure(exc)
-                plan_error = f"{error_type}: {text}"
-                unusable_weights = error_type in LOAD_ERRORS or error_type in CONFIG_ERRORS
-                log(f"run failed: {plan_error}")
-            finally:
-                sink.discard()  # unfinished shards: no marker, rerun in full on resume
-            plan_s = time.monotonic() - t_plan
+                results = execute(spec, self.stages, source_rows(pending), self.result_columns, session, log,
+                                  on_stats=save_stats)
 
+                def waiting(quiet: float) -> None:
+                    limit = f"; stall_timeout_s stops the run after {spec.stall_timeout_s:g} s" if spec.stall_timeout_s else ""
+                    log(f"waiting for results: none for {quiet:.0f} s ({progress.done}/{progress.total} images done; "
+                        f"models loading or a slow batch{limit})")
+
+                # closed as soon as the loop ends, early too: the plan stops with it (the local
+                # executor runs it in this process and must not go on scoring after a failure)
+                with contextlib.closing(watched(results, spec.stall_timeout_s, on_wait=waiting)) as stream:
+                    for batch in stream:
+                        if self.first_result_s is None:
+                            self.first_result_s, self.first_result_rows = time.monotonic() - t_plan, batch.num_rows
+                        for p in self.passes:
+                            p.observe(batch)
+                        shards = np.array([shard_of[i] for i in batch.column("image_id").to_pylist()])
+                        t_w = time.monotonic()
+                        for k in dict.fromkeys(shards.tolist()):
+                            part = batch.filter(pa.array(shards == k))
+                            sink.append(k, shard_tables(part, sink.tables, values))
+                            tally = tallies.setdefault(k, ShardTally())
+                            tally.add(part)
+                            if tally.images == expected[k]:
+                                sink.finish(k, tallies.pop(k).marker())
+                                self.lease.heartbeat()
+                        self.write_s += time.monotonic() - t_w
+                        progress.update(batch.num_rows, sum(s != "ok" for s in batch.column("status").to_pylist()))
+        except Exception as exc:  # the plan itself failed (model load, cluster lost): record and report
+            error_type, text = failure(exc)
+            self.plan_error = f"{error_type}: {text}"
+            self.unusable_weights = error_type in LOAD_ERRORS or error_type in CONFIG_ERRORS
+            log(f"run failed: {self.plan_error}")
+        finally:
+            sink.discard()  # unfinished shards: no marker, rerun in full on resume
+        self.plan_s = time.monotonic() - t_plan
+
+    # ------------------------------------------------------------------ what the shards say
+    def count(self) -> None:
+        from pipeline.runtime.session import failure
+
+        sink, manifest, spec = self.sink, self.manifest, self.spec
+        self.output_lost = False
+        try:
+            markers = sink.markers()
+        except Exception as exc:  # the output storage went away: what this attempt finished is known
+            kind, text = failure(exc)
+            self.log(f"cannot read the shard markers at {self.run_dir} ({kind}: {text}); "
+                     f"counting the {len(sink.finished)} shards this attempt finished")
+            markers = dict(sink.finished)
+            self.output_lost = True
+        self.markers = markers
+        self.busy = {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in TIMED_STAGES}
+        n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
+        self.n_failed = sum(m["failed"] for m in markers.values())
+        self.failed_by_stage: dict[str, int] = {}
+        for m in markers.values():
+            for stage_name, count in m.get("failed_by_stage", {}).items():
+                self.failed_by_stage[stage_name] = self.failed_by_stage.get(stage_name, 0) + count
+        self.n_ok = n_done - self.n_failed
+        self.n_missing = len(manifest) - n_done
+        self.rate = self.n_failed / len(manifest) if len(manifest) else 0.0
+        if self.plan_error:
+            self.status, self.reason = "failed", self.plan_error
+        elif self.n_missing:
+            self.status, self.reason = "failed", f"{self.n_missing} images produced no result row"
+        elif self.rate > spec.max_error_rate:
+            self.status = "failed"
+            self.reason = (f"{self.n_failed} of {len(manifest)} images failed ({100 * self.rate:.1f}%), above "
+                           f"max_error_rate {spec.max_error_rate:g}; see {fsio.join(self.run_dir, 'errors')}")
+        else:
+            self.status, self.reason = "succeeded", None
+
+    # ------------------------------------------------------------------ passes after
+    def passes_after(self) -> None:
+        """The re-scoring passes, on the workers: they need every image of a category scored."""
+        from pipeline.runtime.session import failure
+
+        if self.n_missing or self.output_lost or self.plan_error:
+            return
+        ctx = self.context()
+        for p in self.passes:
+            if p.when != "after":
+                continue
             try:
-                markers = sink.markers()
-            except Exception as exc:  # the output storage went away: what this attempt finished is known
-                kind, text = failure(exc)
-                log(f"cannot read the shard markers at {run_dir} ({kind}: {text}); "
-                    f"counting the {len(sink.finished)} shards this attempt finished")
-                markers = dict(sink.finished)
-                output_lost = True
-            busy = {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in TIMED_STAGES}
-            n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
-            n_failed = sum(m["failed"] for m in markers.values())
-            failed_by_stage: dict[str, int] = {}
-            for m in markers.values():
-                for stage_name, count in m.get("failed_by_stage", {}).items():
-                    failed_by_stage[stage_name] = failed_by_stage.get(stage_name, 0) + count
-            n_ok = n_done - n_failed
-            n_missing = len(manifest) - n_done
-            rate = n_failed / len(manifest) if len(manifest) else 0.0
-            if plan_error:
-                status, reason = "failed", plan_error
-            elif n_missing:
-                status, reason = "failed", f"{n_missing} images produced no result row"
-            elif rate > spec.max_error_rate:
-                status = "failed"
-                reason = (
-                    f"{n_failed} of {len(manifest)} images failed ({100 * rate:.1f}%), above max_error_rate "
-                    f"{spec.max_error_rate:g}; see {fsio.join(run_dir, 'errors')}"
-                )
-            else:
-                status, reason = "succeeded", None
-            if spec.few_shot_method() == "april_gan" and not n_missing and not output_lost:
-                try:  # the transductive pass needs every image of a category scored
-                    fewshot.rescore_transductive(sink.files("scores"), storage, log)
-                except Exception as exc:
-                    kind, text = failure(exc)
-                    status, reason = "failed", f"score_transductive could not be written ({kind}: {text})"
-            if spec.mutual is not None and spec.mutual.rscin and not n_missing and not output_lost and not plan_error:
-                try:  # RsCIN needs every image of a category scored
-                    rscin_record = mutual.rescore_rscin(spec, sink.files("scores"), sink.files("embeddings"), storage, log)
-                except Exception as exc:
-                    kind, text = failure(exc)
-                    status, reason = "failed", f"score_rscin could not be written ({kind}: {text})"
-            if spec.few_shot is not None and few_record is None:  # no bank pass ran (nothing to score, or it failed)
-                few_record = fewshot.record(spec, run_dir, few_layout, few_missing, {}, {"built": [], "reused": []})
-            ended = dt.datetime.now(dt.timezone.utc)
-            record = {
-                "run_id": run_id,
-                "status": status,
-                "reason": reason,
-                "input": input_uri,
-                "layout": used_layout,
-                "output": run_dir,
-                "started": started.isoformat(),
-                "ended": ended.isoformat(),
-                "wall_seconds": round(time.monotonic() - t_start, 3),
-                "counts": {"images": len(manifest), "ok": n_ok, "failed": n_failed, "missing": n_missing},
-                "failed_by_stage": failed_by_stage,
-                "error_rate": rate,
-                "max_error_rate": spec.max_error_rate,
-                "random_weights": spec.random_weights,
-                "model": {k: values[k] for k in MODEL_KEYS},
-                "map_range": [values["map_min"], values["map_max"]],
-                "stage_seconds": {
-                    "list_wall": round(list_s, 3),
-                    "plan_wall": round(plan_s, 3),
-                    "first_result_wall": None if first_result_s is None else round(first_result_s, 3),
-                    "write_wall": round(write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
-                    **{f"{s}_busy": round(busy[s], 3) for s in TIMED_STAGES},
-                },
-                "plan": [*fewshot.plan_entries(spec), *mutual.plan_entries(spec),
-                         *({"stage": p.name, "kind": p.kind, **_fused_parts(p)} for p in stages)],
-                **({"few_shot": few_record} if few_record is not None else {}),
-                **({"mutual": mutual.record(spec, run_dir, pool_entries, pool_summary, rscin_record)}
-                   if spec.mutual is not None else {}),
-                "skipped_at_listing": skipped,
-                "first_result_rows": first_result_rows,
-                "labelled_images": int(manifest["gt_label"].notna().sum()),
-                **({"refine": {"refined": (refined := sum(m.get("refined", 0) for m in markers.values())),
-                               "kept": n_ok - refined, "failed": failed_by_stage.get("sam_refine", 0)}}
-                   if spec.sam_refine is not None else {}),
-                "shards": {"size": shard_size, "count": len(expected), "done": len(markers)},
-                "tables": {
-                    **{t: sink.files(t) if t in tables and not output_lost else [] for t in
-                       ("scores", "errors", "masks", "foreground", "tiles", "embeddings")},
-                    "inputs": fsio.join(run_dir, "inputs.parquet"),
-                },
-                "executor": executor,
-                "ray": session_info,
-                "log": fsio.join(run_dir, "logs", log_name) if log_name else None,
-                "host": socket.gethostname(),
-                "versions": versions(),
-                "spec": spec.redacted(),
-            }
-            try:
-                write_json(fsio.join(run_dir, "run.json"), record, storage)
+                p.run(ctx)
             except Exception as exc:
                 kind, text = failure(exc)
-                log(f"run.json could not be written to {run_dir} ({kind}: {text}); the finished shards there are intact")
-            if status != "succeeded" and n_missing and unusable_weights:  # the same spec would fail again
-                log(f"the run stopped on its spec or its weights ({plan_error}): fix them and start a new run; "
-                    f"a resume would run the same spec again")
-            elif status != "succeeded" and n_missing:
-                log(f"continue the run with: zsad resume {run_dir}")
-            exit_code = 0 if status == "succeeded" else (2 if unusable_weights else 1)
-            result = RunResult(run_id, run_dir, status, len(manifest), n_ok, n_failed, record, exit_code)
-            if then is not None:
-                then(result)  # e.g. the evaluation, in the same Ray session
-            return result
+                self.status, self.reason = "failed", f"the {p.name} pass could not be written ({kind}: {text})"
+                self.log(f"run failed: {self.reason}")
+                return
+
+    # ------------------------------------------------------------------ write the record
+    def write_record(self) -> RunResult:
+        spec, manifest, markers, values, sink = self.spec, self.manifest, self.markers, self.values, self.sink
+        ended = dt.datetime.now(dt.timezone.utc)
+        sections: dict[str, dict[str, Any]] = {}
+        for p in self.passes:
+            sections.setdefault(p.section, {}).update(p.record())
+        record = {
+            "run_id": self.run_id,
+            "status": self.status,
+            "reason": self.reason,
+            "input": self.input_uri,
+            "layout": self.used_layout,
+            "output": self.run_dir,
+            "started": self.started.isoformat(),
+            "ended": ended.isoformat(),
+            "wall_seconds": round(time.monotonic() - self.t_start, 3),
+            "counts": {"images": len(manifest), "ok": self.n_ok, "failed": self.n_failed, "missing": self.n_missing},
+            "failed_by_stage": self.failed_by_stage,
+            "error_rate": self.rate,
+            "max_error_rate": spec.max_error_rate,
+            "random_weights": spec.random_weights,
+            "model": {k: values[k] for k in MODEL_KEYS},
+            "map_range": [values["map_min"], values["map_max"]],
+            "stage_seconds": {
+                "list_wall": round(self.list_s, 3),
+                "plan_wall": round(self.plan_s, 3),
+                "first_result_wall": None if self.first_result_s is None else round(self.first_result_s, 3),
+                "write_wall": round(self.write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
+                **{f"{s}_busy": round(self.busy[s], 3) for s in TIMED_STAGES},
+            },
+            "plan": plan_entries(spec, self.stages, self.passes),
+            **sections,
+            "skipped_at_listing": self.skipped,
+            "first_result_rows": self.first_result_rows,
+            "labelled_images": int(manifest["gt_label"].notna().sum()),
+            **({"refine": {"refined": (refined := sum(m.get("refined", 0) for m in markers.values())),
+                           "kept": self.n_ok - refined, "failed": self.failed_by_stage.get("sam_refine", 0)}}
+               if spec.sam_refine is not None else {}),
+            "shards": {"size": self.shard_size, "count": len(self.expected), "done": len(markers)},
+            "tables": {
+                **{t: sink.files(t) if t in self.tables and not self.output_lost else [] for t in
+                   ("scores", "errors", "masks", "foreground", "tiles", "embeddings")},
+                "inputs": fsio.join(self.run_dir, "inputs.parquet"),
+            },
+            "executor": self.executor,
+            "ray": self.session_info,
+            "log": fsio.join(self.run_dir, "logs", self.log_name) if self.log_name else None,
+            "host": socket.gethostname(),
+            "versions": versions(),
+            "spec": spec.redacted(),
+        }
+        try:
+            write_json(fsio.join(self.run_dir, "run.json"), record, self.storage)
+        except Exception as exc:
+            from pipeline.runtime.session import failure
+
+            kind, text = failure(exc)
+            self.log(f"run.json could not be written to {self.run_dir} ({kind}: {text}); the finished shards there are intact")
+        if self.status != "succeeded" and self.n_missing and self.unusable_weights:  # the same spec would fail again
+            self.log(f"the run stopped on its spec or its weights ({self.plan_error}): fix them and start a new run; "
+                     f"a resume would run the same spec again")
+        elif self.status != "succeeded" and (self.n_missing or self.reason and "pass could not be written" in self.reason):
+            self.log(f"continue the run with: zsad resume {self.run_dir}")
+        exit_code = 0 if self.status == "succeeded" else (2 if self.unusable_weights else 1)
+        return RunResult(self.run_id, self.run_dir, self.status, len(manifest), self.n_ok, self.n_failed, record, exit_code)
+
+
+def _merged(parts) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        out.update(part)
+    return out

@@ -153,7 +153,17 @@ class ClipScoreStage:
                "error_stage": pa.string(), "error_type": pa.string(), "error_message": pa.string()}
         if self.tiling is not None:
             out.update(tile_scores=pa.list_(pa.float64()), tile_maps=TENSOR)
+        if self.loads_column:
+            out.update({"scorer": pa.string(), self.loads_column: pa.int64()})
         return out
+
+    @property
+    def loads_column(self) -> str | None:
+        """``bank_loads`` for a few-shot scorer (with ``scorer``, the actor: run.json counts loads per actor)."""
+        return "bank_loads" if self.few_shot is not None else None
+
+    def loads(self) -> int:
+        return self.bank_loads
 
     @property
     def produces(self) -> tuple[str, ...]:
@@ -366,16 +376,24 @@ class ClipScoreStage:
         if cached is not None:
             self._bank_cache.move_to_end(category)
             return cached
-        from pipeline.io.banks import read_bank
-
-        ref = self.banks[category]
-        tensors, _ = read_bank(ref["uri"], ref["digest"], self.storage)
-        bank = {k: precision.to_device(torch.from_numpy(v), self.device) for k, v in tensors.items()}
+        stored = self.open_stored(self.banks[category])
+        bank = {k: precision.to_device(torch.from_numpy(v), self.device) for k, v in stored.load().items()}
         self.bank_loads += 1
         self._bank_cache[category] = bank
         while len(self._bank_cache) > self.few_shot.max_cached_banks:
             self._bank_cache.popitem(last=False)
         return bank
+
+    def open_stored(self, ref: dict):
+        """A bank or pool from its manifest (:class:`pipeline.io.banks.StoredBank`: digest checked,
+        parts mapped), refused when it was computed at another precision than this actor runs."""
+        from pipeline.io.banks import BankError, StoredBank
+
+        stored = StoredBank(ref["uri"], ref["digest"], self.storage, self.weights_cache)
+        if stored.precision is not None and stored.precision != self.precision:
+            raise BankError(f"bank {ref['uri']}: computed at {stored.precision}, this actor runs {self.precision} "
+                            "(clip.precision resolves differently here): start a new run, or set clip.precision")
+        return stored
 
     @property
     def _chunks(self) -> tuple[int, int]:
@@ -599,6 +617,8 @@ class ClipScoreStage:
         scoring_mode = object_column([mode if errors.ok(i) else None for i in range(n)])
         out.update(cols, anomaly_map=maps, scoring_mode=scoring_mode, few_shot_k=few_k, reference_digest=ref_digest,
                    **extras, **errors.columns())
+        if self.loads_column:
+            out.update({"scorer": object_column([_actor_name()] * n), self.loads_column: np.full(n, self.loads(), np.int64)})
         return out
 
     def _log_split(self, size: int, half: int) -> None:
@@ -665,6 +685,14 @@ _PIXEL_MAPS = {
     "clipseg": ClipScoreStage._clipseg_grids,
     "april_gan": ClipScoreStage._april_gan_grids,
 }
+
+
+def _actor_name() -> str:
+    """This process as run.json names a scoring actor: host:pid."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _empty_tile_columns(n: int) -> dict[str, np.ndarray]:

@@ -6,8 +6,11 @@ CLIP model as :class:`pipeline.stages.clip_score.ClipScoreStage` does; per batch
 pass at ``pixel.image_size`` (squashed), keeps the raw outputs of ``pixel.layers`` and the unit image
 embedding, and scores each image against its category's pool
 (:mod:`pipeline.models.mutual`): the pool's standardised block tokens are read once per category
-from the run folder (``RUN/pools/<category>.safetensors``, digest checked) and kept for the
-``mutual.max_cached_pools`` most recent categories.
+from the run folder (``RUN/pools/<category>/``: its manifest, digest and precision checked, and
+its memory-mapped part files) and kept for the ``mutual.max_cached_pools`` most recent
+categories; a pool larger than ``mutual.max_pool_bytes`` is not held but read in chunks of images
+through the same running top-K. Each row says which actor scored it (``scorer``) and how many
+pools that actor had loaded (``pool_loads``).
 
 Each image is compared with P - 1 pool images: itself is left out when it is in the pool, else the
 pool's last image, so every image of a category has the same K. The map is upsampled (bilinear,
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -66,6 +68,13 @@ class MutualScoreStage(ClipScoreStage):
     def types(self) -> dict[str, object]:
         return {**super().types, "score_mutual": pa.float64(), "image_embedding": pa.list_(pa.float32())}
 
+    @property
+    def loads_column(self) -> str | None:
+        return "pool_loads"
+
+    def loads(self) -> int:
+        return self.pool_loads
+
     def _check_pixel_config(self) -> None:
         visual = self.model.visual
         blocks = len(visual.transformer.resblocks)
@@ -99,22 +108,54 @@ class MutualScoreStage(ClipScoreStage):
         return out
 
     def pool(self, category: str) -> dict:
-        """The pool of ``category`` on this actor's device: {"layers": {l: (P, M, C)}, "ids": [...]}."""
+        """The pool of ``category``: {"ids": [...], "layers": {l: (P, M, C)} on this actor's device}
+        when it fits in ``mutual.max_pool_bytes``, else {"ids", "stored", "chunk"}: the mapped parts,
+        read ``chunk`` images at a time while scoring. Opened once while cached."""
         cached = self._pool_cache.get(category)
         if cached is not None:
             self._pool_cache.move_to_end(category)
             return cached
-        from pipeline.io.banks import read_bank
-
-        ref = self.pools[category]
-        tensors, meta = read_bank(ref["uri"], ref["digest"], self.storage)
-        pool = {"layers": {l: precision.to_device(torch.from_numpy(tensors[f"layer{l}"]), self.device) for l in self.pixel.layers},
-                "ids": list(json.loads(meta["image_ids"]))}
+        stored = self.open_stored(self.pools[category])
+        keys = [f"layer{l}" for l in self.pixel.layers]
+        per_image = max(stored.image_bytes(keys), 1)
+        n = len(stored.image_ids)
+        if per_image * n <= self.mutual.max_pool_bytes:
+            pool = {"ids": list(stored.image_ids),
+                    "layers": {l: precision.to_device(torch.from_numpy(stored.rows(f"layer{l}")), self.device)
+                               for l in self.pixel.layers}}
+        else:
+            pool = {"ids": list(stored.image_ids), "stored": stored, "chunk": self._stream_chunk(per_image, stored)}
         self.pool_loads += 1
         self._pool_cache[category] = pool
         while len(self._pool_cache) > self.mutual.max_cached_pools:
             self._pool_cache.popitem(last=False)
         return pool
+
+    def _stream_chunk(self, per_image: int, stored) -> int:
+        """Pool images per read when streaming: as many as ``max_pool_bytes`` holds, rounded down to
+        a multiple of the images one nearest-patch block compares (``pool_chunk`` // patches), so
+        the running top-K sees the same blocks as the in-memory computation (equal results)."""
+        fit = max(1, self.mutual.max_pool_bytes // per_image)
+        info = stored._parts[0]["header"][f"layer{self.pixel.layers[0]}"] if stored._parts else None
+        patches = int(info["shape"][1]) if info else 1
+        block = max(1, self.mutual.pool_chunk // patches)
+        return fit - fit % block if fit >= block else fit
+
+    def _mutual_grids(self, queries, pool: dict, grid: int, k: int, exclude) -> "torch.Tensor":
+        """The mutual maps of queries against a pool held in memory, or streamed in chunks through
+        the same running top-K (:func:`pipeline.models.mutual.update`)."""
+        if "layers" in pool:
+            return mutual.mutual_map(queries, pool["layers"], grid, k, exclude, self.mutual.query_chunk, self.mutual.pool_chunk)
+        if k < 1:
+            raise mutual.PoolTooSmall(f"K = {k}: the pool is too small for the interval")
+        state = mutual.MutualState(k)
+        stored, step, p = pool["stored"], pool["chunk"], len(pool["ids"])
+        for j0 in range(0, p, step):
+            j1 = min(p, j0 + step)
+            part = {l: precision.to_device(torch.from_numpy(stored.rows(f"layer{l}", j0, j1)), self.device)
+                    for l in self.pixel.layers}
+            mutual.update(state, queries, part, grid, exclude[:, j0:j1], self.mutual.query_chunk, self.mutual.pool_chunk)
+        return mutual.finish(state, grid)
 
     # ---------------------------------------------------------------- scoring
     def _score_rows(self, images, categories, image_ids) -> dict[str, object]:
@@ -146,8 +187,7 @@ class MutualScoreStage(ClipScoreStage):
                 exclude[row, position.get(image_ids[i], p - 1)] = True  # itself, else the pool's last image
             k = mutual.interval_k(p - 1, self.mutual.interval)
             t = torch.from_numpy(idx).to(emb.device)
-            grids[t] = mutual.mutual_map({key: v[t] for key, v in queries.items()}, pool["layers"], grid, k,
-                                         exclude, self.mutual.query_chunk, self.mutual.pool_chunk)
+            grids[t] = self._mutual_grids({key: v[t] for key, v in queries.items()}, pool, grid, k, exclude)
         side = self.pixel.image_size
         score = mutual.upsample(grids, (side, side)).amax(dim=(1, 2)).double().cpu().numpy()
         maps, max_pixel = [], np.full(b, np.nan)

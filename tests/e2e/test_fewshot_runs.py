@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.io import contracts
 from pipeline.io import fs as fsio
-from pipeline.io.banks import read_bank
+from pipeline.io.banks import StoredBank, read_manifest
 from pipeline.synthetic import make_dataset
 from tests.e2e.test_cli_run import check_run, read_table
 from tests.helpers.zsad import TINY as _TINY, zsad
@@ -46,11 +46,13 @@ def check_fewshot_run(run_dir, method, n_images, categories, k, storage=None, wi
     assert refs["uri"].str.contains("/train/good/").all()
     for cat in categories:
         bank = few["banks"][cat]
-        tensors, meta = read_bank(bank["uri"], bank["digest"], storage)
-        assert meta["method"] == method and int(meta["k"]) == k and bank["built"] is True
-        settings = json.loads(meta["settings"])  # the model spec and the method's feature settings
+        tensors = StoredBank(bank["uri"], bank["digest"], storage).load()  # parts written by the workers
+        meta = read_manifest(bank["uri"], storage)
+        assert meta["method"] == method and int(meta["k"]) == k and bank["built"] is True and bank["parts"] >= 1
+        settings = meta["settings"]  # the model spec, the resolved precision and the method's feature settings
         assert settings["clip"]["model"] == "zsad-tiny" and settings["clip"]["weights"] == "random"
-        assert json.loads(meta["references"]) == list(refs[refs["category"] == cat].sort_values("shot")["uri"])
+        assert settings["clip"]["precision"] == meta["precision"] == bank["precision"] == "fp32"
+        assert meta["references"] == list(refs[refs["category"] == cat].sort_values("shot")["uri"])
         n_rows = {key: v.shape[0] for key, v in tensors.items()}
         assert len(set(n % k for n in n_rows.values())) == 1  # k images' features stacked per key
     zero = scores[scores["category"].isin(without)]
@@ -111,7 +113,8 @@ def test_fade_fewshot_locally_with_a_category_without_references(tmp_path):
     assert "scoring them zero-shot" in res.stderr and "built 2 bank(s)" in res.stderr
     run_dir = tmp_path / "out" / "lenient"
     check_fewshot_run(str(run_dir), "fade", 6, ["gear", "plate"], 2, without=["screw"])
-    assert sorted(os.listdir(run_dir / "banks")) == ["gear.safetensors", "plate.safetensors"]
+    assert sorted(os.listdir(run_dir / "banks")) == ["gear", "plate"]  # one folder per category: parts + manifest
+    assert all("manifest.json" in os.listdir(run_dir / "banks" / c) for c in ("gear", "plate"))
     record = json.loads((run_dir / "run.json").read_text())
     assert record["few_shot"]["reference_layout"] == "mvtec"
 
@@ -140,6 +143,6 @@ def test_fewshot_preset_on_s3(method, tmp_path, s3_bucket, s3_env):
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = f"s3://{s3_bucket}/runs/s3fs"
     scores, record = check_fewshot_run(run_dir, method, 3, ["gear"], 2, storage)
-    assert record["few_shot"]["banks"]["gear"]["uri"] == f"{run_dir}/banks/gear.safetensors"
+    assert record["few_shot"]["banks"]["gear"]["uri"] == f"{run_dir}/banks/gear/manifest.json"
     assert scores["uri"].str.startswith(f"{data}/gear/test/").all()
     assert contracts.load("scores").version == 5

@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline.io import contracts
 from pipeline.io import fs as fsio
-from pipeline.io.banks import read_bank
+from pipeline.io.banks import StoredBank
 from pipeline.synthetic import make_dataset
 from tests.e2e.test_cli_run import check_run, read_table
 from tests.helpers.zsad import TINY as _TINY, zsad
@@ -88,9 +88,11 @@ def check_musc_run(run_dir, n_images, categories, storage=None, n_failed=0, k_li
     vectors = {i: np.asarray(v, dtype=np.float64) for i, v in zip(emb["image_id"], emb["image_embedding"])}
     for cat in categories:
         entry = mu["pools"][cat]
-        tensors, meta = read_bank(entry["uri"], entry["digest"], storage)
+        stored = StoredBank(entry["uri"], entry["digest"], storage)  # written by the workers: parts + manifest
+        tensors = stored.load()
         chosen = pools[pools["category"] == cat].sort_values("shot")
-        assert json.loads(meta["image_ids"]) == list(chosen["image_id"]) and entry["images"] == len(chosen)
+        assert stored.image_ids == list(chosen["image_id"]) and entry["images"] == len(chosen)
+        assert stored.precision == entry["precision"] == "fp32" and entry["parts"] >= 1
         assert all(tensors[f"layer{l}"].shape[0] == len(chosen) for l in LAYERS)
         sc = ok[ok["category"] == cat].sort_values("image_id")
         e = np.stack([vectors[i] for i in sc["image_id"]])
@@ -116,7 +118,7 @@ def test_musc_preset_locally_with_resume_and_a_too_small_category(tmp_path):
     run_dir = str(out / "r1")
     scores, errors, record, pools = check_musc_run(run_dir, 18, ["gear", "tile"], n_failed=4)
     assert sorted(pools.groupby("category").size().items()) == [("gear", 5), ("nut", 4), ("tile", 5)]
-    assert record["mutual"]["pools"]["nut"]["images"] == 4 and not os.path.exists(out / "r1" / "pools" / "nut.safetensors")
+    assert record["mutual"]["pools"]["nut"]["images"] == 4 and not os.path.exists(out / "r1" / "pools" / "nut" / "manifest.json")
     # the category of 4 images: a clear per-row error, never a NaN score
     assert set(errors["error_type"]) == {"PoolTooSmall"} and errors["message"].str.contains("at least 5").all()
     assert scores.loc[scores["category"] == "nut", "score"].isna().all()
@@ -148,7 +150,7 @@ def test_musc_fast_preset_on_s3_with_the_whole_category_as_pool(tmp_path, s3_buc
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = f"s3://{s3_bucket}/runs/s3musc"
     scores, _, record, pools = check_musc_run(run_dir, 6, ["gear"], storage)
-    assert record["mutual"]["pools"]["gear"]["uri"] == f"{run_dir}/pools/gear.safetensors"
+    assert record["mutual"]["pools"]["gear"]["uri"] == f"{run_dir}/pools/gear/manifest.json"
     assert len(pools) == 6 and record["spec"]["name"] == "musc_fast"  # pool = the whole category: MuSc exactly
     assert contracts.load("scores").version == 5
     assert scores["uri"].str.startswith(f"{data}/gear/test/").all()

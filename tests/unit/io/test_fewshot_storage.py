@@ -1,5 +1,6 @@
-"""Few-shot files on the loopback S3 server, without Ray: references.parquet, bank files (whole and
-header-only reads, digest check), and APRIL-GAN's transductive pass rewriting scores shards in place."""
+"""Few-shot files on the loopback S3 server, without Ray: references.parquet, a bank as part files and
+a manifest (read through the node cache, mapped, digest checked), and APRIL-GAN's transductive pass
+(per-category tasks, side tables, scores shards rewritten in place)."""
 
 import numpy as np
 import pandas as pd
@@ -8,27 +9,34 @@ import pytest
 
 from pipeline.io import contracts
 from pipeline.io import fs as fsio
-from pipeline.io.banks import BankError, bank_uri, read_bank, read_bank_metadata, write_bank
+from pipeline.io.banks import BankError, StoredBank, category_dir, manifest_uri, write_manifest, write_part
 from pipeline.io.references import read_references, write_references
 from pipeline.io.sinks import write_table
-from pipeline.runtime.fewshot import rescore_transductive
+from pipeline.runtime import rescore
 
 
-def test_bank_and_references_round_trip_on_s3(s3_bucket, s3_env):
+def test_bank_and_references_round_trip_on_s3(s3_bucket, s3_env, tmp_path):
     storage = fsio.storage_options()
     run_dir = f"s3://{s3_bucket}/runs/r1"
-    uri = bank_uri(run_dir, "pcb 1/x")
-    assert uri == f"{run_dir}/banks/pcb%201%2Fx.safetensors"  # any category name is one object
-    tensors = {"patch": np.arange(12, dtype=np.float32).reshape(3, 4), "window2": np.ones((2, 5), np.float32)}
-    size = write_bank(uri, tensors, {"category": "pcb 1/x", "digest": "d" * 64, "k": 3, "references": ["a", "b"]}, storage)
-    meta = read_bank_metadata(uri, storage)
-    assert meta["digest"] == "d" * 64 and meta["k"] == "3" and int(meta["bytes"]) == size
-    got, meta = read_bank(uri, "d" * 64, storage)
-    assert set(got) == set(tensors) and all(np.array_equal(got[k], tensors[k]) for k in tensors)
+    folder = category_dir(run_dir, "pcb 1/x")
+    assert folder == f"{run_dir}/banks/pcb%201%2Fx"  # any category name is one folder
+    feats = [{"patch": np.arange(12, dtype=np.float32).reshape(3, 4) + 100 * i, "window2": np.full((2, 5), i, np.float32)}
+             for i in range(3)]
+    meta = {"category": "pcb 1/x", "digest": "d" * 64, "precision": "fp32"}
+    parts = [write_part(folder, feats[:2], ["a", "b"], meta, storage), write_part(folder, feats[2:], ["c"], meta, storage)]
+    uri = manifest_uri(run_dir, "pcb 1/x")
+    write_manifest(uri, {"category": "pcb 1/x", "digest": "d" * 64, "precision": "fp32", "image_ids": ["c", "a", "b"],
+                         "parts": parts, "k": 3}, storage)
+    bank = StoredBank(uri, "d" * 64, storage, cache=str(tmp_path / "cache"))
+    assert bank.image_ids == ["c", "a", "b"] and bank.keys == ["patch", "window2"] and bank.precision == "fp32"
+    got = bank.load()  # in manifest order, from the node's copies of the parts
+    np.testing.assert_array_equal(got["patch"], np.concatenate([feats[2]["patch"], feats[0]["patch"], feats[1]["patch"]]))
+    np.testing.assert_array_equal(bank.rows("window2", 1, 3), np.concatenate([feats[0]["window2"], feats[1]["window2"]]))
+    assert len(list((tmp_path / "cache" / "run-parts").glob("*.safetensors"))) == 2  # downloaded once per node
     with pytest.raises(BankError, match="built for something else"):
-        read_bank(uri, "e" * 64, storage)
-    with pytest.raises(FileNotFoundError):
-        read_bank_metadata(bank_uri(run_dir, "missing"), storage)
+        StoredBank(uri, "e" * 64, storage, cache=str(tmp_path / "cache"))
+    with pytest.raises(BankError, match="no such manifest"):
+        StoredBank(manifest_uri(run_dir, "missing"), None, storage)
 
     chosen = pd.DataFrame({"category": ["a", "a"], "shot": [0, 1], "uri": ["s3://b/x.png", "s3://b/x.png"],
                            "image_id": ["i", "i"], "etag": ["e1", "e1"], "size": pd.array([5, 5], "Int64"),
@@ -55,7 +63,10 @@ def test_transductive_pass_rewrites_the_scores_shards_on_s3(s3_bucket, s3_env):
         uri = f"s3://{s3_bucket}/runs/r2/scores/shard-{shard:05d}.parquet"
         write_table(uri, pd.DataFrame(cols), "scores", storage)
         files.append(uri)
-    assert rescore_transductive(files, storage, lambda m: None) == 4
+    job = rescore.Rescore("transductive", "score_transductive")
+    summary = rescore.run(job, {"a": 2, "b": 2}, files, [], f"s3://{s3_bucket}/runs/r2", storage, {"executor": "local"},
+                          lambda m: None)
+    assert summary["images"] == 4 and summary["categories_computed"] == ["a", "b"]
     fs, _ = fsio.filesystem(files[0], storage)
     got = {}
     for uri in files:

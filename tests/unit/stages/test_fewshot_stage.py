@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from pipeline.config import load_spec
-from pipeline.io.banks import BankError, bank_uri, read_bank, write_bank
+from pipeline.io.banks import BankError, StoredBank, manifest_uri, write_manifest
 from pipeline.models import fewshot, pixel
 from pipeline.ops.heatmap import map_shape
 from pipeline.runtime import fewshot as fewshot_run
-from pipeline.stages.bank import BankStage, bank_digest, unpack_features
+from pipeline.runtime.passes import RunContext
+from pipeline.stages.bank import BankStage, BankTarget, bank_digest
 from pipeline.stages.clip_score import ClipScoreStage
 from tests.helpers.batches import image_batch
 
@@ -39,17 +40,21 @@ def _images(seed, n, size=(72, 96)):
 
 
 def build_banks(spec, tmp_path, refs: dict[str, list[np.ndarray]]):
-    """Banks of ``refs`` through the bank stage's own code, written as the driver writes them."""
-    stage = BankStage.from_spec(spec)
+    """Banks of ``refs`` through the bank stage's own code (the actor writes the parts), with the
+    manifest the driver writes from the rows' metadata."""
+    run_dir = str(tmp_path / "run")
     banks = {}
     for cat, images in refs.items():
-        out = stage(image_batch(images, [cat] * len(images)))
-        assert list(out["status"]) == ["ok"] * len(images) and np.all(out["bank_ms"] > 0)
-        parts = [unpack_features(b) for b in out["bank_features"]]
-        tensors = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        digest = bank_digest(spec, f"refs-{cat}", len(images))
-        uri = bank_uri(str(tmp_path / "run"), cat)
-        write_bank(uri, tensors, {"category": cat, "digest": digest, "k": len(images)})
+        digest = bank_digest(spec, f"refs-{cat}", len(images), "fp32")
+        stage = BankStage.from_spec(spec, target=BankTarget(run_dir, "banks", {cat: digest}))
+        ids = [f"{cat}-{i}" for i in range(len(images))]
+        out = stage(image_batch(images, [cat] * len(images), image_id=ids))
+        assert list(out["status"]) == ["ok"] * len(images) and np.all(out["bank_ms"] > 0) and "image" not in out
+        assert set(out["bank_precision"]) == {"fp32"} and len(set(out["bank_part"])) == 1  # one part per category
+        parts = [{"name": out["bank_part"][0], "bytes": int(out["bank_part_bytes"][0]), "sha256": out["bank_part_sha256"][0]}]
+        uri = manifest_uri(run_dir, cat)
+        write_manifest(uri, {"category": cat, "digest": digest, "precision": "fp32", "image_ids": ids, "parts": parts,
+                             "k": len(images)})
         banks[cat] = {"uri": uri, "digest": digest, "k": len(images), "reference_digest": f"refs-{cat}"}
     return banks
 
@@ -148,7 +153,7 @@ def test_a_bank_with_another_digest_is_refused(tmp_path):
     spec = spec_for("fade")
     banks = build_banks(spec, tmp_path, {"a": _images(8, 1)})
     with pytest.raises(BankError, match="built for something else"):
-        read_bank(banks["a"]["uri"], "0" * 64)
+        StoredBank(banks["a"]["uri"], "0" * 64)
     stage = ClipScoreStage.from_spec(spec)
     stage.banks = {"a": {**banks["a"], "digest": "1" * 64}}
     out = stage(image_batch(_images(9, 1), ["a"]))
@@ -161,17 +166,25 @@ def test_a_bank_with_another_digest_is_refused(tmp_path):
 
 def test_stored_banks_are_reused_and_a_changed_spec_is_an_error(tmp_path):
     """What a resumed run does: banks already in the run folder with the expected digest are used as
-    they are (no Ray pass: there is no session here); a bank built for another spec is an error."""
+    they are (no pass runs: the session is never opened here); a bank built for another spec is an error."""
     spec = spec_for("winclip")
     run_dir = str(tmp_path / "run")
     chosen = pd.DataFrame({"category": ["gear"], "shot": [0], "uri": ["/r/0.png"], "image_id": ["x"], "etag": [None],
                            "size": pd.array([10], "Int64"), "mtime": pd.array([1.0], "Float64")})
-    entries = fewshot_run._bank_entries(spec, chosen, run_dir)
-    write_bank(entries["gear"]["uri"], {"patch": np.ones((3, 4), np.float32)}, {"digest": entries["gear"]["digest"], "k": 1})
-    got, summary = fewshot_run.build_banks(spec, chosen, run_dir, None, session=None, log=lambda m: None)
+    entries = fewshot_run.bank_entries(spec, chosen, run_dir, "fp32")
+    write_manifest(entries["gear"]["uri"], {"category": "gear", "digest": entries["gear"]["digest"], "precision": "fp32",
+                                            "image_ids": ["x"], "parts": [], "k": 1})
+
+    def no_session():
+        raise AssertionError("a reused bank needs no session")
+
+    ctx = RunContext(spec, run_dir, None, lambda m: None, open_session=no_session)
+    got, summary = fewshot_run.build_banks(spec, chosen, ctx, "fp32")
     assert summary["built"] == [] and summary["reused"] == ["gear"] and got["gear"]["built"] is False
-    with pytest.raises(fewshot_run.FewShotError, match="another spec or other references"):
-        fewshot_run.build_banks(spec_for("winclip", "pixel.window_sizes=[2]"), chosen, run_dir, None, None, lambda m: None)
+    with pytest.raises(fewshot_run.FewShotError, match="another spec or other images"):
+        fewshot_run.build_banks(spec_for("winclip", "pixel.window_sizes=[2]"), chosen, ctx, "fp32")
+    with pytest.raises(fewshot_run.FewShotError, match=r"precision \(fp32 stored, bf16 now\)"):
+        fewshot_run.build_banks(spec, chosen, ctx, "bf16")  # a GPU run does not reuse a CPU run's bank
 
 
 def test_transductive_score_is_the_per_category_min_max():

@@ -129,7 +129,8 @@ def test_mutual_presets_and_rules(tmp_path):
         "ViT-B-16-plus-240", "laion400m_e31", (3, 6, 9, 12), 240)
     for spec in (musc, fast):
         assert spec.pixel.degrees == (1, 3, 5) and spec.mutual.pool_size == 200 and spec.mutual.rscin
-        assert spec.mutual.k_list == (1, 2, 3) and spec.score.kind == "mutual" and spec.map_range() == (0.0, 2.0)
+        assert spec.mutual.k_list is None and spec.mutual.windows("mvtec") == (1, 2, 3)  # by the layout, as MuSc
+        assert spec.mutual.windows("visa") == (1, 8, 9) and spec.score.kind == "mutual" and spec.map_range() == (0.0, 2.0)
     p = tmp_path / "job.yaml"
     p.write_text("clip: {model: zsad-tiny, weights: null}\nallow_random_weights: true\npixel: {kind: mutual}\n")
     implied = load_spec(str(p))

@@ -106,6 +106,26 @@ def _read_category(files: list[str], columns: list[str], category: str, storage:
     return pd.concat(frames, ignore_index=True)
 
 
+def _read_embeddings(files: list[str], category: str, storage: StorageOptions | None) -> tuple[list[str], np.ndarray]:
+    """(image ids, float32 (N, E) matrix) of ``category``'s rows of the embeddings shards, read as
+    Arrow (the list column flattened, no Python object per value)."""
+    ids: list[str] = []
+    blocks: list[np.ndarray] = []
+    for uri in files:
+        fs, path = fsio.filesystem(uri, storage)
+        with fs.open(path, "rb") as fh:
+            t = pq.read_table(fh, columns=["image_id", "image_embedding"], filters=[("category", "=", category)])
+        if not t.num_rows:
+            continue
+        col = t.column("image_embedding").combine_chunks()
+        values = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        blocks.append(values.reshape(t.num_rows, -1))
+        ids += t.column("image_id").to_pylist()
+    if not blocks:
+        return [], np.zeros((0, 1), np.float32)
+    return ids, np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+
+
 def _write_table(uri: str, table: pa.Table, storage: StorageOptions | None) -> None:
     """A whole Parquet file, atomically (local: temporary name + rename; object store: one PUT)."""
     buf = io.BytesIO()
@@ -135,16 +155,16 @@ def category_values(rescore: Rescore, category: str, first: int, last: int, scor
     uri = side_uri(run_dir, rescore.name, category, first)
     if rescore.name == "rscin":
         frame = _read_category(score_files, ["image_id", "category", "score_mutual"], category, storage)
-        emb = _read_category(embedding_files, ["image_id", "category", "image_embedding"], category, storage)
-        frame = frame[frame["score_mutual"].notna()].merge(emb[["image_id", "image_embedding"]], on="image_id")
+        ids_e, matrix = _read_embeddings(embedding_files, category, storage)
+        at = {iid: j for j, iid in enumerate(ids_e)}
+        frame = frame[frame["score_mutual"].notna() & frame["image_id"].isin(at)]
         frame = frame.sort_values("image_id", kind="stable").reset_index(drop=True)
-        e = (np.stack([np.asarray(v, np.float32) for v in frame["image_embedding"]]) if len(frame)
-             else np.zeros((0, 1), np.float32))
+        e = matrix[[at[i] for i in frame["image_id"]]] if len(frame) else np.zeros((0, 1), np.float32)
         s = frame["score_mutual"].to_numpy(np.float64).copy()
         h = hashlib.sha256(repr((rescore, first, last)).encode())
         h.update("\0".join(frame["image_id"]).encode())
         h.update(s.tobytes())
-        h.update(e.tobytes())
+        h.update(np.ascontiguousarray(e).tobytes())
     else:
         frame = _read_category(score_files, ["image_id", "category", "score_language", "score_fewshot"], category, storage)
         frame = frame.sort_values("image_id", kind="stable").reset_index(drop=True)
@@ -162,7 +182,8 @@ def category_values(rescore: Rescore, category: str, first: int, last: int, scor
 
             from pipeline.models.mutual import rscin
 
-            values = rscin(torch.from_numpy(s), torch.from_numpy(e.astype(np.float64)), rescore.k_list,
+            block = max(1, (256 << 20) // (8 * max(len(frame), 1)))  # query rows per similarity block: <= 256 MB
+            values = rscin(torch.from_numpy(s), torch.from_numpy(e.astype(np.float64)), rescore.k_list, chunk=block,
                            rows=(first, stop)).numpy()
         else:
             values = np.zeros(0)

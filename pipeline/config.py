@@ -469,7 +469,7 @@ class MutualSpec(_Model):
     Per category a *pool* of images of the input is chosen deterministically (the
     ``pool_size + 1`` images with the smallest sha256 of ``seed`` and their URI; the whole category
     when it has at most ``pool_size + 1`` images), written to ``RUN/pools.parquet``; the pool's
-    features are computed once per category (``RUN/pools/<category>.safetensors``, reused on resume)
+    features are computed once per category (``RUN/pools/<category>/``: part files written by the actors and a manifest, reused on resume)
     and read by the scoring actors. Every image of the category is compared with ``P - 1`` pool
     images, P the pool's size (itself left out when it is in the pool, else the pool's last image),
     so with a whole-category pool the result is MuSc exactly. Per patch the mean of the

@@ -75,3 +75,7 @@ def test_transductive_pass_rewrites_the_scores_shards_on_s3(s3_bucket, s3_env):
         assert t.schema.metadata[b"zsad.table"] == b"scores"
         got.update(zip(t.column("score_language").to_pylist(), t.column("score_transductive").to_pylist()))
     np.testing.assert_allclose([got[0.2], got[0.4], got[0.6], got[0.8]], [0.1, 0.7, 0.3, 0.9])
+    # the same values as the whole computation in one process (the driver's function before issue 28)
+    frame = pd.DataFrame({"category": [c for c, _, _ in rows], "score_language": [s for _, s, _ in rows],
+                          "score_fewshot": [f for _, _, f in rows]})
+    np.testing.assert_array_equal([got[s] for s in frame["score_language"]], rescore.transductive_scores(frame).to_numpy())

@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.runtime.passes import CategoryPass, RunContext
+
 from pipeline.config import JobSpec
 from pipeline.io.banks import BankError, manifest_uri, read_manifest, write_manifest
 from pipeline.io.fs import StorageOptions
@@ -165,3 +167,48 @@ class LoadTally:
         for actor, n in zip(batch.column("scorer").to_pylist(), batch.column(self.column).to_pylist()):
             if actor is not None and n is not None:
                 self.by_actor[actor] = max(self.by_actor.get(actor, 0), int(n))
+
+
+class FeaturePass(CategoryPass):
+    """A pass that builds features on the workers before the plan (banks, pools): the chosen images
+    (a Parquet file of the run folder, :attr:`chosen_file`), the stored entries per category, the
+    build summary and the loads per scoring actor. Subclasses choose and build."""
+
+    #: the run folder's file with the choice (references.parquet, pools.parquet)
+    chosen_file = ""
+    #: the scoring rows' column counting this actor's loads
+    loads_column = ""
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__(spec)
+        self.chosen = pd.DataFrame()
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.summary: dict[str, Any] = {"built": [], "reused": []}
+        self.loads = LoadTally(self.loads_column)
+        self.result_columns = ("scorer", self.loads_column)
+        self.run_dir = ""
+
+    def plan_entries(self, resources: bool = False) -> list[dict[str, Any]]:
+        """As the run's plan lists it (before the per-image stages): the bank stage, an actor pool with
+        ``resources.clip_score``, over the decoded chosen images."""
+        extra = self.spec.resources.clip_score.model_dump(exclude_none=True) if resources else {}
+        return [{"stage": "bank", "kind": "actor", "pass": self.name, **extra}]
+
+    def chosen_uri(self, run_dir: str) -> str:
+        from pipeline.io import fs as fsio
+
+        return fsio.join(run_dir, self.chosen_file)
+
+    def save(self, ctx: RunContext) -> None:
+        from pipeline.io.references import write_references
+
+        write_references(self.chosen, self.chosen_uri(ctx.run_dir), ctx.storage)
+
+    def restore(self, ctx: RunContext, plan: dict[str, Any]) -> None:
+        from pipeline.io.references import read_references
+
+        self.run_dir = ctx.run_dir
+        self.chosen = read_references(self.chosen_uri(ctx.run_dir), ctx.storage)
+
+    def observe(self, batch) -> None:
+        self.loads.observe(batch)

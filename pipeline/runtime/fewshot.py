@@ -37,7 +37,7 @@ from pipeline.io.references import (
     REFERENCE_FILE, choose_references, list_references, read_references, references_digest, write_references,
 )
 from pipeline.runtime import rescore
-from pipeline.runtime.features import FeatureError, LoadTally, actor_precision, build, stored
+from pipeline.runtime.features import FeatureError, FeaturePass, actor_precision, build, stored
 from pipeline.runtime.passes import CategoryPass, PassError, RunContext
 from pipeline.runtime.rescore import transductive_scores  # noqa: F401 - the function the pass computes, by name
 from pipeline.stages.bank import bank_digest, bank_settings
@@ -90,32 +90,22 @@ def bank_entries(spec: JobSpec, chosen: pd.DataFrame, run_dir: str, precision: s
     return out
 
 
-class BanksPass(CategoryPass):
+class BanksPass(FeaturePass):
     """Few-shot memory banks, built on the workers before the plan."""
 
     name = "references"
     section = "few_shot"
-    result_columns = ("scorer", "bank_loads")
+    chosen_file = REFERENCE_FILE
+    loads_column = "bank_loads"
 
     def __init__(self, spec: JobSpec) -> None:
         super().__init__(spec)
-        self.chosen = pd.DataFrame()
         self.missing: list[str] = []
         self.layout: str | None = None
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.summary: dict[str, Any] = {"built": [], "reused": []}
-        self.loads = LoadTally("bank_loads")
-        self.run_dir = ""
 
     @classmethod
     def applies(cls, spec: JobSpec) -> bool:
         return spec.few_shot is not None
-
-    def plan_entries(self, resources: bool = False) -> list[dict[str, Any]]:
-        """The bank pass as the run's plan lists it (before the per-image stages): the bank stage, an
-        actor pool with ``resources.clip_score``, over the decoded reference images."""
-        extra = self.spec.resources.clip_score.model_dump(exclude_none=True) if resources else {}
-        return [{"stage": "bank", "kind": "actor", "pass": "references", **extra}]
 
     def choose(self, ctx: RunContext) -> None:
         self.run_dir = ctx.run_dir
@@ -124,16 +114,12 @@ class BanksPass(CategoryPass):
         except FewShotError as exc:
             raise PassError(str(exc), exit_code=2) from None
 
-    def save(self, ctx: RunContext) -> None:
-        write_chosen(self.chosen, ctx.run_dir, ctx.storage)
-
     def plan_record(self) -> dict[str, Any]:
         return {"few_shot": {"layout": self.layout, "missing": self.missing}}
 
     def restore(self, ctx: RunContext, plan: dict[str, Any]) -> None:
-        self.run_dir = ctx.run_dir
+        super().restore(ctx, plan)
         self.missing, self.layout = list(plan["few_shot"]["missing"]), plan["few_shot"]["layout"]
-        self.chosen = read_chosen(ctx.run_dir, ctx.storage)
 
     def dry_run(self, ctx: RunContext) -> dict[str, Any]:
         self.choose(ctx)
@@ -147,9 +133,6 @@ class BanksPass(CategoryPass):
 
     def stage_inputs(self) -> dict[str, Any]:
         return {"banks": self.entries}
-
-    def observe(self, batch) -> None:
-        self.loads.observe(batch)
 
     def record(self) -> dict[str, Any]:
         return record(self.spec, references_uri(self.run_dir), self.layout, self.missing, self.entries, self.summary,

@@ -37,7 +37,7 @@ from pipeline.io.banks import manifest_uri
 from pipeline.io.fs import StorageOptions
 from pipeline.io.references import REFERENCE_COLUMNS, read_references, references_digest, write_references
 from pipeline.runtime import rescore
-from pipeline.runtime.features import FeatureError, LoadTally, actor_precision, build, stored
+from pipeline.runtime.features import FeatureError, FeaturePass, actor_precision, build, stored
 from pipeline.runtime.passes import CategoryPass, PassError, RunContext
 from pipeline.runtime.rescore import rscin_scores  # noqa: F401 - the function the pass computes, by name
 from pipeline.stages.bank import bank_digest, bank_settings
@@ -90,39 +90,21 @@ def read_chosen(run_dir: str, storage: StorageOptions | None) -> pd.DataFrame:
     return read_references(pools_uri(run_dir), storage)
 
 
-class PoolsPass(CategoryPass):
+class PoolsPass(FeaturePass):
     """MuSc's pools, built on the workers before the plan."""
 
     name = "pools"
     section = "mutual"
-    result_columns = ("scorer", "pool_loads")
-
-    def __init__(self, spec: JobSpec) -> None:
-        super().__init__(spec)
-        self.chosen = pd.DataFrame()
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.summary: dict[str, Any] = {"built": [], "reused": []}
-        self.loads = LoadTally("pool_loads")
-        self.run_dir = ""
+    chosen_file = POOL_FILE
+    loads_column = "pool_loads"
 
     @classmethod
     def applies(cls, spec: JobSpec) -> bool:
         return spec.mutual is not None
 
-    def plan_entries(self, resources: bool = False) -> list[dict[str, Any]]:
-        extra = self.spec.resources.clip_score.model_dump(exclude_none=True) if resources else {}
-        return [{"stage": "bank", "kind": "actor", "pass": "pools", **extra}]
-
     def choose(self, ctx: RunContext) -> None:
         self.run_dir = ctx.run_dir
         self.chosen = choose(self.spec, ctx.manifest)
-
-    def save(self, ctx: RunContext) -> None:
-        write_chosen(self.chosen, ctx.run_dir, ctx.storage)
-
-    def restore(self, ctx: RunContext, plan: dict[str, Any]) -> None:
-        self.run_dir = ctx.run_dir
-        self.chosen = read_chosen(ctx.run_dir, ctx.storage)
 
     def dry_run(self, ctx: RunContext) -> dict[str, Any]:
         pools = choose(self.spec, ctx.manifest).groupby("category").size()
@@ -137,9 +119,6 @@ class PoolsPass(CategoryPass):
 
     def stage_inputs(self) -> dict[str, Any]:
         return {"pools": self.entries}
-
-    def observe(self, batch) -> None:
-        self.loads.observe(batch)
 
     def record(self) -> dict[str, Any]:
         m = self.spec.mutual

@@ -93,7 +93,18 @@ def test_fewshot_preset_runs_locally(method, tmp_path):
     res = run_preset(method, str(tmp_path / "data"), str(tmp_path / "out"), "fs1", "--set", "few_shot.k=2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "built 2 bank(s)" in res.stderr and "metrics:" in res.stdout
-    check_fewshot_run(str(tmp_path / "out" / "fs1"), method, 6, ["gear", "plate"], 2)
+    scores, _ = check_fewshot_run(str(tmp_path / "out" / "fs1"), method, 6, ["gear", "plate"], 2)
+    if method == "winclip":  # interrupted after the bank pass (no run.json, no shard done): the banks are reused
+        run_dir = tmp_path / "out" / "fs1"
+        os.remove(run_dir / "run.json")
+        shutil.rmtree(run_dir / "_done")
+        res = zsad("resume", str(run_dir), "--no-evaluate")
+        assert res.returncode == 0, res.stderr[-3000:]
+        few = json.loads((run_dir / "run.json").read_text())["few_shot"]
+        assert few["banks_reused"] == ["gear", "plate"] and few["banks_built"] == []
+        assert sum(few["bank_loads_by_actor"].values()) == 2  # grouped by category: each bank loaded once
+        again = read_table(fsio.join(str(run_dir), "scores")).to_pandas().set_index("image_id").sort_index()
+        np.testing.assert_allclose(again["score"], scores.set_index("image_id").sort_index()["score"], rtol=0, atol=1e-6)
 
 
 def test_fade_fewshot_locally_with_a_category_without_references(tmp_path):

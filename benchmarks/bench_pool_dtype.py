@@ -28,7 +28,6 @@ import tempfile
 import time
 
 import numpy as np
-import yaml
 
 from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
 

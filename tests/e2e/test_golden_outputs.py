@@ -60,6 +60,14 @@ def _check(name, executor, root):
     got = read_tables(run_dir, root / "in", tables)
     for table in tables:
         _same(f"{name} ({executor})", table, got[table], pq.read_table(HERE / name / f"{table}.parquet"))
+    if name.startswith("musc"):  # the passes ran on the executor's workers: parts, tasks, one load per pool
+        import json
+
+        mu = json.loads((run_dir / "run.json").read_text() if hasattr(run_dir, "read_text")
+                        else open(f"{run_dir}/run.json").read())["mutual"]
+        assert all(p["parts"] >= 1 for p in mu["pools"].values() if p["images"] >= 5)
+        assert mu["rscin_pass"]["tasks"] == len(mu["pools"]) and mu["rscin_pass"]["categories_computed"]
+        assert sum(mu["pool_loads_by_actor"].values()) >= len(mu["rscin_pass"]["categories_computed"])
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

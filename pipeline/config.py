@@ -550,7 +550,15 @@ class FewShotSpec(_Model):
     recipe; ``gem``: the GEM stream's), at ``pixel.scales``. ``query_chunk``/``bank_chunk``:
     rows per block of the exact nearest-neighbour search (memory per block = their product x 4
     bytes). ``max_cached_banks``: banks a scoring actor keeps in memory at once (least recently
-    used go first)."""
+    used go first).
+
+    ``sampler``: how the references are drawn. ``numpy`` (default): per category its own numpy
+    generator seeded from (``seed``, the category's name), so a category's choice does not depend
+    on the others. ``torch_randint``: what ``torch.manual_seed(seed)`` then ``torch.randint(0, n,
+    (k,))`` per category gives, one stream over the categories in alphabetical order, each
+    category's candidates sorted by URI (APRIL-GAN's reference draw; with replacement, seed in
+    [0, 2^32)). APRIL-GAN's test.py draws after building its models, which consumes its global
+    generator first, so its own k_shot.txt can differ from this draw on the same seed."""
 
     reference: str | None = None
     layout: Literal["auto", "folder", "mvtec", "visa", "visa_1cls", "mpdd", "btad", "manifest"] = "auto"
@@ -565,6 +573,17 @@ class FewShotSpec(_Model):
     query_chunk: int = Field(default=4096, ge=1)
     bank_chunk: int = Field(default=16384, ge=1)
     max_cached_banks: int = Field(default=8, ge=1)
+    sampler: Literal["numpy", "torch_randint"] = "numpy"
+
+    @model_validator(mode="after")
+    def _torch_sampler(self) -> "FewShotSpec":
+        if self.sampler == "torch_randint":
+            if not self.with_replacement:
+                raise ValueError("few_shot.sampler torch_randint draws with replacement (as torch.randint): set "
+                                 "few_shot.with_replacement: true")
+            if not 0 <= self.seed < 2**32:
+                raise ValueError(f"few_shot.seed {self.seed}: torch_randint needs a seed in [0, 2^32)")
+        return self
 
 
 class SamSpec(_Model):

@@ -194,8 +194,23 @@ def _value(value: Any) -> Any:
     return None if value is None or value is pd.NA or (isinstance(value, float) and value != value) else value
 
 
+def torch_randint_draws(seed: int) -> Any:
+    """A function ``draw(n, k)`` giving what ``torch.randint(0, n, (k,))`` gives after
+    ``torch.manual_seed(seed)``, call after call, without torch: torch's CPU generator is the
+    32-bit Mersenne Twister seeded by ``init_genrand(seed)`` (numpy's ``RandomState(seed)`` is the
+    same generator, seeded the same way), and its ``randint`` for a range below 2^32 is one raw
+    32-bit draw modulo the range per value."""
+    state = np.random.RandomState(int(seed))
+
+    def draw(n: int, k: int) -> np.ndarray:
+        return state.randint(0, 2**32, size=k, dtype=np.uint64) % np.uint64(n)
+
+    return draw
+
+
 def choose_references(
-    candidates: pd.DataFrame, categories: list[str], k: int, seed: int, with_replacement: bool = False
+    candidates: pd.DataFrame, categories: list[str], k: int, seed: int, with_replacement: bool = False,
+    sampler: str = "numpy",
 ) -> tuple[pd.DataFrame, list[str]]:
     """Choose ``k`` references per category of ``categories`` (the categories of the images to score)
     among ``candidates`` (a frame of :func:`list_references`).
@@ -205,6 +220,10 @@ def choose_references(
     distinct images are drawn (a category with fewer candidates is an error); with replacement
     (APRIL-GAN's sampler), ``k`` uniform draws, duplicates allowed. Candidates listed with an error
     (``list_error_type``, e.g. a broken link) and categories not in ``categories`` are ignored.
+
+    ``sampler`` ``torch_randint`` (with replacement): one stream for the run, as ``torch.randint``
+    after ``torch.manual_seed(seed)``, drawn for the categories in alphabetical order
+    (:func:`torch_randint_draws`; APRIL-GAN's draw).
 
     Returns (chosen frame with the columns :data:`REFERENCE_COLUMNS`, sorted by category then shot;
     the categories of ``categories`` without any candidate, in their given order)."""
@@ -216,7 +235,9 @@ def choose_references(
     by_category = {c: group for c, group in usable.groupby("category", sort=False)}
     rows: list[dict[str, Any]] = []
     missing: list[str] = []
-    for category in dict.fromkeys(categories):
+    torch_draw = torch_randint_draws(seed) if sampler == "torch_randint" else None
+    order = sorted(dict.fromkeys(categories)) if torch_draw is not None else list(dict.fromkeys(categories))
+    for category in order:
         group = by_category.get(category)
         if group is None or len(group) == 0:
             missing.append(category)
@@ -226,7 +247,9 @@ def choose_references(
         if k == 0:
             continue
         rng = _rng(seed, category)
-        if with_replacement:
+        if torch_draw is not None:
+            picks = torch_draw(n, k)
+        elif with_replacement:
             picks = rng.integers(0, n, size=k)
         else:
             if n < k:
@@ -249,6 +272,7 @@ def choose_references(
                     "mtime": _value(record.get("mtime")),
                 }
             )
+    missing = [c for c in dict.fromkeys(categories) if c in set(missing)]  # in their given order
     return _chosen_frame(rows), missing
 
 

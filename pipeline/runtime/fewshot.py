@@ -64,7 +64,8 @@ def choose(spec: JobSpec, manifest: pd.DataFrame, storage: StorageOptions | None
     categories = sorted(set(manifest["category"]))
     try:
         layout, candidates = list_references(fs_spec.reference, fs_spec.layout, storage, spec.data.extensions)
-        chosen, missing = choose_references(candidates, categories, fs_spec.k, fs_spec.seed, fs_spec.with_replacement)
+        chosen, missing = choose_references(candidates, categories, fs_spec.k, fs_spec.seed, fs_spec.with_replacement,
+                                            fs_spec.sampler)
     except InputError as exc:
         raise FewShotError(str(exc)) from None
     if missing:

@@ -196,3 +196,15 @@ def test_runtime_executor_key():
     assert load_spec("jobs/smoke.yaml", ["runtime.executor=local"]).runtime.executor == "local"
     with pytest.raises(SpecError, match="runtime.executor"):
         load_spec("jobs/smoke.yaml", ["runtime.executor=dask"])
+
+
+def test_presets_equal_the_reference_they_name():
+    """Issue 29: winclip_fewshot is anomalib's WinClipModel (temperature 0.07, its 21 templates, the
+    mean of the raw embeddings, the raw category name); aprilgan_fewshot draws as APRIL-GAN's
+    published few-shot script (k 4, seed 42, torch.randint); musc runs fp16 as MuSc's forward."""
+    win = load_spec("jobs/winclip_fewshot.yaml")
+    assert (win.score.temperature, win.score.prompt_set, win.score.aggregation, win.score.object_names.policy) == (
+        0.07, "winclip_anomalib", "mean_raw", "raw")
+    april = load_spec("jobs/aprilgan_fewshot.yaml").few_shot
+    assert (april.k, april.seed, april.with_replacement, april.sampler) == (4, 42, True, "torch_randint")
+    assert load_spec("jobs/musc.yaml").clip.precision == "fp16"

@@ -339,3 +339,33 @@ def test_write_read_empty(tmp_path):
     assert missing == ["bottle"] and len(chosen) == 0
     write_references(chosen, str(tmp_path / "references.parquet"))
     pd.testing.assert_frame_equal(read_references(str(tmp_path / "references.parquet")), chosen)
+
+
+@pytest.mark.parametrize("seed", [0, 42, 111, 2**32 - 1])
+def test_torch_randint_sampler_draws_what_torch_draws(seed):
+    """APRIL-GAN's draw: torch.manual_seed(seed), then torch.randint(0, n, (k,)) per category, the
+    categories in alphabetical order, each category's candidates sorted by URI; compared with torch."""
+    import torch
+
+    counts = {"zipper": 391, "bottle": 209, "screw": 320, "carpet": 1}
+    cands = candidates(counts).sample(frac=1.0, random_state=1)  # listing order does not matter
+    chosen, missing = choose_references(cands, ["zipper", "nut", "bottle", "screw", "carpet"], 4, seed,
+                                        with_replacement=True, sampler="torch_randint")
+    assert missing == ["nut"]
+    torch.manual_seed(seed)
+    for cat in sorted(counts):
+        want = torch.randint(0, counts[cat], (4,)).tolist()
+        got = chosen[chosen["category"] == cat].sort_values("shot")["uri"].tolist()
+        assert got == [f"/refs/{cat}/{i:03d}.png" for i in want], cat
+
+
+def test_torch_randint_sampler_needs_replacement_and_a_32_bit_seed():
+    from pydantic import ValidationError
+
+    from pipeline.config import FewShotSpec
+
+    with pytest.raises(ValidationError, match="with_replacement"):
+        FewShotSpec(sampler="torch_randint", with_replacement=False)
+    with pytest.raises(ValidationError, match=r"\[0, 2\^32\)"):
+        FewShotSpec(sampler="torch_randint", with_replacement=True, seed=2**32)
+    assert FewShotSpec(sampler="torch_randint", with_replacement=True, seed=42).k == 1

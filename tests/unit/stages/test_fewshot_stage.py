@@ -97,7 +97,7 @@ def test_a_reference_scores_zero_and_scores_combine_as_the_method_does(method, t
             batch = clip_models.preprocess_images(t, stage.preprocess)
             q = fewshot.winclip_features(m, batch, (2, 3))
             s_img = torch.tensor([lang[1]], dtype=torch.float32)
-            zs_map = pixel.winclip_map(m, batch, stage.text_classifier("gear"), 0.01, s_img, (2, 3))
+            zs_map = pixel.winclip_map(m, batch, stage.text_classifier("gear"), spec.score.temperature, s_img, (2, 3))
             fs_map = fewshot.winclip_fewshot_map(q, bank, 8, (2, 3))
             assert fs[1] == pytest.approx(float(fs_map.max()), abs=1e-6)
             want = pixel.upsample((zs_map + fs_map) / 2, shape)[0]

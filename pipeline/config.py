@@ -628,7 +628,13 @@ class SamRefineSpec(_Model):
       pixel AUROC keeps its meaning), ``replace`` (hi x M, lo elsewhere), ``blend``
       ((1 - ``blend_weight``) C + ``blend_weight`` hi x M) or ``gate`` (C inside M, lo outside).
     - ``score_gate``: images whose score is below it keep their CLIP map (not refined), as do images
-      without a region."""
+      without a region; ``refined`` is false and ``refine_info`` says why.
+    - ``multimask`` (default true): steps 2 and 3 take SAM's three masks and keep the highest
+      predicted IoU (the paper's "highest-scored mask"); false: SAM's single-mask output there.
+    - ``geometry``: where ``ring_kernel`` and ``min_distance`` are measured. ``sam_input``
+      (default): in pixels of SAM's input (the image scaled so its long side is 1024), so the ring
+      and the spacing cover the same part of any image whatever its resolution; ``image``: in the
+      image's own pixels (before issue 29). ``refine_info`` records the pixel values used."""
 
     threshold_mode: Literal["absolute", "fraction", "quantile"] = "fraction"
     threshold: float = Field(default=0.8, ge=0)
@@ -641,6 +647,8 @@ class SamRefineSpec(_Model):
     combine: Literal["max", "replace", "blend", "gate"] = "max"
     blend_weight: float = Field(default=0.5, ge=0, le=1)
     score_gate: float | None = None
+    multimask: bool = True
+    geometry: Literal["sam_input", "image"] = "sam_input"
 
     @field_validator("ring_kernel")
     @classmethod

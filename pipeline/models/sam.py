@@ -440,13 +440,16 @@ class SamEngine:
         return SamDecoded(masks=masks, iou_predictions=iou, low_res_logits=low_res)
 
     # ------------------------------------------------------------------ the CLIP-SAM cascade
-    def cascade(self, emb: SamEmbedding, points: Any, labels: Any, steps: int = 3) -> list[CascadeStep]:
+    def cascade(self, emb: SamEmbedding, points: Any, labels: Any, steps: int = 3, multimask: bool = True) -> list[CascadeStep]:
         """The CLIP-SAM prompt cascade on ONE embedding (METHODS.md section 6): (1) the points ->
         the best of SAM's three masks by predicted IoU and its low-res logits L1; (2) the points with
         L1 as mask input -> M2, L2; (3) the points, the bounding box of M2 and L2 -> M3. ``steps``
         (1, 2 or 3) stops earlier, for the paper's ablation. ``points`` (N, 2) xy original pixels,
         ``labels`` (N,) 1/0. Returns one :class:`CascadeStep` per step run; a step-3 box cannot be
-        made from an empty M2, and then the cascade ends at step 2."""
+        made from an empty M2, and then the cascade ends at step 2. ``multimask`` (default): steps 2
+        and 3 also ask SAM for its three masks and keep the one with the highest predicted IoU (the
+        paper's "highest-scored mask output", as PerSAM's cascaded post-refinement); False: SAM's
+        single-mask output at steps 2 and 3."""
         if steps not in (1, 2, 3):
             raise SamInputError(f"cascade steps must be 1, 2 or 3, got {steps!r}")
         p = np.asarray(points, dtype=np.float32).reshape(-1, 2)[None]
@@ -454,13 +457,15 @@ class SamEngine:
         first = self.decode(emb, points=p, labels=lab, multimask=True).best()
         out = [CascadeStep(first.masks[0, 0], float(first.iou_predictions[0, 0]), first.low_res_logits[:, 0:1], None)]
         if steps >= 2:
-            second = self.decode(emb, points=p, labels=lab, mask_inputs=out[-1].low_res_logits, multimask=False)
+            second = self.decode(emb, points=p, labels=lab, mask_inputs=out[-1].low_res_logits, multimask=multimask)
+            second = second.best() if multimask else second
             out.append(CascadeStep(second.masks[0, 0], float(second.iou_predictions[0, 0]), second.low_res_logits[:, 0:1], None))
         if steps >= 3:
             box = mask_box(out[-1].mask)
             if box is not None:
                 third = self.decode(emb, points=p, labels=lab, boxes=box[None], mask_inputs=out[-1].low_res_logits,
-                                    multimask=False)
+                                    multimask=multimask)
+                third = third.best() if multimask else third
                 out.append(CascadeStep(third.masks[0, 0], float(third.iou_predictions[0, 0]), third.low_res_logits[:, 0:1], box))
         return out
 

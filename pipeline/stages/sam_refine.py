@@ -10,8 +10,9 @@ and the CLIP map make the final map (``sam_refine.combine``), stored at the map 
 Columns: ``anomaly_map`` and ``max_pixel_score`` replaced for refined rows; ``refined`` (bool);
 ``refine_rle`` (the refined mask at the image's resolution, COCO RLE JSON; null when not refined);
 ``refine_info`` (JSON: positive and negative points (x, y), the step-3 box, SAM's predicted IoU per
-step; null when not refined); ``sam_refine_ms``. Rows below ``score_gate`` or without a region keep
-the CLIP map (``refined`` false). A map with NaN or infinite values, a constant map, an empty image
+step, whether steps 2-3 chose among SAM's three masks, the ring kernel and point spacing in the
+image's pixels; for a row not refined: ``refined`` false and the reason); ``sam_refine_ms``. Rows
+below ``score_gate`` or without a region keep the CLIP map (``refined`` false). A map with NaN or infinite values, a constant map, an empty image
 or a decoder failure is a per-row error (stage ``sam_refine``), never a crash.
 """
 
@@ -32,6 +33,7 @@ from pipeline.stages.base import check_columns
 from pipeline.stages.records import TENSOR, RowErrors, object_column
 
 STAGE = "sam_refine"
+SAM_INPUT = 1024  # the long side of SAM's input: where sam_refine's geometry is measured by default
 
 
 def combine(clip_map: np.ndarray, mask: np.ndarray, how: str, weight: float, lo: float, hi: float) -> np.ndarray:
@@ -110,12 +112,16 @@ class SamRefineStage:
         if not np.isfinite(stored).all():
             raise ValueError("the CLIP map holds NaN or infinite values")
         if cfg.score_gate is not None and not score >= cfg.score_gate:
-            return stored, False, None, None
+            why = f"image score {score:.4g} below sam_refine.score_gate {cfg.score_gate:g}"
+            return stored, False, None, json.dumps({"refined": False, "reason": why})
         h, w = image.shape[:2]
         full = resize_map(stored, (h, w))
         region = pts.extreme_region(full, cfg.threshold_mode, cfg.threshold)  # constant map: ValueError
         if not region.any():
-            return stored, False, None, None
+            why = (f"no pixel of the map reaches the region threshold ({cfg.threshold_mode} {cfg.threshold:g}; "
+                   f"the map's maximum is {float(full.max()):.4g})")
+            return stored, False, None, json.dumps({"refined": False, "reason": why})
+        ring_kernel, min_distance = self.geometry(h, w)
         if features is not None and features.size:  # made by the foreground stage: not encoded again
             import torch
 
@@ -125,24 +131,37 @@ class SamRefineStage:
                                original_size=(h, w), input_size=self.engine.transform.get_preprocess_shape(h, w, self.engine.img_size))
         else:
             emb = self.engine.embed(np.ascontiguousarray(image))  # the image encoder runs once
-        positive = pts.positive_points(full, region, k=cfg.positive_points, min_distance=cfg.min_distance,
+        positive = pts.positive_points(full, region, k=cfg.positive_points, min_distance=min_distance,
                                        squared=cfg.squared_distance)
         negative = np.zeros((0, 2), np.int64)
         if cfg.negative_points:
             features = emb.features[0].detach().float().cpu().numpy()
-            negative = pts.negative_points(features, region, pts.ring(region, cfg.ring_kernel), emb.input_size,
-                                           emb.original_size, k=cfg.negative_points, min_distance=cfg.min_distance,
+            negative = pts.negative_points(features, region, pts.ring(region, ring_kernel), emb.input_size,
+                                           emb.original_size, k=cfg.negative_points, min_distance=min_distance,
                                            squared=cfg.squared_distance)
         points = np.concatenate([positive, negative]).astype(np.float32)
         labels = np.concatenate([np.ones(len(positive), np.int64), np.zeros(len(negative), np.int64)])
-        steps = self.engine.cascade(emb, points, labels, steps=cfg.steps)
+        steps = self.engine.cascade(emb, points, labels, steps=cfg.steps, multimask=cfg.multimask)
         mask = steps[-1].mask.detach().cpu().numpy().astype(bool)
         final_full = combine(full, mask, cfg.combine, cfg.blend_weight, self.lo, self.hi)
         final = np.clip(resize_map(final_full, stored.shape), self.lo, self.hi)
-        info = {"positive": positive.tolist(), "negative": negative.tolist(),
+        info = {"refined": True, "positive": positive.tolist(), "negative": negative.tolist(),
                 "box": None if steps[-1].box is None else [float(v) for v in steps[-1].box],
-                "iou": [s.iou for s in steps], "steps": len(steps)}
+                "iou": [s.iou for s in steps], "steps": len(steps), "multimask": cfg.multimask,
+                "geometry": cfg.geometry, "ring_kernel_px": ring_kernel, "min_distance_px": min_distance}
         return final, True, json.dumps(rle.encode(mask)), json.dumps(info)
+
+    def geometry(self, h: int, w: int) -> tuple[int, float]:
+        """(ring kernel, minimum point distance) in the image's pixels: ``sam_refine.ring_kernel`` and
+        ``min_distance`` as given (``geometry: image``), or given in pixels of SAM's input, whose long
+        side is 1024, and scaled to this image (``sam_input``; the kernel stays odd and >= 3)."""
+        cfg = self.cfg
+        if cfg.geometry == "image":
+            return cfg.ring_kernel, cfg.min_distance
+        scale = max(h, w) / float(SAM_INPUT)
+        kernel = max(3, int(round(cfg.ring_kernel * scale)))
+        kernel += 1 - kernel % 2  # odd: an elliptical kernel has a centre pixel
+        return kernel, cfg.min_distance * scale
 
     def _refine_fitting(self, image: np.ndarray, stored_map: np.ndarray, score: float, features: np.ndarray | None):
         """:meth:`refine`; when SAM runs out of accelerator memory: the cache freed and the image tried
@@ -185,10 +204,11 @@ class SamRefineStage:
                 final, done, mask_rle, info = self._refine_fitting(np.asarray(batch["image"][i]),
                                                                    np.asarray(batch["anomaly_map"][i]), float(batch["score"][i]),
                                                                    shared)
+                infos[i] = info  # refined: the prompts and results; kept: why
                 if done:
                     maps[i] = final.astype(np.float32)
                     max_pixel[i] = float(final.max())
-                    refined[i], rles[i], infos[i] = True, mask_rle, info
+                    refined[i], rles[i] = True, mask_rle
             except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
                 errors.fail_with(i, STAGE, exc, "SAM refinement failed")
                 maps[i], max_pixel[i] = np.zeros((0, 0), np.float32), np.nan

@@ -8,7 +8,9 @@ columns, types and values. ``smoke``, ``fade`` and ``vvv`` were recorded from th
 plan refactor (issue 10), so they pin the behaviour the refactor must keep; ``fade`` and ``vvv`` were
 recorded again when their FADE maps were made to compute what FADE's code computes (issue 12);
 ``winclip``, ``default``, ``musc_fast`` and ``clip_sam`` were recorded with the Ray executor when the
-in-process executor was added (issue 26). ``python -m tests.golden.record fade vvv`` records only
+in-process executor was added (issue 26); ``clip_sam`` again when the cascade took the best of SAM's three
+masks at every step, its geometry at SAM's input resolution, an absolute region threshold and a reason for
+every image kept (issue 29). ``python -m tests.golden.record fade vvv`` records only
 those.
 """
 

@@ -382,28 +382,36 @@ def test_embedding_is_a_plain_value_usable_by_another_engine(tiny, emb):
 # ------------------------------------------------------------------------------------ the cascade
 
 
+@pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("steps", [1, 2, 3])
-def test_cascade_equals_three_sam_predictor_calls_by_hand(tiny, engine, image, emb, steps):
+def test_cascade_equals_three_sam_predictor_calls_by_hand(tiny, engine, image, emb, steps, multimask):
     """The CLIP-SAM cascade against segment-anything's own predictor: (1) points, best of three by
-    IoU; (2) points + the step-1 low-res logits; (3) points + the box of mask 2 + its logits."""
+    IoU; (2) points + the step-1 low-res logits; (3) points + the box of mask 2 + its logits. With
+    ``multimask`` (the default, the paper's "highest-scored mask"), steps 2 and 3 too take SAM's three
+    masks (``multimask_output=True``) and keep the highest predicted IoU."""
     from pipeline.models.sam import mask_box
 
     pred = SamPredictor(tiny)
     pred.set_image(image)
     pts, lab = np.array([[40.0, 30.0], [50.0, 36.0], [100.0, 80.0]]), np.array([1, 1, 0])
+
+    def best(masks, iou, low):
+        k = int(np.argmax(iou)) if multimask else 0
+        return masks[k], iou[k], low[k : k + 1]
+
     masks1, iou1, low1 = pred.predict(point_coords=pts, point_labels=lab, multimask_output=True)
     k = int(np.argmax(iou1))
     expected = [(masks1[k], iou1[k], low1[k : k + 1])]
-    m2, i2, l2 = pred.predict(point_coords=pts, point_labels=lab, mask_input=low1[k : k + 1], multimask_output=False)
-    expected.append((m2[0], i2[0], l2))
-    box = mask_box(m2[0])
-    m3, i3, l3 = pred.predict(point_coords=pts, point_labels=lab, box=box, mask_input=l2, multimask_output=False)
-    expected.append((m3[0], i3[0], l3))
+    m2, i2, l2 = best(*pred.predict(point_coords=pts, point_labels=lab, mask_input=low1[k : k + 1], multimask_output=multimask))
+    expected.append((m2, i2, l2))
+    box = mask_box(m2)
+    m3, i3, l3 = best(*pred.predict(point_coords=pts, point_labels=lab, box=box, mask_input=l2, multimask_output=multimask))
+    expected.append((m3, i3, l3))
     calls = []
     original = tiny.image_encoder.forward
     tiny.image_encoder.forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     try:
-        got = engine.cascade(emb, pts, lab, steps=steps)
+        got = engine.cascade(emb, pts, lab, steps=steps, multimask=multimask)
     finally:
         tiny.image_encoder.forward = original
     assert calls == []  # the encoder ran once, in embed, whatever the number of steps

@@ -78,7 +78,10 @@ def test_rows_below_the_gate_or_without_a_region_keep_their_map_and_bad_maps_are
     assert list(out["refined"]) == [True, False, False, False, False, False]
     assert list(out["status"]) == ["ok", "ok", "ok", "error", "error", "error"]
     assert np.array_equal(out["anomaly_map"][1], stored) and np.array_equal(out["anomaly_map"][2], low)
-    assert out["refine_rle"][1] is None and out["refine_info"][2] is None
+    assert out["refine_rle"][1] is None and out["refine_rle"][2] is None
+    gate, below = json.loads(out["refine_info"][1]), json.loads(out["refine_info"][2])
+    assert gate["refined"] is False and "score_gate" in gate["reason"]
+    assert below["refined"] is False and "no pixel of the map reaches" in below["reason"] and "absolute 0.95" in below["reason"]
     assert set(out["error_stage"][3:]) == {"sam_refine"}
     assert "NaN" in out["error_message"][3] and "constant" in out["error_message"][4].lower()
     assert "no pixel map" in out["error_message"][5]
@@ -131,3 +134,33 @@ def test_after_a_sam_foreground_the_image_is_encoded_once_for_both_stages(engine
     # the same refinement as with its own encoding
     alone = SamRefineStage(SamRefineSpec(), SamSpec(model="tiny"), engine=engine)(_batch([img], [stored], [0.9]))
     assert alone["refine_info"][0] == out["refine_info"][0] and np.array_equal(alone["anomaly_map"][0], out["anomaly_map"][0])
+
+
+def test_an_absolute_threshold_refines_a_defect_and_keeps_a_normal_image(engine):
+    """The CLIP-SAM preset's rule (issue 29): a region exists only where the map passes an absolute
+    threshold, so a normal image (its map below it everywhere) keeps its CLIP map and says why."""
+    stage = SamRefineStage(SamRefineSpec(threshold_mode="absolute", threshold=0.8), SamSpec(model="tiny"), engine=engine)
+    img, defect = _scene()
+    normal_img = np.full((96, 128, 3), 120, np.uint8)
+    normal = np.clip(np.random.default_rng(0).normal(0.3, 0.05, size=(48, 64)), 0, 1).astype(np.float32)
+    out = stage(_batch([img, normal_img], [defect, normal], [0.9, 0.2]))
+    assert list(out["refined"]) == [True, False] and list(out["status"]) == ["ok", "ok"]
+    assert np.array_equal(out["anomaly_map"][1], normal) and out["refine_rle"][1] is None
+    info = json.loads(out["refine_info"][0])
+    assert info["refined"] is True and info["multimask"] is True and info["geometry"] == "sam_input"
+    assert "reaches the region threshold" in json.loads(out["refine_info"][1])["reason"]
+
+
+def test_ring_and_spacing_are_measured_at_sams_input_resolution(engine):
+    """With geometry sam_input the 25-px ring and 20-px spacing are SAM-input pixels (long side 1024):
+    the same fraction of any image; with geometry image they are the image's own pixels."""
+    stage = SamRefineStage(SamRefineSpec(), SamSpec(model="tiny"), engine=engine)
+    assert stage.geometry(768, 1024) == (25, 20.0)
+    assert stage.geometry(2048, 1536) == (51, 40.0)  # twice the resolution: twice the pixels
+    assert stage.geometry(300, 512) == (13, 10.0)    # 12.5 -> 13, odd
+    assert stage.geometry(40, 60) == (3, 20.0 * 60 / 1024)  # never below a 3-px kernel
+    own = SamRefineStage(SamRefineSpec(geometry="image"), SamSpec(model="tiny"), engine=engine)
+    assert own.geometry(2048, 1536) == own.geometry(40, 60) == (25, 20.0)
+    img, stored = _scene()
+    info = json.loads(stage(_batch([img], [stored], [0.9]))["refine_info"][0])
+    assert (info["ring_kernel_px"], info["min_distance_px"]) == stage.geometry(96, 128)

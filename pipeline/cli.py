@@ -368,11 +368,14 @@ def evaluate_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: a local Ray."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show Ray's own output (warnings, core worker and Ray Data lines, the workers' lines) on the terminal; it is always in the evaluation's log, RUN/logs/."),
     executor: str = typer.Option("ray", "--executor", help="What reads the masks: ray (one task per part file on a local Ray or the cluster at --address) or local (this process, no Ray). Results are the same."),
+    paper: Optional[str] = typer.Option(None, "--paper", help="Print the run's mean metrics beside the numbers published for this preset (winclip, aprilgan, vvv, fade, clip_sam, fade_fewshot, musc, musc_fast), with the difference (README \"Reproducing the published numbers\")."),
+    dataset: str = typer.Option("auto", "--dataset", help="With --paper: mvtec or visa; auto: from the run's input layout."),
 ) -> None:
     """Evaluate a run against ground truth: writes RUN/metrics/ and RUN/metrics.md."""
     from pipeline.io.fs import storage_options
 
     _check_executor(executor, address)
+    target = _paper_row(run, paper, dataset, storage_options()) if paper else None
     size: object = eval_size
     if eval_size != "stored":
         if not eval_size.isdigit() or int(eval_size) < 1:
@@ -382,9 +385,37 @@ def evaluate_cmd(
     from pipeline.io import fs as fsio
 
     with _captured(verbose, storage=storage_options()) as console:
-        _evaluate(run, storage_options(), address, gt_uri=ground_truth, layout=None if layout == "auto" else layout,
-                  eval_size=size, image_score=image_score, aupro_limit=aupro_limit, pro_mode=pro_mode, executor=executor)
+        table = _evaluate(run, storage_options(), address, gt_uri=ground_truth, layout=None if layout == "auto" else layout,
+                          eval_size=size, image_score=image_score, aupro_limit=aupro_limit, pro_mode=pro_mode,
+                          executor=executor)
         console.keep_at = fsio.join(fsio.normalise(run), "logs", _attempt_log_name("evaluate"))
+    if target is not None:
+        from pipeline.metrics import papers
+
+        records = table.to_dict("records")
+        typer.echo("\n" + papers.text(papers.beside(records, target), target, bool(table["random_weights"].iloc[0])))
+
+
+def _paper_row(run: str, paper: str, dataset: str, storage):
+    """The published row ``--paper`` asks for (exit 2 before anything runs when there is none)."""
+    from pipeline.io import fs as fsio
+    from pipeline.io.sinks import read_json
+    from pipeline.metrics import papers
+
+    if dataset == "auto":
+        try:
+            layout = read_json(fsio.join(fsio.normalise(run), "run.json"), storage).get("layout")
+        except Exception:  # noqa: BLE001 - the evaluation itself reports a missing run
+            layout = None
+        dataset = papers.DATASETS.get(str(layout), "")
+        if not dataset:
+            _err(f"--paper {paper}: the run's input layout is {layout!r}, not mvtec or visa; give --dataset mvtec|visa")
+            raise typer.Exit(2)
+    try:
+        return papers.published(paper, dataset)
+    except papers.PaperError as exc:
+        _err(f"--paper: {exc}")
+        raise typer.Exit(2)
 
 
 @app.command("runs")

@@ -153,6 +153,13 @@ def test_run_on_local_mvtec_tree(tmp_path):
 
     assert row["image_auroc"] == pytest.approx(roc_auc_score(sc["gt_label"], sc["max_pixel_score"]), abs=1e-9)
     assert row["n_pixels"] == len(sc) * 64 * 64
+    paper = zsad("evaluate", str(tmp_path / "out" / "local1"), "--paper", "winclip")  # an mvtec layout: MVTec's row
+    assert paper.returncode == 0, paper.stderr[-2000:]
+    mean = pd.read_parquet(tmp_path / "out" / "local1" / "metrics").set_index("category").loc["mean"]
+    assert f"| P-AUROC | 85.10 | {100 * mean['pixel_auroc']:.2f} | {100 * mean['pixel_auroc'] - 85.1:+.2f} |" in paper.stdout
+    assert "published: winclip on mvtec" in paper.stdout and "random weights" in paper.stdout
+    unknown = zsad("evaluate", str(tmp_path / "out" / "local1"), "--paper", "vvv")  # VVV publishes VisA only
+    assert unknown.returncode == 2 and "no published numbers for preset 'vvv' on 'mvtec'" in unknown.stderr
     bad = zsad("evaluate", str(tmp_path / "out" / "local1"), "--eval-size", "big")
     assert bad.returncode == 2 and "--eval-size" in bad.stderr
     missing = zsad("evaluate", str(tmp_path / "out" / "nope"))

@@ -15,7 +15,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.zsad-installed
 
-.PHONY: demo test test-fast venv bench clean
+.PHONY: demo test test-fast venv bench clean reference-check
 
 venv: $(STAMP)
 
@@ -34,6 +34,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(WORKERS) tests/unit
+
+# zsad against each reference repository's own code (benchmarks/reference/README.md); outside `make test`.
+# APRILGAN / MUSC: checkouts (or git directories) of github.com/ByChelsea/VAND-APRIL-GAN and xrli-U/MuSc.
+APRILGAN ?=
+MUSC ?=
+reference-check: $(STAMP)
+	@test -n "$(APRILGAN)" || { echo "reference-check: give APRILGAN=/path/to/VAND-APRIL-GAN (a checkout or git dir)"; exit 2; }
+	@test -n "$(MUSC)" || { echo "reference-check: give MUSC=/path/to/MuSc (a checkout or git dir)"; exit 2; }
+	$(PY) benchmarks/reference/aprilgan_check.py --aprilgan $(APRILGAN)
+	$(PY) benchmarks/musc_official_compare.py $$(if [ -d "$(MUSC)/.git" ] || [ ! -f "$(MUSC)/HEAD" ]; then echo --musc-repo; else echo --musc-git-dir; fi) $(MUSC)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cpu_throughput.py

@@ -43,6 +43,7 @@ reference-check: $(STAMP)
 	@test -n "$(APRILGAN)" || { echo "reference-check: give APRILGAN=/path/to/VAND-APRIL-GAN (a checkout or git dir)"; exit 2; }
 	@test -n "$(MUSC)" || { echo "reference-check: give MUSC=/path/to/MuSc (a checkout or git dir)"; exit 2; }
 	$(PY) benchmarks/reference/aprilgan_check.py --aprilgan $(APRILGAN)
+	$(PY) benchmarks/reference/musc_forward_check.py --musc $(MUSC)
 	$(PY) benchmarks/musc_official_compare.py $$(if [ -d "$(MUSC)/.git" ] || [ ! -f "$(MUSC)/HEAD" ]; then echo --musc-repo; else echo --musc-git-dir; fi) $(MUSC)
 
 bench: $(STAMP)

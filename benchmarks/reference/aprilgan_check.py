@@ -38,10 +38,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +47,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import extract_files, generated_images  # noqa: E402 - benchmarks/reference/ beside this script
 
 ROOT = Path(__file__).resolve().parents[2]
 CATEGORY = "bottle"
@@ -60,20 +61,9 @@ CATEGORY = "bottle"
 
 
 def extract(source: str, scratch: str) -> str:
-    """The reference's open_clip/, model.py and prompt_ensemble.py into ``scratch``; returns its commit."""
-    files = ["open_clip", "model.py", "prompt_ensemble.py"]
-    git_dir = source if os.path.exists(os.path.join(source, "HEAD")) and not os.path.exists(os.path.join(source, ".git")) \
-        else os.path.join(source, ".git")
-    if os.path.isdir(git_dir):
-        commit = subprocess.run(["git", "--git-dir", git_dir, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        archive = subprocess.run(["git", "--git-dir", git_dir, "archive", "HEAD", *files], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", scratch], input=archive.stdout, check=True)
-    else:
-        commit = "unknown (not a git checkout)"
-        for f in files:
-            src = os.path.join(source, f)
-            (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(scratch, f))
+    """The reference's open_clip/, model.py and prompt_ensemble.py into ``scratch``, with the shim;
+    returns its commit."""
+    commit = extract_files(source, scratch, ["open_clip", "model.py", "prompt_ensemble.py"])
     with open(os.path.join(scratch, "pkg_resources.py"), "w") as fh:
         fh.write("import packaging  # noqa: F401 - shim: prompt_ensemble.py takes `packaging` from setuptools' pkg_resources\n"
                  "import packaging.version  # noqa: F401\n")
@@ -81,14 +71,7 @@ def extract(source: str, scratch: str) -> str:
 
 
 def images(scratch: str, n: int, k: int) -> tuple[list[str], list[str]]:
-    """(test image paths, reference image paths), generated (pipeline.synthetic: some with defects)."""
-    sys.path.insert(0, str(ROOT))
-    from pipeline.synthetic import make_dataset
-
-    make_dataset(os.path.join(scratch, "data"), categories=(CATEGORY,), n_good=n - n // 2, n_bad=n // 2, n_train=k, size=200)
-    tests = sorted(glob.glob(os.path.join(scratch, "data", CATEGORY, "test", "*", "*.png")))[:n]
-    refs = sorted(glob.glob(os.path.join(scratch, "data", CATEGORY, "train", "good", "*.png")))[:k]
-    return tests, refs
+    return generated_images(scratch, CATEGORY, n, k)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,14 +36,19 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(WORKERS) tests/unit
 
 # zsad against each reference repository's own code (benchmarks/reference/README.md); outside `make test`.
-# APRILGAN / MUSC: checkouts (or git directories) of github.com/ByChelsea/VAND-APRIL-GAN and xrli-U/MuSc.
+# APRILGAN / MUSC: checkouts (or git directories) of github.com/ByChelsea/VAND-APRIL-GAN and xrli-U/MuSc;
+# ANOMALIB / OPEN_CLIP_224: anomalib 2.7's wheel (or checkout) and open_clip_torch 2.24.0's (pip download --no-deps).
 APRILGAN ?=
 MUSC ?=
+ANOMALIB ?=
+OPEN_CLIP_224 ?=
 reference-check: $(STAMP)
 	@test -n "$(APRILGAN)" || { echo "reference-check: give APRILGAN=/path/to/VAND-APRIL-GAN (a checkout or git dir)"; exit 2; }
 	@test -n "$(MUSC)" || { echo "reference-check: give MUSC=/path/to/MuSc (a checkout or git dir)"; exit 2; }
+	@test -n "$(ANOMALIB)" -a -n "$(OPEN_CLIP_224)" || { echo "reference-check: give ANOMALIB=anomalib-2.7.0-py3-none-any.whl OPEN_CLIP_224=open_clip_torch-2.24.0-py3-none-any.whl"; exit 2; }
 	$(PY) benchmarks/reference/aprilgan_check.py --aprilgan $(APRILGAN)
 	$(PY) benchmarks/reference/musc_forward_check.py --musc $(MUSC)
+	$(PY) benchmarks/reference/winclip_check.py --anomalib $(ANOMALIB) --open-clip $(OPEN_CLIP_224)
 	$(PY) benchmarks/musc_official_compare.py $$(if [ -d "$(MUSC)/.git" ] || [ ! -f "$(MUSC)/HEAD" ]; then echo --musc-repo; else echo --musc-git-dir; fi) $(MUSC)
 
 bench: $(STAMP)

@@ -41,3 +41,62 @@ def generated_images(scratch: str, category: str, n: int, k: int = 0, size: int 
     tests = sorted(glob.glob(os.path.join(scratch, "data", category, "test", "*", "*.png")))[:n]
     refs = sorted(glob.glob(os.path.join(scratch, "data", category, "train", "good", "*.png")))[:k]
     return tests, refs
+
+
+def image_batch(paths: list[str], ids: list[str], category: str):
+    """A stage batch of the images at ``paths`` (decoded with PIL to RGB uint8), all ok."""
+    import numpy as np
+    from PIL import Image
+
+    n = len(paths)
+    images = np.empty(n, dtype=object)
+    for i, p in enumerate(paths):
+        images[i] = np.asarray(Image.open(p).convert("RGB"))
+
+    def col(values):
+        return np.array(values, dtype=object)
+
+    return {"image": images, "image_id": col(ids), "category": col([category] * n), "status": col(["ok"] * n),
+            "error_stage": col([None] * n), "error_type": col([None] * n), "error_message": col([None] * n)}
+
+
+def stored_bank(spec, run_dir: str, folder: str, category: str, paths: list[str], ids: list[str], **manifest) -> dict:
+    """A bank or pool of ``paths`` as a run stores it: the bank stage writes the parts, then the
+    manifest the driver writes from the rows' metadata. Returns {uri, digest}."""
+    sys.path.insert(0, str(ROOT))
+    from pipeline.io.banks import manifest_uri, write_manifest
+    from pipeline.stages.bank import BankStage, BankTarget, bank_digest
+
+    digest = bank_digest(spec, "reference-check", len(paths), "fp32")
+    rows = BankStage.from_spec(spec, target=BankTarget(run_dir, folder, {category: digest}))(image_batch(paths, ids, category))
+    parts = {p: {"name": p, "bytes": int(b), "sha256": h}
+             for p, b, h in zip(rows["bank_part"], rows["bank_part_bytes"], rows["bank_part_sha256"])}
+    uri = manifest_uri(run_dir, category, folder)
+    write_manifest(uri, {"category": category, "digest": digest, "precision": "fp32", "image_ids": list(ids),
+                         "parts": list(parts.values()), **manifest})
+    return {"uri": uri, "digest": digest}
+
+
+def check_ok(*outputs) -> None:
+    """Stop when a zsad stage failed a row (the comparison would be meaningless)."""
+    for out in outputs:
+        bad = [m for s, m in zip(out["status"], out["error_message"]) if s != "ok"]
+        if bad:
+            raise SystemExit(f"zsad failed: {bad[0]}")
+
+
+def report(title: str, rows: dict[str, float], tol: float, json_path: str | None, **record) -> None:
+    """Print the differences as a table; write them as JSON; exit 1 when one exceeds ``tol``."""
+    import json
+
+    print(title)
+    print("| quantity | max abs difference |\n|---|---:|")
+    for name, value in rows.items():
+        print(f"| {name} | {value:.2e} |")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({**record, "differences": rows}, fh, indent=1)
+    worst = max(rows.values())
+    if worst > tol:
+        print(f"FAIL: {worst:.2e} > --tol {tol:g}")
+        raise SystemExit(1)

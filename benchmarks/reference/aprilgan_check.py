@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import extract_files, generated_images  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import check_ok, extract_files, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
 
 ROOT = Path(__file__).resolve().parents[2]
 CATEGORY = "bottle"
@@ -155,45 +155,21 @@ def reference_side(scratch: str, model_name: str, size: int, layers: list[int], 
 
 def zsad_side(scratch: str, model_name: str, size: int, layers: list[int], tests: list[str], refs: list[str]) -> dict:
     sys.path.insert(0, str(ROOT))
-    from PIL import Image
-
     from pipeline.config import load_spec
-    from pipeline.io.banks import manifest_uri, write_manifest
-    from pipeline.stages.bank import BankStage, BankTarget, bank_digest
     from pipeline.stages.clip_score import ClipScoreStage
 
     sets = [f"clip.model={model_name}", f"clip.weights={os.path.join(scratch, 'clip.pt')}", "clip.precision=fp32",
             f"pixel.weights={os.path.join(scratch, 'adapters.pth')}", f"pixel.layers=[{','.join(map(str, layers))}]",
             f"pixel.image_size={size}", f"maps.map_size={size}", "resources.clip_score.num_gpus=0"]
-
-    def batch(paths: list[str], ids: list[str]) -> dict:
-        n = len(paths)
-        col = lambda v: np.array(v, dtype=object)  # noqa: E731
-        imgs = np.empty(n, dtype=object)
-        for i, p in enumerate(paths):
-            imgs[i] = np.asarray(Image.open(p).convert("RGB"))
-        return {"image": imgs, "image_id": col(ids), "category": col([CATEGORY] * n), "status": col(["ok"] * n),
-                "error_stage": col([None] * n), "error_type": col([None] * n), "error_message": col([None] * n)}
-
-    zero_spec = load_spec(str(ROOT / "jobs" / "aprilgan.yaml"), sets)
-    zero = ClipScoreStage.from_spec(zero_spec)(batch(tests, [f"t{i}" for i in range(len(tests))]))
+    tids = [f"t{i}" for i in range(len(tests))]
+    zero = ClipScoreStage.from_spec(load_spec(str(ROOT / "jobs" / "aprilgan.yaml"), sets))(image_batch(tests, tids, CATEGORY))
     few_spec = load_spec(str(ROOT / "jobs" / "aprilgan_fewshot.yaml"), [*sets, f"few_shot.k={len(refs)}"])
-    digest = bank_digest(few_spec, "reference-check", len(refs), "fp32")
-    run_dir = os.path.join(scratch, "run")
-    stage = BankStage.from_spec(few_spec, target=BankTarget(run_dir, "banks", {CATEGORY: digest}))
-    rows = stage(batch(refs, [f"r{i}" for i in range(len(refs))]))
-    parts = {n: {"name": n, "bytes": int(b), "sha256": h}
-             for n, b, h in zip(rows["bank_part"], rows["bank_part_bytes"], rows["bank_part_sha256"])}
-    uri = manifest_uri(run_dir, CATEGORY)
-    write_manifest(uri, {"category": CATEGORY, "digest": digest, "precision": "fp32", "k": len(refs),
-                         "image_ids": [f"r{i}" for i in range(len(refs))], "parts": list(parts.values())})
+    bank = stored_bank(few_spec, os.path.join(scratch, "run"), "banks", CATEGORY, refs, [f"r{i}" for i in range(len(refs))],
+                       k=len(refs))
     scorer = ClipScoreStage.from_spec(few_spec)
-    scorer.banks = {CATEGORY: {"uri": uri, "digest": digest, "k": len(refs), "reference_digest": "reference-check"}}
-    few = scorer(batch(tests, [f"t{i}" for i in range(len(tests))]))
-    for out in (zero, few):
-        bad = [m for s, m in zip(out["status"], out["error_message"]) if s != "ok"]
-        if bad:
-            raise SystemExit(f"zsad failed: {bad[0]}")
+    scorer.banks = {CATEGORY: {**bank, "k": len(refs), "reference_digest": "reference-check"}}
+    few = scorer(image_batch(tests, tids, CATEGORY))
+    check_ok(zero, few)
     return {"score": np.asarray(zero["score"]), "zero_map": np.stack(list(zero["anomaly_map"])),
             "few_score": np.asarray(few["score"]), "few_map": np.stack(list(few["anomaly_map"]))}
 
@@ -234,18 +210,9 @@ def main() -> None:
             float(np.max(np.abs(got["few_map"].max(axis=(1, 2)) - ref["few_map"].max(axis=(1, 2))))),
         "few-shot run's streaming score (text probability)": float(np.max(np.abs(got["few_score"] - ref["score"]))),
     }
-    print(f"APRIL-GAN reference check: {args.model} at {args.size} px, blocks {args.layers}, {args.images} images, "
-          f"k {args.k}; APRIL-GAN commit {commit}; random weights; {time.monotonic() - t0:.0f} s")
-    print("| quantity | max abs difference |\n|---|---:|")
-    for name, value in rows.items():
-        print(f"| {name} | {value:.2e} |")
-    if args.json:
-        json.dump({"commit": commit, "model": args.model, "size": args.size, "differences": rows}, open(args.json, "w"), indent=1)
-    worst = max(rows.values())
-    if worst > args.tol:
-        print(f"FAIL: {worst:.2e} > --tol {args.tol:g}")
-        raise SystemExit(1)
-
+    report(f"APRIL-GAN reference check: {args.model} at {args.size} px, blocks {args.layers}, {args.images} images, "
+           f"k {args.k}; APRIL-GAN commit {commit}; random weights; {time.monotonic() - t0:.0f} s", rows, args.tol, args.json,
+           commit=commit, model=args.model, size=args.size)
 
 if __name__ == "__main__":
     main()

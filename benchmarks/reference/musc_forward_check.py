@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, extract_files, generated_images  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import ROOT, check_ok, extract_files, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
 
 CATEGORY = "bottle"
 os.environ.setdefault("TQDM_DISABLE", "1")  # MSM wraps its loop in tqdm
@@ -90,11 +90,8 @@ def reference_side(scratch: str, model_name: str, size: int, layers: list[int], 
 
 def zsad_side(scratch: str, model_name: str, size: int, layers: list[int], tests: list[str]) -> dict:
     sys.path.insert(0, str(ROOT))
-    from PIL import Image
-
     from pipeline.config import load_spec
-    from pipeline.io.banks import StoredBank, manifest_uri, write_manifest
-    from pipeline.stages.bank import BankStage, BankTarget, bank_digest
+    from pipeline.io.banks import StoredBank
     from pipeline.stages.mutual_score import MutualScoreStage
 
     ids = [f"t{i}" for i in range(len(tests))]
@@ -102,31 +99,14 @@ def zsad_side(scratch: str, model_name: str, size: int, layers: list[int], tests
             f"pixel.layers=[{','.join(map(str, layers))}]", f"pixel.image_size={size}", f"maps.map_size={size}",
             "resources.clip_score.num_gpus=0", f"mutual.pool_size={len(tests)}"]
     spec = load_spec(str(ROOT / "jobs" / "musc.yaml"), sets)
-    n = len(tests)
-    col = lambda v: np.array(v, dtype=object)  # noqa: E731
-    imgs = np.empty(n, dtype=object)
-    for i, p in enumerate(tests):
-        imgs[i] = np.asarray(Image.open(p).convert("RGB"))
-    batch = {"image": imgs, "image_id": col(ids), "category": col([CATEGORY] * n), "status": col(["ok"] * n),
-             "error_stage": col([None] * n), "error_type": col([None] * n), "error_message": col([None] * n)}
-    digest = bank_digest(spec, "reference-check", n, "fp32")
-    run_dir = os.path.join(scratch, "run")
-    rows = BankStage.from_spec(spec, target=BankTarget(run_dir, "pools", {CATEGORY: digest}))(dict(batch))
-    parts = {p: {"name": p, "bytes": int(b), "sha256": h}
-             for p, b, h in zip(rows["bank_part"], rows["bank_part_bytes"], rows["bank_part_sha256"])}
-    uri = manifest_uri(run_dir, CATEGORY, "pools")
-    write_manifest(uri, {"category": CATEGORY, "digest": digest, "precision": "fp32", "image_ids": ids,
-                         "parts": list(parts.values())})
-    per_image = StoredBank(uri, digest).image_bytes([f"layer{l}" for l in layers])
-    streamed = load_spec(str(ROOT / "jobs" / "musc.yaml"), [*sets, f"mutual.max_pool_bytes={2 * per_image}"])
-    stage = MutualScoreStage.from_spec(streamed)
-    stage.pools = {CATEGORY: {"uri": uri, "digest": digest, "images": n, "image_ids": ids}}
-    out = stage(batch)
-    bad = [m for s, m in zip(out["status"], out["error_message"]) if s != "ok"]
-    if bad:
-        raise SystemExit(f"zsad failed: {bad[0]}")
-    chunk = stage.pool(CATEGORY).get("chunk")
-    return {"maps": np.stack(list(out["anomaly_map"])), "scores": np.asarray(out["score_mutual"]), "chunk": chunk}
+    pool = stored_bank(spec, os.path.join(scratch, "run"), "pools", CATEGORY, tests, ids)
+    per_image = StoredBank(pool["uri"], pool["digest"]).image_bytes([f"layer{l}" for l in layers])
+    stage = MutualScoreStage.from_spec(load_spec(str(ROOT / "jobs" / "musc.yaml"), [*sets, f"mutual.max_pool_bytes={2 * per_image}"]))
+    stage.pools = {CATEGORY: {**pool, "images": len(ids), "image_ids": ids}}
+    out = stage(image_batch(tests, ids, CATEGORY))
+    check_ok(out)
+    return {"maps": np.stack(list(out["anomaly_map"])), "scores": np.asarray(out["score_mutual"]),
+            "chunk": stage.pool(CATEGORY).get("chunk")}
 
 
 def main() -> None:
@@ -160,20 +140,10 @@ def main() -> None:
         got = zsad_side(scratch, args.model, args.size, args.layers, tests)
     rows = {f"map ({args.size} x {args.size}, clipped to [0, 2] as stored)": float(np.max(np.abs(got["maps"] - np.clip(ref["maps"], 0, 2)))),
             "image score (the map's maximum)": float(np.max(np.abs(got["scores"] - ref["scores"])))}
-    print(f"MuSc end-to-end reference check: {args.model} at {args.size} px, blocks {args.layers}, {args.images} images "
-          f"(the whole category as pool, streamed {got['chunk']} images at a time); MuSc commit {commit}; random weights; "
-          f"{time.monotonic() - t0:.0f} s")
-    print("| quantity | max abs difference |\n|---|---:|")
-    for name, value in rows.items():
-        print(f"| {name} | {value:.2e} |")
-    if args.json:
-        json.dump({"commit": commit, "model": args.model, "size": args.size, "chunk": got["chunk"], "differences": rows},
-                  open(args.json, "w"), indent=1)
-    worst = max(rows.values())
-    if worst > args.tol:
-        print(f"FAIL: {worst:.2e} > --tol {args.tol:g}")
-        raise SystemExit(1)
-
+    report(f"MuSc end-to-end reference check: {args.model} at {args.size} px, blocks {args.layers}, {args.images} images "
+           f"(the whole category as pool, streamed {got['chunk']} images at a time); MuSc commit {commit}; random weights; "
+           f"{time.monotonic() - t0:.0f} s", rows, args.tol, args.json, commit=commit, model=args.model, size=args.size,
+           chunk=got["chunk"])
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, generated_images  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import ROOT, check_ok, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
 
 CATEGORY = "bottle"
 WINCLIP = ["models/image/winclip/torch_model.py", "models/image/winclip/utils.py", "models/image/winclip/prompting.py",
@@ -126,43 +126,20 @@ def reference_side(scratch: str, lib: str, tests: list[str], refs: list[str]) ->
 
 def zsad_side(scratch: str, tests: list[str], refs: list[str]) -> dict:
     sys.path.insert(0, str(ROOT))
-    from PIL import Image
-
     from pipeline.config import load_spec
-    from pipeline.io.banks import manifest_uri, write_manifest
-    from pipeline.stages.bank import BankStage, BankTarget, bank_digest
     from pipeline.stages.clip_score import ClipScoreStage
 
     spec = load_spec(str(ROOT / "jobs" / "winclip_fewshot.yaml"),
                      [f"clip.weights={os.path.join(scratch, 'clip.pt')}", "clip.precision=fp32", "maps.map_size=240",
                       "resources.clip_score.num_gpus=0", f"few_shot.k={len(refs)}"])
-
-    def batch(paths, ids):
-        n = len(paths)
-        col = lambda v: np.array(v, dtype=object)  # noqa: E731
-        imgs = np.empty(n, dtype=object)
-        for i, p in enumerate(paths):
-            imgs[i] = np.asarray(Image.open(p).convert("RGB"))
-        return {"image": imgs, "image_id": col(ids), "category": col([CATEGORY] * n), "status": col(["ok"] * n),
-                "error_stage": col([None] * n), "error_type": col([None] * n), "error_message": col([None] * n)}
-
     tids = [f"t{i}" for i in range(len(tests))]
-    zero = ClipScoreStage.from_spec(spec.model_copy(update={"few_shot": None}))(batch(tests, tids))
-    digest = bank_digest(spec, "reference-check", len(refs), "fp32")
-    run_dir = os.path.join(scratch, "run")
-    rows = BankStage.from_spec(spec, target=BankTarget(run_dir, "banks", {CATEGORY: digest}))(batch(refs, [f"r{i}" for i in range(len(refs))]))
-    parts = {p: {"name": p, "bytes": int(b), "sha256": h}
-             for p, b, h in zip(rows["bank_part"], rows["bank_part_bytes"], rows["bank_part_sha256"])}
-    uri = manifest_uri(run_dir, CATEGORY)
-    write_manifest(uri, {"category": CATEGORY, "digest": digest, "precision": "fp32", "k": len(refs),
-                         "image_ids": [f"r{i}" for i in range(len(refs))], "parts": list(parts.values())})
+    zero = ClipScoreStage.from_spec(spec.model_copy(update={"few_shot": None}))(image_batch(tests, tids, CATEGORY))
+    bank = stored_bank(spec, os.path.join(scratch, "run"), "banks", CATEGORY, refs, [f"r{i}" for i in range(len(refs))],
+                       k=len(refs))
     scorer = ClipScoreStage.from_spec(spec)
-    scorer.banks = {CATEGORY: {"uri": uri, "digest": digest, "k": len(refs), "reference_digest": "reference-check"}}
-    few = scorer(batch(tests, tids))
-    for out in (zero, few):
-        bad = [m for s, m in zip(out["status"], out["error_message"]) if s != "ok"]
-        if bad:
-            raise SystemExit(f"zsad failed: {bad[0]}")
+    scorer.banks = {CATEGORY: {**bank, "k": len(refs), "reference_digest": "reference-check"}}
+    few = scorer(image_batch(tests, tids, CATEGORY))
+    check_ok(zero, few)
     return {"zero_score": np.asarray(zero["score"]), "zero_map": np.stack(list(zero["anomaly_map"])),
             "few_score": np.asarray(few["score"]), "few_map": np.stack(list(few["anomaly_map"]))}
 
@@ -196,18 +173,8 @@ def main() -> None:
         ("zero-shot image score", "zero_score"), ("zero-shot map (240 x 240)", "zero_map"),
         ("few-shot image score ((zero-shot + max few-shot map) / 2)", "few_score"),
         ("few-shot map ((zero-shot + few-shot) / 2)", "few_map"))}
-    print(f"WinCLIP reference check: anomalib's WinClipModel (ViT-B-16-plus-240 at 240 px), {args.images} images, "
-          f"k {args.k}; random weights; {time.monotonic() - t0:.0f} s")
-    print("| quantity | max abs difference |\n|---|---:|")
-    for name, value in rows.items():
-        print(f"| {name} | {value:.2e} |")
-    if args.json:
-        json.dump({"differences": rows}, open(args.json, "w"), indent=1)
-    worst = max(rows.values())
-    if worst > args.tol:
-        print(f"FAIL: {worst:.2e} > --tol {args.tol:g}")
-        raise SystemExit(1)
-
+    report(f"WinCLIP reference check: anomalib's WinClipModel (ViT-B-16-plus-240 at 240 px), {args.images} images, "
+           f"k {args.k}; random weights; {time.monotonic() - t0:.0f} s", rows, args.tol, args.json)
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ pool larger than ``mutual.max_pool_bytes`` can be streamed in chunks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -106,17 +107,9 @@ def write_atomic(uri: str, data: bytes, storage: StorageOptions | None = None) -
             fh.write(data)
         os.replace(tmp, path)
     except BaseException:
-        with _quiet():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def write_part(folder_uri: str, features: list[dict[str, np.ndarray]], image_ids: list[str], metadata: dict[str, Any],
@@ -243,7 +236,7 @@ class StoredBank:
         self.image_ids: list[str] = list(m["image_ids"])
         self.precision: str | None = m.get("precision")
         self.nbytes = int(m.get("bytes", 0))
-        folder = posixpath.dirname(uri) if not fsio.is_remote(uri) else uri.rsplit("/", 1)[0]
+        folder = uri.rsplit("/", 1)[0]
         self._where: dict[str, tuple[int, int]] = {}  # image id -> (part, index in part)
         self._parts: list[dict[str, Any]] = []
         for p in m["parts"]:
@@ -289,6 +282,12 @@ class StoredBank:
                 else np.zeros(shape, dtype)
             part["maps"][key] = arr
         return arr
+
+    def row_shape(self, key: str) -> tuple[int, ...]:
+        """The shape of one row of ``key`` (e.g. (patches, width) for a pool's ``layer<l>``)."""
+        if not self._parts:
+            return ()
+        return tuple(int(s) for s in self._parts[0]["header"][key]["shape"][1:])
 
     def image_bytes(self, keys: list[str] | None = None) -> int:
         """Bytes of one image's rows of ``keys`` (all keys by default), from the first part."""

@@ -21,12 +21,11 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.runtime.passes import CategoryPass, RunContext
-
 from pipeline.config import JobSpec
 from pipeline.io.banks import BankError, manifest_uri, read_manifest, write_manifest
 from pipeline.io.fs import StorageOptions
 from pipeline.io.manifest import manifest_frame
+from pipeline.runtime.passes import CategoryPass, RunContext
 from pipeline.runtime.rows import source_rows
 
 Log = Callable[[str], None]
@@ -39,9 +38,10 @@ class FeatureError(RuntimeError):
 
 @dataclass
 class Built:
-    """One category of a build: its manifest entry (the same fields the manifest holds) or its failures."""
+    """What the rows of one category brought so far: whether each image succeeded, its parts, its
+    failures and the precisions the actors ran at."""
 
-    image_ids: list[str] = field(default_factory=list)
+    ok: dict[str, bool] = field(default_factory=dict)
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
     precision: set[str] = field(default_factory=set)
@@ -76,7 +76,6 @@ def build(spec: JobSpec, wanted: pd.DataFrame, folder: str, run_dir: str, digest
     expected = {str(c): set(g["image_id"]) for c, g in unique.groupby("category")}
     order = {str(c): list(g["image_id"]) for c, g in wanted.groupby("category")}  # shot order (repeats kept)
     open_: dict[str, Built] = {c: Built() for c in expected}
-    seen: dict[str, dict[str, dict[str, Any]]] = {c: {} for c in expected}
     counts = {"images": 0, "failed": 0, "parts": 0, "bytes": 0}
     for batch in execute(spec, plan, source_rows(rows), list(RESULT_COLUMNS), session, log):
         if plan_hook is not None:
@@ -86,24 +85,22 @@ def build(spec: JobSpec, wanted: pd.DataFrame, folder: str, run_dir: str, digest
             b = open_[cat]
             if r["status"] != "ok":
                 b.failed.append((r["uri"], f"{r['error_stage']} {r['error_type']}: {r['error_message']}"))
-                seen[cat][r["image_id"]] = {"ok": False}
                 counts["failed"] += 1
             else:
-                seen[cat][r["image_id"]] = {"ok": True}
                 b.parts.setdefault(r["bank_part"], {"name": r["bank_part"], "bytes": int(r["bank_part_bytes"]),
                                                     "sha256": r["bank_part_sha256"]})
                 b.precision.add(str(r["bank_precision"]))
                 counts["images"] += 1
-            if set(seen[cat]) >= expected[cat]:
-                _complete(cat, b, seen.pop(cat), order[cat], digests[cat], precision, run_dir, folder, storage,
+            b.ok[r["image_id"]] = r["status"] == "ok"
+            if set(b.ok) >= expected[cat]:
+                _complete(cat, open_.pop(cat), order[cat], digests[cat], precision, run_dir, folder, storage,
                           on_complete, counts)
-                open_.pop(cat)
     if open_:
         raise FeatureError(f"the {folder} pass ended without results for {', '.join(sorted(open_))}")
     return counts
 
 
-def _complete(cat: str, b: Built, seen: dict[str, dict[str, Any]], order: list[str], digest: str, precision: str,
+def _complete(cat: str, b: Built, order: list[str], digest: str, precision: str,
               run_dir: str, folder: str, storage: StorageOptions | None,
               on_complete: Callable[..., dict[str, Any] | None], counts: dict[str, int]) -> None:
     if b.precision - {precision}:
@@ -111,7 +108,7 @@ def _complete(cat: str, b: Built, seen: dict[str, dict[str, Any]], order: list[s
             f"the {folder} of {cat!r} was computed at {', '.join(sorted(b.precision))} but {precision} was expected "
             f"(clip.precision resolves differently on these workers, e.g. a GPU without bf16): set clip.precision to "
             f"what the workers run (fp32, fp16 or bf16)")
-    ok_ids = [i for i in order if seen.get(i, {}).get("ok")]
+    ok_ids = [i for i in order if b.ok.get(i)]
     manifest = {"category": cat, "digest": digest, "precision": precision, "image_ids": ok_ids,
                 "images": len(ok_ids), "parts": sorted(b.parts.values(), key=lambda p: p["name"])}
     final = on_complete(cat, manifest, b.failed)

@@ -34,11 +34,11 @@ from pipeline.io import fs as fsio
 from pipeline.io.banks import manifest_uri
 from pipeline.io.fs import InputError, StorageOptions
 from pipeline.io.references import (
-    REFERENCE_FILE, choose_references, list_references, read_references, references_digest, write_references,
+    REFERENCE_FILE, choose_references, list_references, references_digest,
 )
 from pipeline.runtime import rescore
 from pipeline.runtime.features import FeatureError, FeaturePass, actor_precision, build, stored
-from pipeline.runtime.passes import CategoryPass, PassError, RunContext
+from pipeline.runtime.passes import PassError, RunContext
 from pipeline.runtime.rescore import transductive_scores  # noqa: F401 - the function the pass computes, by name
 from pipeline.stages.bank import bank_digest, bank_settings
 
@@ -47,10 +47,6 @@ Log = Callable[[str], None]
 
 class FewShotError(PassError):
     """A few-shot run that cannot go on (no references, a bank that cannot be built or used)."""
-
-
-def references_uri(run_dir: str) -> str:
-    return fsio.join(run_dir, REFERENCE_FILE)
 
 
 def choose(spec: JobSpec, manifest: pd.DataFrame, storage: StorageOptions | None, log: Log) -> tuple[pd.DataFrame, list[str], str]:
@@ -136,7 +132,7 @@ class BanksPass(FeaturePass):
         return {"banks": self.entries}
 
     def record(self) -> dict[str, Any]:
-        return record(self.spec, references_uri(self.run_dir), self.layout, self.missing, self.entries, self.summary,
+        return record(self.spec, self.chosen_uri(self.run_dir), self.layout, self.missing, self.entries, self.summary,
                       self.loads.by_actor)
 
 
@@ -192,31 +188,15 @@ def record(spec: JobSpec, references: str, layout: str | None, missing: list[str
             "bank_loads_by_actor": dict(loads or {})}
 
 
-def write_chosen(chosen: pd.DataFrame, run_dir: str, storage: StorageOptions | None) -> None:
-    write_references(chosen, references_uri(run_dir), storage)
-
-
-def read_chosen(run_dir: str, storage: StorageOptions | None) -> pd.DataFrame:
-    return read_references(references_uri(run_dir), storage)
-
-
-class TransductivePass(CategoryPass):
+class TransductivePass(rescore.RescorePass):
     """APRIL-GAN's transductive image score, after the plan, on the workers."""
 
     name = "transductive"
     section = "few_shot"
-    when = "after"
-
-    def __init__(self, spec: JobSpec) -> None:
-        super().__init__(spec)
-        self.summary: dict[str, Any] | None = None
 
     @classmethod
     def applies(cls, spec: JobSpec) -> bool:
         return spec.few_shot_method() == "april_gan"
-
-    def plan_entries(self, resources: bool = False) -> list[dict[str, Any]]:
-        return [{"stage": "rescore", "kind": "task", "pass": "transductive"}]
 
     def run(self, ctx: RunContext) -> None:
         self.summary = rescore.run(rescore.Rescore("transductive", "score_transductive"), ctx.category_sizes(),

@@ -34,11 +34,10 @@ import pandas as pd
 from pipeline.config import JobSpec
 from pipeline.io import fs as fsio
 from pipeline.io.banks import manifest_uri
-from pipeline.io.fs import StorageOptions
-from pipeline.io.references import REFERENCE_COLUMNS, read_references, references_digest, write_references
+from pipeline.io.references import REFERENCE_COLUMNS, references_digest
 from pipeline.runtime import rescore
 from pipeline.runtime.features import FeatureError, FeaturePass, actor_precision, build, stored
-from pipeline.runtime.passes import CategoryPass, PassError, RunContext
+from pipeline.runtime.passes import PassError, RunContext
 from pipeline.runtime.rescore import rscin_scores  # noqa: F401 - the function the pass computes, by name
 from pipeline.stages.bank import bank_digest, bank_settings
 
@@ -49,15 +48,6 @@ MIN_POOL = 5
 
 class MutualError(PassError):
     """A mutual-scoring pass that cannot go on (a pool that cannot be built, stored or used)."""
-
-
-def pools_uri(run_dir: str) -> str:
-    return fsio.join(run_dir, POOL_FILE)
-
-
-def pool_uri(run_dir: str, category: str) -> str:
-    """Where the manifest of ``category``'s pool is (its parts beside it)."""
-    return manifest_uri(run_dir, category, "pools")
 
 
 def pool_rank(seed: int, uri: str) -> str:
@@ -80,14 +70,6 @@ def choose(spec: JobSpec, manifest: pd.DataFrame) -> pd.DataFrame:
     frame["size"] = frame["size"].astype("Int64")
     frame["mtime"] = frame["mtime"].astype("Float64")
     return frame
-
-
-def write_chosen(chosen: pd.DataFrame, run_dir: str, storage: StorageOptions | None) -> None:
-    write_references(chosen, pools_uri(run_dir), storage)
-
-
-def read_chosen(run_dir: str, storage: StorageOptions | None) -> pd.DataFrame:
-    return read_references(pools_uri(run_dir), storage)
 
 
 class PoolsPass(FeaturePass):
@@ -126,7 +108,7 @@ class PoolsPass(FeaturePass):
                 "note": "every score depends on the other images of its category (pool, RsCIN)",
                 "pool_size": m.pool_size, "seed": m.seed, "interval": m.interval, "rscin": m.rscin,
                 "score": m.score, "pool_dtype": m.pool_dtype, "max_pool_bytes": m.max_pool_bytes,
-                "pools_file": pools_uri(self.run_dir),
+                "pools_file": self.chosen_uri(self.run_dir),
                 "pools": {c: {k: e.get(k) for k in ("uri", "images", "category_images", "digest", "precision", "bytes",
                                                     "parts", "built")}
                           for c, e in self.entries.items()},
@@ -183,24 +165,19 @@ def build_pools(spec: JobSpec, chosen: pd.DataFrame, category_sizes: dict[str, i
     return entries, summary
 
 
-class RscinPass(CategoryPass):
+class RscinPass(rescore.RescorePass):
     """MuSc's RsCIN, after the plan, on the workers."""
 
     name = "rscin"
     section = "mutual"
-    when = "after"
 
     def __init__(self, spec: JobSpec) -> None:
         super().__init__(spec)
-        self.summary: dict[str, Any] | None = None
         self.k_list: tuple[int, ...] = ()
 
     @classmethod
     def applies(cls, spec: JobSpec) -> bool:
         return spec.mutual is not None and spec.mutual.rscin
-
-    def plan_entries(self, resources: bool = False) -> list[dict[str, Any]]:
-        return [{"stage": "rescore", "kind": "task", "pass": "rscin"}]
 
     def run(self, ctx: RunContext) -> None:
         m = self.spec.mutual

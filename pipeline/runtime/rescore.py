@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.io import contracts
 from pipeline.io import fs as fsio
 from pipeline.io.fs import StorageOptions
+from pipeline.runtime.passes import CategoryPass
 
 Log = Callable[[str], None]
 
@@ -219,22 +218,8 @@ def rewrite_shard(rescore: Rescore, score_uri: str, sides: dict[str, list[str]],
         old = table.column("score").to_pylist()
         score = pa.array([values[i] if i in values else v for i, v in zip(ids, old)], pa.float64())
         table = table.set_column(table.schema.get_field_index("score"), contract.schema.field("score"), score)
-    replace(score_uri, table.replace_schema_metadata(contract.schema.metadata), storage)
+    _write_table(score_uri, table.replace_schema_metadata(contract.schema.metadata), storage)
     return {"shard": score_uri, "rows": len(ids), "filled": len(new) - new.null_count}
-
-
-def replace(uri: str, table: pa.Table, storage: StorageOptions | None) -> None:
-    """Rewrite a Parquet file whole: locally through a temporary file and a rename, on an object
-    store by one PUT."""
-    fs, path = fsio.filesystem(uri, storage)
-    if fsio.is_remote(uri):
-        with fs.open(path, "wb") as fh:
-            pq.write_table(table, fh)
-        return
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".rescore-", suffix=".parquet")
-    os.close(fd)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def run(rescore: Rescore, category_sizes: dict[str, int], score_files: list[str], embedding_files: list[str],
@@ -262,3 +247,17 @@ def run(rescore: Rescore, category_sizes: dict[str, int], score_files: list[str]
     filled = sum(r["filled"] for r in shards)
     return {"tasks": len(calls), "shard_tasks": len(shards), "categories_computed": computed,
             "categories_reused": reused, "images": filled, "seconds": round(time.monotonic() - t0, 3)}
+
+
+class RescorePass(CategoryPass):
+    """A re-scoring pass after the plan (RsCIN, the transductive score): runs as tasks, lists itself
+    in the plan as ``rescore``, records the summary of :func:`run` (None when it did not run)."""
+
+    when = "after"
+
+    def __init__(self, spec) -> None:
+        super().__init__(spec)
+        self.summary: dict[str, Any] | None = None
+
+    def plan_entries(self, resources: bool = False) -> list[dict[str, Any]]:
+        return [{"stage": "rescore", "kind": "task", "pass": self.name}]

@@ -136,8 +136,7 @@ class MutualScoreStage(ClipScoreStage):
         a multiple of the images one nearest-patch block compares (``pool_chunk`` // patches), so
         the running top-K sees the same blocks as the in-memory computation (equal results)."""
         fit = max(1, self.mutual.max_pool_bytes // per_image)
-        info = stored._parts[0]["header"][f"layer{self.pixel.layers[0]}"] if stored._parts else None
-        patches = int(info["shape"][1]) if info else 1
+        patches = (stored.row_shape(f"layer{self.pixel.layers[0]}") or (1,))[0]
         block = max(1, self.mutual.pool_chunk // patches)
         return fit - fit % block if fit >= block else fit
 

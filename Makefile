@@ -46,9 +46,11 @@ reference-check: $(STAMP)
 	@test -n "$(APRILGAN)" || { echo "reference-check: give APRILGAN=/path/to/VAND-APRIL-GAN (a checkout or git dir)"; exit 2; }
 	@test -n "$(MUSC)" || { echo "reference-check: give MUSC=/path/to/MuSc (a checkout or git dir)"; exit 2; }
 	@test -n "$(ANOMALIB)" -a -n "$(OPEN_CLIP_224)" || { echo "reference-check: give ANOMALIB=anomalib-2.7.0-py3-none-any.whl OPEN_CLIP_224=open_clip_torch-2.24.0-py3-none-any.whl"; exit 2; }
+	@test -n "$(FADE)" -a -n "$(GEM)" -a -n "$(OPENCV)" -a -n "$(EINOPS)" || { echo "reference-check: give FADE=/path/to/BMVC-FADE GEM=gem_torch-1.0.1-py3-none-any.whl OPENCV=opencv_python_headless-4.*.whl EINOPS=einops-*.whl"; exit 2; }
 	$(PY) benchmarks/reference/aprilgan_check.py --aprilgan $(APRILGAN)
 	$(PY) benchmarks/reference/musc_forward_check.py --musc $(MUSC)
 	$(PY) benchmarks/reference/winclip_check.py --anomalib $(ANOMALIB) --open-clip $(OPEN_CLIP_224)
+	$(PY) benchmarks/reference/fade_check.py --fade $(FADE) --gem $(GEM) --open-clip $(OPEN_CLIP_224) --opencv $(OPENCV) --einops $(EINOPS)
 	$(PY) benchmarks/musc_official_compare.py $$(if [ -d "$(MUSC)/.git" ] || [ ! -f "$(MUSC)/HEAD" ]; then echo --musc-repo; else echo --musc-git-dir; fi) $(MUSC)
 
 bench: $(STAMP)

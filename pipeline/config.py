@@ -558,7 +558,10 @@ class FewShotSpec(_Model):
     (k,))`` per category gives, one stream over the categories in alphabetical order, each
     category's candidates sorted by URI (APRIL-GAN's reference draw; with replacement, seed in
     [0, 2^32)). APRIL-GAN's test.py draws after building its models, which consumes its global
-    generator first, so its own k_shot.txt can differ from this draw on the same seed."""
+    generator first, so its own k_shot.txt can differ from this draw on the same seed.
+    ``torch_shuffle``: per category, the first ``k`` images of what a shuffling torch DataLoader
+    yields after ``torch.manual_seed(seed)``, candidates sorted by URI (FADE's reference draw,
+    without replacement; seed in [0, 2^64))."""
 
     reference: str | None = None
     layout: Literal["auto", "folder", "mvtec", "visa", "visa_1cls", "mpdd", "btad", "manifest"] = "auto"
@@ -573,7 +576,7 @@ class FewShotSpec(_Model):
     query_chunk: int = Field(default=4096, ge=1)
     bank_chunk: int = Field(default=16384, ge=1)
     max_cached_banks: int = Field(default=8, ge=1)
-    sampler: Literal["numpy", "torch_randint"] = "numpy"
+    sampler: Literal["numpy", "torch_randint", "torch_shuffle"] = "numpy"
 
     @model_validator(mode="after")
     def _torch_sampler(self) -> "FewShotSpec":
@@ -583,6 +586,12 @@ class FewShotSpec(_Model):
                                  "few_shot.with_replacement: true")
             if not 0 <= self.seed < 2**32:
                 raise ValueError(f"few_shot.seed {self.seed}: torch_randint needs a seed in [0, 2^32)")
+        if self.sampler == "torch_shuffle":
+            if self.with_replacement:
+                raise ValueError("few_shot.sampler torch_shuffle draws without replacement (a permutation): set "
+                                 "few_shot.with_replacement: false")
+            if not 0 <= self.seed < 2**64:
+                raise ValueError(f"few_shot.seed {self.seed}: torch_shuffle needs a seed in [0, 2^64)")
         return self
 
 

@@ -30,6 +30,21 @@ def extract_files(source: str, scratch: str, files: list[str]) -> str:
     return "unknown (not a git checkout)"
 
 
+def unpacked(path: str, package: str, scratch: str) -> str:
+    """The folder holding ``package``: a wheel (``.whl``) unpacked into the scratch folder, or a
+    checkout (its ``src/`` or its root)."""
+    import zipfile
+
+    if path.endswith(".whl"):
+        out = os.path.join(scratch, "unpacked-" + os.path.basename(path))
+        zipfile.ZipFile(path).extractall(out)
+        return out
+    for cand in (os.path.join(path, "src"), path):
+        if os.path.isdir(os.path.join(cand, package)):
+            return cand
+    raise SystemExit(f"{path}: neither a wheel nor a checkout holding {package}/")
+
+
 def generated_images(scratch: str, category: str, n: int, k: int = 0, size: int = 200) -> tuple[list[str], list[str]]:
     """(test image paths, ``k`` train/good paths) of a generated MVTec-like category (some images
     with drawn defects; pipeline.synthetic)."""
@@ -75,6 +90,25 @@ def stored_bank(spec, run_dir: str, folder: str, category: str, paths: list[str]
     write_manifest(uri, {"category": category, "digest": digest, "precision": "fp32", "image_ids": list(ids),
                          "parts": list(parts.values()), **manifest})
     return {"uri": uri, "digest": digest}
+
+
+def add_common_arguments(ap) -> None:
+    """The options every check has: its tolerance, a JSON output, and the hidden ones of the child
+    process that runs the reference side (``--side reference --scratch DIR``)."""
+    import argparse
+
+    ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
+
+
+def child_inputs(args) -> dict:
+    """What the parent wrote for the reference side (``inputs.json`` in the scratch folder)."""
+    import json
+
+    with open(os.path.join(args.scratch, "inputs.json")) as fh:
+        return json.load(fh)
 
 
 def check_ok(*outputs) -> None:

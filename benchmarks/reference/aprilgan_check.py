@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import check_ok, extract_files, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import add_common_arguments, check_ok, child_inputs, extract_files, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
 
 ROOT = Path(__file__).resolve().parents[2]
 CATEGORY = "bottle"
@@ -182,13 +182,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18, 24])
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--k", type=int, default=2)
-    ap.add_argument("--tol", type=float, default=1e-4)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
+    add_common_arguments(ap)
     args = ap.parse_args()
     if args.side == "reference":
-        spec = json.load(open(os.path.join(args.scratch, "inputs.json")))
+        spec = child_inputs(args)
         reference_side(args.scratch, args.model, args.size, args.layers, spec["tests"], spec["refs"])
         return
     t0 = time.monotonic()

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, check_ok, extract_files, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import ROOT, add_common_arguments, check_ok, child_inputs, extract_files, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
 
 CATEGORY = "bottle"
 os.environ.setdefault("TQDM_DISABLE", "1")  # MSM wraps its loop in tqdm
@@ -116,13 +116,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=518)
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18, 24])
     ap.add_argument("--images", type=int, default=6)
-    ap.add_argument("--tol", type=float, default=1e-4)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
+    add_common_arguments(ap)
     args = ap.parse_args()
     if args.side == "reference":
-        tests = json.load(open(os.path.join(args.scratch, "inputs.json")))["tests"]
+        tests = child_inputs(args)["tests"]
         reference_side(args.scratch, args.model, args.size, args.layers, tests)
         return
     t0 = time.monotonic()

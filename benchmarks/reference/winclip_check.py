@@ -38,39 +38,26 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, check_ok, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import ROOT, add_common_arguments, check_ok, child_inputs, generated_images, image_batch, report, stored_bank, unpacked  # noqa: E402 - benchmarks/reference/ beside this script
 
 CATEGORY = "bottle"
 WINCLIP = ["models/image/winclip/torch_model.py", "models/image/winclip/utils.py", "models/image/winclip/prompting.py",
            "models/components/base/buffer_list.py", "models/components/base/dynamic_buffer.py"]
 
 
-def _source_root(path: str, package: str, scratch: str) -> str:
-    """The folder holding ``package`` (a wheel unpacked into the scratch folder, or a checkout's src/)."""
-    if path.endswith(".whl"):
-        out = os.path.join(scratch, "unpacked-" + package)
-        zipfile.ZipFile(path).extractall(out)
-        return out
-    for cand in (os.path.join(path, "src"), path):
-        if os.path.isdir(os.path.join(cand, package)):
-            return cand
-    raise SystemExit(f"{path}: neither a wheel nor a checkout holding {package}/")
-
-
 def prepare(scratch: str, anomalib: str, open_clip_src: str) -> str:
     lib = os.path.join(scratch, "lib")
-    root = _source_root(anomalib, "anomalib", scratch)
+    root = unpacked(anomalib, "anomalib", scratch)
     for rel in WINCLIP:
         dst = os.path.join(lib, "anomalib", rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copy(os.path.join(root, "anomalib", rel), dst)
-    shutil.copytree(os.path.join(_source_root(open_clip_src, "open_clip", scratch), "open_clip"), os.path.join(lib, "open_clip"))
+    shutil.copytree(os.path.join(unpacked(open_clip_src, "open_clip", scratch), "open_clip"), os.path.join(lib, "open_clip"))
     shims = {
         "anomalib/__init__.py": "",
         "anomalib/data/__init__.py": "from typing import NamedTuple\n\nimport torch\n\n\nclass InferenceBatch(NamedTuple):\n"
@@ -150,13 +137,10 @@ def main() -> None:
     ap.add_argument("--open-clip", required=True, help="open_clip_torch 2.24.0's wheel or a checkout at that tag")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--k", type=int, default=2)
-    ap.add_argument("--tol", type=float, default=1e-4)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--scratch", default=None, help=argparse.SUPPRESS)
+    add_common_arguments(ap)
     args = ap.parse_args()
     if args.side == "reference":
-        spec = json.load(open(os.path.join(args.scratch, "inputs.json")))
+        spec = child_inputs(args)
         reference_side(args.scratch, spec["lib"], spec["tests"], spec["refs"])
         return
     t0 = time.monotonic()

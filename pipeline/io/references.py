@@ -208,6 +208,20 @@ def torch_randint_draws(seed: int) -> Any:
     return draw
 
 
+def torch_shuffle_order(seed: int, n: int) -> list[int]:
+    """The order in which a ``torch.utils.data.DataLoader(shuffle=True)`` over ``n`` items yields
+    them when its iterator is created right after ``torch.manual_seed(seed)`` (FADE's reference
+    draw): creating the iterator takes one int64 from the global generator (the workers' base seed),
+    the ``RandomSampler`` takes the next one as the seed of its own generator, and the order is
+    ``torch.randperm(n)`` under that generator."""
+    import torch
+
+    start = torch.Generator().manual_seed(int(seed))
+    torch.empty((), dtype=torch.int64).random_(generator=start)  # the iterator's base seed
+    sampler_seed = int(torch.empty((), dtype=torch.int64).random_(generator=start).item())
+    return torch.randperm(n, generator=torch.Generator().manual_seed(sampler_seed)).tolist()
+
+
 def choose_references(
     candidates: pd.DataFrame, categories: list[str], k: int, seed: int, with_replacement: bool = False,
     sampler: str = "numpy",
@@ -223,7 +237,9 @@ def choose_references(
 
     ``sampler`` ``torch_randint`` (with replacement): one stream for the run, as ``torch.randint``
     after ``torch.manual_seed(seed)``, drawn for the categories in alphabetical order
-    (:func:`torch_randint_draws`; APRIL-GAN's draw).
+    (:func:`torch_randint_draws`; APRIL-GAN's draw). ``torch_shuffle`` (without replacement): per
+    category, the first ``k`` of what a shuffling torch DataLoader yields after
+    ``torch.manual_seed(seed)`` (:func:`torch_shuffle_order`; FADE's draw).
 
     Returns (chosen frame with the columns :data:`REFERENCE_COLUMNS`, sorted by category then shot;
     the categories of ``categories`` without any candidate, in their given order)."""
@@ -257,7 +273,7 @@ def choose_references(
                     f"reference: category {category!r} has {n} candidate reference image{'s' if n != 1 else ''}, "
                     f"fewer than few_shot.k = {k}; set few_shot.with_replacement: true, or a smaller few_shot.k"
                 )
-            picks = rng.choice(n, size=k, replace=False)
+            picks = torch_shuffle_order(seed, n)[:k] if sampler == "torch_shuffle" else rng.choice(n, size=k, replace=False)
         records = group.to_dict("records")
         for shot, index in enumerate(picks):
             record = records[int(index)]

@@ -201,10 +201,13 @@ def test_runtime_executor_key():
 def test_presets_equal_the_reference_they_name():
     """Issue 29: winclip_fewshot is anomalib's WinClipModel (temperature 0.07, its 21 templates, the
     mean of the raw embeddings, the raw category name); aprilgan_fewshot draws as APRIL-GAN's
-    published few-shot script (k 4, seed 42, torch.randint); musc runs fp16 as MuSc's forward."""
+    published few-shot script (k 4, seed 42, torch.randint); fade_fewshot draws as FADE's run_fade.py
+    (k 1, seed 0, its shuffling DataLoader); musc runs fp16 as MuSc's forward."""
     win = load_spec("jobs/winclip_fewshot.yaml")
     assert (win.score.temperature, win.score.prompt_set, win.score.aggregation, win.score.object_names.policy) == (
         0.07, "winclip_anomalib", "mean_raw", "raw")
     april = load_spec("jobs/aprilgan_fewshot.yaml").few_shot
     assert (april.k, april.seed, april.with_replacement, april.sampler) == (4, 42, True, "torch_randint")
+    fade = load_spec("jobs/fade_fewshot.yaml").few_shot
+    assert (fade.k, fade.seed, fade.with_replacement, fade.sampler) == (1, 0, False, "torch_shuffle")
     assert load_spec("jobs/musc.yaml").clip.precision == "fp16"

@@ -369,3 +369,36 @@ def test_torch_randint_sampler_needs_replacement_and_a_32_bit_seed():
     with pytest.raises(ValidationError, match=r"\[0, 2\^32\)"):
         FewShotSpec(sampler="torch_randint", with_replacement=True, seed=2**32)
     assert FewShotSpec(sampler="torch_randint", with_replacement=True, seed=42).k == 1
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+def test_torch_shuffle_sampler_takes_what_a_shuffling_dataloader_yields_first(seed):
+    """FADE's draw: torch.manual_seed(seed), then a DataLoader(shuffle=True) over the category's
+    train images (sorted by path); its first k batches are the references. Compared with torch's
+    own DataLoader, per category (FADE seeds again before each category)."""
+    import torch
+
+    counts = {"zipper": 23, "bottle": 9, "carpet": 2}
+    cands = candidates(counts).sample(frac=1.0, random_state=3)
+    chosen, missing = choose_references(cands, ["zipper", "bottle", "carpet"], 2, seed, sampler="torch_shuffle")
+    assert missing == []
+    for cat, n in counts.items():
+        torch.manual_seed(seed)
+        loader = torch.utils.data.DataLoader(list(range(n)), batch_size=1, shuffle=True)
+        want = [int(b) for b, _ in zip(loader, range(2))]
+        got = chosen[chosen["category"] == cat].sort_values("shot")["uri"].tolist()
+        assert got == [f"/refs/{cat}/{i:03d}.png" for i in want], cat
+    with pytest.raises(InputError, match="'carpet' has 2 candidate"):
+        choose_references(cands, ["carpet"], 3, seed, sampler="torch_shuffle")
+
+
+def test_torch_shuffle_sampler_needs_no_replacement():
+    from pydantic import ValidationError
+
+    from pipeline.config import FewShotSpec
+
+    with pytest.raises(ValidationError, match="without replacement"):
+        FewShotSpec(sampler="torch_shuffle", with_replacement=True)
+    with pytest.raises(ValidationError, match=r"\[0, 2\^64\)"):
+        FewShotSpec(sampler="torch_shuffle", seed=-1)
+    assert FewShotSpec(sampler="torch_shuffle", seed=0).sampler == "torch_shuffle"

@@ -26,7 +26,6 @@ pool larger than ``mutual.max_pool_bytes`` can be streamed in chunks.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +37,7 @@ from urllib.parse import quote
 import numpy as np
 
 from pipeline.io import fs as fsio
+from pipeline.io.atomic import write_atomic
 from pipeline.io.fs import StorageOptions
 
 PART_FORMAT = "bank-part/1"
@@ -90,26 +90,6 @@ def encode_part(features: list[dict[str, np.ndarray]], image_ids: list[str], met
     meta = {"zsad.format": PART_FORMAT, "image_ids": json.dumps(list(image_ids)), "offsets": json.dumps(offsets),
             "dtype": dtype, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
     return save(tensors, metadata=meta)
-
-
-def write_atomic(uri: str, data: bytes, storage: StorageOptions | None = None) -> None:
-    """A whole file that appears complete or not at all: locally a temporary file renamed over the
-    name; on an object store one PUT (an object is visible only when its upload completes)."""
-    if fsio.is_remote(uri):
-        fsio.write_bytes(uri, data, storage)
-        return
-    _, path = fsio.filesystem(uri, storage)
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def write_part(folder_uri: str, features: list[dict[str, np.ndarray]], image_ids: list[str], metadata: dict[str, Any],

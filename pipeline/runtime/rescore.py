@@ -129,7 +129,7 @@ def _write_table(uri: str, table: pa.Table, storage: StorageOptions | None) -> N
     """A whole Parquet file, atomically (local: temporary name + rename; object store: one PUT)."""
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    from pipeline.io.banks import write_atomic
+    from pipeline.io.atomic import write_atomic
 
     write_atomic(uri, buf.getvalue(), storage)
 

@@ -64,7 +64,7 @@ def build(spec: JobSpec, wanted: pd.DataFrame, folder: str, run_dir: str, digest
     from pipeline.runtime.executors import execute
     from pipeline.stages.bank import RESULT_COLUMNS, BankStage, BankTarget
     from pipeline.stages.decode import DecodeStage
-    from pipeline.stages.plan import PlannedStage
+    from pipeline.stages.base import PlannedStage
 
     wanted = wanted.sort_values(["category", "shot"], kind="stable")
     unique = wanted.drop_duplicates("image_id")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 
 from pipeline.config import JobSpec
-from pipeline.stages.plan import PlannedStage
+from pipeline.stages.base import PlannedStage
 
 
 def _gpu_count() -> int:

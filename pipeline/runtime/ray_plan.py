@@ -25,7 +25,8 @@ from ray.data import ActorPoolStrategy
 
 from pipeline.config import JobSpec
 from pipeline.runtime.udf import ActorStage, TaskStage
-from pipeline.stages.plan import PlanError, PlannedStage
+from pipeline.stages.base import PlannedStage
+from pipeline.stages.plan import PlanError
 
 
 def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], None], stage: str = "clip_score",

@@ -43,7 +43,8 @@ from pipeline.runtime.incremental import unscored
 from pipeline.runtime.preflight import model_problems, shape_error
 from pipeline.runtime.watchdog import watched
 from pipeline.stages.fused import find_stage
-from pipeline.stages.plan import PlanError, PlannedStage, build_plan, check_columns
+from pipeline.stages.base import PlannedStage
+from pipeline.stages.plan import PlanError, build_plan, check_columns
 
 #: stages that time their rows (``<stage>_ms``); run.json has ``<stage>_busy`` for each
 TIMED_STAGES = ("decode", "foreground", "clip_score", "aggregate", "sam_refine", "encode")

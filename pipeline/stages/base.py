@@ -7,7 +7,11 @@ column conventions in :mod:`pipeline.stages.records`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from pipeline.config import StageResources
 
 StageKind = Literal["task", "actor"]
 #: How a stage runs: ``task`` = stateless Ray tasks (CPU), ``actor`` = a pool of actors that build
@@ -44,6 +48,22 @@ class Stage(Protocol):
     def setup(self) -> None: ...
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage of a built plan with its resources (``resources.<name>`` of the spec)."""
+
+    stage: Any  # a Stage
+    resources: StageResources
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def kind(self) -> str:
+        return self.stage.kind
 
 
 def check_columns(stage_name: str, batch: Mapping[str, Any], required: tuple[str, ...]) -> int:

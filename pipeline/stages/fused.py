@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import StageResources
+from pipeline.stages.base import PlannedStage
 
 NAME = "models"
 
@@ -107,8 +108,6 @@ def fused_resources(planned: list[Any], clip: StageResources) -> StageResources:
 def fuse(planned: list[Any]) -> list[Any]:
     """``planned`` with its model stages, and everything between the first and the last of them,
     replaced by one :class:`FusedStage` (unchanged with fewer than two model stages)."""
-    from pipeline.stages.plan import PlannedStage
-
     actors = [i for i, p in enumerate(planned) if p.kind == "actor"]
     if len(actors) < 2:
         return list(planned)

@@ -29,13 +29,13 @@ sam_refine) become one actor stage, ``models`` (:mod:`pipeline.stages.fused`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 from pipeline.config import JobSpec, StageResources
+from pipeline.errors import ZsadError
 from pipeline.io.fs import StorageOptions
 from pipeline.stages.aggregate import AggregateStage
-from pipeline.stages.base import STAGE_KINDS, Stage
+from pipeline.stages.base import STAGE_KINDS, PlannedStage, Stage
 from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
@@ -50,24 +50,8 @@ STAGE_ORDER: tuple[type, ...] = (DecodeStage, ForegroundStage, TilingStage, Clip
                                  SamRefineStage, EncodeStage)
 
 
-class PlanError(ValueError):
+class PlanError(ZsadError, ValueError):
     """A plan that cannot run; raised when it is built, before any data moves."""
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    """One stage of a built plan with its resources (``resources.<name>`` of the spec)."""
-
-    stage: Any  # a Stage
-    resources: StageResources
-
-    @property
-    def name(self) -> str:
-        return self.stage.name
-
-    @property
-    def kind(self) -> str:
-        return self.stage.kind
 
 
 def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: Iterable[str] = (),

@@ -11,7 +11,7 @@ from pipeline.config import StageResources
 from pipeline.runtime.executors import ExecutorError, check, execute, plan_session
 from pipeline.runtime.local_plan import rebatch, run_plan_local
 from pipeline.runtime.udf import to_numpy
-from pipeline.stages.plan import PlannedStage
+from pipeline.stages.base import PlannedStage
 from pipeline.stages.records import TENSOR
 
 

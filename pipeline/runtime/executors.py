@@ -11,11 +11,15 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
+from pipeline.errors import ZsadError
+
 EXECUTORS = ("ray", "local")
 
 
-class ExecutorError(ValueError):
+class ExecutorError(ZsadError, ValueError):
     """An executor setting that cannot work (an unknown name, ``--address`` with ``local``)."""
+
+    exit_code = 2
 
 
 def check(executor: str, address: str | None) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import JobSpec
+from pipeline.errors import ZsadError
 from pipeline.io.banks import BankError, manifest_uri, read_manifest, write_manifest
 from pipeline.io.fs import StorageOptions
 from pipeline.io.manifest import manifest_frame
@@ -31,7 +32,7 @@ from pipeline.runtime.rows import source_rows
 Log = Callable[[str], None]
 
 
-class FeatureError(RuntimeError):
+class FeatureError(ZsadError, RuntimeError):
     """A bank or pool that cannot be built (a reference image that fails, a precision the actors did
     not resolve as the driver expected)."""
 

@@ -40,10 +40,10 @@ from pipeline.runtime.features import FeatureError, FeaturePass, actor_precision
 from pipeline.runtime.passes import PassError, RunContext
 from pipeline.runtime.rescore import rscin_scores  # noqa: F401 - the function the pass computes, by name
 from pipeline.stages.bank import bank_digest, bank_settings
+from pipeline.stages.mutual_score import MIN_POOL
 
 Log = Callable[[str], None]
 POOL_FILE = "pools.parquet"
-MIN_POOL = 5
 
 
 class MutualError(PassError):

@@ -27,17 +27,14 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.config import JobSpec
+from pipeline.errors import ZsadError
 from pipeline.io.fs import StorageOptions
 
 Log = Callable[[str], None]
 
 
-class PassError(RuntimeError):
+class PassError(ZsadError, RuntimeError):
     """A pass that cannot go on; ``exit_code`` 2 when the job's spec or input is the cause."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.errors import ZsadError
 import pipeline
 from pipeline.config import DataSpec, JobSpec
 from pipeline.io import contracts, projection
@@ -50,12 +51,8 @@ from pipeline.stages.plan import PlanError, build_plan, check_columns
 TIMED_STAGES = ("decode", "foreground", "clip_score", "aggregate", "sam_refine", "encode")
 
 
-class RunError(RuntimeError):
+class RunError(ZsadError, RuntimeError):
     """A run that cannot start or did not complete; the message says why (CLI exit code 1 or 2)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass

@@ -41,10 +41,6 @@ mutual = LazyModule("pipeline.models.mutual")
 MIN_POOL = 5  # images; K = int(0.3 * (P - 1)) is 0 below
 
 
-class PoolTooSmall(ValueError):
-    """The category has too few usable images for mutual scoring."""
-
-
 class MutualScoreStage(ClipScoreStage):
     extra_outputs = ("score_mutual", "image_embedding")
 
@@ -169,7 +165,7 @@ class MutualScoreStage(ClipScoreStage):
         short = sorted({c for c in categories if int(self.pools.get(c, {}).get("images", 0)) < MIN_POOL})
         if short:
             sizes = ", ".join(f"{c!r} {int(self.pools.get(c, {}).get('images', 0))}" for c in short)
-            raise PoolTooSmall(f"mutual scoring needs at least {MIN_POOL} usable images per category; "
+            raise mutual.PoolTooSmall(f"mutual scoring needs at least {MIN_POOL} usable images per category; "
                                f"usable images: {sizes}")
         emb, tokens, grid = self._forward(images)
         layers, degrees = self.pixel.layers, self.pixel.degrees

@@ -11,7 +11,7 @@ Phases, each in its own subprocess so that its peak RSS (ru_maxrss) is its own:
   scoring MODEL R     one query image's mutual map against R + 1 pool images' features of MODEL's
                       shape (M patches x C channels, random values: the cost does not depend on them),
                       through pipeline.models.mutual.mutual_map with the presets' chunk sizes
-  archive R           the pipeline's scoring stage (MutualScoreStage, tiny CLIP at 128 px, 4 blocks) holding
+  archive R           the pipeline's scoring stage (ClipScoreStage with the mutual scorer, tiny CLIP at 128 px, 4 blocks) holding
                       one pool of R + 1 images scores categories of 200, 800 and 3200 generated images in
                       batches of 8, one after another in one process: seconds per category, ms per image
                       and the process's peak RSS after each category
@@ -102,12 +102,12 @@ def phase_archive(r: int) -> dict:
     import numpy as np
 
     from pipeline.config import load_spec
-    from pipeline.stages.mutual_score import MutualScoreStage
+    from pipeline.stages.clip_score import ClipScoreStage
 
     tiny = ["clip.model=zsad-tiny", "clip.weights=null", "allow_random_weights=true", "resources.clip_score.num_gpus=0",
             "pixel.layers=[2,4,6,8]", "pixel.image_size=128", "maps.map_size=64", f"mutual.pool_size={r}"]
     spec = load_spec(os.path.join(HERE, "..", "jobs", "musc.yaml"), tiny)
-    stage = MutualScoreStage.from_spec(spec)
+    stage = ClipScoreStage.from_spec(spec)
     stage.setup()
     pool_images = _images(r + 1, 128, 7)
     feats = [f for i in range(0, len(pool_images), 16) for f in stage.bank_features(pool_images[i : i + 16])]

@@ -57,7 +57,7 @@ def images(n: int, folder: str) -> list[np.ndarray]:
 def run(preset: str, imgs: list[np.ndarray], folder: str) -> dict:
     from pipeline.io.banks import StoredBank, manifest_uri, write_manifest
     from pipeline.stages.bank import BankStage, BankTarget, bank_digest
-    from pipeline.stages.mutual_score import MutualScoreStage
+    from pipeline.stages.clip_score import ClipScoreStage
 
     ids = [f"img{i:03d}" for i in range(len(imgs))]
     batch = {"image": np.empty(len(imgs), object), "image_id": np.array(ids, object),
@@ -85,7 +85,7 @@ def run(preset: str, imgs: list[np.ndarray], folder: str) -> dict:
                              "parts": list(parts.values())})
         stored = StoredBank(uri, digest)
         sizes[dtype] = stored.image_bytes([f"layer{l}" for l in spec.pixel.layers])
-        score = MutualScoreStage.from_spec(spec)
+        score = ClipScoreStage.from_spec(spec)
         score.model, score.preprocess, score.device, score.precision = (stage.scorer.model, stage.scorer.preprocess,
                                                                         stage.scorer.device, stage.scorer.precision)
         score.pools = {"gear": {"uri": uri, "digest": digest, "images": len(ids), "image_ids": ids}}

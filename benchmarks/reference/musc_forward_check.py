@@ -92,7 +92,7 @@ def zsad_side(scratch: str, model_name: str, size: int, layers: list[int], tests
     sys.path.insert(0, str(ROOT))
     from pipeline.config import load_spec
     from pipeline.io.banks import StoredBank
-    from pipeline.stages.mutual_score import MutualScoreStage
+    from pipeline.stages.clip_score import ClipScoreStage
 
     ids = [f"t{i}" for i in range(len(tests))]
     sets = [f"clip.model={model_name}", f"clip.weights={os.path.join(scratch, 'clip.pt')}", "clip.precision=fp32",
@@ -101,7 +101,7 @@ def zsad_side(scratch: str, model_name: str, size: int, layers: list[int], tests
     spec = load_spec(str(ROOT / "jobs" / "musc.yaml"), sets)
     pool = stored_bank(spec, os.path.join(scratch, "run"), "pools", CATEGORY, tests, ids)
     per_image = StoredBank(pool["uri"], pool["digest"]).image_bytes([f"layer{l}" for l in layers])
-    stage = MutualScoreStage.from_spec(load_spec(str(ROOT / "jobs" / "musc.yaml"), [*sets, f"mutual.max_pool_bytes={2 * per_image}"]))
+    stage = ClipScoreStage.from_spec(load_spec(str(ROOT / "jobs" / "musc.yaml"), [*sets, f"mutual.max_pool_bytes={2 * per_image}"]))
     stage.pools = {CATEGORY: {**pool, "images": len(ids), "image_ids": ids}}
     out = stage(image_batch(tests, ids, CATEGORY))
     check_ok(out)

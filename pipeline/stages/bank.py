@@ -2,10 +2,9 @@
 
 Runs before the images are scored, as its own pass over the chosen reference images
 (``RUN/references.parquet``): decode (CPU tasks) -> this stage, an actor pool with the CLIP stage's
-resources (``resources.clip_score``: GPU when given) that builds the SAME scoring stage
-(:class:`pipeline.stages.clip_score.ClipScoreStage`) and asks it for
-:meth:`~pipeline.stages.clip_score.ClipScoreStage.bank_features`, the features its few-shot scorer
-compares queries with. Bank and query features therefore come from one piece of code. The actor
+resources (``resources.clip_score``: GPU when given) that builds the SAME scorer as the scoring
+stage (:func:`pipeline.stages.clip_score.scorer_from_spec`) and asks it for ``bank_features``, the
+features it compares queries with. Bank and query features therefore come from one piece of code. The actor
 writes each batch's features itself, one part file per category into ``RUN/banks/<category>/``
 (``RUN/pools/`` for mutual scoring; :mod:`pipeline.io.banks`), and each row hands the driver only
 the part's name, byte count and sha256: the driver writes the category's manifest from them.
@@ -28,7 +27,7 @@ import pyarrow as pa
 from pipeline.config import JobSpec
 from pipeline.io.fs import StorageOptions
 from pipeline.stages.base import check_columns
-from pipeline.stages.clip_score import ClipScoreStage
+from pipeline.stages.clip_score import Scorer, scorer_from_spec
 from pipeline.stages.records import RowErrors, object_column
 
 STAGE = "bank"
@@ -105,20 +104,17 @@ class BankStage:
              "error_type": pa.string(), "error_message": pa.string()}
     produces = tuple(types)
 
-    def __init__(self, scorer: ClipScoreStage, target: BankTarget | None = None) -> None:
+    def __init__(self, scorer: Scorer, target: BankTarget | None = None) -> None:
         self.scorer = scorer
         self.target = target
 
     @classmethod
     def from_spec(cls, spec: JobSpec, storage: StorageOptions | None = None,
                   target: BankTarget | None = None) -> "BankStage | None":
-        if spec.mutual is not None:  # the pool pass of mutual scoring: the same features as its queries
-            from pipeline.stages.mutual_score import MutualScoreStage
-
-            return cls(MutualScoreStage.from_spec(spec, storage), target)
-        if spec.few_shot is None:
+        if spec.mutual is None and spec.few_shot is None:
             return None
-        return cls(ClipScoreStage.from_spec(spec, storage), target)
+        # the scorer of the scoring stage (mutual: the pool pass): the same features as its queries
+        return cls(scorer_from_spec(spec, storage), target)
 
     @property
     def use_gpu(self) -> bool:

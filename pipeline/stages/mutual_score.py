@@ -1,8 +1,9 @@
-"""Mutual scoring stage (MuSc; MUSC.md): every image's patches against its category's pool.
+"""Mutual scorer (MuSc; MUSC.md): every image's patches against its category's pool.
 
-The stage is the CLIP scoring stage of a job with ``pixel.kind: mutual`` (same name, resources
-``resources.clip_score``, same columns, plus ``score_mutual`` and ``image_embedding``). It builds the
-CLIP model as :class:`pipeline.stages.clip_score.ClipScoreStage` does; per batch it runs one forward
+The scorer of the ``clip_score`` stage (:class:`pipeline.stages.clip_score.ClipScoreStage`) in a job
+with ``score.kind: mutual`` (same stage, resources ``resources.clip_score``, same columns, plus
+``score_mutual`` and ``image_embedding``). It composes a :class:`pipeline.stages.clip_model.ClipScorer`
+for the CLIP model (set-up, preprocessing, stored banks); per batch it runs one forward
 pass at ``pixel.image_size`` (squashed), keeps the raw outputs of ``pixel.layers`` and the unit image
 embedding, and scores each image against its category's pool
 (:mod:`pipeline.models.mutual`): the pool's standardised block tokens are read once per category
@@ -17,7 +18,7 @@ pool's last image, so every image of a category has the same K. The map is upsam
 align_corners=True) to the stored map size and clipped to [0, 2]; ``score`` (= ``score_mutual``) is
 the maximum of the map upsampled to the model's input size, as MuSc takes it. A category whose pool
 is too small for the interval (fewer than 5 usable images) fails its rows with ``PoolTooSmall``.
-The same class computes the pool's features (:meth:`bank_features`, used by the pool pass), so the
+The same scorer computes the pool's features (:meth:`bank_features`, used by the pool pass), so the
 pool and the queries come from one piece of code.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +35,8 @@ from pipeline.config import MutualSpec, SpecError
 from pipeline.io.fs import StorageOptions
 from pipeline.ops.heatmap import map_shape
 from pipeline.stages.base import LazyModule, model_work
-from pipeline.stages.clip_score import ClipScoreStage, clip_models, precision
+from pipeline.stages.clip_model import ClipScorer, clip_models, precision
+from pipeline.stages.pixel_methods import PixelMethod, register
 
 torch = LazyModule("torch")
 mutual = LazyModule("pipeline.models.mutual")
@@ -41,53 +44,80 @@ mutual = LazyModule("pipeline.models.mutual")
 MIN_POOL = 5  # images; K = int(0.3 * (P - 1)) is 0 below
 
 
-class MutualScoreStage(ClipScoreStage):
-    extra_outputs = ("score_mutual", "image_embedding")
+@register("mutual")
+class MutualMaps(PixelMethod):
+    """``pixel.kind: mutual``: its settings checked against the model; the maps are the
+    :class:`MutualScorer`'s own."""
 
-    def __init__(self, *args, mutual_spec: MutualSpec, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def check(self, scorer: Any) -> None:
+        visual = scorer.model.visual
+        blocks = len(visual.transformer.resblocks)
+        if scorer.pixel.layers[-1] > blocks:
+            raise SpecError(f"pixel.layers {list(scorer.pixel.layers)} exceed the {blocks} blocks of {scorer.clip.model}")
+        from pipeline.models import vit
+
+        patch = vit.patch_size(visual)
+        if scorer.pixel.image_size % patch:
+            raise SpecError(f"pixel.image_size {scorer.pixel.image_size} is not a multiple of {scorer.clip.model}'s "
+                            f"patch size {patch} (MuSc: 518 for ViT-L-14-336, 240 for ViT-B-16-plus-240)")
+
+
+def _shared(name: str) -> property:
+    """An attribute of the composed CLIP scorer, read (and set) through the mutual scorer."""
+    return property(lambda self: getattr(self.base, name), lambda self, value: setattr(self.base, name, value))
+
+
+class MutualScorer:
+    """Mutual scores and maps of a batch of images against their categories' pools; its input is
+    the pools (``pools``: category -> {"uri", "digest", "images", "image_ids"}; a category without an
+    entry has no usable pool), given by the driver once they are built (:meth:`use_inputs`)."""
+
+    inputs: tuple[str, ...] = ("pools",)
+    extra_outputs: tuple[str, ...] = ("score_mutual", "image_embedding")
+    extra_types: Mapping[str, Any] = {"score_mutual": pa.float64(), "image_embedding": pa.list_(pa.float32())}
+    loads_column = "pool_loads"
+
+    model = _shared("model")
+    preprocess = _shared("preprocess")
+    device = _shared("device")
+    precision = _shared("precision")
+    use_gpu = _shared("use_gpu")
+    storage = _shared("storage")
+    clip = _shared("clip")
+    pixel = _shared("pixel")
+    maps = _shared("maps")
+    map_range = _shared("map_range")
+
+    def __init__(self, base: ClipScorer, mutual_spec: MutualSpec) -> None:
+        self.base = base
         self.mutual = mutual_spec
-        #: category -> {"uri", "digest", "images", "image_ids"} of its pool; set by the driver once
-        #: the pools are built (a category without an entry has no usable pool)
         self.pools: dict[str, dict] = {}
         self._pool_cache: collections.OrderedDict = collections.OrderedDict()
         self.pool_loads = 0
 
     @classmethod
-    def from_spec(cls, spec, storage: StorageOptions | None = None) -> "MutualScoreStage | None":
-        if getattr(spec, "mutual", None) is None:
-            return None
-        return cls(spec.clip, spec.score, weights_cache=spec.weights_cache, storage=storage, pixel=spec.pixel,
-                   maps=spec.maps, retries=spec.retries, map_range=spec.map_range(), mutual_spec=spec.mutual)
+    def from_spec(cls, spec, storage: StorageOptions | None = None) -> "MutualScorer":
+        base = ClipScorer(spec.clip, spec.score, weights_cache=spec.weights_cache, storage=storage, pixel=spec.pixel,
+                          maps=spec.maps, retries=spec.retries, map_range=spec.map_range())
+        return cls(base, spec.mutual)
 
-    @property
-    def types(self) -> dict[str, object]:
-        return {**super().types, "score_mutual": pa.float64(), "image_embedding": pa.list_(pa.float32())}
+    def setup(self) -> None:
+        self.base.setup()
 
-    @property
-    def loads_column(self) -> str | None:
-        return "pool_loads"
+    def use_inputs(self, inputs: Mapping[str, Any] | None) -> None:
+        """Take the driver's inputs (the pools)."""
+        for name, value in (inputs or {}).items():
+            if name in self.inputs:
+                setattr(self, name, dict(value))
 
     def loads(self) -> int:
         return self.pool_loads
-
-    def _check_pixel_config(self) -> None:
-        visual = self.model.visual
-        blocks = len(visual.transformer.resblocks)
-        if self.pixel.layers[-1] > blocks:
-            raise SpecError(f"pixel.layers {list(self.pixel.layers)} exceed the {blocks} blocks of {self.clip.model}")
-        from pipeline.models import vit
-
-        patch = vit.patch_size(visual)
-        if self.pixel.image_size % patch:
-            raise SpecError(f"pixel.image_size {self.pixel.image_size} is not a multiple of {self.clip.model}'s patch size "
-                             f"{patch} (MuSc: 518 for ViT-L-14-336, 240 for ViT-B-16-plus-240)")
 
     # ---------------------------------------------------------------- features
     def _forward(self, images: list[np.ndarray]):
         """(unit embeddings (B, E), raw block tokens [(B, M, C)], grid) of one pass."""
         pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
-        batch = clip_models.preprocess_images(self._tensors(images), pre, device=self.device)
+        batch = clip_models.preprocess_images(self.base._tensors(images), pre, device=self.device)
         return mutual.image_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
 
     @model_work
@@ -111,7 +141,7 @@ class MutualScoreStage(ClipScoreStage):
         if cached is not None:
             self._pool_cache.move_to_end(category)
             return cached
-        stored = self.open_stored(self.pools[category])
+        stored = self.base.open_stored(self.pools[category])
         keys = [f"layer{l}" for l in self.pixel.layers]
         per_image = max(stored.image_bytes(keys), 1)
         n = len(stored.image_ids)
@@ -153,7 +183,7 @@ class MutualScoreStage(ClipScoreStage):
         return mutual.finish(state, grid)
 
     # ---------------------------------------------------------------- scoring
-    def _score_rows(self, images, categories, image_ids) -> dict[str, object]:
+    def score_rows(self, images, categories, image_ids) -> dict[str, object]:
         return self.score_images(images, categories, image_ids=image_ids)
 
     @model_work

@@ -17,7 +17,7 @@ Plan of a job with every section (one row per image throughout)::
       -> tiling       task   tiles, tile_reasons
       -> clip_score   actor  score, score_vision, max_pixel_score, anomaly_map, scoring_mode, clip_score_ms
                              (+ tile_scores, tile_maps when tiling; + score_mutual, image_embedding
-                             for mutual scoring, whose stage of that name is MutualScoreStage)
+                             for mutual scoring, whose scorer is MutualScorer)
       -> aggregate    task   score, anomaly_map, max_pixel_score, n_tiles, scoring_mode, ...  (drops tile_maps)
       -> sam_refine   actor  anomaly_map, max_pixel_score, refined, refine_rle, refine_info, sam_refine_ms
       -> encode       task   map_png, map_height, map_width, mask_rle, threshold, encode_ms  (drops anomaly_map)
@@ -41,12 +41,11 @@ from pipeline.stages.decode import DecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.foreground import ForegroundStage
 from pipeline.stages.fused import fuse
-from pipeline.stages.mutual_score import MutualScoreStage
 from pipeline.stages.sam_refine import SamRefineStage
 from pipeline.stages.tiling import TilingStage
 
 #: The order of the stages. A new stage is one module, its spec section and one entry here.
-STAGE_ORDER: tuple[type, ...] = (DecodeStage, ForegroundStage, TilingStage, ClipScoreStage, MutualScoreStage, AggregateStage,
+STAGE_ORDER: tuple[type, ...] = (DecodeStage, ForegroundStage, TilingStage, ClipScoreStage, AggregateStage,
                                  SamRefineStage, EncodeStage)
 
 

@@ -102,7 +102,7 @@ def test_a_reference_scores_zero_and_scores_combine_as_the_method_does(method, t
             assert fs[1] == pytest.approx(float(fs_map.max()), abs=1e-6)
             want = pixel.upsample((zs_map + fs_map) / 2, shape)[0]
         elif method == "fade":
-            sizes = stage._fade_sizes(t)
+            sizes = stage.fade_sizes(t)
             lang_map, patches = pixel.fade_language(m, sizes, stage.pixel_text_classifier(), 0.01, 8, 2)
             v = fewshot.fade_fewshot_vision({f"scale{s}": p[1] for s, p in patches.items()}, bank, 8, 3.5)
             assert fs[1] == pytest.approx(float(v.max()), abs=1e-6)
@@ -110,7 +110,7 @@ def test_a_reference_scores_zero_and_scores_combine_as_the_method_does(method, t
         else:
             from pipeline.models.adapters import adapter_map
 
-            _, tokens = stage._april_gan_pass(t)
+            _, tokens = stage.april_gan_pass(t)
             text = stage.text_classifier("gear")
             tt = torch.stack([text.normal, text.anomalous], dim=-1)
             q = fewshot.aprilgan_features(tokens, (2, 4))

@@ -18,7 +18,7 @@ from pipeline.io.banks import BankError, StoredBank, manifest_uri, write_manifes
 from pipeline.io.manifest import manifest_frame
 from pipeline.runtime.features import build
 from pipeline.stages.bank import RESULT_COLUMNS, BankStage, BankTarget, bank_digest
-from pipeline.stages.mutual_score import MutualScoreStage
+from pipeline.stages.clip_score import ClipScoreStage
 from tests.helpers.batches import image_batch
 
 SETS = ["pixel.layers=[2,4]", "pixel.image_size=64", "pixel.degrees=[1,3]", "maps.map_size=24"]
@@ -56,7 +56,7 @@ def write_pool(spec, run_dir, cat, images, batch=3):
 
 
 def scorer(spec, pools):
-    stage = MutualScoreStage.from_spec(spec)
+    stage = ClipScoreStage.from_spec(spec)
     stage.pools = pools
     return stage
 

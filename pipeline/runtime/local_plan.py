@@ -135,9 +135,8 @@ def run_plan_local(
         stage = as_shipped(planned.stage)
         request = stage_request(planned, spec, session, log)  # the GPU rule and its messages, as on Ray
         if planned.kind == "actor":
-            stage.use_gpu = "GPU" in request
             t0 = time.perf_counter()
-            wrapper = ActorStage(stage)  # sets the stage up (builds its models) once
+            wrapper = ActorStage(stage, planned.inputs, "GPU" in request)  # sets the stage up (builds its models) once
             steps.append(_Timed(planned.name, "actor", wrapper, time.perf_counter() - t0))
         else:
             steps.append(_Timed(planned.name, "task", TaskStage(stage), 0.0))

@@ -143,9 +143,9 @@ def run_plan(
     for planned, request in requests:
         res = planned.resources
         if planned.kind == "actor":
-            planned.stage.use_gpu = "GPU" in request
             ds = ds.map_batches(
-                ActorStage, fn_constructor_kwargs={"stage": planned.stage},
+                ActorStage,
+                fn_constructor_kwargs={"stage": planned.stage, "inputs": dict(planned.inputs), "use_gpu": "GPU" in request},
                 compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
                 batch_size=res.batch_size, batch_format="pyarrow", **_remote_args(request),
             )

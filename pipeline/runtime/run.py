@@ -43,12 +43,12 @@ from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.preflight import model_problems, shape_error
 from pipeline.runtime.watchdog import watched
-from pipeline.stages.fused import find_stage
 from pipeline.stages.base import PlannedStage
-from pipeline.stages.plan import PlanError, build_plan, check_columns
+from pipeline.stages.plan import STAGE_ORDER, PlanError, build_plan, check_columns, with_inputs
 
-#: stages that time their rows (``<stage>_ms``); run.json has ``<stage>_busy`` for each
-TIMED_STAGES = ("decode", "foreground", "clip_score", "aggregate", "sam_refine", "encode")
+#: stages that time their rows (``<stage>_ms``; the stage class says ``timed``); run.json has
+#: ``<stage>_busy`` for each
+TIMED_STAGES = tuple(cls.name for cls in STAGE_ORDER if getattr(cls, "timed", False))
 
 
 class RunError(ZsadError, RuntimeError):
@@ -595,11 +595,9 @@ class _Run:
             if len(pending):
                 session = self.open_session()
                 ctx = self.context()
-                scorer = find_stage(self.stages, "clip_score")
-                for p in before:  # the banks and pools, before any image is scored
+                for p in before:  # the banks and pools, before any image is scored: the scoring stage's inputs
                     p.run(ctx)
-                    for name, value in p.stage_inputs().items():
-                        setattr(scorer, name, value)
+                    self.stages = with_inputs(self.stages, p.stage_inputs())
 
                 def save_stats(text: str) -> None:
                     name = "ray_data_stats.txt" if self.executor == "ray" else "local_stats.txt"

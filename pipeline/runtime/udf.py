@@ -92,8 +92,16 @@ class TaskStage(_Wrapped):
 class ActorStage(_Wrapped):
     """Actor wrapper: sets the stage up (builds its models) once per actor."""
 
-    def __init__(self, stage: Any) -> None:
+    def __init__(self, stage: Any, inputs: Mapping[str, Any] | None = None, use_gpu: bool | None = None) -> None:
+        """``inputs``: the planned stage's inputs (:class:`pipeline.stages.base.PlannedStage`);
+        ``use_gpu``: whether this actor's stage runs on its GPU (the executor's decision), set on
+        the worker's own copy of the stage."""
         t0 = time.perf_counter()
         self.stage = stage
-        self.stage.setup()
+        if use_gpu is not None:
+            stage.use_gpu = use_gpu
+        if inputs:
+            stage.setup(inputs)
+        else:
+            stage.setup()
         print(f"[zsad] {stage.name} actor ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)

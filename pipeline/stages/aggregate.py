@@ -35,6 +35,7 @@ class AggregateStage:
     """Batch callable; see the module docstring."""
 
     name = STAGE
+    timed = True  # aggregate_ms; run.json's aggregate_busy
     section = "aggregation"
     kind = "task"
     requires = ("tiles", "tile_reasons", "tile_scores", "tile_maps", "height", "width", "status")

@@ -7,7 +7,7 @@ column conventions in :mod:`pipeline.stages.records`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -29,7 +29,11 @@ class Stage(Protocol):
     - ``requires``: the columns it reads; ``produces``: the columns it adds or replaces, and
       ``types`` their in-flight types (:mod:`pipeline.stages.records`; same keys as ``produces``);
       ``drops``: the columns it removes;
-    - ``setup()``: builds models once per worker (a no-op for CPU stages);
+    - ``timed`` (optional, False when absent): the stage times its rows in ``<name>_ms`` (run.json
+      has ``<name>_busy``);
+    - ``setup()``: builds models once per worker (a no-op for CPU stages); a stage with
+      ``inputs`` (names of what the driver computes before the plan runs, e.g. ``("banks",)``) is
+      set up with ``setup(inputs)``, a mapping of those names to their values;
     - ``__call__(batch) -> batch``;
     - ``from_spec(spec, storage)`` (classmethod): the configured stage, or None when the job
       does not use it.
@@ -52,10 +56,14 @@ class Stage(Protocol):
 
 @dataclass(frozen=True)
 class PlannedStage:
-    """One stage of a built plan with its resources (``resources.<name>`` of the spec)."""
+    """One stage of a built plan with its resources (``resources.<name>`` of the spec) and its
+    inputs: what the driver computed for it before the plan runs (the few-shot ``banks``, the mutual
+    ``pools``: :func:`pipeline.stages.plan.with_inputs`), handed to the stage's ``setup`` on each
+    worker; the stage object itself is never changed by the driver."""
 
     stage: Any  # a Stage
     resources: StageResources
+    inputs: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

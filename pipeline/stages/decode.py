@@ -55,6 +55,7 @@ class DecodeStage:
     """Batch callable: fetch and decode every row's ``uri``. See the module docstring for columns."""
 
     name = "decode"
+    timed = True  # decode_ms; run.json's decode_busy
     section = "decode"
     kind = "task"
     requires: tuple[str, ...] = ("uri",)

@@ -28,6 +28,7 @@ class EncodeStage:
     that stage). Rows without a map (failed, or no pixel method) pass through."""
 
     name = STAGE
+    timed = True  # encode_ms; run.json's encode_busy
     section = "maps"
     kind = "task"
     requires = ("anomaly_map", "status")

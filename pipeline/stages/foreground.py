@@ -72,6 +72,7 @@ class ForegroundStage:
     """Batch callable; see the module docstring. ``use_gpu``: run SAM on this worker's GPU."""
 
     name = STAGE
+    timed = True  # foreground_ms; run.json's foreground_busy
     section = "foreground"
     requires = ("image", "status", "error_stage", "error_type", "error_message")
     drops: tuple[str, ...] = ()

@@ -14,7 +14,7 @@ Resources: ``resources.clip_score``'s pool size and batch size, with the largest
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from pipeline.config import StageResources
 from pipeline.stages.base import PlannedStage
@@ -83,9 +83,15 @@ class FusedStage:
         """The fused part called ``name``, or None."""
         return next((p for p in self.parts if p.name == name), None)
 
-    def setup(self) -> None:
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The inputs the parts take (each part is set up with its own)."""
+        return tuple(name for part in self.parts for name in getattr(part, "inputs", ()))
+
+    def setup(self, inputs: Mapping[str, Any] | None = None) -> None:
         for part in self.parts:
-            part.setup()
+            mine = {k: v for k, v in (inputs or {}).items() if k in getattr(part, "inputs", ())}
+            part.setup(mine) if mine else part.setup()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         for part in self.parts:

@@ -29,7 +29,8 @@ sam_refine) become one actor stage, ``models`` (:mod:`pipeline.stages.fused`).
 
 from __future__ import annotations
 
-from typing import Iterable
+from dataclasses import replace
+from typing import Any, Iterable
 
 from pipeline.config import JobSpec, StageResources
 from pipeline.errors import ZsadError
@@ -84,6 +85,25 @@ def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: 
             raise PlanError(f"table {table!r} needs column(s) {', '.join(missing)} that no stage of this plan produces "
                             f"(plan: {' -> '.join(p.name for p in planned)})")
     return planned
+
+
+def with_inputs(planned: list[PlannedStage], inputs: dict[str, Any]) -> list[PlannedStage]:
+    """``planned`` with ``inputs`` (name -> value, from the passes before the plan) given to the
+    stages that declare them (a stage's ``inputs``: the names its ``setup`` takes).
+
+    Raises :class:`PlanError` for an input no stage of the plan takes."""
+    left = dict(inputs)
+    out = []
+    for p in planned:
+        names = set(getattr(p.stage, "inputs", ()))
+        mine = {k: v for k, v in inputs.items() if k in names}
+        for k in mine:
+            left.pop(k, None)
+        out.append(replace(p, inputs={**p.inputs, **mine}) if mine else p)
+    if left:
+        raise PlanError(f"no stage of the plan takes input(s) {', '.join(sorted(left))} "
+                        f"(plan: {' -> '.join(p.name for p in planned)})")
+    return out
 
 
 def check_columns(planned: list[PlannedStage] | list[Stage], source: Iterable[str]) -> set[str]:

@@ -54,6 +54,7 @@ class SamRefineStage:
     """Batch callable; see the module docstring. ``use_gpu``: run SAM on this worker's GPU."""
 
     name = STAGE
+    timed = True  # sam_refine_ms; run.json's sam_refine_busy
     section = "sam_refine"
     kind = "actor"
     requires = ("image", "anomaly_map", "score", "status", "error_stage", "error_type", "error_message")

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
-import platform
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,10 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.errors import ZsadError
-import pipeline
 from pipeline.config import DataSpec, JobSpec
 from pipeline.io import contracts, projection
 from pipeline.io import fs as fsio
@@ -42,13 +37,12 @@ from pipeline.runtime.rows import SOURCE_COLUMNS, source_rows  # noqa: F401 - so
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.preflight import model_problems, shape_error
+from pipeline.runtime.progress import TIMED_STAGES, Progress, ShardTally, busy_seconds
+from pipeline.runtime.record import plan_entries, run_record, run_values, versions  # noqa: F401 - versions: by its old name
 from pipeline.runtime.watchdog import watched
 from pipeline.stages.base import PlannedStage
-from pipeline.stages.plan import STAGE_ORDER, PlanError, build_plan, check_columns, with_inputs
+from pipeline.stages.plan import PlanError, build_plan, check_columns, with_inputs
 
-#: stages that time their rows (``<stage>_ms``; the stage class says ``timed``); run.json has
-#: ``<stage>_busy`` for each
-TIMED_STAGES = tuple(cls.name for cls in STAGE_ORDER if getattr(cls, "timed", False))
 
 
 class RunError(ZsadError, RuntimeError):
@@ -71,122 +65,6 @@ class RunResult:
     def error_rate(self) -> float:
         return self.n_failed / self.n_images if self.n_images else 0.0
 
-
-
-def _fused_parts(planned: PlannedStage) -> dict[str, Any]:
-    """``{"fused": [stage names]}`` for the fused model stage (runtime.fuse_models), else nothing."""
-    parts = getattr(planned.stage, "parts", None)
-    return {"fused": [p.name for p in parts]} if parts else {}
-
-def _torch_version() -> str:
-    """torch's ``__version__`` (with its build label, e.g. ``+cu130``) read from its version file,
-    without importing torch in the driver (seconds); the installed distribution's version if that
-    file cannot be read."""
-    import importlib.metadata
-    import importlib.util
-    import re
-
-    spec = importlib.util.find_spec("torch")
-    try:
-        text = open(os.path.join(os.path.dirname(spec.origin), "version.py")).read()  # type: ignore[union-attr]
-        return re.search(r"^__version__\s*=\s*['\"]([^'\"]+)", text, re.M).group(1)  # type: ignore[union-attr]
-    except (OSError, TypeError, AttributeError):
-        return importlib.metadata.version("torch")
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata
-
-    import pyarrow
-    import ray
-
-    # torch and open_clip as installed, without importing them in the driver (seconds)
-    return {
-        "zsad": pipeline.__version__,
-        "python": platform.python_version(),
-        "torch": _torch_version(),
-        "open_clip": importlib.metadata.version("open_clip_torch"),
-        "ray": ray.__version__,
-        "pyarrow": pyarrow.__version__,
-        "pandas": pd.__version__,
-        "numpy": np.__version__,
-    }
-
-
-class Progress:
-    """Progress of the run's images: done / total, images/s, failed and the time left (ETA).
-
-    On a terminal (``stream`` is a TTY) one line is redrawn in place with a bar, at most every
-    ``bar_interval`` seconds; otherwise (a log file, a pipe, Ray Jobs) a plain line goes to ``log``
-    at most every ``interval`` seconds. ``stream=None`` and a ``log`` that drops lines make it quiet."""
-
-    WIDTH = 24
-
-    def __init__(self, total: int, log: Callable[[str], None], interval: float = 2.0, stream: Any = None,
-                 bar_interval: float = 0.2) -> None:
-        self.total, self.log = total, log
-        self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
-        self.stream = stream
-        self.interval = bar_interval if self.tty else interval
-        self.done = self.failed = 0
-        self.t0 = self._last = time.monotonic()
-
-    def text(self, now: float) -> str:
-        rate = self.done / max(now - self.t0, 1e-9)
-        pct = 100.0 * self.done / max(self.total, 1)
-        left = (self.total - self.done) / rate if rate > 0 else None
-        eta = "?" if left is None else str(dt.timedelta(seconds=round(left)))
-        return f"{self.done}/{self.total} images ({pct:.0f}%), {rate:.1f} images/s, {self.failed} failed, ETA {eta}"
-
-    def update(self, n: int, failed: int) -> None:
-        self.done += n
-        self.failed += failed
-        now = time.monotonic()
-        if now - self._last < self.interval and self.done < self.total:
-            return
-        self._last = now
-        if self.tty:
-            filled = int(self.WIDTH * self.done / max(self.total, 1))
-            bar = "#" * filled + "-" * (self.WIDTH - filled)
-            end = "\n" if self.done >= self.total else ""
-            self.stream.write(f"\r[{bar}] {self.text(now)}\x1b[K{end}")
-            self.stream.flush()
-        else:
-            self.log(f"progress: {self.text(now)}")
-
-
-def _pixel_weights(spec: JobSpec) -> str | None:
-    """The pixel method's own weights (APRIL-GAN adapters, CLIPSeg): a spec, ``random``, or None."""
-    if not hasattr(spec.pixel, "weights"):
-        return None
-    return spec.pixel.weights.describe() if spec.pixel.weights else "random"
-
-
-def run_values(spec: JobSpec, run_id: str) -> dict[str, Any]:
-    """The run-level values the output tables store in every row (the contracts' ``value:``
-    fields): run id, model spec, map range, foreground kind."""
-    uses_sam = spec.uses_sam()
-    return {
-        "run_id": run_id,
-        "score_method": spec.score.kind,
-        "pixel_method": spec.pixel.kind,
-        "prompt_set": spec.score.describe_prompts(),
-        "clip_model": spec.clip.model,
-        "clip_weights": spec.clip.weights.describe() if spec.clip.weights else "random",
-        "random_weights": spec.random_weights,
-        "sam_model": spec.sam.model if uses_sam else None,
-        "sam_weights": (spec.sam.weights.describe() if spec.sam.weights else "random") if uses_sam else None,
-        "map_min": float(spec.map_range()[0]),
-        "map_max": float(spec.map_range()[1]),
-        "clip_activation": spec.clip.activation,
-        "pixel_weights": _pixel_weights(spec),
-        "foreground_kind": spec.foreground.kind if spec.foreground else None,
-    }
-
-
-#: run.json's model section: the run values that describe the models
-MODEL_KEYS = ("score_method", "pixel_method", "prompt_set", "clip_model", "clip_weights", "clip_activation", "pixel_weights",
-              "random_weights", "sam_model", "sam_weights")
 
 
 def skipped_text(skipped: dict[str, int]) -> str:
@@ -218,17 +96,6 @@ def passes_for(spec: JobSpec) -> list[CategoryPass]:
     return [cls(spec) for cls in PASSES if cls.applies(spec)]
 
 
-def plan_entries(spec: JobSpec, stages: list[PlannedStage], passes: list[CategoryPass], resources: bool = False) -> list[dict[str, Any]]:
-    """run.json's ``plan``: the passes before the plan, its stages, the passes after it."""
-    def entries(when: str) -> list[dict[str, Any]]:
-        return [e for p in passes if p.when == when for e in p.plan_entries(resources)]
-
-    return [*entries("before"),
-            *({"stage": p.name, "kind": p.kind, **_fused_parts(p), **(p.resources.model_dump(exclude_none=True)
-                                                                    if resources else {})} for p in stages),
-            *entries("after")]
-
-
 def plan_for(spec: JobSpec, storage, tables: list[str]) -> tuple[list[PlannedStage], list[str]]:
     """The checked plan of ``spec`` and the columns its results must bring back for ``tables``
     (and for the shard markers). Raises :class:`RunError` (exit 2) when the plan cannot run."""
@@ -244,32 +111,6 @@ def plan_for(spec: JobSpec, storage, tables: list[str]) -> tuple[list[PlannedSta
     for required, optional in outputs.values():
         wanted |= required | optional
     return plan, sorted(wanted & final)
-
-
-class ShardTally:
-    """What a shard's done marker says: images, failed (total and per stage), busy seconds per stage;
-    added up batch by batch as the shard's rows stream through."""
-
-    def __init__(self) -> None:
-        self.images = self.failed = self.refined = 0
-        self.busy = {s: 0.0 for s in TIMED_STAGES}
-        self.failed_by_stage: dict[str, int] = {}
-
-    def add(self, rows: pa.Table) -> None:
-        self.images += rows.num_rows
-        for status, stage in zip(rows.column("status").to_pylist(), rows.column("error_stage").to_pylist()):
-            if status != "ok":
-                self.failed += 1
-                self.failed_by_stage[str(stage)] = self.failed_by_stage.get(str(stage), 0) + 1
-        if "refined" in rows.column_names:
-            self.refined += int(pc.sum(rows.column("refined").cast(pa.int64())).as_py() or 0)
-        for s in TIMED_STAGES:
-            if f"{s}_ms" in rows.column_names:
-                self.busy[s] += float(pc.sum(rows.column(f"{s}_ms")).as_py() or 0.0) / 1000.0
-
-    def marker(self) -> dict[str, Any]:
-        return {"images": self.images, "failed": self.failed, "busy": self.busy, "failed_by_stage": self.failed_by_stage,
-                "refined": self.refined}
 
 
 def shard_tables(rows: pa.Table, tables: list[str], values: dict[str, Any]) -> dict[str, pa.Table]:
@@ -657,7 +498,7 @@ class _Run:
             markers = dict(sink.finished)
             self.output_lost = True
         self.markers = markers
-        self.busy = {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in TIMED_STAGES}
+        self.busy = busy_seconds(markers)
         n_done = sum(m["images"] for m in markers.values())  # this attempt and earlier ones (resume)
         self.n_failed = sum(m["failed"] for m in markers.values())
         self.failed_by_stage: dict[str, int] = {}
@@ -699,56 +540,12 @@ class _Run:
 
     # ------------------------------------------------------------------ write the record
     def write_record(self) -> RunResult:
-        spec, manifest, markers, values, sink = self.spec, self.manifest, self.markers, self.values, self.sink
+        manifest = self.manifest
         ended = dt.datetime.now(dt.timezone.utc)
         sections: dict[str, dict[str, Any]] = {}
         for p in self.passes:
             sections.setdefault(p.section, {}).update(p.record())
-        record = {
-            "run_id": self.run_id,
-            "status": self.status,
-            "reason": self.reason,
-            "input": self.input_uri,
-            "layout": self.used_layout,
-            "output": self.run_dir,
-            "started": self.started.isoformat(),
-            "ended": ended.isoformat(),
-            "wall_seconds": round(time.monotonic() - self.t_start, 3),
-            "counts": {"images": len(manifest), "ok": self.n_ok, "failed": self.n_failed, "missing": self.n_missing},
-            "failed_by_stage": self.failed_by_stage,
-            "error_rate": self.rate,
-            "max_error_rate": spec.max_error_rate,
-            "random_weights": spec.random_weights,
-            "model": {k: values[k] for k in MODEL_KEYS},
-            "map_range": [values["map_min"], values["map_max"]],
-            "stage_seconds": {
-                "list_wall": round(self.list_s, 3),
-                "plan_wall": round(self.plan_s, 3),
-                "first_result_wall": None if self.first_result_s is None else round(self.first_result_s, 3),
-                "write_wall": round(self.write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
-                **{f"{s}_busy": round(self.busy[s], 3) for s in TIMED_STAGES},
-            },
-            "plan": plan_entries(spec, self.stages, self.passes),
-            **sections,
-            "skipped_at_listing": self.skipped,
-            "first_result_rows": self.first_result_rows,
-            "labelled_images": int(manifest["gt_label"].notna().sum()),
-            **({"refine": {"refined": (refined := sum(m.get("refined", 0) for m in markers.values())),
-                           "kept": self.n_ok - refined, "failed": self.failed_by_stage.get("sam_refine", 0)}}
-               if spec.sam_refine is not None else {}),
-            "shards": {"size": self.shard_size, "count": len(self.expected), "done": len(markers)},
-            "tables": {
-                **{t: sink.files(t) if t in self.tables and not self.output_lost else [] for t in
-                   ("scores", "errors", "masks", "foreground", "tiles", "embeddings")},
-                "inputs": fsio.join(self.run_dir, "inputs.parquet"),
-            },
-            "executor": self.executor,
-            "ray": self.session_info,
-            "log": fsio.join(self.run_dir, "logs", self.log_name) if self.log_name else None,
-            "host": socket.gethostname(),
-            "versions": versions(),
-            "spec": spec.redacted(),
-        }
+        record = run_record(self, ended, sections)
         try:
             write_json(fsio.join(self.run_dir, "run.json"), record, self.storage)
         except Exception as exc:

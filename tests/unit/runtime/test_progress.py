@@ -3,7 +3,7 @@ both with images/s, failed and the time left."""
 
 import io
 
-from pipeline.runtime.run import Progress
+from pipeline.runtime.progress import Progress
 
 
 class _Terminal(io.StringIO):

@@ -11,11 +11,12 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.stages.plan import STAGE_ORDER
+from pipeline.stages import plan as stage_plan
 
-#: stages that time their rows (``<stage>_ms``; the stage class says ``timed``); run.json has
-#: ``<stage>_busy`` for each
-TIMED_STAGES = tuple(cls.name for cls in STAGE_ORDER if getattr(cls, "timed", False))
+def timed_stages() -> tuple[str, ...]:
+    """The stages that time their rows (``<stage>_ms``; the stage class says ``timed``), in plan
+    order (:data:`pipeline.stages.plan.STAGE_ORDER`); run.json has ``<stage>_busy`` for each."""
+    return tuple(cls.name for cls in stage_plan.STAGE_ORDER if getattr(cls, "timed", False))
 
 
 class Progress:
@@ -66,7 +67,7 @@ class ShardTally:
 
     def __init__(self) -> None:
         self.images = self.failed = self.refined = 0
-        self.busy = {s: 0.0 for s in TIMED_STAGES}
+        self.busy = {s: 0.0 for s in timed_stages()}
         self.failed_by_stage: dict[str, int] = {}
 
     def add(self, rows: pa.Table) -> None:
@@ -77,7 +78,7 @@ class ShardTally:
                 self.failed_by_stage[str(stage)] = self.failed_by_stage.get(str(stage), 0) + 1
         if "refined" in rows.column_names:
             self.refined += int(pc.sum(rows.column("refined").cast(pa.int64())).as_py() or 0)
-        for s in TIMED_STAGES:
+        for s in self.busy:
             if f"{s}_ms" in rows.column_names:
                 self.busy[s] += float(pc.sum(rows.column(f"{s}_ms")).as_py() or 0.0) / 1000.0
 
@@ -88,4 +89,4 @@ class ShardTally:
 
 def busy_seconds(markers: dict[Any, dict[str, Any]]) -> dict[str, float]:
     """The busy seconds of each timed stage, summed over the shards' done markers."""
-    return {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in TIMED_STAGES}
+    return {s: sum(m["busy"].get(s, 0.0) for m in markers.values()) for s in timed_stages()}

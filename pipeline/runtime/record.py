@@ -19,7 +19,7 @@ import pipeline
 from pipeline.config import JobSpec
 from pipeline.io import fs as fsio
 from pipeline.runtime.passes import CategoryPass
-from pipeline.runtime.progress import TIMED_STAGES
+from pipeline.runtime.progress import timed_stages
 from pipeline.stages.base import PlannedStage
 
 #: the tables whose shard files run.json lists
@@ -138,7 +138,7 @@ def run_record(run: Any, ended: dt.datetime, sections: dict[str, dict[str, Any]]
             "plan_wall": round(run.plan_s, 3),
             "first_result_wall": None if run.first_result_s is None else round(run.first_result_s, 3),
             "write_wall": round(run.write_s, 3),  # streaming rows into shard files + markers, inside plan_wall
-            **{f"{s}_busy": round(run.busy[s], 3) for s in TIMED_STAGES},
+            **{f"{s}_busy": round(run.busy[s], 3) for s in timed_stages()},
         },
         "plan": plan_entries(spec, run.stages, run.passes),
         **sections,

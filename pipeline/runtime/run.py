@@ -37,7 +37,7 @@ from pipeline.runtime.rows import SOURCE_COLUMNS, source_rows  # noqa: F401 - so
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.preflight import model_problems, shape_error
-from pipeline.runtime.progress import TIMED_STAGES, Progress, ShardTally, busy_seconds
+from pipeline.runtime.progress import Progress, ShardTally, busy_seconds, timed_stages
 from pipeline.runtime.record import plan_entries, run_record, run_values, versions  # noqa: F401 - versions: by its old name
 from pipeline.runtime.watchdog import watched
 from pipeline.stages.base import PlannedStage
@@ -106,7 +106,7 @@ def plan_for(spec: JobSpec, storage, tables: list[str]) -> tuple[list[PlannedSta
     except PlanError as exc:
         raise RunError(f"the job's plan cannot run: {exc}", exit_code=2) from None
     final = check_columns(plan, source)
-    wanted = {"image_id", "status", "error_stage"} | {f"{s}_ms" for s in TIMED_STAGES}
+    wanted = {"image_id", "status", "error_stage"} | {f"{s}_ms" for s in timed_stages()}
     wanted |= {c for p in passes_for(spec) for c in p.result_columns}
     for required, optional in outputs.values():
         wanted |= required | optional

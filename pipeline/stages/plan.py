@@ -56,7 +56,7 @@ class PlanError(ZsadError, ValueError):
 
 def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: Iterable[str] = (),
                outputs: dict[str, tuple[set[str], set[str]]] | None = None,
-               order: Iterable[type] = STAGE_ORDER) -> list[PlannedStage]:
+               order: Iterable[type] | None = None) -> list[PlannedStage]:
     """The ordered stages of ``spec``, checked.
 
     ``source``: the columns every row starts with (the input manifest's). ``outputs``: table ->
@@ -64,9 +64,10 @@ def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: 
     :func:`pipeline.io.projection.needs`; checked against the columns at the end of the plan.
 
     Raises :class:`PlanError` for a stage of unknown kind, a stage without its resources section,
-    a required column that no earlier stage produces, or an output column nothing produces."""
+    a required column that no earlier stage produces, or an output column nothing produces.
+    ``order``: the stage classes to try (default: :data:`STAGE_ORDER`, read when called)."""
     planned = []
-    for cls in order:
+    for cls in STAGE_ORDER if order is None else order:
         stage = cls.from_spec(spec, storage)
         if stage is None:
             continue

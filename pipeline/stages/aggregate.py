@@ -16,7 +16,6 @@ of each tile's component), ``aggregate_ms``. ``tile_maps`` is dropped here.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +25,7 @@ from pipeline.ops.aggregate import aggregate_tiles
 from pipeline.ops.heatmap import PROBABILITY_RANGE, map_shape, resize_map
 from pipeline.ops.tiling import Tile
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import TENSOR, TILE_CODEC, object_column
+from pipeline.stages.records import TENSOR, TILE_CODEC, each_row, object_column
 
 STAGE = "aggregate"
 
@@ -67,10 +66,8 @@ class AggregateStage:
         mode = object_column([None] * n)
         comp_scores = object_column([np.zeros(0, np.float64) for _ in range(n)])
         ms = np.full(n, np.nan)
-        for i in range(n):
-            if batch["status"][i] != "ok":
-                continue
-            t0 = time.perf_counter()
+
+        def row(i: int) -> None:
             boxes = TILE_CODEC.table(batch["tiles"][i])
             tiles = [Tile(component_id=int(b[0]), box=(int(b[1]), int(b[2]), int(b[3]), int(b[4])), reason=str(r))
                      for b, r in zip(boxes, batch["tile_reasons"][i])]
@@ -89,7 +86,8 @@ class AggregateStage:
                 full = np.clip(result.image_map, *PROBABILITY_RANGE).astype(np.float32)
                 maps[i] = resize_map(full, map_shape(h, w, self.maps.map_size)).astype(np.float32)
                 max_pixel[i] = float(maps[i].max())
-            ms[i] = (time.perf_counter() - t0) * 1000.0
+
+        each_row(batch["status"], row, ms=ms)
         out.update(score=score, score_language=score.copy(), anomaly_map=maps, max_pixel_score=max_pixel, n_components=n_comp, n_tiles=n_tiles,
                    scoring_mode=mode, tile_component_scores=comp_scores, aggregate_ms=ms)
         return out

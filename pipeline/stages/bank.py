@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from pipeline.config import JobSpec
 from pipeline.io.fs import StorageOptions
 from pipeline.stages.base import check_columns
 from pipeline.stages.clip_score import Scorer, scorer_from_spec
-from pipeline.stages.records import RowErrors, object_column
+from pipeline.stages.records import RowErrors, each_row, object_column
 
 STAGE = "bank"
 
@@ -141,16 +140,12 @@ class BankStage:
         size = np.zeros(n, dtype=np.int64)
         ms = np.full(n, np.nan)
         features: dict[str, list[tuple[int, dict[str, np.ndarray]]]] = {}
-        for i in range(n):  # one image at a time: a reference that fails is named alone
-            if not errors.ok(i):
-                continue
-            t0 = time.perf_counter()
-            try:
-                feats = self.scorer.bank_features([batch["image"][i]])[0]
-                features.setdefault(str(batch["category"][i]), []).append((i, feats))
-            except Exception as exc:  # noqa: BLE001 - the driver reports the failed reference by name
-                errors.fail_with(i, STAGE, exc, "bank features failed")
-            ms[i] = (time.perf_counter() - t0) * 1000.0
+
+        def row(i: int) -> None:  # one image at a time: a reference that fails is named alone
+            feats = self.scorer.bank_features([batch["image"][i]])[0]
+            features.setdefault(str(batch["category"][i]), []).append((i, feats))
+
+        each_row(errors.status, row, ms=ms, errors=errors, stage=STAGE, what="bank features failed")
         t = self.target
         for cat, rows in features.items():
             idx = [i for i, _ in rows]

@@ -8,14 +8,13 @@ dropped here, so only compact bytes travel on.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.ops import heatmap, rle
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import object_column
+from pipeline.stages.records import each_row, object_column
 
 STAGE = "encode"
 
@@ -57,18 +56,17 @@ class EncodeStage:
         width = np.zeros(n, dtype=np.int64)
         threshold = np.full(n, np.nan)
         ms = np.full(n, np.nan)
-        for i in range(n):
+
+        def row(i: int) -> None:
             m = np.asarray(batch["anomaly_map"][i])
-            if batch["status"][i] != "ok" or m.size == 0:
-                continue
-            t0 = time.perf_counter()
             m = m.reshape(m.shape[0], -1) if m.ndim == 2 else m
             png[i] = heatmap.encode_png16(m, self.vmin, self.vmax)
             height[i], width[i] = m.shape
             if self.threshold is not None:
                 rles[i] = json.dumps(rle.encode(m >= self.threshold))
                 threshold[i] = self.threshold
-            ms[i] = (time.perf_counter() - t0) * 1000.0
+
+        each_row(batch["status"], row, ms=ms, skip=lambda i: np.asarray(batch["anomaly_map"][i]).size == 0)
         refined = np.asarray(batch["refined"], dtype=bool) if "refined" in batch else np.zeros(n, dtype=bool)
         out.update(map_png=png, map_height=height, map_width=width, mask_rle=rles, threshold=threshold, encode_ms=ms,
                    refined=refined)

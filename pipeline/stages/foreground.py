@@ -28,7 +28,6 @@ A failure on one row makes it an error row (``error_stage = foreground``); the b
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +39,7 @@ from pipeline.io.weights import resolve
 from pipeline.ops import foreground as fgm
 from pipeline.ops import rle
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import COMPONENT_CODEC, COMPONENTS, TENSOR, RowErrors, object_column
+from pipeline.stages.records import COMPONENT_CODEC, COMPONENTS, TENSOR, RowErrors, each_row, object_column
 
 STAGE = "foreground"
 
@@ -211,20 +210,16 @@ class ForegroundStage:
         kept = np.zeros(n, dtype=np.int64)
         ms = np.full(n, np.nan)
         embeddings = object_column([np.zeros((0, 0, 0), np.float32) for _ in range(n)])
-        for i in range(n):
-            if not errors.ok(i):
-                continue
-            t0 = time.perf_counter()
-            try:
-                mask, table, proposed[i], kept[i] = self._foreground_fitting(np.asarray(batch["image"][i]))
-                if self.share_embedding and self.last_embedding is not None:
-                    embeddings[i] = self.last_embedding.features[0].detach().float().cpu().numpy()
-                comps[i] = table
-                if self.cfg.kind != "none":
-                    fg_rle[i] = json.dumps(rle.encode(mask))
-            except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
-                errors.fail_with(i, STAGE, exc, "foreground extraction failed")
-            ms[i] = (time.perf_counter() - t0) * 1000.0
+
+        def row(i: int) -> None:
+            mask, table, proposed[i], kept[i] = self._foreground_fitting(np.asarray(batch["image"][i]))
+            if self.share_embedding and self.last_embedding is not None:
+                embeddings[i] = self.last_embedding.features[0].detach().float().cpu().numpy()
+            comps[i] = table
+            if self.cfg.kind != "none":
+                fg_rle[i] = json.dumps(rle.encode(mask))
+
+        each_row(errors.status, row, ms=ms, errors=errors, stage=STAGE, what="foreground extraction failed")
         out = {**batch, "fg_rle": fg_rle, "fg_components": comps, "fg_sam_masks": proposed, "fg_kept_masks": kept,
                "foreground_ms": ms, **errors.columns()}
         if self.share_embedding:

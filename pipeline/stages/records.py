@@ -16,7 +16,8 @@ functions here, so every stage agrees on one representation:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,3 +154,30 @@ class RowErrors:
 
     def columns(self) -> dict[str, np.ndarray]:
         return {"status": self.status, "error_stage": self.stage, "error_type": self.type, "error_message": self.message}
+
+
+def each_row(status: Sequence[Any], work: Callable[[int], Any], *, ms: np.ndarray | None = None,
+             errors: RowErrors | None = None, stage: str = "", what: str | Callable[[int], str] = "",
+             on_error: Callable[[int], Any] | None = None, skip: Callable[[int], bool] | None = None) -> None:
+    """The per-row loop of a stage: ``work(i)`` for each row whose ``status`` is ok (rows that failed
+    in an earlier stage pass through untouched) and that ``skip`` does not leave out.
+
+    With ``ms``, each row's time in milliseconds (a row that fails too). With ``errors``, an
+    exception of one row fails that row (``error_stage = stage``, message ``"{what}: {exc}"``; ``what``
+    may be a function of the row),
+    ``on_error(i)`` then resets what the row had, and the batch goes on; without, it is raised."""
+    for i in range(len(status)):
+        if status[i] != "ok" or (skip is not None and skip(i)):
+            continue
+        t0 = time.perf_counter()
+        if errors is None:
+            work(i)
+        else:
+            try:
+                work(i)
+            except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
+                errors.fail_with(i, stage, exc, what(i) if callable(what) else what)
+                if on_error is not None:
+                    on_error(i)
+        if ms is not None:
+            ms[i] = (time.perf_counter() - t0) * 1000.0

@@ -19,7 +19,6 @@ or a decoder failure is a per-row error (stage ``sam_refine``), never a crash.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +29,7 @@ from pipeline.ops import points as pts
 from pipeline.ops import rle
 from pipeline.ops.heatmap import resize_map
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import TENSOR, RowErrors, object_column
+from pipeline.stages.records import TENSOR, RowErrors, each_row, object_column
 
 STAGE = "sam_refine"
 SAM_INPUT = 1024  # the long side of SAM's input: where sam_refine's geometry is measured by default
@@ -196,24 +195,22 @@ class SamRefineStage:
         rles = object_column([None] * n)
         infos = object_column([None] * n)
         ms = np.full(n, np.nan)
-        for i in range(n):
-            if not errors.ok(i):
-                continue
-            t0 = time.perf_counter()
-            try:
-                shared = np.asarray(batch["sam_embedding"][i]) if "sam_embedding" in batch else None
-                final, done, mask_rle, info = self._refine_fitting(np.asarray(batch["image"][i]),
-                                                                   np.asarray(batch["anomaly_map"][i]), float(batch["score"][i]),
-                                                                   shared)
-                infos[i] = info  # refined: the prompts and results; kept: why
-                if done:
-                    maps[i] = final.astype(np.float32)
-                    max_pixel[i] = float(final.max())
-                    refined[i], rles[i] = True, mask_rle
-            except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
-                errors.fail_with(i, STAGE, exc, "SAM refinement failed")
-                maps[i], max_pixel[i] = np.zeros((0, 0), np.float32), np.nan
-            ms[i] = (time.perf_counter() - t0) * 1000.0
+
+        def row(i: int) -> None:
+            shared = np.asarray(batch["sam_embedding"][i]) if "sam_embedding" in batch else None
+            final, done, mask_rle, info = self._refine_fitting(np.asarray(batch["image"][i]),
+                                                               np.asarray(batch["anomaly_map"][i]),
+                                                               float(batch["score"][i]), shared)
+            infos[i] = info  # refined: the prompts and results; kept: why
+            if done:
+                maps[i] = final.astype(np.float32)
+                max_pixel[i] = float(final.max())
+                refined[i], rles[i] = True, mask_rle
+
+        def failed(i: int) -> None:
+            maps[i], max_pixel[i] = np.zeros((0, 0), np.float32), np.nan
+
+        each_row(errors.status, row, ms=ms, errors=errors, stage=STAGE, what="SAM refinement failed", on_error=failed)
         kept = {k: v for k, v in batch.items() if k not in self.drops}
         return {**kept, "anomaly_map": maps, "max_pixel_score": max_pixel, "refined": refined, "refine_rle": rles,
                 "refine_info": infos, "sam_refine_ms": ms, **errors.columns()}

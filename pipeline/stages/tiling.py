@@ -24,7 +24,7 @@ from pipeline.config import TilingSpec
 from pipeline.ops.foreground import Component
 from pipeline.ops.tiling import plan_tiles
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import COMPONENT_CODEC, TILE_CODEC, TILES, object_column
+from pipeline.stages.records import COMPONENT_CODEC, TILE_CODEC, TILES, each_row, object_column
 
 STAGE = "tiling"
 
@@ -66,11 +66,12 @@ class TilingStage:
         out = dict(batch)
         tiles = object_column([TILE_CODEC.table(None) for _ in range(n)])
         reasons = object_column([[] for _ in range(n)])
-        for i in range(n):
-            if batch["status"][i] != "ok":
-                continue
+
+        def row(i: int) -> None:
             plan = self.plan(batch["fg_components"][i], batch["height"][i], batch["width"][i])
             tiles[i] = TILE_CODEC.table([[t.component_id, *t.box] for t in plan])
             reasons[i] = [t.reason for t in plan]
+
+        each_row(batch["status"], row)
         out.update(tiles=tiles, tile_reasons=reasons)
         return out

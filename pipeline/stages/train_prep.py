@@ -20,7 +20,7 @@ from pipeline.io.fs import StorageOptions
 from pipeline.models import clip as clip_models
 from pipeline.stages.base import check_columns
 from pipeline.stages.evaluate import read_mask
-from pipeline.stages.records import TENSOR, RowErrors, object_column
+from pipeline.stages.records import TENSOR, RowErrors, each_row, object_column
 
 STAGE = "train_prep"
 
@@ -67,26 +67,24 @@ class TrainPrepStage:
         errors = RowErrors(batch, n)
         pixels = _empty(n, (0, 0, 3))
         masks = _empty(n, (0, 0))
-        for i in range(n):
-            if not errors.ok(i):
-                continue
+
+        def row(i: int) -> None:
             label, mask_uri = batch["gt_label"][i], batch["mask_uri"][i]
-            try:
-                if label is None or (isinstance(label, float) and np.isnan(label)):
-                    errors.fail(i, STAGE, "NoLabel", "no ground-truth label: training needs a layout with labels and masks")
-                    continue
-                if int(label) == 1 and not mask_uri:
-                    errors.fail(i, STAGE, "NoMask", "an anomalous image without a mask file cannot be trained on")
-                    continue
-                image = np.asarray(batch["image"][i])
-                if int(label) == 1:
-                    mask = resize_mask(read_mask(str(mask_uri), self.storage), self.size)
-                else:
-                    mask = np.zeros((self.size, self.size), np.uint8)
-                pixels[i] = self._pixels(image)
-                masks[i] = mask
-            except Exception as exc:  # noqa: BLE001 - one bad row must not sink the batch
-                errors.fail_with(i, STAGE, exc, f"mask {mask_uri}")
+            if label is None or (isinstance(label, float) and np.isnan(label)):
+                errors.fail(i, STAGE, "NoLabel", "no ground-truth label: training needs a layout with labels and masks")
+                return
+            if int(label) == 1 and not mask_uri:
+                errors.fail(i, STAGE, "NoMask", "an anomalous image without a mask file cannot be trained on")
+                return
+            image = np.asarray(batch["image"][i])
+            if int(label) == 1:
+                mask = resize_mask(read_mask(str(mask_uri), self.storage), self.size)
+            else:
+                mask = np.zeros((self.size, self.size), np.uint8)
+            pixels[i] = self._pixels(image)
+            masks[i] = mask
+
+        each_row(errors.status, row, errors=errors, stage=STAGE, what=lambda i: f"mask {batch['mask_uri'][i]}")
         out = {k: v for k, v in batch.items() if k not in self.drops}
         out.update(pixels=pixels, mask=masks, **errors.columns())
         return out

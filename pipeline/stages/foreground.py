@@ -27,6 +27,7 @@ A failure on one row makes it an error row (``error_stage = foreground``); the b
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -88,7 +89,7 @@ class ForegroundStage:
         share_embedding: bool = False,
     ) -> None:
         self.cfg = cfg
-        # with a sam_refine stage later in the plan (same ``sam`` section), the SAM image embedding
+        # when a later stage uses it (sam_refine, same ``sam`` section; build_plan: offering()), the SAM image embedding
         # travels with the row (``sam_embedding``) so the image is encoded once for both stages
         self.share_embedding = share_embedding and cfg.kind == "sam_dis"
         self.sam_spec = sam
@@ -104,8 +105,19 @@ class ForegroundStage:
     def from_spec(cls, spec, storage: StorageOptions | None = None) -> "ForegroundStage | None":
         if spec.foreground is None:
             return None
-        return cls(spec.foreground, spec.sam, weights_cache=spec.weights_cache, storage=storage, retries=spec.retries,
-                   share_embedding=spec.sam_refine is not None)
+        return cls(spec.foreground, spec.sam, weights_cache=spec.weights_cache, storage=storage, retries=spec.retries)
+
+    @property
+    def offers(self) -> tuple[str, ...]:
+        """Columns it adds when a later stage of the plan uses them (:func:`pipeline.stages.plan.build_plan`):
+        the image's SAM embedding, when SAM makes the foreground."""
+        return ("sam_embedding",) if self.cfg.kind == "sam_dis" else ()
+
+    def offering(self, columns: set[str]) -> "ForegroundStage":
+        """This stage adding the offered ``columns`` (a copy)."""
+        stage = copy.copy(self)
+        stage.share_embedding = "sam_embedding" in columns
+        return stage
 
     @property
     def types(self) -> dict[str, object]:

@@ -77,6 +77,7 @@ def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: 
         if not isinstance(resources, StageResources):
             raise PlanError(f"stage {stage.name!r} has no resources section (resources.{stage.name} in the job spec)")
         planned.append(PlannedStage(stage, resources))
+    planned = share_optional(planned)
     if spec.runtime.fuse_models:  # one actor pool for the model stages (pipeline.stages.fused)
         planned = fuse(planned)
     final = check_columns(planned, source)
@@ -86,6 +87,23 @@ def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: 
             raise PlanError(f"table {table!r} needs column(s) {', '.join(missing)} that no stage of this plan produces "
                             f"(plan: {' -> '.join(p.name for p in planned)})")
     return planned
+
+
+def share_optional(planned: list[PlannedStage]) -> list[PlannedStage]:
+    """Optional columns: a stage that ``offers`` columns adds those a later stage ``uses``
+    (``offering(columns)``), and that stage reads them (``using(columns)``); a stage never asks
+    which other stages the job has."""
+    out = list(planned)
+    for i, p in enumerate(out):
+        offered = set(getattr(p.stage, "offers", ()))
+        users = [j for j in range(i + 1, len(out)) if offered & set(getattr(out[j].stage, "uses", ()))]
+        if not users:
+            continue
+        wanted = offered & {c for j in users for c in out[j].stage.uses}
+        out[i] = replace(p, stage=p.stage.offering(wanted))
+        for j in users:
+            out[j] = replace(out[j], stage=out[j].stage.using(wanted & set(out[j].stage.uses)))
+    return out
 
 
 def with_inputs(planned: list[PlannedStage], inputs: dict[str, Any]) -> list[PlannedStage]:

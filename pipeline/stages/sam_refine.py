@@ -18,6 +18,7 @@ or a decoder failure is a per-row error (stage ``sam_refine``), never a crash.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -66,7 +67,8 @@ class SamRefineStage:
                  weights_cache: str | None = None, storage: StorageOptions | None = None, use_gpu: bool = False,
                  retries: RetrySpec | None = None, engine=None, shared_embedding: bool = False) -> None:
         self.cfg = cfg
-        # a SAM foreground stage earlier in the plan hands over the image's embedding (sam_embedding)
+        # a SAM foreground stage earlier in the plan hands over the image's embedding (sam_embedding;
+        # build_plan sets it up with using())
         self.shared_embedding = shared_embedding
         self.sam_spec = sam
         self.lo, self.hi = map_range
@@ -81,8 +83,16 @@ class SamRefineStage:
         if spec.sam_refine is None:
             return None
         return cls(spec.sam_refine, spec.sam, map_range=spec.map_range(), weights_cache=spec.weights_cache, storage=storage,
-                   retries=spec.retries,
-                   shared_embedding=spec.foreground is not None and spec.foreground.kind == "sam_dis")
+                   retries=spec.retries)
+
+    #: columns it reads when an earlier stage offers them (:func:`pipeline.stages.plan.build_plan`)
+    uses: tuple[str, ...] = ("sam_embedding",)
+
+    def using(self, columns: set[str]) -> "SamRefineStage":
+        """This stage reading the offered ``columns`` (a copy; it drops the embedding after use)."""
+        stage = copy.copy(self)
+        stage.shared_embedding = "sam_embedding" in columns
+        return stage
 
     @property
     def drops(self) -> tuple[str, ...]:

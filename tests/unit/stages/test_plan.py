@@ -72,3 +72,14 @@ def test_dropped_columns_are_gone_for_later_stages():
     plan = build_plan(load_spec("jobs/smoke.yaml"), source=SOURCE)
     final = check_columns(plan, SOURCE)
     assert "anomaly_map" not in final and {"map_png", "score", "gt_label", "image"} <= final
+
+
+def test_the_sam_embedding_is_shared_when_the_plan_has_both_sam_stages():
+    """The SAM foreground offers its embedding and the refinement uses it: build_plan joins them,
+    neither stage asks whether the other is in the job."""
+    sam = TINY + ["sam.model=tiny", "sam.weights=null"]
+    both = {p.name: p.stage for p in build_plan(load_spec("jobs/vvv.yaml", sam + ["sam_refine={steps: 2}"]), source=SOURCE)}
+    assert both["foreground"].share_embedding and "sam_embedding" in both["foreground"].produces
+    assert both["sam_refine"].shared_embedding and both["sam_refine"].drops == ("sam_embedding",)
+    alone = {p.name: p.stage for p in build_plan(load_spec("jobs/vvv.yaml", sam), source=SOURCE)}
+    assert not alone["foreground"].share_embedding and "sam_embedding" not in alone["foreground"].produces

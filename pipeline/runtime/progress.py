@@ -83,7 +83,8 @@ class ShardTally:
                 self.busy[s] += float(pc.sum(rows.column(f"{s}_ms")).as_py() or 0.0) / 1000.0
 
     def marker(self) -> dict[str, Any]:
-        return {"images": self.images, "failed": self.failed, "busy": self.busy, "failed_by_stage": self.failed_by_stage,
+        return {"images": self.images, "failed": self.failed, "busy": self.busy,
+                "failed_by_stage": self.failed_by_stage,
                 "refined": self.refined}
 
 

@@ -145,7 +145,8 @@ def run_plan(
         if planned.kind == "actor":
             ds = ds.map_batches(
                 ActorStage,
-                fn_constructor_kwargs={"stage": planned.stage, "inputs": dict(planned.inputs), "use_gpu": "GPU" in request},
+                fn_constructor_kwargs={"stage": planned.stage, "inputs": dict(planned.inputs),
+                                       "use_gpu": "GPU" in request},
                 compute=ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
                 batch_size=res.batch_size, batch_format="pyarrow", **_remote_args(request),
             )

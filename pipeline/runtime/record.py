@@ -97,11 +97,13 @@ def run_values(spec: JobSpec, run_id: str) -> dict[str, Any]:
 
 
 #: run.json's model section: the run values that describe the models
-MODEL_KEYS = ("score_method", "pixel_method", "prompt_set", "clip_model", "clip_weights", "clip_activation", "pixel_weights",
+MODEL_KEYS = ("score_method", "pixel_method", "prompt_set", "clip_model", "clip_weights", "clip_activation",
+              "pixel_weights",
               "random_weights", "sam_model", "sam_weights")
 
 
-def plan_entries(spec: JobSpec, stages: list[PlannedStage], passes: list[CategoryPass], resources: bool = False) -> list[dict[str, Any]]:
+def plan_entries(spec: JobSpec, stages: list[PlannedStage], passes: list[CategoryPass],
+                 resources: bool = False) -> list[dict[str, Any]]:
     """run.json's ``plan``: the passes before the plan, its stages, the passes after it."""
     def entries(when: str) -> list[dict[str, Any]]:
         return [e for p in passes if p.when == when for e in p.plan_entries(resources)]

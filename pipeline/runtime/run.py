@@ -38,7 +38,8 @@ from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.preflight import model_problems, shape_error
 from pipeline.runtime.progress import Progress, ShardTally, busy_seconds, timed_stages
-from pipeline.runtime.record import plan_entries, run_record, run_values, versions  # noqa: F401 - versions: by its old name
+from pipeline.runtime.record import versions  # noqa: F401 - by its old name
+from pipeline.runtime.record import plan_entries, run_record, run_values
 from pipeline.runtime.watchdog import watched
 from pipeline.stages.base import PlannedStage
 from pipeline.stages.plan import PlanError, build_plan, check_columns, with_inputs

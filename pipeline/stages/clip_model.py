@@ -146,7 +146,8 @@ class ClipScorer:
     def loads(self) -> int:
         return self.bank_loads
 
-    def score_rows(self, images: list[np.ndarray], categories: list[str], image_ids: list[str | None]) -> dict[str, object]:
+    def score_rows(self, images: list[np.ndarray], categories: list[str],
+                   image_ids: list[str | None]) -> dict[str, object]:
         """The rows' results (:meth:`score_images`; the mutual scorer needs the rows' image ids)."""
         return self.score_images(images, categories)
 
@@ -163,7 +164,8 @@ class ClipScorer:
             model = model.to(self.device).eval()
         else:
             r = self.retries
-            model, pre = retrying(self._load, retries=r.model_load, backoff_s=r.backoff_s, max_backoff_s=r.max_backoff_s,
+            model, pre = retrying(self._load, retries=r.model_load, backoff_s=r.backoff_s,
+                                  max_backoff_s=r.max_backoff_s,
                                   what=f"load {self.clip.model}", log=stderr_log)
         if self.clip.activation:
             from pipeline.models.adapters import set_activation
@@ -249,7 +251,8 @@ class ClipScorer:
         return self._pixel_text
 
     @model_work
-    def score_images(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None) -> dict[str, object]:
+    def score_images(self, images: list[np.ndarray], categories: list[str],
+                     map_side: int | None = None) -> dict[str, object]:
         """Score uint8 (H, W, 3) images in one batch. Returns ``score``/``score_language``/
         ``score_vision``/``score_fewshot``/``max_pixel_score`` float64 (B,), ``few_shot_k`` and
         ``reference_digest`` (lists, None without few-shot) and ``maps``: a list of float32 (H', W')
@@ -282,7 +285,8 @@ class ClipScorer:
         return merged
 
     def _tensors(self, images: list[np.ndarray]) -> list:
-        return [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img)) for img in images]
+        return [torch.from_numpy(img if img.flags.writeable and img.flags.c_contiguous else np.array(img))
+                for img in images]
 
     def _stored_maps(self, images, grids, map_side=None) -> tuple[list[np.ndarray], np.ndarray]:
         """Map grids (a (B, h, w) tensor, or a list of maps already at their size) -> the stored maps
@@ -297,7 +301,8 @@ class ClipScorer:
             max_pixel[i] = float(maps[-1].max())
         return maps, max_pixel
 
-    def _score_zero_shot(self, images: list[np.ndarray], categories: list[str], map_side: int | None = None) -> dict[str, object]:
+    def _score_zero_shot(self, images: list[np.ndarray], categories: list[str],
+                         map_side: int | None = None) -> dict[str, object]:
         tensors = self._tensors(images)
         tokens = None
         method = pixel_method(self.pixel.kind)
@@ -306,7 +311,8 @@ class ClipScorer:
 
             pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
             batch = clip_models.preprocess_images(tensors, pre, device=self.device)
-            feats, tokens = layer_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
+            dtype = next(self.model.parameters()).dtype
+            feats, tokens = layer_features(self.model.visual, batch.to(dtype), self.pixel.layers)
             feats = feats.float()
         else:
             batch = clip_models.preprocess_images(tensors, self.preprocess, device=self.device)
@@ -328,7 +334,8 @@ class ClipScorer:
         max_pixel = np.full(b, np.nan)
         if grids is not None:
             maps, max_pixel = self._stored_maps(images, grids, map_side)
-        return {"score": score, "score_language": score.copy(), "score_vision": vision, "score_fewshot": np.full(b, np.nan),
+        return {"score": score, "score_language": score.copy(), "score_vision": vision,
+                "score_fewshot": np.full(b, np.nan),
                 "max_pixel_score": max_pixel, "maps": maps, "few_shot_k": [None] * b, "reference_digest": [None] * b}
 
     # ---------------------------------------------------------------- few-shot (METHODS.md section 4)
@@ -365,7 +372,8 @@ class ClipScorer:
 
     def fade_sizes(self, tensors) -> dict[int, "torch.Tensor"]:
         """The images preprocessed at each of FADE's scales."""
-        return {size: clip_models.preprocess_images(tensors, dataclasses.replace(self.preprocess, size=size), device=self.device)
+        return {size: clip_models.preprocess_images(tensors, dataclasses.replace(self.preprocess, size=size),
+                                                    device=self.device)
                 for size in self.pixel.scales}
 
     def april_gan_pass(self, tensors) -> tuple["torch.Tensor", list]:
@@ -374,7 +382,8 @@ class ClipScorer:
 
         pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
         batch = clip_models.preprocess_images(tensors, pre, device=self.device)
-        feats, tokens = layer_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
+        dtype = next(self.model.parameters()).dtype
+        feats, tokens = layer_features(self.model.visual, batch.to(dtype), self.pixel.layers)
         return feats.float(), [t.float() for t in tokens]
 
     @model_work

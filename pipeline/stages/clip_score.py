@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import (
-    AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, FewShotSpec, MapOutputSpec, MutualSpec, NoPixelMap, RetrySpec,
-    TilingSpec, WinclipWindows, ZeroShotImageScore,
+    AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, FewShotSpec, MapOutputSpec, MutualSpec, NoPixelMap,
+    RetrySpec, TilingSpec, WinclipWindows, ZeroShotImageScore,
 )
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import stderr_log
@@ -193,7 +193,8 @@ class ClipScoreStage:
             def score(rows: list[int]) -> tuple[dict[str, object], float]:
                 t0 = time.perf_counter()
                 precision.check_injected(STAGE, [np.shape(images[i]) for i in rows])
-                result = self.scorer.score_rows([images[i] for i in rows], [cats[i] for i in rows], [ids[i] for i in rows])
+                result = self.scorer.score_rows([images[i] for i in rows], [cats[i] for i in rows],
+                                                [ids[i] for i in rows])
                 return result, (time.perf_counter() - t0) * 1000.0 / len(rows)
 
             try:  # a batch that does not fit in the GPU's memory is split, down to single images
@@ -207,7 +208,8 @@ class ClipScoreStage:
                     try:
                         store([i], *score([i]))
                     except Exception as exc:
-                        fail(i, precision.OutOfMemory(f"stage {STAGE}: {exc}") if precision.is_out_of_memory(exc) else exc)
+                        oom = precision.is_out_of_memory(exc)
+                        fail(i, precision.OutOfMemory(f"stage {STAGE}: {exc}") if oom else exc)
             for i in todo:
                 if errors.ok(i) and not np.isfinite(cols["score"][i]):
                     fail(i, FloatingPointError(f"non-finite score {cols['score'][i]}"))
@@ -231,14 +233,16 @@ class ClipScoreStage:
 
     def _log_split(self, size: int, half: int) -> None:
         self.oom_splits += 1
-        stderr_log(f"{self.name}: out of accelerator memory on {size} images; freed the cache, retrying as {half} + {size - half}")
+        stderr_log(f"{self.name}: out of accelerator memory on {size} images; freed the cache, retrying as "
+                   f"{half} + {size - half}")
 
     def _call_tiles(self, batch, todo, cats, cols, fail):
         """Tiling mode: score every tile of each row (image score + a ``tile_map_size`` square map);
         the aggregation stage turns them into the image's score and map. ``score`` is meanwhile the
         mean tile score and ``score_vision`` the largest tile vision score."""
         if "tiles" not in batch:
-            raise ValueError("stage 'clip_score' is in tiling mode but the batch has no 'tiles' column (run the tiling stage first)")
+            raise ValueError("stage 'clip_score' is in tiling mode but the batch has no 'tiles' column "
+                             "(run the tiling stage first)")
         n = len(batch["status"])
         tile_scores, tile_maps = _empty_tile_columns(n).values()
         side = self.tiling.tile_map_size

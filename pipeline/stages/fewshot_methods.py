@@ -84,8 +84,8 @@ class WinclipFewShot(FewShotMethod):
     def score_category(self, s: Any, st: QueryPass, images, idx, probs, text, bank, q, out) -> None:
         sizes = s.pixel.window_sizes
         img_scores = torch.from_numpy(probs).to(s.device) if s.pixel.fuse_image_score else None
-        zs = pixel_maps.winclip_map(s.model.visual, st.extra["batch"][idx], text, s.score.temperature, img_scores, sizes,
-                                    windows={k: q[f"window{k}"] for k in sizes})
+        zs = pixel_maps.winclip_map(s.model.visual, st.extra["batch"][idx], text, s.score.temperature, img_scores,
+                                    sizes, windows={k: q[f"window{k}"] for k in sizes})
         fs = fewshot.winclip_fewshot_map(q, bank, zs.shape[-1], sizes, s.chunks)
         if st.grids is None:
             st.grids = torch.empty((len(images), *zs.shape[1:]), device=zs.device)

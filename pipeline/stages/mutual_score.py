@@ -53,7 +53,8 @@ class MutualMaps(PixelMethod):
         visual = scorer.model.visual
         blocks = len(visual.transformer.resblocks)
         if scorer.pixel.layers[-1] > blocks:
-            raise SpecError(f"pixel.layers {list(scorer.pixel.layers)} exceed the {blocks} blocks of {scorer.clip.model}")
+            raise SpecError(f"pixel.layers {list(scorer.pixel.layers)} exceed the {blocks} blocks of "
+                            f"{scorer.clip.model}")
         from pipeline.models import vit
 
         patch = vit.patch_size(visual)
@@ -118,7 +119,8 @@ class MutualScorer:
         """(unit embeddings (B, E), raw block tokens [(B, M, C)], grid) of one pass."""
         pre = dataclasses.replace(self.preprocess, size=self.pixel.image_size)
         batch = clip_models.preprocess_images(self.base._tensors(images), pre, device=self.device)
-        return mutual.image_features(self.model.visual, batch.to(next(self.model.parameters()).dtype), self.pixel.layers)
+        dtype = next(self.model.parameters()).dtype
+        return mutual.image_features(self.model.visual, batch.to(dtype), self.pixel.layers)
 
     @model_work
     def bank_features(self, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -128,7 +130,8 @@ class MutualScorer:
         normed = [mutual.layer_norm_map(t) for t in tokens]
         out = []
         for i in range(len(images)):
-            feats = {f"layer{l}": n[i : i + 1].cpu().numpy().astype(np.float32) for l, n in zip(self.pixel.layers, normed)}
+            feats = {f"layer{l}": n[i : i + 1].cpu().numpy().astype(np.float32)
+                     for l, n in zip(self.pixel.layers, normed)}
             feats["embedding"] = emb[i : i + 1].cpu().numpy().astype(np.float32)
             out.append(feats)
         return out
@@ -170,7 +173,8 @@ class MutualScorer:
         """The mutual maps of queries against a pool held in memory, or streamed in chunks through
         the same running top-K (:func:`pipeline.models.mutual.update`)."""
         if "layers" in pool:
-            return mutual.mutual_map(queries, pool["layers"], grid, k, exclude, self.mutual.query_chunk, self.mutual.pool_chunk)
+            return mutual.mutual_map(queries, pool["layers"], grid, k, exclude, self.mutual.query_chunk,
+                                     self.mutual.pool_chunk)
         if k < 1:
             raise mutual.PoolTooSmall(f"K = {k}: the pool is too small for the interval")
         state = mutual.MutualState(k)
@@ -179,7 +183,8 @@ class MutualScorer:
             j1 = min(p, j0 + step)
             part = {l: precision.to_device(torch.from_numpy(stored.rows(f"layer{l}", j0, j1)), self.device)
                     for l in self.pixel.layers}
-            mutual.update(state, queries, part, grid, exclude[:, j0:j1], self.mutual.query_chunk, self.mutual.pool_chunk)
+            mutual.update(state, queries, part, grid, exclude[:, j0:j1], self.mutual.query_chunk,
+                          self.mutual.pool_chunk)
         return mutual.finish(state, grid)
 
     # ---------------------------------------------------------------- scoring

@@ -39,7 +39,8 @@ def pixel_method(kind: str) -> "PixelMethod":
     try:
         return PIXEL_METHODS[kind]
     except KeyError:
-        raise SpecError(f"pixel.kind {kind!r} has no pixel method (known: {', '.join(sorted(PIXEL_METHODS))})") from None
+        known = ", ".join(sorted(PIXEL_METHODS))
+        raise SpecError(f"pixel.kind {kind!r} has no pixel method (known: {known})") from None
 
 
 class PixelMethod:
@@ -93,7 +94,8 @@ class FadeZeroShotMethod(PixelMethod):
     def check(self, scorer: Any) -> None:
         blocks = _blocks(scorer)
         if scorer.pixel.gem_depth > blocks:
-            raise SpecError(f"pixel.gem_depth={scorer.pixel.gem_depth} exceeds the {blocks} blocks of {scorer.clip.model}")
+            raise SpecError(f"pixel.gem_depth={scorer.pixel.gem_depth} exceeds the {blocks} blocks of "
+                            f"{scorer.clip.model}")
 
     def grids(self, scorer: Any, images, tensors, batch, score, groups, map_side=None) -> tuple[Any, np.ndarray]:
         """FADE's language + vision maps at every scale; also the vision score (the vision map's max)."""
@@ -112,7 +114,8 @@ class AprilGanMethod(PixelMethod):
     def check(self, scorer: Any) -> None:
         blocks = _blocks(scorer)
         if scorer.pixel.layers[-1] > blocks:
-            raise SpecError(f"pixel.layers {list(scorer.pixel.layers)} exceed the {blocks} blocks of {scorer.clip.model}")
+            raise SpecError(f"pixel.layers {list(scorer.pixel.layers)} exceed the {blocks} blocks of "
+                            f"{scorer.clip.model}")
 
     def grids(self, scorer: Any, images, tensors, tokens, score, groups, map_side=None) -> tuple[list, None]:
         """APRIL-GAN's summed adapter maps, made directly at each image's stored map size: the
@@ -125,7 +128,8 @@ class AprilGanMethod(PixelMethod):
             text = torch.stack([t.normal, t.anomalous], dim=-1).to(scorer.device)  # (E, 2) unit columns
             for i in idx.tolist():
                 img = images[i]
-                shape = (map_side, map_side) if map_side else map_shape(img.shape[0], img.shape[1], scorer.maps.map_size)
+                shape = ((map_side, map_side) if map_side
+                         else map_shape(img.shape[0], img.shape[1], scorer.maps.map_size))
                 maps[i] = adapter_map(scorer.adapters, [tok[i : i + 1].float() for tok in tokens], text, shape)
         return maps, None
 

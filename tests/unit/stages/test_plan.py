@@ -78,7 +78,8 @@ def test_the_sam_embedding_is_shared_when_the_plan_has_both_sam_stages():
     """The SAM foreground offers its embedding and the refinement uses it: build_plan joins them,
     neither stage asks whether the other is in the job."""
     sam = TINY + ["sam.model=tiny", "sam.weights=null"]
-    both = {p.name: p.stage for p in build_plan(load_spec("jobs/vvv.yaml", sam + ["sam_refine={steps: 2}"]), source=SOURCE)}
+    spec = load_spec("jobs/vvv.yaml", sam + ["sam_refine={steps: 2}"])
+    both = {p.name: p.stage for p in build_plan(spec, source=SOURCE)}
     assert both["foreground"].share_embedding and "sam_embedding" in both["foreground"].produces
     assert both["sam_refine"].shared_embedding and both["sam_refine"].drops == ("sam_embedding",)
     alone = {p.name: p.stage for p in build_plan(load_spec("jobs/vvv.yaml", sam), source=SOURCE)}

@@ -42,7 +42,7 @@ from pipeline.runtime.record import versions  # noqa: F401 - by its old name
 from pipeline.runtime.record import plan_entries, run_record, run_values
 from pipeline.runtime.watchdog import watched
 from pipeline.stages.base import PlannedStage
-from pipeline.stages.plan import PlanError, build_plan, check_columns, with_inputs
+from pipeline.stages.plan import PlanError, build_plan, check_columns, column_defaults, with_inputs
 
 
 
@@ -112,6 +112,14 @@ def plan_for(spec: JobSpec, storage, tables: list[str]) -> tuple[list[PlannedSta
     for required, optional in outputs.values():
         wanted |= required | optional
     return plan, sorted(wanted & final)
+
+
+def with_defaults(batch: pa.Table, defaults: dict[str, tuple[Any, Any]]) -> pa.Table:
+    """``batch`` with the columns of the stages the plan does not run (:func:`column_defaults`)."""
+    for name, (type_, value) in defaults.items():
+        if name not in batch.column_names:
+            batch = batch.append_column(pa.field(name, type_), pa.array([value] * batch.num_rows, type_))
+    return batch
 
 
 def shard_tables(rows: pa.Table, tables: list[str], values: dict[str, Any]) -> dict[str, pa.Table]:
@@ -447,6 +455,7 @@ class _Run:
                     with fs_.open(path_, "w") as fh:
                         fh.write(text)
 
+                defaults = column_defaults(self.stages)  # the columns of stages this plan does not run
                 results = execute(spec, self.stages, source_rows(pending), self.result_columns, session, log,
                                   on_stats=save_stats)
 
@@ -459,6 +468,7 @@ class _Run:
                 # executor runs it in this process and must not go on scoring after a failure)
                 with contextlib.closing(watched(results, spec.stall_timeout_s, on_wait=waiting)) as stream:
                     for batch in stream:
+                        batch = with_defaults(batch, defaults)
                         if self.first_result_s is None:
                             self.first_result_s, self.first_result_rows = time.monotonic() - t_plan, batch.num_rows
                         for p in self.passes:

@@ -23,8 +23,7 @@ class EncodeStage:
     """Batch callable: ``anomaly_map`` -> ``map_png`` (bytes, None when no map), ``map_height``,
     ``map_width`` (0 when no map), ``mask_rle`` (JSON of a COCO RLE dict, None when no threshold or
     no map), ``threshold`` (the mask's threshold, None without a mask), ``encode_ms`` (NaN when no
-    map), ``refined`` (true where the SAM refinement stage refined the map; false everywhere without
-    that stage). Rows without a map (failed, or no pixel method) pass through."""
+    map). Rows without a map (failed, or no pixel method) pass through."""
 
     name = STAGE
     timed = True  # encode_ms; run.json's encode_busy
@@ -32,7 +31,7 @@ class EncodeStage:
     kind = "task"
     requires = ("anomaly_map", "status")
     types = {"map_png": pa.binary(), "map_height": pa.int64(), "map_width": pa.int64(), "mask_rle": pa.string(),
-             "threshold": pa.float64(), "encode_ms": pa.float64(), "refined": pa.bool_()}
+             "threshold": pa.float64(), "encode_ms": pa.float64()}
     produces = tuple(types)
     drops = ("anomaly_map",)
 
@@ -67,7 +66,5 @@ class EncodeStage:
                 threshold[i] = self.threshold
 
         each_row(batch["status"], row, ms=ms, skip=lambda i: np.asarray(batch["anomaly_map"][i]).size == 0)
-        refined = np.asarray(batch["refined"], dtype=bool) if "refined" in batch else np.zeros(n, dtype=bool)
-        out.update(map_png=png, map_height=height, map_width=width, mask_rle=rles, threshold=threshold, encode_ms=ms,
-                   refined=refined)
+        out.update(map_png=png, map_height=height, map_width=width, mask_rle=rles, threshold=threshold, encode_ms=ms)
         return out

@@ -80,13 +80,29 @@ def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: 
     planned = share_optional(planned)
     if spec.runtime.fuse_models:  # one actor pool for the model stages (pipeline.stages.fused)
         planned = fuse(planned)
-    final = check_columns(planned, source)
+    final = check_columns(planned, source) | set(column_defaults(planned))
     for table, (required, _) in (outputs or {}).items():
         missing = sorted(required - final)
         if missing:
             raise PlanError(f"table {table!r} needs column(s) {', '.join(missing)} that no stage of this plan produces "
                             f"(plan: {' -> '.join(p.name for p in planned)})")
     return planned
+
+
+def column_defaults(planned: list[PlannedStage]) -> dict[str, tuple[Any, Any]]:
+    """Columns of the stages a plan does not run that still have a value in every row (a stage's
+    ``defaults``: sam_refine's ``refined`` is False in a plan without it): column -> (type, value).
+    The driver adds them to the result rows; no other stage writes them on the absent stage's behalf."""
+    names: set[str] = set()
+    have: set[str] = set()
+    for p in planned:
+        names |= {s.name for s in (getattr(p.stage, "parts", None) or [p.stage])}
+        have |= set(p.stage.produces)
+    out: dict[str, tuple[Any, Any]] = {}
+    for cls in STAGE_ORDER:
+        if cls.name not in names:
+            out.update({c: (cls.types[c], v) for c, v in getattr(cls, "defaults", {}).items() if c not in have})
+    return out
 
 
 def share_optional(planned: list[PlannedStage]) -> list[PlannedStage]:

@@ -62,6 +62,8 @@ class SamRefineStage:
              "refine_info": pa.string(), "sam_refine_ms": pa.float64(), "status": pa.string(), "error_stage": pa.string(),
              "error_type": pa.string(), "error_message": pa.string()}
     produces = tuple(types)
+    #: its columns' values in a plan without it (the driver adds them to the result rows)
+    defaults = {"refined": False}
 
     def __init__(self, cfg: SamRefineSpec, sam: SamSpec, *, map_range: tuple[float, float] = (0.0, 1.0),
                  weights_cache: str | None = None, storage: StorageOptions | None = None, use_gpu: bool = False,

@@ -64,7 +64,7 @@ def test_result_rows():
         "map_png": pa.array([b"png", None, None], pa.binary()), "map_height": [4, 0, 0], "map_width": [5, 0, 0],
         "mask_rle": pa.array([None, None, None], pa.string()), "threshold": pa.array([None, None, None], pa.float64()),
         "encode_ms": pa.array([0.1, None, None], pa.float64()),
-        "refined": pa.array([False, False, False]),  # the encode stage says it for every row
+        "refined": pa.array([False, False, False]),  # without sam_refine, the driver adds it (its default)
     })
     spec = load_spec("jobs/smoke.yaml")
     values = {**run_values(spec, "r1"), "clip_model": "m", "random_weights": True}

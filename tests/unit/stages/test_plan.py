@@ -84,3 +84,15 @@ def test_the_sam_embedding_is_shared_when_the_plan_has_both_sam_stages():
     assert both["sam_refine"].shared_embedding and both["sam_refine"].drops == ("sam_embedding",)
     alone = {p.name: p.stage for p in build_plan(load_spec("jobs/vvv.yaml", sam), source=SOURCE)}
     assert not alone["foreground"].share_embedding and "sam_embedding" not in alone["foreground"].produces
+
+
+def test_a_stage_the_plan_does_not_run_gives_its_default_columns():
+    """sam_refine's ``refined`` is False in a plan without it: the driver adds it, no other stage
+    writes it on its behalf."""
+    from pipeline.stages.plan import column_defaults
+
+    smoke = build_plan(load_spec("jobs/smoke.yaml"), source=SOURCE)
+    assert column_defaults(smoke) == {"refined": (pa.bool_(), False)}
+    assert all("refined" not in p.stage.produces for p in smoke)
+    clip_sam = build_plan(load_spec("jobs/clip_sam.yaml", TINY + ["sam.model=tiny", "sam.weights=null"]), source=SOURCE)
+    assert column_defaults(clip_sam) == {}

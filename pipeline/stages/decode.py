@@ -34,7 +34,6 @@ columns get the failure defaults above and ``decode_ms`` 0 (nothing fetched).
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +43,7 @@ from pipeline.io.fs import StorageOptions, read_bytes
 from pipeline.io.images import DecodeError, decode_image
 from pipeline.io.retry import retrying, stderr_log
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import STATUS_COLUMNS, TENSOR, RowErrors, object_column
+from pipeline.stages.records import STATUS_COLUMNS, TENSOR, RowErrors, each_row, object_column
 
 
 def _empty_image() -> np.ndarray:
@@ -85,13 +84,11 @@ class DecodeStage:
         decode_ms = np.array(batch["decode_ms"] if "decode_ms" in batch else np.zeros(n), dtype=np.float64)
 
         for i in range(n):
-            if not errors.ok(i):  # failed in an earlier stage: not fetched
-                if image[i] is None:
-                    image[i] = _empty_image()
-                continue
-            started = time.perf_counter()
+            if not errors.ok(i) and image[i] is None:  # failed in an earlier stage: not fetched
+                image[i] = _empty_image()
+
+        def decode(i: int) -> None:
             row = self._decode_row(str(uris[i]))
-            decode_ms[i] = (time.perf_counter() - started) * 1000.0
             if isinstance(row, np.ndarray):
                 image[i] = row
                 height[i], width[i] = row.shape[0], row.shape[1]
@@ -100,6 +97,8 @@ class DecodeStage:
                 image[i] = _empty_image()
                 height[i] = width[i] = 0
                 errors.fail(i, self.name, *row)
+
+        each_row(errors.status, decode, ms=decode_ms)
 
         return {**batch, "image": image, "height": height, "width": width, **errors.columns(), "decode_ms": decode_ms}
 

@@ -1,5 +1,5 @@
 """``zsad evaluate`` (a run against ground truth, optionally beside a paper's numbers) and ``zsad runs``
-(the runs under an output root); exit codes: :mod:`pipeline.cli.app`."""
+(the runs under an output root); exit codes: :mod:`pipeline.cli.core`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.app import LAYOUT_HELP, app, attempt_log_name, captured, check_executor, err, evaluate_and_show
+from pipeline.cli.core import LAYOUT_HELP, app, attempt_log_name, captured, check_executor, err, evaluate_and_show
 
 
 @app.command("evaluate")

@@ -1,8 +1,8 @@
 """The Ray Jobs commands of ``zsad``: submit, status, logs and stop a run on a Ray cluster.
 
-They are commands of the one typer app, :data:`pipeline.cli.app.app`: ``pipeline.cli`` imports this
+They are commands of the one typer app, :data:`pipeline.cli.core.app`: ``pipeline.cli`` imports this
 module, which registers them. The Jobs API client and the run's attempts live in
-:mod:`pipeline.runtime.jobs`; exit codes are those of :mod:`pipeline.cli.app`.
+:mod:`pipeline.runtime.jobs`; exit codes are those of :mod:`pipeline.cli.core`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.cli.app import (
+from pipeline.cli.core import (
     EvaluateOption,
     InputOption,
     LayoutOption,

@@ -1,7 +1,7 @@
 """The result-viewing commands of ``zsad``: report, export-maps and compare (registered on
-:data:`pipeline.cli.app.app` when ``pipeline.cli`` imports this module). The work happens in
-:mod:`pipeline.report`; exit codes are those of :mod:`pipeline.cli.app` (2: a run folder or an option
-that cannot be used). The report written at the end of ``zsad run`` is :func:`pipeline.cli.app.report_after_run`."""
+:data:`pipeline.cli.core.app` when ``pipeline.cli`` imports this module). The work happens in
+:mod:`pipeline.report`; exit codes are those of :mod:`pipeline.cli.core` (2: a run folder or an option
+that cannot be used). The report written at the end of ``zsad run`` is :func:`pipeline.cli.core.report_after_run`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.app import app, err
+from pipeline.cli.core import app, err
 
 _RANGE_HELP = ("Heatmap colour scale, the same for every image: auto (0.5th-99.9th percentile of the shown maps), "
                "stored (the maps' stored range) or LO,HI.")

@@ -1,5 +1,5 @@
 """``zsad run``, ``resume``, ``validate``, ``schema`` and ``demo``: a job over an input, checked, run
-and summarised (exit codes: :mod:`pipeline.cli.app`)."""
+and summarised (exit codes: :mod:`pipeline.cli.core`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from pipeline.cli.app import (
+from pipeline.cli.core import (
     EXECUTOR_HELP,
     VERBOSE_HELP,
     EvaluateOption,

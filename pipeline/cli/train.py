@@ -1,4 +1,4 @@
-"""``zsad train``: APRIL-GAN adapters trained with Ray Train (exit codes: :mod:`pipeline.cli.app`)."""
+"""``zsad train``: APRIL-GAN adapters trained with Ray Train (exit codes: :mod:`pipeline.cli.core`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.app import (
+from pipeline.cli.core import (
     LayoutOption,
     SetOption,
     TinyOption,

@@ -174,9 +174,11 @@ def spec_problem(spec: Any, storage: Any = None, *, objects: bool = False) -> st
     (they must exist), local prompt files (they must parse), then the settings that depend on the
     model's shape (:func:`model_problems`, one per line).
 
-    ``objects``: also look up the weights and prompt files given by URI (with ``storage``) instead
-    of leaving them to the run's start (``zsad validate`` and ``zsad submit`` leave them: the
-    cluster, not this machine, has to reach them)."""
+    ``objects``: as a run's driver checks before Ray starts: also look up the weights and prompt
+    files given by URI (with ``storage``), and read the structure of local torch checkpoints
+    (``clip.weights``, CLIPSeg's ``pixel.weights``; tensors mapped, not read), so an unusable file
+    is refused here with its reason instead of in every model actor. Without it (``zsad validate``,
+    ``zsad submit``) objects are left to the run: the cluster, not this machine, has to reach them."""
     from pipeline.io.weights import WeightsError, preflight
 
     tag = spec.clip.weights.tag if spec.clip.weights else None
@@ -200,4 +202,25 @@ def spec_problem(spec: Any, storage: Any = None, *, objects: bool = False) -> st
     problem = prompt_file_problem(spec, storage, objects=objects)
     if problem:
         return problem
-    return "\n  ".join(model_problems(spec)) or None
+    problems = model_problems(spec)
+    if problems:
+        return "\n  ".join(problems)
+    return _checkpoint_problem(spec) if objects else None
+
+
+def _checkpoint_problem(spec: Any) -> str | None:
+    """A local torch checkpoint (``clip.weights``, CLIPSeg's ``pixel.weights``) that cannot be read
+    (SAM's and the adapters' files are read by :func:`model_problems`)."""
+    pixel = getattr(spec, "pixel", None)
+    files = {"clip.weights": (spec.clip.weights, "weights file"),
+             "pixel.weights": (pixel.weights if getattr(pixel, "kind", None) == "clipseg" else None,
+                               "CLIPSeg weights file")}
+    for key, (weights, what) in files.items():
+        if weights is not None and weights.path:
+            from pipeline.models.checkpoints import read_state_dict  # torch: only when there is a file to read
+
+            try:
+                read_state_dict(weights.path, what=what, error=registry.ModelLoadError, mmap=True)
+            except registry.ModelLoadError as exc:
+                return f"{key}: {exc}"
+    return None

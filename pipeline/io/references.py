@@ -48,7 +48,6 @@ import hashlib
 import json
 import os
 import posixpath
-import tempfile
 import zlib
 from typing import Any, Iterable
 
@@ -56,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DataSpec
+from pipeline.io.atomic import file_target
 from pipeline.io.fs import InputError, StorageOptions, filesystem, is_remote
 from pipeline.io.layouts import (
     _BTAD_NORMAL,
@@ -336,23 +336,8 @@ def write_references(chosen: pd.DataFrame, uri: str, storage: StorageOptions | N
         [{c: _value(v) for c, v in r.items()} for r in chosen[list(REFERENCE_COLUMNS)].to_dict("records")]
     )
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    target = _file_uri(uri)
-    fs, path = filesystem(target, storage)
-    if is_remote(target):
-        with fs.open(path, "wb") as fh:
-            pq.write_table(table, fh)
-        return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".references-", suffix=".parquet")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with file_target(_file_uri(uri), storage) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_references(uri: str, storage: StorageOptions | None = None) -> pd.DataFrame:

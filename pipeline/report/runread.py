@@ -197,32 +197,13 @@ def write_page(out_uri: str, write_body, storage) -> int:
     """Write a page: ``write_body(fh)`` writes text into a local temporary file (so memory holds
     one section at a time), which then goes to ``out_uri`` (local path or s3://). Returns the bytes."""
     import os
-    import shutil
-    import tempfile
 
-    folder = None
-    if not fsio.is_remote(out_uri):
-        folder = os.path.dirname(os.path.abspath(fsio.local_path(out_uri)))
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".zsad-page-", suffix=".html", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    from pipeline.io.atomic import file_target
+
+    with file_target(out_uri, storage) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
             write_body(fh)
-        size = os.path.getsize(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it private; a page is an ordinary file
-        if fsio.is_remote(out_uri):
-            fs, path = fsio.filesystem(out_uri, storage)
-            fs.put_file(tmp, path)
-            os.remove(tmp)
-        else:
-            shutil.move(tmp, fsio.local_path(out_uri))
-        return size
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        return os.path.getsize(tmp)
 
 
 __all__ = ["ReportError", "RunData", "open_run", "errors", "mask_rows", "heat", "predicted_mask", "read_image",

@@ -10,7 +10,7 @@ from pipeline.models import registry
 
 def test_the_cached_registry_equals_open_clips_and_is_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("ZSAD_CACHE_DIR", str(tmp_path))
-    from pipeline.models.clip import register_configs
+    from pipeline.models.registry import register_configs
 
     open_clip = register_configs()
     expected = {m: list(open_clip.list_pretrained_tags_by_model(m)) for m in open_clip.list_models()}

@@ -35,6 +35,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from pipeline.errors import ZsadError
 from pipeline.io import fs as fsio
 from pipeline.io.atomic import local_target, write_atomic
 from pipeline.io.fs import StorageOptions
@@ -46,7 +47,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16}
 
 
-class BankError(ValueError):
+class BankError(ZsadError, ValueError):
     """A bank or pool that cannot be used: missing, unreadable, truncated, or built from something else."""
 
 

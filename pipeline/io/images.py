@@ -61,6 +61,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline.errors import ZsadError
+
 #: Every ``error_type`` :func:`decode_image` produces itself. An exception nobody anticipated is
 #: reported under its own class name instead (``MemoryError``...).
 ERROR_TYPES = (
@@ -95,7 +97,7 @@ _LIMIT_LOCK = threading.Lock()
 _formats_cache: tuple[str, ...] | None = None
 
 
-class DecodeError(Exception):
+class DecodeError(ZsadError):
     """A file that cannot become an RGB image.
 
     ``error_type`` is one of :data:`ERROR_TYPES` (or an unexpected exception's class name);

@@ -16,14 +16,17 @@ import posixpath
 from dataclasses import dataclass
 
 from pipeline.config import WeightsSpec
+from pipeline.errors import ZsadError
 from pipeline.io.atomic import local_target
 from pipeline.io.fs import StorageOptions, filesystem
 
 DEFAULT_CACHE = "~/.cache/zsad/weights"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ZsadError, RuntimeError):
     """Weights that cannot be fetched or fail their integrity check; the message names them."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,8 @@ class AdapterLoadError(ZsadError, RuntimeError):
     """An adapter file that cannot be read or does not fit the backbone; the message names the
     file and the problem."""
 
+    exit_code = 2
+
 
 # --------------------------------------------------------------------------------------------
 # Backbone

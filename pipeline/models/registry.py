@@ -32,6 +32,8 @@ TINY_MODEL = "zsad-tiny"
 class ModelLoadError(ZsadError, RuntimeError):
     """A model that cannot be built or whose weights do not load; the message says why."""
 
+    exit_code = 2
+
 
 #: the layout of the cached file; another layout is another file name
 _FORMAT = 2

@@ -42,6 +42,7 @@ from segment_anything.utils import amg
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms
 
+from pipeline.errors import ZsadError
 from pipeline.models import checkpoints
 from pipeline.models.clip import ModelLoadError
 
@@ -56,7 +57,7 @@ class SamLoadError(ModelLoadError):
     file and the cause (unknown name, unreadable or unsafe file, missing/unexpected keys, shapes)."""
 
 
-class SamInputError(ValueError):
+class SamInputError(ZsadError, ValueError):
     """An image or prompt that SAM cannot take (wrong dtype, shape or batch size); the message says
     which argument and what was expected."""
 

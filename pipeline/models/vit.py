@@ -13,11 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import ZsadError
 from pipeline.models.precision import forward_pass
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(ZsadError, ValueError):
     """A vision tower these walkers do not handle (attention pooling, no class token...)."""
+
+    exit_code = 2
 
 
 def check_visual(visual: torch.nn.Module) -> None:

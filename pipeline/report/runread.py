@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.errors import ZsadError
 from pipeline.io import fs as fsio
 from pipeline.io.images import DecodeError, decode_image
 from pipeline.io.sinks import read_folder, read_json, read_json_if_exists
@@ -32,8 +33,10 @@ MASK_COLUMNS = ["image_id", "map_png", "map_min", "map_max", "threshold", "mask_
 SCORE_SOURCES = {"method": "score", "max_map": "max_pixel_score", "transductive": "score_transductive"}
 
 
-class ReportError(RuntimeError):
+class ReportError(ZsadError, RuntimeError):
     """A run folder that cannot be read for a report; the message names the folder and the problem."""
+
+    exit_code = 2
 
 
 @dataclass

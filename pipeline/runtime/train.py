@@ -40,6 +40,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from pipeline.config import TrainSpec
+from pipeline.errors import ZsadError
 from pipeline.io import fs as fsio
 from pipeline.io.layouts import InputError, list_inputs
 from pipeline.io.sinks import read_json, write_json
@@ -50,13 +51,9 @@ RECORD = "train.json"
 FINAL = "adapters.safetensors"
 
 
-class TrainError(RuntimeError):
+class TrainError(ZsadError, RuntimeError):
     """Training that cannot start or did not finish; ``exit_code`` 2 for bad input or unusable
-    weights, 1 when training itself failed."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    weights, 1 (the default) when training itself failed."""
 
 
 @dataclass

@@ -59,7 +59,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import ZsadError
 
@@ -384,11 +384,3 @@ def _pillow_limit(max_pixels: int) -> Iterator[None]:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = saved
-
-
-def pillow_globals() -> dict[str, object]:
-    """The Pillow settings decoding depends on, for diagnostics and tests."""
-    return {
-        "MAX_IMAGE_PIXELS": Image.MAX_IMAGE_PIXELS,
-        "LOAD_TRUNCATED_IMAGES": ImageFile.LOAD_TRUNCATED_IMAGES,
-    }

@@ -30,11 +30,6 @@ def check_visual(visual: torch.nn.Module) -> None:
         raise UnsupportedModel(f"pixel maps need class-token pooling, this model pools with {visual.pool_type!r}")
 
 
-def native_grid(visual: torch.nn.Module) -> int:
-    g = visual.grid_size
-    return int(g[0] if isinstance(g, (tuple, list)) else g)
-
-
 def patch_size(visual: torch.nn.Module) -> int:
     p = visual.patch_size
     return int(p[0] if isinstance(p, (tuple, list)) else p)

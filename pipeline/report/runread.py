@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -191,11 +191,6 @@ def finite(v: Any) -> bool:
     return v is not None and isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))
 
 
-def iter_categories(scores: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
-    for cat in sorted(scores["category"].dropna().unique()):
-        yield str(cat), scores[scores["category"] == cat]
-
-
 def write_page(out_uri: str, write_body, storage) -> int:
     """Write a page: ``write_body(fh)`` writes text into a local temporary file (so memory holds
     one section at a time), which then goes to ``out_uri`` (local path or s3://). Returns the bytes."""
@@ -210,4 +205,4 @@ def write_page(out_uri: str, write_body, storage) -> int:
 
 
 __all__ = ["ReportError", "RunData", "open_run", "errors", "mask_rows", "heat", "predicted_mask", "read_image",
-           "read_truth", "iter_categories", "write_page"]
+           "read_truth", "write_page"]

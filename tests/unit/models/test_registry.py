@@ -58,5 +58,5 @@ def test_the_vision_geometry_is_the_model_configs_and_matches_the_built_tower(tm
     visual = clip_models.build_clip("zsad-tiny", device="cpu")[0].visual
     tiny = registry.vision("zsad-tiny")
     assert (tiny.layers, tiny.width, tiny.patch_size, tiny.grid, tiny.embed_dim) == (
-        len(visual.transformer.resblocks), visual.transformer.width, vit.patch_size(visual), vit.native_grid(visual),
+        len(visual.transformer.resblocks), visual.transformer.width, vit.patch_size(visual), visual.grid_size[0],
         int(visual.output_dim))

@@ -64,9 +64,8 @@ from pipeline.io.layouts import (
     _list_folder,
     _list_mvtec,
     _list_visa,
-    _listing,
-    _skipped,
 )
+from pipeline.io.listing import list_tree, skipped_counts
 from pipeline.io.manifest import is_manifest_uri, list_manifest
 
 __all__ = [
@@ -146,7 +145,7 @@ def list_references(
     try:
         if layout == "manifest" or (layout == "auto" and is_manifest_uri(uri)):
             return "manifest", list_manifest(uri, DataSpec(layout="manifest"), storage, normal_only=True)
-        tree = _listing(uri, storage)
+        tree = list_tree(uri, storage)
         if layout == "auto":
             layout = _detect_references(tree.files)
         data = DataSpec(layout=layout, extensions=tuple(extensions))
@@ -159,7 +158,7 @@ def list_references(
             df = _list_mvtec(uri, data, tree, normal=normal, name=_DATASET_NAMES[layout], split="train")
     except InputError as exc:
         raise _as_reference_error(exc) from exc
-    df.attrs["skipped"] = _skipped(tree, data, set(df["uri"]))
+    df.attrs["skipped"] = skipped_counts(tree, data, set(df["uri"]))
     return layout, df
 
 

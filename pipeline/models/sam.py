@@ -44,7 +44,7 @@ from torchvision.ops.boxes import batched_nms
 
 from pipeline.errors import ZsadError
 from pipeline.models import checkpoints
-from pipeline.models.clip import ModelLoadError
+from pipeline.models.registry import ModelLoadError
 from pipeline.ops.points import bounding_box
 
 SAM_MODELS = ("vit_h", "vit_l", "vit_b", "tiny")

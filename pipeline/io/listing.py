@@ -172,7 +172,8 @@ def file_stat(info: dict[str, Any]) -> tuple[int | None, float | None, str | Non
     return (int(size) if size is not None else None), mtime, etag
 
 
-def manifest_row(fs: Any, root: str, rel: str, info: dict[str, Any], category: str, label: int | None, mask_uri: str | None) -> dict[str, Any]:
+def manifest_row(fs: Any, root: str, rel: str, info: dict[str, Any], category: str, label: int | None,
+                 mask_uri: str | None) -> dict[str, Any]:
     """One manifest row for the listed file ``rel`` under ``root``."""
     size, mtime, etag = file_stat(info)
     error_type, message = info.get("list_error") or (None, None)
@@ -197,6 +198,11 @@ def skipped_counts(tree: Tree, data: DataSpec, listed: set[str]) -> dict[str, in
         if child_uri(tree.fs, tree.root, rel) in listed:
             continue
         parts = rel.split("/")
-        reason = "hidden" if is_hidden(parts) else "extension" if not has_extension(parts[-1], data.extensions) else "outside_layout"
+        if is_hidden(parts):
+            reason = "hidden"
+        elif not has_extension(parts[-1], data.extensions):
+            reason = "extension"
+        else:
+            reason = "outside_layout"
         counts[reason] = counts.get(reason, 0) + 1
     return counts

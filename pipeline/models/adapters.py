@@ -253,7 +253,8 @@ def save_adapters(adapters: Adapters, path: str, metadata: dict[str, object]) ->
     (every value JSON-encoded; tuples come back as lists) plus ``"format": ZSAD_FORMAT``.
 
     The file is written under a temporary name beside ``path`` and renamed onto it
-    (:func:`pipeline.io.atomic.local_target`), so nothing half-written ever carries the final name. Returns the sha256 hex digest of the written file."""
+    (:func:`pipeline.io.atomic.local_target`), so nothing half-written ever carries the final name.
+    Returns the sha256 hex digest of the written file."""
     from safetensors.torch import save_file
 
     header = {}

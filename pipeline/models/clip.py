@@ -2,8 +2,8 @@
 
 ``zsad-tiny`` is a tiny open_clip config (128 px, patch 16 like ViT-B-16, 8 blocks of width 64,
 embed 32; text: 2 blocks of width 64) that the registry registers with open_clip when it first uses
-open_clip (:func:`pipeline.models.registry.register_configs`), so tests and the offline demo build a real open_clip model in
-milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
+open_clip (:func:`pipeline.models.registry.register_configs`), so tests and the offline demo build
+a real open_clip model in milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
 
 Weights are given by the caller as one of: an open_clip pretrained tag, a local checkpoint path
 (already fetched and hash-checked by :mod:`pipeline.io.weights`; read and loaded strictly by

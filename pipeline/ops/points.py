@@ -426,8 +426,9 @@ def negative_points(
 
     ``F_a = pooled_feature(features, region)``; every ring pixel is scored by the cosine similarity
     of its feature (its cell's, mapped as in :func:`pooled_feature`) to ``F_a`` (norms floored at
-    1e-8, so a zero feature scores 0); the ``k`` LOWEST similarities are taken with :func:`spaced_top_k` on the negated similarity (same
-    tie order: many ring pixels share an embedding cell, and among them row-major order decides).
+    1e-8, so a zero feature scores 0); the ``k`` LOWEST similarities are taken with :func:`spaced_top_k`
+    on the negated similarity (same tie order: many ring pixels share an embedding cell, and among
+    them row-major order decides).
 
     Args:
         features: ``(C, g, g)`` image embedding.

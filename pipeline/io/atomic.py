@@ -40,6 +40,27 @@ def local_target(path: str, mode: int | None = None) -> Iterator[str]:
         raise
 
 
+@contextlib.contextmanager
+def file_target(uri: str, storage: StorageOptions | None = None, mode: int | None = None) -> Iterator[str]:
+    """A local temporary path to write the whole file at ``uri`` into (for writers that want a path or
+    a file of their own, or that stream more than memory should hold). Locally it is
+    :func:`local_target`'s; for an object-store URI it is a temporary file uploaded in one PUT when the
+    block ends without an exception. The temporary file is gone afterwards either way."""
+    if not fsio.is_remote(uri):
+        with local_target(fsio.local_path(uri), mode) as tmp:
+            yield tmp
+        return
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(uri.rstrip("/")))
+    os.close(fd)
+    try:
+        yield tmp
+        fs, path = fsio.filesystem(uri, storage)
+        fs.put_file(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 def write_atomic(uri: str, data: bytes, storage: StorageOptions | None = None) -> None:
     """``data`` as the whole file at ``uri`` (a local path or an object-store URI), atomically."""
     if fsio.is_remote(uri):

@@ -30,14 +30,14 @@ import hashlib
 import json
 import os
 import posixpath
-import tempfile
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 
+from pipeline.errors import ZsadError
 from pipeline.io import fs as fsio
-from pipeline.io.atomic import write_atomic
+from pipeline.io.atomic import local_target, write_atomic
 from pipeline.io.fs import StorageOptions
 
 PART_FORMAT = "bank-part/1"
@@ -47,7 +47,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16}
 
 
-class BankError(ValueError):
+class BankError(ZsadError, ValueError):
     """A bank or pool that cannot be used: missing, unreadable, truncated, or built from something else."""
 
 
@@ -172,24 +172,18 @@ def node_copy(uri: str, sha256: str, size: int, storage: StorageOptions | None, 
     path = os.path.join(folder, f"{sha256}.safetensors")
     if os.path.exists(path) and os.path.getsize(path) == size:
         return path
-    os.makedirs(folder, exist_ok=True)
     fs, remote = fsio.filesystem(uri, storage)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-")
     h = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out, fs.open(remote, "rb") as src:
+        with local_target(path) as tmp, open(tmp, "wb") as out, fs.open(remote, "rb") as src:
             while chunk := src.read(8 << 20):
                 h.update(chunk)
                 out.write(chunk)
-        if h.hexdigest() != sha256:
-            raise BankError(f"bank part {uri}: its content is not what the manifest names (sha256 {h.hexdigest()[:12]}... "
-                            f"!= {sha256[:12]}...): the file was replaced or truncated")
-        os.replace(tmp, path)
+            if h.hexdigest() != sha256:
+                raise BankError(f"bank part {uri}: its content is not what the manifest names (sha256 "
+                                f"{h.hexdigest()[:12]}... != {sha256[:12]}...): the file was replaced or truncated")
     except FileNotFoundError:
         raise BankError(f"bank part {uri}: no such file (the manifest names it)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

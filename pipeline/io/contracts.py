@@ -24,12 +24,16 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import yaml
 
+from pipeline.errors import ZsadError
+
 META_TABLE = b"zsad.table"
 META_VERSION = b"zsad.schema_version"
 
 
-class ContractError(ValueError):
+class ContractError(ZsadError, ValueError):
     """A table that does not match its contract."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

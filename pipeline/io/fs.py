@@ -23,16 +23,19 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from pipeline.config import StorageSpec
+from pipeline.errors import ZsadError
 
 StorageOptions = dict[str, Any]
 
 
-class StorageError(OSError):
+class StorageError(ZsadError, OSError):
     """An input or output location that cannot be reached; the message names the URI."""
 
 
-class InputError(ValueError):
+class InputError(ZsadError, ValueError):
     """An input that cannot be listed or read; the message names the URI and what is wrong with it."""
+
+    exit_code = 2
 
 
 def is_remote(uri: str) -> bool:

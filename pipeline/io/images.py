@@ -59,7 +59,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pipeline.errors import ZsadError
 
 #: Every ``error_type`` :func:`decode_image` produces itself. An exception nobody anticipated is
 #: reported under its own class name instead (``MemoryError``...).
@@ -95,7 +97,7 @@ _LIMIT_LOCK = threading.Lock()
 _formats_cache: tuple[str, ...] | None = None
 
 
-class DecodeError(Exception):
+class DecodeError(ZsadError):
     """A file that cannot become an RGB image.
 
     ``error_type`` is one of :data:`ERROR_TYPES` (or an unexpected exception's class name);
@@ -382,11 +384,3 @@ def _pillow_limit(max_pixels: int) -> Iterator[None]:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = saved
-
-
-def pillow_globals() -> dict[str, object]:
-    """The Pillow settings decoding depends on, for diagnostics and tests."""
-    return {
-        "MAX_IMAGE_PIXELS": Image.MAX_IMAGE_PIXELS,
-        "LOAD_TRUNCATED_IMAGES": ImageFile.LOAD_TRUNCATED_IMAGES,
-    }

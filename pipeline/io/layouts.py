@@ -34,36 +34,34 @@ Layouts (``DataSpec.layout``):
 The MVTec-like and VisA listers take a ``split`` keyword (default ``test``); the few-shot reference
 images (:mod:`pipeline.io.references`) are the ``train`` split's normal images.
 
-Folder, MVTec-like and VisA inputs are listed with ONE recursive ``find(detail=True)`` call (one paginated
-ListObjectsV2 on S3), which also yields size, mtime and ETag.
+Folder, MVTec-like and VisA inputs are read from ONE recursive listing of the input
+(:func:`pipeline.io.listing.list_tree`: one paginated ListObjectsV2 on S3, which also yields size,
+mtime and ETag).
 """
 
 from __future__ import annotations
 
-import errno
 import io
-import os
 import posixpath
-import stat
 from functools import partial
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
 from pipeline.config import DataSpec
-from pipeline.io.fs import (
-    InputError,
-    StorageOptions,
-    bucket_name,
-    is_remote,
-    is_storage_exception,
-    open_input,
-    read_input_bytes,
-    storage_failure,
-    path_uri,
-    unstrip,
+from pipeline.io.fs import InputError, StorageOptions, read_input_bytes
+from pipeline.io.listing import (
+    Tree,
+    child_uri,
+    extensions_text,
+    has_extension,
+    is_hidden,
+    list_tree,
+    manifest_row,
+    root_name,
+    skipped_counts,
 )
-from pipeline.io.manifest import MANIFEST_EXTENSIONS, is_manifest_uri, list_manifest, manifest_frame
+from pipeline.io.manifest import is_manifest_uri, list_manifest, manifest_frame
 
 __all__ = ["InputError", "LAYOUTS", "LISTERS", "detect_layout", "list_inputs"]
 
@@ -73,166 +71,6 @@ _BTAD_ANOMALOUS = "ko"
 _VISA_CSV = "split_csv/1cls.csv"
 _VISA_COLUMNS = ("object", "split", "label", "image", "mask")
 _VISA_LABELS = {"normal": 0, "anomaly": 1}
-
-
-class Tree(NamedTuple):
-    """One recursive listing of an input folder: the filesystem, the root path inside it and
-    ``files``, {path relative to the root (posix): fsspec info} of every file below it (a link
-    that cannot be followed is a file whose info carries ``list_error``: (type, message));
-    ``skipped``: what the listing itself left out, by reason."""
-
-    fs: Any
-    root: str
-    files: dict[str, dict[str, Any]]
-    skipped: dict[str, int] = {}
-
-
-def _walk_local(root: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-    """Every file under the local folder ``root``, following symbolic links to files and folders.
-
-    A folder reached twice (a link back to an ancestor, or two links to one folder) is walked once
-    and counted as ``link_loop_folder``; a link that points nowhere is a file with ``list_error``
-    ``BrokenLink``, one that loops (``ELOOP``) ``LinkLoop``."""
-    files: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, int] = {}
-    seen: set[tuple[int, int]] = set()
-
-    def link_error(path: str, exc: OSError) -> tuple[str, str]:
-        target = os.readlink(path)
-        if exc.errno == errno.ELOOP:
-            return "LinkLoop", f"{path_uri(path)}: symbolic link loop (-> {target})"
-        return "BrokenLink", f"{path_uri(path)}: symbolic link to {target}, which does not exist"
-
-    def walk(folder: str, prefix: str) -> None:
-        st = os.stat(folder)
-        if (st.st_dev, st.st_ino) in seen:
-            skipped["link_loop_folder"] = skipped.get("link_loop_folder", 0) + 1
-            return
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(folder) as it:
-            entries = sorted(it, key=lambda e: e.name)
-        for entry in entries:
-            rel = prefix + entry.name
-            try:
-                info = os.stat(entry.path)  # follows links
-            except OSError as exc:
-                if not entry.is_symlink():
-                    raise
-                files[rel] = {"type": "file", "list_error": link_error(entry.path, exc)}
-                continue
-            if stat.S_ISDIR(info.st_mode):
-                walk(entry.path, rel + "/")
-            elif stat.S_ISREG(info.st_mode):
-                files[rel] = {"type": "file", "size": info.st_size, "mtime": info.st_mtime}
-
-    walk(root, "")
-    return files, skipped
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _listing(uri: str, storage: StorageOptions | None) -> Tree:
-    """One recursive listing of every file under uri.
-
-    Raises InputError when the location does not exist, is a single file, or cannot be reached."""
-    fs, root = open_input(uri, storage)
-    root = root.rstrip("/") or root
-    if not is_remote(uri) and os.path.isdir(root):  # local: follow links (fsspec's find drops them)
-        try:
-            files, skipped = _walk_local(root)
-        except OSError as exc:
-            raise InputError(f"input {uri}: cannot be listed: {exc}") from exc
-        return Tree(fs, root, files, skipped)
-    try:
-        found = fs.find(root, detail=True)
-    except Exception as exc:  # botocore/aiohttp errors are not OSErrors
-        if not is_storage_exception(exc):
-            raise
-        raise storage_failure(uri, fs, root, exc) from exc
-    out: dict[str, dict[str, Any]] = {}
-    for name, info in found.items():
-        if info.get("type", "file") != "file" or name.endswith("/"):
-            continue
-        if name == root:
-            raise InputError(
-                f"input {uri}: is a single file; give a folder, or a manifest ending in "
-                f"{'/'.join(MANIFEST_EXTENSIONS)}"
-            )
-        prefix = root.rstrip("/") + "/"
-        if not name.startswith(prefix):
-            continue
-        out[name[len(prefix) :]] = info
-    if not out:
-        try:
-            present = fs.isdir(root)
-        except Exception as exc:
-            if not is_storage_exception(exc):
-                raise
-            raise storage_failure(uri, fs, root, exc) from exc
-        if not present:
-            if is_remote(uri) and "/" in root:
-                try:
-                    fs.ls(bucket_name(root))
-                except FileNotFoundError:
-                    raise InputError(f"input {uri}: bucket {bucket_name(root)!r} does not exist") from None
-                except Exception:  # reachability already proven by the find above
-                    pass
-            raise InputError(f"input {uri}: no such file, folder or prefix")
-    return Tree(fs, root, out)
-
-
-def _hidden(parts: Iterable[str]) -> bool:
-    return any(p.startswith(".") for p in parts)
-
-
-def _has_extension(name: str, extensions: tuple[str, ...]) -> bool:
-    lower = name.lower()
-    return any(lower.endswith(ext.lower() if ext.startswith(".") else "." + ext.lower()) for ext in extensions)
-
-
-def _ext_text(extensions: tuple[str, ...]) -> str:
-    return ", ".join(extensions) if extensions else "(no extensions configured)"
-
-
-def _stat(info: dict[str, Any]) -> tuple[int | None, float | None, str | None]:
-    size = info.get("size")
-    if size is None:
-        size = info.get("Size")
-    mtime: float | None = None
-    raw = info.get("mtime")
-    if raw is None:
-        raw = info.get("LastModified") or info.get("last_modified")
-    if raw is not None:
-        if hasattr(raw, "timestamp"):
-            mtime = float(raw.timestamp())
-        else:
-            try:
-                mtime = float(raw)
-            except (TypeError, ValueError):
-                mtime = None
-    etag = info.get("ETag") or info.get("etag")
-    if etag is not None:
-        etag = str(etag).strip('"') or None
-    return (int(size) if size is not None else None), mtime, etag
-
-
-def _row(fs: Any, root: str, rel: str, info: dict[str, Any], category: str, label: int | None, mask_uri: str | None) -> dict[str, Any]:
-    """One manifest row for the listed file ``rel`` under ``root``."""
-    size, mtime, etag = _stat(info)
-    error_type, message = info.get("list_error") or (None, None)
-    return {"uri": _child_uri(fs, root, rel), "category": category, "gt_label": label, "mask_uri": mask_uri,
-            "size": size, "mtime": mtime, "etag": etag, "list_error_type": error_type, "list_error_message": message}
-
-
-def _child_uri(fs: Any, root: str, rel: str) -> str:
-    return unstrip(fs, f"{root.rstrip('/')}/{rel}")
-
-
-def _root_name(root: str) -> str:
-    return posixpath.basename(root.rstrip("/")) or root.strip("/")
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +122,7 @@ def detect_layout(uri: str, storage: StorageOptions | None = None) -> str:
     Raises InputError when the folder does not exist or cannot be reached."""
     if is_manifest_uri(uri):
         return "manifest"
-    return _detect(_listing(uri, storage).files)
+    return _detect(list_tree(uri, storage).files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,17 +132,17 @@ def detect_layout(uri: str, storage: StorageOptions | None = None) -> str:
 
 def _list_folder(uri: str, data: DataSpec, tree: Tree) -> pd.DataFrame:
     fs, root, files = tree.fs, tree.root, tree.files
-    root_name = _root_name(root)
+    own_name = root_name(root)
     rows = []
     for rel, info in files.items():
         parts = rel.split("/")
-        if _hidden(parts) or not _has_extension(parts[-1], data.extensions):
+        if is_hidden(parts) or not has_extension(parts[-1], data.extensions):
             continue
-        category = data.category or (parts[0] if len(parts) > 1 else root_name)
-        rows.append(_row(fs, root, rel, info, category, None, None))
+        category = data.category or (parts[0] if len(parts) > 1 else own_name)
+        rows.append(manifest_row(fs, root, rel, info, category, None, None))
     if not rows:
         raise InputError(
-            f"input {uri}: no images found (looked for files ending in {_ext_text(data.extensions)}, "
+            f"input {uri}: no images found (looked for files ending in {extensions_text(data.extensions)}, "
             "case-insensitive; hidden files and folders skipped)"
         )
     return manifest_frame(rows)
@@ -354,7 +192,7 @@ def _list_mvtec(
     has_split_here = any(rel.startswith(f"{split}/") for rel in files)
     by_category: dict[str, dict[str, dict[str, Any]]] = {}
     if has_split_here:
-        category = _root_name(root)
+        category = root_name(root)
         by_category[category] = dict(files)
         prefixes = {category: ""}
     else:
@@ -386,9 +224,9 @@ def _list_mvtec(
         masks = {rel for rel in entries if rel.startswith("ground_truth/")}
         for rel, info in entries.items():
             parts = rel.split("/")
-            if len(parts) != 3 or parts[0] != split or _hidden(parts) or (not test and parts[1] != normal):
+            if len(parts) != 3 or parts[0] != split or is_hidden(parts) or (not test and parts[1] != normal):
                 continue
-            if not _has_extension(parts[2], data.extensions):
+            if not has_extension(parts[2], data.extensions):
                 continue
             defect, filename = parts[1], parts[2]
             label = 0 if defect == normal else 1
@@ -396,12 +234,12 @@ def _list_mvtec(
             if label == 1:
                 found = _find_mask(masks, defect, filename, any_mask_extension)
                 if found is not None:
-                    mask_uri = _child_uri(fs, root, prefix + found)
-            rows.append(_row(fs, root, prefix + rel, info, category, label, mask_uri))
+                    mask_uri = child_uri(fs, root, prefix + found)
+            rows.append(manifest_row(fs, root, prefix + rel, info, category, label, mask_uri))
     if not rows:
         raise InputError(
             f"input {uri}: no {split} images found in the {name} tree (looked for {shape} with "
-            f"extensions {_ext_text(data.extensions)}, case-insensitive)"
+            f"extensions {extensions_text(data.extensions)}, case-insensitive)"
         )
     return manifest_frame(rows)
 
@@ -420,7 +258,7 @@ def _list_visa(uri: str, data: DataSpec, tree: Tree, *, split: str = "test") -> 
     """The raw VisA tree: the rows of ``split_csv/1cls.csv`` whose split is ``split`` (``test``;
     ``train``: the few-shot reference images, which must all be labelled normal)."""
     fs, root, files = tree.fs, tree.root, tree.files
-    csv_uri = _child_uri(fs, root, _VISA_CSV)
+    csv_uri = child_uri(fs, root, _VISA_CSV)
     if _VISA_CSV not in files:
         raise InputError(f"input {uri}: not a raw VisA tree: {csv_uri} is missing")
     raw = read_input_bytes(fs, f"{root.rstrip('/')}/{_VISA_CSV}", csv_uri)
@@ -466,14 +304,14 @@ def _list_visa(uri: str, data: DataSpec, tree: Tree, *, split: str = "test") -> 
             raise InputError(f"VisA split {csv_uri}: {where(i)}: empty image path")
         image = _clean_rel(str(record["image"]))
         if image not in files:
-            raise InputError(f"VisA split {csv_uri}: {where(i)}: image {_child_uri(fs, root, image)} not found")
+            raise InputError(f"VisA split {csv_uri}: {where(i)}: image {child_uri(fs, root, image)} not found")
         mask_text = str(record["mask"]).strip()
         mask_uri = None
         if mask_text:
             mask = _clean_rel(mask_text)
             if mask not in files:
-                raise InputError(f"VisA split {csv_uri}: {where(i)}: mask {_child_uri(fs, root, mask)} not found")
-            mask_uri = _child_uri(fs, root, mask)
+                raise InputError(f"VisA split {csv_uri}: {where(i)}: mask {child_uri(fs, root, mask)} not found")
+            mask_uri = child_uri(fs, root, mask)
         elif label == 1:
             raise InputError(
                 f"VisA split {csv_uri}: {where(i)}: anomalous image {image} has no mask listed "
@@ -482,7 +320,7 @@ def _list_visa(uri: str, data: DataSpec, tree: Tree, *, split: str = "test") -> 
         if image in seen:
             raise InputError(f"VisA split {csv_uri}: {where(i)}: duplicate image {image} (first at {where(seen[image])})")
         seen[image] = i
-        rows.append(_row(fs, root, image, files[image], category, label, mask_uri))
+        rows.append(manifest_row(fs, root, image, files[image], category, label, mask_uri))
     if data.category is not None and data.category not in available:
         raise InputError(
             f"input {uri}: category {data.category!r} not found in {csv_uri}; "
@@ -501,31 +339,17 @@ def _list_visa(uri: str, data: DataSpec, tree: Tree, *, split: str = "test") -> 
 Lister = Callable[[str, DataSpec, StorageOptions | None, Tree | None], pd.DataFrame]
 
 
-def _from_tree(list_tree: Callable[[str, DataSpec, Tree], pd.DataFrame]) -> Lister:
+def _from_tree(read_tree: Callable[[str, DataSpec, Tree], pd.DataFrame]) -> Lister:
     """The lister of a layout read from one recursive listing of the input folder (made here unless
     auto-detection already made it)."""
 
     def lister(uri: str, data: DataSpec, storage: StorageOptions | None, tree: Tree | None) -> pd.DataFrame:
-        tree = tree or _listing(uri, storage)
-        df = list_tree(uri, data, tree)
-        df.attrs["skipped"] = _skipped(tree, data, set(df["uri"]))
+        tree = tree or list_tree(uri, storage)
+        df = read_tree(uri, data, tree)
+        df.attrs["skipped"] = skipped_counts(tree, data, set(df["uri"]))
         return df
 
     return lister
-
-
-def _skipped(tree: Tree, data: DataSpec, listed: set[str]) -> dict[str, int]:
-    """Files of the listing that are not in the manifest, by reason: ``hidden`` (a name starting
-    with '.'), ``extension`` (not in ``data.extensions``), ``outside_layout`` (not an image of the
-    layout's test split: masks, train images...), plus what the listing left out itself."""
-    counts = dict(tree.skipped)
-    for rel in tree.files:
-        if _child_uri(tree.fs, tree.root, rel) in listed:
-            continue
-        parts = rel.split("/")
-        reason = "hidden" if _hidden(parts) else "extension" if not _has_extension(parts[-1], data.extensions) else "outside_layout"
-        counts[reason] = counts.get(reason, 0) + 1
-    return counts
 
 
 def _manifest_file(uri: str, data: DataSpec, storage: StorageOptions | None, tree: Tree | None) -> pd.DataFrame:
@@ -559,7 +383,7 @@ def list_inputs(uri: str, data: DataSpec, storage: StorageOptions | None = None)
         if is_manifest_uri(uri):
             layout = "manifest"
         else:
-            tree = _listing(uri, storage)
+            tree = list_tree(uri, storage)
             layout = _detect(tree.files)
     lister = LISTERS.get(layout)
     if lister is None:

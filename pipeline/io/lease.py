@@ -19,13 +19,14 @@ import socket
 import uuid
 from typing import Any
 
+from pipeline.errors import ZsadError
 from pipeline.io.fs import StorageOptions, filesystem, is_remote, join
 from pipeline.io.sinks import read_json_if_exists, write_json
 
 LEASE = "_lease.json"
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(ZsadError, RuntimeError):
     """The run folder is leased by another process (``holder``: its lease)."""
 
     def __init__(self, message: str, holder: dict[str, Any]) -> None:

@@ -57,7 +57,6 @@ __all__ = [
     "image_id_for",
     "is_manifest_uri",
     "list_manifest",
-    "manifest_arrow_schema",
     "manifest_frame",
     "read_manifest",
     "write_manifest",
@@ -122,13 +121,6 @@ def manifest_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         columns=list(MANIFEST_COLUMNS),
     )
     return df.sort_values("uri", kind="stable").reset_index(drop=True)
-
-
-def manifest_arrow_schema():
-    """The Arrow schema of the input manifest: the ``inputs`` table contract (schemas/inputs.yaml)."""
-    from pipeline.io import contracts
-
-    return contracts.load("inputs").schema
 
 
 def write_manifest(df: pd.DataFrame, uri: str, storage: StorageOptions | None = None) -> None:

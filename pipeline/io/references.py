@@ -48,7 +48,6 @@ import hashlib
 import json
 import os
 import posixpath
-import tempfile
 import zlib
 from typing import Any, Iterable
 
@@ -56,6 +55,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import DataSpec
+from pipeline.io.atomic import file_target
 from pipeline.io.fs import InputError, StorageOptions, filesystem, is_remote
 from pipeline.io.layouts import (
     _BTAD_NORMAL,
@@ -64,9 +64,8 @@ from pipeline.io.layouts import (
     _list_folder,
     _list_mvtec,
     _list_visa,
-    _listing,
-    _skipped,
 )
+from pipeline.io.listing import list_tree, skipped_counts
 from pipeline.io.manifest import is_manifest_uri, list_manifest
 
 __all__ = [
@@ -146,7 +145,7 @@ def list_references(
     try:
         if layout == "manifest" or (layout == "auto" and is_manifest_uri(uri)):
             return "manifest", list_manifest(uri, DataSpec(layout="manifest"), storage, normal_only=True)
-        tree = _listing(uri, storage)
+        tree = list_tree(uri, storage)
         if layout == "auto":
             layout = _detect_references(tree.files)
         data = DataSpec(layout=layout, extensions=tuple(extensions))
@@ -159,7 +158,7 @@ def list_references(
             df = _list_mvtec(uri, data, tree, normal=normal, name=_DATASET_NAMES[layout], split="train")
     except InputError as exc:
         raise _as_reference_error(exc) from exc
-    df.attrs["skipped"] = _skipped(tree, data, set(df["uri"]))
+    df.attrs["skipped"] = skipped_counts(tree, data, set(df["uri"]))
     return layout, df
 
 
@@ -336,23 +335,8 @@ def write_references(chosen: pd.DataFrame, uri: str, storage: StorageOptions | N
         [{c: _value(v) for c, v in r.items()} for r in chosen[list(REFERENCE_COLUMNS)].to_dict("records")]
     )
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    target = _file_uri(uri)
-    fs, path = filesystem(target, storage)
-    if is_remote(target):
-        with fs.open(path, "wb") as fh:
-            pq.write_table(table, fh)
-        return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".references-", suffix=".parquet")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with file_target(_file_uri(uri), storage) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_references(uri: str, storage: StorageOptions | None = None) -> pd.DataFrame:

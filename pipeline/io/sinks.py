@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import posixpath
-import tempfile
 from typing import Any
 
 import pandas as pd
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io import contracts
+from pipeline.io.atomic import write_atomic
 from pipeline.io.fs import StorageOptions, filesystem, is_remote, join, unstrip
 
 
@@ -97,17 +97,7 @@ def write_table(uri: str, columns: dict[str, Any] | pa.Table, table: str, storag
 
 def write_json(uri: str, data: dict[str, Any], storage: StorageOptions | None = None) -> None:
     text = json.dumps(data, indent=2, sort_keys=False, default=str) + "\n"
-    fs, path = filesystem(uri, storage)
-    if is_remote(uri):
-        with fs.open(path, "w") as fh:
-            fh.write(text)
-        return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".run-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_atomic(uri, text.encode(), storage)
 
 
 def read_json(uri: str, storage: StorageOptions | None = None) -> dict[str, Any]:

@@ -13,17 +13,20 @@ import fcntl
 import hashlib
 import os
 import posixpath
-import tempfile
 from dataclasses import dataclass
 
 from pipeline.config import WeightsSpec
+from pipeline.errors import ZsadError
+from pipeline.io.atomic import local_target
 from pipeline.io.fs import StorageOptions, filesystem
 
 DEFAULT_CACHE = "~/.cache/zsad/weights"
 
 
-class WeightsError(RuntimeError):
+class WeightsError(ZsadError, RuntimeError):
     """Weights that cannot be fetched or fail their integrity check; the message names them."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -79,21 +82,16 @@ def fetch(uri: str, cache: str, sha256: str | None = None, storage: StorageOptio
                 except WeightsError:
                     os.remove(target)  # stale or corrupt cache entry: fetch again
             fs, path = filesystem(uri, storage)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
-            os.close(fd)
             try:
-                fs.get_file(path, tmp)  # streamed by each filesystem's own download path
-                _check_digest(tmp, sha256, f"weights {uri}")
-                os.replace(tmp, target)
+                with local_target(target) as tmp:
+                    fs.get_file(path, tmp)  # streamed by each filesystem's own download path
+                    _check_digest(tmp, sha256, f"weights {uri}")
             except FileNotFoundError:
                 raise WeightsError(f"weights {uri}: no such object") from None
             except WeightsError:
                 raise
             except Exception as exc:
                 raise WeightsError(f"weights {uri}: download failed: {exc}") from exc
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return target

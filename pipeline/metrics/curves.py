@@ -172,12 +172,3 @@ def vand(image_f1: float, pixel_f1: float) -> float:
     if math.isnan(image_f1) or math.isnan(pixel_f1) or image_f1 + pixel_f1 == 0:
         return math.nan
     return 2 * image_f1 * pixel_f1 / (image_f1 + pixel_f1)
-
-
-def binned_auroc_bound(table: ValueTable) -> float:
-    """Upper bound of |AUROC(binned) - AUROC(exact)|: within a bin, positive/negative pairs may be
-    ordered either way; each such pair moves the statistic by at most 1/2 of 1/(P N)."""
-    p, n = int(table.pos.sum()), int(table.neg.sum())
-    if p == 0 or n == 0:
-        return math.nan
-    return 0.5 * float(np.dot(table.pos.astype(np.float64), table.neg.astype(np.float64))) / (p * n)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.errors import ZsadError
+
 #: metrics table column -> the short name used in the papers' tables
 METRICS = {"image_auroc": "I-AUROC", "image_f1_max": "I-F1max", "image_ap": "I-AP", "pixel_auroc": "P-AUROC",
            "pixel_f1_max": "P-F1max", "pixel_ap": "P-AP", "pixel_aupro": "PRO"}
@@ -61,8 +63,10 @@ PUBLISHED: tuple[Published, ...] = (
 DATASETS = {"mvtec": "mvtec", "visa": "visa", "visa_1cls": "visa"}
 
 
-class PaperError(ValueError):
+class PaperError(ZsadError, ValueError):
     """No published row for the preset and dataset asked, or no ``mean`` row in the metrics."""
+
+    exit_code = 2
 
 
 def published(preset: str, dataset: str) -> Published:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.errors import ZsadError
+from pipeline.io.atomic import local_target
 from pipeline.models import checkpoints, vit
 from pipeline.models.precision import forward_pass
 
@@ -43,9 +45,11 @@ TEMPERATURE = 100.0
 _FC_KEY = re.compile(r"^fc\.(\d+)\.(weight|bias)$")
 
 
-class AdapterLoadError(RuntimeError):
+class AdapterLoadError(ZsadError, RuntimeError):
     """An adapter file that cannot be read or does not fit the backbone; the message names the
     file and the problem."""
+
+    exit_code = 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,8 +252,9 @@ def save_adapters(adapters: Adapters, path: str, metadata: dict[str, object]) ->
     """Write the adapter tensors as a safetensors file whose header metadata holds ``metadata``
     (every value JSON-encoded; tuples come back as lists) plus ``"format": ZSAD_FORMAT``.
 
-    The file is written to ``path + ".tmp"`` and renamed onto ``path``, so nothing half-written
-    ever carries the final name. Returns the sha256 hex digest of the written file."""
+    The file is written under a temporary name beside ``path`` and renamed onto it
+    (:func:`pipeline.io.atomic.local_target`), so nothing half-written ever carries the final name.
+    Returns the sha256 hex digest of the written file."""
     from safetensors.torch import save_file
 
     header = {}
@@ -264,67 +269,37 @@ def save_adapters(adapters: Adapters, path: str, metadata: dict[str, object]) ->
             raise ValueError(f"adapter metadata {key!r} is not JSON-serialisable: {exc}") from exc
     header["format"] = json.dumps(ZSAD_FORMAT)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapters.state_dict().items()}
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    try:
+    with local_target(os.fspath(path)) as tmp:
         save_file(tensors, tmp, metadata=header)
         digest = hashlib.sha256()
         with open(tmp, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return digest.hexdigest()
 
 
-def _is_safetensors(path: str) -> bool:
-    """A safetensors file starts with an 8-byte little-endian header length and a JSON header."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return 0 < n <= os.path.getsize(path) - 8
-
-
-def _read_safetensors(path: str, label: str) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            raw = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise AdapterLoadError(f"{label} could not be read (safetensors): {exc}") from exc
-    fmt = raw.get("format")
-    try:
-        fmt = json.loads(fmt) if fmt is not None else None
-    except ValueError:
-        pass  # e.g. Hugging Face's plain "pt"
-    if not (isinstance(fmt, str) and fmt.startswith("zsad-adapters-")):
-        return sd, {"format": "safetensors"}
-    if fmt != ZSAD_FORMAT:
-        raise AdapterLoadError(f"{label} is in format {fmt!r}, this zsad reads {ZSAD_FORMAT!r}")
-    meta = {}
-    for key, value in raw.items():
+def _interpret(obj: object, raw: dict[str, str] | None, label: str) -> tuple[dict, dict[str, object]]:
+    """(state dict, metadata) from a file's content (:func:`checkpoints.read_checkpoint`): a zsad
+    safetensors file's JSON metadata, another safetensors file, the reference code's torch file or a
+    bare torch state dict."""
+    if raw is not None:  # safetensors
+        fmt = raw.get("format")
         try:
-            meta[key] = json.loads(value)
-        except ValueError as exc:
-            raise AdapterLoadError(f"{label} metadata {key!r} is not valid JSON: {exc}") from exc
-    return sd, meta
-
-
-def _read_torch(path: str, label: str) -> tuple[dict[str, object], dict[str, object]]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors: corrupt, truncated, or objects other than tensors
-        raise AdapterLoadError(f"{label} could not be read safely (torch.load weights_only=True): {exc}") from exc
+            fmt = json.loads(fmt) if fmt is not None else None
+        except ValueError:
+            pass  # e.g. Hugging Face's plain "pt"
+        if not (isinstance(fmt, str) and fmt.startswith("zsad-adapters-")):
+            return obj, {"format": "safetensors"}
+        if fmt != ZSAD_FORMAT:
+            raise AdapterLoadError(f"{label} is in format {fmt!r}, this zsad reads {ZSAD_FORMAT!r}")
+        meta = {}
+        for key, value in raw.items():
+            try:
+                meta[key] = json.loads(value)
+            except ValueError as exc:
+                raise AdapterLoadError(f"{label} metadata {key!r} is not valid JSON: {exc}") from exc
+        return obj, meta
     if not isinstance(obj, dict):
         raise AdapterLoadError(f"{label} holds a {type(obj).__name__}, not a dict of adapter tensors")
     if AUTHORS_KEY in obj:
@@ -381,14 +356,8 @@ def read_adapter_file(path: str) -> tuple[dict[str, object], dict[str, object]]:
     checking them against a backbone (a cheap check on the driver before a run). Raises
     :class:`AdapterLoadError` naming the file."""
     path = os.fspath(path)
-    label = f"adapter file {path}"
-    if os.path.isdir(path):
-        raise AdapterLoadError(f"{label} is a directory, not a file")
-    if not os.path.isfile(path):
-        raise AdapterLoadError(f"{label} does not exist")
-    if _is_safetensors(path):
-        return _read_safetensors(path, label)
-    return _read_torch(path, label)
+    obj, raw = checkpoints.read_checkpoint(path, what="adapter file", error=AdapterLoadError)
+    return _interpret(obj, raw, f"adapter file {path}")
 
 
 def load_adapters(path: str, *, width: int, embed: int, n_layers: int) -> tuple[Adapters, dict[str, object]]:

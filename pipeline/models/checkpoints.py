@@ -1,7 +1,8 @@
 """Checkpoint files -> state dicts -> modules, for every model zsad loads (CLIP, SAM, CLIPSeg).
 
-Reading (:func:`read_state_dict`) is CPU-first and never runs arbitrary code: a ``.safetensors``
-file is read with safetensors, anything else with ``torch.load(weights_only=True)``. A checkpoint
+Reading (:func:`read_checkpoint`, the one reader of a checkpoint file; :func:`read_state_dict` on top of
+it) is CPU-first and never runs arbitrary code: a safetensors file (by its ``.safetensors`` name or its
+header) is read with safetensors, anything else with ``torch.load(weights_only=True)``. A checkpoint
 may wrap its tensors as ``{"model": ...}`` or ``{"state_dict": ...}`` and prefix every key with
 ``module.`` (DataParallel); both are removed.
 
@@ -37,31 +38,52 @@ def _torch_load(path: str, mmap: bool):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_state_dict(path: str, *, what: str, error: type[Exception], mmap: bool = False) -> dict[str, torch.Tensor]:
-    """Read the checkpoint at ``path`` on the CPU: a dict of tensors (wrapper and ``module.`` prefixes removed).
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length and a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 0 < n <= os.path.getsize(path) - 8
+
+
+def read_checkpoint(path: str, *, what: str, error: type[Exception],
+                    mmap: bool = False) -> tuple[object, dict[str, str] | None]:
+    """The content of the checkpoint file at ``path``, read on the CPU without running code: (the object,
+    the safetensors header's metadata; ``None`` for a torch file). A file is safetensors when its name
+    ends in ``.safetensors`` or its first bytes are a safetensors header.
 
     ``what`` names the file in messages (e.g. ``"SAM checkpoint"``). Raises ``error`` when the file
-    does not exist, is a directory, cannot be read safely (corrupt, truncated, a pickle with
-    non-tensor objects) or does not hold a non-empty dict of tensors. ``mmap``: map the tensors'
-    bytes instead of reading them (a cheap full check of the file's structure, e.g. on the driver
-    before a run; files in torch's legacy format are read whole).
-    """
+    does not exist, is a directory or cannot be read safely (corrupt, truncated, a pickle with
+    non-tensor objects). ``mmap``: map a torch file's tensors instead of reading them (files in
+    torch's legacy format are read whole)."""
+    path = os.fspath(path)
     label = f"{what} {path}"
     if os.path.isdir(path):
         raise error(f"{label} is a directory, not a file")
     if not os.path.isfile(path):
         raise error(f"{label} does not exist")
-    safetensors = str(path).endswith(".safetensors")
+    safetensors = path.endswith(".safetensors") or _is_safetensors(path)
     try:
         if safetensors:
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            obj = load_file(str(path), device="cpu")
-        else:
-            obj = _torch_load(path, mmap)
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        return _torch_load(path, mmap), None
     except Exception as exc:  # pickle/zip/header errors: a corrupt, truncated or non-tensor checkpoint
         how = "safetensors" if safetensors else "weights_only=True"
         raise error(f"{label} could not be loaded safely ({how}): {exc}") from exc
+
+
+def read_state_dict(path: str, *, what: str, error: type[Exception], mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Read the checkpoint at ``path`` on the CPU (:func:`read_checkpoint`): a dict of tensors (wrapper
+    and ``module.`` prefixes removed). Raises ``error`` as :func:`read_checkpoint` does, and when the
+    file does not hold a non-empty dict of tensors.
+    """
+    label = f"{what} {path}"
+    obj, _ = read_checkpoint(path, what=what, error=error, mmap=mmap)
     for wrapper in _WRAPPERS:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

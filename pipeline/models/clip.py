@@ -1,9 +1,9 @@
 """CLIP loading and preprocessing (pure torch + open_clip; no I/O beyond reading a local file).
 
 ``zsad-tiny`` is a tiny open_clip config (128 px, patch 16 like ViT-B-16, 8 blocks of width 64,
-embed 32; text: 2 blocks of width 64) that this module registers with open_clip when it first uses
-open_clip (:func:`register_configs`), so tests and the offline demo build a real open_clip model in
-milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
+embed 32; text: 2 blocks of width 64) that the registry registers with open_clip when it first uses
+open_clip (:func:`pipeline.models.registry.register_configs`), so tests and the offline demo build
+a real open_clip model in milliseconds. Real models come from open_clip's registry (e.g. ``ViT-B-16-plus-240``).
 
 Weights are given by the caller as one of: an open_clip pretrained tag, a local checkpoint path
 (already fetched and hash-checked by :mod:`pipeline.io.weights`; read and loaded strictly by
@@ -23,23 +23,17 @@ import torch.nn.functional as F
 
 from pipeline.models import checkpoints
 from pipeline.models.precision import forward_pass
-from pipeline.models.registry import CONFIG_DIR, ModelLoadError, check_model  # noqa: F401 (the names callers use)
+from pipeline.models.registry import (  # noqa: F401 (the names callers use)
+    CONFIG_DIR,
+    TINY_MODEL,
+    ModelLoadError,
+    check_model,
+    register_configs,
+)
 
-TINY_MODEL = "zsad-tiny"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 RANDOM_INIT_SEED = 0
-
-
-def register_configs():
-    """open_clip, with zsad's own configs (``zsad-tiny``) registered. Imported on first use, not
-    with this module: importing open_clip takes seconds (torch, torchvision), which the driver of
-    a run does not need. Idempotent."""
-    import open_clip
-
-    if TINY_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(CONFIG_DIR)
-    return open_clip
 
 
 def tokenizer(model_name: str):

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import ZsadError
 from pipeline.models import checkpoints
 from pipeline.models.prompts import LOCALISING_PROMPTS
 
@@ -73,8 +74,10 @@ ARCHS: tuple[str, ...] = tuple(ARCH_IMAGE_SIZE)
 _INSTALL_HINT = "pip install 'zsad[clipseg]'"
 
 
-class ClipSegLoadError(RuntimeError):
+class ClipSegLoadError(ZsadError, RuntimeError):
     """A CLIPSeg model that cannot be built or whose weights do not load; the message says why."""
+
+    exit_code = 2
 
 
 def _transformers():

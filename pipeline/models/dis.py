@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import ZsadError
+
 DIS_INPUT_SIZE = 1024
 DIS_MEAN = (0.5, 0.5, 0.5)
 DIS_STD = (1.0, 1.0, 1.0)
@@ -43,8 +45,10 @@ _INSTALL_HINT = "pip install 'zsad[onnx]'"
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
-class DisLoadError(RuntimeError):
+class DisLoadError(ZsadError, RuntimeError):
     """A dichotomous segmentation model that cannot be loaded; the message names the file and why."""
+
+    exit_code = 2
 
 
 def _onnxruntime():

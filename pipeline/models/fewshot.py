@@ -130,13 +130,6 @@ def aprilgan_upsample_sum(distances: list[torch.Tensor], size: tuple[int, int]) 
     return sum(F.interpolate(d, size=size, mode="bilinear", align_corners=True)[:, 0] for d in distances)
 
 
-def aprilgan_fewshot_map(queries: Mapping[str, torch.Tensor], bank: Bank, layers: tuple[int, ...],
-                         size: tuple[int, int], chunks: tuple[int, int] = (4096, 16384)) -> torch.Tensor:
-    """APRIL-GAN's few-shot map (B, H, W): per layer min over the bank of 1 - cos on the G x G
-    grid, upsampled bilinearly (align_corners=True) to ``size``, summed over the layers."""
-    return aprilgan_upsample_sum(aprilgan_distances(queries, bank, layers, chunks), size)
-
-
 # --------------------------------------------------------------------------------------------
 # FADE
 # --------------------------------------------------------------------------------------------

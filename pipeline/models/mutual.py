@@ -26,12 +26,13 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import ZsadError
 from pipeline.models import vit
 
 Key = tuple[int, int]  # (block, degree)
 
 
-class PoolTooSmall(ValueError):
+class PoolTooSmall(ZsadError, ValueError):
     """A pool with too few images for the interval (K would be 0): MuSc's score is undefined."""
 
 

@@ -32,13 +32,15 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
+from pipeline.errors import ZsadError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 T = TypeVar("T")
 
 
-class OutOfMemory(RuntimeError):
+class OutOfMemory(ZsadError, RuntimeError):
     """One row's work did not fit in the accelerator's memory, even alone (error_type ``OutOfMemory``)."""
 
 

@@ -29,6 +29,8 @@ from importlib import resources
 
 import yaml
 
+from pipeline.errors import ZsadError
+
 _DATA_PACKAGE = "pipeline.models"
 _DATA_DIR = "prompt_data"
 
@@ -195,8 +197,10 @@ def object_name(category: str, policy: str = "mapping", overrides: dict[str, str
 CLASSNAME = "{classname}"
 
 
-class PromptFileError(ValueError):
+class PromptFileError(ZsadError, ValueError):
     """A prompt file that cannot be used; the message names the file and the problem."""
+
+    exit_code = 2
 
 
 def parse_prompt_file(text: str, source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

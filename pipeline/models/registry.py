@@ -19,15 +19,20 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import ZsadError
+from pipeline.io.atomic import write_atomic
+
 CONFIG_DIR = Path(__file__).with_name("configs")  # zsad's own open_clip configs (zsad-tiny)
+TINY_MODEL = "zsad-tiny"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ZsadError, RuntimeError):
     """A model that cannot be built or whose weights do not load; the message says why."""
+
+    exit_code = 2
 
 
 #: the layout of the cached file; another layout is another file name
@@ -83,9 +88,18 @@ def _cache_file() -> Path:
     return root / f"open_clip-{version}-{configs.hexdigest()[:16]}-v{_FORMAT}.json"
 
 
-def _from_open_clip() -> dict[str, dict]:
-    from pipeline.models.clip import register_configs  # open_clip, with zsad's configs in its registry
+def register_configs():
+    """open_clip, with zsad's own configs (``zsad-tiny``) registered. Imported on first use, not
+    with this module: importing open_clip takes seconds (torch, torchvision), which the driver of
+    a run does not need. Idempotent."""
+    import open_clip
 
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+    return open_clip
+
+
+def _from_open_clip() -> dict[str, dict]:
     open_clip = register_configs()
     names = open_clip.list_models()
     return {"models": {name: list(open_clip.list_pretrained_tags_by_model(name)) for name in names},
@@ -102,11 +116,7 @@ def _known() -> dict[str, dict]:
             return known
     known = _from_open_clip()
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".open_clip-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(known, fh)
-        os.replace(tmp, path)
+        write_atomic(str(path), json.dumps(known).encode())
     return known
 
 

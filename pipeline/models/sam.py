@@ -42,8 +42,10 @@ from segment_anything.utils import amg
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms
 
+from pipeline.errors import ZsadError
 from pipeline.models import checkpoints
-from pipeline.models.clip import ModelLoadError
+from pipeline.models.registry import ModelLoadError
+from pipeline.ops.points import bounding_box
 
 SAM_MODELS = ("vit_h", "vit_l", "vit_b", "tiny")
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -56,7 +58,7 @@ class SamLoadError(ModelLoadError):
     file and the cause (unknown name, unreadable or unsafe file, missing/unexpected keys, shapes)."""
 
 
-class SamInputError(ValueError):
+class SamInputError(ZsadError, ValueError):
     """An image or prompt that SAM cannot take (wrong dtype, shape or batch size); the message says
     which argument and what was expected."""
 
@@ -265,16 +267,6 @@ class CascadeStep:
     box: np.ndarray | None
 
 
-def mask_box(mask: Any) -> np.ndarray | None:
-    """(x0, y0, x1, y1) float32 of a mask's pixels (min/max column and row, as SAM's examples
-    give boxes), or None for an empty mask."""
-    m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    ys, xs = np.nonzero(m)
-    if not len(xs):
-        return None
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
-
-
 def _as_tensor(x: Any, name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().to(device=device, dtype=dtype)
@@ -461,7 +453,7 @@ class SamEngine:
             second = second.best() if multimask else second
             out.append(CascadeStep(second.masks[0, 0], float(second.iou_predictions[0, 0]), second.low_res_logits[:, 0:1], None))
         if steps >= 3:
-            box = mask_box(out[-1].mask)
+            box = bounding_box(out[-1].mask.detach().cpu().numpy())
             if box is not None:
                 third = self.decode(emb, points=p, labels=lab, boxes=box[None], mask_inputs=out[-1].low_res_logits,
                                     multimask=multimask)

@@ -13,11 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import ZsadError
 from pipeline.models.precision import forward_pass
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(ZsadError, ValueError):
     """A vision tower these walkers do not handle (attention pooling, no class token...)."""
+
+    exit_code = 2
 
 
 def check_visual(visual: torch.nn.Module) -> None:
@@ -25,11 +28,6 @@ def check_visual(visual: torch.nn.Module) -> None:
         raise UnsupportedModel("pixel maps need a CLIP ViT with class-token pooling (no attention pooling)")
     if getattr(visual, "pool_type", "tok") != "tok":
         raise UnsupportedModel(f"pixel maps need class-token pooling, this model pools with {visual.pool_type!r}")
-
-
-def native_grid(visual: torch.nn.Module) -> int:
-    g = visual.grid_size
-    return int(g[0] if isinstance(g, (tuple, list)) else g)
 
 
 def patch_size(visual: torch.nn.Module) -> int:

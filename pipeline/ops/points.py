@@ -76,7 +76,6 @@ __all__ = [
     "bounding_box",
     "ellipse_kernel",
     "extreme_region",
-    "feature_at",
     "negative_points",
     "pooled_feature",
     "positive_points",
@@ -382,53 +381,21 @@ def _check_sizes(feats: np.ndarray, input_size, original_size) -> tuple[tuple[in
     return (h, w), (H, W), g
 
 
-def feature_at(
-    features: np.ndarray, xy: np.ndarray, input_size: tuple[int, int], original_size: tuple[int, int]
-) -> np.ndarray:
-    """SAM embedding features at original-image pixels.
-
-    Pixel ``(x, y)`` maps to embedding cell column ``floor((x + 0.5) * w / W / 16)`` and row
-    ``floor((y + 0.5) * h / H / 16)`` (``(h, w) = input_size``, ``(H, W) = original_size``), clipped
-    to ``[0, g - 1]``.
-
-    Args:
-        features: ``(C, g, g)`` image embedding.
-        xy: ``(M, 2)`` integer ``(x, y)`` pixels inside ``original_size``.
-        input_size: ``(h, w)`` of the resized image inside the ``16 g`` square.
-        original_size: ``(H, W)`` of the original image.
-
-    Returns:
-        ``(M, C)`` features (the embedding's dtype).
-    """
-    feats = _features(features)
-    _, (H, W), g = _check_sizes(feats, input_size, original_size)
-    pts = np.asarray(xy)
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        raise ValueError(f"xy must be an (M, 2) array of (x, y) pixels, got shape {pts.shape}")
-    if pts.size and not np.issubdtype(pts.dtype, np.integer):
-        raise ValueError(f"xy must hold integer pixel coordinates, got dtype {pts.dtype}")
-    pts = pts.astype(np.int64)
-    x, y = pts[:, 0], pts[:, 1]
-    outside = (x < 0) | (x >= W) | (y < 0) | (y >= H)
-    if outside.any():
-        raise ValueError(
-            f"xy has {int(outside.sum())} points outside the {W} x {H} (W x H) image, e.g. {tuple(pts[outside][0])}"
-        )
-    row_of_y, col_of_x = _cells((H, W), _size("input_size", input_size), g)
-    return feats[:, row_of_y[y], col_of_x[x]].T
-
-
 def pooled_feature(
     features: np.ndarray, region: np.ndarray, input_size: tuple[int, int], original_size: tuple[int, int]
 ) -> np.ndarray:
-    """Mean of :func:`feature_at` over every pixel of ``region`` (each pixel counts once).
+    """Mean of the SAM embedding feature of every pixel of ``region`` (each pixel counts once).
 
-    Computed as a pixel-count-weighted mean over embedding cells (no ``(pixels, C)`` array).
+    Pixel ``(x, y)`` of the original image has the feature of embedding cell column
+    ``floor((x + 0.5) * w / W / 16)`` and row ``floor((y + 0.5) * h / H / 16)`` (``(h, w) =
+    input_size``, ``(H, W) = original_size``), clipped to ``[0, g - 1]``. Computed as a
+    pixel-count-weighted mean over embedding cells (no ``(pixels, C)`` array).
 
     Args:
         features: ``(C, g, g)`` image embedding.
         region: ``(H, W)`` non-empty bool mask, ``(H, W) = original_size``.
-        input_size, original_size: as :func:`feature_at`.
+        input_size: ``(h, w)`` of the resized image inside the ``16 g`` square.
+        original_size: ``(H, W)`` of the original image.
 
     Returns:
         ``(C,)`` float64 vector.
@@ -458,15 +425,16 @@ def negative_points(
     """Negative prompt points: the ring pixels least similar to the region's pooled SAM feature.
 
     ``F_a = pooled_feature(features, region)``; every ring pixel is scored by the cosine similarity
-    of its :func:`feature_at` feature to ``F_a`` (norms floored at 1e-8, so a zero feature scores 0);
-    the ``k`` LOWEST similarities are taken with :func:`spaced_top_k` on the negated similarity (same
-    tie order: many ring pixels share an embedding cell, and among them row-major order decides).
+    of its feature (its cell's, mapped as in :func:`pooled_feature`) to ``F_a`` (norms floored at
+    1e-8, so a zero feature scores 0); the ``k`` LOWEST similarities are taken with :func:`spaced_top_k`
+    on the negated similarity (same tie order: many ring pixels share an embedding cell, and among
+    them row-major order decides).
 
     Args:
         features: ``(C, g, g)`` image embedding.
         region: ``(H, W)`` bool region R, non-empty when the ring is not.
         ring_mask: ``(H, W)`` bool candidates (normally :func:`ring` of ``region``).
-        input_size, original_size: as :func:`feature_at`.
+        input_size, original_size: as :func:`pooled_feature`.
         k, min_distance, squared: as :func:`spaced_top_k` (defaults ``DEFAULT_NEGATIVE_K = 5``,
             ``DEFAULT_MIN_DISTANCE = 20.0`` plain px, ``DEFAULT_SQUARED = False``).
 

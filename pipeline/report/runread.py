@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.errors import ZsadError
 from pipeline.io import fs as fsio
 from pipeline.io.images import DecodeError, decode_image
 from pipeline.io.sinks import read_folder, read_json, read_json_if_exists
@@ -32,8 +33,10 @@ MASK_COLUMNS = ["image_id", "map_png", "map_min", "map_max", "threshold", "mask_
 SCORE_SOURCES = {"method": "score", "max_map": "max_pixel_score", "transductive": "score_transductive"}
 
 
-class ReportError(RuntimeError):
+class ReportError(ZsadError, RuntimeError):
     """A run folder that cannot be read for a report; the message names the folder and the problem."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -188,42 +191,18 @@ def finite(v: Any) -> bool:
     return v is not None and isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))
 
 
-def iter_categories(scores: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
-    for cat in sorted(scores["category"].dropna().unique()):
-        yield str(cat), scores[scores["category"] == cat]
-
-
 def write_page(out_uri: str, write_body, storage) -> int:
     """Write a page: ``write_body(fh)`` writes text into a local temporary file (so memory holds
     one section at a time), which then goes to ``out_uri`` (local path or s3://). Returns the bytes."""
     import os
-    import shutil
-    import tempfile
 
-    folder = None
-    if not fsio.is_remote(out_uri):
-        folder = os.path.dirname(os.path.abspath(fsio.local_path(out_uri)))
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".zsad-page-", suffix=".html", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    from pipeline.io.atomic import file_target
+
+    with file_target(out_uri, storage) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
             write_body(fh)
-        size = os.path.getsize(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp made it private; a page is an ordinary file
-        if fsio.is_remote(out_uri):
-            fs, path = fsio.filesystem(out_uri, storage)
-            fs.put_file(tmp, path)
-            os.remove(tmp)
-        else:
-            shutil.move(tmp, fsio.local_path(out_uri))
-        return size
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        return os.path.getsize(tmp)
 
 
 __all__ = ["ReportError", "RunData", "open_run", "errors", "mask_rows", "heat", "predicted_mask", "read_image",
-           "read_truth", "iter_categories", "write_page"]
+           "read_truth", "write_page"]

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import ray
 
+from pipeline.errors import ZsadError
 from pipeline.config import DataSpec
 from pipeline.io import fs as fsio
 from pipeline.io.layouts import InputError, list_inputs
@@ -31,8 +32,10 @@ MASK_COLUMNS = ["image_id", "category", "status", "map_png"]
 METRIC_NAMES = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro", "vand_score")
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(ZsadError, RuntimeError):
     """An evaluation that cannot run; the message names the run or the ground truth."""
+
+    exit_code = 2
 
 
 def _evaluate_parts(batch: dict, gt: dict[str, tuple], eval_size, storage) -> dict:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import yaml
 
 from pipeline.config import JobSpec
+from pipeline.errors import ZsadError
 from pipeline.io import fs as fsio
 from pipeline.io.retry import backoff_delays, is_transient
 
@@ -38,12 +39,10 @@ _BUSY = ("try again later", "No available agent", "Connection refused", "503")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class JobsError(RuntimeError):
-    """A Jobs API problem; the message says what and where (CLI exit code ``exit_code``)."""
+class JobsError(ZsadError, RuntimeError):
+    """A Jobs API problem; the message says what and where (CLI exit code ``exit_code``, 2 unless given)."""
 
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    exit_code = 2
 
 
 @dataclass(frozen=True)

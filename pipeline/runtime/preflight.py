@@ -10,6 +10,10 @@ depth, width, patch size and native input come from open_clip's model config
 SAM files are read without loading their tensors (memory-mapped), so ``zsad run`` (and
 ``--dry-run``), ``zsad train``, ``zsad validate`` and ``zsad submit`` refuse such a spec with exit 2,
 each problem naming the key, its value and what the model allows. No Ray is imported here.
+
+:func:`spec_problem` is the one check of a spec before anything starts (``zsad validate``, ``zsad
+submit``, and the run's own driver with ``objects=True``): model name and tag, weight and prompt
+files, and :func:`model_problems`. :func:`layout_problem` checks a ``--layout`` option.
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def _adapter_problems(key: str, weights, layers: tuple[int, ...], g: registry.Vi
     problems = []
     count = len({k.split(".")[1] for k in tensors if k.startswith("fc.") and k.count(".") == 2})
     if count and count != len(layers):
-        problems.append(f"{layers_key} {list(layers)}: the adapters in {path} are for {count} layers, not {len(layers)}")
+        problems.append(f"{layers_key} {list(layers)}: the adapters in {path} are for {count} layers, "
+                        f"not {len(layers)}")
     trained = meta.get("layers") if isinstance(meta, dict) else None
     if isinstance(trained, (list, tuple)) and list(trained) != list(layers) and len(trained) == len(layers):
         problems.append(f"{layers_key} {list(layers)}: the adapters in {path} were trained on layers {list(trained)} "
@@ -94,7 +99,8 @@ def _sam_problems(spec) -> list[str]:
         return []
     fits = [name for name, w in ENCODER_WIDTHS.items() if w == width]
     which = f"a {fits[0]} checkpoint" if fits else f"a checkpoint of image-encoder width {width}"
-    return [f"sam.model {spec.sam.model}: {path} is {which} (image-encoder width {width}; {spec.sam.model} has {want}): "
+    return [f"sam.model {spec.sam.model}: {path} is {which} (image-encoder width {width}; {spec.sam.model} has "
+            f"{want}): "
             f"set sam.model{': ' + fits[0] if fits else ''} or give a {spec.sam.model} checkpoint"]
 
 
@@ -122,21 +128,25 @@ def model_problems(spec: Any) -> list[str]:
         problems.append(_multiple("clip.image_size", spec.clip.image_size, g, model))
     if training:
         a = spec.adapters
-        problems += [_blocks("adapters.layers", a.layers, g, model), _multiple("adapters.image_size", a.image_size, g, model),
+        problems += [_blocks("adapters.layers", a.layers, g, model),
+                     _multiple("adapters.image_size", a.image_size, g, model),
                      *_adapter_problems("adapters.weights", a.weights, a.layers, g, model, "adapters.layers")]
     elif isinstance(pixel, (AprilGanAdapters, MutualMaps)):
-        problems += [_blocks("pixel.layers", pixel.layers, g, model), _multiple("pixel.image_size", pixel.image_size, g, model)]
+        problems += [_blocks("pixel.layers", pixel.layers, g, model),
+                     _multiple("pixel.image_size", pixel.image_size, g, model)]
         if isinstance(pixel, AprilGanAdapters):
             problems += _adapter_problems("pixel.weights", pixel.weights, pixel.layers, g, model, "pixel.layers")
     elif isinstance(pixel, FadeZeroShot):
         if pixel.gem_depth > g.layers:
-            problems.append(f"pixel.gem_depth {pixel.gem_depth} exceeds the {g.layers} blocks of {model} (1..{g.layers})")
+            problems.append(f"pixel.gem_depth {pixel.gem_depth} exceeds the {g.layers} blocks of {model} "
+                            f"(1..{g.layers})")
         problems += [_multiple(f"pixel.scales {list(pixel.scales)}: scale", s, g, model) for s in pixel.scales]
     elif isinstance(pixel, WinclipWindows):
         grid = size // g.patch_size
         too_big = [k for k in pixel.window_sizes if k > grid]
         if too_big:
-            problems.append(f"pixel.window_sizes {list(pixel.window_sizes)}: windows of {too_big} patches do not fit the "
+            problems.append(f"pixel.window_sizes {list(pixel.window_sizes)}: windows of {too_big} patches do not "
+                            "fit the "
                             f"{grid} x {grid} patch grid of {model} at {size} px (at most {grid})")
     return [p for p in problems if p]
 
@@ -145,3 +155,72 @@ def shape_error(spec: Any, problems: list[str]) -> str:
     """The message of a command refused by :func:`model_problems` (one problem per line)."""
     lines = "\n".join(f"  {p}" for p in problems)
     return f"the spec does not fit its models (clip.model {spec.clip.model}); nothing was started:\n{lines}"
+
+
+def layout_problem(layout: str) -> str | None:
+    """Why ``layout`` (a ``--layout`` option) cannot be used: it is neither ``auto`` nor a registered
+    dataset layout. None when it can."""
+    from pipeline.io.layouts import LAYOUTS
+
+    if layout not in LAYOUTS:
+        return f"--layout {layout!r} is not one of {', '.join(LAYOUTS)}"
+    return None
+
+
+def spec_problem(spec: Any, storage: Any = None, *, objects: bool = False) -> str | None:
+    """The first reason ``spec`` (a JobSpec or a TrainSpec) cannot run, as ``key: reason``; None when
+    none is found. Checked on the driver before anything starts: the model name and pretrained tag
+    against open_clip's registry (:func:`pipeline.models.registry.check_model`), local weight files
+    (they must exist), local prompt files (they must parse), then the settings that depend on the
+    model's shape (:func:`model_problems`, one per line).
+
+    ``objects``: as a run's driver checks before Ray starts: also look up the weights and prompt
+    files given by URI (with ``storage``), and read the structure of local torch checkpoints
+    (``clip.weights``, CLIPSeg's ``pixel.weights``; tensors mapped, not read), so an unusable file
+    is refused here with its reason instead of in every model actor. Without it (``zsad validate``,
+    ``zsad submit``) objects are left to the run: the cluster, not this machine, has to reach them."""
+    from pipeline.io.weights import WeightsError, preflight
+
+    tag = spec.clip.weights.tag if spec.clip.weights else None
+    for key, checked_tag in (("clip.model", None), ("clip.weights", tag)):
+        try:
+            registry.check_model(spec.clip.model, checked_tag)
+        except registry.ModelLoadError as exc:
+            return f"{key}: {exc}"
+    files = {"clip.weights": spec.clip.weights, "sam.weights": spec.sam.weights if getattr(spec, "sam", None) else None,
+             "foreground.dis_model": spec.foreground.dis_model if getattr(spec, "foreground", None) else None,
+             "pixel.weights": getattr(getattr(spec, "pixel", None), "weights", None),
+             "adapters.weights": getattr(getattr(spec, "adapters", None), "weights", None)}
+    for key, weights in files.items():
+        if weights is not None and (weights.path or objects):
+            try:
+                preflight(weights, storage)
+            except WeightsError as exc:
+                return f"{key}: {exc}"
+    from pipeline.stages.clip_score import prompt_file_problem
+
+    problem = prompt_file_problem(spec, storage, objects=objects)
+    if problem:
+        return problem
+    problems = model_problems(spec)
+    if problems:
+        return "\n  ".join(problems)
+    return _checkpoint_problem(spec) if objects else None
+
+
+def _checkpoint_problem(spec: Any) -> str | None:
+    """A local torch checkpoint (``clip.weights``, CLIPSeg's ``pixel.weights``) that cannot be read
+    (SAM's and the adapters' files are read by :func:`model_problems`)."""
+    pixel = getattr(spec, "pixel", None)
+    files = {"clip.weights": (spec.clip.weights, "weights file"),
+             "pixel.weights": (pixel.weights if getattr(pixel, "kind", None) == "clipseg" else None,
+                               "CLIPSeg weights file")}
+    for key, (weights, what) in files.items():
+        if weights is not None and weights.path:
+            from pipeline.models.checkpoints import read_state_dict  # torch: only when there is a file to read
+
+            try:
+                read_state_dict(weights.path, what=what, error=registry.ModelLoadError, mmap=True)
+            except registry.ModelLoadError as exc:
+                return f"{key}: {exc}"
+    return None

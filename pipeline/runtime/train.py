@@ -40,7 +40,9 @@ from typing import Any, Callable
 import pandas as pd
 
 from pipeline.config import TrainSpec
+from pipeline.errors import ZsadError
 from pipeline.io import fs as fsio
+from pipeline.io.atomic import file_target, write_atomic
 from pipeline.io.layouts import InputError, list_inputs
 from pipeline.io.sinks import read_json, write_json
 from pipeline.runtime.ids import check_run_id, new_run_id
@@ -50,13 +52,9 @@ RECORD = "train.json"
 FINAL = "adapters.safetensors"
 
 
-class TrainError(RuntimeError):
+class TrainError(ZsadError, RuntimeError):
     """Training that cannot start or did not finish; ``exit_code`` 2 for bad input or unusable
-    weights, 1 when training itself failed."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+    weights, 1 (the default) when training itself failed."""
 
 
 @dataclass
@@ -107,11 +105,6 @@ def _checkpoints(train_dir: str, storage) -> dict[int, str]:
         name = p.rstrip("/").split("/")[-2]
         out[int(name.split("-")[1])] = fsio.join(train_dir, "checkpoints", name)
     return out
-
-
-def _put_file(local: str, uri: str, storage) -> None:
-    with open(local, "rb") as fh:
-        fsio.write_bytes(uri, fh.read(), storage)
 
 
 def _read_local(uri: str, storage, suffix: str) -> str:
@@ -232,16 +225,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
                        "seconds": round(time.monotonic() - t0, 3)})
         if rank == 0:
             folder = fsio.join(config["train_dir"], "checkpoints", f"epoch-{epoch + 1:04d}")
-            with tempfile.TemporaryDirectory() as tmp:
-                local = os.path.join(tmp, "adapters.safetensors")
+            with file_target(fsio.join(folder, "adapters.safetensors"), storage) as local:
                 adapter_models.save_adapters(plain.cpu() if device.type != "cpu" else plain, local,
                                              {**config["metadata"], "width": width, "embed": embed, "epoch": epoch + 1,
                                               "loss": mean})
                 plain.to(device)
-                _put_file(local, fsio.join(folder, "adapters.safetensors"), storage)
             buf = io.BytesIO()
             torch.save(optimizer.state_dict(), buf)
-            fsio.write_bytes(fsio.join(folder, "optimizer.pt"), buf.getvalue(), storage)
+            write_atomic(fsio.join(folder, "optimizer.pt"), buf.getvalue(), storage)
             write_json(fsio.join(folder, "state.json"), {"epoch": epoch + 1, "steps": steps, "losses": losses}, storage)
             if queue is not None:
                 queue.put({"epoch_done": epoch + 1, "epochs": t.epochs, "loss": mean, "images": int(count),
@@ -577,11 +568,9 @@ def train_job(
         embed, width = fh.get_slice("fc.0.weight").get_shape()
     adapters, _ = load_adapters(local, width=width, embed=embed, n_layers=len(spec.adapters.layers))
     final_uri = fsio.join(train_dir, FINAL)
-    with tempfile.TemporaryDirectory() as tmp:
-        final_local = os.path.join(tmp, FINAL)
+    with file_target(final_uri, storage) as final_local:
         sha = save_adapters(adapters, final_local, {**metadata, "width": width, "embed": embed, "epochs": spec.train.epochs,
                                                     "loss": state["losses"][-1]["loss"]})
-        _put_file(final_local, final_uri, storage)
     record = {
         "train_id": run_id, "status": "succeeded", "input": input_uri, "output": train_dir,
         "started": started.isoformat(), "ended": dt.datetime.now(dt.timezone.utc).isoformat(),

@@ -10,10 +10,12 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from pipeline.errors import ZsadError
+
 T = TypeVar("T")
 
 
-class StallError(RuntimeError):
+class StallError(ZsadError, RuntimeError):
     """No result arrived within the configured stall timeout."""
 
 

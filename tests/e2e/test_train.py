@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 # two Ray Train workers and the decode tasks share the 2 CPUs of a local Ray
 TRAIN = [*TINY, "--set", "train.batch_size=4", "--set", "train.resources_per_worker={CPU: 0.5}",
          "--set", "resources.decode.num_cpus=0.25", "--set", "resources.decode.batch_size=4"]
-RUN = [*TINY]
+RUN = [*TINY, "--executor", "local"]  # the scoring run checks the adapters, not Ray: no second Ray start
 
 
 def _train_worker(session: int) -> int | None:

@@ -130,9 +130,11 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
                               "--set", "allow_random_weights=true", "--set", "foreground.kind=classical"])
     assert res.exit_code == 0, res.output
     plan = json.loads(res.stdout)
-    assert plan["images"] == 6 and plan["images_by_category"] == {"bottle": 3, "cable": 3} and plan["labelled_images"] == 6
-    assert [(s["stage"], s["kind"]) for s in plan["plan"]] == [("decode", "task"), ("foreground", "task"), ("tiling", "task"),
-                                                              ("clip_score", "actor"), ("aggregate", "task"), ("encode", "task")]
+    assert plan["images"] == 6 and plan["images_by_category"] == {"bottle": 3, "cable": 3}
+    assert plan["labelled_images"] == 6
+    assert [(s["stage"], s["kind"]) for s in plan["plan"]] == [
+        ("decode", "task"), ("foreground", "task"), ("tiling", "task"), ("clip_score", "actor"), ("aggregate", "task"),
+        ("encode", "task")]
     assert plan["plan"][3]["num_gpus"] == 0.5 and plan["tables"] == ["scores", "errors", "masks", "foreground", "tiles"]
     assert not (tmp_path / "o").exists()
 
@@ -156,7 +158,8 @@ def test_runs_lists_the_runs_under_an_output(tmp_path):
     res = runner.invoke(app, ["runs", str(out), "--json"])
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
-    assert [(r["run_id"], r["status"], r["preset"]) for r in rows] == [("a", "succeeded", "smoke"), ("b", "unfinished", "vvv")]
+    assert [(r["run_id"], r["status"], r["preset"]) for r in rows] == [("a", "succeeded", "smoke"),
+                                                                       ("b", "unfinished", "vvv")]
     assert (rows[0]["ok"], rows[0]["failed"], rows[0]["image_auroc"], rows[0]["pixel_auroc"]) == (9, 1, 0.625, 0.75)
     table = runner.invoke(app, ["runs", str(out)])
     assert table.exit_code == 0 and "succeeded" in table.stdout and "NOT results" in table.stdout
@@ -167,7 +170,8 @@ def test_executor_option_refusals_exit_2_before_anything_starts(tmp_path):
     (tmp_path / "in").mkdir()
     res = _run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--executor", "dask")
     assert res.exit_code == 2 and "executor 'dask': use ray or local" in res.output
-    res = _run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--executor", "local", "--address", "auto")
+    res = _run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--executor", "local",
+               "--address", "auto")
     assert res.exit_code == 2 and "--address auto needs the ray executor" in res.output
     res = _run("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--set", "runtime.executor=local",
                "--address", "auto")
@@ -184,4 +188,27 @@ def test_validate_with_tiny_checks_every_preset_on_the_tiny_models():
     paths = sorted(glob.glob(str(REPO / "jobs" / "*.yaml")))
     res = runner.invoke(app, ["validate", "--tiny", *paths])
     assert res.exit_code == 0, res.output
-    assert res.output.count("ok  ") == len(paths) and res.output.count("clip zsad-tiny, weights random (allowed)") == len(paths)
+    assert res.output.count("ok  ") == len(paths)
+    assert res.output.count("clip zsad-tiny, weights random (allowed)") == len(paths)
+
+
+def test_command_modules_import_only_the_app_module_of_the_cli():
+    """Issue 30: pipeline/cli/ is the app and what its commands share (core.py) and command modules by
+    topic; a command module imports from core.py and the rest of pipeline, never another command
+    module (lazy imports too)."""
+    import pipeline.cli
+
+    folder = REPO / "pipeline" / "cli"
+    commands = {p.stem for p in folder.glob("*.py")} - {"__init__", "__main__", "core"}
+    assert {"run", "train", "evaluate", "jobs", "report"} <= commands
+    for path in folder.glob("*.py"):
+        if path.stem in ("__init__", "__main__"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+                if isinstance(node, ast.ImportFrom) else [])
+            cli = [n for n in names if n == "pipeline.cli" or n.startswith("pipeline.cli.")]
+            assert all(n.startswith("pipeline.cli.core") for n in cli), (path.name, cli)
+    assert pipeline.cli.core is pipeline.cli.core  # the package exposes the typer app and main
+    assert callable(pipeline.cli.main)

@@ -98,7 +98,8 @@ def test_setting_a_sections_kind_replaces_its_kind_specific_keys():
     method (the old kind's keys go); keys set after or before the kind on the command line stay."""
     spec = load_spec("jobs/smoke.yaml", ["pixel.kind=fade_zero_shot"])
     assert spec.pixel.kind == "fade_zero_shot" and spec.pixel.scales == (240, 448, 896)
-    for order in (["pixel.scales=[128]", "pixel.kind=fade_zero_shot"], ["pixel.kind=fade_zero_shot", "pixel.scales=[128]"]):
+    kind, scales = "pixel.kind=fade_zero_shot", "pixel.scales=[128]"
+    for order in ([scales, kind], [kind, scales]):
         spec = load_spec("jobs/smoke.yaml", order)
         assert spec.pixel.kind == "fade_zero_shot" and spec.pixel.scales == (128,)
     same = load_spec("jobs/smoke.yaml", ["pixel.kind=winclip_windows"])  # same kind: the preset's keys stay
@@ -130,7 +131,8 @@ def test_mutual_presets_and_rules(tmp_path):
     for spec in (musc, fast):
         assert spec.pixel.degrees == (1, 3, 5) and spec.mutual.pool_size == 200 and spec.mutual.rscin
         assert spec.mutual.k_list is None and spec.mutual.windows("mvtec") == (1, 2, 3)  # by the layout, as MuSc
-        assert spec.mutual.windows("visa") == (1, 8, 9) and spec.score.kind == "mutual" and spec.map_range() == (0.0, 2.0)
+        assert spec.mutual.windows("visa") == (1, 8, 9) and spec.score.kind == "mutual"
+        assert spec.map_range() == (0.0, 2.0)
     p = tmp_path / "job.yaml"
     p.write_text("clip: {model: zsad-tiny, weights: null}\nallow_random_weights: true\npixel: {kind: mutual}\n")
     implied = load_spec(str(p))
@@ -211,3 +213,13 @@ def test_presets_equal_the_reference_they_name():
     fade = load_spec("jobs/fade_fewshot.yaml").few_shot
     assert (fade.k, fade.seed, fade.with_replacement, fade.sampler) == (1, 0, False, "torch_shuffle")
     assert load_spec("jobs/musc.yaml").clip.precision == "fp16"
+
+
+def test_spec_error_is_a_zsad_error_with_exit_code_2():
+    """Issue 30: one error base; a spec that cannot be used exits 2 (and is still a ValueError)."""
+    from pipeline.errors import ZsadError
+
+    with pytest.raises(SpecError) as caught:
+        load_spec("jobs/smoke.yaml", ["clip.weigths=null"])
+    assert isinstance(caught.value, ZsadError) and isinstance(caught.value, ValueError)
+    assert caught.value.exit_code == 2 and "clip.weigths: unknown key" in str(caught.value)

@@ -89,4 +89,4 @@ def test_json_roundtrip(tmp_path):
     write_json(str(tmp_path / "r" / "run.json"), {"a": 1})
     assert read_json(str(tmp_path / "r" / "run.json")) == {"a": 1}
     assert json.loads((tmp_path / "r" / "run.json").read_text()) == {"a": 1}
-    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".run-")]
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith((".run-", ".tmp-"))]

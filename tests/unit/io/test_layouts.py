@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.config import DataSpec
 from pipeline.io.layouts import InputError, detect_layout, list_inputs
-from pipeline.io.manifest import MANIFEST_COLUMNS, image_id_for, manifest_arrow_schema, write_manifest
+from pipeline.io import contracts
+from pipeline.io.manifest import MANIFEST_COLUMNS, image_id_for, write_manifest
 from tests.helpers.files import touch
 
 
@@ -245,7 +246,7 @@ def test_write_manifest_roundtrip_and_relist(tmp_path):
     out = str(tmp_path / "out" / "nested" / "manifest.parquet")
     write_manifest(df, out, None)
     table = pq.read_table(out)
-    assert table.schema.equals(manifest_arrow_schema(), check_metadata=False)
+    assert table.schema.equals(contracts.load("inputs").schema, check_metadata=False)
     assert table.schema.metadata[b"zsad.table"] == b"inputs"
     assert table.column("uri").to_pylist() == df["uri"].tolist()
     assert table.column("gt_label").to_pylist() == df["gt_label"].astype(int).tolist()

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.config import DataSpec
 from pipeline.io.layouts import InputError, list_inputs
-from pipeline.io.manifest import MANIFEST_COLUMNS, manifest_arrow_schema, read_manifest, write_manifest
+from pipeline.io import contracts
+from pipeline.io.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 
 # --------------------------------------------------------------------------------------------
 # User manifests
@@ -126,7 +127,7 @@ def test_arrow_schema_matches_inputs_contract():
     contract_path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "schemas", "inputs.yaml")
     with open(contract_path, encoding="utf-8") as fh:
         contract = yaml.safe_load(fh)
-    schema = manifest_arrow_schema()
+    schema = contracts.load("inputs").schema
     assert [f["name"] for f in contract["fields"]] == list(MANIFEST_COLUMNS) == schema.names
     for field in contract["fields"]:
         assert str(schema.field(field["name"]).type) == field["type"], field["name"]

@@ -69,5 +69,5 @@ def test_concurrent_fetches_download_once(tmp_path, s3_bucket):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert len(set(paths)) == 1 and open(paths[0], "rb").read() == data
-    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".part-")]
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith((".part-", ".tmp-"))]
     assert not leftovers

@@ -376,7 +376,7 @@ def test_load_errors_keys(tmp_path):
 def test_load_errors_unreadable(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(os.urandom(300))
-    assert "could not be read" in _load_error(garbage)
+    assert "could not be loaded safely" in _load_error(garbage)
     assert "does not exist" in _load_error(tmp_path / "nope.pth")
     assert "is a directory" in _load_error(tmp_path)
     # a pickle holding an arbitrary object is refused, never unpickled
@@ -396,7 +396,7 @@ def test_load_errors_unreadable(tmp_path):
     ad.save_adapters(_adapters(), str(whole), {"a": 1})
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size - 100])
-    assert "could not be read" in _load_error(cut)
+    assert "could not be loaded safely (safetensors)" in _load_error(cut)
 
 
 # ------------------------------------------------------------------------------------------------

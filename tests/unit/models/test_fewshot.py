@@ -80,6 +80,11 @@ def harmonic_loop(window_scores, g, k):
     return out
 
 
+def _aprilgan_map(queries, bank, layers, size):
+    """APRIL-GAN's few-shot map (B, H, W): the layers' distance grids, upsampled and summed."""
+    return fewshot.aprilgan_upsample_sum(fewshot.aprilgan_distances(queries, bank, layers), size)
+
+
 @torch.no_grad()
 def test_winclip_plus_equals_the_formula(visual):
     refs, query = images(1), images(2, n=1)
@@ -134,7 +139,7 @@ def test_april_gan_few_shot_equals_the_formula(visual):
     _, ref_tokens = vit.forward_with_layers(visual, refs, layers)
     _, q_tokens = vit.forward_with_layers(visual, query, layers)
     bank = {k: v.reshape(-1, v.shape[-1]) for k, v in fewshot.aprilgan_features(ref_tokens, layers).items()}
-    got = fewshot.aprilgan_fewshot_map(fewshot.aprilgan_features(q_tokens, layers), bank, layers, (50, 37))
+    got = _aprilgan_map(fewshot.aprilgan_features(q_tokens, layers), bank, layers, (50, 37))
 
     want = torch.zeros(1, 50, 37)
     lib_refs = layer_outputs_by_hooks(visual, refs, layers)
@@ -199,9 +204,9 @@ def test_a_reference_scores_zero_and_a_defect_scores_highest(visual):
     _, rt = vit.forward_with_layers(visual, refs, layers)
     abank = {k: v.reshape(-1, v.shape[-1]) for k, v in fewshot.aprilgan_features(rt, layers).items()}
     _, qt = vit.forward_with_layers(visual, refs[:1], layers)
-    assert float(fewshot.aprilgan_fewshot_map(fewshot.aprilgan_features(qt, layers), abank, layers, (8, 8)).abs().max()) <= 1e-6
+    assert float(_aprilgan_map(fewshot.aprilgan_features(qt, layers), abank, layers, (8, 8)).abs().max()) <= 1e-6
     _, qt = vit.forward_with_layers(visual, query, layers)
-    a = fewshot.aprilgan_fewshot_map(fewshot.aprilgan_features(qt, layers), abank, layers, (8, 8))[0]
+    a = _aprilgan_map(fewshot.aprilgan_features(qt, layers), abank, layers, (8, 8))[0]
     assert bool(inside.flatten()[a.flatten().argmax()])
 
     fbank = {k: v.reshape(-1, v.shape[-1]) for k, v in fewshot.fade_features(visual, {128: refs}).items()}

@@ -10,7 +10,7 @@ from pipeline.models import registry
 
 def test_the_cached_registry_equals_open_clips_and_is_reused(tmp_path, monkeypatch):
     monkeypatch.setenv("ZSAD_CACHE_DIR", str(tmp_path))
-    from pipeline.models.clip import register_configs
+    from pipeline.models.registry import register_configs
 
     open_clip = register_configs()
     expected = {m: list(open_clip.list_pretrained_tags_by_model(m)) for m in open_clip.list_models()}
@@ -58,5 +58,5 @@ def test_the_vision_geometry_is_the_model_configs_and_matches_the_built_tower(tm
     visual = clip_models.build_clip("zsad-tiny", device="cpu")[0].visual
     tiny = registry.vision("zsad-tiny")
     assert (tiny.layers, tiny.width, tiny.patch_size, tiny.grid, tiny.embed_dim) == (
-        len(visual.transformer.resblocks), visual.transformer.width, vit.patch_size(visual), vit.native_grid(visual),
+        len(visual.transformer.resblocks), visual.transformer.width, vit.patch_size(visual), visual.grid_size[0],
         int(visual.output_dim))

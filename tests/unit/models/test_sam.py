@@ -389,7 +389,7 @@ def test_cascade_equals_three_sam_predictor_calls_by_hand(tiny, engine, image, e
     IoU; (2) points + the step-1 low-res logits; (3) points + the box of mask 2 + its logits. With
     ``multimask`` (the default, the paper's "highest-scored mask"), steps 2 and 3 too take SAM's three
     masks (``multimask_output=True``) and keep the highest predicted IoU."""
-    from pipeline.models.sam import mask_box
+    from pipeline.ops.points import bounding_box
 
     pred = SamPredictor(tiny)
     pred.set_image(image)
@@ -404,7 +404,7 @@ def test_cascade_equals_three_sam_predictor_calls_by_hand(tiny, engine, image, e
     expected = [(masks1[k], iou1[k], low1[k : k + 1])]
     m2, i2, l2 = best(*pred.predict(point_coords=pts, point_labels=lab, mask_input=low1[k : k + 1], multimask_output=multimask))
     expected.append((m2, i2, l2))
-    box = mask_box(m2)
+    box = bounding_box(m2)
     m3, i3, l3 = best(*pred.predict(point_coords=pts, point_labels=lab, box=box, mask_input=l2, multimask_output=multimask))
     expected.append((m3, i3, l3))
     calls = []

@@ -26,7 +26,7 @@ def _images(n, size, seed=0):
 
 def test_pos_embed_resize_identity_at_native_grid(model):
     pos = model.visual.positional_embedding
-    assert vit.resize_pos_embed(pos, vit.native_grid(model.visual)) is pos
+    assert vit.resize_pos_embed(pos, model.visual.grid_size[0]) is pos
     bigger = vit.resize_pos_embed(pos, 12)
     assert bigger.shape == (1 + 144, pos.shape[1]) and torch.equal(bigger[0], pos[0])
     # resizing to a bigger grid and back keeps a smooth embedding close

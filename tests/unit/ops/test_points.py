@@ -13,7 +13,6 @@ from pipeline.ops.points import (
     bounding_box,
     ellipse_kernel,
     extreme_region,
-    feature_at,
     negative_points,
     pooled_feature,
     positive_points,
@@ -369,34 +368,42 @@ def _coded_features(c, g):
     return (100 * ch + 10 * row + col).astype(np.float32)
 
 
-def test_feature_at_non_square_image():
+def _ref_feature_at(features, xy, input_size, original_size):
+    """Per-pixel lookup, written from the mapping's definition: pixel (x, y) -> embedding column
+    floor((x + .5) * w / W / 16), row floor((y + .5) * h / H / 16), clipped to the grid."""
+    (h, w), (H, W), g = input_size, original_size, features.shape[1]
+    out = []
+    for x, y in xy:
+        col = min(math.floor((x + 0.5) * w / W / 16), g - 1)
+        row = min(math.floor((y + 0.5) * h / H / 16), g - 1)
+        out.append(features[:, row, col])
+    return np.array(out)
+
+
+def test_pooled_feature_of_one_pixel_non_square_image():
     # original 60 x 100 (H x W), g = 4 -> 64 px square; resized (h, w) = (round(60 * 0.64), 64) = (38, 64)
     feats = _coded_features(2, 4)
     xy = np.array([[0, 0], [24, 24], [25, 25], [99, 50], [50, 51], [99, 59]])
-    got = feature_at(feats, xy, (38, 64), (60, 100))
     # col = floor((x + .5) * 64 / 100 / 16) = floor((x + .5) * .04): x=0,24 -> 0 (0.98); 25 -> 1 (1.02);
     #   50 -> 2 (2.02); 99 -> 3 (3.98)
     # row = floor((y + .5) * 38 / 60 / 16): y=0,24 -> 0 (0.97); 25 -> 1 (1.009); 50 -> 1 (1.9989);
     #   51 -> 2 (2.0385); 59 -> 2 (2.355): the last embedding row (padding) is never reached
     cells = [(0, 0), (0, 0), (1, 1), (1, 3), (2, 2), (2, 3)]
     expected = np.array([[10 * r + c, 100 + 10 * r + c] for r, c in cells], dtype=np.float32)
-    assert got.shape == (6, 2)
-    assert np.array_equal(got, expected)
+    assert np.array_equal(_ref_feature_at(feats, xy, (38, 64), (60, 100)), expected)
+    for (x, y), want in zip(xy, expected):
+        region = np.zeros((60, 100), bool)
+        region[y, x] = True
+        assert np.array_equal(pooled_feature(feats, region, (38, 64), (60, 100)), want)
 
 
-def test_feature_at_errors():
+def test_pooled_feature_size_errors():
     feats = _coded_features(2, 4)
-    with pytest.raises(ValueError, match="outside"):
-        feature_at(feats, np.array([[100, 0]]), (38, 64), (60, 100))
-    with pytest.raises(ValueError, match="integer"):
-        feature_at(feats, np.array([[1.5, 0.0]]), (38, 64), (60, 100))
-    with pytest.raises(ValueError, match="xy"):
-        feature_at(feats, np.array([1, 2]), (38, 64), (60, 100))
+    region = np.ones((60, 100), bool)
     with pytest.raises(ValueError, match="input_size"):
-        feature_at(feats, np.array([[1, 2]]), (38, 65), (60, 100))
+        pooled_feature(feats, region, (38, 65), (60, 100))
     with pytest.raises(ValueError, match="features"):
-        feature_at(np.zeros((2, 4, 5)), np.array([[1, 2]]), (38, 64), (60, 100))
-    assert feature_at(feats, np.zeros((0, 2), np.int64), (38, 64), (60, 100)).shape == (0, 2)
+        pooled_feature(np.zeros((2, 4, 5)), region, (38, 64), (60, 100))
 
 
 def test_pooled_feature_matches_per_pixel_mean():
@@ -404,7 +411,7 @@ def test_pooled_feature_matches_per_pixel_mean():
     feats = rng.normal(size=(3, 4, 4))
     region = rng.random((30, 50)) < 0.3
     ys, xs = np.nonzero(region)
-    expected = feature_at(feats, np.stack([xs, ys], axis=1), (38, 64), (30, 50)).mean(axis=0)
+    expected = _ref_feature_at(feats, np.stack([xs, ys], axis=1), (38, 64), (30, 50)).mean(axis=0)
     got = pooled_feature(feats, region, (38, 64), (30, 50))
     assert got.shape == (3,)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)

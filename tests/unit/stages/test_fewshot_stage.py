@@ -114,8 +114,9 @@ def test_a_reference_scores_zero_and_scores_combine_as_the_method_does(method, t
             text = stage.text_classifier("gear")
             tt = torch.stack([text.normal, text.anomalous], dim=-1)
             q = fewshot.aprilgan_features(tokens, (2, 4))
-            want = adapter_map(stage.adapters, tokens, tt, shape) + fewshot.aprilgan_fewshot_map(q, bank, (2, 4), shape)
-            full = adapter_map(stage.adapters, tokens, tt, (64, 64)) + fewshot.aprilgan_fewshot_map(q, bank, (2, 4), (64, 64))
+            dist = fewshot.aprilgan_distances(q, bank, (2, 4))
+            want = adapter_map(stage.adapters, tokens, tt, shape) + fewshot.aprilgan_upsample_sum(dist, shape)
+            full = adapter_map(stage.adapters, tokens, tt, (64, 64)) + fewshot.aprilgan_upsample_sum(dist, (64, 64))
             assert fs[1] == pytest.approx(float(full.max()), abs=1e-5)  # the max at the adapters' input size
             want = want[0]
     np.testing.assert_allclose(out["anomaly_map"][1], want.clamp(*spec.map_range()).numpy(), atol=1e-5)

@@ -1,0 +1,47 @@
+"""How the input is reached, listed and decoded: the ``storage``, ``data`` and ``decode`` sections."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config.base import SpecModel
+
+
+class StorageSpec(SpecModel):
+    """Object-storage access. Unset fields fall back to the standard AWS environment variables
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), then to the
+    usual botocore chain (instance profile...). ``anon`` reads public buckets without credentials."""
+
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region: str | None = None
+    anon: bool = False
+
+
+class DataSpec(SpecModel):
+    """How the input is listed.
+
+    ``layout``: ``auto`` (detect), ``folder``, ``mvtec`` or ``manifest``. ``category``: force one
+    category for every image of a ``folder`` input (default: the first sub-folder under the input,
+    or the input folder's own name for files directly in it). ``extensions``: image file endings
+    listed by ``folder``/``mvtec`` (case-insensitive). ``categories``: keep only the images of these
+    categories (an unknown one is an error listing the available ones). ``max_images``: keep only the first N listed
+    images (sorted by URI), for trials."""
+
+    layout: Literal["auto", "folder", "mvtec", "manifest", "visa", "visa_1cls", "mpdd", "btad"] = "auto"
+    category: str | None = None
+    categories: tuple[str, ...] | None = None  # keep only these categories (after listing); None = all
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+    max_images: int | None = Field(default=None, ge=1)
+
+
+class DecodeSpec(SpecModel):
+    """Decode stage: bytes -> RGB uint8. ``max_pixels`` guards against decompression bombs (an image
+    whose header declares more pixels fails with error_type ``DecompressionBomb`` before any pixel
+    is decoded). Default: Pillow's own limit, 89,478,485 pixels (about 9459 x 9459)."""
+
+    max_pixels: int = Field(default=89_478_485, ge=1)
+

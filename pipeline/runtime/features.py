@@ -64,8 +64,8 @@ def build(spec: JobSpec, wanted: pd.DataFrame, folder: str, run_dir: str, digest
     counts {images, failed, parts, bytes}. ``plan_hook`` sees every result batch (tests)."""
     from pipeline.runtime.executors import execute
     from pipeline.stages.bank import RESULT_COLUMNS, BankStage, BankTarget
-    from pipeline.stages.decode import DecodeStage
     from pipeline.stages.base import PlannedStage
+    from pipeline.stages.decode import DecodeStage
 
     wanted = wanted.sort_values(["category", "shot"], kind="stable")
     unique = wanted.drop_duplicates("image_id")

@@ -34,7 +34,10 @@ from pipeline.io import fs as fsio
 from pipeline.io.banks import manifest_uri
 from pipeline.io.fs import InputError, StorageOptions
 from pipeline.io.references import (
-    REFERENCE_FILE, choose_references, list_references, references_digest,
+    REFERENCE_FILE,
+    choose_references,
+    list_references,
+    references_digest,
 )
 from pipeline.runtime import rescore
 from pipeline.runtime.features import FeatureError, FeaturePass, actor_precision, build, stored

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 
 from pipeline.stages import plan as stage_plan
 
+
 def timed_stages() -> tuple[str, ...]:
     """The stages that time their rows (``<stage>_ms``; the stage class says ``timed``), in plan
     order (:data:`pipeline.stages.plan.STAGE_ORDER`); run.json has ``<stage>_busy`` for each."""

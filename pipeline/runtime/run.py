@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.errors import ZsadError
 from pipeline.config import DataSpec, JobSpec
+from pipeline.errors import ZsadError
 from pipeline.io import contracts, projection
 from pipeline.io import fs as fsio
 from pipeline.io.layouts import InputError, list_inputs
@@ -32,18 +32,21 @@ from pipeline.io.sinks import ShardSink, read_json, write_json
 from pipeline.io.weights import WeightsError, preflight
 from pipeline.models import registry
 from pipeline.runtime import fewshot, mutual
-from pipeline.runtime.passes import CategoryPass, PassError, RunContext
-from pipeline.runtime.rows import SOURCE_COLUMNS, source_rows  # noqa: F401 - source_rows: the plan's first rows, by name
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
+from pipeline.runtime.passes import CategoryPass, PassError, RunContext
 from pipeline.runtime.preflight import model_problems, shape_error
 from pipeline.runtime.progress import Progress, ShardTally, busy_seconds, timed_stages
-from pipeline.runtime.record import versions  # noqa: F401 - by its old name
-from pipeline.runtime.record import plan_entries, run_record, run_values
+from pipeline.runtime.record import (
+    plan_entries,
+    run_record,
+    run_values,
+    versions,  # noqa: F401 - by its old name
+)
+from pipeline.runtime.rows import SOURCE_COLUMNS, source_rows  # noqa: F401 - source_rows: the plan's first rows, by name
 from pipeline.runtime.watchdog import watched
 from pipeline.stages.base import PlannedStage
 from pipeline.stages.plan import PlanError, build_plan, check_columns, column_defaults, with_inputs
-
 
 
 class RunError(ZsadError, RuntimeError):

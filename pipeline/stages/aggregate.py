@@ -16,7 +16,6 @@ of each tile's component), ``aggregate_ms``. ``tile_maps`` is dropped here.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 

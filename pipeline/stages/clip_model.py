@@ -17,8 +17,16 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from pipeline.config import (
-    AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, FewShotSpec, MapOutputSpec, NoPixelMap, RetrySpec,
-    WinclipWindows, ZeroShotImageScore,
+    AprilGanAdapters,
+    ClipSegMaps,
+    ClipSpec,
+    FadeZeroShot,
+    FewShotSpec,
+    MapOutputSpec,
+    NoPixelMap,
+    RetrySpec,
+    WinclipWindows,
+    ZeroShotImageScore,
 )
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import retrying, stderr_log

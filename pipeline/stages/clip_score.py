@@ -19,14 +19,29 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import (
-    AprilGanAdapters, ClipSegMaps, ClipSpec, FadeZeroShot, FewShotSpec, MapOutputSpec, MutualSpec, NoPixelMap,
-    RetrySpec, TilingSpec, WinclipWindows, ZeroShotImageScore,
+    AprilGanAdapters,
+    ClipSegMaps,
+    ClipSpec,
+    FadeZeroShot,
+    FewShotSpec,
+    MapOutputSpec,
+    MutualSpec,
+    NoPixelMap,
+    RetrySpec,
+    TilingSpec,
+    WinclipWindows,
+    ZeroShotImageScore,
 )
 from pipeline.io.fs import StorageOptions
 from pipeline.io.retry import stderr_log
 from pipeline.stages.base import check_columns
 from pipeline.stages.clip_model import (  # noqa: F401 - pick_device, prompt_file_problem: by their old names
-    SCORE_KEYS, ClipScorer, ModelFactory, pick_device, precision, prompt_file_problem,
+    SCORE_KEYS,
+    ClipScorer,
+    ModelFactory,
+    pick_device,
+    precision,
+    prompt_file_problem,
 )
 from pipeline.stages.mutual_score import MutualScorer
 from pipeline.stages.records import TENSOR, RowErrors, object_column

@@ -34,7 +34,6 @@ columns get the failure defaults above and ``decode_ms`` 0 (nothing fetched).
 
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, ZeroShotImageScore, WinclipWindows
+from pipeline.config import ClipSpec, FadeZeroShot, MapOutputSpec, WinclipWindows, ZeroShotImageScore
 from pipeline.models import clip as clip_models
 from pipeline.models.prompts import PROMPT_SETS
 from pipeline.models.scoring import anomaly_probability, build_classifier

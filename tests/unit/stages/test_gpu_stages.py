@@ -7,8 +7,19 @@ import pytest
 import torch
 
 from pipeline.config import (
-    AggregationSpec, AprilGanAdapters, ClipSpec, FadeZeroShot, ForegroundSpec, MapOutputSpec, NoPixelMap, SamRefineSpec, SamSpec,
-    TilingSpec, WinclipWindows, ZeroShotImageScore, load_spec,
+    AggregationSpec,
+    AprilGanAdapters,
+    ClipSpec,
+    FadeZeroShot,
+    ForegroundSpec,
+    MapOutputSpec,
+    NoPixelMap,
+    SamRefineSpec,
+    SamSpec,
+    TilingSpec,
+    WinclipWindows,
+    ZeroShotImageScore,
+    load_spec,
 )
 from pipeline.io import contracts
 from pipeline.models import precision

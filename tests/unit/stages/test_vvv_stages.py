@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 
 from pipeline.config import (
-    AggregationSpec, ClipSpec, ForegroundSpec, MapOutputSpec, SamSpec, TilingSpec, ZeroShotImageScore, WinclipWindows,
+    AggregationSpec,
+    ClipSpec,
+    ForegroundSpec,
+    MapOutputSpec,
+    SamSpec,
+    TilingSpec,
+    WinclipWindows,
+    ZeroShotImageScore,
 )
 from pipeline.ops import rle
 from pipeline.stages.aggregate import AggregateStage

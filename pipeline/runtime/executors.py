@@ -31,7 +31,8 @@ def check(executor: str, address: str | None) -> None:
 
 
 @contextlib.contextmanager
-def plan_session(executor: str, address: str | None, log: Callable[[str], None], spec: Any = None) -> Iterator[dict[str, Any]]:
+def plan_session(executor: str, address: str | None, log: Callable[[str], None],
+                 spec: Any = None) -> Iterator[dict[str, Any]]:
     """The session a command's plans run in: a Ray session (started or attached; shut down after when
     started here) or the in-process one. Yields ``{"executor", "address", "resources", "local"}``.
     The caller has checked the pair with :func:`check` (run_job does, before anything is written)."""

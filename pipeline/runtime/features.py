@@ -134,7 +134,8 @@ def stored(entries: dict[str, dict[str, Any]], storage: StorageOptions | None, w
             raise error(str(exc)) from None
         if meta.get("digest") != e["digest"]:
             raise error(
-                f"{what} {e['uri']} was built from another spec or other images (digest {str(meta.get('digest', '?'))[:12]}... "
+                f"{what} {e['uri']} was built from another spec or other images "
+                f"(digest {str(meta.get('digest', '?'))[:12]}... "
                 f"!= {e['digest'][:12]}...; the model, the method, the precision ({meta.get('precision')} stored, "
                 f"{e.get('precision')} now) or the images differ): start a new run (another --run-id)")
         e.update(bytes=int(meta.get("bytes", 0)), images=int(meta.get("images", len(meta.get("image_ids", [])))),

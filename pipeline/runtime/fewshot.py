@@ -52,13 +52,15 @@ class FewShotError(PassError):
     """A few-shot run that cannot go on (no references, a bank that cannot be built or used)."""
 
 
-def choose(spec: JobSpec, manifest: pd.DataFrame, storage: StorageOptions | None, log: Log) -> tuple[pd.DataFrame, list[str], str]:
+def choose(spec: JobSpec, manifest: pd.DataFrame, storage: StorageOptions | None,
+           log: Log) -> tuple[pd.DataFrame, list[str], str]:
     """(chosen references, categories of the input without any, layout of the references).
     Raises :class:`FewShotError` with the reason (no reference URI, a listing error, too few
     images without replacement, categories without references with ``missing: error``)."""
     fs_spec = spec.few_shot
     if not fs_spec.reference:
-        raise FewShotError("few-shot scoring needs reference images: give --reference URI (or few_shot.reference in the "
+        raise FewShotError("few-shot scoring needs reference images: give --reference URI "
+                           "(or few_shot.reference in the "
                            "job spec): a folder per category, an MVTec-like root (its train/good) or a manifest")
     categories = sorted(set(manifest["category"]))
     try:
@@ -125,7 +127,8 @@ class BanksPass(FeaturePass):
         self.choose(ctx)
         return {"few_shot": {"method": self.spec.few_shot_method(), "k": self.spec.few_shot.k,
                              "reference": self.spec.few_shot.reference, "reference_layout": self.layout,
-                             "references_by_category": {str(k): int(v) for k, v in self.chosen.groupby("category").size().items()},
+                             "references_by_category": {str(k): int(v) for k, v in
+                                                        self.chosen.groupby("category").size().items()},
                              "categories_without_references": self.missing}}
 
     def run(self, ctx: RunContext) -> None:

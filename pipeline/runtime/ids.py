@@ -18,5 +18,6 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 def check_run_id(run_id: str) -> str | None:
     """A message when ``run_id`` cannot be used, else None."""
     if not RUN_ID_RE.match(run_id):
-        return f"run id {run_id!r} is invalid: use letters, digits, '.', '_' or '-' (at most 128, starting with a letter or digit)"
+        return (f"run id {run_id!r} is invalid: use letters, digits, '.', '_' or '-' "
+                "(at most 128, starting with a letter or digit)")
     return None

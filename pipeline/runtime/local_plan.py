@@ -12,8 +12,9 @@ on one stream, in input order, so the driver holds one batch per stage at a time
 What it does not do: parallelism (one process, one stage at a time), actor pools, resource
 requests, retries of a lost worker. ``resources.<stage>`` sizes the batches and nothing else;
 ``num_gpus`` asks for this process's GPU (CUDA) when it has one, else the stage runs on the CPU
-and says so (:func:`pipeline.runtime.ray_plan.stage_request`, the rule of the Ray executor). Everything after the plan (shards, sinks, markers, passes, records, reports) is the
-caller's and is the same code for both executors.
+and says so (:func:`pipeline.runtime.ray_plan.stage_request`, the rule of the Ray executor).
+Everything after the plan (shards, sinks, markers, passes, records, reports) is the caller's and is
+the same code for both executors.
 """
 
 from __future__ import annotations

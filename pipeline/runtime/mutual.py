@@ -182,10 +182,12 @@ class RscinPass(rescore.RescorePass):
     def run(self, ctx: RunContext) -> None:
         m = self.spec.mutual
         self.k_list = m.windows(ctx.layout)
-        job = rescore.Rescore("rscin", "score_rscin", also_score=m.score == "rscin", k_list=self.k_list, chunk=m.rscin_chunk)
-        self.summary = {**rescore.run(job, ctx.category_sizes(), ctx.files("scores"), ctx.files("embeddings"), ctx.run_dir,
-                                      ctx.storage, ctx.session(), ctx.log),
-                        "k_list": list(self.k_list), "k_list_from": "mutual.k_list" if m.k_list else f"layout {ctx.layout}",
+        job = rescore.Rescore("rscin", "score_rscin", also_score=m.score == "rscin", k_list=self.k_list,
+                              chunk=m.rscin_chunk)
+        self.summary = {**rescore.run(job, ctx.category_sizes(), ctx.files("scores"), ctx.files("embeddings"),
+                                      ctx.run_dir, ctx.storage, ctx.session(), ctx.log),
+                        "k_list": list(self.k_list),
+                        "k_list_from": "mutual.k_list" if m.k_list else f"layout {ctx.layout}",
                         "score_is_rscin": m.score == "rscin"}
         s = self.summary
         ctx.log(f"mutual: RsCIN (k_list {list(self.k_list)}) written for {s['images']} images in "

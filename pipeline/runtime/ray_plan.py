@@ -4,8 +4,8 @@ dataset, streamed back to the driver.
 This module is the only place that calls ``map_batches`` for a run's plan: one call per planned
 stage, a task stage as Ray tasks, an actor stage as an actor pool (``ActorPoolStrategy``) whose
 actors build their models once. (The evaluation pass over written tables, ``zsad evaluate``, is a
-separate one-stage dataset in :mod:`pipeline.runtime.evaluate`.) Minimum Ray version: 2.51 (``compute=ActorPoolStrategy`` with ``min_size``/``max_size``,
-named resource arguments).
+separate one-stage dataset in :mod:`pipeline.runtime.evaluate`.) Minimum Ray version: 2.51
+(``compute=ActorPoolStrategy`` with ``min_size``/``max_size``, named resource arguments).
 
 Resources come from ``resources.<stage>`` of the spec. A task stage never asks for a GPU. An
 actor stage asks for ``num_gpus`` except on a local Ray without GPUs, where it runs on the CPU and
@@ -44,7 +44,8 @@ def effective_gpus(spec: JobSpec, session: dict[str, Any], log: Callable[[str], 
     return asked
 
 
-def stage_request(planned: PlannedStage, spec: JobSpec, session: dict[str, Any], log: Callable[[str], None]) -> dict[str, float]:
+def stage_request(planned: PlannedStage, spec: JobSpec, session: dict[str, Any],
+                  log: Callable[[str], None]) -> dict[str, float]:
     """What one task or one actor of ``planned`` asks Ray for: ``CPU``, ``GPU``, ``memory``."""
     res = planned.resources
     request: dict[str, float] = {"CPU": res.num_cpus}
@@ -79,7 +80,8 @@ def check_feasible(requests: Iterable[tuple[PlannedStage, dict[str, float]]], av
     for resource, need in pools.items():
         if need > available.get(resource, 0.0) + 1e-9:
             raise PlanError(
-                f"the actor pools ({', '.join(p.name for p, _ in requests if p.kind == 'actor')}) need {need:g} {resource} "
+                f"the actor pools ({', '.join(p.name for p, _ in requests if p.kind == 'actor')}) "
+                f"need {need:g} {resource} "
                 f"at their minimum size together, but this machine's Ray has {available.get(resource, 0.0):g}: "
                 "lower their resources or min_actors"
             )
@@ -101,7 +103,8 @@ def cpu_contention(requests: list[tuple[PlannedStage, dict[str, float]]], availa
     if not starved:
         return None
     pools = ", ".join(f"resources.{p.name}.num_cpus" for p, _ in requests if p.kind == "actor")
-    return (f"the actor pools hold {held:g} of this machine's {cpus:g} CPUs, so {', '.join(starved)} can only run when a "
+    return (f"the actor pools hold {held:g} of this machine's {cpus:g} CPUs, so {', '.join(starved)} "
+            f"can only run when a "
             f"pool has finished its input; on a large input give the pools CPU fractions ({pools}, e.g. 0.5) "
             f"or run on a cluster")
 
@@ -177,4 +180,5 @@ def training_dataset(spec, inputs: pa.Table, storage: Any) -> "ray.data.Dataset"
                         batch_format="pyarrow", **args)
     prep = TrainPrepStage(spec.adapters.image_size, spec.clip.resize, storage)
     ds = ds.map_batches(TaskStage(prep), batch_size=res.batch_size, batch_format="pyarrow", **args)
-    return ds.select_columns(["image_id", "category", "pixels", "mask", "status", "error_stage", "error_type", "error_message"])
+    return ds.select_columns(["image_id", "category", "pixels", "mask", "status", "error_stage", "error_type",
+                              "error_message"])

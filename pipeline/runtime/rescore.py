@@ -165,7 +165,8 @@ def category_values(rescore: Rescore, category: str, first: int, last: int, scor
         h.update(s.tobytes())
         h.update(np.ascontiguousarray(e).tobytes())
     else:
-        frame = _read_category(score_files, ["image_id", "category", "score_language", "score_fewshot"], category, storage)
+        frame = _read_category(score_files, ["image_id", "category", "score_language", "score_fewshot"], category,
+                               storage)
         frame = frame.sort_values("image_id", kind="stable").reset_index(drop=True)
         h = hashlib.sha256(repr((rescore, first, last)).encode())
         h.update("\0".join(frame["image_id"]).encode())
@@ -196,7 +197,8 @@ def category_values(rescore: Rescore, category: str, first: int, last: int, scor
     return {"category": category, "first": first, "rows": len(ids), "reused": False, "seconds": time.monotonic() - t0}
 
 
-def rewrite_shard(rescore: Rescore, score_uri: str, sides: dict[str, list[str]], storage: StorageOptions | None) -> dict[str, Any]:
+def rewrite_shard(rescore: Rescore, score_uri: str, sides: dict[str, list[str]],
+                  storage: StorageOptions | None) -> dict[str, Any]:
     """One task: fill ``rescore.column`` (and ``score`` when ``also_score``) of one scores shard from
     the side tables of the categories it holds (``sides``: category -> side table URIs). Returns
     {shard, rows, filled}."""

@@ -13,7 +13,8 @@ from pipeline.io import contracts
 
 #: the columns every row starts with: the input manifest's, and its status (rows the listing could
 #: not address start as error rows of stage ``list``)
-SOURCE_COLUMNS: tuple[str, ...] = (*contracts.load("inputs").names, "status", "error_stage", "error_type", "error_message")
+SOURCE_COLUMNS: tuple[str, ...] = (*contracts.load("inputs").names, "status", "error_stage", "error_type",
+                                  "error_message")
 
 
 def source_rows(manifest: pd.DataFrame) -> pa.Table:

@@ -93,7 +93,8 @@ def output_tables(spec: JobSpec) -> list[str]:
 
 
 #: the passes over whole categories, in the order they run (each says whether a job has it)
-PASSES: tuple[type[CategoryPass], ...] = (fewshot.BanksPass, mutual.PoolsPass, mutual.RscinPass, fewshot.TransductivePass)
+PASSES: tuple[type[CategoryPass], ...] = (fewshot.BanksPass, mutual.PoolsPass, mutual.RscinPass,
+                                          fewshot.TransductivePass)
 
 
 def passes_for(spec: JobSpec) -> list[CategoryPass]:
@@ -174,7 +175,8 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
     # stops the run here with its reason instead of in every model actor (SAM's and the adapters' files:
     # with the model-shape checks above)
     torch_files = {"clip.weights": (spec.clip.weights, "weights file"),
-                   "pixel.weights": (spec.pixel.weights if spec.pixel.kind == "clipseg" else None, "CLIPSeg weights file")}
+                   "pixel.weights": (spec.pixel.weights if spec.pixel.kind == "clipseg" else None,
+                                     "CLIPSeg weights file")}
     for key, (weights, what) in torch_files.items():
         if weights is not None and weights.path:
             from pipeline.models.checkpoints import read_state_dict  # torch: only when there is a file to read
@@ -185,7 +187,8 @@ def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
                 raise RunError(f"{key}: {exc}", exit_code=2) from None
 
 
-def prepare(spec: JobSpec, layout: str | None) -> tuple[JobSpec, fsio.StorageOptions, list[str], list[PlannedStage], list[str]]:
+def prepare(spec: JobSpec,
+            layout: str | None) -> tuple[JobSpec, fsio.StorageOptions, list[str], list[PlannedStage], list[str]]:
     """The checks a run makes before it lists anything: (spec with ``layout`` applied, storage
     options, output tables, the checked plan, the columns its results bring back)."""
     storage = fsio.storage_options(spec.storage)
@@ -317,8 +320,10 @@ class _Run:
         self.t0 = time.monotonic()
         self.lease = Lease(self.run_dir, self.storage)  # one process works on a run folder at a time
         if self.finished and not self.resume:
-            raise RunError(f"run {self.run_dir} already exists (it has a run.json); choose another --run-id", exit_code=2)
-        if self.resume and self.finished:  # a run that already succeeded: nothing to do, nothing written (no lease either)
+            raise RunError(f"run {self.run_dir} already exists (it has a run.json); choose another --run-id",
+                           exit_code=2)
+        # a run that already succeeded: nothing to do, nothing written (no lease either)
+        if self.resume and self.finished:
             record = read_json(fsio.join(self.run_dir, "run.json"), self.storage)
             if record.get("status") == "succeeded":
                 if self.interrupted and not self._same_spec(read_json(self.plan_uri, self.storage)):
@@ -365,7 +370,8 @@ class _Run:
         if self.resume:
             self.take_lease()
             if not self.interrupted:
-                raise RunError(f"nothing to resume at {self.run_dir}: no _plan.json (start it without --resume)", exit_code=2)
+                raise RunError(f"nothing to resume at {self.run_dir}: no _plan.json (start it without --resume)",
+                               exit_code=2)
             plan = read_json(self.plan_uri, storage)  # _plan.json: what the run was started with
             if not self._same_spec(plan):
                 raise RunError(f"run {self.run_dir} was started with a different job spec; resume it with "
@@ -392,7 +398,8 @@ class _Run:
             if spec.skip_scored:
                 before = len(manifest)
                 manifest = unscored(manifest, spec.skip_scored, storage, exclude=self.run_dir)
-                log(f"incremental: {before - len(manifest)} of {before} images already scored ok under {spec.skip_scored}; "
+                log(f"incremental: {before - len(manifest)} of {before} images already scored ok "
+                    f"under {spec.skip_scored}; "
                     f"{len(manifest)} to score")
             self.manifest = manifest
             ctx = self.context()
@@ -407,7 +414,8 @@ class _Run:
                 for p in self.passes:
                     p.save(ctx)
                 write_json(self.plan_uri, {"run_id": self.run_id, "input": self.input_uri, "layout": self.used_layout,
-                                           "shard_size": self.shard_size, "images": len(manifest), "skipped": self.skipped,
+                                           "shard_size": self.shard_size, "images": len(manifest),
+                                           "skipped": self.skipped,
                                            "spec": spec.redacted(), **_merged(p.plan_record() for p in self.passes)},
                            storage)
             except OSError as exc:
@@ -463,7 +471,8 @@ class _Run:
                                   on_stats=save_stats)
 
                 def waiting(quiet: float) -> None:
-                    limit = f"; stall_timeout_s stops the run after {spec.stall_timeout_s:g} s" if spec.stall_timeout_s else ""
+                    limit = (f"; stall_timeout_s stops the run after {spec.stall_timeout_s:g} s"
+                             if spec.stall_timeout_s else "")
                     log(f"waiting for results: none for {quiet:.0f} s ({progress.done}/{progress.total} images done; "
                         f"models loading or a slow batch{limit})")
 
@@ -566,14 +575,17 @@ class _Run:
             from pipeline.runtime.session import failure
 
             kind, text = failure(exc)
-            self.log(f"run.json could not be written to {self.run_dir} ({kind}: {text}); the finished shards there are intact")
+            self.log(f"run.json could not be written to {self.run_dir} ({kind}: {text}); "
+                     "the finished shards there are intact")
         if self.status != "succeeded" and self.n_missing and self.unusable_weights:  # the same spec would fail again
             self.log(f"the run stopped on its spec or its weights ({self.plan_error}): fix them and start a new run; "
                      f"a resume would run the same spec again")
-        elif self.status != "succeeded" and (self.n_missing or self.reason and "pass could not be written" in self.reason):
+        elif self.status != "succeeded" and (self.n_missing
+                                             or self.reason and "pass could not be written" in self.reason):
             self.log(f"continue the run with: zsad resume {self.run_dir}")
         exit_code = 0 if self.status == "succeeded" else (2 if self.unusable_weights else 1)
-        return RunResult(self.run_id, self.run_dir, self.status, len(manifest), self.n_ok, self.n_failed, record, exit_code)
+        return RunResult(self.run_id, self.run_dir, self.status, len(manifest), self.n_ok, self.n_failed, record,
+                         exit_code)
 
 
 def _merged(parts) -> dict[str, Any]:

@@ -38,7 +38,8 @@ def to_numpy(block: pa.Table) -> dict[str, np.ndarray]:
     return batch
 
 
-def to_arrow(out: Mapping[str, Any], types: Mapping[str, Any], block: pa.Table, view: Mapping[str, Any], stage: str) -> pa.Table:
+def to_arrow(out: Mapping[str, Any], types: Mapping[str, Any], block: pa.Table, view: Mapping[str, Any],
+             stage: str) -> pa.Table:
     """The stage's output -> an Arrow block. A column passed through unchanged (the same array as
     in ``view``) keeps its Arrow column from ``block``; the others are built with the type the
     stage declared (``types``) or, for a changed input column, the input's type. An undeclared new
@@ -62,8 +63,8 @@ def to_arrow(out: Mapping[str, Any], types: Mapping[str, Any], block: pa.Table, 
         if codec is not None:
             arrays[name] = codec.to_arrow(values)
         else:
-            arrays[name] = pa.array(list(values) if isinstance(values, np.ndarray) and values.dtype == object else values,
-                                    type=arrow_type, from_pandas=True)
+            listed = list(values) if isinstance(values, np.ndarray) and values.dtype == object else values
+            arrays[name] = pa.array(listed, type=arrow_type, from_pandas=True)
     if tensors:
         converted = BlockAccessor.batch_to_block(tensors)
         for name in tensors:

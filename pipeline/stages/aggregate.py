@@ -6,10 +6,11 @@ section 5), with :func:`pipeline.ops.aggregate.aggregate_tiles`:
 - a component's score is the mean of its tiles' scores; the image score is the mean of the top
   ``aggregation.top_fraction`` of component scores.
 
-Columns: ``score`` (and ``score_language``: tiles are scored from text) is replaced by the aggregated image score; ``anomaly_map`` (float32 at the
-stored map size, see ``maps.map_size``) and ``max_pixel_score`` by the aggregated map
-(``score_vision``, the largest tile vision score, was set by the CLIP stage). New:
-``n_components`` (int64: components scored, 0 for the fallback), ``n_tiles`` (int64), ``scoring_mode`` (``tiles``, or ``whole_image_fallback`` for an image without
+Columns: ``score`` (and ``score_language``: tiles are scored from text) is replaced by the
+aggregated image score; ``anomaly_map`` (float32 at the stored map size, see ``maps.map_size``) and
+``max_pixel_score`` by the aggregated map (``score_vision``, the largest tile vision score, was set
+by the CLIP stage). New: ``n_components`` (int64: components scored, 0 for the fallback),
+``n_tiles`` (int64), ``scoring_mode`` (``tiles``, or ``whole_image_fallback`` for an image without
 foreground, scored whole; None for failed rows), ``tile_component_scores`` (float64 (T,): the score
 of each tile's component), ``aggregate_ms``. ``tile_maps`` is dropped here.
 """
@@ -37,8 +38,8 @@ class AggregateStage:
     section = "aggregation"
     kind = "task"
     requires = ("tiles", "tile_reasons", "tile_scores", "tile_maps", "height", "width", "status")
-    types = {"score": pa.float64(), "score_language": pa.float64(), "anomaly_map": TENSOR, "max_pixel_score": pa.float64(),
-             "n_components": pa.int64(), "n_tiles": pa.int64(),
+    types = {"score": pa.float64(), "score_language": pa.float64(), "anomaly_map": TENSOR,
+             "max_pixel_score": pa.float64(), "n_components": pa.int64(), "n_tiles": pa.int64(),
              "scoring_mode": pa.string(), "tile_component_scores": pa.list_(pa.float64()), "aggregate_ms": pa.float64()}
     produces = tuple(types)
     drops = ("tile_maps",)
@@ -87,6 +88,7 @@ class AggregateStage:
                 max_pixel[i] = float(maps[i].max())
 
         each_row(batch["status"], row, ms=ms)
-        out.update(score=score, score_language=score.copy(), anomaly_map=maps, max_pixel_score=max_pixel, n_components=n_comp, n_tiles=n_tiles,
+        out.update(score=score, score_language=score.copy(), anomaly_map=maps, max_pixel_score=max_pixel,
+                   n_components=n_comp, n_tiles=n_tiles,
                    scoring_mode=mode, tile_component_scores=comp_scores, aggregate_ms=ms)
         return out

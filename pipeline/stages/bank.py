@@ -67,7 +67,8 @@ def bank_settings(spec: JobSpec, precision: str | None = None) -> dict[str, Any]
 def bank_digest(spec: JobSpec, reference_digest: str, k: int, precision: str | None = None) -> str:
     """sha256 of the bank's settings (:func:`bank_settings`, with the resolved ``precision``), its
     references' digest and k."""
-    text = json.dumps({"settings": bank_settings(spec, precision), "references": reference_digest, "k": k}, sort_keys=True)
+    text = json.dumps({"settings": bank_settings(spec, precision), "references": reference_digest, "k": k},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

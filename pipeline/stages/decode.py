@@ -61,7 +61,8 @@ class DecodeStage:
     produces = tuple(types)
     drops: tuple[str, ...] = ()
 
-    def __init__(self, cfg: DecodeSpec, storage: StorageOptions | None = None, retries: RetrySpec | None = None) -> None:
+    def __init__(self, cfg: DecodeSpec, storage: StorageOptions | None = None,
+                 retries: RetrySpec | None = None) -> None:
         self.cfg = cfg
         self.storage = dict(storage) if storage else None
         self.retries = retries or RetrySpec()

@@ -63,8 +63,8 @@ def sam_engine(spec: SamSpec, device, weights_cache: str | None, storage: Storag
         path = resolve(spec.weights, weights_cache, storage).path if spec.weights else None
         return build_sam(spec.model, path, device=device)
 
-    sam = retrying(load_sam, retries=retries.model_load, backoff_s=retries.backoff_s, max_backoff_s=retries.max_backoff_s,
-                   what=f"load SAM {spec.model}", log=stderr_log)
+    sam = retrying(load_sam, retries=retries.model_load, backoff_s=retries.backoff_s,
+                   max_backoff_s=retries.max_backoff_s, what=f"load SAM {spec.model}", log=stderr_log)
     return SamEngine(sam, device=device, precision=spec.precision)
 
 
@@ -121,9 +121,9 @@ class ForegroundStage:
 
     @property
     def types(self) -> dict[str, object]:
-        out = {"fg_rle": pa.string(), "fg_components": COMPONENTS, "fg_sam_masks": pa.int64(), "fg_kept_masks": pa.int64(),
-               "foreground_ms": pa.float64(), "status": pa.string(), "error_stage": pa.string(), "error_type": pa.string(),
-               "error_message": pa.string()}
+        out = {"fg_rle": pa.string(), "fg_components": COMPONENTS, "fg_sam_masks": pa.int64(),
+               "fg_kept_masks": pa.int64(), "foreground_ms": pa.float64(), "status": pa.string(),
+               "error_stage": pa.string(), "error_type": pa.string(), "error_message": pa.string()}
         if self.share_embedding:
             out["sam_embedding"] = TENSOR
         return out
@@ -158,7 +158,8 @@ class ForegroundStage:
         self._ready = True
 
     # ---------------------------------------------------------------- one image
-    def foreground(self, image: np.ndarray, points_per_batch: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    def foreground(self, image: np.ndarray,
+                   points_per_batch: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(foreground bool HxW, components (C, 7), SAM masks proposed, SAM masks kept). The SAM
         embedding of the image is kept in ``self.last_embedding`` (None without SAM).
         ``points_per_batch``: SAM's point prompts decoded per batch (default ``foreground.points_per_batch``)."""

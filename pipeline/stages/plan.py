@@ -154,7 +154,8 @@ def check_columns(planned: list[PlannedStage] | list[Stage], source: Iterable[st
                 f"produces (available: {', '.join(sorted(have))})"
             )
         if set(stage.produces) != set(stage.types):
-            raise PlanError(f"stage {stage.name!r} declares types for {sorted(stage.types)} but produces {list(stage.produces)}")
+            raise PlanError(f"stage {stage.name!r} declares types for {sorted(stage.types)} but produces "
+                            f"{list(stage.produces)}")
         have |= set(stage.produces)
         have -= set(stage.drops)
     return have

@@ -153,7 +153,8 @@ class RowErrors:
         self.status[i], self.stage[i], self.type[i], self.message[i] = "ok", None, None, None
 
     def columns(self) -> dict[str, np.ndarray]:
-        return {"status": self.status, "error_stage": self.stage, "error_type": self.type, "error_message": self.message}
+        return {"status": self.status, "error_stage": self.stage, "error_type": self.type,
+                "error_message": self.message}
 
 
 def each_row(status: Sequence[Any], work: Callable[[int], Any], *, ms: np.ndarray | None = None,

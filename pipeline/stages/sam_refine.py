@@ -12,8 +12,9 @@ Columns: ``anomaly_map`` and ``max_pixel_score`` replaced for refined rows; ``re
 ``refine_info`` (JSON: positive and negative points (x, y), the step-3 box, SAM's predicted IoU per
 step, whether steps 2-3 chose among SAM's three masks, the ring kernel and point spacing in the
 image's pixels; for a row not refined: ``refined`` false and the reason); ``sam_refine_ms``. Rows
-below ``score_gate`` or without a region keep the CLIP map (``refined`` false). A map with NaN or infinite values, a constant map, an empty image
-or a decoder failure is a per-row error (stage ``sam_refine``), never a crash.
+below ``score_gate`` or without a region keep the CLIP map (``refined`` false). A map with NaN or
+infinite values, a constant map, an empty image or a decoder failure is a per-row error (stage
+``sam_refine``), never a crash.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ class SamRefineStage:
     section = "sam_refine"
     kind = "actor"
     requires = ("image", "anomaly_map", "score", "status", "error_stage", "error_type", "error_message")
-    types = {"anomaly_map": TENSOR, "max_pixel_score": pa.float64(), "refined": pa.bool_(), "refine_rle": pa.string(),
-             "refine_info": pa.string(), "sam_refine_ms": pa.float64(), "status": pa.string(), "error_stage": pa.string(),
-             "error_type": pa.string(), "error_message": pa.string()}
+    types = {"anomaly_map": TENSOR, "max_pixel_score": pa.float64(), "refined": pa.bool_(),
+             "refine_rle": pa.string(), "refine_info": pa.string(), "sam_refine_ms": pa.float64(),
+             "status": pa.string(), "error_stage": pa.string(), "error_type": pa.string(),
+             "error_message": pa.string()}
     produces = tuple(types)
     #: its columns' values in a plan without it (the driver adds them to the result rows)
     defaults = {"refined": False}
@@ -84,8 +86,8 @@ class SamRefineStage:
     def from_spec(cls, spec, storage: StorageOptions | None = None) -> "SamRefineStage | None":
         if spec.sam_refine is None:
             return None
-        return cls(spec.sam_refine, spec.sam, map_range=spec.map_range(), weights_cache=spec.weights_cache, storage=storage,
-                   retries=spec.retries)
+        return cls(spec.sam_refine, spec.sam, map_range=spec.map_range(), weights_cache=spec.weights_cache,
+                   storage=storage, retries=spec.retries)
 
     #: columns it reads when an earlier stage offers them (:func:`pipeline.stages.plan.build_plan`)
     uses: tuple[str, ...] = ("sam_embedding",)
@@ -139,8 +141,9 @@ class SamRefineStage:
 
             from pipeline.models.sam import SamEmbedding
 
-            emb = SamEmbedding(features=torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None].to(self.engine.device),
-                               original_size=(h, w), input_size=self.engine.transform.get_preprocess_shape(h, w, self.engine.img_size))
+            given = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None].to(self.engine.device)
+            shape = self.engine.transform.get_preprocess_shape(h, w, self.engine.img_size)
+            emb = SamEmbedding(features=given, original_size=(h, w), input_size=shape)
         else:
             emb = self.engine.embed(np.ascontiguousarray(image))  # the image encoder runs once
         positive = pts.positive_points(full, region, k=cfg.positive_points, min_distance=min_distance,

@@ -35,7 +35,8 @@ def test_pool_choice_is_a_seeded_hash_order_of_the_uris():
     sizes = chosen.groupby("category").size().to_dict()
     assert sizes == {"big": 6, "small": 4}  # pool_size + 1, or the whole category
     big = chosen[chosen["category"] == "big"].sort_values("shot")
-    expected = sorted(manifest[manifest["category"] == "big"]["uri"], key=lambda u: hashlib.sha256(f"0\0{u}".encode()).hexdigest())
+    expected = sorted(manifest[manifest["category"] == "big"]["uri"],
+                      key=lambda u: hashlib.sha256(f"0\0{u}".encode()).hexdigest())
     assert list(big["uri"]) == expected[:6] and list(big["shot"]) == list(range(6))
     shuffled = mutual.choose(spec, manifest.sample(frac=1.0, random_state=3))
     pd.testing.assert_frame_equal(shuffled.sort_values(["category", "shot"]).reset_index(drop=True),
@@ -45,7 +46,8 @@ def test_pool_choice_is_a_seeded_hash_order_of_the_uris():
     broken = manifest.copy()
     broken.loc[broken["uri"] == expected[0], "list_error_type"] = "BrokenLink"
     again = mutual.choose(spec, broken)
-    assert expected[0] not in set(again["uri"]) and list(again[again["category"] == "big"].sort_values("shot")["uri"]) == expected[1:7]
+    assert expected[0] not in set(again["uri"])
+    assert list(again[again["category"] == "big"].sort_values("shot")["uri"]) == expected[1:7]
 
 
 def _write_shard(path, rows):
@@ -73,17 +75,21 @@ def _rscin_run(tmp_path, use, chunk=0):
     rows = []
     for i, (iid, cat) in enumerate(zip(ids, cats)):
         ok = i != failed
-        rows.append({"run_id": "r", "image_id": iid, "uri": f"/x/{iid}.png", "category": cat, "status": "ok" if ok else "error",
+        rows.append({"run_id": "r", "image_id": iid, "uri": f"/x/{iid}.png", "category": cat,
+                     "status": "ok" if ok else "error",
                      "score": float(raw[i]) if ok else None, "score_mutual": float(raw[i]) if ok else None,
-                     "scoring_mode": "whole_image", "score_method": "mutual", "pixel_method": "mutual", "prompt_set": "none",
+                     "scoring_mode": "whole_image", "score_method": "mutual", "pixel_method": "mutual",
+                     "prompt_set": "none",
                      "clip_model": "zsad-tiny", "clip_weights": "random", "random_weights": True})
     (tmp_path / "scores").mkdir()
     _write_shard(tmp_path / "scores" / "s0.parquet", rows[:6])
     _write_shard(tmp_path / "scores" / "s1.parquet", rows[6:])
     contract = contracts.load("embeddings")
     keep = [i for i in range(len(cats)) if i != failed]
-    pq.write_table(pa.table({"run_id": ["r"] * len(keep), "image_id": [ids[i] for i in keep], "category": [cats[i] for i in keep],
-                             "image_embedding": [emb[i].astype(np.float32).tolist() for i in keep]}, schema=contract.schema),
+    pq.write_table(pa.table({"run_id": ["r"] * len(keep), "image_id": [ids[i] for i in keep],
+                             "category": [cats[i] for i in keep],
+                             "image_embedding": [emb[i].astype(np.float32).tolist() for i in keep]},
+                             schema=contract.schema),
                    tmp_path / "e0.parquet")
     job = rescore.Rescore("rscin", "score_rscin", also_score=use == "rscin", k_list=(1, 2, 3), chunk=chunk)
     files = [str(tmp_path / "scores" / "s0.parquet"), str(tmp_path / "scores" / "s1.parquet")]
@@ -97,7 +103,8 @@ def _rscin_run(tmp_path, use, chunk=0):
 def test_rscin_pass_rewrites_the_scores_shards(tmp_path, use, chunk):
     summary, files, before, (cats, ids, raw, emb, keep, failed) = _rscin_run(tmp_path, use, chunk)
     assert summary["images"] == len(keep) and summary["categories_computed"] == ["a", "b"]
-    assert summary["tasks"] == (2 if not chunk else 4 + 3) and summary["shard_tasks"] == 2  # 7 rows in chunks of 2: 4 tasks
+    # 7 rows in chunks of 2: 4 tasks
+    assert summary["tasks"] == (2 if not chunk else 4 + 3) and summary["shard_tasks"] == 2
     out = pd.concat([pq.read_table(f).to_pandas() for f in files]).set_index("image_id")
     assert pq.read_table(files[0]).schema.metadata[b"zsad.schema_version"] == b"5"
     e32 = emb.astype(np.float32).astype(np.float64)
@@ -109,7 +116,8 @@ def test_rscin_pass_rewrites_the_scores_shards(tmp_path, use, chunk):
         want = []
         for r in range(len(idx)):
             order = np.argsort(-w[r])
-            want.append(np.mean([sum(w[r, j] * c[j] for j in order[:k]) / sum(w[r, j] for j in order[:k]) for k in (1, 2, 3)]))
+            want.append(np.mean([sum(w[r, j] * c[j] for j in order[:k]) / sum(w[r, j] for j in order[:k])
+                                 for k in (1, 2, 3)]))
         got = out.loc[[ids[i] for i in idx]]
         np.testing.assert_allclose(got["score_rscin"], want, atol=1e-9)
         np.testing.assert_allclose(got["score"], want if use == "rscin" else s, atol=1e-9)
@@ -130,7 +138,8 @@ def test_rscin_side_tables_are_reused_and_recomputed_when_their_inputs_change(tm
                         {"executor": "local"}, lambda _: None)
     assert again["categories_reused"] == ["a", "b"] and again["categories_computed"] == []  # a resumed run
     t = pq.read_table(files[0])
-    values = [0.95 if i == "id00" else v for i, v in zip(t.column("image_id").to_pylist(), t.column("score_mutual").to_pylist())]
+    values = [0.95 if i == "id00" else v
+              for i, v in zip(t.column("image_id").to_pylist(), t.column("score_mutual").to_pylist())]
     at = t.schema.get_field_index("score_mutual")  # category a's inputs changed: a is computed again
     pq.write_table(t.set_column(at, t.schema.field(at), pa.array(values, pa.float64())), files[0])
     third = rescore.run(job, {"a": 7, "b": 5}, files, [str(tmp_path / "e0.parquet")], str(tmp_path), None,

@@ -21,7 +21,8 @@ def test_gpu_request_falls_back_only_on_a_local_ray_without_gpus():
     assert effective_gpus(spec, {"local": True, "resources": {"CPU": 2}}, logs.append) == 0.0
     assert "running clip_score on CPU" in logs[0]
     assert effective_gpus(spec, {"local": True, "resources": {"CPU": 2, "GPU": 1}}, logs.append) == 0.5
-    assert effective_gpus(spec, {"local": False, "resources": {"CPU": 2}}, logs.append) == 0.5  # autoscaler may add GPUs
+    assert effective_gpus(spec, {"local": False, "resources": {"CPU": 2}},
+                          logs.append) == 0.5  # autoscaler may add GPUs
     assert len(logs) == 1
 
 
@@ -57,7 +58,8 @@ def test_result_rows():
         "status": ["ok", "error", "error"], "error_stage": [None, "decode", "clip_score"],
         "error_type": [None, "EmptyFile", "RuntimeError"], "error_message": [None, "empty file (0 bytes)", "boom"],
         "height": [10, 0, 12], "width": [20, 0, 14], "decode_ms": [1.0, 0.5, 2.0],
-        "score": pa.array([0.25, None, None], pa.float64()), "score_language": pa.array([0.25, None, None], pa.float64()),
+        "score": pa.array([0.25, None, None], pa.float64()),
+        "score_language": pa.array([0.25, None, None], pa.float64()),
         "clip_score_ms": pa.array([3.0, None, None], pa.float64()),
         "score_vision": pa.array([None, None, None], pa.float64()),
         "max_pixel_score": pa.array([0.5, None, None], pa.float64()), "scoring_mode": ["whole_image", None, None],
@@ -77,7 +79,8 @@ def test_result_rows():
     assert cols["random_weights"] == [True] * 3 and cols["run_id"] == ["r1"] * 3
     assert cols["max_pixel_score"] == [0.5, None, None] and cols["score_vision"] == [None, None, None]
     assert cols["encode_ms"] == [0.1, None, None]
-    assert cols["few_shot_k"] == [None] * 3 and cols["score_transductive"] == [None] * 3  # zero-shot: no few-shot values
+    # zero-shot: no few-shot values
+    assert cols["few_shot_k"] == [None] * 3 and cols["score_transductive"] == [None] * 3
     assert cols["score_language"] == cols["score"] and cols["scoring_mode"] == ["whole_image", "none", "none"]
     assert cols["n_tiles"] == [None] * 3 and cols["sam_model"] == [None] * 3  # no such stage in this plan
     masks = project(batch, contracts.load("masks"), values).to_pydict()
@@ -92,9 +95,11 @@ def test_result_rows():
 
 def test_record_tables_are_projections_of_the_row():
     """foreground: record fields per row; tiles: one row per tile, lists taken apart in parallel."""
-    comps = [[{"id": 0, "box": [1, 2, 5, 6], "area": 9, "n_parts": 2}, {"id": 1, "box": [7, 0, 9, 4], "area": 3, "n_parts": 0}],
+    comps = [[{"id": 0, "box": [1, 2, 5, 6], "area": 9, "n_parts": 2},
+              {"id": 1, "box": [7, 0, 9, 4], "area": 3, "n_parts": 0}],
              [], None]
-    tiles = [[{"component_id": 0, "x0": 0, "y0": 0, "x1": 8, "y1": 8}, {"component_id": 1, "x0": 2, "y0": 0, "x1": 10, "y1": 8}],
+    tiles = [[{"component_id": 0, "x0": 0, "y0": 0, "x1": 8, "y1": 8},
+              {"component_id": 1, "x0": 2, "y0": 0, "x1": 10, "y1": 8}],
              [{"component_id": -1, "x0": 0, "y0": 0, "x1": 10, "y1": 6}], None]
     batch = pa.table({
         "uri": ["/a", "/b", "/c"], "image_id": ["ia", "ib", "ic"], "category": ["x", "x", "x"],
@@ -109,12 +114,14 @@ def test_record_tables_are_projections_of_the_row():
     values = run_values(spec, "r1")
     fg = project(batch, contracts.load("foreground"), values).to_pydict()
     assert fg["kind"] == ["classical"] * 3 and fg["n_components"] == [2, 0, None]
-    assert fg["component_ids"] == [[0, 1], [], None] and fg["component_boxes"] == [[[1, 2, 5, 6], [7, 0, 9, 4]], [], None]
+    assert fg["component_ids"] == [[0, 1], [], None] and fg["component_boxes"] == [[[1, 2, 5, 6], [7, 0, 9, 4]], [],
+                                                                                   None]
     assert fg["component_areas"] == [[9, 3], [], None] and fg["component_parts"] == [[2, 0], [], None]
     assert fg["n_sam_masks"] == [4, 0, None] and fg["foreground_rle"] == ["{}", None, None]
     t = project(batch, contracts.load("tiles"), values).to_pydict()
     assert t["image_id"] == ["ia", "ia", "ib"] and t["tile_index"] == [0, 1, 0]
-    assert t["component_id"] == [0, 1, -1] and t["x1"] == [8, 10, 10] and t["reason"] == ["component", "clipped", "whole_image"]
+    assert t["component_id"] == [0, 1, -1] and t["x1"] == [8, 10, 10] and t["reason"] == ["component", "clipped",
+                                                                                          "whole_image"]
     assert t["tile_score"] == [0.5, 0.25, 0.75] and t["run_id"] == ["r1"] * 3
 
 
@@ -162,7 +169,8 @@ def test_pools_that_hold_every_cpu_are_pointed_out():
     def advice(extra):
         spec = load_spec("jobs/clip_sam.yaml", sets + extra)
         plan, _ = plan_for(spec, None, ["scores", "errors", "masks"])
-        return cpu_contention([(p, stage_request(p, spec, session, lambda m: None)) for p in plan], session["resources"])
+        return cpu_contention([(p, stage_request(p, spec, session, lambda m: None)) for p in plan],
+                              session["resources"])
 
     text = advice([])
     assert text and "hold 2 of this machine's 2 CPUs, so encode can only run" in text
@@ -170,4 +178,5 @@ def test_pools_that_hold_every_cpu_are_pointed_out():
     assert advice(["resources.clip_score.num_cpus=0.5", "resources.sam_refine.num_cpus=0.5"]) is None
     smoke = load_spec("jobs/smoke.yaml")  # one pool of 1 CPU: encode runs beside it
     plan, _ = plan_for(smoke, None, ["scores", "errors"])
-    assert cpu_contention([(p, stage_request(p, smoke, session, lambda m: None)) for p in plan], session["resources"]) is None
+    assert cpu_contention([(p, stage_request(p, smoke, session, lambda m: None)) for p in plan],
+                          session["resources"]) is None

@@ -33,4 +33,5 @@ def test_a_log_gets_plain_lines_at_most_every_interval():
     p.update(4, 0)
     assert logged == []  # within the interval
     p.update(2, 1)  # the last one always prints
-    assert len(logged) == 1 and logged[0].startswith("progress: 10/10 images (100%)") and "1 failed, ETA 0:00:00" in logged[0]
+    assert len(logged) == 1 and logged[0].startswith("progress: 10/10 images (100%)")
+    assert "1 failed, ETA 0:00:00" in logged[0]

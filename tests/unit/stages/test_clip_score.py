@@ -85,7 +85,8 @@ def test_missing_column_is_named():
 
 @pytest.mark.parametrize(
     "pixel",
-    [WinclipWindows(window_sizes=(2, 3)), FadeZeroShot(scales=(128, 192), grid=12, gem_depth=2, prompt_sets=("winclip",))],
+    [WinclipWindows(window_sizes=(2, 3)),
+     FadeZeroShot(scales=(128, 192), grid=12, gem_depth=2, prompt_sets=("winclip",))],
     ids=["winclip_windows", "fade_zero_shot"],
 )
 def test_maps_are_batch_invariant(pixel):

@@ -25,7 +25,8 @@ def test_level_statistics_and_class_index_masks(tmp_path):
     assert list(out["category"]) == ["c"] and out["problems"][0] == ""
     st = stats_from_row(out["neg"][0], out["pos"][0], out["pro"][0], out["n_regions"][0])
     small = np.asarray(Image.fromarray(mask * 127).resize((10, 8), Image.NEAREST)) > 0
-    ref = LevelStats().add(heatmap.quantise(m1, 0, 1).astype(np.int64), small).add(heatmap.quantise(m2, 0, 1).astype(np.int64), np.zeros((8, 10), bool))
+    ref = LevelStats().add(heatmap.quantise(m1, 0, 1).astype(np.int64), small)
+    ref = ref.add(heatmap.quantise(m2, 0, 1).astype(np.int64), np.zeros((8, 10), bool))
     assert np.array_equal(st.neg, ref.neg) and np.array_equal(st.pos, ref.pos) and st.n_regions == ref.n_regions == 1
     assert st.pos.sum() == small.sum() > 0
 

@@ -51,7 +51,8 @@ def build_banks(spec, tmp_path, refs: dict[str, list[np.ndarray]]):
         out = stage(image_batch(images, [cat] * len(images), image_id=ids))
         assert list(out["status"]) == ["ok"] * len(images) and np.all(out["bank_ms"] > 0) and "image" not in out
         assert set(out["bank_precision"]) == {"fp32"} and len(set(out["bank_part"])) == 1  # one part per category
-        parts = [{"name": out["bank_part"][0], "bytes": int(out["bank_part_bytes"][0]), "sha256": out["bank_part_sha256"][0]}]
+        parts = [{"name": out["bank_part"][0], "bytes": int(out["bank_part_bytes"][0]),
+                  "sha256": out["bank_part_sha256"][0]}]
         uri = manifest_uri(run_dir, cat)
         write_manifest(uri, {"category": cat, "digest": digest, "precision": "fp32", "image_ids": ids, "parts": parts,
                              "k": len(images)})
@@ -173,7 +174,8 @@ def test_stored_banks_are_reused_and_a_changed_spec_is_an_error(tmp_path):
     chosen = pd.DataFrame({"category": ["gear"], "shot": [0], "uri": ["/r/0.png"], "image_id": ["x"], "etag": [None],
                            "size": pd.array([10], "Int64"), "mtime": pd.array([1.0], "Float64")})
     entries = fewshot_run.bank_entries(spec, chosen, run_dir, "fp32")
-    write_manifest(entries["gear"]["uri"], {"category": "gear", "digest": entries["gear"]["digest"], "precision": "fp32",
+    write_manifest(entries["gear"]["uri"],
+                   {"category": "gear", "digest": entries["gear"]["digest"], "precision": "fp32",
                                             "image_ids": ["x"], "parts": [], "k": 1})
 
     def no_session():

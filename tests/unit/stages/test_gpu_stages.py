@@ -36,7 +36,8 @@ from tests.helpers.batches import image_batch
 SOURCE = contracts.load("inputs").names
 #: bf16 against fp32 on the tiny models, max |difference| (scores and probability maps on [0, 1];
 #: APRIL-GAN's maps on [0, 4]); README "GPU execution" and BENCHMARKS.md give the figures
-TOLERANCE = {"none": (0.02, 0.0), "winclip_windows": (0.02, 0.02), "fade_zero_shot": (0.02, 0.02), "april_gan": (0.02, 0.05)}
+TOLERANCE = {"none": (0.02, 0.0), "winclip_windows": (0.02, 0.02), "fade_zero_shot": (0.02, 0.02),
+             "april_gan": (0.02, 0.05)}
 PIXELS = {"none": NoPixelMap(), "winclip_windows": WinclipWindows(),
           "fade_zero_shot": FadeZeroShot(scales=(128, 192), grid=16, gem_depth=2, vision_multiplier=1.0),
           "april_gan": AprilGanAdapters(layers=(2, 4, 6, 8), image_size=128)}
@@ -48,7 +49,8 @@ def _images(n, sizes=((96, 112), (64, 64), (80, 120)), seed=0):
 
 
 def _scores(kind, prec, images):
-    stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=None, precision=prec), ZeroShotImageScore(), pixel=PIXELS[kind])
+    stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=None, precision=prec), ZeroShotImageScore(),
+                           pixel=PIXELS[kind])
     stage.setup()
     return stage, stage.score_images(images, ["widget"] * len(images))
 
@@ -104,8 +106,8 @@ def test_clip_batch_is_split_and_only_rows_that_do_not_fit_alone_fail(monkeypatc
 
 
 def test_tiles_of_a_row_are_split_too(monkeypatch):
-    stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=None), ZeroShotImageScore(), tiling=TilingSpec(min_tile=48,
-                                                                                                             tile_map_size=16))
+    stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=None), ZeroShotImageScore(),
+                           tiling=TilingSpec(min_tile=48, tile_map_size=16))
     image = _images(1, sizes=((96, 96),))[0]
     tiles = np.array([[0, 0, 0, 48, 48], [1, 48, 0, 96, 48], [2, 0, 48, 48, 96]], np.int64)
     batch = image_batch([image], "widget", tiles=np.array([tiles], dtype=object))
@@ -142,7 +144,8 @@ def test_sam_refine_fails_the_image_that_does_not_fit(engine, monkeypatch):
     refine = SamRefineStage(SamRefineSpec(), SamSpec(model="tiny"), engine=engine)
     images = _images(2, sizes=((64, 64), (128, 128)), seed=3)
     maps = [np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)] * 2
-    batch = image_batch(images, "widget", anomaly_map=np.array(maps + [None], dtype=object)[:2], score=np.array([0.9, 0.9]),
+    batch = image_batch(images, "widget", anomaly_map=np.array(maps + [None], dtype=object)[:2],
+                        score=np.array([0.9, 0.9]),
                         max_pixel_score=np.array([1.0, 1.0]))
     monkeypatch.setenv(precision.INJECT_ENV, "sam_refine:5000")
     out = refine(batch)
@@ -155,9 +158,11 @@ def test_fused_stage_equals_the_stages_one_after_another(engine):
     tiling = TilingSpec(min_tile=64, tile_map_size=16)
 
     def stages():
-        fg = ForegroundStage(ForegroundSpec(kind="sam_dis", points_per_side=4), SamSpec(model="tiny"), share_embedding=True)
+        fg = ForegroundStage(ForegroundSpec(kind="sam_dis", points_per_side=4), SamSpec(model="tiny"),
+                             share_embedding=True)
         fg.engine, fg._ready = engine, True
-        clip = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=None), ZeroShotImageScore(), pixel=WinclipWindows(), tiling=tiling)
+        clip = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=None), ZeroShotImageScore(), pixel=WinclipWindows(),
+                              tiling=tiling)
         return [fg, TilingStage(tiling), clip, AggregateStage(AggregationSpec(), MapOutputSpec(map_size=32)),
                 SamRefineStage(SamRefineSpec(), SamSpec(model="tiny"), engine=engine, shared_embedding=True)]
 
@@ -167,7 +172,8 @@ def test_fused_stage_equals_the_stages_one_after_another(engine):
     for stage in stages():
         one_by_one = stage(one_by_one)
     fused = FusedStage(stages())
-    assert fused.requires == ("image", "status", "error_stage", "error_type", "error_message", "height", "width", "category")
+    assert fused.requires == ("image", "status", "error_stage", "error_type", "error_message", "height", "width",
+                              "category")
     assert "sam_embedding" in fused.drops and "sam_embedding" not in fused.produces and "refined" in fused.produces
     out = fused(dict(batch))
     assert set(out) == set(one_by_one) and "sam_embedding" not in out
@@ -183,15 +189,16 @@ def test_fuse_models_plans_one_actor_pool():
     plan = build_plan(spec, source=SOURCE)
     assert [p.name for p in plan] == ["decode", "models", "encode"]
     fused = plan[1]
-    assert fused.kind == "actor" and [p.name for p in fused.stage.parts] == ["foreground", "tiling", "clip_score", "aggregate",
-                                                                           "sam_refine"]
+    assert fused.kind == "actor" and [p.name for p in fused.stage.parts] == ["foreground", "tiling", "clip_score",
+                                                                             "aggregate", "sam_refine"]
     # resources.clip_score's pool, the largest num_gpus / num_cpus of the fused model stages
     assert (fused.resources.num_gpus, fused.resources.num_cpus, fused.resources.memory) == (0.5, 2, 1000)
     assert fused.resources.batch_size == spec.resources.clip_score.batch_size
     assert find_stage(plan, "clip_score") is fused.stage.parts[2]
     fused.stage.use_gpu = True
     assert all(p.use_gpu for p in fused.stage.parts if p.kind == "actor")
-    unfused = build_plan(load_spec("jobs/vvv.yaml", overrides=["clip.weights=null", "sam.weights=null", "allow_random_weights=true"]),
+    unfused = build_plan(load_spec("jobs/vvv.yaml",
+                                   overrides=["clip.weights=null", "sam.weights=null", "allow_random_weights=true"]),
                          source=SOURCE)
     assert [p.name for p in unfused] == ["decode", "foreground", "tiling", "clip_score", "aggregate", "encode"]
     single = build_plan(load_spec("jobs/default.yaml", overrides=["clip.weights=null", "allow_random_weights=true",

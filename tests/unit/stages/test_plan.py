@@ -19,7 +19,8 @@ def test_the_plan_follows_the_spec():
     assert [(p.name, p.kind) for p in vvv] == [("decode", "task"), ("foreground", "actor"), ("tiling", "task"),
                                                ("clip_score", "actor"), ("aggregate", "task"), ("encode", "task")]
     resources = load_spec("jobs/vvv.yaml", TINY + ["sam.model=tiny", "sam.weights=null"]).resources
-    assert [p.resources for p in vvv] == [resources.decode, resources.foreground, resources.tiling, resources.clip_score,
+    assert [p.resources for p in vvv] == [resources.decode, resources.foreground, resources.tiling,
+                                          resources.clip_score,
                                           resources.aggregate, resources.encode]  # each its own section
     spec = load_spec("jobs/smoke.yaml", ["resources.encode.batch_size=7"])
     assert build_plan(spec, source=SOURCE)[-1].resources.batch_size == 7
@@ -48,7 +49,8 @@ class _NoResources(_NeedsMasks):
 
 
 def test_a_missing_required_column_fails_when_the_plan_is_built():
-    with pytest.raises(PlanError, match=r"stage 'aggregate' requires column\(s\) 'sam_mask' that no earlier stage produces"):
+    with pytest.raises(PlanError,
+                       match=r"stage 'aggregate' requires column\(s\) 'sam_mask' that no earlier stage produces"):
         build_plan(load_spec("jobs/smoke.yaml"), source=SOURCE, order=STAGE_ORDER + (_NeedsMasks,))
 
 

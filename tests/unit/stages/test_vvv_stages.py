@@ -43,7 +43,8 @@ def dataset(tmp_path_factory):
 
 def _chain(images, fg: ForegroundSpec, sam: SamSpec | None = None, pixel=WinclipWindows(), top_fraction=0.25):
     clip = ClipScoreStage(TINY, ZeroShotImageScore(), pixel=pixel, tiling=TILING)
-    stages = [ForegroundStage(fg, sam), TilingStage(TILING), clip, AggregateStage(AggregationSpec(top_fraction=top_fraction),
+    stages = [ForegroundStage(fg, sam), TilingStage(TILING), clip,
+              AggregateStage(AggregationSpec(top_fraction=top_fraction),
                                                                                     MapOutputSpec(map_size=128))]
     batch = image_batch(images, "pills")
     for stage in stages:
@@ -64,7 +65,8 @@ def test_classical_foreground_tiles_each_instance_and_aggregates(dataset):
         for x0, y0, x1, y1 in meta["boxes"]:  # every instance's centre lies inside one of its tiles
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
             assert any(t[1] <= cx < t[3] and t[2] <= cy < t[4] for t in tiles)
-        assert (tiles[:, 1] >= 0).all() and (tiles[:, 2] >= 0).all() and (tiles[:, 3] <= w).all() and (tiles[:, 4] <= h).all()
+        assert (tiles[:, 1] >= 0).all() and (tiles[:, 2] >= 0).all()
+        assert (tiles[:, 3] <= w).all() and (tiles[:, 4] <= h).all()
         # the tile scores equal scoring each crop alone, and the image score follows the top-25% rule
         crops = [images[i][y0:y1, x0:x1] for _, x0, y0, x1, y1 in tiles]
         alone = np.concatenate([clip.score_images([c], ["pills"], map_side=32)["score"] for c in crops])
@@ -94,7 +96,8 @@ def test_blank_image_falls_back_to_whole_image_scoring(dataset):
 
 def test_tiny_sam_foreground_runs_and_counts_parts(dataset):
     _, images = dataset
-    fg = ForegroundSpec(kind="sam_dis", points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_inside=0.5)
+    fg = ForegroundSpec(kind="sam_dis", points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                        min_inside=0.5)
     out, _ = _chain(images[:2], fg, SamSpec(model="tiny"))
     for i in range(2):
         assert out["status"][i] == "ok", out["error_message"][i]
@@ -146,7 +149,8 @@ def test_sam_dis_uses_the_onnx_foreground_model_through_the_weights_spec(tmp_pat
     model = save_dis_model(tmp_path / "dis.onnx", size=32)
     image = red_blue_image(60, 80)  # red (foreground for this model) on the left half, blue on the right
     fg_spec = ForegroundSpec(kind="sam_dis", dis_model={"path": model}, dis_input_size=32, points_per_side=8,
-                             pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0, min_component_fraction=0)
+                             pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0,
+                             min_component_fraction=0)
     stage = ForegroundStage(fg_spec, SamSpec(model="tiny"))
     stage.setup()
     assert stage.dis is not None

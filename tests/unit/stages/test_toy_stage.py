@@ -2,8 +2,9 @@
 test, and a tiny job run through it with the in-process executor:
 
 1. the stage class (here ``ToyStage``; in the tree, ``pipeline/stages/toy.py``);
-2. its spec section and ``resources.toy`` (here subclasses of the spec models; in the tree, in
-   ``pipeline/config.py``);
+2. its spec section and ``resources.toy`` (here subclasses of the spec models; in the tree,
+   ``pipeline/config/toy.py``, its ``JobSpec`` field in ``config/job.py``, ``config/resources.py``
+   and README.md's key table);
 3. its place in ``STAGE_ORDER`` (here patched; in the tree, one entry in ``pipeline/stages/plan.py``);
 4. no table stores a column of its own (it replaces ``score``, which ``scores`` stores already);
 5. this test.

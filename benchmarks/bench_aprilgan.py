@@ -40,7 +40,9 @@ def _map(n_images: int) -> dict:
 
     spec = load_spec(os.path.join(REPO, "jobs", "aprilgan.yaml"),
                      ["clip.weights=null", "pixel.weights=null", "allow_random_weights=true"])
-    stage = ClipScoreStage(spec.clip, spec.score, pixel=spec.pixel, maps=MapOutputSpec(map_size=256), map_range=spec.map_range())
+    stage = ClipScoreStage(
+        spec.clip, spec.score, pixel=spec.pixel, maps=MapOutputSpec(map_size=256), map_range=spec.map_range()
+    )
     stage.setup()
     stage.text_classifier("bottle")
     rng = np.random.default_rng(0)
@@ -53,8 +55,12 @@ def _map(n_images: int) -> dict:
             stage.score_images([img], ["bottle"])
         if i:
             times.append(time.perf_counter() - t0)
-    return {"seconds_per_image_min": round(min(times), 3), "seconds_per_image_median": round(sorted(times)[len(times) // 2], 3),
-            "rss_after_setup_mb": round(base, 1), "peak_rss_mb": round(rss_mb(), 1)}
+    return {
+        "seconds_per_image_min": round(min(times), 3),
+        "seconds_per_image_median": round(sorted(times)[len(times) // 2], 3),
+        "rss_after_setup_mb": round(base, 1),
+        "peak_rss_mb": round(rss_mb(), 1),
+    }
 
 
 def _steps(model_name: str, size: int, batch: int, layers: tuple[int, ...], steps: int) -> dict:
@@ -84,10 +90,15 @@ def _steps(model_name: str, size: int, batch: int, layers: tuple[int, ...], step
         training.train_step(visual, adapters, optimizer, x, masks, text, layers)
         if i:
             times.append(time.perf_counter() - t0)
-    return {"batch": batch, "size": size, "seconds_per_step_min": round(min(times), 3),
-            "seconds_per_step_median": round(sorted(times)[len(times) // 2], 3),
-            "seconds_per_image_median": round(sorted(times)[len(times) // 2] / batch, 3),
-            "rss_after_setup_mb": round(base, 1), "peak_rss_mb": round(rss_mb(), 1)}
+    return {
+        "batch": batch,
+        "size": size,
+        "seconds_per_step_min": round(min(times), 3),
+        "seconds_per_step_median": round(sorted(times)[len(times) // 2], 3),
+        "seconds_per_image_median": round(sorted(times)[len(times) // 2] / batch, 3),
+        "rss_after_setup_mb": round(base, 1),
+        "peak_rss_mb": round(rss_mb(), 1),
+    }
 
 
 def measure(kind: str, n_images: int, steps: int, threads: int) -> dict:
@@ -117,9 +128,23 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.images, args.steps, args.threads)))
         return
     for kind in args.only.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", kind, "--images", str(args.images), "--steps", str(args.steps),
-                              "--threads", str(args.threads)], capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                kind,
+                "--images",
+                str(args.images),
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        )
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"{kind} failed")

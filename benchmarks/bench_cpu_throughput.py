@@ -25,8 +25,8 @@ import tempfile
 import time
 
 import numpy as np
-from PIL import Image
 from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from PIL import Image
 
 RANDOM = ["clip.weights=null", "allow_random_weights=true"]
 

@@ -29,10 +29,10 @@ from PIL import Image
 
 
 def make_run(root: str, n: int, size: int) -> str:
+    import pandas as pd
+
     from pipeline.io.manifest import image_id_for, write_manifest
     from pipeline.ops import heatmap
-
-    import pandas as pd
 
     run = os.path.join(root, "out", "bench")
     os.makedirs(os.path.join(run, "masks"), exist_ok=True)
@@ -46,7 +46,10 @@ def make_run(root: str, n: int, size: int) -> str:
         iid = image_id_for(uri)
         label = int(i % 2)
         small = np.roll(base, i, axis=0) * 0.5 + rng.random(base.shape) * 0.2
-        m = np.asarray(Image.fromarray((small * 65535).astype(np.uint16)).resize((size, size), Image.BILINEAR)) / 65535.0
+        m = (
+            np.asarray(Image.fromarray((small * 65535).astype(np.uint16)).resize((size, size), Image.BILINEAR))
+            / 65535.0
+        )
         mask_uri = None
         if label:
             mask = np.zeros((size, size), np.uint8)
@@ -55,21 +58,48 @@ def make_run(root: str, n: int, size: int) -> str:
             mask_uri = os.path.join(root, "gt", f"img_{i:04d}_mask.png")
             Image.fromarray(mask).save(mask_uri)
             m = np.clip(m + (mask > 0) * 0.3, 0, 1)
-        mrows.append({"image_id": iid, "category": "bench", "status": "ok", "map_png": heatmap.encode_png16(m, 0.0, 1.0)})
-        rows.append({"uri": uri, "image_id": iid, "category": "bench", "gt_label": label, "mask_uri": mask_uri,
-                     "size": None, "mtime": None, "etag": None, "score": float(m.max())})
+        mrows.append(
+            {"image_id": iid, "category": "bench", "status": "ok", "map_png": heatmap.encode_png16(m, 0.0, 1.0)}
+        )
+        rows.append(
+            {
+                "uri": uri,
+                "image_id": iid,
+                "category": "bench",
+                "gt_label": label,
+                "mask_uri": mask_uri,
+                "size": None,
+                "mtime": None,
+                "etag": None,
+                "score": float(m.max()),
+            }
+        )
     df = pd.DataFrame(rows)
     df["gt_label"] = df["gt_label"].astype("Int64")
     df["size"] = pd.array([None] * n, dtype="Int64")
     df["mtime"] = pd.array([None] * n, dtype="Float64")
     write_manifest(df.drop(columns=["score"]), os.path.join(run, "inputs.parquet"))
-    pq.write_table(pa.table({"image_id": df["image_id"], "category": df["category"], "status": ["ok"] * n,
-                             "score": df["score"], "max_pixel_score": df["score"]}), os.path.join(run, "scores", "part-00000.parquet"))
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": df["image_id"],
+                "category": df["category"],
+                "status": ["ok"] * n,
+                "score": df["score"],
+                "max_pixel_score": df["score"],
+            }
+        ),
+        os.path.join(run, "scores", "part-00000.parquet"),
+    )
     for k in range(0, n, 50):  # masks part files of 50 rows: one evaluation task each
-        pq.write_table(pa.Table.from_pylist(mrows[k : k + 50]), os.path.join(run, "masks", f"part-{k // 50:05d}.parquet"))
+        pq.write_table(
+            pa.Table.from_pylist(mrows[k : k + 50]), os.path.join(run, "masks", f"part-{k // 50:05d}.parquet")
+        )
     with open(os.path.join(run, "run.json"), "w") as fh:
-        json.dump({"run_id": "bench", "status": "succeeded", "random_weights": True,
-                   "model": {"pixel_method": "synthetic"}}, fh)
+        json.dump(
+            {"run_id": "bench", "status": "succeeded", "random_weights": True, "model": {"pixel_method": "synthetic"}},
+            fh,
+        )
     return run
 
 
@@ -117,7 +147,13 @@ def main() -> None:
                     rss = _rss_kb(pid)
                     peaks["driver"] = max(peaks["driver"], rss)
                     total += rss
-                elif "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd or "ray/_private" in cmd or "dashboard" in cmd:
+                elif (
+                    "ray::" in cmd
+                    or "raylet" in cmd
+                    or "gcs_server" in cmd
+                    or "ray/_private" in cmd
+                    or "dashboard" in cmd
+                ):
                     rss = _rss_kb(pid)
                     if "ray::" in cmd:
                         peaks["worker_max"] = max(peaks["worker_max"], rss)

@@ -75,11 +75,18 @@ def build(method: str, folder: str, threads: int) -> dict:
     sizes = {}
     for k in SHOTS:
         tensors = {key: np.concatenate([f[key] for f in feats[:k]]) for key in feats[0]}
-        sizes[k] = write_bank(os.path.join(folder, f"{method}-{k}.safetensors"), tensors, {"digest": f"bench-{k}", "k": k})
-    return {"phase": "build", "method": method, "reference_images": len(times),
-            "seconds_per_reference_min": round(min(times), 3),
-            "seconds_per_reference_median": round(sorted(times)[len(times) // 2], 3),
-            "bank_mb": {k: round(v / 2**20, 1) for k, v in sizes.items()}, "peak_rss_mb": round(rss_mb(), 1)}
+        sizes[k] = write_bank(
+            os.path.join(folder, f"{method}-{k}.safetensors"), tensors, {"digest": f"bench-{k}", "k": k}
+        )
+    return {
+        "phase": "build",
+        "method": method,
+        "reference_images": len(times),
+        "seconds_per_reference_min": round(min(times), 3),
+        "seconds_per_reference_median": round(sorted(times)[len(times) // 2], 3),
+        "bank_mb": {k: round(v / 2**20, 1) for k, v in sizes.items()},
+        "peak_rss_mb": round(rss_mb(), 1),
+    }
 
 
 def score(method: str, k: int, folder: str, n_images: int, threads: int) -> dict:
@@ -91,8 +98,14 @@ def score(method: str, k: int, folder: str, n_images: int, threads: int) -> dict
     stage = ClipScoreStage.from_spec(spec_for(method))
     stage.setup()
     if k:
-        stage.banks = {"object": {"uri": os.path.join(folder, f"{method}-{k}.safetensors"), "digest": f"bench-{k}", "k": k,
-                                  "reference_digest": "bench"}}
+        stage.banks = {
+            "object": {
+                "uri": os.path.join(folder, f"{method}-{k}.safetensors"),
+                "digest": f"bench-{k}",
+                "k": k,
+                "reference_digest": "bench",
+            }
+        }
     stage.text_classifier("object")
     if method == "fade":
         stage.pixel_text_classifier()
@@ -104,17 +117,27 @@ def score(method: str, k: int, folder: str, n_images: int, threads: int) -> dict
         if i:
             times.append(time.perf_counter() - t0)
     assert out["few_shot_k"][0] == k, out["few_shot_k"]
-    return {"phase": "score", "method": method, "k": k, "images": n_images,
-            "seconds_per_image_min": round(min(times), 3),
-            "seconds_per_image_median": round(sorted(times)[len(times) // 2], 3),
-            "rss_after_setup_mb": round(setup_rss, 1), "peak_rss_mb": round(rss_mb(), 1)}
+    return {
+        "phase": "score",
+        "method": method,
+        "k": k,
+        "images": n_images,
+        "seconds_per_image_min": round(min(times), 3),
+        "seconds_per_image_median": round(sorted(times)[len(times) // 2], 3),
+        "rss_after_setup_mb": round(setup_rss, 1),
+        "peak_rss_mb": round(rss_mb(), 1),
+    }
 
 
 def child(args: list[str], threads: int, images_per_run: int) -> dict:
     extra = ["--bank-chunk", BANK_CHUNK[0].split("=")[1]] if BANK_CHUNK else []
     extra += ["--threads", str(threads), "--images", str(images_per_run)]
-    out = subprocess.run([sys.executable, __file__, *extra, "--one", *args], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    out = subprocess.run(
+        [sys.executable, __file__, *extra, "--one", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     if out.returncode:
         print(out.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"{' '.join(args)} failed")
@@ -154,14 +177,18 @@ def main() -> None:
                 runs[k] = child(["score", method, str(k), folder], args.threads, args.images)
                 print(json.dumps(runs[k]), flush=True)
             rows.append((method, built, runs))
-    print("\n| method | bank build s/reference (median) | zero-shot s/image | k | few-shot s/image | overhead s/image | bank MB | peak RSS scoring (MB) |")
+    print(
+        "\n| method | bank build s/reference (median) | zero-shot s/image | k | few-shot s/image | overhead s/image | bank MB | peak RSS scoring (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for method, built, runs in rows:
         zs = runs[0]["seconds_per_image_median"] if 0 in runs else float("nan")
         for k in (k for k in SHOTS if k in runs):
             r = runs[k]
-            print(f"| {method} | {built['seconds_per_reference_median']} | {zs} | {k} | {r['seconds_per_image_median']} | "
-                  f"{r['seconds_per_image_median'] - zs:+.3f} | {built['bank_mb'][str(k)]} | {r['peak_rss_mb']} |")
+            print(
+                f"| {method} | {built['seconds_per_reference_median']} | {zs} | {k} | {r['seconds_per_image_median']} | "
+                f"{r['seconds_per_image_median'] - zs:+.3f} | {built['bank_mb'][str(k)]} | {r['peak_rss_mb']} |"
+            )
 
 
 if __name__ == "__main__":

@@ -71,8 +71,14 @@ def phase_features(model_name: str) -> dict:
             _, tokens, grid = mutual.image_features(model.visual, batch, layers)
             mutual.query_features(tokens, layers, (1, 3, 5), grid)
             times.append((time.perf_counter() - t0) / 2)
-    return {"model": model_name, "size": size, "grid": grid, "width": tokens[0].shape[-1],
-            "ms_per_image": round(1000 * min(times[1:]), 1), "peak_rss_mb": round(rss_mb(), 1)}
+    return {
+        "model": model_name,
+        "size": size,
+        "grid": grid,
+        "width": tokens[0].shape[-1],
+        "ms_per_image": round(1000 * min(times[1:]), 1),
+        "peak_rss_mb": round(rss_mb(), 1),
+    }
 
 
 def phase_scoring(model_name: str, r: int) -> dict:
@@ -94,8 +100,16 @@ def phase_scoring(model_name: str, r: int) -> dict:
     t0 = time.perf_counter()
     mutual.mutual_map(q, pool, grid, k, exclude, spec.query_chunk, spec.pool_chunk)
     s = time.perf_counter() - t0
-    return {"model": model_name, "R": r, "K": k, "patches": m, "width": width, "ms_per_image": round(1000 * s, 1),
-            "pool_mb": round(len(layers) * (r + 1) * m * width * 4 / 2**20, 1), "peak_rss_mb": round(rss_mb(), 1)}
+    return {
+        "model": model_name,
+        "R": r,
+        "K": k,
+        "patches": m,
+        "width": width,
+        "ms_per_image": round(1000 * s, 1),
+        "pool_mb": round(len(layers) * (r + 1) * m * width * 4 / 2**20, 1),
+        "peak_rss_mb": round(rss_mb(), 1),
+    }
 
 
 def phase_archive(r: int) -> dict:
@@ -104,8 +118,16 @@ def phase_archive(r: int) -> dict:
     from pipeline.config import load_spec
     from pipeline.stages.clip_score import ClipScoreStage
 
-    tiny = ["clip.model=zsad-tiny", "clip.weights=null", "allow_random_weights=true", "resources.clip_score.num_gpus=0",
-            "pixel.layers=[2,4,6,8]", "pixel.image_size=128", "maps.map_size=64", f"mutual.pool_size={r}"]
+    tiny = [
+        "clip.model=zsad-tiny",
+        "clip.weights=null",
+        "allow_random_weights=true",
+        "resources.clip_score.num_gpus=0",
+        "pixel.layers=[2,4,6,8]",
+        "pixel.image_size=128",
+        "maps.map_size=64",
+        f"mutual.pool_size={r}",
+    ]
     spec = load_spec(os.path.join(HERE, "..", "jobs", "musc.yaml"), tiny)
     stage = ClipScoreStage.from_spec(spec)
     stage.setup()
@@ -114,9 +136,10 @@ def phase_archive(r: int) -> dict:
     import torch
 
     stage.pools = {"cat": {"images": r + 1}}
-    stage._pool_cache["cat"] = {"layers": {l: torch.from_numpy(np.concatenate([f[f"layer{l}"] for f in feats]))
-                                           for l in spec.pixel.layers},
-                                "ids": [f"pool{i}" for i in range(r + 1)]}
+    stage._pool_cache["cat"] = {
+        "layers": {l: torch.from_numpy(np.concatenate([f[f"layer{l}"] for f in feats])) for l in spec.pixel.layers},
+        "ids": [f"pool{i}" for i in range(r + 1)],
+    }
     rows = []
     base_rss = rss_mb()
     stage.score_images(_images(8, 128, 99), ["cat"] * 8, image_ids=[f"w{i}" for i in range(8)])  # warm-up
@@ -124,17 +147,31 @@ def phase_archive(r: int) -> dict:
         t0 = time.perf_counter()
         for b0 in range(0, n, 8):
             b = min(8, n - b0)
-            stage.score_images(_images(b, 128, 1000 * n + b0), ["cat"] * b, image_ids=[f"q{n}-{b0 + i}" for i in range(b)])
+            stage.score_images(
+                _images(b, 128, 1000 * n + b0), ["cat"] * b, image_ids=[f"q{n}-{b0 + i}" for i in range(b)]
+            )
         s = time.perf_counter() - t0
-        rows.append({"category_images": n, "seconds": round(s, 2), "ms_per_image": round(1000 * s / n, 2),
-                     "peak_rss_mb": round(rss_mb(), 1)})
+        rows.append(
+            {
+                "category_images": n,
+                "seconds": round(s, 2),
+                "ms_per_image": round(1000 * s / n, 2),
+                "peak_rss_mb": round(rss_mb(), 1),
+            }
+        )
     return {"R": r, "pool_loaded_rss_mb": round(base_rss, 1), "categories": rows}
 
 
 def _child(args: list[str], threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": os.path.join(HERE, "..")}
-    out = subprocess.run([sys.executable, __file__, "--child", *args, "--threads", str(threads)], env=env,
-                         capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "PYTHONPATH": os.path.join(HERE, ".."),
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args, "--threads", str(threads)], env=env, capture_output=True, text=True
+    )
     if out.returncode:
         raise SystemExit(f"phase {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -144,8 +181,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phases", default="features,scoring,archive")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--scoring", default="ViT-B-16-plus-240:50,ViT-B-16-plus-240:200,ViT-L-14-336:50",
-                    help="MODEL:R pairs for the scoring phase")
+    ap.add_argument(
+        "--scoring",
+        default="ViT-B-16-plus-240:50,ViT-B-16-plus-240:200,ViT-L-14-336:50",
+        help="MODEL:R pairs for the scoring phase",
+    )
     ap.add_argument("--archive-r", default="50,200")
     ap.add_argument("--json")
     ap.add_argument("--child", nargs="*")
@@ -155,35 +195,52 @@ def main() -> None:
 
         torch.set_num_threads(a.threads)
         kind, *rest = a.child
-        result = {"features": lambda: phase_features(rest[0]), "scoring": lambda: phase_scoring(rest[0], int(rest[1])),
-                  "archive": lambda: phase_archive(int(rest[0]))}[kind]()
+        result = {
+            "features": lambda: phase_features(rest[0]),
+            "scoring": lambda: phase_scoring(rest[0], int(rest[1])),
+            "archive": lambda: phase_archive(int(rest[0])),
+        }[kind]()
         print(json.dumps(result))
         return
     sys.path.insert(0, HERE)
     from _machine import cpu_name
 
-    results: dict = {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d"), "threads": a.threads, "random_weights": True}
+    results: dict = {
+        "machine": cpu_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "threads": a.threads,
+        "random_weights": True,
+    }
     phases = a.phases.split(",")
     if "features" in phases:
         results["features"] = [_child(["features", m], a.threads) for m in BACKBONES]
         for row in results["features"]:
-            print(f"features {row['model']} @{row['size']}: {row['ms_per_image']} ms/image, peak RSS {row['peak_rss_mb']} MB", flush=True)
+            print(
+                f"features {row['model']} @{row['size']}: {row['ms_per_image']} ms/image, peak RSS {row['peak_rss_mb']} MB",
+                flush=True,
+            )
     if "scoring" in phases:
         results["scoring"] = []
         for pair in a.scoring.split(","):
             model, r = pair.split(":")
             row = _child(["scoring", model, r], a.threads)
             results["scoring"].append(row)
-            print(f"scoring {model} R={r} (K={row['K']}): {row['ms_per_image']} ms/image, pool {row['pool_mb']} MB, "
-                  f"peak RSS {row['peak_rss_mb']} MB", flush=True)
+            print(
+                f"scoring {model} R={r} (K={row['K']}): {row['ms_per_image']} ms/image, pool {row['pool_mb']} MB, "
+                f"peak RSS {row['peak_rss_mb']} MB",
+                flush=True,
+            )
     if "archive" in phases:
         results["archive"] = []
         for r in a.archive_r.split(","):
             row = _child(["archive", r], a.threads)
             results["archive"].append(row)
             for c in row["categories"]:
-                print(f"archive R={r}: {c['category_images']} images in {c['seconds']} s = {c['ms_per_image']} ms/image, "
-                      f"peak RSS {c['peak_rss_mb']} MB (pool loaded: {row['pool_loaded_rss_mb']} MB)", flush=True)
+                print(
+                    f"archive R={r}: {c['category_images']} images in {c['seconds']} s = {c['ms_per_image']} ms/image, "
+                    f"peak RSS {c['peak_rss_mb']} MB (pool loaded: {row['pool_loaded_rss_mb']} MB)",
+                    flush=True,
+                )
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -110,7 +110,9 @@ def check_code(repo: Path, workers: bool, timeout: float = 180) -> list[str]:
         sys.exit(f"bench_passes: the code-location check did not finish within {timeout} s")
     lines = [ln for ln in res.stdout.splitlines() if ln.split(" ", 1)[0] in ("driver", "task", "actor")]
     if res.returncode != 0 or len(lines) != (3 if workers else 1):
-        sys.exit(f"bench_passes: the code-location check failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr[-3000:]}")
+        sys.exit(
+            f"bench_passes: the code-location check failed (exit {res.returncode}):\n{res.stdout}\n{res.stderr[-3000:]}"
+        )
     bad = [ln for ln in lines if not ln.split()[1].startswith(want)]
     if bad:
         sys.exit(f"bench_passes: `import pipeline` does not resolve to {want} with the run's environment: {bad}")
@@ -121,8 +123,10 @@ def make_images(root: Path, categories: int, images: int, size: int) -> list[lis
     """``images`` PNGs per category for ``categories`` categories (category c: seeds from c * 10000)."""
     from tests.helpers.badfiles import write_good_images
 
-    return [write_good_images(root / "images" / f"cat{c:02d}", images, size=(size, size), seed=c * 10000)
-            for c in range(categories)]
+    return [
+        write_good_images(root / "images" / f"cat{c:02d}", images, size=(size, size), seed=c * 10000)
+        for c in range(categories)
+    ]
 
 
 def make_input(root: Path, pools: list[list[Path]], categories: int) -> Path:
@@ -156,18 +160,29 @@ def main() -> None:
     ap.add_argument("--categories", type=int, nargs="+", default=[1, 6, 15])
     ap.add_argument("--images", type=int, default=40, help="images per category")
     ap.add_argument("--image-size", type=int, default=96, help="side of the generated PNGs (px)")
-    ap.add_argument("--pool-size", type=int, default=None,
-                    help="mutual.pool_size (default: --images, so that the pool is the whole category)")
-    ap.add_argument("--repo", default=str(HERE_REPO),
-                    help="the checkout whose code runs (cwd, jobs/, PYTHONPATH); default: this script's repository")
+    ap.add_argument(
+        "--pool-size",
+        type=int,
+        default=None,
+        help="mutual.pool_size (default: --images, so that the pool is the whole category)",
+    )
+    ap.add_argument(
+        "--repo",
+        default=str(HERE_REPO),
+        help="the checkout whose code runs (cwd, jobs/, PYTHONPATH); default: this script's repository",
+    )
     ap.add_argument("--job", default="jobs/musc.yaml", help="job spec, relative to --repo")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra spec override k=v (repeatable)")
     ap.add_argument("--interval", type=float, default=0.2, help="/proc sampling interval (s)")
     ap.add_argument("--timeout", type=float, default=3600, help="per-run limit (s); exceeding it fails")
     ap.add_argument("--json", dest="json_path", help="write every run's record here")
     ap.add_argument("--keep", help="work in this folder and keep it (inputs, outputs, logs)")
-    ap.add_argument("--no-worker-check", dest="worker_check", action="store_false",
-                    help="skip checking in a Ray task and actor where `pipeline` is imported from")
+    ap.add_argument(
+        "--no-worker-check",
+        dest="worker_check",
+        action="store_false",
+        help="skip checking in a Ray task and actor where `pipeline` is imported from",
+    )
     args = ap.parse_args()
     if min(args.categories) < 1 or args.images < 1:
         ap.error("--categories and --images must be >= 1")
@@ -182,16 +197,30 @@ def main() -> None:
     bench_scale.REPO = repo
     os.environ["PYTHONPATH"] = run_env(repo)["PYTHONPATH"]
     try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "--no-optional-locks", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=30).stdout.strip())
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        dirty = bool(
+            subprocess.run(
+                ["git", "--no-optional-locks", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+        )
     except (OSError, subprocess.TimeoutExpired):
         commit, dirty = None, None
     t0 = time.monotonic()
     where = check_code(repo, args.worker_check)
-    print(f"[bench_passes] code from {repo} (commit {commit}{', modified' if dirty else ''}); checked in "
-          f"{time.monotonic() - t0:.1f} s:\n  " + "\n  ".join(where), file=sys.stderr, flush=True)
+    print(
+        f"[bench_passes] code from {repo} (commit {commit}{', modified' if dirty else ''}); checked in "
+        f"{time.monotonic() - t0:.1f} s:\n  " + "\n  ".join(where),
+        file=sys.stderr,
+        flush=True,
+    )
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="zsad-bench-passes-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -201,8 +230,12 @@ def main() -> None:
     try:
         t0 = time.monotonic()
         pools = make_images(root, max(counts), args.images, args.image_size)
-        print(f"[bench_passes] generated {max(counts)} x {args.images} x {args.image_size}px PNGs in "
-              f"{time.monotonic() - t0:.1f} s under {root}", file=sys.stderr, flush=True)
+        print(
+            f"[bench_passes] generated {max(counts)} x {args.images} x {args.image_size}px PNGs in "
+            f"{time.monotonic() - t0:.1f} s under {root}",
+            file=sys.stderr,
+            flush=True,
+        )
         for c in counts:
             input_dir = make_input(root, pools, c)
             run_id = f"passes-{stamp}-c{c}"
@@ -211,12 +244,22 @@ def main() -> None:
             pool_bytes, pool_files = tree_bytes(run_dir / "pools")
             manifest = json.loads((run_dir / "run.json").read_text())
             mutual = manifest.get("mutual") or {}
-            rec.update(categories=c, images_per_category=args.images, pool_bytes=pool_bytes, pool_files=pool_files,
-                       pool_images=mutual.get("pools_pool_images"), pool_pass_s=mutual.get("pools_seconds"))
+            rec.update(
+                categories=c,
+                images_per_category=args.images,
+                pool_bytes=pool_bytes,
+                pool_files=pool_files,
+                pool_images=mutual.get("pools_pool_images"),
+                pool_pass_s=mutual.get("pools_seconds"),
+            )
             runs.append(rec)
-            print(f"[bench_passes] {c} categories: wall {rec['wall_s']} s, driver {rec['driver_peak_rss_mb']} MB, "
-                  f"largest actor {rec['worker_peak_rss_mb']} MB ({rec['worker_peak_name']}), pool files "
-                  f"{pool_bytes} B in {pool_files} files, pool pass {rec['pool_pass_s']} s", file=sys.stderr, flush=True)
+            print(
+                f"[bench_passes] {c} categories: wall {rec['wall_s']} s, driver {rec['driver_peak_rss_mb']} MB, "
+                f"largest actor {rec['worker_peak_rss_mb']} MB ({rec['worker_peak_name']}), pool files "
+                f"{pool_bytes} B in {pool_files} files, pool pass {rec['pool_pass_s']} s",
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -228,38 +271,68 @@ def main() -> None:
 
     machine = f"{os.cpu_count()} CPU cores ({cpu_name()}), {mem_total_gib():.0f} GiB"
     code = f"{repo}" + (f" at {commit}" if commit else "") + (" (modified)" if dirty else "")
-    print(f"\n{dt.date.today().isoformat()}, {machine}; code: {code}; `zsad run {args.job}` "
-          f"{' '.join('--set ' + s for s in sets)} on C categories x {args.images} x {args.image_size}px PNG "
-          "(folder layout, --no-evaluate)\n")
+    print(
+        f"\n{dt.date.today().isoformat()}, {machine}; code: {code}; `zsad run {args.job}` "
+        f"{' '.join('--set ' + s for s in sets)} on C categories x {args.images} x {args.image_size}px PNG "
+        "(folder layout, --no-evaluate)\n"
+    )
     c0 = base["categories"]
-    print(f"| categories | images | driver peak RSS MiB | largest actor peak RSS MiB (name) | wall s | pool pass s | "
-          f"pool files MiB | driver ratio vs {c0} cat | actor ratio vs {c0} cat |")
+    print(
+        f"| categories | images | driver peak RSS MiB | largest actor peak RSS MiB (name) | wall s | pool pass s | "
+        f"pool files MiB | driver ratio vs {c0} cat | actor ratio vs {c0} cat |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         mark = " *" if r["other_ray_processes_seen"] else ""
-        print(f"| {r['categories']}{mark} | {r['images']} | {r['driver_peak_rss_mb']} | {r['worker_peak_rss_mb']} "
-              f"({r['worker_peak_name']}) | {r['wall_s']} | {r['pool_pass_s']} | {r['pool_bytes'] / 2**20:.1f} | "
-              f"{ratio(r, 'driver_peak_rss_mb')} | {ratio(r, 'worker_peak_rss_mb')} |")
-    print("\npool files written (sum of sizes under RUN/pools/): "
-          + ", ".join(f"{r['categories']} cat: {r['pool_bytes']} B ({r['pool_files']} files, {r['pool_images']} pool images)"
-                      for r in runs))
-    print("\nactors (`ray::MapWorker` processes, in start order: the pool pass's come first) peak RSS MiB "
-          "(first-last seen s after the start):")
+        print(
+            f"| {r['categories']}{mark} | {r['images']} | {r['driver_peak_rss_mb']} | {r['worker_peak_rss_mb']} "
+            f"({r['worker_peak_name']}) | {r['wall_s']} | {r['pool_pass_s']} | {r['pool_bytes'] / 2**20:.1f} | "
+            f"{ratio(r, 'driver_peak_rss_mb')} | {ratio(r, 'worker_peak_rss_mb')} |"
+        )
+    print(
+        "\npool files written (sum of sizes under RUN/pools/): "
+        + ", ".join(
+            f"{r['categories']} cat: {r['pool_bytes']} B ({r['pool_files']} files, {r['pool_images']} pool images)"
+            for r in runs
+        )
+    )
+    print(
+        "\nactors (`ray::MapWorker` processes, in start order: the pool pass's come first) peak RSS MiB "
+        "(first-last seen s after the start):"
+    )
     for r in runs:
-        actors = sorted((p for p in r["processes"] if any(n.startswith("ray::MapWorker") for n in p["names"])),
-                        key=lambda p: p["first_seen_s"])
-        print(f"  {r['categories']} cat: " + ", ".join(f"{p['peak_rss_mb']} ({p['first_seen_s']}-{p['last_seen_s']})"
-                                                     for p in actors))
+        actors = sorted(
+            (p for p in r["processes"] if any(n.startswith("ray::MapWorker") for n in p["names"])),
+            key=lambda p: p["first_seen_s"],
+        )
+        print(
+            f"  {r['categories']} cat: "
+            + ", ".join(f"{p['peak_rss_mb']} ({p['first_seen_s']}-{p['last_seen_s']})" for p in actors)
+        )
     if any(r["other_ray_processes_seen"] for r in runs):
         print("\n\\* another Ray (not this run's) was running on the machine during this run: figures disturbed")
 
     if args.json_path:
         from importlib.metadata import version
 
-        doc = {"date": dt.date.today().isoformat(), "machine": machine, "python": platform.python_version(),
-               "torch": version("torch"), "ray": version("ray"), "repo": str(repo), "commit": commit, "modified": dirty,
-               "code_check": where, "job": args.job, "sets": sets, "images_per_category": args.images,
-               "image_size": args.image_size, "categories": counts, "interval_s": args.interval, "runs": runs}
+        doc = {
+            "date": dt.date.today().isoformat(),
+            "machine": machine,
+            "python": platform.python_version(),
+            "torch": version("torch"),
+            "ray": version("ray"),
+            "repo": str(repo),
+            "commit": commit,
+            "modified": dirty,
+            "code_check": where,
+            "job": args.job,
+            "sets": sets,
+            "images_per_category": args.images,
+            "image_size": args.image_size,
+            "categories": counts,
+            "interval_s": args.interval,
+            "runs": runs,
+        }
         Path(args.json_path).write_text(json.dumps(doc, indent=1))
         print(f"\nwrote {args.json_path}", file=sys.stderr)
 

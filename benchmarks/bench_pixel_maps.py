@@ -63,7 +63,10 @@ def measure(kind: str, n_images: int, threads: int) -> dict:
         with torch.inference_mode():
             if kind.startswith("gem"):
                 size = int(kind[3:])
-                x = clip_models.preprocess_images([torch.from_numpy(img)], clip_models.Preprocess(size, stage.preprocess.mean, stage.preprocess.std, "pil"))
+                x = clip_models.preprocess_images(
+                    [torch.from_numpy(img)],
+                    clip_models.Preprocess(size, stage.preprocess.mean, stage.preprocess.std, "pil"),
+                )
                 vit.gem_forward(stage.model.visual, x, 6)
             else:
                 stage.score_images([img], ["object"])
@@ -72,8 +75,12 @@ def measure(kind: str, n_images: int, threads: int) -> dict:
     extra = {}
     peak = rss_mb()  # before any reference model below
     if kind == "winclip_int8":  # deviation of the int8 mode from fp32 on the same images
-        ref = ClipScoreStage(ClipSpec(model="ViT-B-16-plus-240", weights=None), ZeroShotImageScore(), pixel=pixel,
-                             maps=MapOutputSpec(map_size=240))
+        ref = ClipScoreStage(
+            ClipSpec(model="ViT-B-16-plus-240", weights=None),
+            ZeroShotImageScore(),
+            pixel=pixel,
+            maps=MapOutputSpec(map_size=240),
+        )
         ref.setup()
         a = stage.score_images(images[1:], ["object"] * n_images)
         b = ref.score_images(images[1:], ["object"] * n_images)
@@ -108,7 +115,9 @@ def main() -> None:
     for kind in args.only.split(","):
         out = subprocess.run(
             [sys.executable, __file__, "--one", kind, "--images", str(args.images), "--threads", str(args.threads)],
-            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
         )
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
@@ -116,13 +125,20 @@ def main() -> None:
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| measurement | s/image (min) | s/image (median) | RSS after setup (MB) | peak RSS (MB) | peak - setup (MB) | deviation from fp32 |")
+    print(
+        "\n| measurement | s/image (min) | s/image (median) | RSS after setup (MB) | peak RSS (MB) | peak - setup (MB) | deviation from fp32 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        dev = (f"score {r['max_abs_score_deviation']:.2e}, map {r['max_abs_map_deviation']:.2e}"
-               if "max_abs_score_deviation" in r else "")
-        print(f"| {r['kind']} | {r['seconds_per_image_min']} | {r['seconds_per_image_median']} | {r['rss_after_setup_mb']} | "
-              f"{r['peak_rss_mb']} | {r['peak_rss_increase_mb']} | {dev} |")
+        dev = (
+            f"score {r['max_abs_score_deviation']:.2e}, map {r['max_abs_map_deviation']:.2e}"
+            if "max_abs_score_deviation" in r
+            else ""
+        )
+        print(
+            f"| {r['kind']} | {r['seconds_per_image_min']} | {r['seconds_per_image_median']} | {r['rss_after_setup_mb']} | "
+            f"{r['peak_rss_mb']} | {r['peak_rss_increase_mb']} | {dev} |"
+        )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,23 +70,39 @@ def run(preset: str, imgs: list[np.ndarray], folder: str) -> dict:
     for dtype in ("float32", "float16"):
         spec = spec_for(preset, dtype)
         digest = bank_digest(spec, "bench", len(imgs), "fp32")
-        stage = BankStage.from_spec(spec, target=BankTarget(os.path.join(folder, dtype), "pools", {"gear": digest}, dtype))
+        stage = BankStage.from_spec(
+            spec, target=BankTarget(os.path.join(folder, dtype), "pools", {"gear": digest}, dtype)
+        )
         if scorer is not None:  # one model: the same random weights for both dtypes
             stage.scorer.model, stage.scorer.preprocess = scorer.model, scorer.preprocess
             stage.scorer.device, stage.scorer.precision = scorer.device, scorer.precision
         t0 = time.perf_counter()
         rows = stage(dict(batch))
         assert set(rows["status"]) == {"ok"}, rows["error_message"]
-        parts = {n: {"name": n, "bytes": int(b), "sha256": h}
-                 for n, b, h in zip(rows["bank_part"], rows["bank_part_bytes"], rows["bank_part_sha256"])}
+        parts = {
+            n: {"name": n, "bytes": int(b), "sha256": h}
+            for n, b, h in zip(rows["bank_part"], rows["bank_part_bytes"], rows["bank_part_sha256"])
+        }
         uri = manifest_uri(os.path.join(folder, dtype), "gear", "pools")
-        write_manifest(uri, {"category": "gear", "digest": digest, "precision": "fp32", "image_ids": ids,
-                             "parts": list(parts.values())})
+        write_manifest(
+            uri,
+            {
+                "category": "gear",
+                "digest": digest,
+                "precision": "fp32",
+                "image_ids": ids,
+                "parts": list(parts.values()),
+            },
+        )
         stored = StoredBank(uri, digest)
         sizes[dtype] = stored.image_bytes([f"layer{l}" for l in spec.pixel.layers])
         score = ClipScoreStage.from_spec(spec)
-        score.model, score.preprocess, score.device, score.precision = (stage.scorer.model, stage.scorer.preprocess,
-                                                                        stage.scorer.device, stage.scorer.precision)
+        score.model, score.preprocess, score.device, score.precision = (
+            stage.scorer.model,
+            stage.scorer.preprocess,
+            stage.scorer.device,
+            stage.scorer.precision,
+        )
         score.pools = {"gear": {"uri": uri, "digest": digest, "images": len(ids), "image_ids": ids}}
         res = score(dict(batch))
         assert set(res["status"]) == {"ok"}, res["error_message"]
@@ -99,11 +114,20 @@ def run(preset: str, imgs: list[np.ndarray], folder: str) -> dict:
     d_map = max(float(np.max(np.abs(x - y))) for x, y in zip(a["anomaly_map"], b["anomaly_map"]))
     same_rank = bool((np.argsort(a["score"], kind="stable") == np.argsort(b["score"], kind="stable")).all())
     spec = spec_for(preset, "float32")
-    return {"preset": preset, "model": spec.clip.model, "size": spec.pixel.image_size, "layers": list(spec.pixel.layers),
-            "images": len(imgs), "bytes_per_image_f32": sizes["float32"], "bytes_per_image_f16": sizes["float16"],
-            "max_abs_score_diff": d_score, "max_abs_map_diff": d_map, "score_range": [float(np.min(a["score"])),
-                                                                                      float(np.max(a["score"]))],
-            "same_ranking": same_rank, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
+    return {
+        "preset": preset,
+        "model": spec.clip.model,
+        "size": spec.pixel.image_size,
+        "layers": list(spec.pixel.layers),
+        "images": len(imgs),
+        "bytes_per_image_f32": sizes["float32"],
+        "bytes_per_image_f16": sizes["float16"],
+        "max_abs_score_diff": d_score,
+        "max_abs_map_diff": d_map,
+        "score_range": [float(np.min(a["score"])), float(np.max(a["score"]))],
+        "same_ranking": same_rank,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
 
 
 def main() -> None:
@@ -112,20 +136,26 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    print(f"# pool dtype, {dt.date.today()}, {cpu_name()} ({os.cpu_count()} cores), Python {platform.python_version()}, "
-          "random weights, CPU")
+    print(
+        f"# pool dtype, {dt.date.today()}, {cpu_name()} ({os.cpu_count()} cores), Python {platform.python_version()}, "
+        "random weights, CPU"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         imgs = images(args.images, os.path.join(tmp, "data"))
         for preset in args.presets:
             rows.append(run(preset, imgs, os.path.join(tmp, preset)))
             print(json.dumps(rows[-1]), flush=True)
-    print("| preset (model @ px) | images | pool MB/image f32 -> f16 | max abs score diff | max abs map diff | same ranking |")
+    print(
+        "| preset (model @ px) | images | pool MB/image f32 -> f16 | max abs score diff | max abs map diff | same ranking |"
+    )
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['preset']} ({r['model']} @ {r['size']}) | {r['images']} | {r['bytes_per_image_f32'] / 1e6:.2f} -> "
-              f"{r['bytes_per_image_f16'] / 1e6:.2f} | {r['max_abs_score_diff']:.2e} | {r['max_abs_map_diff']:.2e} | "
-              f"{r['same_ranking']} |")
+        print(
+            f"| {r['preset']} ({r['model']} @ {r['size']}) | {r['images']} | {r['bytes_per_image_f32'] / 1e6:.2f} -> "
+            f"{r['bytes_per_image_f16'] / 1e6:.2f} | {r['max_abs_score_diff']:.2e} | {r['max_abs_map_diff']:.2e} | "
+            f"{r['same_ranking']} |"
+        )
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 

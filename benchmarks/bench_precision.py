@@ -37,12 +37,12 @@ METHODS = {  # name -> (preset, its own overrides)
 
 
 def _images(n: int):
+    import tempfile
+
     import numpy as np
     from PIL import Image
 
     from pipeline.synthetic import make_dataset
-
-    import tempfile
 
     root = tempfile.mkdtemp(prefix="zsad-precision-")
     make_dataset(root, categories=("widget",), n_good=1, n_bad=n - 1, n_train=0, size=512, seed=3)
@@ -129,7 +129,6 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args()
     import torch
-
     from _machine import cpu_name
 
     images = _images(max(args.images, 5 if "musc_fast" in args.only else args.images))

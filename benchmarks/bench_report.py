@@ -37,8 +37,26 @@ def base_run(work: str) -> str:
     data, out = os.path.join(work, "data"), os.path.join(work, "out")
     make_dataset(data, size=256)  # images of 256 px: thumbnails at the report's full size
     zsad = os.path.join(os.path.dirname(sys.executable), "zsad")
-    subprocess.run([zsad, "run", os.path.join(REPO, "jobs", "smoke.yaml"), "-i", data, "-o", out, "--run-id", "base", "-q",
-                    "--set", "maps.threshold=0.6", "--set", "report.enabled=false"], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            zsad,
+            "run",
+            os.path.join(REPO, "jobs", "smoke.yaml"),
+            "-i",
+            data,
+            "-o",
+            out,
+            "--run-id",
+            "base",
+            "-q",
+            "--set",
+            "maps.threshold=0.6",
+            "--set",
+            "report.enabled=false",
+        ],
+        check=True,
+        cwd=REPO,
+    )
     return os.path.join(out, "base")
 
 
@@ -65,8 +83,13 @@ def synthesize(base: str, dest: str, n: int, n_categories: int, seed: int = 0) -
     for i in range(n):
         os.link(base_uris[src[i]], uris[i])
     base_masks = {r["image_id"]: r for r in inputs.select(["image_id", "mask_uri"]).to_pylist()}
-    mask_uri = np.array([base_masks[tables["scores"].column("image_id")[int(s)].as_py()]["mask_uri"] if labels[i] else None
-                         for i, s in enumerate(src)], dtype=object)
+    mask_uri = np.array(
+        [
+            base_masks[tables["scores"].column("image_id")[int(s)].as_py()]["mask_uri"] if labels[i] else None
+            for i, s in enumerate(src)
+        ],
+        dtype=object,
+    )
 
     def replace(table, cols):
         for name, values in cols.items():
@@ -84,13 +107,17 @@ def synthesize(base: str, dest: str, n: int, n_categories: int, seed: int = 0) -
             part = replace(part, {**common, **extra})
             os.makedirs(os.path.join(dest, t), exist_ok=True)
             pq.write_table(part, os.path.join(dest, t, f"shard-{start // 1000:05d}.parquet"), row_group_size=16)
-    inp = replace(inputs.take(pa.array(src)), {"image_id": ids, "uri": uris, "category": cats, "gt_label": labels,
-                                                "mask_uri": mask_uri})
+    inp = replace(
+        inputs.take(pa.array(src)),
+        {"image_id": ids, "uri": uris, "category": cats, "gt_label": labels, "mask_uri": mask_uri},
+    )
     pq.write_table(inp, os.path.join(dest, "inputs.parquet"))
     shutil.copytree(os.path.join(base, "errors"), os.path.join(dest, "errors"))
     with open(os.path.join(base, "run.json")) as fh:
         record = json.load(fh)
-    record.update(run_id=os.path.basename(dest), counts={"images": n, "ok": n, "failed": 0, "missing": 0}, labelled_images=n)
+    record.update(
+        run_id=os.path.basename(dest), counts={"images": n, "ok": n, "failed": 0, "missing": 0}, labelled_images=n
+    )
     with open(os.path.join(dest, "run.json"), "w") as fh:
         json.dump(record, fh)
 
@@ -100,9 +127,17 @@ def report_child(run: str, top: int) -> None:
 
     t = time.monotonic()
     result = build_report(run, top=top, log=lambda m: None)
-    print(json.dumps({"seconds": time.monotonic() - t, "mb": result.bytes / 1e6, "shown": result.images_shown,
-                      "categories": result.categories,
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}))
+    print(
+        json.dumps(
+            {
+                "seconds": time.monotonic() - t,
+                "mb": result.bytes / 1e6,
+                "shown": result.images_shown,
+                "categories": result.categories,
+                "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -132,8 +167,13 @@ def main() -> None:
         print("| images | report s | report MB | images shown | peak RSS MB |")
         print("|---|---|---|---|---|")
         for n in sizes:
-            out = subprocess.run([sys.executable, __file__, "--child", runs[n], str(args.top)], check=True, capture_output=True,
-                                 text=True, cwd=HERE)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", runs[n], str(args.top)],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=HERE,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| {n:,} | {r['seconds']:.1f} | {r['mb']:.2f} | {r['shown']} | {r['rss_mb']:.0f} |")
     finally:

@@ -33,7 +33,6 @@ import tempfile
 import time
 
 import numpy as np
-
 from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,8 +65,13 @@ def generate(n: int, folder: str, dim: int = 768, seed: int = 0) -> None:
         pq.write_table(pa.table(cols, schema=sc.schema), os.path.join(folder, "scores", f"shard-{k:05d}.parquet"))
         flat = pa.array(e.reshape(-1), pa.float32())
         emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (m + 1) * dim, dim, dtype=np.int32)), flat)
-        pq.write_table(pa.table({"run_id": ["bench"] * m, "image_id": ids, "category": ["c"] * m, "image_embedding": emb},
-                                schema=em.schema), os.path.join(folder, "embeddings", f"shard-{k:05d}.parquet"))
+        pq.write_table(
+            pa.table(
+                {"run_id": ["bench"] * m, "image_id": ids, "category": ["c"] * m, "image_embedding": emb},
+                schema=em.schema,
+            ),
+            os.path.join(folder, "embeddings", f"shard-{k:05d}.parquet"),
+        )
 
 
 def _hwm_mib() -> float:
@@ -98,33 +102,60 @@ def run_once(folder: str, n: int, workers: int, chunk: int) -> dict:
     scores = sorted(os.path.join(run_dir, "scores", f) for f in os.listdir(os.path.join(run_dir, "scores")))
     embeddings = sorted(os.path.join(folder, "embeddings", f) for f in os.listdir(os.path.join(folder, "embeddings")))
     # the workers import this module (measured_category_values) and the package as the driver does
-    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)), ROOT,
-                                                os.environ.get("PYTHONPATH", "")])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.abspath(__file__)), ROOT, os.environ.get("PYTHONPATH", "")]
+    )
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         session = {"executor": "ray"}
         job = rescore.Rescore("rscin", "score_rscin", also_score=True, k_list=(1, 2, 3), chunk=chunk)
         # warm the workers' imports outside the timed part (torch in each worker)
-        ray.get([ray.remote(num_cpus=1)(lambda: __import__("torch").zeros(1).sum().item()).remote() for _ in range(workers)])
+        ray.get(
+            [ray.remote(num_cpus=1)(lambda: __import__("torch").zeros(1).sum().item()).remote() for _ in range(workers)]
+        )
         t0 = time.monotonic()
         firsts = list(range(0, n, chunk))
-        calls = [{"rescore": job, "category": "c", "first": f, "last": f + chunk, "score_files": scores,
-                  "embedding_files": embeddings, "run_dir": run_dir, "storage": None} for f in firsts]
+        calls = [
+            {
+                "rescore": job,
+                "category": "c",
+                "first": f,
+                "last": f + chunk,
+                "score_files": scores,
+                "embedding_files": embeddings,
+                "run_dir": run_dir,
+                "storage": None,
+            }
+            for f in firsts
+        ]
         tasks = run_tasks(measured_category_values, calls, session, lambda m: None, "rscin")
         t1 = time.monotonic()
         sides = {"c": [rescore.side_uri(run_dir, "rscin", "c", f) for f in firsts]}
-        run_tasks(rescore.rewrite_shard, [{"rescore": job, "score_uri": u, "sides": sides, "storage": None} for u in scores],
-                  session, lambda m: None, "rewrite")
+        run_tasks(
+            rescore.rewrite_shard,
+            [{"rescore": job, "score_uri": u, "sides": sides, "storage": None} for u in scores],
+            session,
+            lambda m: None,
+            "rewrite",
+        )
         t2 = time.monotonic()
     finally:
         ray.shutdown()
     import pyarrow.parquet as pq
 
     values = np.concatenate([pq.read_table(u, columns=["score_rscin"]).column(0).to_numpy() for u in scores])
-    return {"n": n, "workers": workers, "chunk": chunk, "tasks": len(calls), "wall_s": round(t2 - t0, 2),
-            "category_tasks_s": round(t1 - t0, 2), "rewrite_s": round(t2 - t1, 2),
-            "driver_peak_mib": round(_hwm_mib(), 1), "worker_peak_mib": round(max(r["peak_mib"] for r in tasks), 1),
-            "values": values}
+    return {
+        "n": n,
+        "workers": workers,
+        "chunk": chunk,
+        "tasks": len(calls),
+        "wall_s": round(t2 - t0, 2),
+        "category_tasks_s": round(t1 - t0, 2),
+        "rewrite_s": round(t2 - t1, 2),
+        "driver_peak_mib": round(_hwm_mib(), 1),
+        "worker_peak_mib": round(max(r["peak_mib"] for r in tasks), 1),
+        "values": values,
+    }
 
 
 def main() -> None:
@@ -151,10 +182,17 @@ def main() -> None:
         for w in args.workers:
             # each worker count in its own process: the driver's peak is that run's alone
             out = os.path.join(folder, f"result-w{w}.npz")
-            subprocess.run([sys.executable, "-c", f"import sys; sys.path[:0]=[{os.path.dirname(__file__)!r}, {ROOT!r}]; "
-                            f"import bench_rscin as b, json, numpy as np; r = b.run_once({folder!r}, {n}, {w}, {chunk}); "
-                            f"np.save({out!r}.replace('.npz', '.npy'), r.pop('values')); print(json.dumps(r))"],
-                           check=True, stdout=open(os.path.join(folder, f"result-w{w}.json"), "w"))
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import sys; sys.path[:0]=[{os.path.dirname(__file__)!r}, {ROOT!r}]; "
+                    f"import bench_rscin as b, json, numpy as np; r = b.run_once({folder!r}, {n}, {w}, {chunk}); "
+                    f"np.save({out!r}.replace('.npz', '.npy'), r.pop('values')); print(json.dumps(r))",
+                ],
+                check=True,
+                stdout=open(os.path.join(folder, f"result-w{w}.json"), "w"),
+            )
             r = json.load(open(os.path.join(folder, f"result-w{w}.json")))
             r["values"] = np.load(out.replace(".npz", ".npy"))
             per_n.append(r)
@@ -163,12 +201,16 @@ def main() -> None:
         for r in per_n:
             r.pop("values")
             rows.append(r)
-    print("| images | workers | tasks (rows each) | pass wall s | per-category tasks s | shard rewrite s | driver peak MiB | "
-          "largest worker peak MiB |")
+    print(
+        "| images | workers | tasks (rows each) | pass wall s | per-category tasks s | shard rewrite s | driver peak MiB | "
+        "largest worker peak MiB |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['n']:,} | {r['workers']} | {r['tasks']} ({r['chunk']:,}) | {r['wall_s']} | {r['category_tasks_s']} | "
-              f"{r['rewrite_s']} | {r['driver_peak_mib']} | {r['worker_peak_mib']} |")
+        print(
+            f"| {r['n']:,} | {r['workers']} | {r['tasks']} ({r['chunk']:,}) | {r['wall_s']} | {r['category_tasks_s']} | "
+            f"{r['rewrite_s']} | {r['driver_peak_mib']} | {r['worker_peak_mib']} |"
+        )
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
     if not args.keep:

@@ -34,9 +34,6 @@ import numpy as np
 from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
-
-
-
 def peak_rss_mb() -> float | None:
     """VmHWM (peak resident set size) of this process in MiB, None where /proc is not available."""
     try:

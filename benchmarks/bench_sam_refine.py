@@ -56,8 +56,15 @@ def measure(model: str, n_images: int, threads: int, allocator: str) -> dict:
         t_embed = time.perf_counter()
         positive = pts.positive_points(full, region, k=cfg.positive_points, min_distance=cfg.min_distance)
         features = emb.features[0].float().numpy()
-        negative = pts.negative_points(features, region, pts.ring(region, cfg.ring_kernel), emb.input_size, emb.original_size,
-                                       k=cfg.negative_points, min_distance=cfg.min_distance)
+        negative = pts.negative_points(
+            features,
+            region,
+            pts.ring(region, cfg.ring_kernel),
+            emb.input_size,
+            emb.original_size,
+            k=cfg.negative_points,
+            min_distance=cfg.min_distance,
+        )
         t_points = time.perf_counter()
         points = np.concatenate([positive, negative]).astype(np.float32)
         labels = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))]).astype(np.int64)
@@ -67,8 +74,15 @@ def measure(model: str, n_images: int, threads: int, allocator: str) -> dict:
             engine.cascade(emb, points, labels, steps=steps)
             step_times.append(time.perf_counter() - t)
         if k:
-            rows.append({"embed": t_embed - t0, "points": t_points - t_embed, "cascade_1": step_times[0],
-                         "cascade_2": step_times[1], "cascade_3": step_times[2]})
+            rows.append(
+                {
+                    "embed": t_embed - t0,
+                    "points": t_points - t_embed,
+                    "cascade_1": step_times[0],
+                    "cascade_2": step_times[1],
+                    "cascade_3": step_times[2],
+                }
+            )
     # the alternative to encoding again after a SAM foreground stage: the embedding travels with the
     # row; its cost is an Arrow round trip (the stage's typed output, then the next stage's numpy view)
     import pyarrow as pa
@@ -80,17 +94,32 @@ def measure(model: str, n_images: int, threads: int, allocator: str) -> dict:
     trips = []
     for _ in range(5):
         t = time.perf_counter()
-        block = to_arrow({"sam_embedding": np.array([features], dtype=object)}, {"sam_embedding": TENSOR},
-                         pa.table({"x": [0]}), {}, "bench")
+        block = to_arrow(
+            {"sam_embedding": np.array([features], dtype=object)},
+            {"sam_embedding": TENSOR},
+            pa.table({"x": [0]}),
+            {},
+            "bench",
+        )
         np.asarray(to_numpy(block)["sam_embedding"][0]).sum()
         trips.append(time.perf_counter() - t)
     for r in rows:
         r["embedding_arrow_round_trip"] = float(np.median(trips))
     med = {key: round(1000 * float(np.median([r[key] for r in rows])), 1) for key in rows[0]}
     med["embedding_mb"] = round(features.nbytes / 1e6, 2)
-    return {"model": model, "images": n_images, "threads": threads, "allocator": allocator,
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2), "ms_median": med, "step_ms": {"step1": med["cascade_1"], "step2": round(med["cascade_2"] - med["cascade_1"], 1),
-                                          "step3": round(med["cascade_3"] - med["cascade_2"], 1)}}
+    return {
+        "model": model,
+        "images": n_images,
+        "threads": threads,
+        "allocator": allocator,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+        "ms_median": med,
+        "step_ms": {
+            "step1": med["cascade_1"],
+            "step2": round(med["cascade_2"] - med["cascade_1"], 1),
+            "step3": round(med["cascade_3"] - med["cascade_2"], 1),
+        },
+    }
 
 
 def main() -> None:
@@ -107,8 +136,23 @@ def main() -> None:
     for allocator in ("default", "env", "mallopt"):
         full = {k: v for k, v in os.environ.items() if k not in ENV}
         full.update(ENV if allocator == "env" else {}, OMP_NUM_THREADS=str(args.threads))
-        out = subprocess.run([sys.executable, __file__, "--one", allocator, "--model", args.model, "--images", str(args.images),
-                              "--threads", str(args.threads)], capture_output=True, text=True, env=full)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                allocator,
+                "--model",
+                args.model,
+                "--images",
+                str(args.images),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            env=full,
+        )
         if out.returncode:
             print(out.stderr[-2000:], file=sys.stderr)
             raise SystemExit("measurement failed")

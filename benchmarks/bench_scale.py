@@ -57,6 +57,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+
 from _machine import cpu_name  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -424,20 +425,33 @@ def run_once(args: argparse.Namespace, sets: list[str], input_dir: Path, out_dir
         "tree_peak_processes": sampler.tree_peak_procs,
         "samples": sampler.samples,
         "processes": [
-            {"pid": r["pid"], "names": r["names"], "found_by": r["found_by"], "env_tag": r["env_tag"],
-             "peak_rss_mb": round(r["peak_hwm_kb"] / 1024), "first_seen_s": r["first_seen_s"],
-             "last_seen_s": r.get("last_seen_s"), "cmdline": r.get("cmdline", "")}
+            {
+                "pid": r["pid"],
+                "names": r["names"],
+                "found_by": r["found_by"],
+                "env_tag": r["env_tag"],
+                "peak_rss_mb": round(r["peak_hwm_kb"] / 1024),
+                "first_seen_s": r["first_seen_s"],
+                "last_seen_s": r.get("last_seen_s"),
+                "cmdline": r.get("cmdline", ""),
+            }
             for r in procs
         ],
         "signalled_after_run": killed,
         "other_ray_processes_seen": sorted(set(sampler.foreign_ray.values()))[:10],
     }
     if sampler.foreign_ray:
-        print(f"WARNING: {len(sampler.foreign_ray)} Ray processes not belonging to this run appeared during it "
-              "(another Ray on this machine): timings may be disturbed", file=sys.stderr)
+        print(
+            f"WARNING: {len(sampler.foreign_ray)} Ray processes not belonging to this run appeared during it "
+            "(another Ray on this machine): timings may be disturbed",
+            file=sys.stderr,
+        )
     if killed:
-        print(f"WARNING: {len(killed)} processes of the run outlived the driver by 15 s and were signalled: "
-              f"{[(k['pid'], k['names']) for k in killed]}", file=sys.stderr)
+        print(
+            f"WARNING: {len(killed)} processes of the run outlived the driver by 15 s and were signalled: "
+            f"{[(k['pid'], k['names']) for k in killed]}",
+            file=sys.stderr,
+        )
     return record
 
 
@@ -458,15 +472,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--job", default="jobs/smoke.yaml")
     ap.add_argument("--sizes", type=int, nargs="+", default=[200, 800, 3200])
-    ap.add_argument("--clip-actors", type=int, default=None,
-                    help="sets resources.clip_score.min_actors = max_actors = K (default: the job's)")
+    ap.add_argument(
+        "--clip-actors",
+        type=int,
+        default=None,
+        help="sets resources.clip_score.min_actors = max_actors = K (default: the job's)",
+    )
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=96, help="side of the generated PNGs (px)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="spec override k=v (repeatable)")
     ap.add_argument("--interval", type=float, default=0.2, help="/proc sampling interval (s)")
-    ap.add_argument("--pss", action="store_true",
-                    help="also sample PSS (/proc/PID/smaps_rollup: shared pages counted once) for a tree total "
-                         "without double counting; costlier per sample")
+    ap.add_argument(
+        "--pss",
+        action="store_true",
+        help="also sample PSS (/proc/PID/smaps_rollup: shared pages counted once) for a tree total "
+        "without double counting; costlier per sample",
+    )
     ap.add_argument("--timeout", type=float, default=3600, help="per-run limit (s); exceeding it fails")
     ap.add_argument("--json", dest="json_path", help="write every run's record here")
     ap.add_argument("--keep", help="work in this folder and keep it (inputs, outputs, logs)")
@@ -476,8 +497,10 @@ def main() -> None:
 
     sets = list(args.sets)
     if args.clip_actors is not None:
-        sets += [f"resources.clip_score.min_actors={args.clip_actors}",
-                 f"resources.clip_score.max_actors={args.clip_actors}"]
+        sets += [
+            f"resources.clip_score.min_actors={args.clip_actors}",
+            f"resources.clip_score.max_actors={args.clip_actors}",
+        ]
     sizes = sorted(set(args.sizes))
     root = Path(args.keep or tempfile.mkdtemp(prefix="zsad-bench-scale-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -486,8 +509,12 @@ def main() -> None:
     try:
         t0 = time.monotonic()
         pool = make_pool(root, max(sizes), args.image_size)
-        print(f"[bench_scale] generated {len(pool)} x {args.image_size}px PNGs in {time.monotonic() - t0:.1f} s "
-              f"under {root}", file=sys.stderr, flush=True)
+        print(
+            f"[bench_scale] generated {len(pool)} x {args.image_size}px PNGs in {time.monotonic() - t0:.1f} s "
+            f"under {root}",
+            file=sys.stderr,
+            flush=True,
+        )
         for n in sizes:
             input_dir = make_input(root, pool, n)
             for rep in range(args.repeat):
@@ -495,9 +522,13 @@ def main() -> None:
                 rec = run_once(args, sets, input_dir, root / "out", run_id, root / f"{run_id}.log")
                 rec["repeat"] = rep
                 runs.append(rec)
-                print(f"[bench_scale] n={n} rep={rep}: wall {rec['wall_s']} s, {rec['images_per_s_wall']} img/s, "
-                      f"driver {rec['driver_peak_rss_mb']} MB, worker {rec['worker_peak_rss_mb']} MB "
-                      f"({rec['worker_peak_name']}), tree {rec['tree_peak_rss_mb']} MB", file=sys.stderr, flush=True)
+                print(
+                    f"[bench_scale] n={n} rep={rep}: wall {rec['wall_s']} s, {rec['images_per_s_wall']} img/s, "
+                    f"driver {rec['driver_peak_rss_mb']} MB, worker {rec['worker_peak_rss_mb']} MB "
+                    f"({rec['worker_peak_name']}), tree {rec['tree_peak_rss_mb']} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -506,12 +537,27 @@ def main() -> None:
     rows = []
     for n in sizes:
         rs = [r for r in runs if r["images"] == n]
-        row = {k: _median(rs, k) for k in ("wall_s", "first_result_s", "images_per_s_wall", "images_per_s_plan",
-                                            "driver_peak_rss_mb", "worker_peak_rss_mb", "tree_peak_rss_mb",
-                                            "tree_peak_pss_mb")}
+        row = {
+            k: _median(rs, k)
+            for k in (
+                "wall_s",
+                "first_result_s",
+                "images_per_s_wall",
+                "images_per_s_plan",
+                "driver_peak_rss_mb",
+                "worker_peak_rss_mb",
+                "tree_peak_rss_mb",
+                "tree_peak_pss_mb",
+            )
+        }
         names = sorted({r["worker_peak_name"] for r in rs if r["worker_peak_name"]})
-        row.update(images=n, clip_actors=rs[0]["clip_actors"], worker_peak_name=", ".join(names), runs=len(rs),
-                   disturbed=any(r["other_ray_processes_seen"] for r in rs))
+        row.update(
+            images=n,
+            clip_actors=rs[0]["clip_actors"],
+            worker_peak_name=", ".join(names),
+            runs=len(rs),
+            disturbed=any(r["other_ray_processes_seen"] for r in rs),
+        )
         rows.append(row)
     base = rows[0]
 
@@ -521,32 +567,50 @@ def main() -> None:
         return f"{row[key] / base[key]:.2f}"
 
     machine = f"{os.cpu_count()} CPU cores ({cpu_name()}), {mem_total_gib():.0f} GiB"
-    print(f"\n{dt.date.today().isoformat()}, {machine}; `zsad run {args.job}` "
-          f"{' '.join('--set ' + s for s in sets)} on N x {args.image_size}px PNG (folder layout)"
-          + (f"; medians of {args.repeat} runs" if args.repeat > 1 else "") + "\n")
+    print(
+        f"\n{dt.date.today().isoformat()}, {machine}; `zsad run {args.job}` "
+        f"{' '.join('--set ' + s for s in sets)} on N x {args.image_size}px PNG (folder layout)"
+        + (f"; medians of {args.repeat} runs" if args.repeat > 1 else "")
+        + "\n"
+    )
     n0 = base["images"]
     pss_h, pss_sep = (" tree peak PSS MB |", "---|") if args.pss else ("", "")
-    print(f"| images | clip actors | wall s | first result s | images/s (wall) | images/s (plan) | driver peak RSS MB | "
-          f"largest worker peak RSS MB (name) | tree peak RSS MB |{pss_h} driver RSS ratio vs {n0} | "
-          f"worker RSS ratio vs {n0} |")
+    print(
+        f"| images | clip actors | wall s | first result s | images/s (wall) | images/s (plan) | driver peak RSS MB | "
+        f"largest worker peak RSS MB (name) | tree peak RSS MB |{pss_h} driver RSS ratio vs {n0} | "
+        f"worker RSS ratio vs {n0} |"
+    )
     print("|---|---|---|---|---|---|---|---|---|" + pss_sep + "---|---|")
     for r in rows:
         pss = f" {r['tree_peak_pss_mb']} |" if args.pss else ""
         mark = " *" if r["disturbed"] else ""
-        print(f"| {r['images']}{mark} | {r['clip_actors']} | {r['wall_s']} | {r['first_result_s']} | "
-              f"{r['images_per_s_wall']} | {r['images_per_s_plan']} | {r['driver_peak_rss_mb']} | "
-              f"{r['worker_peak_rss_mb']} ({r['worker_peak_name']}) | {r['tree_peak_rss_mb']} |{pss} "
-              f"{ratio(r, 'driver_peak_rss_mb')} | {ratio(r, 'worker_peak_rss_mb')} |")
+        print(
+            f"| {r['images']}{mark} | {r['clip_actors']} | {r['wall_s']} | {r['first_result_s']} | "
+            f"{r['images_per_s_wall']} | {r['images_per_s_plan']} | {r['driver_peak_rss_mb']} | "
+            f"{r['worker_peak_rss_mb']} ({r['worker_peak_name']}) | {r['tree_peak_rss_mb']} |{pss} "
+            f"{ratio(r, 'driver_peak_rss_mb')} | {ratio(r, 'worker_peak_rss_mb')} |"
+        )
     if any(r["disturbed"] for r in rows):
         print("\n\\* another Ray (not this run's) was running on the machine during this size: timings disturbed")
 
     if args.json_path:
         from importlib.metadata import version
 
-        doc = {"date": dt.date.today().isoformat(), "machine": machine, "python": platform.python_version(),
-               "torch": version("torch"), "ray": version("ray"), "job": args.job, "sets": sets,
-               "image_size": args.image_size, "sizes": sizes, "repeat": args.repeat, "interval_s": args.interval,
-               "summary": rows, "runs": runs}
+        doc = {
+            "date": dt.date.today().isoformat(),
+            "machine": machine,
+            "python": platform.python_version(),
+            "torch": version("torch"),
+            "ray": version("ray"),
+            "job": args.job,
+            "sets": sets,
+            "image_size": args.image_size,
+            "sizes": sizes,
+            "repeat": args.repeat,
+            "interval_s": args.interval,
+            "summary": rows,
+            "runs": runs,
+        }
         Path(args.json_path).write_text(json.dumps(doc, indent=1))
         print(f"\nwrote {args.json_path}", file=sys.stderr)
 

@@ -24,13 +24,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 from pipeline.config import ForegroundSpec, TilingSpec  # noqa: E402
 from pipeline.stages.foreground import ForegroundStage  # noqa: E402
 from pipeline.stages.tiling import TilingStage  # noqa: E402
 from pipeline.synthetic import make_multi_instance_dataset  # noqa: E402
-from _machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
-
 
 
 def main() -> None:
@@ -44,7 +43,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         half = args.images // 2
-        info = make_multi_instance_dataset(tmp, n_good=args.images - half, n_bad=half, size=tuple(args.size), seed=args.seed)
+        info = make_multi_instance_dataset(
+            tmp, n_good=args.images - half, n_bad=half, size=tuple(args.size), seed=args.seed
+        )
         images = [np.asarray(Image.open(Path(info["root"]) / im["path"]).convert("RGB")) for im in info["images"]]
     fg = ForegroundStage(ForegroundSpec(kind=args.kind))
     tiling = TilingStage(TilingSpec(min_tile=args.min_tile))
@@ -62,11 +63,13 @@ def main() -> None:
         found += int(len(comps) == meta["n_instances"])
         reasons.update(t.reason for t in plan)
     tiles = np.array(per_tiles)
-    print(f"| {dt.date.today()} | {cpu_name()}, {len(__import__('os').sched_getaffinity(0))} cores | "
-          f"`python benchmarks/bench_tiling.py --images {args.images} --size {args.size[0]} {args.size[1]} --min-tile {args.min_tile}` | "
-          f"{args.kind} | {len(images)} | {np.mean(per_comps):.2f} | {found}/{len(images)} | "
-          f"{tiles.mean():.2f} (min {tiles.min()}, median {np.median(tiles):.0f}, max {tiles.max()}) | "
-          f"{dict(reasons)} | {np.median(fg_ms):.0f} | {np.median(tile_ms):.2f} |")
+    print(
+        f"| {dt.date.today()} | {cpu_name()}, {len(__import__('os').sched_getaffinity(0))} cores | "
+        f"`python benchmarks/bench_tiling.py --images {args.images} --size {args.size[0]} {args.size[1]} --min-tile {args.min_tile}` | "
+        f"{args.kind} | {len(images)} | {np.mean(per_comps):.2f} | {found}/{len(images)} | "
+        f"{tiles.mean():.2f} (min {tiles.min()}, median {np.median(tiles):.0f}, max {tiles.max()}) | "
+        f"{dict(reasons)} | {np.median(fg_ms):.0f} | {np.median(tile_ms):.2f} |"
+    )
 
 
 if __name__ == "__main__":

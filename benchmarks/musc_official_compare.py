@@ -76,15 +76,21 @@ def load_official(tmp: Path, repo: str | None, git_dir: str, rev: str) -> tuple[
     if repo:
         source = f"checkout {repo}"
         try:
-            head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+            head = subprocess.run(
+                ["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
             source += f" @ {head}"
         except (OSError, subprocess.CalledProcessError):
             pass
     else:
         try:
-            head = subprocess.run(["git", f"--git-dir={git_dir}", "rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
+            head = subprocess.run(
+                ["git", f"--git-dir={git_dir}", "rev-parse", rev], capture_output=True, text=True, check=True
+            ).stdout.strip()
         except (OSError, subprocess.CalledProcessError) as e:
-            raise SystemExit(f"cannot read the official MuSc code from git dir {git_dir!r} ({e}); pass --musc-repo or --musc-git-dir")
+            raise SystemExit(
+                f"cannot read the official MuSc code from git dir {git_dir!r} ({e}); pass --musc-repo or --musc-git-dir"
+            )
         source = f"git dir {git_dir} @ {head}"
     mods = {}
     for name in MODULES:
@@ -96,7 +102,9 @@ def load_official(tmp: Path, repo: str | None, git_dir: str, rev: str) -> tuple[
                 raise SystemExit(f"{src} not found: --musc-repo must point to a checkout of xrli-U/MuSc")
             dst.write_text(src.read_text())
         else:
-            out = subprocess.run(["git", f"--git-dir={git_dir}", "show", f"{head}:{rel}"], capture_output=True, text=True, check=False)
+            out = subprocess.run(
+                ["git", f"--git-dir={git_dir}", "show", f"{head}:{rel}"], capture_output=True, text=True, check=False
+            )
             if out.returncode:
                 raise SystemExit(f"git show {head}:{rel} failed: {out.stderr.strip()}")
             dst.write_text(out.stdout)
@@ -156,7 +164,9 @@ def features_with_class(visual: torch.nn.Module, images: torch.Tensor) -> tuple:
 # --------------------------------------------------------------------------------------------
 
 
-def run_official(mods: dict, full_tokens: list[torch.Tensor], emb: np.ndarray, k_lists: list[list[int]], batch: int) -> dict:
+def run_official(
+    mods: dict, full_tokens: list[torch.Tensor], emb: np.ndarray, k_lists: list[list[int]], batch: int
+) -> dict:
     """models/musc.py's flow (divide_num 1), on CPU, fp32, outside autocast."""
     LNAMD, MSM, RsCIN = mods["_LNAMD"].LNAMD, mods["_MSM"].MSM, mods["_RsCIN"].RsCIN
     n, _, c = full_tokens[0].shape
@@ -193,8 +203,15 @@ def run_official(mods: dict, full_tokens: list[torch.Tensor], emb: np.ndarray, k
     ac_score = up_np.reshape(b, -1).max(-1)
     class_tokens = [emb[i] for i in range(emb.shape[0])]
     rs = {str(k): np.asarray(RsCIN(ac_score, class_tokens, k_list=k)) for k in k_lists}
-    return {"lnamd": lnamd, "grid": grid_maps.view(b, g, g), "up": up[:, 0], "score": torch.from_numpy(ac_score),
-            "rscin": rs, "t_lnamd": t_lnamd, "t_msm": t_msm}
+    return {
+        "lnamd": lnamd,
+        "grid": grid_maps.view(b, g, g),
+        "up": up[:, 0],
+        "score": torch.from_numpy(ac_score),
+        "rscin": rs,
+        "t_lnamd": t_lnamd,
+        "t_msm": t_msm,
+    }
 
 
 def run_zsad(tokens: list[torch.Tensor], emb: torch.Tensor, grid: int, k_lists: list[list[int]]) -> dict:
@@ -210,8 +227,16 @@ def run_zsad(tokens: list[torch.Tensor], emb: torch.Tensor, grid: int, k_lists: 
         up = mutual.upsample(grid_maps, (SIZE, SIZE))
         score = up.reshape(n, -1).amax(1)
         rs = {str(kl): mutual.rscin(score, emb, kl).numpy() for kl in k_lists}
-    return {"lnamd": queries, "grid": grid_maps, "up": up, "score": score, "rscin": rs,
-            "t_features": t1 - t0, "t_mutual": t2 - t1, "k": k}
+    return {
+        "lnamd": queries,
+        "grid": grid_maps,
+        "up": up,
+        "score": score,
+        "rscin": rs,
+        "t_features": t1 - t0,
+        "t_mutual": t2 - t1,
+        "k": k,
+    }
 
 
 def maxdiff(a, b) -> float:
@@ -264,16 +289,20 @@ def main() -> int:
         emb_check = F.normalize(vit.project(visual, full[-1][:, 0]).float(), dim=-1)  # block 12 is the last block
     t_forward = time.perf_counter() - t0
     sanity = {
-        "patch tokens (recorded block outputs vs image_features)": max(maxdiff(f[:, 1:], t) for f, t in zip(full, tokens)),
+        "patch tokens (recorded block outputs vs image_features)": max(
+            maxdiff(f[:, 1:], t) for f, t in zip(full, tokens)
+        ),
         "embedding (ln_post(recorded CLS) @ proj vs image_features)": maxdiff(emb_check, emb),
     }
     full = [f.clone() for f in full]  # out of inference mode for the official modules
     tokens = [t.clone() for t in tokens]
     emb = emb.clone()
     c = tokens[0].shape[-1]
-    print(f"{MODEL} {SIZE} px, grid {grid} x {grid} = {grid * grid} patches, width {c}, blocks {list(LAYERS)} "
-          f"(official feature_layers {[l - 1 for l in LAYERS]}), r {list(DEGREES)}, N = {n}, "
-          f"K = {mutual.interval_k(n - 1, INTERVAL)}; forward {t_forward:.1f} s")
+    print(
+        f"{MODEL} {SIZE} px, grid {grid} x {grid} = {grid * grid} patches, width {c}, blocks {list(LAYERS)} "
+        f"(official feature_layers {[l - 1 for l in LAYERS]}), r {list(DEGREES)}, N = {n}, "
+        f"K = {mutual.interval_k(n - 1, INTERVAL)}; forward {t_forward:.1f} s"
+    )
     print("official LNAMD input: each block's real class token at index 0 (recorded in the same forward pass)")
 
     off = run_official(mods, full, emb.numpy().astype(np.float32), k_lists, args.batch_size)
@@ -291,13 +320,17 @@ def main() -> int:
     if n < 9:
         print("RsCIN [1, 8, 9] skipped: needs N >= 9 (the official code fails with an index error below)")
 
-    scale = {"grid map range": (float(off["grid"].min()), float(off["grid"].max())),
-             "image score range": (float(off["score"].min()), float(off["score"].max()))}
+    scale = {
+        "grid map range": (float(off["grid"].min()), float(off["grid"].max())),
+        "image score range": (float(off["score"].min()), float(off["score"].max())),
+    }
     print("\nfeature sanity (not compared with the official code):")
     for k, v in sanity.items():
         print(f"  {k}: max |diff| {v:.2e}")
-    print(f"  official grid map values in [{scale['grid map range'][0]:.4f}, {scale['grid map range'][1]:.4f}], "
-          f"image scores in [{scale['image score range'][0]:.4f}, {scale['image score range'][1]:.4f}]")
+    print(
+        f"  official grid map values in [{scale['grid map range'][0]:.4f}, {scale['grid map range'][1]:.4f}], "
+        f"image scores in [{scale['image score range'][0]:.4f}, {scale['image score range'][1]:.4f}]"
+    )
 
     print(f"\n| quantity | max abs diff (zsad - official) | <= tol {args.tol:g} |")
     print("|---|---|---|")
@@ -324,11 +357,27 @@ def main() -> int:
 
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"random_weights": True, "model": MODEL, "image_size": SIZE, "layers": list(LAYERS),
-                       "degrees": list(DEGREES), "images": n, "k": mutual.interval_k(n - 1, INTERVAL),
-                       "official_source": source, "tol": args.tol, "max_abs_diff": dict(rows),
-                       "sanity": sanity, "official_ranges": scale, "timing_ms_per_image": timing,
-                       "total_s": total, "passed": not failed}, fh, indent=2)
+            json.dump(
+                {
+                    "random_weights": True,
+                    "model": MODEL,
+                    "image_size": SIZE,
+                    "layers": list(LAYERS),
+                    "degrees": list(DEGREES),
+                    "images": n,
+                    "k": mutual.interval_k(n - 1, INTERVAL),
+                    "official_source": source,
+                    "tol": args.tol,
+                    "max_abs_diff": dict(rows),
+                    "sanity": sanity,
+                    "official_ranges": scale,
+                    "timing_ms_per_image": timing,
+                    "total_s": total,
+                    "passed": not failed,
+                },
+                fh,
+                indent=2,
+            )
     return 1 if failed else 0
 
 

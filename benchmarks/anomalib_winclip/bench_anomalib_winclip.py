@@ -270,12 +270,22 @@ def main() -> None:
         f"torch {v['torch']}, torchvision {v['torchvision']}"
     )
     print(f"  machine: {result['machine']['nproc']} CPUs ({result['machine']['cpu']}); torch threads = {result['torch_threads']} (torch.set_num_threads({args.threads}))")
-    print(f"  import {import_s:.1f} s | model build (random init) {build_s:.1f} s | zero-shot setup ('{args.class_name}' text embeddings) {setup_s:.1f} s wall, {setup_cpu_s:.1f} s CPU")
-    print(f"  batch 1, {args.size}x{args.size}: warm-up {warmup_s:.2f} s; per image over {len(wall)} images: min {min(wall):.2f} s, median {statistics.median(wall):.2f} s (process CPU median {statistics.median(cpu):.2f} s)")
+    print(
+        f"  import {import_s:.1f} s | model build (random init) {build_s:.1f} s | zero-shot setup ('{args.class_name}' text embeddings) {setup_s:.1f} s wall, {setup_cpu_s:.1f} s CPU"
+    )
+    print(
+        f"  batch 1, {args.size}x{args.size}: warm-up {warmup_s:.2f} s; per image over {len(wall)} images: min {min(wall):.2f} s, median {statistics.median(wall):.2f} s (process CPU median {statistics.median(cpu):.2f} s)"
+    )
     if batch8:
-        print(f"  batch 8: per image min {batch8['per_image_s_min']:.2f} s, median {batch8['per_image_s_median']:.2f} s ({batch8['repeats']} timed batches)")
-    print(f"  process CPU / wall over timed images: {result['cpu_over_wall_per_image']:.2f} (2.0 = both threads busy); load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} (machine shared: other work inflates timings)")
-    print(f"  RSS: baseline (after imports, before model) {rss_baseline/1024:.0f} MiB; after setup {rss_after_setup/1024:.0f} MiB; peak (ru_maxrss) {peak/1024:.0f} MiB; peak - baseline {(peak - rss_baseline)/1024:.0f} MiB")
+        print(
+            f"  batch 8: per image min {batch8['per_image_s_min']:.2f} s, median {batch8['per_image_s_median']:.2f} s ({batch8['repeats']} timed batches)"
+        )
+    print(
+        f"  process CPU / wall over timed images: {result['cpu_over_wall_per_image']:.2f} (2.0 = both threads busy); load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} (machine shared: other work inflates timings)"
+    )
+    print(
+        f"  RSS: baseline (after imports, before model) {rss_baseline / 1024:.0f} MiB; after setup {rss_after_setup / 1024:.0f} MiB; peak (ru_maxrss) {peak / 1024:.0f} MiB; peak - baseline {(peak - rss_baseline) / 1024:.0f} MiB"
+    )
     if collapse:
         for s in collapse:
             print(

@@ -15,12 +15,18 @@ ROOT = Path(__file__).resolve().parents[2]
 def extract_files(source: str, scratch: str, files: list[str]) -> str:
     """``files`` (paths in the repository) from ``source`` (a checkout, or a git directory such as a
     mirror) into ``scratch``; returns the commit (``unknown`` for a plain folder)."""
-    git_dir = source if os.path.exists(os.path.join(source, "HEAD")) and not os.path.exists(os.path.join(source, ".git")) \
+    git_dir = (
+        source
+        if os.path.exists(os.path.join(source, "HEAD")) and not os.path.exists(os.path.join(source, ".git"))
         else os.path.join(source, ".git")
+    )
     if os.path.isdir(git_dir):
-        commit = subprocess.run(["git", "--git-dir", git_dir, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        archive = subprocess.run(["git", "--git-dir", git_dir, "archive", "HEAD", *files], capture_output=True, check=True)
+        commit = subprocess.run(
+            ["git", "--git-dir", git_dir, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        archive = subprocess.run(
+            ["git", "--git-dir", git_dir, "archive", "HEAD", *files], capture_output=True, check=True
+        )
         subprocess.run(["tar", "-x", "-C", scratch], input=archive.stdout, check=True)
         return commit
     for f in files:
@@ -51,8 +57,9 @@ def generated_images(scratch: str, category: str, n: int, k: int = 0, size: int 
     sys.path.insert(0, str(ROOT))
     from pipeline.synthetic import make_dataset
 
-    make_dataset(os.path.join(scratch, "data"), categories=(category,), n_good=n - n // 2, n_bad=n // 2, n_train=k,
-                 size=size)
+    make_dataset(
+        os.path.join(scratch, "data"), categories=(category,), n_good=n - n // 2, n_bad=n // 2, n_train=k, size=size
+    )
     tests = sorted(glob.glob(os.path.join(scratch, "data", category, "test", "*", "*.png")))[:n]
     refs = sorted(glob.glob(os.path.join(scratch, "data", category, "train", "good", "*.png")))[:k]
     return tests, refs
@@ -71,8 +78,15 @@ def image_batch(paths: list[str], ids: list[str], category: str):
     def col(values):
         return np.array(values, dtype=object)
 
-    return {"image": images, "image_id": col(ids), "category": col([category] * n), "status": col(["ok"] * n),
-            "error_stage": col([None] * n), "error_type": col([None] * n), "error_message": col([None] * n)}
+    return {
+        "image": images,
+        "image_id": col(ids),
+        "category": col([category] * n),
+        "status": col(["ok"] * n),
+        "error_stage": col([None] * n),
+        "error_type": col([None] * n),
+        "error_message": col([None] * n),
+    }
 
 
 def stored_bank(spec, run_dir: str, folder: str, category: str, paths: list[str], ids: list[str], **manifest) -> dict:
@@ -83,12 +97,25 @@ def stored_bank(spec, run_dir: str, folder: str, category: str, paths: list[str]
     from pipeline.stages.bank import BankStage, BankTarget, bank_digest
 
     digest = bank_digest(spec, "reference-check", len(paths), "fp32")
-    rows = BankStage.from_spec(spec, target=BankTarget(run_dir, folder, {category: digest}))(image_batch(paths, ids, category))
-    parts = {p: {"name": p, "bytes": int(b), "sha256": h}
-             for p, b, h in zip(rows["bank_part"], rows["bank_part_bytes"], rows["bank_part_sha256"])}
+    rows = BankStage.from_spec(spec, target=BankTarget(run_dir, folder, {category: digest}))(
+        image_batch(paths, ids, category)
+    )
+    parts = {
+        p: {"name": p, "bytes": int(b), "sha256": h}
+        for p, b, h in zip(rows["bank_part"], rows["bank_part_bytes"], rows["bank_part_sha256"])
+    }
     uri = manifest_uri(run_dir, category, folder)
-    write_manifest(uri, {"category": category, "digest": digest, "precision": "fp32", "image_ids": list(ids),
-                         "parts": list(parts.values()), **manifest})
+    write_manifest(
+        uri,
+        {
+            "category": category,
+            "digest": digest,
+            "precision": "fp32",
+            "image_ids": list(ids),
+            "parts": list(parts.values()),
+            **manifest,
+        },
+    )
     return {"uri": uri, "digest": digest}
 
 

@@ -49,7 +49,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_common_arguments, check_ok, child_inputs, extract_files, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import (
+    add_common_arguments,
+    check_ok,
+    child_inputs,
+    extract_files,
+    generated_images,
+    image_batch,
+    report,
+    stored_bank,
+)  # noqa: E402 - benchmarks/reference/ beside this script
 
 ROOT = Path(__file__).resolve().parents[2]
 CATEGORY = "bottle"
@@ -65,8 +74,10 @@ def extract(source: str, scratch: str) -> str:
     returns its commit."""
     commit = extract_files(source, scratch, ["open_clip", "model.py", "prompt_ensemble.py"])
     with open(os.path.join(scratch, "pkg_resources.py"), "w") as fh:
-        fh.write("import packaging  # noqa: F401 - shim: prompt_ensemble.py takes `packaging` from setuptools' pkg_resources\n"
-                 "import packaging.version  # noqa: F401\n")
+        fh.write(
+            "import packaging  # noqa: F401 - shim: prompt_ensemble.py takes `packaging` from setuptools' pkg_resources\n"
+            "import packaging.version  # noqa: F401\n"
+        )
     return commit
 
 
@@ -79,18 +90,19 @@ def images(scratch: str, n: int, k: int) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------------------------
 
 
-def reference_side(scratch: str, model_name: str, size: int, layers: list[int], tests: list[str], refs: list[str]) -> None:
+def reference_side(
+    scratch: str, model_name: str, size: int, layers: list[int], tests: list[str], refs: list[str]
+) -> None:
+    import open_clip  # APRIL-GAN's vendored copy (the scratch folder is first on sys.path)
     import torch
     import torch.nn.functional as F
-    from PIL import Image
-    from sklearn.metrics import pairwise
-
-    import open_clip  # APRIL-GAN's vendored copy (the scratch folder is first on sys.path)
     from model import LinearLayer
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from open_clip.transform import image_transform
     from open_clip.model import resize_pos_embed
+    from open_clip.transform import image_transform
+    from PIL import Image
     from prompt_ensemble import encode_text_with_prompt_ensemble
+    from sklearn.metrics import pairwise
 
     assert open_clip.__file__.startswith(scratch), open_clip.__file__
     if not torch.cuda.is_available():
@@ -158,25 +170,47 @@ def zsad_side(scratch: str, model_name: str, size: int, layers: list[int], tests
     from pipeline.config import load_spec
     from pipeline.stages.clip_score import ClipScoreStage
 
-    sets = [f"clip.model={model_name}", f"clip.weights={os.path.join(scratch, 'clip.pt')}", "clip.precision=fp32",
-            f"pixel.weights={os.path.join(scratch, 'adapters.pth')}", f"pixel.layers=[{','.join(map(str, layers))}]",
-            f"pixel.image_size={size}", f"maps.map_size={size}", "resources.clip_score.num_gpus=0"]
+    sets = [
+        f"clip.model={model_name}",
+        f"clip.weights={os.path.join(scratch, 'clip.pt')}",
+        "clip.precision=fp32",
+        f"pixel.weights={os.path.join(scratch, 'adapters.pth')}",
+        f"pixel.layers=[{','.join(map(str, layers))}]",
+        f"pixel.image_size={size}",
+        f"maps.map_size={size}",
+        "resources.clip_score.num_gpus=0",
+    ]
     tids = [f"t{i}" for i in range(len(tests))]
-    zero = ClipScoreStage.from_spec(load_spec(str(ROOT / "jobs" / "aprilgan.yaml"), sets))(image_batch(tests, tids, CATEGORY))
+    zero = ClipScoreStage.from_spec(load_spec(str(ROOT / "jobs" / "aprilgan.yaml"), sets))(
+        image_batch(tests, tids, CATEGORY)
+    )
     few_spec = load_spec(str(ROOT / "jobs" / "aprilgan_fewshot.yaml"), [*sets, f"few_shot.k={len(refs)}"])
-    bank = stored_bank(few_spec, os.path.join(scratch, "run"), "banks", CATEGORY, refs, [f"r{i}" for i in range(len(refs))],
-                       k=len(refs))
+    bank = stored_bank(
+        few_spec,
+        os.path.join(scratch, "run"),
+        "banks",
+        CATEGORY,
+        refs,
+        [f"r{i}" for i in range(len(refs))],
+        k=len(refs),
+    )
     scorer = ClipScoreStage.from_spec(few_spec)
     scorer.banks = {CATEGORY: {**bank, "k": len(refs), "reference_digest": "reference-check"}}
     few = scorer(image_batch(tests, tids, CATEGORY))
     check_ok(zero, few)
-    return {"score": np.asarray(zero["score"]), "zero_map": np.stack(list(zero["anomaly_map"])),
-            "few_score": np.asarray(few["score"]), "few_map": np.stack(list(few["anomaly_map"]))}
+    return {
+        "score": np.asarray(zero["score"]),
+        "zero_map": np.stack(list(zero["anomaly_map"])),
+        "few_score": np.asarray(few["score"]),
+        "few_map": np.stack(list(few["anomaly_map"])),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--aprilgan", required=True, help="a checkout (or git directory) of github.com/ByChelsea/VAND-APRIL-GAN")
+    ap.add_argument(
+        "--aprilgan", required=True, help="a checkout (or git directory) of github.com/ByChelsea/VAND-APRIL-GAN"
+    )
     ap.add_argument("--model", default="ViT-L-14-336")
     ap.add_argument("--size", type=int, default=518)
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18, 24])
@@ -194,22 +228,51 @@ def main() -> None:
         tests, refs = images(scratch, args.images, args.k)
         json.dump({"tests": tests, "refs": refs}, open(os.path.join(scratch, "inputs.json"), "w"))
         env = {**os.environ, "PYTHONPATH": scratch}
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--side", "reference", "--scratch", scratch,
-                        "--aprilgan", args.aprilgan, "--model", args.model, "--size", str(args.size),
-                        "--layers", *map(str, args.layers)], cwd=scratch, env=env, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--side",
+                "reference",
+                "--scratch",
+                scratch,
+                "--aprilgan",
+                args.aprilgan,
+                "--model",
+                args.model,
+                "--size",
+                str(args.size),
+                "--layers",
+                *map(str, args.layers),
+            ],
+            cwd=scratch,
+            env=env,
+            check=True,
+        )
         ref = dict(np.load(os.path.join(scratch, "reference.npz")))
         got = zsad_side(scratch, args.model, args.size, args.layers, tests, refs)
     rows = {
         "image score (text probability)": float(np.max(np.abs(got["score"] - ref["score"]))),
-        f"zero-shot map (sum of the blocks, {args.size} x {args.size})": float(np.max(np.abs(got["zero_map"] - ref["zero_map"]))),
+        f"zero-shot map (sum of the blocks, {args.size} x {args.size})": float(
+            np.max(np.abs(got["zero_map"] - ref["zero_map"]))
+        ),
         "few-shot map (zero-shot + memory)": float(np.max(np.abs(got["few_map"] - ref["few_map"]))),
-        "few-shot map maximum (the transductive score's input)":
-            float(np.max(np.abs(got["few_map"].max(axis=(1, 2)) - ref["few_map"].max(axis=(1, 2))))),
+        "few-shot map maximum (the transductive score's input)": float(
+            np.max(np.abs(got["few_map"].max(axis=(1, 2)) - ref["few_map"].max(axis=(1, 2))))
+        ),
         "few-shot run's streaming score (text probability)": float(np.max(np.abs(got["few_score"] - ref["score"]))),
     }
-    report(f"APRIL-GAN reference check: {args.model} at {args.size} px, blocks {args.layers}, {args.images} images, "
-           f"k {args.k}; APRIL-GAN commit {commit}; random weights; {time.monotonic() - t0:.0f} s", rows, args.tol, args.json,
-           commit=commit, model=args.model, size=args.size)
+    report(
+        f"APRIL-GAN reference check: {args.model} at {args.size} px, blocks {args.layers}, {args.images} images, "
+        f"k {args.k}; APRIL-GAN commit {commit}; random weights; {time.monotonic() - t0:.0f} s",
+        rows,
+        args.tol,
+        args.json,
+        commit=commit,
+        model=args.model,
+        size=args.size,
+    )
+
 
 if __name__ == "__main__":
     main()

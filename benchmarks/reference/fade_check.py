@@ -60,7 +60,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, add_common_arguments, check_ok, child_inputs, extract_files, image_batch, report, stored_bank, unpacked  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import (
+    ROOT,
+    add_common_arguments,
+    check_ok,
+    child_inputs,
+    extract_files,
+    image_batch,
+    report,
+    stored_bank,
+    unpacked,
+)  # noqa: E402 - benchmarks/reference/ beside this script
 
 CATEGORY = "metal_nut"  # a name with "_": FADE writes it as "metal nut" in the classification prompts
 SIZES = [240, 448, 896]
@@ -73,23 +83,29 @@ def prepare(scratch: str, args) -> tuple[str, str]:
     lib = os.path.join(scratch, "lib")
     os.makedirs(lib)
     commit = extract_files(args.fade, lib, FADE_FILES)
-    for path, package in ((args.gem, "gem"), (args.open_clip, "open_clip"), (args.opencv, "cv2"), (args.einops, "einops")):
+    for path, package in (
+        (args.gem, "gem"),
+        (args.open_clip, "open_clip"),
+        (args.opencv, "cv2"),
+        (args.einops, "einops"),
+    ):
         root = unpacked(path, package, scratch)
         for entry in os.listdir(root):  # the package and what it loads beside it (opencv's .libs)
             if entry == package or entry.endswith(".libs"):
                 shutil.copytree(os.path.join(root, entry), os.path.join(lib, entry))
     os.makedirs(os.path.join(lib, "xgboost"))
     with open(os.path.join(lib, "xgboost", "__init__.py"), "w") as fh:
-        fh.write("class XGBClassifier:  # shim: imported by FADE's text_model.py, not used by its published runs\n"
-                 "    def __init__(self, *a, **kw):\n        raise RuntimeError('xgboost is a shim in this check')\n")
+        fh.write(
+            "class XGBClassifier:  # shim: imported by FADE's text_model.py, not used by its published runs\n"
+            "    def __init__(self, *a, **kw):\n        raise RuntimeError('xgboost is a shim in this check')\n"
+        )
     return lib, commit
 
 
 def reference_side(scratch: str, lib: str, data: str, k: int, seed: int) -> None:
-    import torch
-
     import gem
     import open_clip  # 2.24, from the scratch folder
+    import torch
 
     assert open_clip.__file__.startswith(lib) and gem.__file__.startswith(lib), (open_clip.__file__, gem.__file__)
     from datasets.base import DatasetSplit
@@ -117,12 +133,22 @@ def reference_side(scratch: str, lib: str, data: str, k: int, seed: int) -> None
     chosen = []
     for shot in range(k):
         bank = ref[240][shot]
-        dists = [float(np.abs(extract_image_embeddings({240: train[i]["image"][240][None]}, gem_model, "cpu")
-                              [240]["clip"]["patch"][0] - bank).max()) for i in range(len(train))]
+        dists = [
+            float(
+                np.abs(
+                    extract_image_embeddings({240: train[i]["image"][240][None]}, gem_model, "cpu")[240]["clip"][
+                        "patch"
+                    ][0]
+                    - bank
+                ).max()
+            )
+            for i in range(len(train))
+        ]
         chosen.append(str(train.data_to_iterate[int(np.argmin(dists))][2]))
 
-    test = MVTecDataset(source=source, classname=CATEGORY, resize=sorted(set(SIZES) | {448}), square=True,
-                        split=DatasetSplit.TEST)
+    test = MVTecDataset(
+        source=source, classname=CATEGORY, resize=sorted(set(SIZES) | {448}), square=True, split=DatasetSplit.TEST
+    )
     paths, scores, vision_max, maps, zero_scores, zero_maps = [], [], [], [], [], []
     for i in range(len(test)):
         item = test[i]
@@ -141,8 +167,14 @@ def reference_side(scratch: str, lib: str, data: str, k: int, seed: int) -> None
         own_map = predict_segmentation(own, emb, SIZES, "gem", patch, "vision") * 80.0
         zero_scores.append(np.clip(language_score, 0, 1)[0])
         zero_maps.append(np.clip(0.5 * language_map + 0.5 * own_map, 0, 1)[0])
-    np.savez(os.path.join(scratch, "reference.npz"), score=np.array(scores), vision_max=np.array(vision_max),
-             map=np.stack(maps), zero_score=np.array(zero_scores), zero_map=np.stack(zero_maps))
+    np.savez(
+        os.path.join(scratch, "reference.npz"),
+        score=np.array(scores),
+        vision_max=np.array(vision_max),
+        map=np.stack(maps),
+        zero_score=np.array(zero_scores),
+        zero_map=np.stack(zero_maps),
+    )
     with open(os.path.join(scratch, "reference.json"), "w") as fh:
         json.dump({"tests": paths, "chosen": chosen}, fh)
 
@@ -154,22 +186,39 @@ def zsad_side(scratch: str, data: str, tests: list[str], k: int, seed: int) -> t
     from pipeline.stages.clip_score import ClipScoreStage
 
     files = [os.path.join(scratch, "lib", p) for p in LLM_PROMPTS]
-    common = [f"clip.weights={os.path.join(scratch, 'clip.pt')}", "clip.precision=fp32", "maps.map_size=56",
-              "resources.clip_score.num_gpus=0", "pixel.prompt_sets=[winclip]", f"pixel.prompt_files=[{','.join(files)}]"]
+    common = [
+        f"clip.weights={os.path.join(scratch, 'clip.pt')}",
+        "clip.precision=fp32",
+        "maps.map_size=56",
+        "resources.clip_score.num_gpus=0",
+        "pixel.prompt_sets=[winclip]",
+        f"pixel.prompt_files=[{','.join(files)}]",
+    ]
     ids = [f"t{i}" for i in range(len(tests))]
-    zero = ClipScoreStage.from_spec(load_spec(str(ROOT / "jobs" / "fade.yaml"), common))(image_batch(tests, ids, CATEGORY))
+    zero = ClipScoreStage.from_spec(load_spec(str(ROOT / "jobs" / "fade.yaml"), common))(
+        image_batch(tests, ids, CATEGORY)
+    )
     spec = load_spec(str(ROOT / "jobs" / "fade_fewshot.yaml"), [*common, f"few_shot.k={k}", f"few_shot.seed={seed}"])
     _, candidates = list_references(data, "mvtec")
-    chosen, _ = choose_references(candidates, [CATEGORY], k, seed, spec.few_shot.with_replacement, spec.few_shot.sampler)
+    chosen, _ = choose_references(
+        candidates, [CATEGORY], k, seed, spec.few_shot.with_replacement, spec.few_shot.sampler
+    )
     refs = chosen.sort_values("shot")["uri"].tolist()
     bank = stored_bank(spec, os.path.join(scratch, "run"), "banks", CATEGORY, refs, [f"r{i}" for i in range(k)], k=k)
     scorer = ClipScoreStage.from_spec(spec)
     scorer.banks = {CATEGORY: {**bank, "k": k, "reference_digest": "reference-check"}}
     out = scorer(image_batch(tests, ids, CATEGORY))
     check_ok(zero, out)
-    return ({"score": np.asarray(out["score"]), "vision_max": np.asarray(out["score_vision"]),
-             "map": np.stack(list(out["anomaly_map"])), "zero_score": np.asarray(zero["score"]),
-             "zero_map": np.stack(list(zero["anomaly_map"]))}, refs)
+    return (
+        {
+            "score": np.asarray(out["score"]),
+            "vision_max": np.asarray(out["score_vision"]),
+            "map": np.stack(list(out["anomaly_map"])),
+            "zero_score": np.asarray(zero["score"]),
+            "zero_map": np.stack(list(zero["anomaly_map"])),
+        },
+        refs,
+    )
 
 
 def main() -> None:
@@ -198,36 +247,75 @@ def main() -> None:
         from pipeline.synthetic import make_dataset
 
         data = os.path.join(scratch, "data")
-        make_dataset(data, categories=(CATEGORY,), n_good=args.images - args.images // 2, n_bad=args.images // 2,
-                     n_train=args.train, size=200)
+        make_dataset(
+            data,
+            categories=(CATEGORY,),
+            n_good=args.images - args.images // 2,
+            n_bad=args.images // 2,
+            n_train=args.train,
+            size=200,
+        )
         json.dump({"lib": lib, "data": data}, open(os.path.join(scratch, "inputs.json"), "w"))
         # FADE's modules import "utils", "datasets" and "prompts/..." relative to its root: run from lib
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--side", "reference", "--scratch", scratch,
-                        "--k", str(args.k), "--seed", str(args.seed), *sum(([f"--{n}", getattr(args, n.replace("-", "_"))]
-                        for n in ("fade", "gem", "open-clip", "opencv", "einops")), [])],
-                       cwd=lib, env={**os.environ, "PYTHONPATH": lib}, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--side",
+                "reference",
+                "--scratch",
+                scratch,
+                "--k",
+                str(args.k),
+                "--seed",
+                str(args.seed),
+                *sum(
+                    (
+                        [f"--{n}", getattr(args, n.replace("-", "_"))]
+                        for n in ("fade", "gem", "open-clip", "opencv", "einops")
+                    ),
+                    [],
+                ),
+            ],
+            cwd=lib,
+            env={**os.environ, "PYTHONPATH": lib},
+            check=True,
+        )
         ref = dict(np.load(os.path.join(scratch, "reference.npz")))
         named = json.load(open(os.path.join(scratch, "reference.json")))
         got, refs = zsad_side(scratch, data, named["tests"], args.k, args.seed)
         rel = [[os.path.relpath(p, data) for p in side] for side in (named["chosen"], refs)]
     print(f"references chosen by FADE's DataLoader (seed {args.seed}): {rel[0]}")
     print(f"references chosen by zsad (few_shot.sampler torch_shuffle):  {rel[1]}")
-    rows = {name: float(np.max(np.abs(got[key] - ref[key]))) for name, key in (
-        ("image score (clip((language + max vision map) / 2))", "score"),
-        ("vision score (max of the few-shot vision map x 3.5)", "vision_max"),
-        ("fused map (0.15 language + 0.85 vision, 56 x 56)", "map"),
-        ("zero-shot (fade.yaml) image score (240 px language score)", "zero_score"),
-        ("zero-shot (fade.yaml) fused map (0.5 language + 0.5 own-image GEM vision x 80)", "zero_map"))}
+    rows = {
+        name: float(np.max(np.abs(got[key] - ref[key])))
+        for name, key in (
+            ("image score (clip((language + max vision map) / 2))", "score"),
+            ("vision score (max of the few-shot vision map x 3.5)", "vision_max"),
+            ("fused map (0.15 language + 0.85 vision, 56 x 56)", "map"),
+            ("zero-shot (fade.yaml) image score (240 px language score)", "zero_score"),
+            ("zero-shot (fade.yaml) fused map (0.5 language + 0.5 own-image GEM vision x 80)", "zero_map"),
+        )
+    }
     for key in ("map", "zero_map"):  # a map clipped everywhere would agree trivially
         inside = float(np.mean((ref[key] > 0) & (ref[key] < 1)))
-        print(f"FADE's {key.replace('_', '-')}: range [{ref[key].min():.3f}, {ref[key].max():.3f}], "
-              f"{100 * inside:.0f} % of its values inside (0, 1)")
+        print(
+            f"FADE's {key.replace('_', '-')}: range [{ref[key].min():.3f}, {ref[key].max():.3f}], "
+            f"{100 * inside:.0f} % of its values inside (0, 1)"
+        )
     if rel[0] != rel[1]:
         print("FAIL: zsad chose other references than FADE")
         raise SystemExit(1)
-    report(f"FADE few-shot reference check: FADE {commit[:7]} with GEM and open_clip 2.24 (ViT-B-16-plus-240 at "
-           f"240/448/896 px), {args.images} images, k {args.k} of {args.train}; random weights; "
-           f"{time.monotonic() - t0:.0f} s", rows, args.tol, args.json, commit=commit, references=rel[0])
+    report(
+        f"FADE few-shot reference check: FADE {commit[:7]} with GEM and open_clip 2.24 (ViT-B-16-plus-240 at "
+        f"240/448/896 px), {args.images} images, k {args.k} of {args.train}; random weights; "
+        f"{time.monotonic() - t0:.0f} s",
+        rows,
+        args.tol,
+        args.json,
+        commit=commit,
+        references=rel[0],
+    )
 
 
 if __name__ == "__main__":

@@ -41,21 +41,30 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, add_common_arguments, check_ok, child_inputs, extract_files, generated_images, image_batch, report, stored_bank  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import (
+    ROOT,
+    add_common_arguments,
+    check_ok,
+    child_inputs,
+    extract_files,
+    generated_images,
+    image_batch,
+    report,
+    stored_bank,
+)  # noqa: E402 - benchmarks/reference/ beside this script
 
 CATEGORY = "bottle"
 os.environ.setdefault("TQDM_DISABLE", "1")  # MSM wraps its loop in tqdm
 
 
 def reference_side(scratch: str, model_name: str, size: int, layers: list[int], tests: list[str]) -> None:
+    import models.backbone.open_clip as open_clip  # MuSc's vendored copy, from the scratch folder
     import torch
     import torch.nn.functional as F
-    from PIL import Image
-
-    import models.backbone.open_clip as open_clip  # MuSc's vendored copy, from the scratch folder
     from models.backbone.open_clip.model import resize_pos_embed
     from models.modules._LNAMD import LNAMD
     from models.modules._MSM import MSM
+    from PIL import Image
 
     assert open_clip.__file__.startswith(scratch), open_clip.__file__
     if not torch.cuda.is_available():  # its vision forward moves an unused attention sum to 'cuda'
@@ -79,13 +88,17 @@ def reference_side(scratch: str, model_name: str, size: int, layers: list[int], 
             lnamd = LNAMD(device="cpu", r=r, feature_dim=tokens[0].shape[-1], feature_layer=layers)
             feats = lnamd._embed(tokens)
             feats /= feats.norm(dim=-1, keepdim=True)
-            per_layer = [MSM(Z=feats[:, :, l, :], device="cpu", topmin_min=0, topmin_max=0.3) for l in range(len(layers))]
+            per_layer = [
+                MSM(Z=feats[:, :, l, :], device="cpu", topmin_min=0, topmin_max=0.3) for l in range(len(layers))
+            ]
             maps_r.append(torch.stack(per_layer).mean(0))
         grid = torch.stack(maps_r).mean(0)
         b, length = grid.shape
         h = int(np.sqrt(length))
         maps = F.interpolate(grid.view(b, 1, h, h), size=size, mode="bilinear", align_corners=True)[:, 0]
-    np.savez(os.path.join(scratch, "reference.npz"), maps=maps.numpy(), scores=maps.reshape(b, -1).max(-1).values.numpy())
+    np.savez(
+        os.path.join(scratch, "reference.npz"), maps=maps.numpy(), scores=maps.reshape(b, -1).max(-1).values.numpy()
+    )
 
 
 def zsad_side(scratch: str, model_name: str, size: int, layers: list[int], tests: list[str]) -> dict:
@@ -95,18 +108,30 @@ def zsad_side(scratch: str, model_name: str, size: int, layers: list[int], tests
     from pipeline.stages.clip_score import ClipScoreStage
 
     ids = [f"t{i}" for i in range(len(tests))]
-    sets = [f"clip.model={model_name}", f"clip.weights={os.path.join(scratch, 'clip.pt')}", "clip.precision=fp32",
-            f"pixel.layers=[{','.join(map(str, layers))}]", f"pixel.image_size={size}", f"maps.map_size={size}",
-            "resources.clip_score.num_gpus=0", f"mutual.pool_size={len(tests)}"]
+    sets = [
+        f"clip.model={model_name}",
+        f"clip.weights={os.path.join(scratch, 'clip.pt')}",
+        "clip.precision=fp32",
+        f"pixel.layers=[{','.join(map(str, layers))}]",
+        f"pixel.image_size={size}",
+        f"maps.map_size={size}",
+        "resources.clip_score.num_gpus=0",
+        f"mutual.pool_size={len(tests)}",
+    ]
     spec = load_spec(str(ROOT / "jobs" / "musc.yaml"), sets)
     pool = stored_bank(spec, os.path.join(scratch, "run"), "pools", CATEGORY, tests, ids)
     per_image = StoredBank(pool["uri"], pool["digest"]).image_bytes([f"layer{l}" for l in layers])
-    stage = ClipScoreStage.from_spec(load_spec(str(ROOT / "jobs" / "musc.yaml"), [*sets, f"mutual.max_pool_bytes={2 * per_image}"]))
+    stage = ClipScoreStage.from_spec(
+        load_spec(str(ROOT / "jobs" / "musc.yaml"), [*sets, f"mutual.max_pool_bytes={2 * per_image}"])
+    )
     stage.pools = {CATEGORY: {**pool, "images": len(ids), "image_ids": ids}}
     out = stage(image_batch(tests, ids, CATEGORY))
     check_ok(out)
-    return {"maps": np.stack(list(out["anomaly_map"])), "scores": np.asarray(out["score_mutual"]),
-            "chunk": stage.pool(CATEGORY).get("chunk")}
+    return {
+        "maps": np.stack(list(out["anomaly_map"])),
+        "scores": np.asarray(out["score_mutual"]),
+        "chunk": stage.pool(CATEGORY).get("chunk"),
+    }
 
 
 def main() -> None:
@@ -126,21 +151,53 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="musc-check-") as scratch:
         commit = extract_files(args.musc, scratch, ["models/backbone/open_clip", "models/modules"])
         with open(os.path.join(scratch, "cv2.py"), "w") as fh:  # its transformer.py imports cv2 for a debug helper only
-            fh.write("def __getattr__(name):\n    raise ImportError(f'cv2.{name}: OpenCV is not installed for the reference check')\n")
+            fh.write(
+                "def __getattr__(name):\n    raise ImportError(f'cv2.{name}: OpenCV is not installed for the reference check')\n"
+            )
         tests, _ = generated_images(scratch, CATEGORY, args.images)
         json.dump({"tests": tests}, open(os.path.join(scratch, "inputs.json"), "w"))
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--side", "reference", "--scratch", scratch,
-                        "--musc", args.musc, "--model", args.model, "--size", str(args.size),
-                        "--layers", *map(str, args.layers)], cwd=scratch, env={**os.environ, "PYTHONPATH": scratch},
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--side",
+                "reference",
+                "--scratch",
+                scratch,
+                "--musc",
+                args.musc,
+                "--model",
+                args.model,
+                "--size",
+                str(args.size),
+                "--layers",
+                *map(str, args.layers),
+            ],
+            cwd=scratch,
+            env={**os.environ, "PYTHONPATH": scratch},
+            check=True,
+        )
         ref = dict(np.load(os.path.join(scratch, "reference.npz")))
         got = zsad_side(scratch, args.model, args.size, args.layers, tests)
-    rows = {f"map ({args.size} x {args.size}, clipped to [0, 2] as stored)": float(np.max(np.abs(got["maps"] - np.clip(ref["maps"], 0, 2)))),
-            "image score (the map's maximum)": float(np.max(np.abs(got["scores"] - ref["scores"])))}
-    report(f"MuSc end-to-end reference check: {args.model} at {args.size} px, blocks {args.layers}, {args.images} images "
-           f"(the whole category as pool, streamed {got['chunk']} images at a time); MuSc commit {commit}; random weights; "
-           f"{time.monotonic() - t0:.0f} s", rows, args.tol, args.json, commit=commit, model=args.model, size=args.size,
-           chunk=got["chunk"])
+    rows = {
+        f"map ({args.size} x {args.size}, clipped to [0, 2] as stored)": float(
+            np.max(np.abs(got["maps"] - np.clip(ref["maps"], 0, 2)))
+        ),
+        "image score (the map's maximum)": float(np.max(np.abs(got["scores"] - ref["scores"]))),
+    }
+    report(
+        f"MuSc end-to-end reference check: {args.model} at {args.size} px, blocks {args.layers}, {args.images} images "
+        f"(the whole category as pool, streamed {got['chunk']} images at a time); MuSc commit {commit}; random weights; "
+        f"{time.monotonic() - t0:.0f} s",
+        rows,
+        args.tol,
+        args.json,
+        commit=commit,
+        model=args.model,
+        size=args.size,
+        chunk=got["chunk"],
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -43,11 +43,26 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, add_common_arguments, check_ok, child_inputs, generated_images, image_batch, report, stored_bank, unpacked  # noqa: E402 - benchmarks/reference/ beside this script
+from _common import (
+    ROOT,
+    add_common_arguments,
+    check_ok,
+    child_inputs,
+    generated_images,
+    image_batch,
+    report,
+    stored_bank,
+    unpacked,
+)  # noqa: E402 - benchmarks/reference/ beside this script
 
 CATEGORY = "bottle"
-WINCLIP = ["models/image/winclip/torch_model.py", "models/image/winclip/utils.py", "models/image/winclip/prompting.py",
-           "models/components/base/buffer_list.py", "models/components/base/dynamic_buffer.py"]
+WINCLIP = [
+    "models/image/winclip/torch_model.py",
+    "models/image/winclip/utils.py",
+    "models/image/winclip/prompting.py",
+    "models/components/base/buffer_list.py",
+    "models/components/base/dynamic_buffer.py",
+]
 
 
 def prepare(scratch: str, anomalib: str, open_clip_src: str) -> str:
@@ -57,21 +72,23 @@ def prepare(scratch: str, anomalib: str, open_clip_src: str) -> str:
         dst = os.path.join(lib, "anomalib", rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         shutil.copy(os.path.join(root, "anomalib", rel), dst)
-    shutil.copytree(os.path.join(unpacked(open_clip_src, "open_clip", scratch), "open_clip"), os.path.join(lib, "open_clip"))
+    shutil.copytree(
+        os.path.join(unpacked(open_clip_src, "open_clip", scratch), "open_clip"), os.path.join(lib, "open_clip")
+    )
     shims = {
         "anomalib/__init__.py": "",
         "anomalib/data/__init__.py": "from typing import NamedTuple\n\nimport torch\n\n\nclass InferenceBatch(NamedTuple):\n"
-                                     "    pred_score: torch.Tensor\n    anomaly_map: torch.Tensor\n",
+        "    pred_score: torch.Tensor\n    anomaly_map: torch.Tensor\n",
         "anomalib/models/__init__.py": "",
         "anomalib/models/components/__init__.py": "from .base.buffer_list import BufferListMixin  # noqa: F401\n"
-                                                  "from .base.dynamic_buffer import DynamicBufferMixin  # noqa: F401\n",
+        "from .base.dynamic_buffer import DynamicBufferMixin  # noqa: F401\n",
         "anomalib/models/components/base/__init__.py": "",
         "anomalib/models/image/__init__.py": "",
         "anomalib/models/image/winclip/__init__.py": "",
         "lightning_utilities/__init__.py": "",
         "lightning_utilities/core/__init__.py": "",
         "lightning_utilities/core/imports.py": "import importlib.util\n\n\ndef module_available(name):\n"
-                                               "    return importlib.util.find_spec(name) is not None\n",
+        "    return importlib.util.find_spec(name) is not None\n",
     }
     for rel, text in shims.items():
         path = os.path.join(lib, rel)
@@ -82,11 +99,10 @@ def prepare(scratch: str, anomalib: str, open_clip_src: str) -> str:
 
 
 def reference_side(scratch: str, lib: str, tests: list[str], refs: list[str]) -> None:
+    import open_clip  # 2.24, from the scratch folder
     import torch
     from PIL import Image
     from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
-
-    import open_clip  # 2.24, from the scratch folder
 
     assert open_clip.__file__.startswith(lib), open_clip.__file__
     create = open_clip.create_model_and_transforms
@@ -96,19 +112,32 @@ def reference_side(scratch: str, lib: str, tests: list[str], refs: list[str]) ->
     torch.manual_seed(0)
     model = WinClipModel(class_name=CATEGORY).eval()
     torch.save(model.clip.state_dict(), os.path.join(scratch, "clip.pt"))
-    pre = Compose([Resize((240, 240), antialias=True, interpolation=InterpolationMode.BICUBIC),
-                   Normalize(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))])
+    pre = Compose(
+        [
+            Resize((240, 240), antialias=True, interpolation=InterpolationMode.BICUBIC),
+            Normalize(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
 
     def load(paths):
-        return torch.stack([pre(torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1).float() / 255)
-                            for p in paths])
+        return torch.stack(
+            [
+                pre(torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1).float() / 255)
+                for p in paths
+            ]
+        )
 
     with torch.no_grad():
         zero = model(load(tests))
         model.setup(reference_images=load(refs))
         few = model(load(tests))
-    np.savez(os.path.join(scratch, "reference.npz"), zero_score=zero.pred_score.numpy(), zero_map=zero.anomaly_map.numpy(),
-             few_score=few.pred_score.numpy(), few_map=few.anomaly_map.numpy())
+    np.savez(
+        os.path.join(scratch, "reference.npz"),
+        zero_score=zero.pred_score.numpy(),
+        zero_map=zero.anomaly_map.numpy(),
+        few_score=few.pred_score.numpy(),
+        few_map=few.anomaly_map.numpy(),
+    )
 
 
 def zsad_side(scratch: str, tests: list[str], refs: list[str]) -> dict:
@@ -116,24 +145,38 @@ def zsad_side(scratch: str, tests: list[str], refs: list[str]) -> dict:
     from pipeline.config import load_spec
     from pipeline.stages.clip_score import ClipScoreStage
 
-    spec = load_spec(str(ROOT / "jobs" / "winclip_fewshot.yaml"),
-                     [f"clip.weights={os.path.join(scratch, 'clip.pt')}", "clip.precision=fp32", "maps.map_size=240",
-                      "resources.clip_score.num_gpus=0", f"few_shot.k={len(refs)}"])
+    spec = load_spec(
+        str(ROOT / "jobs" / "winclip_fewshot.yaml"),
+        [
+            f"clip.weights={os.path.join(scratch, 'clip.pt')}",
+            "clip.precision=fp32",
+            "maps.map_size=240",
+            "resources.clip_score.num_gpus=0",
+            f"few_shot.k={len(refs)}",
+        ],
+    )
     tids = [f"t{i}" for i in range(len(tests))]
     zero = ClipScoreStage.from_spec(spec.model_copy(update={"few_shot": None}))(image_batch(tests, tids, CATEGORY))
-    bank = stored_bank(spec, os.path.join(scratch, "run"), "banks", CATEGORY, refs, [f"r{i}" for i in range(len(refs))],
-                       k=len(refs))
+    bank = stored_bank(
+        spec, os.path.join(scratch, "run"), "banks", CATEGORY, refs, [f"r{i}" for i in range(len(refs))], k=len(refs)
+    )
     scorer = ClipScoreStage.from_spec(spec)
     scorer.banks = {CATEGORY: {**bank, "k": len(refs), "reference_digest": "reference-check"}}
     few = scorer(image_batch(tests, tids, CATEGORY))
     check_ok(zero, few)
-    return {"zero_score": np.asarray(zero["score"]), "zero_map": np.stack(list(zero["anomaly_map"])),
-            "few_score": np.asarray(few["score"]), "few_map": np.stack(list(few["anomaly_map"]))}
+    return {
+        "zero_score": np.asarray(zero["score"]),
+        "zero_map": np.stack(list(zero["anomaly_map"])),
+        "few_score": np.asarray(few["score"]),
+        "few_map": np.stack(list(few["anomaly_map"])),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--anomalib", required=True, help="anomalib 2.7's wheel or a checkout of open-edge-platform/anomalib")
+    ap.add_argument(
+        "--anomalib", required=True, help="anomalib 2.7's wheel or a checkout of open-edge-platform/anomalib"
+    )
     ap.add_argument("--open-clip", required=True, help="open_clip_torch 2.24.0's wheel or a checkout at that tag")
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--k", type=int, default=2)
@@ -148,17 +191,42 @@ def main() -> None:
         lib = prepare(scratch, args.anomalib, args.open_clip)
         tests, refs = generated_images(scratch, CATEGORY, args.images, args.k)
         json.dump({"lib": lib, "tests": tests, "refs": refs}, open(os.path.join(scratch, "inputs.json"), "w"))
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--side", "reference", "--scratch", scratch,
-                        "--anomalib", args.anomalib, "--open-clip", args.open_clip], cwd=scratch,
-                       env={**os.environ, "PYTHONPATH": lib}, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--side",
+                "reference",
+                "--scratch",
+                scratch,
+                "--anomalib",
+                args.anomalib,
+                "--open-clip",
+                args.open_clip,
+            ],
+            cwd=scratch,
+            env={**os.environ, "PYTHONPATH": lib},
+            check=True,
+        )
         ref = dict(np.load(os.path.join(scratch, "reference.npz")))
         got = zsad_side(scratch, tests, refs)
-    rows = {name: float(np.max(np.abs(got[key] - ref[key]))) for name, key in (
-        ("zero-shot image score", "zero_score"), ("zero-shot map (240 x 240)", "zero_map"),
-        ("few-shot image score ((zero-shot + max few-shot map) / 2)", "few_score"),
-        ("few-shot map ((zero-shot + few-shot) / 2)", "few_map"))}
-    report(f"WinCLIP reference check: anomalib's WinClipModel (ViT-B-16-plus-240 at 240 px), {args.images} images, "
-           f"k {args.k}; random weights; {time.monotonic() - t0:.0f} s", rows, args.tol, args.json)
+    rows = {
+        name: float(np.max(np.abs(got[key] - ref[key])))
+        for name, key in (
+            ("zero-shot image score", "zero_score"),
+            ("zero-shot map (240 x 240)", "zero_map"),
+            ("few-shot image score ((zero-shot + max few-shot map) / 2)", "few_score"),
+            ("few-shot map ((zero-shot + few-shot) / 2)", "few_map"),
+        )
+    }
+    report(
+        f"WinCLIP reference check: anomalib's WinClipModel (ViT-B-16-plus-240 at 240 px), {args.images} images, "
+        f"k {args.k}; random weights; {time.monotonic() - t0:.0f} s",
+        rows,
+        args.tol,
+        args.json,
+    )
+
 
 if __name__ == "__main__":
     main()

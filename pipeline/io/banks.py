@@ -206,7 +206,8 @@ class StoredBank:
             raise BankError(
                 f"bank {uri}: built for something else (digest {str(m.get('digest', '?'))[:12]}..., this run's spec and "
                 f"images give {expected_digest[:12]}...): the model, the method, the precision or the images changed. "
-                "Start a new run (another --run-id) to build it for the new spec")
+                "Start a new run (another --run-id) to build it for the new spec"
+            )
         self.image_ids: list[str] = list(m["image_ids"])
         self.precision: str | None = m.get("precision")
         self.nbytes = int(m.get("bytes", 0))
@@ -221,19 +222,33 @@ class StoredBank:
             except FileNotFoundError:
                 raise BankError(f"bank part {part_uri}: no such file (the manifest {uri} names it)") from None
             if size != int(p["bytes"]):
-                raise BankError(f"bank part {part_uri}: {size} bytes, the manifest says {p['bytes']}: truncated or replaced")
+                raise BankError(
+                    f"bank part {part_uri}: {size} bytes, the manifest says {p['bytes']}: truncated or replaced"
+                )
             header, start = _header(path, size, part_uri)
             meta = header.get("__metadata__") or {}
             if meta.get("zsad.format") != PART_FORMAT:
-                raise BankError(f"bank part {part_uri}: not a zsad bank part (format {meta.get('zsad.format')!r}, "
-                                f"expected {PART_FORMAT!r})")
+                raise BankError(
+                    f"bank part {part_uri}: not a zsad bank part (format {meta.get('zsad.format')!r}, "
+                    f"expected {PART_FORMAT!r})"
+                )
             if meta.get("digest") != m.get("digest") or meta.get("category") != m.get("category"):
-                raise BankError(f"bank part {part_uri}: belongs to another bank (category {meta.get('category')!r}, digest "
-                                f"{str(meta.get('digest'))[:12]}...; the manifest: {m.get('category')!r}, "
-                                f"{str(m.get('digest'))[:12]}...)")
+                raise BankError(
+                    f"bank part {part_uri}: belongs to another bank (category {meta.get('category')!r}, digest "
+                    f"{str(meta.get('digest'))[:12]}...; the manifest: {m.get('category')!r}, "
+                    f"{str(m.get('digest'))[:12]}...)"
+                )
             ids = json.loads(meta["image_ids"])
-            self._parts.append({"uri": part_uri, "path": path, "start": start, "header": header,
-                                "offsets": json.loads(meta["offsets"]), "maps": {}})
+            self._parts.append(
+                {
+                    "uri": part_uri,
+                    "path": path,
+                    "start": start,
+                    "header": header,
+                    "offsets": json.loads(meta["offsets"]),
+                    "maps": {},
+                }
+            )
             for j, iid in enumerate(ids):
                 self._where[iid] = (len(self._parts) - 1, j)
         missing = [i for i in self.image_ids if i not in self._where]
@@ -250,10 +265,15 @@ class StoredBank:
             b, e = (int(v) for v in info["data_offsets"])
             dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
             if dtype is None:
-                raise BankError(f"bank part {part['uri']}: tensor {key!r} has dtype {info['dtype']}, expected F32 or F16")
+                raise BankError(
+                    f"bank part {part['uri']}: tensor {key!r} has dtype {info['dtype']}, expected F32 or F16"
+                )
             shape = tuple(int(s) for s in info["shape"])
-            arr = np.memmap(part["path"], dtype=dtype, mode="r", offset=part["start"] + b, shape=shape) if e > b \
+            arr = (
+                np.memmap(part["path"], dtype=dtype, mode="r", offset=part["start"] + b, shape=shape)
+                if e > b
                 else np.zeros(shape, dtype)
+            )
             part["maps"][key] = arr
         return arr
 

@@ -112,8 +112,14 @@ def load(table: str) -> Contract:
     names = [f.name for f in fields]
     if len(set(names)) != len(names):
         raise ContractError(f"{where}: duplicate field names")
-    return Contract(table=raw["table"], version=int(raw["version"]), doc=str(raw.get("doc", "")).strip(), fields=tuple(fields),
-                    rows=str(raw.get("rows", "all")), explode=tuple(raw.get("explode", ())))
+    return Contract(
+        table=raw["table"],
+        version=int(raw["version"]),
+        doc=str(raw.get("doc", "")).strip(),
+        fields=tuple(fields),
+        rows=str(raw.get("rows", "all")),
+        explode=tuple(raw.get("explode", ())),
+    )
 
 
 def validate(table: pa.Table, contract: Contract) -> None:
@@ -131,9 +137,13 @@ def validate(table: pa.Table, contract: Contract) -> None:
     for f in contract.fields:
         col = table.column(f.name)
         if not col.type.equals(f.type):
-            raise ContractError(f"table {contract.table!r}: column {f.name!r} has type {col.type}, contract says {f.type}")
+            raise ContractError(
+                f"table {contract.table!r}: column {f.name!r} has type {col.type}, contract says {f.type}"
+            )
         if not f.nullable and col.null_count:
-            raise ContractError(f"table {contract.table!r}: column {f.name!r} has {col.null_count} null(s) but is not nullable")
+            raise ContractError(
+                f"table {contract.table!r}: column {f.name!r} has {col.null_count} null(s) but is not nullable"
+            )
 
 
 def to_table(rows: Mapping[str, Iterable[Any]] | pa.Table, contract: Contract) -> pa.Table:
@@ -162,7 +172,9 @@ def to_table(rows: Mapping[str, Iterable[Any]] | pa.Table, contract: Contract) -
             else:
                 arr = pa.array(_py_values(values), type=f.type, from_pandas=True)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
-            raise ContractError(f"table {contract.table!r}: column {f.name!r} cannot be stored as {f.type}: {exc}") from None
+            raise ContractError(
+                f"table {contract.table!r}: column {f.name!r} cannot be stored as {f.type}: {exc}"
+            ) from None
         arrays.append(arr)
     table = pa.Table.from_arrays(arrays, schema=contract.schema)
     validate(table, contract)

@@ -318,7 +318,9 @@ def _list_visa(uri: str, data: DataSpec, tree: Tree, *, split: str = "test") -> 
                 "(the mask column is empty)"
             )
         if image in seen:
-            raise InputError(f"VisA split {csv_uri}: {where(i)}: duplicate image {image} (first at {where(seen[image])})")
+            raise InputError(
+                f"VisA split {csv_uri}: {where(i)}: duplicate image {image} (first at {where(seen[image])})"
+            )
         seen[image] = i
         rows.append(manifest_row(fs, root, image, files[image], category, label, mask_uri))
     if data.category is not None and data.category not in available:
@@ -393,8 +395,10 @@ def list_inputs(uri: str, data: DataSpec, storage: StorageOptions | None = None)
         available = set(df["category"])
         unknown = [c for c in data.categories if c not in available]
         if unknown:
-            raise InputError(f"input {uri}: categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))} "
-                             f"not found; available: {', '.join(sorted(available))}")
+            raise InputError(
+                f"input {uri}: categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(map(repr, unknown))} "
+                f"not found; available: {', '.join(sorted(available))}"
+            )
         attrs = df.attrs
         df = df[df["category"].isin(data.categories)].reset_index(drop=True)
         df.attrs = attrs

@@ -81,7 +81,9 @@ def is_stale(holder: dict[str, Any], timeout_s: float) -> bool:
 
 
 def describe(run_id: str, holder: dict[str, Any]) -> str:
-    return f"run {run_id} is in progress (since {holder.get('started')}, on {holder.get('host')} pid {holder.get('pid')})"
+    return (
+        f"run {run_id} is in progress (since {holder.get('started')}, on {holder.get('host')} pid {holder.get('pid')})"
+    )
 
 
 class Lease:
@@ -90,8 +92,13 @@ class Lease:
     def __init__(self, run_dir: str, storage: StorageOptions | None = None) -> None:
         self.uri = join(run_dir, LEASE)
         self.storage = storage
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": _now(), "heartbeat": _now(),
-                     "token": uuid.uuid4().hex}
+        self.info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _now(),
+            "heartbeat": _now(),
+            "token": uuid.uuid4().hex,
+        }
 
     def acquire(self, run_id: str, *, takeover: bool = False, timeout_s: float = 3600.0) -> dict[str, Any] | None:
         """Take the lease. Returns the stale lease taken over (None when there was none). Raises
@@ -106,8 +113,11 @@ class Lease:
             stale = is_stale(holder, timeout_s)
             if not (takeover and stale):
                 if stale:
-                    raise LeaseHeld(f"run {run_id} was interrupted (its holder, {holder.get('host')} pid "
-                                    f"{holder.get('pid')}, is gone); continue it with --resume (or `zsad resume`)", holder)
+                    raise LeaseHeld(
+                        f"run {run_id} was interrupted (its holder, {holder.get('host')} pid "
+                        f"{holder.get('pid')}, is gone); continue it with --resume (or `zsad resume`)",
+                        holder,
+                    )
                 raise LeaseHeld(describe(run_id, holder), holder)
             self._remove()
             if _create(self.uri, json.dumps(self.info), self.storage):
@@ -136,4 +146,3 @@ class Lease:
             fs.rm(path)
         except FileNotFoundError:
             pass
-

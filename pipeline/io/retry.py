@@ -118,5 +118,7 @@ def retrying(
                 raise
             delay = delays[attempt - 1]
             if log is not None:
-                log(f"{what}: transient failure ({type(exc).__name__}: {exc}); retry {attempt}/{len(delays)} in {delay:g} s")
+                log(
+                    f"{what}: transient failure ({type(exc).__name__}: {exc}); retry {attempt}/{len(delays)} in {delay:g} s"
+                )
             sleep(delay)

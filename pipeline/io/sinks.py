@@ -27,7 +27,9 @@ from pipeline.io.fs import StorageOptions, filesystem, is_remote, join, unstrip
 class TableWriter:
     """Buffered, contract-checked Parquet part writer for one table folder."""
 
-    def __init__(self, folder_uri: str, table: str, storage: StorageOptions | None = None, rows_per_part: int = 50_000) -> None:
+    def __init__(
+        self, folder_uri: str, table: str, storage: StorageOptions | None = None, rows_per_part: int = 50_000
+    ) -> None:
         self.folder_uri = folder_uri
         self.contract = contracts.load(table)
         self.storage = storage
@@ -83,7 +85,9 @@ class TableWriter:
         return self.files
 
 
-def write_table(uri: str, columns: dict[str, Any] | pa.Table, table: str, storage: StorageOptions | None = None) -> pa.Table:
+def write_table(
+    uri: str, columns: dict[str, Any] | pa.Table, table: str, storage: StorageOptions | None = None
+) -> pa.Table:
     """Write one contract-checked Parquet file (e.g. ``inputs.parquet``)."""
     contract = contracts.load(table)
     t = contracts.to_table(columns, contract)
@@ -151,7 +155,9 @@ class ShardSink:
     def __init__(self, run_dir: str, tables: list[str], storage: StorageOptions | None = None) -> None:
         self.run_dir, self.tables, self.storage = run_dir, tables, storage
         self.contracts = {t: contracts.load(t) for t in tables}
-        self.finished: dict[int, dict[str, Any]] = {}  # markers this sink wrote (what is known without reading them back)
+        self.finished: dict[
+            int, dict[str, Any]
+        ] = {}  # markers this sink wrote (what is known without reading them back)
         self._open: dict[int, dict[str, tuple[Any, Any, str, str | None]]] = {}
 
     @staticmethod

@@ -34,7 +34,9 @@ def auroc(table: ValueTable) -> float:
         return math.nan
     neg_below = np.concatenate([[0], np.cumsum(table.neg)[:-1]])  # negatives strictly below each value
     # 2 * (sum pos * neg_below + 1/2 sum pos * neg_equal), in exact integers
-    twice = 2 * int(np.dot(table.pos.astype(object), neg_below.astype(object))) + int(np.dot(table.pos.astype(object), table.neg.astype(object)))
+    twice = 2 * int(np.dot(table.pos.astype(object), neg_below.astype(object))) + int(
+        np.dot(table.pos.astype(object), table.neg.astype(object))
+    )
     return twice / (2 * p * n)
 
 

@@ -43,20 +43,62 @@ PUBLISHED: tuple[Published, ...] = (
     _row("fade", "mvtec", _ZS, pixel_auroc=89.6, pixel_f1_max=39.8),
     _row("clip_sam", "visa", _ZS, pixel_f1_max=36.5, pixel_auroc=94.8),
     _row("clip_sam", "mvtec", _ZS, pixel_auroc=89.5, pixel_f1_max=48.8),
-    _row("fade_fewshot", "visa", _ZS + ", 1-shot", "few_shot.k=1", image_f1_max=84.7, pixel_f1_max=42.3, pixel_auroc=97.5),
+    _row(
+        "fade_fewshot", "visa", _ZS + ", 1-shot", "few_shot.k=1", image_f1_max=84.7, pixel_f1_max=42.3, pixel_auroc=97.5
+    ),
     _row("fade_fewshot", "mvtec", _ZS + ", 1-shot", "few_shot.k=1", pixel_auroc=95.4, pixel_f1_max=54.6),
-    _row("musc", "mvtec", "MUSC.md 6.1 (MuSc's README, current code, per-category mean)", "--image-score rscin",
-         image_auroc=97.77, image_f1_max=97.37, image_ap=99.07, pixel_auroc=97.11, pixel_f1_max=62.16, pixel_ap=62.26,
-         pixel_aupro=93.45),
-    _row("musc", "visa", "MUSC.md 6.1 (MuSc's README, current code, per-category mean)", "--image-score rscin",
-         image_auroc=92.57, image_f1_max=89.06, image_ap=93.31, pixel_auroc=98.71, pixel_f1_max=48.90, pixel_ap=45.38,
-         pixel_aupro=92.43),
-    _row("musc_fast", "mvtec", "MUSC.md 6.2 (ViT-B-16-plus-240 at 240 px)", "--image-score rscin",
-         image_auroc=94.77, image_f1_max=95.43, image_ap=97.60, pixel_auroc=96.26, pixel_f1_max=52.23, pixel_ap=50.27,
-         pixel_aupro=87.70),
-    _row("musc_fast", "visa", "MUSC.md 6.2 (ViT-B-16-plus-240 at 240 px)", "--image-score rscin",
-         image_auroc=82.62, image_f1_max=81.61, image_ap=85.05, pixel_auroc=96.11, pixel_f1_max=37.84, pixel_ap=33.43,
-         pixel_aupro=72.37),
+    _row(
+        "musc",
+        "mvtec",
+        "MUSC.md 6.1 (MuSc's README, current code, per-category mean)",
+        "--image-score rscin",
+        image_auroc=97.77,
+        image_f1_max=97.37,
+        image_ap=99.07,
+        pixel_auroc=97.11,
+        pixel_f1_max=62.16,
+        pixel_ap=62.26,
+        pixel_aupro=93.45,
+    ),
+    _row(
+        "musc",
+        "visa",
+        "MUSC.md 6.1 (MuSc's README, current code, per-category mean)",
+        "--image-score rscin",
+        image_auroc=92.57,
+        image_f1_max=89.06,
+        image_ap=93.31,
+        pixel_auroc=98.71,
+        pixel_f1_max=48.90,
+        pixel_ap=45.38,
+        pixel_aupro=92.43,
+    ),
+    _row(
+        "musc_fast",
+        "mvtec",
+        "MUSC.md 6.2 (ViT-B-16-plus-240 at 240 px)",
+        "--image-score rscin",
+        image_auroc=94.77,
+        image_f1_max=95.43,
+        image_ap=97.60,
+        pixel_auroc=96.26,
+        pixel_f1_max=52.23,
+        pixel_ap=50.27,
+        pixel_aupro=87.70,
+    ),
+    _row(
+        "musc_fast",
+        "visa",
+        "MUSC.md 6.2 (ViT-B-16-plus-240 at 240 px)",
+        "--image-score rscin",
+        image_auroc=82.62,
+        image_f1_max=81.61,
+        image_ap=85.05,
+        pixel_auroc=96.11,
+        pixel_f1_max=37.84,
+        pixel_ap=33.43,
+        pixel_aupro=72.37,
+    ),
 )
 
 #: input layouts -> the dataset of the published rows
@@ -88,16 +130,26 @@ def beside(metrics: list[dict[str, Any]], row: Published) -> list[dict[str, Any]
     for column, value in row.values.items():
         got = m.get(column)
         run = None if got is None or got != got else 100.0 * float(got)  # NaN: no value
-        out.append({"metric": METRICS[column], "column": column, "published": value, "run": run,
-                    "difference": None if run is None else run - value})
+        out.append(
+            {
+                "metric": METRICS[column],
+                "column": column,
+                "published": value,
+                "run": run,
+                "difference": None if run is None else run - value,
+            }
+        )
     return out
 
 
 def text(rows: list[dict[str, Any]], row: Published, random_weights: bool) -> str:
     """The comparison as a Markdown table, with its source and a warning for random weights."""
-    lines = [f"published: {row.preset} on {row.dataset} ({row.source})" + (f"; evaluated with {row.settings}"
-                                                                            if row.settings else ""),
-             "| metric | published | this run | difference |", "|---|---:|---:|---:|"]
+    lines = [
+        f"published: {row.preset} on {row.dataset} ({row.source})"
+        + (f"; evaluated with {row.settings}" if row.settings else ""),
+        "| metric | published | this run | difference |",
+        "|---|---:|---:|---:|",
+    ]
     for r in rows:
         run = "-" if r["run"] is None else f"{r['run']:.2f}"
         diff = "-" if r["difference"] is None else f"{r['difference']:+.2f}"

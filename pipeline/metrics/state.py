@@ -76,7 +76,9 @@ class LevelStats:
         return self
 
     def merge(self, other: "LevelStats") -> "LevelStats":
-        return LevelStats(self.neg + other.neg, self.pos + other.pos, self.pro + other.pro, self.n_regions + other.n_regions)
+        return LevelStats(
+            self.neg + other.neg, self.pos + other.pos, self.pro + other.pro, self.n_regions + other.n_regions
+        )
 
     def table(self, vmin: float = 0.0, vmax: float = 1.0) -> "ValueTable":
         """The equivalent :class:`ValueTable` (levels mapped back to map values)."""
@@ -194,9 +196,18 @@ class BinnedStats:
     def merge(self, other: "BinnedStats") -> "BinnedStats":
         if (self.lo, self.hi, self.bins) != (other.lo, other.hi, other.bins):
             raise ValueError("binned states with different bins cannot be merged")
-        return BinnedStats(self.lo, self.hi, self.bins, self.neg + other.neg, self.pos + other.pos, self.pro + other.pro,
-                           self.n_regions + other.n_regions)
+        return BinnedStats(
+            self.lo,
+            self.hi,
+            self.bins,
+            self.neg + other.neg,
+            self.pos + other.pos,
+            self.pro + other.pro,
+            self.n_regions + other.n_regions,
+        )
 
     def table(self) -> ValueTable:
         used = np.flatnonzero((self.neg + self.pos) > 0)
-        return ValueTable(used.astype(np.float64), self.neg[used].copy(), self.pos[used].copy(), self.pro[used].copy(), self.n_regions)
+        return ValueTable(
+            used.astype(np.float64), self.neg[used].copy(), self.pos[used].copy(), self.pro[used].copy(), self.n_regions
+        )

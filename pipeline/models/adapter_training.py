@@ -14,7 +14,9 @@ import torch
 from pipeline.models import adapters as adapter_models
 
 
-def to_input(pixels: np.ndarray | list, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> torch.Tensor:
+def to_input(
+    pixels: np.ndarray | list, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> torch.Tensor:
     """uint8 images (B, S, S, 3) -> normalised float (B, 3, S, S) on ``device``."""
     x = torch.from_numpy(np.stack([np.asarray(p) for p in pixels])).to(device)
     x = x.permute(0, 3, 1, 2).float().div_(255.0)

@@ -80,12 +80,16 @@ def set_activation(model: nn.Module, activation: str) -> None:
 
     towers = _towers(model)
     if not towers:
-        raise ValueError(f"{type(model).__name__} has no open_clip transformer towers (model.visual.transformer, model.transformer)")
+        raise ValueError(
+            f"{type(model).__name__} has no open_clip transformer towers (model.visual.transformer, model.transformer)"
+        )
     for name, tower in towers:
         for i, block in enumerate(tower.resblocks):
             mlp = getattr(block, "mlp", None)
             if mlp is None or not hasattr(mlp, "gelu"):
-                raise ValueError(f"{name} block {i} has no MLP activation 'mlp.gelu' to replace ({type(block).__name__})")
+                raise ValueError(
+                    f"{name} block {i} has no MLP activation 'mlp.gelu' to replace ({type(block).__name__})"
+                )
             mlp.gelu = QuickGELU() if activation == "quick_gelu" else nn.GELU()
 
 
@@ -177,7 +181,9 @@ def layer_probabilities(
     return list(_layer_probs(adapters, tokens, text, out_size))
 
 
-def adapter_map(adapters: Adapters, tokens: list[torch.Tensor], text: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+def adapter_map(
+    adapters: Adapters, tokens: list[torch.Tensor], text: torch.Tensor, out_size: tuple[int, int]
+) -> torch.Tensor:
     """Anomaly map (B, H, W): the sum over layers of the anomalous channel, in [0, n_layers]."""
     total = None
     for probs in _layer_probs(adapters, tokens, text, out_size):
@@ -375,5 +381,7 @@ def load_adapters(path: str, *, width: int, embed: int, n_layers: int) -> tuple[
     sd, meta = read_adapter_file(path)
     sd = _check_fit(sd, label, width, embed, n_layers)
     adapters = Adapters(width, embed, n_layers)
-    checkpoints.load_strict(adapters, sd, source=path, model=f"adapters {width} -> {embed} x {n_layers}", error=AdapterLoadError)
+    checkpoints.load_strict(
+        adapters, sd, source=path, model=f"adapters {width} -> {embed} x {n_layers}", error=AdapterLoadError
+    )
     return adapters.eval(), meta

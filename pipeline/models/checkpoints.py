@@ -121,13 +121,21 @@ def load_strict(
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
         if counted:
-            parts = [f"{name} keys {_first(keys, 5, True)}" for name, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+            parts = [
+                f"{name} keys {_first(keys, 5, True)}"
+                for name, keys in (("missing", missing), ("unexpected", unexpected))
+                if keys
+            ]
             problem = "; ".join(parts)
         else:
             problem = f"missing {_first(missing, 5, False)}, unexpected {_first(unexpected, 5, False)}"
         raise error(f"{source} does not fit {model}: {problem}")
     sep = ": " if counted else " "
-    shapes = [f"{k}{sep}{tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if state_dict[k].shape != v.shape]
+    shapes = [
+        f"{k}{sep}{tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if state_dict[k].shape != v.shape
+    ]
     if shapes:
         which = "shape mismatch (checkpoint vs model)" if counted else "shape mismatch"
         raise error(f"{source} does not fit {model}: {which} {_first(shapes, 3, counted)}")

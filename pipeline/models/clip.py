@@ -113,7 +113,9 @@ def build_clip(
     return model, pre
 
 
-def preprocess_images(images: list[torch.Tensor], pre: Preprocess, device: str | torch.device | None = None) -> torch.Tensor:
+def preprocess_images(
+    images: list[torch.Tensor], pre: Preprocess, device: str | torch.device | None = None
+) -> torch.Tensor:
     """uint8 images (each (H, W, 3), any size) -> normalised float batch (B, 3, S, S) on ``device``
     (default: where the images are).
 
@@ -184,7 +186,9 @@ def _encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torc
     return x
 
 
-def encode_text(model: torch.nn.Module, tokenizer, texts: list[str], device: torch.device, chunk: int = 256) -> torch.Tensor:
+def encode_text(
+    model: torch.nn.Module, tokenizer, texts: list[str], device: torch.device, chunk: int = 256
+) -> torch.Tensor:
     """Raw (unnormalised) text embeddings (N, D) in float32."""
     parts = []
     for i in range(0, len(texts), chunk):

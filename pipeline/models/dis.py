@@ -104,7 +104,9 @@ class DisModel:
                 options.intra_op_num_threads = int(threads)
             self.session = ort.InferenceSession(path, sess_options=options, providers=self.providers)
         except Exception as exc:  # not ONNX, truncated, unsupported operators...
-            raise DisLoadError(f"dichotomous segmentation model {path} could not be loaded by onnxruntime: {exc}") from exc
+            raise DisLoadError(
+                f"dichotomous segmentation model {path} could not be loaded by onnxruntime: {exc}"
+            ) from exc
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if not inputs or not outputs:
             raise DisLoadError(f"{path}: the model has no inputs or no outputs")
@@ -116,7 +118,9 @@ class DisModel:
             raise DisLoadError(f"{path}: first input {first.name!r} has shape {shape}, expected (N, 3, S, S)")
         fixed = [d for d in shape[2:] if isinstance(d, int)]
         if any(d != input_size for d in fixed):
-            raise DisLoadError(f"{path}: the model's input is {shape[2]} x {shape[3]} px but input_size is {input_size}")
+            raise DisLoadError(
+                f"{path}: the model's input is {shape[2]} x {shape[3]} px but input_size is {input_size}"
+            )
         if first.type not in _DTYPES:
             raise DisLoadError(f"{path}: first input has element type {first.type}, expected a float tensor")
         self.input_dtype = _DTYPES[first.type]
@@ -127,7 +131,9 @@ class DisModel:
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         """uint8 ``(H, W, 3)`` RGB -> model input ``(1, 3, S, S)`` (see the module docstring)."""
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            what = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            what = (
+                f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            )
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {what}")
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError(f"empty image of shape {image.shape}")

@@ -61,7 +61,9 @@ def _key(bank: Bank, key: str) -> torch.Tensor:
 
 
 @forward_pass
-def winclip_features(visual: torch.nn.Module, images: torch.Tensor, window_sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def winclip_features(
+    visual: torch.nn.Module, images: torch.Tensor, window_sizes: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
     """(B, 3, S, S) -> {``patch``: (B, G*G, width) final patch tokens after ln_post (not projected),
     ``window<k>``: (B, W_k, E) window embeddings} for every window size."""
     tokens, grid = vit.embed(visual, images)
@@ -85,8 +87,13 @@ def harmonic_patch_scores_safe(window_scores: torch.Tensor, grid: int, k: int) -
     return out.reshape(-1, grid, grid)
 
 
-def winclip_fewshot_map(queries: Mapping[str, torch.Tensor], bank: Bank, grid: int, window_sizes: tuple[int, ...],
-                        chunks: tuple[int, int] = (4096, 16384)) -> torch.Tensor:
+def winclip_fewshot_map(
+    queries: Mapping[str, torch.Tensor],
+    bank: Bank,
+    grid: int,
+    window_sizes: tuple[int, ...],
+    chunks: tuple[int, int] = (4096, 16384),
+) -> torch.Tensor:
     """WinCLIP+'s few-shot map (B, G, G): mean of the patch association map and the harmonically
     aggregated window association maps; association = min over the bank of (1 - cos) / 2."""
     patch = queries["patch"]
@@ -111,8 +118,9 @@ def aprilgan_features(tokens: list[torch.Tensor], layers: tuple[int, ...]) -> di
     return {f"layer{l}": t for l, t in zip(layers, tokens)}
 
 
-def aprilgan_distances(queries: Mapping[str, torch.Tensor], bank: Bank, layers: tuple[int, ...],
-                       chunks: tuple[int, int] = (4096, 16384)) -> list[torch.Tensor]:
+def aprilgan_distances(
+    queries: Mapping[str, torch.Tensor], bank: Bank, layers: tuple[int, ...], chunks: tuple[int, int] = (4096, 16384)
+) -> list[torch.Tensor]:
     """Per layer, min over the bank of 1 - cos of each query token, on its grid: [(B, 1, G, G)]."""
     out = []
     for l in layers:
@@ -135,8 +143,9 @@ def aprilgan_upsample_sum(distances: list[torch.Tensor], size: tuple[int, int]) 
 # --------------------------------------------------------------------------------------------
 
 
-def fade_features(visual: torch.nn.Module, images_by_size: Mapping[int, torch.Tensor], features: str = "clip",
-                  depth: int = 6) -> dict[str, torch.Tensor]:
+def fade_features(
+    visual: torch.nn.Module, images_by_size: Mapping[int, torch.Tensor], features: str = "clip", depth: int = 6
+) -> dict[str, torch.Tensor]:
     """{``scale<s>``: (B, N_s, E)} patch tokens at every input size: the plain stream after ln_post
     and proj (``clip``) or the GEM stream's (``gem``, GEM on the last ``depth`` blocks)."""
     if features not in ("clip", "gem"):
@@ -151,13 +160,18 @@ def fade_features(visual: torch.nn.Module, images_by_size: Mapping[int, torch.Te
     return out
 
 
-def fade_fewshot_vision(queries: Mapping[str, torch.Tensor], bank: Bank, grid: int = 56, multiplier: float = 3.5,
-                        chunks: tuple[int, int] = (4096, 16384)) -> torch.Tensor:
+def fade_fewshot_vision(
+    queries: Mapping[str, torch.Tensor],
+    bank: Bank,
+    grid: int = 56,
+    multiplier: float = 3.5,
+    chunks: tuple[int, int] = (4096, 16384),
+) -> torch.Tensor:
     """FADE's few-shot vision map (B, grid, grid): per scale 0.5 * (1 - cos) to the nearest bank
     feature of that scale, resized to ``grid`` (bilinear, align_corners=False), mean over the
     scales, times ``multiplier``."""
     maps = []
-    for key in sorted(queries, key=lambda k: int(k[len("scale"):])):
+    for key in sorted(queries, key=lambda k: int(k[len("scale") :])):
         q = queries[key]
         b, n, _ = q.shape
         g = int(round(n**0.5))

@@ -26,12 +26,16 @@ def nearest_cosine_distance(queries: torch.Tensor, bank: torch.Tensor, *, query_
     Rows are normalised here; a zero row has no direction and is an error, as is an empty bank or a
     feature-size mismatch (a bank built with another model or layer)."""
     if queries.ndim != 2 or bank.ndim != 2:
-        raise ValueError(f"queries and bank must be 2-d (rows of features); got {tuple(queries.shape)} and {tuple(bank.shape)}")
+        raise ValueError(
+            f"queries and bank must be 2-d (rows of features); got {tuple(queries.shape)} and {tuple(bank.shape)}"
+        )
     if bank.shape[0] == 0:
         raise ValueError("the memory bank is empty")
     if queries.shape[1] != bank.shape[1]:
-        raise ValueError(f"feature sizes differ: queries have {queries.shape[1]}, the bank has {bank.shape[1]} "
-                         "(a bank built with another model or layer)")
+        raise ValueError(
+            f"feature sizes differ: queries have {queries.shape[1]}, the bank has {bank.shape[1]} "
+            "(a bank built with another model or layer)"
+        )
     if query_chunk < 1 or bank_chunk < 1:
         raise ValueError("chunk sizes must be at least 1")
     q = _unit(queries, "query")

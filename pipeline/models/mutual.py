@@ -36,7 +36,9 @@ class PoolTooSmall(ZsadError, ValueError):
     """A pool with too few images for the interval (K would be 0): MuSc's score is undefined."""
 
 
-def image_features(visual: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+def image_features(
+    visual: torch.nn.Module, images: torch.Tensor, layers: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """(B, 3, S, S) -> (unit image embeddings (B, E), [raw block-``l`` tokens (B, G*G, C) for l in
     ``layers``], grid G). One forward pass; at a size other than the model's own, the positional
     embedding is resized with torch's plain bicubic, as MuSc's vendored open_clip 2.16 does (its
@@ -67,7 +69,9 @@ def aggregate(normed: torch.Tensor, grid: int, degree: int) -> torch.Tensor:
     return F.normalize(x.reshape(b, c, m).transpose(1, 2), dim=-1)
 
 
-def query_features(tokens: Sequence[torch.Tensor], layers: Sequence[int], degrees: Sequence[int], grid: int) -> dict[Key, torch.Tensor]:
+def query_features(
+    tokens: Sequence[torch.Tensor], layers: Sequence[int], degrees: Sequence[int], grid: int
+) -> dict[Key, torch.Tensor]:
     """The raw block tokens of images -> {(block, degree): unit features (B, M, C)}."""
     out = {}
     for layer, tok in zip(layers, tokens):
@@ -99,8 +103,15 @@ class MutualState:
         self.smallest[key] = both
 
 
-def update(state: MutualState, queries: Mapping[Key, torch.Tensor], pool: Mapping[int, torch.Tensor], grid: int,
-           exclude: torch.Tensor | None = None, query_chunk: int = 4096, pool_chunk: int = 16384) -> MutualState:
+def update(
+    state: MutualState,
+    queries: Mapping[Key, torch.Tensor],
+    pool: Mapping[int, torch.Tensor],
+    grid: int,
+    exclude: torch.Tensor | None = None,
+    query_chunk: int = 4096,
+    pool_chunk: int = 16384,
+) -> MutualState:
     """Compare the queries with pool images: ``queries`` {(block, degree): (B, M, C) unit}, ``pool``
     {block: (J, M, C) standardised tokens (:func:`layer_norm_map`)}; ``exclude`` (B, J) bool: pool
     images a query is not compared with (itself). Memory per matrix product: at most
@@ -154,14 +165,23 @@ def finish(state: MutualState, grid: int) -> torch.Tensor:
     the mean over blocks and degrees. Raises :class:`PoolTooSmall` for a query compared with
     fewer than K pool images."""
     if state.compared is not None and bool((state.compared < state.k).any()):
-        raise PoolTooSmall(f"a query was compared with {int(state.compared.min())} pool images, fewer than K = {state.k}")
+        raise PoolTooSmall(
+            f"a query was compared with {int(state.compared.min())} pool images, fewer than K = {state.k}"
+        )
     maps = [v.mean(dim=-1) for v in state.smallest.values()]
     out = torch.stack(maps).mean(0)
     return out.reshape(out.shape[0], grid, grid)
 
 
-def mutual_map(queries: Mapping[Key, torch.Tensor], pool: Mapping[int, torch.Tensor], grid: int, k: int,
-               exclude: torch.Tensor | None = None, query_chunk: int = 4096, pool_chunk: int = 16384) -> torch.Tensor:
+def mutual_map(
+    queries: Mapping[Key, torch.Tensor],
+    pool: Mapping[int, torch.Tensor],
+    grid: int,
+    k: int,
+    exclude: torch.Tensor | None = None,
+    query_chunk: int = 4096,
+    pool_chunk: int = 16384,
+) -> torch.Tensor:
     """Queries against one whole pool: (B, G, G) mutual maps."""
     if k < 1:
         raise PoolTooSmall(f"K = {k}: the pool is too small for the interval")
@@ -179,8 +199,13 @@ def upsample(grids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def rscin(scores: torch.Tensor, embeddings: torch.Tensor, k_list: Sequence[int] = (1, 2, 3), chunk: int = 4096,
-          rows: tuple[int, int] | None = None) -> torch.Tensor:
+def rscin(
+    scores: torch.Tensor,
+    embeddings: torch.Tensor,
+    k_list: Sequence[int] = (1, 2, 3),
+    chunk: int = 4096,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Re-score N images of one category from their raw scores (N,) and unit image embeddings (N, E).
 
     The scores are min-max normalised over the category (all equal: 0); per window k in ``k_list``

@@ -87,7 +87,9 @@ def _strings(data: dict, key: str, stem: str, max_placeholders: int, min_placeho
         n = item.count("{}")
         rest = item.replace("{}", "")
         if "{" in rest or "}" in rest:
-            raise ValueError(f"{_DATA_DIR}/{stem}.yaml: {key!r} entry {item!r} has braces other than the '{{}}' placeholder")
+            raise ValueError(
+                f"{_DATA_DIR}/{stem}.yaml: {key!r} entry {item!r} has braces other than the '{{}}' placeholder"
+            )
         if not min_placeholders <= n <= max_placeholders:
             raise ValueError(
                 f"{_DATA_DIR}/{stem}.yaml: {key!r} entry {item!r} has {n} '{{}}' placeholders "
@@ -235,7 +237,8 @@ def parse_prompt_file(text: str, source: str) -> tuple[tuple[str, ...], tuple[st
             rest = item.replace(CLASSNAME, "")
             if "{" in rest or "}" in rest:
                 raise PromptFileError(
-                    f"prompt file {source}: {key!r} sentence {item!r} has braces other than the {CLASSNAME} placeholder")
+                    f"prompt file {source}: {key!r} sentence {item!r} has braces other than the {CLASSNAME} placeholder"
+                )
         out.append(tuple(items))
     return out[0], out[1]
 
@@ -265,7 +268,10 @@ def wrap(sentences: list[str], wrapper: str | None) -> list[str]:
 
 
 def ensemble(
-    sets: tuple[str, ...], files: list[tuple[tuple[str, ...], tuple[str, ...]]], object_name: str, wrapper: str | None = None
+    sets: tuple[str, ...],
+    files: list[tuple[tuple[str, ...], tuple[str, ...]]],
+    object_name: str,
+    wrapper: str | None = None,
 ) -> tuple[list[str], list[str]]:
     """(normal, anomalous) sentences for one object name: the named sets' sentences, then each
     file's, in order, every sentence wrapped by ``wrapper``."""

@@ -75,8 +75,14 @@ def _geometry(config: dict | None) -> dict:
     size, patch = vision.get("image_size", 224), vision.get("patch_size", 16)
     size = size[0] if isinstance(size, (list, tuple)) else size
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-    return {"walkable": True, "layers": layers, "width": int(vision.get("width", 768)), "patch_size": int(patch),
-            "image_size": int(size), "embed_dim": int(config.get("embed_dim", 0))}
+    return {
+        "walkable": True,
+        "layers": layers,
+        "width": int(vision.get("width", 768)),
+        "patch_size": int(patch),
+        "image_size": int(size),
+        "embed_dim": int(config.get("embed_dim", 0)),
+    }
 
 
 def _cache_file() -> Path:
@@ -102,8 +108,10 @@ def register_configs():
 def _from_open_clip() -> dict[str, dict]:
     open_clip = register_configs()
     names = open_clip.list_models()
-    return {"models": {name: list(open_clip.list_pretrained_tags_by_model(name)) for name in names},
-            "vision": {name: _geometry(open_clip.get_model_config(name)) for name in names}}
+    return {
+        "models": {name: list(open_clip.list_pretrained_tags_by_model(name)) for name in names},
+        "vision": {name: _geometry(open_clip.get_model_config(name)) for name in names},
+    }
 
 
 def _known() -> dict[str, dict]:
@@ -111,8 +119,12 @@ def _known() -> dict[str, dict]:
     path = _cache_file()
     with contextlib.suppress(OSError, ValueError):
         known = json.loads(path.read_text())
-        if isinstance(known, dict) and isinstance(known.get("models"), dict) and known["models"] \
-                and isinstance(known.get("vision"), dict):
+        if (
+            isinstance(known, dict)
+            and isinstance(known.get("models"), dict)
+            and known["models"]
+            and isinstance(known.get("vision"), dict)
+        ):
             return known
     known = _from_open_clip()
     with contextlib.suppress(OSError):
@@ -141,4 +153,6 @@ def check_model(model: str, tag: str | None = None) -> None:
         raise ModelLoadError(f"unknown open_clip model {model!r}{hint}")
     if tag and tag not in known[model]:
         tags = known[model]
-        raise ModelLoadError(f"open_clip has no pretrained tag {tag!r} for {model} (known: {', '.join(tags) or 'none'})")
+        raise ModelLoadError(
+            f"open_clip has no pretrained tag {tag!r} for {model} (known: {', '.join(tags) or 'none'})"
+        )

@@ -346,7 +346,9 @@ class SamEngine:
             if p.ndim != 3 or p.shape[2] != 2 or p.shape[1] < 1:
                 raise SamInputError(f"points must be (B, N, 2) xy pixels with N >= 1, got {tuple(p.shape)}")
             if lab.shape != p.shape[:2]:
-                raise SamInputError(f"labels must be (B, N) = {tuple(p.shape[:2])} to match points, got {tuple(lab.shape)}")
+                raise SamInputError(
+                    f"labels must be (B, N) = {tuple(p.shape[:2])} to match points, got {tuple(lab.shape)}"
+                )
             if not bool(((lab == 1) | (lab == 0) | (lab == -1)).all()):
                 raise SamInputError("labels must be 1 (positive), 0 (negative) or -1 (padding point, ignored)")
             pts = (self.transform.apply_coords_torch(p, emb.original_size), lab.to(torch.int32))
@@ -432,7 +434,9 @@ class SamEngine:
         return SamDecoded(masks=masks, iou_predictions=iou, low_res_logits=low_res)
 
     # ------------------------------------------------------------------ the CLIP-SAM cascade
-    def cascade(self, emb: SamEmbedding, points: Any, labels: Any, steps: int = 3, multimask: bool = True) -> list[CascadeStep]:
+    def cascade(
+        self, emb: SamEmbedding, points: Any, labels: Any, steps: int = 3, multimask: bool = True
+    ) -> list[CascadeStep]:
         """The CLIP-SAM prompt cascade on ONE embedding (METHODS.md section 6): (1) the points ->
         the best of SAM's three masks by predicted IoU and its low-res logits L1; (2) the points with
         L1 as mask input -> M2, L2; (3) the points, the bounding box of M2 and L2 -> M3. ``steps``
@@ -451,14 +455,23 @@ class SamEngine:
         if steps >= 2:
             second = self.decode(emb, points=p, labels=lab, mask_inputs=out[-1].low_res_logits, multimask=multimask)
             second = second.best() if multimask else second
-            out.append(CascadeStep(second.masks[0, 0], float(second.iou_predictions[0, 0]), second.low_res_logits[:, 0:1], None))
+            out.append(
+                CascadeStep(
+                    second.masks[0, 0], float(second.iou_predictions[0, 0]), second.low_res_logits[:, 0:1], None
+                )
+            )
         if steps >= 3:
             box = bounding_box(out[-1].mask.detach().cpu().numpy())
             if box is not None:
-                third = self.decode(emb, points=p, labels=lab, boxes=box[None], mask_inputs=out[-1].low_res_logits,
-                                    multimask=multimask)
+                third = self.decode(
+                    emb, points=p, labels=lab, boxes=box[None], mask_inputs=out[-1].low_res_logits, multimask=multimask
+                )
                 third = third.best() if multimask else third
-                out.append(CascadeStep(third.masks[0, 0], float(third.iou_predictions[0, 0]), third.low_res_logits[:, 0:1], box))
+                out.append(
+                    CascadeStep(
+                        third.masks[0, 0], float(third.iou_predictions[0, 0]), third.low_res_logits[:, 0:1], box
+                    )
+                )
         return out
 
     # ------------------------------------------------------------------ automatic masks
@@ -494,7 +507,9 @@ class SamEngine:
         (x, y) of the grid point that produced the mask.
         """
         if points_per_side < 1 or points_per_batch < 1:
-            raise SamInputError(f"points_per_side ({points_per_side}) and points_per_batch ({points_per_batch}) must be >= 1")
+            raise SamInputError(
+                f"points_per_side ({points_per_side}) and points_per_batch ({points_per_batch}) must be >= 1"
+            )
         emb = image if isinstance(image, SamEmbedding) else self.embed(image)
         h, w = emb.original_size
         grid = amg.build_point_grid(points_per_side) * np.array([[w, h]], dtype=np.float64)

@@ -45,7 +45,9 @@ def _aggregate(raw: torch.Tensor, aggregation: str) -> torch.Tensor:
 
 def build_classifier(normal_raw: torch.Tensor, anomalous_raw: torch.Tensor, aggregation: str) -> TextClassifier:
     """Raw text embeddings (N_n, D) and (N_a, D) -> a :class:`TextClassifier`."""
-    return TextClassifier(aggregation, _aggregate(normal_raw.float(), aggregation), _aggregate(anomalous_raw.float(), aggregation))
+    return TextClassifier(
+        aggregation, _aggregate(normal_raw.float(), aggregation), _aggregate(anomalous_raw.float(), aggregation)
+    )
 
 
 def class_similarities(image_raw: torch.Tensor, text: TextClassifier) -> torch.Tensor:

@@ -22,7 +22,16 @@ from pipeline.io import fs as fsio
 from pipeline.report import html as H
 from pipeline.report import render
 from pipeline.report.report import METRIC_COLUMNS, colour_scale
-from pipeline.report.runread import ReportError, RunData, heat, mask_rows, open_run, predicted_mask, read_image, write_page
+from pipeline.report.runread import (
+    ReportError,
+    RunData,
+    heat,
+    mask_rows,
+    open_run,
+    predicted_mask,
+    read_image,
+    write_page,
+)
 
 
 @dataclass
@@ -50,8 +59,16 @@ def common_images(a: RunData, b: RunData) -> pd.DataFrame:
     return both
 
 
-def build_compare(a_uri: str, b_uri: str, out: str | None = None, *, top: int = 8, storage=None, thumb: int = 160,
-                  log: Callable[[str], None] = print) -> CompareResult:
+def build_compare(
+    a_uri: str,
+    b_uri: str,
+    out: str | None = None,
+    *,
+    top: int = 8,
+    storage=None,
+    thumb: int = 160,
+    log: Callable[[str], None] = print,
+) -> CompareResult:
     t0 = time.monotonic()
     if top < 1:
         raise ReportError(f"--top {top}: must be at least 1")
@@ -87,27 +104,56 @@ def build_compare(a_uri: str, b_uri: str, out: str | None = None, *, top: int = 
 
 
 def _runs(a: RunData, b: RunData, n_common: int) -> str:
-    keys = ["preset", "status", "images", "ok", "failed", "random weights", "image score", "score_method", "pixel_method",
-            "clip_model", "clip_weights", "prompt_set", "sam_model", "sam_weights", "input"]
+    keys = [
+        "preset",
+        "status",
+        "images",
+        "ok",
+        "failed",
+        "random weights",
+        "image score",
+        "score_method",
+        "pixel_method",
+        "clip_model",
+        "clip_weights",
+        "prompt_set",
+        "sam_model",
+        "sam_weights",
+        "input",
+    ]
 
     def value(r: RunData, k: str):
         rec, counts, model = r.record, r.record.get("counts", {}), r.record.get("model", {})
-        return {"preset": rec.get("spec", {}).get("name"), "status": rec.get("status"), "images": counts.get("images"),
-                "ok": counts.get("ok"), "failed": counts.get("failed"), "random weights": r.random_weights,
-                "image score": r.score_source, "input": rec.get("input")}.get(k, model.get(k))
+        return {
+            "preset": rec.get("spec", {}).get("name"),
+            "status": rec.get("status"),
+            "images": counts.get("images"),
+            "ok": counts.get("ok"),
+            "failed": counts.get("failed"),
+            "random weights": r.random_weights,
+            "image score": r.score_source,
+            "input": rec.get("input"),
+        }.get(k, model.get(k))
 
     rows = [(k, value(a, k), value(b, k)) for k in keys]
-    return ('<section id="compare-runs"><h2>Runs</h2>' + H.table(["", "A", "B"], rows)
-            + f'<p class="note">{n_common} images were scored ok in both runs (matched by URI).</p></section>\n')
+    return (
+        '<section id="compare-runs"><h2>Runs</h2>'
+        + H.table(["", "A", "B"], rows)
+        + f'<p class="note">{n_common} images were scored ok in both runs (matched by URI).</p></section>\n'
+    )
 
 
 def _metrics(a: RunData, b: RunData) -> str:
     out = '<section id="compare-metrics"><h2>Metrics</h2>'
     missing = [side for side, r in (("A", a), ("B", b)) if r.metrics is None]
     if missing:
-        return out + f"<p>Not evaluated: run {' and '.join(missing)} has no metrics table (zsad evaluate).</p></section>\n"
+        return (
+            out + f"<p>Not evaluated: run {' and '.join(missing)} has no metrics table (zsad evaluate).</p></section>\n"
+        )
     ma, mb = a.metrics.set_index("category"), b.metrics.set_index("category")
-    cats = [c for c in ma.index if c != "mean" and c in mb.index] + (["mean"] if "mean" in ma.index and "mean" in mb.index else [])
+    cats = [c for c in ma.index if c != "mean" and c in mb.index] + (
+        ["mean"] if "mean" in ma.index and "mean" in mb.index else []
+    )
     heads, rows = ["category"], []
     for name, _ in METRIC_COLUMNS:
         heads += [f"{name} A", "B", "B - A"]
@@ -120,7 +166,11 @@ def _metrics(a: RunData, b: RunData) -> str:
             row += [_pct(va), _pct(vb), H.Raw(f'<span class="{sign}">{_pct(delta, signed=True)}</span>')]
         rows.append(row)
     only = sorted(set(ma.index) ^ set(mb.index))
-    note = f'<p class="note">Percent. Only in one run: {H.esc(", ".join(only))}.</p>' if only else '<p class="note">Percent.</p>'
+    note = (
+        f'<p class="note">Percent. Only in one run: {H.esc(", ".join(only))}.</p>'
+        if only
+        else '<p class="note">Percent.</p>'
+    )
     return out + H.table(heads, rows, numeric=range(1, len(heads))) + note + "</section>\n"
 
 
@@ -138,29 +188,45 @@ def _pct(v: float, signed: bool = False) -> str:
 
 
 def _scatter(a: RunData, b: RunData, both: pd.DataFrame) -> str:
-    svg = render.scatter_svg(both["value_a"].to_numpy(), both["value_b"].to_numpy(), title="Image scores",
-                             xlabel=f"A ({a.score_source})", ylabel=f"B ({b.score_source})")
+    svg = render.scatter_svg(
+        both["value_a"].to_numpy(),
+        both["value_b"].to_numpy(),
+        title="Image scores",
+        xlabel=f"A ({a.score_source})",
+        ylabel=f"B ({b.score_source})",
+    )
     rows = []
     for cat, g in both.groupby("category", sort=True):
         rho = g["value_a"].rank().corr(g["value_b"].rank()) if len(g) > 1 else math.nan
-        rows.append((cat, len(g), float(rho) if rho is not None else math.nan,
-                     float(np.mean(np.abs(g["rank_change"])))))
-    return ('<section id="compare-scatter"><h2>Scores, A against B</h2><div class="plots">'
-            + H.img(render.svg_data_uri(svg), "score scatter") + "</div>"
-            + H.table(["category", "images in both", "Spearman rank correlation", "mean |rank change|"], rows, numeric=(1, 2, 3))
-            + "</section>\n")
+        rows.append(
+            (cat, len(g), float(rho) if rho is not None else math.nan, float(np.mean(np.abs(g["rank_change"]))))
+        )
+    return (
+        '<section id="compare-scatter"><h2>Scores, A against B</h2><div class="plots">'
+        + H.img(render.svg_data_uri(svg), "score scatter")
+        + "</div>"
+        + H.table(
+            ["category", "images in both", "Spearman rank correlation", "mean |rank change|"], rows, numeric=(1, 2, 3)
+        )
+        + "</section>\n"
+    )
 
 
 def _moved(a: RunData, b: RunData, moved: pd.DataFrame, rows_a, rows_b, scale_a, scale_b, thumb: int) -> str:
-    out = [f'<section id="compare-rank-changes"><h2>Largest rank changes ({len(moved)})</h2>',
-           '<p class="note">Rank = percentile of the image\'s score within its category in each run. Heatmaps: A left, '
-           "B right, each on its run's colour scale"]
+    out = [
+        f'<section id="compare-rank-changes"><h2>Largest rank changes ({len(moved)})</h2>',
+        '<p class="note">Rank = percentile of the image\'s score within its category in each run. Heatmaps: A left, '
+        "B right, each on its run's colour scale",
+    ]
     for side, scale in (("A", scale_a), ("B", scale_b)):
         if scale is not None:
             out.append(f"; {side} [{scale.lo:.4g}, {scale.hi:.4g}]")
     out.append(".</p>")
-    bars = [H.img(render.svg_data_uri(render.colourbar_svg(s, f"run {side} map value")), f"colour bar {side}")
-            for side, s in (("A", scale_a), ("B", scale_b)) if s is not None]
+    bars = [
+        H.img(render.svg_data_uri(render.colourbar_svg(s, f"run {side} map value")), f"colour bar {side}")
+        for side, s in (("A", scale_a), ("B", scale_b))
+        if s is not None
+    ]
     out.append('<div class="plots">' + "".join(bars) + "</div>")
     out.append('<div class="cards">')
     for r in moved.itertuples():
@@ -172,10 +238,17 @@ def _moved(a: RunData, b: RunData, moved: pd.DataFrame, rows_a, rows_b, scale_a,
             hm = heat(row) if row else None
             if hm is not None and scale is not None:
                 pred, _ = predicted_mask(row)
-                pics.append(H.img(render.png_data_uri(render.overlay(rgb, hm, scale, size, predicted=pred)), f"heatmap {run.run_id}"))
+                pics.append(
+                    H.img(
+                        render.png_data_uri(render.overlay(rgb, hm, scale, size, predicted=pred)),
+                        f"heatmap {run.run_id}",
+                    )
+                )
         note = "" if rgb is not None else f'<div class="note">image not readable now ({H.esc(why)})</div>'
-        out.append(f'<div class="card" data-image-id="{H.esc(r.image_id)}"><div class="pics">{"".join(pics)}</div>'
-                   f"<div><b>{H.esc(r.category)}</b>: rank {r.rank_a:.2f} -> {r.rank_b:.2f} "
-                   f"(score A {r.value_a:.4f}, B {r.value_b:.4f})</div><div class=\"uri\">{H.esc(r.uri)}</div>{note}</div>")
+        out.append(
+            f'<div class="card" data-image-id="{H.esc(r.image_id)}"><div class="pics">{"".join(pics)}</div>'
+            f"<div><b>{H.esc(r.category)}</b>: rank {r.rank_a:.2f} -> {r.rank_b:.2f} "
+            f'(score A {r.value_a:.4f}, B {r.value_b:.4f})</div><div class="uri">{H.esc(r.uri)}</div>{note}</div>'
+        )
     out.append("</div></section>\n")
     return "".join(out)

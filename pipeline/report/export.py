@@ -34,13 +34,25 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.io import fs as fsio
+from pipeline.ops import rle
 from pipeline.ops.heatmap import decode_png16_levels, dequantise
 from pipeline.report import render
-from pipeline.ops import rle
 from pipeline.report.runread import ReportError, open_run, predicted_mask, read_image
 
 FORMATS = ("png16", "png8", "npy")
-COLUMNS = ["image_id", "uri", "category", "status", "map_png", "map_min", "map_max", "threshold", "mask_rle", "refined", "refine_rle"]
+COLUMNS = [
+    "image_id",
+    "uri",
+    "category",
+    "status",
+    "map_png",
+    "map_min",
+    "map_max",
+    "threshold",
+    "mask_rle",
+    "refined",
+    "refine_rle",
+]
 
 
 @dataclass
@@ -56,7 +68,7 @@ def relative_name(uri: str, root: str, category: str) -> str:
     """The image's path under the export folder, without extension."""
     root = root.rstrip("/")
     if root and uri.startswith(root + "/"):
-        rel = uri[len(root) + 1:]
+        rel = uri[len(root) + 1 :]
     else:
         rel = posixpath.join(category or "_", posixpath.basename(uri))
     stem, _ = posixpath.splitext(rel)
@@ -79,8 +91,16 @@ def _scale(map_range: str, run_range: tuple[float, float]) -> render.ColourScale
         raise ReportError(f"--map-range {map_range!r}: use stored or LO,HI (two numbers, LO < HI)") from None
 
 
-def export_maps(run_uri: str, out_dir: str, *, fmt: str = "png16", overlay: bool = False, map_range: str = "stored",
-                storage=None, log: Callable[[str], None] = print) -> ExportResult:
+def export_maps(
+    run_uri: str,
+    out_dir: str,
+    *,
+    fmt: str = "png16",
+    overlay: bool = False,
+    map_range: str = "stored",
+    storage=None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
     if fmt not in FORMATS:
         raise ReportError(f"--format {fmt!r}: use {', '.join(FORMATS)}")
     run = open_run(run_uri, storage)
@@ -126,19 +146,46 @@ def export_maps(run_uri: str, out_dir: str, *, fmt: str = "png16", overlay: bool
                     used.add(stem)
                     files = _export_one(row, stem, fmt, scale, put, storage, result)
                     result.images += 1
-                    index.append({"image_id": row["image_id"], "uri": row["uri"], "category": row["category"],
-                                  "score": scores.get(row["image_id"]), "map_min": row["map_min"], "map_max": row["map_max"],
-                                  "format": fmt, **files})
-    frame = pd.DataFrame(index, columns=["image_id", "uri", "category", "score", "map_min", "map_max", "format", "map", "mask",
-                                         "refined", "overlay"])
+                    index.append(
+                        {
+                            "image_id": row["image_id"],
+                            "uri": row["uri"],
+                            "category": row["category"],
+                            "score": scores.get(row["image_id"]),
+                            "map_min": row["map_min"],
+                            "map_max": row["map_max"],
+                            "format": fmt,
+                            **files,
+                        }
+                    )
+    frame = pd.DataFrame(
+        index,
+        columns=[
+            "image_id",
+            "uri",
+            "category",
+            "score",
+            "map_min",
+            "map_max",
+            "format",
+            "map",
+            "mask",
+            "refined",
+            "overlay",
+        ],
+    )
     put("index.csv", frame.to_csv(index=False).encode())
-    log(f"export-maps: {result.images} images, {result.files} files under {out_dir}"
+    log(
+        f"export-maps: {result.images} images, {result.files} files under {out_dir}"
         + (f"; {result.skipped} rows without a map (failed images)" if result.skipped else "")
-        + (f"; {len(result.problems)} problems, first: {result.problems[0]}" if result.problems else ""))
+        + (f"; {len(result.problems)} problems, first: {result.problems[0]}" if result.problems else "")
+    )
     return result
 
 
-def _export_one(row: dict[str, Any], stem: str, fmt: str, scale, put, storage, result: ExportResult) -> dict[str, str | None]:
+def _export_one(
+    row: dict[str, Any], stem: str, fmt: str, scale, put, storage, result: ExportResult
+) -> dict[str, str | None]:
     files: dict[str, str | None] = {"map": None, "mask": None, "refined": None, "overlay": None}
     lo, hi = row["map_min"], row["map_max"]
     if fmt == "png16":
@@ -154,7 +201,9 @@ def _export_one(row: dict[str, Any], stem: str, fmt: str, scale, put, storage, r
     if row.get("mask_rle"):
         files["mask"] = put(stem + "_mask.png", _png(rle.decode(json.loads(row["mask_rle"])).astype(np.uint8) * 255))
     if row.get("refined") and row.get("refine_rle"):
-        files["refined"] = put(stem + "_refined.png", _png(rle.decode(json.loads(row["refine_rle"])).astype(np.uint8) * 255))
+        files["refined"] = put(
+            stem + "_refined.png", _png(rle.decode(json.loads(row["refine_rle"])).astype(np.uint8) * 255)
+        )
     if scale is not None:
         rgb, why = read_image(row["uri"], storage)
         if rgb is None:
@@ -162,6 +211,8 @@ def _export_one(row: dict[str, Any], stem: str, fmt: str, scale, put, storage, r
         else:
             pred, _ = predicted_mask(row)
             heat = dequantise(decode_png16_levels(row["map_png"]), lo, hi)
-            files["overlay"] = put(stem + "_overlay.png",
-                                   render.png_bytes(render.overlay(rgb, heat, scale, rgb.shape[:2], predicted=pred), colours=None))
+            files["overlay"] = put(
+                stem + "_overlay.png",
+                render.png_bytes(render.overlay(rgb, heat, scale, rgb.shape[:2], predicted=pred), colours=None),
+            )
     return files

@@ -42,24 +42,30 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 
 def page_start(title: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">'
-            f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n"
+    )
 
 
 def page_end(what: str) -> str:
     from pipeline import __version__
 
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f'<footer class="note"><p>{esc(what)} written by zsad {esc(__version__)} on {when}. Self-contained: every '
-            "picture is inline; the page loads nothing from a network.</p></footer>\n</body></html>\n")
+    return (
+        f'<footer class="note"><p>{esc(what)} written by zsad {esc(__version__)} on {when}. Self-contained: every '
+        "picture is inline; the page loads nothing from a network.</p></footer>\n</body></html>\n"
+    )
 
 
 def random_banner(random_weights: bool, what: str = "this run") -> str:
     if not random_weights:
         return ""
-    return ('<div class="banner" id="random-weights-banner">RANDOM MODEL WEIGHTS: these scores and maps are NOT anomaly '
-            f"detection results<small>{esc(what)} used randomly initialised models (allow_random_weights). Use it to check "
-            "the pipeline, never to judge a method.</small></div>\n")
+    return (
+        '<div class="banner" id="random-weights-banner">RANDOM MODEL WEIGHTS: these scores and maps are NOT anomaly '
+        f"detection results<small>{esc(what)} used randomly initialised models (allow_random_weights). Use it to check "
+        "the pipeline, never to judge a method.</small></div>\n"
+    )
 
 
 def table(headers: Iterable[str], rows: Iterable[Iterable[Any]], *, numeric: Iterable[int] = (), cls: str = "") -> str:

@@ -17,11 +17,10 @@ import io
 import math
 from dataclasses import dataclass
 
+import matplotlib
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-
-import matplotlib
 
 matplotlib.use("Agg")  # no display, no GUI toolkit: this module is imported on servers and workers
 import matplotlib.pyplot as plt  # noqa: E402

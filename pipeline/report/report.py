@@ -34,8 +34,18 @@ from pipeline.metrics.state import ValueTable
 from pipeline.ops.heatmap import decode_png16_levels
 from pipeline.report import html as H
 from pipeline.report import render
-from pipeline.report.runread import (RunData, ReportError, errors, heat, mask_rows, open_run, predicted_mask, read_image,
-                                     read_truth, write_page)
+from pipeline.report.runread import (
+    ReportError,
+    RunData,
+    errors,
+    heat,
+    mask_rows,
+    open_run,
+    predicted_mask,
+    read_image,
+    read_truth,
+    write_page,
+)
 
 MAX_FAILED_ROWS = 500
 #: palette size of the example pictures (8-bit indexed PNG): about half the bytes of 256 colours on
@@ -45,9 +55,16 @@ COLOURS = 64
 PLOT_POINTS = 300
 MESSAGES_PER_TYPE = 3
 UNLABELLED_QUANTILE = 0.95
-METRIC_COLUMNS = [("image AUROC", "image_auroc"), ("image AP", "image_ap"), ("image F1-max", "image_f1_max"),
-                  ("pixel AUROC", "pixel_auroc"), ("pixel AP", "pixel_ap"), ("pixel F1-max", "pixel_f1_max"),
-                  ("AUPRO", "pixel_aupro"), ("VAND", "vand_score")]
+METRIC_COLUMNS = [
+    ("image AUROC", "image_auroc"),
+    ("image AP", "image_ap"),
+    ("image F1-max", "image_f1_max"),
+    ("pixel AUROC", "pixel_auroc"),
+    ("pixel AP", "pixel_ap"),
+    ("pixel F1-max", "pixel_f1_max"),
+    ("AUPRO", "pixel_aupro"),
+    ("VAND", "vand_score"),
+]
 
 
 @dataclass
@@ -86,7 +103,9 @@ def select(cat: pd.DataFrame, top: int, threshold: float) -> tuple[pd.DataFrame,
     return high, near.drop(columns="_d").sort_values("value", ascending=False, kind="stable")
 
 
-def colour_scale(run: RunData, rows: dict[str, dict[str, Any]], how: str = "auto", cmap: str = "jet") -> render.ColourScale:
+def colour_scale(
+    run: RunData, rows: dict[str, dict[str, Any]], how: str = "auto", cmap: str = "jet"
+) -> render.ColourScale:
     """The page's ONE colour scale: ``stored`` = the maps' stored range (run.json map_range);
     ``LO,HI`` = given; ``auto`` = the 0.5th to 99.9th percentile of all pixels of the shown maps
     (within the stored range), so the colours use the range the run's maps actually take."""
@@ -119,8 +138,16 @@ def colour_scale(run: RunData, rows: dict[str, dict[str, Any]], how: str = "auto
     return render.ColourScale(a, b, cmap, "0.5th-99.9th percentile of the shown maps' pixels")
 
 
-def build_report(run_uri: str, out: str | None = None, *, top: int = 6, storage=None, map_range: str = "auto",
-                 thumb: int = 160, log: Callable[[str], None] = print) -> ReportResult:
+def build_report(
+    run_uri: str,
+    out: str | None = None,
+    *,
+    top: int = 6,
+    storage=None,
+    map_range: str = "auto",
+    thumb: int = 160,
+    log: Callable[[str], None] = print,
+) -> ReportResult:
     """Write the report of the run at ``run_uri`` to ``out`` (default ``RUN/report.html``)."""
     t0 = time.monotonic()
     if top < 1:
@@ -146,15 +173,21 @@ def build_report(run_uri: str, out: str | None = None, *, top: int = 6, storage=
         fh.write(_errors_by_type(errs))
         fh.write(_metrics_section(run))
         if scale is not None:
-            fh.write(f'<section id="colour-scale" data-lo="{scale.lo!r}" data-hi="{scale.hi!r}" data-cmap="{scale.cmap}">'
-                     '<h2>Heatmap colours</h2>'
-                     f'{H.img(render.svg_data_uri(render.colourbar_svg(scale)), "colour bar")}'
-                     f'<p class="note">One colour scale for every heatmap on this page: [{scale.lo:.4g}, {scale.hi:.4g}] '
-                     f'({H.esc(scale.how)}); the maps are stored on [{run.map_range[0]:g}, {run.map_range[1]:g}]. '
-                     'Outlines: <span style="color:#00b5b5">cyan</span> = the run\'s mask, '
-                     '<span style="color:#00a000">green</span> = ground truth.</p></section>\n')
+            fh.write(
+                f'<section id="colour-scale" data-lo="{scale.lo!r}" data-hi="{scale.hi!r}" data-cmap="{scale.cmap}">'
+                "<h2>Heatmap colours</h2>"
+                f"{H.img(render.svg_data_uri(render.colourbar_svg(scale)), 'colour bar')}"
+                f'<p class="note">One colour scale for every heatmap on this page: [{scale.lo:.4g}, {scale.hi:.4g}] '
+                f"({H.esc(scale.how)}); the maps are stored on [{run.map_range[0]:g}, {run.map_range[1]:g}]. "
+                'Outlines: <span style="color:#00b5b5">cyan</span> = the run\'s mask, '
+                '<span style="color:#00a000">green</span> = ground truth.</p></section>\n'
+            )
         for cat, (high, near, t, how) in picks.items():
-            fh.write(_category_section(run, cat, run.scores[run.scores["category"] == cat], high, near, t, how, rows, scale, thumb))
+            fh.write(
+                _category_section(
+                    run, cat, run.scores[run.scores["category"] == cat], high, near, t, how, rows, scale, thumb
+                )
+            )
             fh.flush()
         fh.write(_failed_inputs(errs))
         fh.write(H.page_end(f"Report of run {run.run_id}"))
@@ -178,12 +211,22 @@ def _run_section(run: RunData) -> str:
     spec = r.get("spec", {})
     status = str(r.get("status"))
     pairs: list[tuple[str, Any]] = [
-        ("status", H.Raw(f'<span class="{"good" if status == "succeeded" else "bad"}">{H.esc(status)}</span>'
-                         + (f" - {H.esc(r['reason'])}" if r.get("reason") else ""))),
+        (
+            "status",
+            H.Raw(
+                f'<span class="{"good" if status == "succeeded" else "bad"}">{H.esc(status)}</span>'
+                + (f" - {H.esc(r['reason'])}" if r.get("reason") else "")
+            ),
+        ),
         ("preset", spec.get("name")),
-        ("input", r.get("input")), ("layout", r.get("layout")), ("output", r.get("output")),
+        ("input", r.get("input")),
+        ("layout", r.get("layout")),
+        ("output", r.get("output")),
         ("started / ended", f"{r.get('started')} / {r.get('ended')}"),
-        ("images", f"{n} listed: {counts.get('ok')} ok, {counts.get('failed')} failed, {counts.get('missing', 0)} without a result"),
+        (
+            "images",
+            f"{n} listed: {counts.get('ok')} ok, {counts.get('failed')} failed, {counts.get('missing', 0)} without a result",
+        ),
         ("wall time", f"{wall:.1f} s" + (f"  ({n / wall:.2f} images/s)" if wall > 0 and n else "")),
         ("random weights", "YES - not a result" if run.random_weights else "no"),
         ("image score shown", f"{run.score_source} (scores column {_column(run.score_source)})"),
@@ -205,8 +248,11 @@ def _run_section(run: RunData) -> str:
         stage_rows.append((name, kind, float(secs), rate))
     out = '<section id="run"><h2>Run</h2><div class="row"><div>' + H.kv_table(pairs) + "</div>"
     if stage_rows:
-        out += ("<div><h3>Time per stage</h3>" + H.table(["stage", "time", "seconds", "images per busy second"], stage_rows,
-                                                          numeric=(2, 3)) + "</div>")
+        out += (
+            "<div><h3>Time per stage</h3>"
+            + H.table(["stage", "time", "seconds", "images per busy second"], stage_rows, numeric=(2, 3))
+            + "</div>"
+        )
     return out + "</div></section>\n"
 
 
@@ -222,46 +268,83 @@ def _errors_by_type(errs: pd.DataFrame) -> str:
         return out + "<p>No input failed.</p></section>\n"
     rows = []
     for (stage, kind), g in errs.groupby(["stage", "error_type"], dropna=False, sort=True):
-        msgs = "<br>".join(f"<code>{H.esc(u)}</code>: {H.esc(m)}" for u, m in zip(g["uri"].head(MESSAGES_PER_TYPE),
-                                                                                g["message"].head(MESSAGES_PER_TYPE)))
+        msgs = "<br>".join(
+            f"<code>{H.esc(u)}</code>: {H.esc(m)}"
+            for u, m in zip(g["uri"].head(MESSAGES_PER_TYPE), g["message"].head(MESSAGES_PER_TYPE))
+        )
         rows.append((stage, kind, len(g), H.Raw(msgs)))
     rows.sort(key=lambda r: -r[2])
-    return out + H.table(["stage", "error type", "images", f"first {MESSAGES_PER_TYPE} messages"], rows, numeric=(2,)) + "</section>\n"
+    return (
+        out
+        + H.table(["stage", "error type", "images", f"first {MESSAGES_PER_TYPE} messages"], rows, numeric=(2,))
+        + "</section>\n"
+    )
 
 
 def _metrics_section(run: RunData) -> str:
     out = '<section id="metrics"><h2>Metrics</h2>'
     if run.metrics is None:
-        why = ("the run has labelled images but was not evaluated: run zsad evaluate" if run.record.get("labelled_images")
-               else "no ground truth: the input carries no labels")
+        why = (
+            "the run has labelled images but was not evaluated: run zsad evaluate"
+            if run.record.get("labelled_images")
+            else "no ground truth: the input carries no labels"
+        )
         return out + f"<p>No metrics ({H.esc(why)}).</p></section>\n"
     m = run.metrics
     s = m.iloc[0]
-    rows = [(r.category, int(r.n_images), int(r.n_anomalous), *[_pct(getattr(r, c)) for _, c in METRIC_COLUMNS])
-            for r in m.itertuples()]
-    note = (f"Percent. Image score: {H.esc(s.get('image_score_source'))}; AUPRO {H.esc(s.get('aupro_mode'))} @ "
-            f"{H.esc(s.get('aupro_limit'))}; eval size {H.esc(s.get('eval_size'))}.")
-    return (out + H.table(["category", "images", "anomalous", *[h for h, _ in METRIC_COLUMNS]], rows,
-                          numeric=range(1, 3 + len(METRIC_COLUMNS))) + f'<p class="note">{note}</p></section>\n')
+    rows = [
+        (r.category, int(r.n_images), int(r.n_anomalous), *[_pct(getattr(r, c)) for _, c in METRIC_COLUMNS])
+        for r in m.itertuples()
+    ]
+    note = (
+        f"Percent. Image score: {H.esc(s.get('image_score_source'))}; AUPRO {H.esc(s.get('aupro_mode'))} @ "
+        f"{H.esc(s.get('aupro_limit'))}; eval size {H.esc(s.get('eval_size'))}."
+    )
+    return (
+        out
+        + H.table(
+            ["category", "images", "anomalous", *[h for h, _ in METRIC_COLUMNS]],
+            rows,
+            numeric=range(1, 3 + len(METRIC_COLUMNS)),
+        )
+        + f'<p class="note">{note}</p></section>\n'
+    )
 
 
 def _pct(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * float(v):.1f}"
 
 
-def _category_section(run: RunData, cat: str, frame: pd.DataFrame, high: pd.DataFrame, near: pd.DataFrame, t: float, how: str,
-                      rows: dict[str, dict[str, Any]], scale: render.ColourScale | None, thumb: int) -> str:
+def _category_section(
+    run: RunData,
+    cat: str,
+    frame: pd.DataFrame,
+    high: pd.DataFrame,
+    near: pd.DataFrame,
+    t: float,
+    how: str,
+    rows: dict[str, dict[str, Any]],
+    scale: render.ColourScale | None,
+    thumb: int,
+) -> str:
     anchor = "category-" + "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in cat)
     ok = frame[(frame["status"] == "ok") & np.isfinite(frame["value"].to_numpy(dtype=float))]
     n_fail = int((frame["status"] != "ok").sum())
-    out = [f'<section class="category" id="{H.esc(anchor)}" data-category="{H.esc(cat)}"><h2>{H.esc(cat)}</h2>',
-           f'<p class="note">{len(frame)} images, {len(ok)} scored, {n_fail} failed.</p>']
+    out = [
+        f'<section class="category" id="{H.esc(anchor)}" data-category="{H.esc(cat)}"><h2>{H.esc(cat)}</h2>',
+        f'<p class="note">{len(frame)} images, {len(ok)} scored, {n_fail} failed.</p>',
+    ]
     if run.metrics is not None:
         m = run.metrics[run.metrics["category"] == cat]
         if len(m):
             r = m.iloc[0]
-            out.append(H.table([h for h, _ in METRIC_COLUMNS], [[_pct(r[c]) for _, c in METRIC_COLUMNS]],
-                               numeric=range(len(METRIC_COLUMNS))))
+            out.append(
+                H.table(
+                    [h for h, _ in METRIC_COLUMNS],
+                    [[_pct(r[c]) for _, c in METRIC_COLUMNS]],
+                    numeric=range(len(METRIC_COLUMNS)),
+                )
+            )
     plots = []
     values = ok["value"].to_numpy(dtype=float)
     labels = ok["gt_label"].to_numpy(dtype=object)
@@ -270,13 +353,34 @@ def _category_section(run: RunData, cat: str, frame: pd.DataFrame, high: pd.Data
     if labelled.any() and 0 < lab.sum() < len(lab):
         table = ValueTable.from_scores(values[labelled], lab)
         fx, fy = curves.thin(*curves.roc_points(table), PLOT_POINTS)
-        plots.append(("image ROC", render.curve_svg(fx, fy, title="Image ROC", xlabel="false positive rate",
-                                                   ylabel="true positive rate", diagonal=True,
-                                                   note=f"AUROC {curves.auroc(table):.3f}")))
+        plots.append(
+            (
+                "image ROC",
+                render.curve_svg(
+                    fx,
+                    fy,
+                    title="Image ROC",
+                    xlabel="false positive rate",
+                    ylabel="true positive rate",
+                    diagonal=True,
+                    note=f"AUROC {curves.auroc(table):.3f}",
+                ),
+            )
+        )
         rx, py = curves.thin(*curves.pr_points(table), PLOT_POINTS)
-        plots.append(("image PR", render.curve_svg(np.concatenate([[0.0], rx]), np.concatenate([[py[0]], py]), title="Image precision-recall",
-                                                  xlabel="recall", ylabel="precision",
-                                                  note=f"AP {curves.average_precision(table):.3f}")))
+        plots.append(
+            (
+                "image PR",
+                render.curve_svg(
+                    np.concatenate([[0.0], rx]),
+                    np.concatenate([[py[0]], py]),
+                    title="Image precision-recall",
+                    xlabel="recall",
+                    ylabel="precision",
+                    note=f"AP {curves.average_precision(table):.3f}",
+                ),
+            )
+        )
         groups = {"normal": values[labelled][lab == 0], "anomalous": values[labelled][lab == 1]}
     else:
         groups = {"all images": values}
@@ -286,14 +390,31 @@ def _category_section(run: RunData, cat: str, frame: pd.DataFrame, high: pd.Data
         if run.metrics is not None and "aupro_limit" in run.metrics:
             limit = float(run.metrics["aupro_limit"].iloc[0])
         pro = pixel["pixel_pro"]
-        plots.append(("pixel PRO", render.curve_svg(np.array(pro["x"]), np.array(pro["y"]), title="Pixel PRO curve",
-                                                   xlabel=f"false positive rate (AUPRO integrates up to {limit:g})",
-                                                   ylabel="per-region overlap")))
-    plots.append(("score histogram", render.histogram_svg(groups, threshold=t, threshold_label=how, title="Image scores")))
-    out.append('<div class="plots">' + "".join(H.img(render.svg_data_uri(svg), alt, title=alt) for alt, svg in plots) + "</div>")
+        plots.append(
+            (
+                "pixel PRO",
+                render.curve_svg(
+                    np.array(pro["x"]),
+                    np.array(pro["y"]),
+                    title="Pixel PRO curve",
+                    xlabel=f"false positive rate (AUPRO integrates up to {limit:g})",
+                    ylabel="per-region overlap",
+                ),
+            )
+        )
+    plots.append(
+        ("score histogram", render.histogram_svg(groups, threshold=t, threshold_label=how, title="Image scores"))
+    )
+    out.append(
+        '<div class="plots">'
+        + "".join(H.img(render.svg_data_uri(svg), alt, title=alt) for alt, svg in plots)
+        + "</div>"
+    )
     out.append(f'<p class="note">Threshold {t:.4g} ({H.esc(how)}).</p>' if math.isfinite(t) else "")
-    for title, picked, cls in ((f"Most anomalous ({len(high)})", high, "examples-top"),
-                               (f"Nearest the threshold ({len(near)})", near, "examples-threshold")):
+    for title, picked, cls in (
+        (f"Most anomalous ({len(high)})", high, "examples-top"),
+        (f"Nearest the threshold ({len(near)})", near, "examples-threshold"),
+    ):
         out.append(f'<h3>{H.esc(title)}</h3><div class="cards {cls}">')
         for r in picked.itertuples():
             out.append(_card(run, r, rows.get(r.image_id), scale, thumb))
@@ -306,7 +427,13 @@ def _category_section(run: RunData, cat: str, frame: pd.DataFrame, high: pd.Data
 
 def _card(run: RunData, r, row: dict[str, Any] | None, scale: render.ColourScale | None, thumb: int) -> str:
     rgb, why = read_image(r.uri, run.storage)
-    h, w = (rgb.shape[:2] if rgb is not None else (int(r.height), int(r.width)) if _known(r.height, r.width) else (thumb, thumb))
+    h, w = (
+        rgb.shape[:2]
+        if rgb is not None
+        else (int(r.height), int(r.width))
+        if _known(r.height, r.width)
+        else (thumb, thumb)
+    )
     size = render.fit_long_side(h, w, thumb)
     pics = []
     if rgb is not None:  # the plain image smaller than the overlay: it is there to recognise the part
@@ -317,8 +444,13 @@ def _card(run: RunData, r, row: dict[str, Any] | None, scale: render.ColourScale
     if hm is not None and scale is not None:
         pred, what = predicted_mask(row)
         truth = read_truth(getattr(r, "mask_uri", None), run.storage)
-        pics.append(H.img(render.png_data_uri(render.overlay(rgb, hm, scale, size, predicted=pred, truth=truth), COLOURS), "heatmap overlay",
-                          cls="overlay"))
+        pics.append(
+            H.img(
+                render.png_data_uri(render.overlay(rgb, hm, scale, size, predicted=pred, truth=truth), COLOURS),
+                "heatmap overlay",
+                cls="overlay",
+            )
+        )
         if what:
             notes.append(what)
         if truth is not None:
@@ -328,10 +460,13 @@ def _card(run: RunData, r, row: dict[str, Any] | None, scale: render.ColourScale
     if rgb is None:
         notes.append(f"image not readable now ({why})")
     label = {0: "normal", 1: "anomalous"}.get(int(r.gt_label), "") if _known(r.gt_label) else "unlabelled"
-    return (f'<div class="card" data-image-id="{H.esc(r.image_id)}"><div class="pics">{"".join(pics)}</div>'
-            f"<div><b>score {float(r.value):.4f}</b> - {H.esc(label)}</div>"
-            f'<div class="uri">{H.esc(r.uri)}</div>'
-            + (f'<div class="note">{H.esc("; ".join(notes))}</div>' if notes else "") + "</div>")
+    return (
+        f'<div class="card" data-image-id="{H.esc(r.image_id)}"><div class="pics">{"".join(pics)}</div>'
+        f"<div><b>score {float(r.value):.4f}</b> - {H.esc(label)}</div>"
+        f'<div class="uri">{H.esc(r.uri)}</div>'
+        + (f'<div class="note">{H.esc("; ".join(notes))}</div>' if notes else "")
+        + "</div>"
+    )
 
 
 def _known(*values: Any) -> bool:
@@ -344,6 +479,9 @@ def _failed_inputs(errs: pd.DataFrame) -> str:
         return out + "<p>None.</p></section>\n"
     shown = errs.sort_values(["category", "uri"], kind="stable").head(MAX_FAILED_ROWS)
     rows = [(r.uri, r.category, r.stage, r.error_type, r.message) for r in shown.itertuples()]
-    more = (f'<p class="note">{len(errs) - MAX_FAILED_ROWS} more in the errors table (RUN/errors/).</p>'
-            if len(errs) > MAX_FAILED_ROWS else "")
+    more = (
+        f'<p class="note">{len(errs) - MAX_FAILED_ROWS} more in the errors table (RUN/errors/).</p>'
+        if len(errs) > MAX_FAILED_ROWS
+        else ""
+    )
     return out + H.table(["uri", "category", "stage", "error type", "message"], rows) + more + "</section>\n"

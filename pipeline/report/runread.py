@@ -76,15 +76,23 @@ def open_run(uri: str, storage=None) -> RunData:
         record = read_json(fsio.join(uri, "run.json"), storage)
     except FileNotFoundError:
         plan = read_json_if_exists(fsio.join(uri, "_plan.json"), storage)
-        what = "an unfinished run (it has _plan.json but no run.json: resume it first)" if plan else "no zsad run (no run.json)"
+        what = (
+            "an unfinished run (it has _plan.json but no run.json: resume it first)"
+            if plan
+            else "no zsad run (no run.json)"
+        )
         raise ReportError(f"{uri}: {what}") from None
     except (OSError, ValueError) as exc:
         raise ReportError(f"{uri}: run.json could not be read ({type(exc).__name__}: {exc})") from None
     scores = read_folder(fsio.join(uri, "scores"), storage, SCORE_COLUMNS)
     try:
-        inputs = pd.read_parquet(fsio.join(uri, "inputs.parquet"), columns=["image_id", "mask_uri"],
-                                 storage_options=storage or None) if fsio.is_remote(uri) \
+        inputs = (
+            pd.read_parquet(
+                fsio.join(uri, "inputs.parquet"), columns=["image_id", "mask_uri"], storage_options=storage or None
+            )
+            if fsio.is_remote(uri)
             else pd.read_parquet(fsio.join(uri, "inputs.parquet"), columns=["image_id", "mask_uri"])
+        )
         scores = scores.merge(inputs.drop_duplicates("image_id"), on="image_id", how="left")
     except (FileNotFoundError, OSError):
         scores["mask_uri"] = None
@@ -108,7 +116,9 @@ def _score_source(record: dict[str, Any], metrics: pd.DataFrame | None) -> str:
 
 def errors(run: RunData) -> pd.DataFrame:
     """The run's errors table (uri, category, stage, error_type, message)."""
-    return read_folder(fsio.join(run.uri, "errors"), run.storage, ["image_id", "uri", "category", "stage", "error_type", "message"])
+    return read_folder(
+        fsio.join(run.uri, "errors"), run.storage, ["image_id", "uri", "category", "stage", "error_type", "message"]
+    )
 
 
 def mask_rows(run: RunData, image_ids: set[str]) -> dict[str, dict[str, Any]]:
@@ -204,5 +214,15 @@ def write_page(out_uri: str, write_body, storage) -> int:
         return os.path.getsize(tmp)
 
 
-__all__ = ["ReportError", "RunData", "open_run", "errors", "mask_rows", "heat", "predicted_mask", "read_image",
-           "read_truth", "write_page"]
+__all__ = [
+    "ReportError",
+    "RunData",
+    "open_run",
+    "errors",
+    "mask_rows",
+    "heat",
+    "predicted_mask",
+    "read_image",
+    "read_truth",
+    "write_page",
+]

@@ -18,8 +18,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.errors import ZsadError
 from pipeline.config import DataSpec
+from pipeline.errors import ZsadError
 from pipeline.io import fs as fsio
 from pipeline.io.layouts import InputError, list_inputs
 from pipeline.io.sinks import TableWriter, read_folder, read_json, write_json
@@ -29,7 +29,16 @@ from pipeline.runtime.session import ray_session
 from pipeline.stages.evaluate import EvaluateStage, stats_from_row
 
 MASK_COLUMNS = ["image_id", "category", "status", "map_png"]
-METRIC_NAMES = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro", "vand_score")
+METRIC_NAMES = (
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "pixel_aupro",
+    "vand_score",
+)
 
 
 class EvaluationError(ZsadError, RuntimeError):
@@ -72,8 +81,11 @@ def _evaluate_parts(batch: dict, gt: dict[str, tuple], eval_size, storage) -> di
 def ground_truth(run_dir: str, storage, gt_uri: str | None, layout: str | None) -> pd.DataFrame:
     """image_id, gt_label, mask_uri for the run's images: from the run's own input manifest, or
     from another listing (joined by URI) when ``gt_uri`` is given."""
-    inputs = pd.read_parquet(fsio.join(run_dir, "inputs.parquet"), storage_options=storage or None) if fsio.is_remote(run_dir) \
+    inputs = (
+        pd.read_parquet(fsio.join(run_dir, "inputs.parquet"), storage_options=storage or None)
+        if fsio.is_remote(run_dir)
         else pd.read_parquet(fsio.join(run_dir, "inputs.parquet"))
+    )
     if gt_uri is None:
         return inputs[["image_id", "uri", "gt_label", "mask_uri"]]
     try:
@@ -88,8 +100,13 @@ def ground_truth(run_dir: str, storage, gt_uri: str | None, layout: str | None) 
 
 #: --image-score -> the scores column it reads: the run's streaming score, the max of its map, or
 #: the transductive few-shot score (APRIL-GAN: written once every image of a category is scored)
-IMAGE_SCORE_SOURCES = {"method": "score", "max_map": "max_pixel_score", "transductive": "score_transductive",
-                       "mutual": "score_mutual", "rscin": "score_rscin"}
+IMAGE_SCORE_SOURCES = {
+    "method": "score",
+    "max_map": "max_pixel_score",
+    "transductive": "score_transductive",
+    "mutual": "score_mutual",
+    "rscin": "score_rscin",
+}
 
 
 def _image_table(scores: pd.DataFrame, source: str) -> ValueTable:
@@ -99,8 +116,15 @@ def _image_table(scores: pd.DataFrame, source: str) -> ValueTable:
     return ValueTable.from_scores(s[keep], scores["gt_label"].to_numpy()[keep].astype(int))
 
 
-def _part_rows(parts: list[str], lookup: dict[str, tuple], eval_size, storage, executor: str, address: str | None,
-               log: Callable[[str], None]):
+def _part_rows(
+    parts: list[str],
+    lookup: dict[str, tuple],
+    eval_size,
+    storage,
+    executor: str,
+    address: str | None,
+    log: Callable[[str], None],
+):
     """The rows of :func:`_evaluate_parts` over every masks part file: Ray tasks, or in this process."""
     from pipeline.runtime.executors import check
 
@@ -151,17 +175,24 @@ def evaluate_run(
     if gt.empty:
         raise EvaluationError(f"{run_dir}: no image has a ground-truth label (give --ground-truth and --layout)")
     extra = [IMAGE_SCORE_SOURCES[image_score]] if image_score in ("transductive", "mutual", "rscin") else []
-    scores = read_folder(fsio.join(run_dir, "scores"), storage,
-                         ["image_id", "category", "status", "score", "max_pixel_score", *extra])
-    scores = scores[scores["status"] == "ok"].drop(columns=["status"]).merge(gt[["image_id", "gt_label"]], on="image_id")
+    scores = read_folder(
+        fsio.join(run_dir, "scores"), storage, ["image_id", "category", "status", "score", "max_pixel_score", *extra]
+    )
+    scores = (
+        scores[scores["status"] == "ok"].drop(columns=["status"]).merge(gt[["image_id", "gt_label"]], on="image_id")
+    )
     if image_score == "max_map" and scores["max_pixel_score"].isna().all():
         raise EvaluationError(f"{run_dir}: image score source max_map needs pixel maps; this run has none")
     if image_score == "transductive" and scores["score_transductive"].isna().all():
-        raise EvaluationError(f"{run_dir}: image score source transductive needs score_transductive, which only APRIL-GAN "
-                              "few-shot runs write (once every image is scored); this run has none")
+        raise EvaluationError(
+            f"{run_dir}: image score source transductive needs score_transductive, which only APRIL-GAN "
+            "few-shot runs write (once every image is scored); this run has none"
+        )
     if image_score in ("mutual", "rscin") and scores[IMAGE_SCORE_SOURCES[image_score]].isna().all():
-        raise EvaluationError(f"{run_dir}: image score source {image_score} needs {IMAGE_SCORE_SOURCES[image_score]}, which "
-                              "only mutual-scoring runs write (score_rscin with mutual.rscin, once every image is scored)")
+        raise EvaluationError(
+            f"{run_dir}: image score source {image_score} needs {IMAGE_SCORE_SOURCES[image_score]}, which "
+            "only mutual-scoring runs write (score_rscin with mutual.rscin, once every image is scored)"
+        )
 
     pixel_stats: dict[str, LevelStats] = {}
     problems: dict[str, list[str]] = {}
@@ -169,7 +200,9 @@ def evaluate_run(
     if has_maps:
         fs, path = fsio.filesystem(fsio.join(run_dir, "masks"), storage)
         parts = [fsio.unstrip(fs, p) for p in sorted(fs.glob(posixpath.join(path, "*.parquet")))]
-        lookup = {r.image_id: (int(r.gt_label), r.mask_uri if isinstance(r.mask_uri, str) else None) for r in gt.itertuples()}
+        lookup = {
+            r.image_id: (int(r.gt_label), r.mask_uri if isinstance(r.mask_uri, str) else None) for r in gt.itertuples()
+        }
         for row in _part_rows(parts, lookup, eval_size, storage, executor, address, log):
             st = stats_from_row(row["neg"], row["pos"], row["pro"], row["n_regions"])
             cat = row["category"]
@@ -177,7 +210,9 @@ def evaluate_run(
             if row["problems"]:
                 problems.setdefault(cat, []).extend(row["problems"].split("\n"))
     for cat, items in problems.items():
-        log(f"evaluate: {len(items)} anomalous image(s) of {cat} without a usable mask, left out of the pixel metrics: {items[:3]}")
+        log(
+            f"evaluate: {len(items)} anomalous image(s) of {cat} without a usable mask, left out of the pixel metrics: {items[:3]}"
+        )
 
     rows = []
     plot_curves: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -202,11 +237,20 @@ def evaluate_run(
                 pixel_auroc=curves.auroc(pt),
                 pixel_ap=curves.average_precision(pt),
                 pixel_f1_max=curves.f1_max(pt),
-                pixel_aupro=curves.aupro(pt, aupro_limit) if pro_mode == "mvtec" else curves.aupro_fixed_grid_200(pt, aupro_limit),
+                pixel_aupro=curves.aupro(pt, aupro_limit)
+                if pro_mode == "mvtec"
+                else curves.aupro_fixed_grid_200(pt, aupro_limit),
             )
             plot_curves[cat] = _pixel_curves(pt)
         else:
-            row.update(n_pixels=0, n_regions=0, pixel_auroc=math.nan, pixel_ap=math.nan, pixel_f1_max=math.nan, pixel_aupro=math.nan)
+            row.update(
+                n_pixels=0,
+                n_regions=0,
+                pixel_auroc=math.nan,
+                pixel_ap=math.nan,
+                pixel_f1_max=math.nan,
+                pixel_aupro=math.nan,
+            )
         row["vand_score"] = curves.vand(row["image_f1_max"], row["pixel_f1_max"])
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -230,7 +274,9 @@ def evaluate_run(
     }
     for k, v in settings.items():
         table[k] = v
-    cols = {k: [None if isinstance(v, float) and math.isnan(v) else v for v in table[k].tolist()] for k in table.columns}
+    cols = {
+        k: [None if isinstance(v, float) and math.isnan(v) else v for v in table[k].tolist()] for k in table.columns
+    }
     writer = TableWriter(fsio.join(run_dir, "metrics"), "metrics", storage)
     writer.clear()
     writer.write(cols)
@@ -260,17 +306,39 @@ def _pixel_curves(table: ValueTable, max_points: int = 400) -> dict[str, dict[st
 
 def markdown(table: pd.DataFrame, settings: dict[str, Any]) -> str:
     """A per-category table shaped like the papers' (percent, one decimal)."""
-    heads = ["category", "image AUROC", "image AP", "image F1-max", "pixel AUROC", "pixel AP", "pixel F1-max", "AUPRO", "VAND"]
+    heads = [
+        "category",
+        "image AUROC",
+        "image AP",
+        "image F1-max",
+        "pixel AUROC",
+        "pixel AP",
+        "pixel F1-max",
+        "AUPRO",
+        "VAND",
+    ]
     lines = []
     if settings["random_weights"]:
         lines.append("**Random model weights: these numbers are NOT anomaly-detection results.**\n")
-    lines.append(f"Run `{settings['run_id']}`; eval size {settings['eval_size']}; image score: {settings['image_score_source']}; "
-                 f"AUPRO {settings['aupro_mode']} @ {settings['aupro_limit']:g}; AP: step; {settings['connectivity']}-connected regions.\n")
+    lines.append(
+        f"Run `{settings['run_id']}`; eval size {settings['eval_size']}; image score: {settings['image_score_source']}; "
+        f"AUPRO {settings['aupro_mode']} @ {settings['aupro_limit']:g}; AP: step; {settings['connectivity']}-connected regions.\n"
+    )
     lines.append("| " + " | ".join(heads) + " |")
     lines.append("|" + "---|" * len(heads))
     for r in table.itertuples():
-        vals = [r.category] + [("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}")
-                               for v in (r.image_auroc, r.image_ap, r.image_f1_max, r.pixel_auroc, r.pixel_ap, r.pixel_f1_max,
-                                         r.pixel_aupro, r.vand_score)]
+        vals = [r.category] + [
+            ("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}")
+            for v in (
+                r.image_auroc,
+                r.image_ap,
+                r.image_f1_max,
+                r.pixel_auroc,
+                r.pixel_ap,
+                r.pixel_f1_max,
+                r.pixel_aupro,
+                r.vand_score,
+            )
+        ]
         lines.append("| " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"

@@ -89,11 +89,25 @@ def _absolute(uri: str) -> str:
     return uri if fsio.is_remote(uri) else os.path.abspath(uri)
 
 
-def entrypoint(input_uri: str, output_uri: str, run_id: str, *, resume: bool = False, layout: str = "auto",
-               evaluate: bool = True) -> str:
+def entrypoint(
+    input_uri: str, output_uri: str, run_id: str, *, resume: bool = False, layout: str = "auto", evaluate: bool = True
+) -> str:
     """The shell command the cluster runs for one attempt (spec file ``job.yaml`` in the working dir)."""
-    args = ["zsad", "run", "job.yaml", "--input", input_uri, "--output", output_uri, "--run-id", run_id,
-            "--address", "auto", "--layout", layout]
+    args = [
+        "zsad",
+        "run",
+        "job.yaml",
+        "--input",
+        input_uri,
+        "--output",
+        output_uri,
+        "--run-id",
+        run_id,
+        "--address",
+        "auto",
+        "--layout",
+        layout,
+    ]
     if resume:
         args.append("--resume")
     if not evaluate:
@@ -152,19 +166,28 @@ def submit(
         runtime_env: dict[str, Any] = {"working_dir": folder}
         if env or secrets:
             runtime_env["env_vars"] = {**(env or {}), **secrets}
-        metadata = {"zsad_run_id": run_id, "zsad_attempt": str(attempt), "zsad_input": input_uri,
-                    "zsad_output": output_uri, "zsad_job": spec.name}
+        metadata = {
+            "zsad_run_id": run_id,
+            "zsad_attempt": str(attempt),
+            "zsad_input": input_uri,
+            "zsad_output": output_uri,
+            "zsad_job": spec.name,
+        }
         command = entrypoint(input_uri, output_uri, run_id, resume=resume, layout=layout, evaluate=evaluate)
         for tries, delay in enumerate([*backoff_delays(SUBMIT_RETRIES, 1.0, 15.0), None], start=1):
             try:
-                return jobs.submit_job(entrypoint=command, runtime_env=runtime_env, metadata=metadata, submission_id=sid)
+                return jobs.submit_job(
+                    entrypoint=command, runtime_env=runtime_env, metadata=metadata, submission_id=sid
+                )
             except Exception as exc:
                 text = str(exc)
                 if "already exists" in text:
                     if tries > 1 and _is_ours(jobs, sid, run_id, attempt):  # an earlier try got through
                         return sid
-                    raise JobsError(f"run id {run_id!r}: the cluster already has a job {sid!r}; choose another --run-id "
-                                    f"(or `zsad status {run_id}`)") from None
+                    raise JobsError(
+                        f"run id {run_id!r}: the cluster already has a job {sid!r}; choose another --run-id "
+                        f"(or `zsad status {run_id}`)"
+                    ) from None
                 busy = any(m in text for m in _BUSY) or is_transient(exc)
                 if not busy or delay is None:
                     raise JobsError(f"submitting run {run_id} failed: {text}") from None
@@ -188,10 +211,16 @@ def _attempt(info) -> Attempt | None:
     status = getattr(info.status, "value", str(info.status))
     ms = lambda t: None if t is None or t == 0 else t / 1000.0  # noqa: E731 - Ray reports milliseconds
     return Attempt(
-        run_id=run_id, attempt=int(meta.get("zsad_attempt", "1")), submission_id=info.submission_id or "",
-        status=status, message=info.message or "", exit_code=getattr(info, "driver_exit_code", None),
-        start_time=ms(info.start_time), end_time=ms(info.end_time),
-        input=meta.get("zsad_input", ""), output=meta.get("zsad_output", ""),
+        run_id=run_id,
+        attempt=int(meta.get("zsad_attempt", "1")),
+        submission_id=info.submission_id or "",
+        status=status,
+        message=info.message or "",
+        exit_code=getattr(info, "driver_exit_code", None),
+        start_time=ms(info.start_time),
+        end_time=ms(info.end_time),
+        input=meta.get("zsad_input", ""),
+        output=meta.get("zsad_output", ""),
     )
 
 
@@ -204,8 +233,10 @@ def attempts(jobs, run_id: str, *, required: bool = False, address: str | None =
         raise JobsError(f"listing the cluster's jobs failed: {exc}") from None
     found = sorted((a for a in map(_attempt, infos) if a is not None and a.run_id == run_id), key=lambda a: a.attempt)
     if required and not found:
-        raise JobsError(f"no zsad run {run_id!r} on the cluster{f' at {address}' if address else ''} "
-                        "(zsad submit prints the run id)")
+        raise JobsError(
+            f"no zsad run {run_id!r} on the cluster{f' at {address}' if address else ''} "
+            "(zsad submit prints the run id)"
+        )
     return found
 
 

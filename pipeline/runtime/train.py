@@ -407,9 +407,9 @@ def train_job(
 
     from pipeline.io.weights import WeightsError, preflight
     from pipeline.models import registry
+    from pipeline.runtime.ray_plan import training_dataset
     from pipeline.runtime.rows import source_rows
     from pipeline.runtime.run import versions
-    from pipeline.runtime.ray_plan import training_dataset
     from pipeline.runtime.session import CONFIG_ERRORS, LOAD_ERRORS, failure, local_resources, ray_session, root_cause
 
     started = dt.datetime.now(dt.timezone.utc)

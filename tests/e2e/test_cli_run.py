@@ -16,8 +16,8 @@ from PIL import Image
 from pipeline.config import load_spec
 from pipeline.io import contracts
 from pipeline.io import fs as fsio
-from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.ops import heatmap, rle
+from pipeline.stages.clip_score import ClipScoreStage
 from pipeline.synthetic import make_dataset
 from tests.helpers.badfiles import write_bad_inputs, write_good_images
 from tests.helpers.batches import image_batch
@@ -51,7 +51,9 @@ def check_run(run_dir, n_expected, storage=None, n_failed=0):
     assert scores["random_weights"].all() and (scores["clip_weights"] == "random").all()
     assert (scores["clip_model"] == "zsad-tiny").all()
     assert len(errors) == n_failed == (scores["status"] == "error").sum()
-    with fs.open(fsio.join(path.rsplit("/", 1)[0], "run.json") if fsio.is_remote(run_dir) else os.path.join(run_dir, "run.json")) as fh:
+    with fs.open(
+        fsio.join(path.rsplit("/", 1)[0], "run.json") if fsio.is_remote(run_dir) else os.path.join(run_dir, "run.json")
+    ) as fh:
         manifest = json.load(fh)
     assert manifest["counts"] == {"images": n_expected, "ok": n_expected - n_failed, "failed": n_failed, "missing": 0}
     assert manifest["random_weights"] is True and manifest["model"]["clip_weights"] == "random"
@@ -99,8 +101,11 @@ def check_metrics(run_dir, scores, masks):
         for r in masks[masks["category"] == cat].itertuples():
             m = heatmap.decode_png16(r.map_png, 0.0, 1.0)
             uri = inputs.loc[r.image_id, "mask_uri"]
-            gt = np.zeros(m.shape, bool) if not isinstance(uri, str) else (
-                np.asarray(Image.open(uri).convert("L").resize((m.shape[1], m.shape[0]), Image.NEAREST)) > 0)
+            gt = (
+                np.zeros(m.shape, bool)
+                if not isinstance(uri, str)
+                else (np.asarray(Image.open(uri).convert("L").resize((m.shape[1], m.shape[0]), Image.NEAREST)) > 0)
+            )
             ys.append(gt.ravel())
             ss.append(m.ravel())
             tables.append(ValueTable.from_pixels(m, gt))
@@ -117,7 +122,16 @@ def check_metrics(run_dir, scores, masks):
 
 def test_run_on_local_mvtec_tree(tmp_path):
     info = make_dataset(str(tmp_path / "data"), n_good=3, n_bad=3)
-    res = zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "local1")
+    res = zsad(
+        "run",
+        "jobs/smoke.yaml",
+        "--input",
+        str(tmp_path / "data"),
+        "--output",
+        str(tmp_path / "out"),
+        "--run-id",
+        "local1",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "progress:" in res.stderr and "images/s" in res.stderr
     assert "succeeded" in res.stdout and "random model weights" in res.stdout
@@ -132,22 +146,45 @@ def test_run_on_local_mvtec_tree(tmp_path):
     assert masks["mask_rle"].isna().all()
 
     check_metrics(str(tmp_path / "out" / "local1"), scores, masks)
-    assert "metrics:" in res.stdout and (tmp_path / "out" / "local1" / "metrics.md").read_text().startswith("**Random model weights")
+    assert "metrics:" in res.stdout and (tmp_path / "out" / "local1" / "metrics.md").read_text().startswith(
+        "**Random model weights"
+    )
 
     # the run gives the same scores as the stage called directly
     spec = load_spec("jobs/smoke.yaml")
     stage = ClipScoreStage(spec.clip, spec.score)
     sample = scores.sort_values("uri").head(4)
-    out = stage(image_batch([np.asarray(Image.open(u).convert("RGB")) for u in sample["uri"]], list(sample["category"])))
+    out = stage(
+        image_batch([np.asarray(Image.open(u).convert("RGB")) for u in sample["uri"]], list(sample["category"]))
+    )
     np.testing.assert_allclose(out["score"], sample["score"].to_numpy(), atol=1e-5)
 
     # zsad evaluate with explicit ground truth and non-default settings
-    ev = zsad("evaluate", str(tmp_path / "out" / "local1"), "--ground-truth", str(tmp_path / "data"), "--layout", "mvtec",
-              "--eval-size", "64", "--image-score", "max_map", "--pro-mode", "fixed_grid_200", "--aupro-limit", "0.2")
+    ev = zsad(
+        "evaluate",
+        str(tmp_path / "out" / "local1"),
+        "--ground-truth",
+        str(tmp_path / "data"),
+        "--layout",
+        "mvtec",
+        "--eval-size",
+        "64",
+        "--image-score",
+        "max_map",
+        "--pro-mode",
+        "fixed_grid_200",
+        "--aupro-limit",
+        "0.2",
+    )
     assert ev.returncode == 0, ev.stderr[-3000:]
     m2 = pd.read_parquet(tmp_path / "out" / "local1" / "metrics")
     row = m2.iloc[0]
-    assert (row["eval_size"], row["image_score_source"], row["aupro_mode"], row["aupro_limit"]) == ("64", "max_map", "fixed_grid_200", 0.2)
+    assert (row["eval_size"], row["image_score_source"], row["aupro_mode"], row["aupro_limit"]) == (
+        "64",
+        "max_map",
+        "fixed_grid_200",
+        0.2,
+    )
     sc = scores[scores["category"] == row["category"]]
     from sklearn.metrics import roc_auc_score
 
@@ -156,7 +193,10 @@ def test_run_on_local_mvtec_tree(tmp_path):
     paper = zsad("evaluate", str(tmp_path / "out" / "local1"), "--paper", "winclip")  # an mvtec layout: MVTec's row
     assert paper.returncode == 0, paper.stderr[-2000:]
     mean = pd.read_parquet(tmp_path / "out" / "local1" / "metrics").set_index("category").loc["mean"]
-    assert f"| P-AUROC | 85.10 | {100 * mean['pixel_auroc']:.2f} | {100 * mean['pixel_auroc'] - 85.1:+.2f} |" in paper.stdout
+    assert (
+        f"| P-AUROC | 85.10 | {100 * mean['pixel_auroc']:.2f} | {100 * mean['pixel_auroc'] - 85.1:+.2f} |"
+        in paper.stdout
+    )
     assert "published: winclip on mvtec" in paper.stdout and "random weights" in paper.stdout
     unknown = zsad("evaluate", str(tmp_path / "out" / "local1"), "--paper", "vvv")  # VVV publishes VisA only
     assert unknown.returncode == 2 and "no published numbers for preset 'vvv' on 'mvtec'" in unknown.stderr
@@ -165,7 +205,16 @@ def test_run_on_local_mvtec_tree(tmp_path):
     missing = zsad("evaluate", str(tmp_path / "out" / "nope"))
     assert missing.returncode == 2 and "no run.json" in missing.stderr
 
-    again = zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "local1")
+    again = zsad(
+        "run",
+        "jobs/smoke.yaml",
+        "--input",
+        str(tmp_path / "data"),
+        "--output",
+        str(tmp_path / "out"),
+        "--run-id",
+        "local1",
+    )
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
@@ -173,9 +222,22 @@ def test_run_with_input_and_output_on_s3(tmp_path, s3_bucket, s3_env):
     """Needs Ray: the decode tasks and the scoring actors (Ray workers) read and write S3."""
     storage = fsio.storage_options()
     make_dataset(f"s3://{s3_bucket}/datasets/synth", categories=("gear",), n_good=2, n_bad=2, storage=storage)
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    res = zsad("run", "jobs/smoke.yaml", "--input", f"s3://{s3_bucket}/datasets/synth", "--output", f"s3://{s3_bucket}/runs",
-               "--run-id", "s3run", env=env, ray=True)
+    env = {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    res = zsad(
+        "run",
+        "jobs/smoke.yaml",
+        "--input",
+        f"s3://{s3_bucket}/datasets/synth",
+        "--output",
+        f"s3://{s3_bucket}/runs",
+        "--run-id",
+        "s3run",
+        env=env,
+        ray=True,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     scores, _, manifest = check_run(f"s3://{s3_bucket}/runs/s3run", 4, storage)
     assert scores["uri"].str.startswith(f"s3://{s3_bucket}/datasets/synth/gear/test/").all()
@@ -221,8 +283,18 @@ def test_bad_inputs_are_reported_and_the_error_budget_holds(tmp_path):
     assert rows.loc["exif_rotated.jpg", "score"] == pytest.approx(out["score"][0], abs=1e-5)
     assert abs(out["score"][0] - out["score"][1]) > 1e-6  # orientation matters to the score
 
-    strict = zsad("run", "jobs/smoke.yaml", "--input", str(folder), "--output", str(tmp_path / "out"), "--run-id", "bad2",
-                  "--set", "max_error_rate=0.04")
+    strict = zsad(
+        "run",
+        "jobs/smoke.yaml",
+        "--input",
+        str(folder),
+        "--output",
+        str(tmp_path / "out"),
+        "--run-id",
+        "bad2",
+        "--set",
+        "max_error_rate=0.04",
+    )
     assert strict.returncode == 1
     assert "above max_error_rate 0.04" in strict.stderr + strict.stdout
     assert manifest["failed_by_stage"] == {"decode": 6}
@@ -234,8 +306,21 @@ def test_bad_inputs_are_reported_and_the_error_budget_holds(tmp_path):
 
 def test_fade_preset_with_tiny_model_writes_masks(tmp_path):
     make_dataset(str(tmp_path / "data"), categories=("gear",), n_good=1, n_bad=2)
-    res = zsad("run", "jobs/fade.yaml", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--run-id", "fade1",
-               *TINY, "--set", "maps.map_size=256", "--set", "maps.threshold=0.5")
+    res = zsad(
+        "run",
+        "jobs/fade.yaml",
+        "--input",
+        str(tmp_path / "data"),
+        "--output",
+        str(tmp_path / "out"),
+        "--run-id",
+        "fade1",
+        *TINY,
+        "--set",
+        "maps.map_size=256",
+        "--set",
+        "maps.threshold=0.5",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     scores, _, manifest = check_run(str(tmp_path / "out" / "fade1"), 3)
     assert manifest["model"]["pixel_method"] == "fade_zero_shot"

@@ -15,7 +15,8 @@ from pipeline.io import fs as fsio
 from pipeline.io.banks import StoredBank, read_manifest
 from pipeline.synthetic import make_dataset
 from tests.e2e.test_cli_run import check_run, read_table
-from tests.helpers.zsad import TINY as _TINY, zsad
+from tests.helpers.zsad import TINY as _TINY
+from tests.helpers.zsad import zsad
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +31,22 @@ PIXEL = {"fade": "fade_zero_shot", "winclip": "winclip_windows", "april_gan": "a
 
 def run_preset(method, data, out, run_id, *extra, env=None):
     job, sets = PRESETS[method]
-    return zsad("run", job, "--input", data, "--output", out, "--run-id", run_id, "--reference", data, *TINY, *sets, *extra,
-                env=env)
+    return zsad(
+        "run",
+        job,
+        "--input",
+        data,
+        "--output",
+        out,
+        "--run-id",
+        run_id,
+        "--reference",
+        data,
+        *TINY,
+        *sets,
+        *extra,
+        env=env,
+    )
 
 
 def check_fewshot_run(run_dir, method, n_images, categories, k, storage=None, without=()):
@@ -56,7 +71,9 @@ def check_fewshot_run(run_dir, method, n_images, categories, k, storage=None, wi
         n_rows = {key: v.shape[0] for key, v in tensors.items()}
         assert len(set(n % k for n in n_rows.values())) == 1  # k images' features stacked per key
     zero = scores[scores["category"].isin(without)]
-    assert (zero["few_shot_k"] == 0).all() and zero["score_fewshot"].isna().all() and zero["reference_digest"].isna().all()
+    assert (
+        (zero["few_shot_k"] == 0).all() and zero["score_fewshot"].isna().all() and zero["reference_digest"].isna().all()
+    )
     assert (zero["score"] == zero["score_language"]).all()  # zero-shot: the language score alone
     ok = scores[(scores["status"] == "ok") & ~scores["category"].isin(without)]
     assert (ok["few_shot_k"] == k).all() and ok["score_fewshot"].notna().all() and ok["reference_digest"].notna().all()
@@ -104,7 +121,9 @@ def test_fewshot_preset_runs_locally(method, tmp_path):
         assert few["banks_reused"] == ["gear", "plate"] and few["banks_built"] == []
         assert sum(few["bank_loads_by_actor"].values()) == 2  # grouped by category: each bank loaded once
         again = read_table(fsio.join(str(run_dir), "scores")).to_pandas().set_index("image_id").sort_index()
-        np.testing.assert_allclose(again["score"], scores.set_index("image_id").sort_index()["score"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            again["score"], scores.set_index("image_id").sort_index()["score"], rtol=0, atol=1e-6
+        )
 
 
 def test_fade_fewshot_locally_with_a_category_without_references(tmp_path):
@@ -115,11 +134,21 @@ def test_fade_fewshot_locally_with_a_category_without_references(tmp_path):
     shutil.rmtree(data / "screw" / "train")
     refused = run_preset("fade", str(data), str(tmp_path / "out"), "strict", "--set", "few_shot.k=2")
     assert refused.returncode == 2
-    assert "no reference images for category 'screw'" in refused.stderr and "few_shot.missing: zero_shot" in refused.stderr
+    assert (
+        "no reference images for category 'screw'" in refused.stderr and "few_shot.missing: zero_shot" in refused.stderr
+    )
     assert not (tmp_path / "out" / "strict").exists()  # refused before anything was written
 
-    res = run_preset("fade", str(data), str(tmp_path / "out"), "lenient", "--set", "few_shot.k=2",
-                     "--set", "few_shot.missing=zero_shot")
+    res = run_preset(
+        "fade",
+        str(data),
+        str(tmp_path / "out"),
+        "lenient",
+        "--set",
+        "few_shot.k=2",
+        "--set",
+        "few_shot.missing=zero_shot",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "scoring them zero-shot" in res.stderr and "built 2 bank(s)" in res.stderr
     run_dir = tmp_path / "out" / "lenient"
@@ -135,12 +164,31 @@ def test_references_in_a_folder_per_category(tmp_path):
     make_dataset(str(tmp_path / "data"), categories=("gear",), n_good=1, n_bad=1, n_train=2)
     shutil.copytree(tmp_path / "data" / "gear" / "train" / "good", tmp_path / "refs" / "gear")
     job, sets = PRESETS["fade"]
-    res = zsad("run", job, "--input", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--dry-run",
-               "--reference", str(tmp_path / "refs"), *TINY, *sets, "--set", "few_shot.k=2")
+    res = zsad(
+        "run",
+        job,
+        "--input",
+        str(tmp_path / "data"),
+        "--output",
+        str(tmp_path / "out"),
+        "--dry-run",
+        "--reference",
+        str(tmp_path / "refs"),
+        *TINY,
+        *sets,
+        "--set",
+        "few_shot.k=2",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     plan = json.loads(res.stdout)
-    assert plan["few_shot"] == {"method": "fade", "k": 2, "reference": str(tmp_path / "refs"), "reference_layout": "folder",
-                                "references_by_category": {"gear": 2}, "categories_without_references": []}
+    assert plan["few_shot"] == {
+        "method": "fade",
+        "k": 2,
+        "reference": str(tmp_path / "refs"),
+        "reference_layout": "folder",
+        "references_by_category": {"gear": 2},
+        "categories_without_references": [],
+    }
     assert plan["plan"][0]["stage"] == "bank"
 
 
@@ -149,7 +197,10 @@ def test_fewshot_preset_on_s3(method, tmp_path, s3_bucket, s3_env):
     storage = fsio.storage_options()
     data = f"s3://{s3_bucket}/datasets/synth"
     make_dataset(data, categories=("gear",), n_good=1, n_bad=2, n_train=2, storage=storage)
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    env = {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     res = run_preset(method, data, f"s3://{s3_bucket}/runs", "s3fs", "--set", "few_shot.k=2", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = f"s3://{s3_bucket}/runs/s3fs"

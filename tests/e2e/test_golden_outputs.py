@@ -23,7 +23,9 @@ def _same(name: str, table: str, got, want) -> None:
     # schemas evolve additively: columns added since the recording must be null in these zero-shot runs
     added = [c for c in got.column_names if c not in want.column_names]
     for col in added:
-        assert got.column(col).null_count == got.num_rows, f"{where}.{col}: a column added since the recording has values"
+        assert got.column(col).null_count == got.num_rows, (
+            f"{where}.{col}: a column added since the recording has values"
+        )
     want = want.select([c for c in want.column_names if c not in VOLATILE])
     got = got.select(want.column_names)
     assert got.schema.equals(want.schema), f"{where}: schema\n{got.schema}\n!=\n{want.schema}"
@@ -37,12 +39,15 @@ def _same(name: str, table: str, got, want) -> None:
                     lx = heatmap.quantise(heatmap.decode_png16(x, 0, 1), 0, 1).astype(int)
                     ly = heatmap.quantise(heatmap.decode_png16(y, 0, 1), 0, 1).astype(int)
                     assert lx.shape == ly.shape and np.abs(lx - ly).max() <= 1, f"{where}.{col}: maps differ"
-        elif pa.types.is_list(want.schema.field(col).type) and pa.types.is_floating(want.schema.field(col).type.value_type):
+        elif pa.types.is_list(want.schema.field(col).type) and pa.types.is_floating(
+            want.schema.field(col).type.value_type
+        ):
             assert [v is None for v in a] == [v is None for v in b], f"{where}.{col}: nulls differ"
             for x, y in zip(a, b):
                 if x is not None:
-                    np.testing.assert_allclose(np.array(x, float), np.array(y, float), rtol=1e-5, atol=1e-6,
-                                               err_msg=f"{where}.{col}")
+                    np.testing.assert_allclose(
+                        np.array(x, float), np.array(y, float), rtol=1e-5, atol=1e-6, err_msg=f"{where}.{col}"
+                    )
         elif want.schema.field(col).type in ("double", "float"):
             assert [v is None for v in a] == [v is None for v in b], f"{where}.{col}: nulls differ"
             x = np.array([v for v in a if v is not None], float)
@@ -63,8 +68,9 @@ def _check(name, executor, root):
     if name.startswith("musc"):  # the passes ran on the executor's workers: parts, tasks, one load per pool
         import json
 
-        mu = json.loads((run_dir / "run.json").read_text() if hasattr(run_dir, "read_text")
-                        else open(f"{run_dir}/run.json").read())["mutual"]
+        mu = json.loads(
+            (run_dir / "run.json").read_text() if hasattr(run_dir, "read_text") else open(f"{run_dir}/run.json").read()
+        )["mutual"]
         assert all(p["parts"] >= 1 for p in mu["pools"].values() if p["images"] >= 5)
         assert mu["rscin_pass"]["tasks"] == len(mu["pools"]) and mu["rscin_pass"]["categories_computed"]
         assert sum(mu["pool_loads_by_actor"].values()) >= len(mu["rscin_pass"]["categories_computed"])

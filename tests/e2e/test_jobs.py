@@ -40,7 +40,9 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _alive_nodes(env, gcs: int) -> int:
-    res = subprocess.run([RAY, "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [RAY, "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True, text=True, timeout=60
+    )
     active = res.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
     return sum(1 for line in active.splitlines() if "node_" in line)
 
@@ -54,14 +56,36 @@ def cluster():
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     gcs, dash, client, *agent = _free_ports(11)  # explicit ports: two nodes on one machine must not share any
-    head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={root / 'r'}",
-            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent[4]}",
-            f"--metrics-export-port={agent[5]}", f"--dashboard-agent-grpc-port={agent[6]}",
-            f"--runtime-env-agent-port={agent[7]}", "--disable-usage-stats"]
-    worker = [RAY, "start", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-              f"--dashboard-agent-listen-port={agent[0]}", f"--metrics-export-port={agent[1]}",
-              f"--dashboard-agent-grpc-port={agent[2]}", f"--runtime-env-agent-port={agent[3]}", "--disable-usage-stats"]
+    head = [
+        RAY,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        "--num-cpus=2",
+        f"--temp-dir={root / 'r'}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent[4]}",
+        f"--metrics-export-port={agent[5]}",
+        f"--dashboard-agent-grpc-port={agent[6]}",
+        f"--runtime-env-agent-port={agent[7]}",
+        "--disable-usage-stats",
+    ]
+    worker = [
+        RAY,
+        "start",
+        f"--address=127.0.0.1:{gcs}",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=1",
+        f"--dashboard-agent-listen-port={agent[0]}",
+        f"--metrics-export-port={agent[1]}",
+        f"--dashboard-agent-grpc-port={agent[2]}",
+        f"--runtime-env-agent-port={agent[3]}",
+        "--disable-usage-stats",
+    ]
     try:
         for cmd in (head, worker):
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
@@ -98,8 +122,22 @@ def test_submit_follow_status_and_outputs(cluster, tmp_path):
     """Needs Ray: Ray Jobs on a 2-node cluster (submission, logs, status)."""
     write_good_images(tmp_path / "in" / "parts", 30, size=(40, 40))
     out = tmp_path / "out"
-    sub = _zsad(cluster, "submit", "jobs/smoke.yaml", "--address", cluster["address"], "--input", str(tmp_path / "in"),
-                "--output", str(out), "--run-id", "job-ok", "--set", "shard_size=10", address_env=False)
+    sub = _zsad(
+        cluster,
+        "submit",
+        "jobs/smoke.yaml",
+        "--address",
+        cluster["address"],
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--run-id",
+        "job-ok",
+        "--set",
+        "shard_size=10",
+        address_env=False,
+    )
     assert sub.returncode == 0, sub.stderr[-3000:]
     assert "submitted run job-ok (submission job-ok)" in sub.stdout
 
@@ -110,7 +148,12 @@ def test_submit_follow_status_and_outputs(cluster, tmp_path):
     status = _status(cluster, "job-ok")
     assert status["status"] == "SUCCEEDED" and len(status["attempts"]) == 1
     assert status["attempts"][0]["exit_code"] == 0 and status["attempts"][0]["output"] == str(out)
-    assert status["run"]["status"] == "succeeded" and status["run"]["counts"] == {"images": 30, "ok": 30, "failed": 0, "missing": 0}
+    assert status["run"]["status"] == "succeeded" and status["run"]["counts"] == {
+        "images": 30,
+        "ok": 30,
+        "failed": 0,
+        "missing": 0,
+    }
     text = _zsad(cluster, "status", "job-ok")
     assert "run job-ok: SUCCEEDED (attempt 1 of 1)" in text.stdout and "random model weights" in text.stdout
 
@@ -120,12 +163,35 @@ def test_submit_follow_status_and_outputs(cluster, tmp_path):
     assert manifest["ray"]["resources"]["CPU"] == 3.0  # the run saw both nodes of the cluster
     assert manifest["spec"]["shard_size"] == 10  # the --set override travelled with the spec
 
-    again = _zsad(cluster, "submit", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "job-ok")
+    again = _zsad(
+        cluster,
+        "submit",
+        "jobs/smoke.yaml",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--run-id",
+        "job-ok",
+    )
     assert again.returncode == 2 and "already has a job 'job-ok'" in again.stderr
     # a resubmission (a retry loop's) of the succeeded run: the attempt ends as succeeded, nothing is rewritten
     record = (out / "job-ok" / "run.json").stat().st_mtime_ns
-    resumed = _zsad(cluster, "submit", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out),
-                    "--run-id", "job-ok", "--set", "shard_size=10", "--resume", "--wait")
+    resumed = _zsad(
+        cluster,
+        "submit",
+        "jobs/smoke.yaml",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--run-id",
+        "job-ok",
+        "--set",
+        "shard_size=10",
+        "--resume",
+        "--wait",
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "run job-ok already succeeded (finished at" in resumed.stdout and "nothing to do" in resumed.stdout
     assert [a["status"] for a in _status(cluster, "job-ok")["attempts"]] == ["SUCCEEDED", "SUCCEEDED"]
@@ -143,8 +209,19 @@ def test_stop_a_long_job(cluster, tmp_path):
     manifest = tmp_path / "inputs.csv"
     manifest.write_text("uri,category\n" + "".join(f"{p},parts\n" for p in [*good, fifo]))
     out = tmp_path / "out"
-    sub = _zsad(cluster, "submit", "jobs/smoke.yaml", "--input", str(manifest), "--output", str(out), "--run-id", "job-long",
-                "--set", "resources.decode.batch_size=1")
+    sub = _zsad(
+        cluster,
+        "submit",
+        "jobs/smoke.yaml",
+        "--input",
+        str(manifest),
+        "--output",
+        str(out),
+        "--run-id",
+        "job-long",
+        "--set",
+        "resources.decode.batch_size=1",
+    )
     assert sub.returncode == 0, sub.stderr[-3000:]
     deadline = time.monotonic() + 120
     while not (out / "job-long" / "_plan.json").exists():  # the driver is running on the cluster
@@ -168,8 +245,13 @@ def _driver_pid(run_id: str) -> int | None:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"job.yaml" in cmd and run_id.encode() in cmd and b"run" in cmd and b"submit" not in cmd \
-                and any(c.endswith(b"zsad") for c in cmd):
+        if (
+            b"job.yaml" in cmd
+            and run_id.encode() in cmd
+            and b"run" in cmd
+            and b"submit" not in cmd
+            and any(c.endswith(b"zsad") for c in cmd)
+        ):
             return int(pid)
     return None
 
@@ -180,10 +262,30 @@ def test_retries_resubmit_a_killed_job_with_resume_exactly_once(cluster, tmp_pat
     out = tmp_path / "out"
     env = dict(cluster["env"], RAY_API_SERVER_ADDRESS=cluster["address"])
     proc = subprocess.Popen(
-        [ZSAD, "submit", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(out), "--run-id", "job-retry",
-         "--retries", "1", "--set", "shard_size=20", "--set", "resources.decode.batch_size=4",
-         "--set", "resources.clip_score.batch_size=4"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            ZSAD,
+            "submit",
+            "jobs/smoke.yaml",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(out),
+            "--run-id",
+            "job-retry",
+            "--retries",
+            "1",
+            "--set",
+            "shard_size=20",
+            "--set",
+            "resources.decode.batch_size=4",
+            "--set",
+            "resources.clip_score.batch_size=4",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     done = out / "job-retry" / "_done"
     killed = None
@@ -220,13 +322,34 @@ def test_training_waits_for_workers_the_cluster_cannot_place_and_gives_up(cluste
 
     make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=2, n_bad=2, size=48)
     t0 = time.monotonic()
-    res = _zsad(cluster, "train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "t"),
-                "--run-id", "wait", "--address", cluster["gcs"], "--tiny", "--set", "train.use_gpu=true",
-                "--set", "train.resources_per_worker={CPU: 1, GPU: 1}", "--set", "train.start_timeout_s=6",
-                address_env=False, timeout=240)
+    res = _zsad(
+        cluster,
+        "train",
+        "jobs/train_aprilgan.yaml",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "t"),
+        "--run-id",
+        "wait",
+        "--address",
+        cluster["gcs"],
+        "--tiny",
+        "--set",
+        "train.use_gpu=true",
+        "--set",
+        "train.resources_per_worker={CPU: 1, GPU: 1}",
+        "--set",
+        "train.start_timeout_s=6",
+        address_env=False,
+        timeout=240,
+    )
     assert res.returncode == 1, res.stderr[-3000:]
     assert time.monotonic() - t0 < 6 + 90  # the limit, the attach and Ray Train's start, not a wait without end
     assert "waiting for 1 training worker(s) with {CPU: 1, GPU: 1} each: the cluster has {CPU: 3" in res.stderr
     assert "train.start_timeout_s gives up after 6 s" in res.stderr  # the first line comes at half the limit here
-    assert "no training worker started in 6 s (train.start_timeout_s): Ray could not place 1 training worker(s)" in res.stderr
+    assert (
+        "no training worker started in 6 s (train.start_timeout_s): Ray could not place 1 training worker(s)"
+        in res.stderr
+    )
     assert "Traceback" not in res.stderr

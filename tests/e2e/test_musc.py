@@ -22,13 +22,22 @@ from pipeline.io import fs as fsio
 from pipeline.io.banks import StoredBank
 from pipeline.synthetic import make_dataset
 from tests.e2e.test_cli_run import check_run, read_table
-from tests.helpers.zsad import TINY as _TINY, zsad
+from tests.helpers.zsad import TINY as _TINY
+from tests.helpers.zsad import zsad
 
 pytestmark = pytest.mark.integration
 
 LAYERS = [2, 4, 6, 8]
 SIZE = 128
-TINY = [*_TINY, "--set", "maps.map_size=48", "--set", f"pixel.layers=[{','.join(map(str, LAYERS))}]", "--set", f"pixel.image_size={SIZE}"]
+TINY = [
+    *_TINY,
+    "--set",
+    "maps.map_size=48",
+    "--set",
+    f"pixel.layers=[{','.join(map(str, LAYERS))}]",
+    "--set",
+    f"pixel.image_size={SIZE}",
+]
 
 
 def run_musc(data, out, run_id, *extra, job="jobs/musc.yaml", env=None, ray=False):
@@ -49,7 +58,7 @@ def raw_scores_in_test(uris, pool_uris, k_interval=0.3):
         batch = clip_models.preprocess_images(images, pre)
         _, tokens, grid = mutual.image_features(model.visual, batch, LAYERS)
     q = {key: v[: len(uris)] for key, v in mutual.query_features(tokens, LAYERS, (1, 3, 5), grid).items()}
-    pool = {l: mutual.layer_norm_map(t[len(uris):]) for l, t in zip(LAYERS, tokens)}
+    pool = {l: mutual.layer_norm_map(t[len(uris) :]) for l, t in zip(LAYERS, tokens)}
     p = len(pool_uris)
     exclude = torch.zeros(len(uris), p, dtype=torch.bool)
     for i, u in enumerate(uris):
@@ -98,7 +107,9 @@ def check_musc_run(run_dir, n_images, categories, storage=None, n_failed=0, k_li
         sc = ok[ok["category"] == cat].sort_values("image_id")
         e = np.stack([vectors[i] for i in sc["image_id"]])
         np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
-        np.testing.assert_allclose(sc["score_rscin"], rscin_in_test(sc["score_mutual"].to_numpy(), e, k_list), atol=1e-9)
+        np.testing.assert_allclose(
+            sc["score_rscin"], rscin_in_test(sc["score_mutual"].to_numpy(), e, k_list), atol=1e-9
+        )
     masks = read_table(fsio.join(run_dir, "masks"), storage).to_pandas()
     assert (masks["map_min"] == 0.0).all() and (masks["map_max"] == 2.0).all()
     assert masks.loc[masks["image_id"].isin(ok["image_id"]), "map_png"].notna().all()
@@ -119,7 +130,9 @@ def test_musc_preset_locally_with_resume_and_a_too_small_category(tmp_path):
     run_dir = str(out / "r1")
     scores, errors, record, pools = check_musc_run(run_dir, 18, ["gear", "tile"], n_failed=4)
     assert sorted(pools.groupby("category").size().items()) == [("gear", 5), ("nut", 4), ("tile", 5)]
-    assert record["mutual"]["pools"]["nut"]["images"] == 4 and not os.path.exists(out / "r1" / "pools" / "nut" / "manifest.json")
+    assert record["mutual"]["pools"]["nut"]["images"] == 4 and not os.path.exists(
+        out / "r1" / "pools" / "nut" / "manifest.json"
+    )
     # the category of 4 images: a clear per-row error, never a NaN score
     assert set(errors["error_type"]) == {"PoolTooSmall"} and errors["message"].str.contains("at least 5").all()
     assert scores.loc[scores["category"] == "nut", "score"].isna().all()
@@ -136,7 +149,10 @@ def test_musc_fast_preset_on_s3_with_the_whole_category_as_pool(tmp_path, s3_buc
     storage = fsio.storage_options()
     data = f"s3://{s3_bucket}/datasets/synth"
     make_dataset(data, categories=("gear",), n_good=3, n_bad=3, size=80, storage=storage)
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    env = {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     res = run_musc(data, f"s3://{s3_bucket}/runs", "s3musc", job="jobs/musc_fast.yaml", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = f"s3://{s3_bucket}/runs/s3musc"

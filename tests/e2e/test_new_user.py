@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.synthetic import make_dataset
-from tests.helpers.zsad import popen, zsad as _zsad
+from tests.helpers.zsad import popen
+from tests.helpers.zsad import zsad as _zsad
 
 pytestmark = pytest.mark.integration
 
@@ -107,22 +108,54 @@ def test_object_storage_going_away_mid_run_ends_with_one_reason_and_a_resume_hin
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    server = subprocess.Popen(moto_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **creds})
+    server = subprocess.Popen(
+        moto_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **creds}
+    )
     try:
         deadline = time.monotonic() + 20
         while not answers(endpoint + "/moto-api/") and time.monotonic() < deadline:
             time.sleep(0.05)
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                     region_name="us-east-1").create_bucket(Bucket="out")
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="out")
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("AWS_")}
         # one attempt per request (botocore's default retries take about 60 s at a dead endpoint)
         env.update(creds, AWS_ENDPOINT_URL=endpoint, AWS_MAX_ATTEMPTS="1")
-        proc = popen("run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", "s3://out/runs",
-                     "--run-id", "gone", "--no-evaluate", "--set", "shard_size=16", "--set", "retries.read=0",
-                     "--set", "resources.decode.batch_size=8", "--set", "resources.clip_score.batch_size=8",
-                     env=env, inherit=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
+        proc = popen(
+            "run",
+            "jobs/smoke.yaml",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            "s3://out/runs",
+            "--run-id",
+            "gone",
+            "--no-evaluate",
+            "--set",
+            "shard_size=16",
+            "--set",
+            "retries.read=0",
+            "--set",
+            "resources.decode.batch_size=8",
+            "--set",
+            "resources.clip_score.batch_size=8",
+            env=env,
+            inherit=False,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
         deadline = time.monotonic() + 300
         done = 0
         while time.monotonic() < deadline and proc.poll() is None:
@@ -152,8 +185,19 @@ def test_a_second_run_with_the_same_run_id_is_refused_while_the_first_holds_the_
     from tests.helpers.badfiles import write_good_images
 
     write_good_images(tmp_path / "in" / "parts", 120, size=(32, 32))
-    args = ["run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--run-id", "same",
-            "--no-evaluate", "--set", "shard_size=20"]
+    args = [
+        "run",
+        "jobs/smoke.yaml",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--run-id",
+        "same",
+        "--no-evaluate",
+        "--set",
+        "shard_size=20",
+    ]
     first = popen(*args, "--quiet", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lease = tmp_path / "out" / "same" / "_lease.json"
     deadline = time.monotonic() + 120
@@ -170,7 +214,10 @@ def test_a_second_run_with_the_same_run_id_is_refused_while_the_first_holds_the_
     assert "run same: succeeded" in out
     for res in (second, resumed):
         assert res.returncode == 2, res.stderr[-2000:]
-        assert f"run same is in progress (since {holder['started']}, on {holder['host']} pid {holder['pid']})" in res.stderr
+        assert (
+            f"run same is in progress (since {holder['started']}, on {holder['host']} pid {holder['pid']})"
+            in res.stderr
+        )
     assert not lease.exists()  # released at the end
     record = json.loads((tmp_path / "out" / "same" / "run.json").read_text())
     assert record["status"] == "succeeded" and record["counts"]["images"] == 120

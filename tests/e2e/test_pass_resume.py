@@ -28,13 +28,36 @@ from tests.helpers.zsad import TINY, ok, popen, zsad
 pytestmark = pytest.mark.integration
 
 CATS = ("gear", "plate", "tile")
-SETS = ["--set", "maps.map_size=32", "--set", "pixel.layers=[2,4]", "--set", "pixel.image_size=64",
-        "--set", "pixel.degrees=[1,3]", "--set", "resources.clip_score.batch_size=1", "--set", "resources.decode.batch_size=1"]
+SETS = [
+    "--set",
+    "maps.map_size=32",
+    "--set",
+    "pixel.layers=[2,4]",
+    "--set",
+    "pixel.image_size=64",
+    "--set",
+    "pixel.degrees=[1,3]",
+    "--set",
+    "resources.clip_score.batch_size=1",
+    "--set",
+    "resources.decode.batch_size=1",
+]
 
 
 def _args(data, out, run_id):
-    return ["run", "jobs/musc.yaml", "--input", str(data), "--output", str(out), "--run-id", run_id, *TINY, *SETS,
-            "--no-evaluate"]
+    return [
+        "run",
+        "jobs/musc.yaml",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--run-id",
+        run_id,
+        *TINY,
+        *SETS,
+        "--no-evaluate",
+    ]
 
 
 def _stop_when(proc: subprocess.Popen, found, timeout: float = 120.0) -> None:

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from pipeline.synthetic import make_dataset, make_multi_instance_dataset
-
 from tests.helpers.zsad import TINY, zsad
 
 pytestmark = pytest.mark.integration
@@ -38,7 +37,14 @@ def test_vvv_with_classical_foreground_completes_without_gpu(tmp_path):
     run = tmp_path / "out" / "nogpu"
     record = json.loads((run / "run.json").read_text())
     assert record["status"] == "succeeded" and record["counts"]["ok"] == 2
-    assert [s["stage"] for s in record["plan"]] == ["decode", "foreground", "tiling", "clip_score", "aggregate", "encode"]
+    assert [s["stage"] for s in record["plan"]] == [
+        "decode",
+        "foreground",
+        "tiling",
+        "clip_score",
+        "aggregate",
+        "encode",
+    ]
     assert (pd.read_parquet(run / "scores")["scoring_mode"] == "tiles").all()
 
 
@@ -46,8 +52,20 @@ def test_a_request_no_node_can_satisfy_fails_at_once_naming_the_stage(tmp_path):
     """Needs Ray: the check is of a local Ray's resources against the plan's requests."""
     make_dataset(str(tmp_path / "in"), categories=("widget",), n_good=1, n_bad=1, size=48)
     t0 = time.monotonic()
-    res = _zsad("run", "jobs/smoke.yaml", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                "--run-id", "huge", "--no-evaluate", "--set", "resources.clip_score.num_cpus=64", timeout=300)
+    res = _zsad(
+        "run",
+        "jobs/smoke.yaml",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--run-id",
+        "huge",
+        "--no-evaluate",
+        "--set",
+        "resources.clip_score.num_cpus=64",
+        timeout=300,
+    )
     elapsed = time.monotonic() - t0
     assert res.returncode == 1, res.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "huge" / "run.json").read_text())

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.synthetic import make_dataset
-from tests.helpers.zsad import TINY, zsad as _zsad
+from tests.helpers.zsad import TINY
+from tests.helpers.zsad import zsad as _zsad
 
 pytestmark = pytest.mark.integration
 TINY_CLIP = ["--set", "clip.model=zsad-tiny", "--set", "clip.weights=null", "--set", "allow_random_weights=true"]
@@ -52,15 +53,22 @@ def test_a_preset_on_the_tiny_model_with_its_own_layers_is_refused_before_ray_st
     t0 = time.monotonic()
     run = _zsad("run", *args, "--input", str(data), "--output", str(tmp_path / "out"), env=env, ray=True)
     assert run.returncode == 2, run.stderr[-3000:]
-    assert f"pixel.layers {blocks} exceed the 8 blocks of zsad-tiny (block numbers 1..8; e.g. [2, 4, 6, 8])" in run.stderr
+    assert (
+        f"pixel.layers {blocks} exceed the 8 blocks of zsad-tiny (block numbers 1..8; e.g. [2, 4, 6, 8])" in run.stderr
+    )
     if preset != "musc_fast":
-        assert "pixel.image_size 518 is not a multiple of zsad-tiny's patch size 16" in run.stderr and "512 or 528" in run.stderr
+        assert (
+            "pixel.image_size 518 is not a multiple of zsad-tiny's patch size 16" in run.stderr
+            and "512 or 528" in run.stderr
+        )
     assert "nothing was started" in run.stderr and "resume" not in run.stderr + run.stdout
     assert "Traceback" not in run.stderr and "starting a local Ray" not in run.stderr
     assert not _ray_started(env) and not (tmp_path / "out").exists()
     assert time.monotonic() - t0 < 60
     if preset in ("musc", "aprilgan"):  # the same check, from the other commands (each subprocess costs seconds)
-        dry = _zsad("run", *args, "--input", str(data), "--output", str(tmp_path / "out"), "--dry-run", env=env, ray=True)
+        dry = _zsad(
+            "run", *args, "--input", str(data), "--output", str(tmp_path / "out"), "--dry-run", env=env, ray=True
+        )
         assert dry.returncode == 2 and f"pixel.layers {blocks} exceed" in dry.stderr and dry.stdout == ""
         val = _zsad("validate", *args, env=env, here=False)
         assert val.returncode == 2 and f"pixel.layers {blocks} exceed the 8 blocks of zsad-tiny" in val.stderr
@@ -69,8 +77,17 @@ def test_a_preset_on_the_tiny_model_with_its_own_layers_is_refused_before_ray_st
 
 def test_the_training_preset_on_the_tiny_model_with_its_own_layers_is_refused_before_ray_starts(tmp_path, data):
     env = _no_ray(tmp_path, "train")
-    res = _zsad("train", "jobs/train_aprilgan.yaml", *TINY_CLIP, "--input", str(data), "--output", str(tmp_path / "t"),
-                env=env, here=False)
+    res = _zsad(
+        "train",
+        "jobs/train_aprilgan.yaml",
+        *TINY_CLIP,
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "t"),
+        env=env,
+        here=False,
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     assert "adapters.layers [6, 12, 18, 24] exceed the 8 blocks of zsad-tiny" in res.stderr
     assert "adapters.image_size 518 is not a multiple of zsad-tiny's patch size 16" in res.stderr
@@ -90,10 +107,24 @@ def test_the_training_preset_on_a_local_ray_without_gpu_trains_on_the_cpu_or_is_
     out = tmp_path / "t"
     env = _no_ray(tmp_path, "train")
     t0 = time.monotonic()
-    res = _zsad("train", "jobs/train_aprilgan.yaml", *TINY_CLIP, *layers, "--input", str(data), "--output", str(out),
-                "--run-id", "preset", env=env, timeout=240)
-    assert "train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (1 worker(s) x {CPU: 4})" \
-        in res.stderr, res.stderr[-3000:]
+    res = _zsad(
+        "train",
+        "jobs/train_aprilgan.yaml",
+        *TINY_CLIP,
+        *layers,
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--run-id",
+        "preset",
+        env=env,
+        timeout=240,
+    )
+    assert (
+        "train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (1 worker(s) x {CPU: 4})"
+        in res.stderr
+    ), res.stderr[-3000:]
     assert time.monotonic() - t0 < 60, "a training of one tiny epoch, or a refusal: never a wait"
     if res.returncode == 2:  # fewer than 5 CPUs: 4 per worker and 1 for the decode tasks cannot fit
         assert not _ray_started(env)
@@ -104,12 +135,28 @@ def test_the_training_preset_on_a_local_ray_without_gpu_trains_on_the_cpu_or_is_
         assert json.loads((out / "preset" / "train.json").read_text())["status"] == "succeeded"
     t0 = time.monotonic()
     env = _no_ray(tmp_path, "gpu")
-    gpu = _zsad("train", "jobs/train_aprilgan.yaml", *TINY, "--set", "train.use_gpu=true",
-                "--set", "train.resources_per_worker={CPU: 1, GPU: 1}", "--input", str(data), "--output", str(out),
-                "--run-id", "gpu", env=env, timeout=120)
+    gpu = _zsad(
+        "train",
+        "jobs/train_aprilgan.yaml",
+        *TINY,
+        "--set",
+        "train.use_gpu=true",
+        "--set",
+        "train.resources_per_worker={CPU: 1, GPU: 1}",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--run-id",
+        "gpu",
+        env=env,
+        timeout=120,
+    )
     assert gpu.returncode == 2 and time.monotonic() - t0 < 60, gpu.stderr[-3000:]
-    assert "train.use_gpu is true and train.resources_per_worker asks for {CPU: 1, GPU: 1} per worker, but this " \
-           "machine's Ray has no GPU" in gpu.stderr
+    assert (
+        "train.use_gpu is true and train.resources_per_worker asks for {CPU: 1, GPU: 1} per worker, but this "
+        "machine's Ray has no GPU" in gpu.stderr
+    )
     assert "set train.use_gpu: auto" in gpu.stderr and "Traceback" not in gpu.stderr
     assert not _ray_started(env) and not (out / "gpu").exists()  # refused: nothing to resume
 
@@ -125,16 +172,42 @@ def test_resuming_a_run_that_already_succeeded_exits_0_and_writes_nothing(tmp_pa
     record = json.loads((folder / "run.json").read_text())
     before = _tree(folder)
     env = _no_ray(tmp_path, "resume")
-    for args in (["resume", str(folder)],
-                 ["run", "jobs/smoke.yaml", "--input", str(data), "--output", str(tmp_path / "out"), "--run-id", "done",
-                  "--resume", "--set", "report.enabled=false"]):
+    for args in (
+        ["resume", str(folder)],
+        [
+            "run",
+            "jobs/smoke.yaml",
+            "--input",
+            str(data),
+            "--output",
+            str(tmp_path / "out"),
+            "--run-id",
+            "done",
+            "--resume",
+            "--set",
+            "report.enabled=false",
+        ],
+    ):
         res = _zsad(*args, env=env, ray=True)  # the default executor, as a user (or a retry loop) runs it
         assert res.returncode == 0, res.stderr[-3000:]
         assert f"run done already succeeded (finished at {record['ended']}); nothing to do" in res.stdout
         assert "run done: succeeded" in res.stdout and f"{folder}/run.json" in res.stdout  # the run's summary
         assert not _ray_started(env) and _tree(folder) == before
-    other = _zsad("run", "jobs/smoke.yaml", "--input", str(data), "--output", str(tmp_path / "out"), "--run-id", "done",
-                  "--resume", "--set", "score.temperature=0.02", env=env, ray=True)
+    other = _zsad(
+        "run",
+        "jobs/smoke.yaml",
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+        "--run-id",
+        "done",
+        "--resume",
+        "--set",
+        "score.temperature=0.02",
+        env=env,
+        ray=True,
+    )
     assert other.returncode == 2 and "was started with a different job spec" in other.stderr
     assert _tree(folder) == before
 
@@ -149,8 +222,19 @@ def test_adapters_at_a_uri_that_do_not_fit_stop_the_run_without_resume_advice(tm
     save_adapters(Adapters(1024, 768, 4), str(wide), {})
     uri = f"s3://{s3_bucket}/wide.safetensors"
     fsio.write_bytes(uri, wide.read_bytes(), fsio.storage_options())
-    res = _zsad("run", "jobs/aprilgan.yaml", *TINY, "--set", f"pixel.weights={uri}", "--input", str(data),
-                "--output", str(tmp_path / "out"), "--run-id", "wide")
+    res = _zsad(
+        "run",
+        "jobs/aprilgan.yaml",
+        *TINY,
+        "--set",
+        f"pixel.weights={uri}",
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+        "--run-id",
+        "wide",
+    )
     assert res.returncode == 2, res.stderr[-3000:]
     assert "AdapterLoadError" in res.stderr and "fix them and start a new run" in res.stderr
     assert "zsad resume" not in res.stderr + res.stdout

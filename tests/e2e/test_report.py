@@ -45,8 +45,10 @@ def runs(tmp_path_factory):
     ckpt = root / "clip.pt"
     random_clip_checkpoint(ckpt)
     done = {}
-    for run_id, extra in (("a", ["--set", "report.top=3", "--set", "maps.threshold=0.6"]),
-                          ("b", ["--categories", "tile", "--set", f"clip.weights={ckpt}", "--set", "report.enabled=false"])):
+    for run_id, extra in (
+        ("a", ["--set", "report.top=3", "--set", "maps.threshold=0.6"]),
+        ("b", ["--categories", "tile", "--set", f"clip.weights={ckpt}", "--set", "report.enabled=false"]),
+    ):
         r = zsad("run", "jobs/smoke.yaml", "-i", str(data), "-o", str(out), "--run-id", run_id, *extra)
         assert r.returncode == 0, r.stdout + r.stderr
         done[run_id] = (out / run_id, r.stdout)
@@ -73,12 +75,16 @@ class Page(HTMLParser):
         return {a["id"] for _, a in self.elements if "id" in a}
 
     def find(self, tag=None, **attrs):
-        return [a for t, a in self.elements if (tag is None or t == tag) and all(a.get(k) == v for k, v in attrs.items())]
+        return [
+            a for t, a in self.elements if (tag is None or t == tag) and all(a.get(k) == v for k, v in attrs.items())
+        ]
 
 
 def _cards(text: str, row_class: str) -> list[str]:
     """The HTML of each card in the example rows of class ``row_class``."""
-    blocks = re.findall(rf'<div class="cards {row_class}">(.*?)</div></div>(?=<h3|</section>|<p class="note">none)', text, re.S)
+    blocks = re.findall(
+        rf'<div class="cards {row_class}">(.*?)</div></div>(?=<h3|</section>|<p class="note">none)', text, re.S
+    )
     return [c for b in blocks for c in re.split(r'(?=<div class="card")', b) if c.startswith('<div class="card"')]
 
 
@@ -97,8 +103,8 @@ def test_run_writes_a_report_with_every_section(runs):
     assert "random-weights-banner" in page.ids()
     assert "NOT anomaly detection results" in text
     for cat in ("tile", "widget"):
-        section = text[text.index(f'id="category-{cat}"'):]
-        section = section[:section.index("</section>")]
+        section = text[text.index(f'id="category-{cat}"') :]
+        section = section[: section.index("</section>")]
         assert section.count("<svg") == 0 and section.count("data:image/svg+xml") == 4  # ROC, PR, PRO, histogram
         assert "image F1-max threshold" in section  # labelled: the threshold is F1-max's
     top, near = _cards(text, "examples-top"), _cards(text, "examples-threshold")
@@ -181,9 +187,13 @@ def test_report_and_compare_in_chromium(runs, tmp_path):
     dom = browser.dump_dom(str(report))
     for section in SECTIONS + ("random-weights-banner",):
         assert f'id="{section}"' in dom
-    shot = np.asarray(Image.open(browser.screenshot(str(report), str(tmp_path / "report.png"))).convert("RGB")).astype(float)
+    shot = np.asarray(Image.open(browser.screenshot(str(report), str(tmp_path / "report.png"))).convert("RGB")).astype(
+        float
+    )
     assert shot.std() > 20 and (shot.min(axis=2) < 200).mean() > 0.05  # not blank: text, tables, the red banner
-    assert ((shot[..., 0] > 150) & (shot[..., 1] < 60) & (shot[..., 2] < 80)).mean() > 0.01  # the banner is red and large
+    assert (
+        (shot[..., 0] > 150) & (shot[..., 1] < 60) & (shot[..., 2] < 80)
+    ).mean() > 0.01  # the banner is red and large
 
     page = tmp_path / "compare.html"
     r = zsad("compare", str(runs["a"][0]), str(runs["b"][0]), "--out", str(page), "--top", "4")
@@ -193,7 +203,9 @@ def test_report_and_compare_in_chromium(runs, tmp_path):
         assert f'id="{section}"' in dom
     assert dom.count('class="card"') == 4
     assert "8 images were scored ok in both runs" in dom  # the tile images
-    shot = np.asarray(Image.open(browser.screenshot(str(page), str(tmp_path / "compare.png"))).convert("RGB")).astype(float)
+    shot = np.asarray(Image.open(browser.screenshot(str(page), str(tmp_path / "compare.png"))).convert("RGB")).astype(
+        float
+    )
     assert shot.std() > 20
 
 
@@ -206,7 +218,7 @@ def test_compare_content_and_refusal(runs, tmp_path):
     both = sa.merge(sb, on="image_id", suffixes=("_a", "_b"))
     assert len(both) == 8
     rho = both["score_a"].rank().corr(both["score_b"].rank())
-    assert f"<td>tile</td><td class=\"num\">8</td><td class=\"num\">{rho:.4f}</td>" in text
+    assert f'<td>tile</td><td class="num">8</td><td class="num">{rho:.4f}</td>' in text
     ma = pd.read_parquet(Path(a) / "metrics").set_index("category")
     mb = pd.read_parquet(Path(b) / "metrics").set_index("category")
     delta = 100 * (mb.at["tile", "image_auroc"] - ma.at["tile", "image_auroc"])
@@ -231,7 +243,9 @@ def test_export_maps_round_trip(runs, tmp_path):
     ok = masks[masks["status"] == "ok"]
     for fmt in ("png16", "png8", "npy"):
         out = tmp_path / fmt
-        r = zsad("export-maps", str(run_dir), "--out", str(out), "--format", fmt, *(["--overlay"] if fmt == "png16" else []))
+        r = zsad(
+            "export-maps", str(run_dir), "--out", str(out), "--format", fmt, *(["--overlay"] if fmt == "png16" else [])
+        )
         assert r.returncode == 0, r.stderr
         index = pd.read_csv(out / "index.csv")
         assert len(index) == len(ok) and set(index["image_id"]) == set(ok["image_id"])
@@ -245,11 +259,17 @@ def test_export_maps_round_trip(runs, tmp_path):
                 image = Image.open(row.uri)
                 assert Image.open(out / entry["overlay"]).size == image.size
                 if isinstance(row.mask_rle, str):
-                    assert np.array_equal(np.asarray(Image.open(out / entry["mask"])) > 0, rle.decode(json.loads(row.mask_rle)))
+                    assert np.array_equal(
+                        np.asarray(Image.open(out / entry["mask"])) > 0, rle.decode(json.loads(row.mask_rle))
+                    )
             elif fmt == "png8":
-                assert np.array_equal(np.asarray(Image.open(out / entry["map"])), np.floor(levels / 257 + 0.5).astype(np.uint8))
+                assert np.array_equal(
+                    np.asarray(Image.open(out / entry["map"])), np.floor(levels / 257 + 0.5).astype(np.uint8)
+                )
             else:
-                assert np.array_equal(np.load(out / entry["map"]), dequantise(levels, row.map_min, row.map_max).astype(np.float32))
+                assert np.array_equal(
+                    np.load(out / entry["map"]), dequantise(levels, row.map_min, row.map_max).astype(np.float32)
+                )
     assert ok["mask_rle"].notna().any()  # the run stored threshold masks, so the mask branch ran
     bad = zsad("export-maps", str(run_dir), "--out", str(tmp_path / "x"), "--format", "tiff")
     assert bad.returncode == 2 and "--format 'tiff'" in bad.stderr

@@ -16,7 +16,8 @@ import pytest
 
 from pipeline.synthetic import make_dataset
 from tests.helpers.procs import ray_pids, stop_new_ray_processes
-from tests.helpers.zsad import TINY, popen, zsad as _zsad
+from tests.helpers.zsad import TINY, popen
+from tests.helpers.zsad import zsad as _zsad
 
 pytestmark = pytest.mark.integration
 # two Ray Train workers and the decode tasks share the 2 CPUs of a local Ray
@@ -55,10 +56,31 @@ def test_training_on_s3_killed_workers_resume_and_a_run_with_the_adapters(tmp_pa
 
     storage = fsio.storage_options()
     make_dataset(f"s3://{s3_bucket}/data", categories=("gear",), n_good=2, n_bad=2, size=64, storage=storage)
-    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    args = ["train", "jobs/train_aprilgan.yaml", "--input", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/train",
-            "--run-id", "s", *TRAIN, "--set", "train.epochs=3", "--set", "train.num_workers=2", "--set", "train.max_failures=1",
-            "--set", "train.use_gpu=auto", "--set", "train.resources_per_worker={CPU: 0.5, GPU: 1}"]
+    env = {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    args = [
+        "train",
+        "jobs/train_aprilgan.yaml",
+        "--input",
+        f"s3://{s3_bucket}/data",
+        "--output",
+        f"s3://{s3_bucket}/train",
+        "--run-id",
+        "s",
+        *TRAIN,
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.num_workers=2",
+        "--set",
+        "train.max_failures=1",
+        "--set",
+        "train.use_gpu=auto",
+        "--set",
+        "train.resources_per_worker={CPU: 0.5, GPU: 1}",
+    ]
     fs, root = fsio.filesystem(f"s3://{s3_bucket}/train/s", storage)
     marks = [f"{root}/checkpoints/epoch-{e:04d}/state.json" for e in (1, 2)]
 
@@ -87,7 +109,9 @@ def test_training_on_s3_killed_workers_resume_and_a_run_with_the_adapters(tmp_pa
     assert len(killed) == 2, f"killed {len(killed)} workers; the training ended first?\n{err[-3000:]}"
     assert proc.returncode == 1, err[-3000:]
     assert "training failed:" in err and "Traceback" not in err
-    assert "train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (2 worker(s) x {CPU: 0.5})" in err
+    assert (
+        "train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (2 worker(s) x {CPU: 0.5})" in err
+    )
     assert stamp(marks[0]) == seen[0]  # the restarted workers did not train epoch 1 again
     epoch2 = json.loads(fs.cat(marks[1]))["losses"]
     assert [x["epoch"] for x in epoch2] == [1, 2] and epoch2[0] == json.loads(fs.cat(marks[0]))["losses"][0]
@@ -120,8 +144,20 @@ def test_training_on_s3_killed_workers_resume_and_a_run_with_the_adapters(tmp_pa
     fs.invalidate_cache()
     assert {p: fs.info(p)["ETag"] for p in fs.find(root)} == files  # nothing written, not even a log
 
-    run = _zsad("run", "jobs/aprilgan.yaml", "--input", f"s3://{s3_bucket}/data", "--output", f"s3://{s3_bucket}/runs",
-                "--run-id", "r", *RUN, "--set", f"pixel.weights={adapters}", env=env)
+    run = _zsad(
+        "run",
+        "jobs/aprilgan.yaml",
+        "--input",
+        f"s3://{s3_bucket}/data",
+        "--output",
+        f"s3://{s3_bucket}/runs",
+        "--run-id",
+        "r",
+        *RUN,
+        "--set",
+        f"pixel.weights={adapters}",
+        env=env,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     scores = pd.read_parquet(f"s3://{s3_bucket}/runs/r/scores", storage_options=storage)
     assert (scores["status"] == "ok").all() and (scores["pixel_weights"] == f"uri:{adapters}").all()
@@ -139,26 +175,60 @@ def test_input_that_cannot_be_trained_on_is_refused_with_exit_2(tmp_path):
     # a folder of unlabelled images
     (tmp_path / "plain" / "parts").mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(tmp_path / "plain" / "parts" / "a.png")
-    res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "plain"), "--output", str(tmp_path / "o"), *TRAIN,
-                here=True)
+    res = _zsad(
+        "train",
+        "jobs/train_aprilgan.yaml",
+        "--input",
+        str(tmp_path / "plain"),
+        "--output",
+        str(tmp_path / "o"),
+        *TRAIN,
+        here=True,
+    )
     assert res.returncode == 2 and "no image has a ground-truth label" in res.stderr, res.stderr[-2000:]
     # an mvtec tree whose masks are gone
     make_dataset(str(tmp_path / "nomask"), categories=("widget",), n_good=1, n_bad=2, size=48)
     for m in (tmp_path / "nomask").rglob("*_mask.png"):
         m.unlink()
-    res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "nomask"), "--output", str(tmp_path / "o"), *TRAIN,
-                here=True)
+    res = _zsad(
+        "train",
+        "jobs/train_aprilgan.yaml",
+        "--input",
+        str(tmp_path / "nomask"),
+        "--output",
+        str(tmp_path / "o"),
+        *TRAIN,
+        here=True,
+    )
     assert res.returncode == 2 and "have no masks" in res.stderr, res.stderr[-2000:]
     # a category with no images
-    res = _zsad("train", "jobs/train_aprilgan.yaml", "--input", str(tmp_path / "nomask"), "--output", str(tmp_path / "o"),
-                "--set", "data.categories=[screw]", *TRAIN, here=True)
+    res = _zsad(
+        "train",
+        "jobs/train_aprilgan.yaml",
+        "--input",
+        str(tmp_path / "nomask"),
+        "--output",
+        str(tmp_path / "o"),
+        "--set",
+        "data.categories=[screw]",
+        *TRAIN,
+        here=True,
+    )
     assert res.returncode == 2 and "screw" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("train.json"))
     # a corrupt adapters file for a run: refused before anything starts
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(os.urandom(300))
-    run = _zsad("run", "jobs/aprilgan.yaml", "--input", str(tmp_path / "nomask"), "--output", str(tmp_path / "runs"),
-                *RUN, "--set", f"pixel.weights={bad}")
+    run = _zsad(
+        "run",
+        "jobs/aprilgan.yaml",
+        "--input",
+        str(tmp_path / "nomask"),
+        "--output",
+        str(tmp_path / "runs"),
+        *RUN,
+        "--set",
+        f"pixel.weights={bad}",
+    )
     assert run.returncode == 2 and str(bad) in run.stderr, run.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
-

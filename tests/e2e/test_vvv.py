@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.ops import rle
 from pipeline.synthetic import make_multi_instance_dataset
-
-from tests.helpers.zsad import TINY as _TINY, ok, zsad
+from tests.helpers.zsad import TINY as _TINY
+from tests.helpers.zsad import ok, zsad
 
 pytestmark = pytest.mark.integration
 TINY = [*_TINY, "--set", "pixel.scales=[128]", "--set", "maps.map_size=256"]

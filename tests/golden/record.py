@@ -97,7 +97,9 @@ def normalise(table: pa.Table, data_root: Path, ids: dict[str, str]) -> pa.Table
         if col in names:
             values = table.column(col).to_pylist()
             new = [v[len(prefix):] if col == "uri" else ids[v] for v in values]
-            table = table.set_column(names.index(col), pa.field(col, pa.string(), nullable=False), pa.array(new, pa.string()))
+            table = table.set_column(
+                names.index(col), pa.field(col, pa.string(), nullable=False), pa.array(new, pa.string())
+            )
     keys = [(k, "ascending") for k in ("image_id", "tile_index") if k in names]
     return table.sort_by(keys).replace_schema_metadata(None)
 
@@ -106,7 +108,7 @@ def read_tables(run_dir: Path, data_root: Path, tables: tuple[str, ...]) -> dict
     raw = {t: pads.dataset(str(run_dir / t), format="parquet").to_table() for t in tables}
     scores = raw["scores"]
     prefix = str(data_root) + "/"
-    ids = {i: u[len(prefix):] for i, u in zip(scores.column("image_id").to_pylist(), scores.column("uri").to_pylist())}
+    ids = {i: u[len(prefix) :] for i, u in zip(scores.column("image_id").to_pylist(), scores.column("uri").to_pylist())}
     return {t: normalise(tab, data_root, ids) for t, tab in raw.items()}
 
 

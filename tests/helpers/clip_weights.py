@@ -19,7 +19,10 @@ def random_clip_checkpoint(path) -> str:
     from the init) to ``path`` (a ``pathlib.Path``) and return its sha256 hex digest."""
     model, _ = clip_models.build_clip("zsad-tiny")
     g = torch.Generator().manual_seed(42)
-    sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    sd = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
     torch.save(sd, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -30,6 +33,10 @@ def tiny_clip_scores(weights, cache) -> np.ndarray:
     seeded random 64 x 64 images of category ``"widget"``."""
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2)]
-    stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=weights), ZeroShotImageScore(), weights_cache=str(cache),
-                           storage=fsio.storage_options())
+    stage = ClipScoreStage(
+        ClipSpec(model="zsad-tiny", weights=weights),
+        ZeroShotImageScore(),
+        weights_cache=str(cache),
+        storage=fsio.storage_options(),
+    )
     return stage(image_batch(images, "widget"))["score"]

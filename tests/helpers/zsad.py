@@ -95,8 +95,14 @@ def _invoke(cmd: list[str], env: dict[str, str] | None) -> subprocess.CompletedP
     return subprocess.CompletedProcess(cmd, code, res.stdout, stderr)
 
 
-def zsad(*args: str, env: dict[str, str | None] | None = None, timeout: float = 600, ray: bool = False,
-         report: bool = False, here: bool | None = None) -> subprocess.CompletedProcess:
+def zsad(
+    *args: str,
+    env: dict[str, str | None] | None = None,
+    timeout: float = 600,
+    ray: bool = False,
+    report: bool = False,
+    here: bool | None = None,
+) -> subprocess.CompletedProcess:
     """``zsad ARGS``, in this process when it starts no Ray, else in a subprocess (see the module
     docstring for the defaults). ``here=True``: in this process whatever the command, for a command
     the test knows is refused before Ray starts (a ``zsad train`` that its input or its run folder
@@ -107,11 +113,19 @@ def zsad(*args: str, env: dict[str, str | None] | None = None, timeout: float = 
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env_without_ray(env), timeout=timeout)
 
 
-def popen(*args: str, ray: bool = False, report: bool = False, env: dict[str, str] | None = None, inherit: bool = True,
-          **kwargs) -> subprocess.Popen:
+def popen(
+    *args: str,
+    ray: bool = False,
+    report: bool = False,
+    env: dict[str, str] | None = None,
+    inherit: bool = True,
+    **kwargs,
+) -> subprocess.Popen:
     """``zsad ARGS`` started in the background (for tests that kill or race it); ``inherit=False``:
     the process gets ``env`` alone as its environment."""
-    return subprocess.Popen(command(*args, ray=ray, report=report), cwd=REPO, env=env_without_ray(env, inherit), **kwargs)
+    return subprocess.Popen(
+        command(*args, ray=ray, report=report), cwd=REPO, env=env_without_ray(env, inherit), **kwargs
+    )
 
 
 def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

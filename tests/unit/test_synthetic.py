@@ -81,7 +81,9 @@ def test_deterministic_per_seed(tmp_path):
     assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
     assert (tmp_path / "a" / rel).read_bytes() != (tmp_path / "c" / rel).read_bytes()
     # different normal images within one dataset
-    assert not np.array_equal(_read(tmp_path / "a/tile/test/good/000.png"), _read(tmp_path / "a/tile/test/good/001.png"))
+    assert not np.array_equal(
+        _read(tmp_path / "a/tile/test/good/000.png"), _read(tmp_path / "a/tile/test/good/001.png")
+    )
 
 
 def test_listed_as_mvtec(tmp_path):

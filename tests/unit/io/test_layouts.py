@@ -10,12 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataSpec
-from pipeline.io.layouts import InputError, detect_layout, list_inputs
 from pipeline.io import contracts
+from pipeline.io.layouts import InputError, detect_layout, list_inputs
 from pipeline.io.manifest import MANIFEST_COLUMNS, image_id_for, write_manifest
 from tests.helpers.files import touch
-
-
 
 
 def mvtec_tree(root):
@@ -283,8 +281,13 @@ def test_symlinks_are_followed_and_broken_ones_are_error_rows_and_skips_are_coun
     _, df = list_inputs(str(tmp_path / "in"), DataSpec(layout="folder"))
     rel = {os.path.relpath(u, tmp_path / "in"): r for u, r in zip(df["uri"], df.itertuples())}
     ok = {k for k, r in rel.items() if r.list_error_type is None}
-    assert ok == {"parts/good_000.png", "parts/link.png", "parts/linked_folder/good_000.png",
-                  "parts/linked_folder/good_001.png", "parts/linked_folder/good_002.png"}
+    assert ok == {
+        "parts/good_000.png",
+        "parts/link.png",
+        "parts/linked_folder/good_000.png",
+        "parts/linked_folder/good_001.png",
+        "parts/linked_folder/good_002.png",
+    }
     assert rel["parts/dangling.png"].list_error_type == "BrokenLink"
     assert "missing.png" in rel["parts/dangling.png"].list_error_message
     assert rel["parts/self.png"].list_error_type == "LinkLoop"

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import DataSpec
-from pipeline.io.layouts import InputError, list_inputs
 from pipeline.io import contracts
+from pipeline.io.layouts import InputError, list_inputs
 from pipeline.io.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 
 # --------------------------------------------------------------------------------------------
@@ -35,7 +35,14 @@ def test_manifest_csv_relative_uris_and_label_words(tmp_path):
     layout, df = list_inputs(str(csv), DataSpec())
     assert layout == "manifest"
     by = {os.path.relpath(u, tmp_path): r for u, r in zip(df["uri"], df.to_dict("records"))}
-    assert set(by) == {"lists/imgs/a.png", "lists/imgs/b.png", "c.png", "elsewhere/z.png", "lists/imgs/d.png", "lists/imgs/e.png"}
+    assert set(by) == {
+        "lists/imgs/a.png",
+        "lists/imgs/b.png",
+        "c.png",
+        "elsewhere/z.png",
+        "lists/imgs/d.png",
+        "lists/imgs/e.png",
+    }
     assert by["lists/imgs/a.png"]["gt_label"] == 0
     assert by["lists/imgs/b.png"]["gt_label"] == 1
     assert by["lists/imgs/b.png"]["mask_uri"] == str(tmp_path / "lists" / "masks" / "b.png")
@@ -152,4 +159,3 @@ def test_read_manifest_gives_back_what_was_written(tmp_path):
     for column in ("uri", "image_id", "category", "gt_label"):
         assert back[column].tolist() == df[column].tolist(), column
     assert back["mask_uri"][0] == df["mask_uri"][0] and pd.isna(back["mask_uri"][1])
-

@@ -112,17 +112,27 @@ def write_visa(root, lines):
 
 
 def visa_tree(root):
-    touch(root, "candle/Data/Images/Normal/0000.JPG", "candle/Data/Images/Normal/0001.JPG",
-          "candle/Data/Images/Normal/0002.JPG", "candle/Data/Images/Anomaly/000.JPG", "candle/Data/Masks/Anomaly/000.png",
-          "pcb1/Data/Images/Normal/0000.JPG", "pcb1/Data/Images/Normal/0001.JPG")
-    write_visa(root, [
-        "candle,train,normal,candle/Data/Images/Normal/0000.JPG,",
-        "candle,train,normal,candle/Data/Images/Normal/0001.JPG,",
-        "candle,test,normal,candle/Data/Images/Normal/0002.JPG,",
-        "candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png",
-        "pcb1,train,normal,pcb1/Data/Images/Normal/0000.JPG,",
-        "pcb1,test,normal,pcb1/Data/Images/Normal/0001.JPG,",
-    ])
+    touch(
+        root,
+        "candle/Data/Images/Normal/0000.JPG",
+        "candle/Data/Images/Normal/0001.JPG",
+        "candle/Data/Images/Normal/0002.JPG",
+        "candle/Data/Images/Anomaly/000.JPG",
+        "candle/Data/Masks/Anomaly/000.png",
+        "pcb1/Data/Images/Normal/0000.JPG",
+        "pcb1/Data/Images/Normal/0001.JPG",
+    )
+    write_visa(
+        root,
+        [
+            "candle,train,normal,candle/Data/Images/Normal/0000.JPG,",
+            "candle,train,normal,candle/Data/Images/Normal/0001.JPG,",
+            "candle,test,normal,candle/Data/Images/Normal/0002.JPG,",
+            "candle,test,anomaly,candle/Data/Images/Anomaly/000.JPG,candle/Data/Masks/Anomaly/000.png",
+            "pcb1,train,normal,pcb1/Data/Images/Normal/0000.JPG,",
+            "pcb1,test,normal,pcb1/Data/Images/Normal/0001.JPG,",
+        ],
+    )
     return str(root)
 
 
@@ -131,8 +141,11 @@ def test_raw_visa_train_rows(tmp_path):
     for layout_arg in ("visa", "auto"):
         layout, df = list_references(root, layout_arg)
         assert layout == "visa"
-        assert rel(df, root) == ["candle/Data/Images/Normal/0000.JPG", "candle/Data/Images/Normal/0001.JPG",
-                                 "pcb1/Data/Images/Normal/0000.JPG"]
+        assert rel(df, root) == [
+            "candle/Data/Images/Normal/0000.JPG",
+            "candle/Data/Images/Normal/0001.JPG",
+            "pcb1/Data/Images/Normal/0000.JPG",
+        ]
         assert df["category"].tolist() == ["candle", "candle", "pcb1"] and df["gt_label"].tolist() == [0, 0, 0]
 
 
@@ -190,7 +203,9 @@ def test_manifest_csv(tmp_path):
 def test_manifest_anomalous_row_is_an_error(tmp_path):
     path = tmp_path / "refs.csv"
     path.write_text("uri,category,label\na.png,bottle,good\nb.png,bottle,bad\n")
-    with pytest.raises(InputError, match=r"^reference manifest .*refs\.csv: row 2 \(line 3\): 'b\.png' is labelled anomalous"):
+    with pytest.raises(
+        InputError, match=r"^reference manifest .*refs\.csv: row 2 \(line 3\): 'b\.png' is labelled anomalous"
+    ):
         list_references(str(path))
 
 
@@ -219,12 +234,17 @@ def test_no_images(tmp_path):
     touch(mvtec, "bottle/test/good/000.png", "bottle/train/good/readme.txt")
     with pytest.raises(InputError, match=r"^reference .*mvtec: no train images found .*train/good/<image>"):
         list_references(str(mvtec), "mvtec")
-    with pytest.raises(InputError, match=r"^reference .*mvtec: no train images found in the BTAD tree .*train/ok/<image>"):
+    with pytest.raises(
+        InputError, match=r"^reference .*mvtec: no train images found in the BTAD tree .*train/ok/<image>"
+    ):
         list_references(str(mvtec), "btad")
     test_only = tmp_path / "test_only"
     touch(test_only, "01/test/ok/000.bmp")
-    with pytest.raises(InputError, match=r"^reference .*test_only: does not look like a BTAD tree \(expected "
-                                         r"ROOT/<category>/train/ok/<image> or ROOT/train/ok/<image>; found no train/ folder\)"):
+    with pytest.raises(
+        InputError,
+        match=r"^reference .*test_only: does not look like a BTAD tree \(expected "
+        r"ROOT/<category>/train/ok/<image> or ROOT/train/ok/<image>; found no train/ folder\)",
+    ):
         list_references(str(test_only), "btad")
     with pytest.raises(InputError, match=r"^reference .*nowhere: no such file, folder or prefix"):
         list_references(str(tmp_path / "nowhere"))
@@ -268,20 +288,27 @@ def test_with_replacement_can_repeat():
 
 
 def test_not_enough_candidates():
-    with pytest.raises(InputError, match=r"category 'bottle' has 2 candidate reference images, fewer than few_shot\.k = 3; "
-                                         r"set few_shot\.with_replacement: true, or a smaller few_shot\.k"):
+    with pytest.raises(
+        InputError,
+        match=r"category 'bottle' has 2 candidate reference images, fewer than few_shot\.k = 3; "
+        r"set few_shot\.with_replacement: true, or a smaller few_shot\.k",
+    ):
         choose_references(candidates({"bottle": 2}), ["bottle"], k=3, seed=0)
 
 
 def test_missing_and_extra_categories():
-    chosen, missing = choose_references(candidates({"bottle": 3, "screw": 3}), ["bottle", "cable", "zipper"], k=2, seed=0)
+    chosen, missing = choose_references(
+        candidates({"bottle": 3, "screw": 3}), ["bottle", "cable", "zipper"], k=2, seed=0
+    )
     assert missing == ["cable", "zipper"]
     assert set(chosen["category"]) == {"bottle"}  # screw is not scored: ignored
 
 
 def test_category_choice_independent_of_other_categories():
     alone, _ = choose_references(candidates({"bottle": 30}), ["bottle"], k=5, seed=1)
-    more, _ = choose_references(candidates({"aaa": 30, "bottle": 30, "cable": 30}), ["aaa", "bottle", "cable"], k=5, seed=1)
+    more, _ = choose_references(
+        candidates({"aaa": 30, "bottle": 30, "cable": 30}), ["aaa", "bottle", "cable"], k=5, seed=1
+    )
     pd.testing.assert_frame_equal(alone, more[more["category"] == "bottle"].reset_index(drop=True))
 
 
@@ -349,8 +376,9 @@ def test_torch_randint_sampler_draws_what_torch_draws(seed):
 
     counts = {"zipper": 391, "bottle": 209, "screw": 320, "carpet": 1}
     cands = candidates(counts).sample(frac=1.0, random_state=1)  # listing order does not matter
-    chosen, missing = choose_references(cands, ["zipper", "nut", "bottle", "screw", "carpet"], 4, seed,
-                                        with_replacement=True, sampler="torch_randint")
+    chosen, missing = choose_references(
+        cands, ["zipper", "nut", "bottle", "screw", "carpet"], 4, seed, with_replacement=True, sampler="torch_randint"
+    )
     assert missing == ["nut"]
     torch.manual_seed(seed)
     for cat in sorted(counts):

@@ -28,7 +28,9 @@ def _png(seed: int) -> bytes:
 
 
 def _client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
 def _response_error(status: int) -> aiohttp.ClientResponseError:
@@ -146,8 +148,13 @@ def test_model_load_retries_a_flaky_weights_server(tmp_path):
     data = ckpt.read_bytes()
     with FlakyServer({"/m/tiny.pt": data}, {"/m/tiny.pt": [503, "reset"]}) as server:
         spec = {"uri": f"{server.url}/m/tiny.pt", "sha256": digest}
-        stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=spec), ZeroShotImageScore(),
-                               weights_cache=str(tmp_path / "cache"), storage=fsio.storage_options(), retries=FAST)
+        stage = ClipScoreStage(
+            ClipSpec(model="zsad-tiny", weights=spec),
+            ZeroShotImageScore(),
+            weights_cache=str(tmp_path / "cache"),
+            storage=fsio.storage_options(),
+            retries=FAST,
+        )
         stage.setup()
         assert server.hits["/m/tiny.pt"] >= 3
     # the loaded model is the checkpoint: same scores as loading the file directly
@@ -156,25 +163,37 @@ def test_model_load_retries_a_flaky_weights_server(tmp_path):
 
     expected = torch.load(ckpt, weights_only=True)
     assert all(torch.equal(loaded[k].cpu(), expected[k]) for k in expected)
-    np.testing.assert_array_equal(tiny_clip_scores({"path": str(ckpt)}, tmp_path / "cache2"),
-                                  tiny_clip_scores({"uri": spec["uri"], "sha256": digest}, tmp_path / "cache"))
+    np.testing.assert_array_equal(
+        tiny_clip_scores({"path": str(ckpt)}, tmp_path / "cache2"),
+        tiny_clip_scores({"uri": spec["uri"], "sha256": digest}, tmp_path / "cache"),
+    )
 
 
 def test_model_load_fails_without_retry_budget(tmp_path):
     ckpt = tmp_path / "tiny.pt"
     random_clip_checkpoint(ckpt)
     with FlakyServer({"/m/tiny.pt": ckpt.read_bytes()}, {"/m/tiny.pt": [503]}) as server:
-        stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights={"uri": f"{server.url}/m/tiny.pt"}), ZeroShotImageScore(),
-                               weights_cache=str(tmp_path / "cache"), storage=fsio.storage_options(),
-                               retries=RetrySpec(model_load=0))
+        stage = ClipScoreStage(
+            ClipSpec(model="zsad-tiny", weights={"uri": f"{server.url}/m/tiny.pt"}),
+            ZeroShotImageScore(),
+            weights_cache=str(tmp_path / "cache"),
+            storage=fsio.storage_options(),
+            retries=RetrySpec(model_load=0),
+        )
         with pytest.raises(WeightsError, match="download failed"):
             stage.setup()
 
 
 def test_retries_are_a_spec_section():
-    spec = JobSpec.model_validate({"clip": {"model": "zsad-tiny", "weights": None}, "allow_random_weights": True,
-                                   "retries": {"read": 5, "backoff_s": 0.5}})
+    spec = JobSpec.model_validate(
+        {
+            "clip": {"model": "zsad-tiny", "weights": None},
+            "allow_random_weights": True,
+            "retries": {"read": 5, "backoff_s": 0.5},
+        }
+    )
     assert spec.retries.read == 5 and spec.retries.model_load == 3 and spec.retries.backoff_s == 0.5
     with pytest.raises(ValueError):
-        JobSpec.model_validate({"clip": {"model": "zsad-tiny", "weights": None}, "allow_random_weights": True,
-                                "retries": {"reads": 5}})
+        JobSpec.model_validate(
+            {"clip": {"model": "zsad-tiny", "weights": None}, "allow_random_weights": True, "retries": {"reads": 5}}
+        )

@@ -75,7 +75,11 @@ def test_a_store_that_went_away_leaves_no_file_for_garbage_collection_to_upload(
 
 
 def test_a_discarded_shard_is_not_published_to_object_storage(s3_bucket, s3_env):
-    storage = {"endpoint_url": s3_env["endpoint_url"], "key": s3_env["access_key_id"], "secret": s3_env["secret_access_key"]}
+    storage = {
+        "endpoint_url": s3_env["endpoint_url"],
+        "key": s3_env["access_key_id"],
+        "secret": s3_env["secret_access_key"],
+    }
     sink = ShardSink(f"s3://{s3_bucket}/run", ["errors"], storage)
     sink.append(3, {"errors": _errors(["a", "b"])})
     sink.finish(4, {"images": 0})

@@ -50,7 +50,9 @@ def test_sha256_mismatch_fails_and_leaves_no_file(tmp_path, s3_bucket):
     fs, _ = fsio.filesystem(f"s3://{s3_bucket}/tiny.pt", fsio.storage_options())
     fs.put_file(str(ckpt), f"{s3_bucket}/tiny.pt")
     with pytest.raises(WeightsError, match="sha256 mismatch"):
-        resolve(WeightsSpec(uri=f"s3://{s3_bucket}/tiny.pt", sha256="ab" * 32), str(tmp_path / "c"), fsio.storage_options())
+        resolve(
+            WeightsSpec(uri=f"s3://{s3_bucket}/tiny.pt", sha256="ab" * 32), str(tmp_path / "c"), fsio.storage_options()
+        )
     assert not list((tmp_path / "c").rglob("tiny.pt"))
     with pytest.raises(WeightsError, match="sha256 mismatch"):
         resolve(WeightsSpec(path=str(ckpt), sha256="ab" * 32))
@@ -65,7 +67,14 @@ def test_concurrent_fetches_download_once(tmp_path, s3_bucket):
     fs, _ = fsio.filesystem(f"s3://{s3_bucket}/blob.bin", fsio.storage_options())
     fs.pipe_file(f"{s3_bucket}/blob.bin", data)
     paths = []
-    threads = [threading.Thread(target=lambda: paths.append(fetch(f"s3://{s3_bucket}/blob.bin", str(tmp_path), None, fsio.storage_options()))) for _ in range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda: paths.append(
+                fetch(f"s3://{s3_bucket}/blob.bin", str(tmp_path), None, fsio.storage_options())
+            )
+        )
+        for _ in range(4)
+    ]
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert len(set(paths)) == 1 and open(paths[0], "rb").read() == data

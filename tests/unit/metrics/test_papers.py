@@ -19,7 +19,9 @@ def test_a_run_beside_the_published_row_with_the_difference():
     got = papers.beside(_metrics(image_auroc=0.9777, pixel_auroc=0.95, pixel_aupro=float("nan")), row)
     by = {r["column"]: r for r in got}
     assert [r["column"] for r in got] == list(row.values)  # every published metric, in the source's order
-    assert by["image_auroc"]["run"] == pytest.approx(97.77) and by["image_auroc"]["difference"] == pytest.approx(0.0, abs=1e-9)
+    assert by["image_auroc"]["run"] == pytest.approx(97.77) and by["image_auroc"]["difference"] == pytest.approx(
+        0.0, abs=1e-9
+    )
     assert by["pixel_auroc"]["difference"] == pytest.approx(95.0 - 97.11)
     assert by["pixel_aupro"]["run"] is None and by["pixel_aupro"]["difference"] is None  # NaN: no value
     out = papers.text(got, row, random_weights=True)

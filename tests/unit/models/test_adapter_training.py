@@ -103,7 +103,12 @@ def test_mosaics_use_the_same_category_and_their_probability():
     assert made == 6
     for i, cat in enumerate(cats):  # every quarter comes from a row of the same category
         allowed = {float(k) for k, c in enumerate(cats) if c == cat}
-        assert {float(out[i, 0, 0, 0]), float(out[i, 0, 0, 3]), float(out[i, 0, 3, 0]), float(out[i, 0, 3, 3])} <= allowed
+        assert {
+            float(out[i, 0, 0, 0]),
+            float(out[i, 0, 0, 3]),
+            float(out[i, 0, 3, 0]),
+            float(out[i, 0, 3, 3]),
+        } <= allowed
     same, _, none = apply_mosaics(images, masks, cats, 0.0, torch.Generator().manual_seed(0))
     assert none == 0 and torch.equal(same, images)
     g = torch.Generator().manual_seed(3)

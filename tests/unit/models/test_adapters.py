@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from open_clip.transformer import QuickGELU
+from safetensors.torch import save_file
 
 from pipeline.models import adapters as ad
 from pipeline.models import clip as clip_models
@@ -97,7 +97,14 @@ def test_layer_features_match_open_clip_blocks(model, size):
 
 @pytest.mark.parametrize(
     "layers, words",
-    [((), "empty"), ((0, 2), "between 1 and"), ((2, 9), "between 1 and"), ((4, 2), "sorted"), ((2, 2), "unique"), ((2.0,), "integers")],
+    [
+        ((), "empty"),
+        ((0, 2), "between 1 and"),
+        ((2, 9), "between 1 and"),
+        ((4, 2), "sorted"),
+        ((2, 2), "unique"),
+        ((2.0,), "integers"),
+    ],
 )
 def test_layer_features_validates_layers(model, layers, words):
     with pytest.raises(ValueError, match=words):

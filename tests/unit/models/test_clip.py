@@ -79,7 +79,11 @@ def test_truncated_text_encoding_equals_open_clip():
 
     model, _ = clip_models.build_clip("zsad-tiny")
     tok = clip_models.tokenizer("zsad-tiny")
-    texts = ["a", "a photo of the flawless metal nut for anomaly detection", "a jpeg corrupted photo of a screw with defect."]
+    texts = [
+        "a",
+        "a photo of the flawless metal nut for anomaly detection",
+        "a jpeg corrupted photo of a screw with defect.",
+    ]
     assert clip_models._truncatable(model)
     with torch.no_grad():
         ours = clip_models.encode_text(model, tok, texts, torch.device("cpu"))

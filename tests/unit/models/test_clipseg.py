@@ -89,7 +89,9 @@ def test_missing_or_unexpected_key_is_named(tmp_path, model):
     del sd["decoder.film_mul.weight"]
     path = tmp_path / "partial.pt"
     torch.save(sd, path)
-    with pytest.raises(cs.ClipSegLoadError, match=r"partial\.pt does not fit CLIPSeg tiny: missing \['decoder\.film_mul\.weight'\]"):
+    with pytest.raises(
+        cs.ClipSegLoadError, match=r"partial\.pt does not fit CLIPSeg tiny: missing \['decoder\.film_mul\.weight'\]"
+    ):
         cs.build_clipseg(str(path), arch="tiny")
 
     sd = dict(model.state_dict(), **{"decoder.extra.weight": torch.zeros(1)})
@@ -137,7 +139,13 @@ def test_missing_transformers_says_how_to_install(monkeypatch):
 def test_real_arch_matches_the_public_checkpoint_structure():
     cfg = cs.clipseg_config("rd64-refined")
     v, t = cfg.vision_config, cfg.text_config
-    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.image_size) == (768, 12, 12, 16, 224)
+    assert (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.patch_size, v.image_size) == (
+        768,
+        12,
+        12,
+        16,
+        224,
+    )
     assert (t.hidden_size, t.num_hidden_layers, t.max_position_embeddings, t.vocab_size) == (512, 12, 77, 49408)
     assert (cfg.projection_dim, cfg.reduce_dim, list(cfg.extract_layers)) == (512, 64, [3, 6, 9])
     assert cfg.use_complex_transposed_convolution is True
@@ -172,7 +180,9 @@ def test_pooled_text_output_is_the_eot_state_and_ignores_what_follows(model):
         after = torch.arange(16)[None] > eot[:, None]
         noisy[after] = torch.randint(1, 49406, (int(after.sum()),), generator=torch.Generator().manual_seed(0))
         for m in (mask, torch.ones_like(mask)):
-            torch.testing.assert_close(text(input_ids=noisy, attention_mask=m).pooler_output, out.pooler_output, atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                text(input_ids=noisy, attention_mask=m).pooler_output, out.pooler_output, atol=1e-6, rtol=0
+            )
         # ... whereas a token before the EOT does (the check can fail)
         changed = ids.clone()
         changed[:, 1] = 1000
@@ -180,7 +190,9 @@ def test_pooled_text_output_is_the_eot_state_and_ignores_what_follows(model):
         # legacy configs (eos_token_id == 2) pool argmax(ids): the same EOT position
         text.eos_token_id = 2
         try:
-            torch.testing.assert_close(text(input_ids=noisy, attention_mask=mask).pooler_output, out.pooler_output, atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                text(input_ids=noisy, attention_mask=mask).pooler_output, out.pooler_output, atol=1e-6, rtol=0
+            )
         finally:
             text.eos_token_id = cs.EOT_TOKEN
 
@@ -211,7 +223,9 @@ def test_split_forward_equals_the_transformers_forward(localiser, model):
     p = len(localiser.prompts)
     got = localiser.prompt_logits(x)
     with torch.inference_mode():
-        ref = model(pixel_values=x.repeat_interleave(p, 0), conditional_embeddings=localiser.text_embeddings.repeat(3, 1)).logits
+        ref = model(
+            pixel_values=x.repeat_interleave(p, 0), conditional_embeddings=localiser.text_embeddings.repeat(3, 1)
+        ).logits
     assert got.shape == (3, p, 96, 96)
     torch.testing.assert_close(got.reshape(3 * p, 96, 96), ref, atol=1e-5, rtol=1e-5)
     # chunking the decoder over images changes nothing

@@ -92,6 +92,8 @@ def test_providers_cuda_first_only_when_available(monkeypatch):
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert dis.default_providers("cuda") == ["CPUExecutionProvider"]
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     assert dis.default_providers("cuda:0") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert dis.default_providers("cpu") == ["CPUExecutionProvider"]

@@ -58,7 +58,9 @@ def test_pil_resize_equals_torchvision_resize_of_a_pil_image(shape, size):
 
 def test_an_unknown_resize_is_refused():
     with pytest.raises(ValueError, match="unknown resize"):
-        clip_models.preprocess_images([torch.zeros(4, 4, 3, dtype=torch.uint8)], clip_models.Preprocess(8, (0, 0, 0), (1, 1, 1), "box"))
+        clip_models.preprocess_images(
+            [torch.zeros(4, 4, 3, dtype=torch.uint8)], clip_models.Preprocess(8, (0, 0, 0), (1, 1, 1), "box")
+        )
 
 
 # ------------------------------------------------------------------------------ wrapper, prompt files
@@ -73,10 +75,14 @@ def _fade_files(tmp_path):
     normal, abnormal = prompt_set("winclip").sentences("{classname}")
     files = [{"normal": {"instruction": "", "prompts": normal}, "abnormal": {"instruction": "", "prompts": abnormal}}]
     for k, (n, a) in enumerate(LLM_COUNTS):
-        files.append({
-            "normal": {"prompts": [f"A flawless surface, view {i % (n - 2)} of list {k}." for i in range(n)]},
-            "abnormal": [f"A scratched part number {i % (a - 3)} in list {k}." for i in range(a)],  # the plain layout
-        })
+        files.append(
+            {
+                "normal": {"prompts": [f"A flawless surface, view {i % (n - 2)} of list {k}." for i in range(n)]},
+                "abnormal": [
+                    f"A scratched part number {i % (a - 3)} in list {k}." for i in range(a)
+                ],  # the plain layout
+            }
+        )
     paths = []
     for k, data in enumerate(files):
         path = tmp_path / f"prompt{k}.json"
@@ -118,9 +124,12 @@ def test_the_stage_encodes_the_wrapped_file_sentences(tmp_path, tiny):
 
     model, pre = tiny
     paths = _fade_files(tmp_path)
-    fade = FadeZeroShot(scales=(128,), grid=8, gem_depth=2, prompt_sets=(), prompt_files=tuple(paths), wrapper=FADE_WRAPPER)
-    stage = ClipScoreStage(ClipSpec(model="zsad-tiny", weights=None), ZeroShotImageScore(), pixel=fade,
-                           model_factory=lambda: (model, pre))
+    fade = FadeZeroShot(
+        scales=(128,), grid=8, gem_depth=2, prompt_sets=(), prompt_files=tuple(paths), wrapper=FADE_WRAPPER
+    )
+    stage = ClipScoreStage(
+        ClipSpec(model="zsad-tiny", weights=None), ZeroShotImageScore(), pixel=fade, model_factory=lambda: (model, pre)
+    )
     stage.setup()
     got = stage.pixel_text_classifier()
     want_n, want_a = _fade_sentences(paths, "object")
@@ -132,14 +141,17 @@ def test_the_stage_encodes_the_wrapped_file_sentences(tmp_path, tiny):
     assert torch.allclose(got.normal, mean_n, atol=1e-6) and torch.allclose(got.anomalous, mean_a, atol=1e-6)
 
 
-@pytest.mark.parametrize("content,problem", [
-    ("not json", "not JSON"),
-    (json.dumps({"normal": ["a"]}), "no 'abnormal' list"),
-    (json.dumps({"normal": {"instruction": ""}, "abnormal": ["b"]}), "'normal' has no 'prompts' list"),
-    (json.dumps({"normal": [], "abnormal": ["b"]}), "non-empty list"),
-    (json.dumps({"normal": ["a {object}"], "abnormal": ["b"]}), "braces other than the {classname}"),
-    (json.dumps({"normal": ["a", 3], "abnormal": ["b"]}), "non-string or empty entry"),
-])
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        ("not json", "not JSON"),
+        (json.dumps({"normal": ["a"]}), "no 'abnormal' list"),
+        (json.dumps({"normal": {"instruction": ""}, "abnormal": ["b"]}), "'normal' has no 'prompts' list"),
+        (json.dumps({"normal": [], "abnormal": ["b"]}), "non-empty list"),
+        (json.dumps({"normal": ["a {object}"], "abnormal": ["b"]}), "braces other than the {classname}"),
+        (json.dumps({"normal": ["a", 3], "abnormal": ["b"]}), "non-string or empty entry"),
+    ],
+)
 def test_an_unusable_prompt_file_is_named_with_its_problem(tmp_path, content, problem):
     path = tmp_path / "p.json"
     path.write_text(content)
@@ -156,7 +168,11 @@ def test_the_driver_checks_prompt_files_before_a_run(tmp_path):
     digest = hashlib.sha256(good.read_bytes()).hexdigest()
 
     def spec(files, where="pixel"):
-        base = {"clip": {"model": "zsad-tiny", "weights": None}, "allow_random_weights": True, "pixel": {"kind": "fade_zero_shot"}}
+        base = {
+            "clip": {"model": "zsad-tiny", "weights": None},
+            "allow_random_weights": True,
+            "pixel": {"kind": "fade_zero_shot"},
+        }
         base[where] = {**base.get(where, {}), "prompt_files": files}
         return base
 
@@ -205,7 +221,9 @@ def _bilinear(grid_map: np.ndarray, out: int) -> np.ndarray:
     return result
 
 
-def _fade_reference(visual, images_by_size, normal_raw, abnormal_raw, out, depth, features, multiplier=80.0, weight=0.5):
+def _fade_reference(
+    visual, images_by_size, normal_raw, abnormal_raw, out, depth, features, multiplier=80.0, weight=0.5
+):
     """FADE's zero-shot maps for one image: language (AverageTextModel on GEM patches) and vision
     (ImageModel(kth=2) on the image's own patches) per size, resized to ``out`` and averaged."""
     t_n = (normal_raw / np.linalg.norm(normal_raw, axis=1, keepdims=True)).mean(0)
@@ -215,7 +233,7 @@ def _fade_reference(visual, images_by_size, normal_raw, abnormal_raw, out, depth
         with torch.no_grad():
             _, gem_p, clip_p, g = vit.gem_forward(visual, images_by_size[size], depth)
         gem_p = gem_p[0].double().numpy()
-        feats = (gem_p if features == "gem" else clip_p[0].double().numpy())
+        feats = gem_p if features == "gem" else clip_p[0].double().numpy()
         gem_p = gem_p / np.linalg.norm(gem_p, axis=1, keepdims=True)
         feats = feats / np.linalg.norm(feats, axis=1, keepdims=True)
         l_map = np.zeros(g * g)
@@ -237,15 +255,18 @@ def _fade_reference(visual, images_by_size, normal_raw, abnormal_raw, out, depth
 def test_fade_maps_equal_the_reference_with_gem_and_with_clip_vision_features(tiny, features):
     model, pre = tiny
     img = np.random.default_rng(5).integers(0, 256, (90, 110, 3), dtype=np.uint8)
-    images = {s: clip_models.preprocess_images([torch.from_numpy(img)], clip_models.Preprocess(s, pre.mean, pre.std, "pil"))
-              for s in (128, 192)}
+    images = {
+        s: clip_models.preprocess_images([torch.from_numpy(img)], clip_models.Preprocess(s, pre.mean, pre.std, "pil"))
+        for s in (128, 192)
+    }
     g = torch.Generator().manual_seed(9)
     normal_raw, abnormal_raw = torch.randn(6, 32, generator=g), torch.randn(4, 32, generator=g)
     text = build_classifier(normal_raw, abnormal_raw, "mean_norm")
     with torch.no_grad():
         lang, vis, fused = pixel.fade_maps(model.visual, images, text, 0.01, 12, 3, 80.0, 0.5, features)
-    ref_l, ref_v, ref_f = _fade_reference(model.visual, images, normal_raw.double().numpy(), abnormal_raw.double().numpy(),
-                                          12, 3, features)
+    ref_l, ref_v, ref_f = _fade_reference(
+        model.visual, images, normal_raw.double().numpy(), abnormal_raw.double().numpy(), 12, 3, features
+    )
     assert np.abs(lang[0].double().numpy() - ref_l).max() < 1e-5
     assert np.abs(vis[0].double().numpy() - ref_v).max() < 1e-4  # x 80: 1.25e-6 before the multiplier
     assert np.abs(fused[0].double().numpy() - ref_f).max() < 1e-4

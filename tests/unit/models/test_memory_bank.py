@@ -35,7 +35,9 @@ def test_equals_the_brute_force_definition_for_every_chunking():
 def test_a_query_from_the_bank_is_at_distance_zero_and_a_far_one_is_not():
     g = torch.Generator().manual_seed(1)
     bank = torch.randn(16, 32, generator=g)
-    queries = torch.cat([bank[3:4] * 2.5, -bank[5:6], torch.randn(1, 32, generator=g)])  # a scaled copy, an opposite, a random one
+    queries = torch.cat(
+        [bank[3:4] * 2.5, -bank[5:6], torch.randn(1, 32, generator=g)]
+    )  # a scaled copy, an opposite, a random one
     got = nearest_cosine_distance(queries, bank, bank_chunk=4)
     assert abs(float(got[0])) <= 1e-6
     assert float(got[1]) > 0.5 and float(got[2]) > 0.2

@@ -252,7 +252,9 @@ def eleven(features):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("query_chunk,pool_chunk", [(1, 1), (64, 64), (3 * 64, 2 * 64), (5 * 64 + 7, 4 * 64 - 1), (10**9, 10**9)])
+@pytest.mark.parametrize(
+    "query_chunk,pool_chunk", [(1, 1), (64, 64), (3 * 64, 2 * 64), (5 * 64 + 7, 4 * 64 - 1), (10**9, 10**9)]
+)
 def test_chunk_sizes_do_not_change_the_map(eleven, query_chunk, pool_chunk):
     queries, pool, grid, k, exclude, base = eleven
     got = mutual.mutual_map(queries, pool, grid, k, exclude, query_chunk=query_chunk, pool_chunk=pool_chunk)
@@ -263,7 +265,9 @@ def sharded(queries, pool, grid, k, exclude, bounds, pool_chunk=16384):
     states = []
     for j0, j1 in zip(bounds, bounds[1:]):
         part = {l: p[j0:j1] for l, p in pool.items()}
-        states.append(mutual.update(mutual.MutualState(k), queries, part, grid, exclude[:, j0:j1], pool_chunk=pool_chunk))
+        states.append(
+            mutual.update(mutual.MutualState(k), queries, part, grid, exclude[:, j0:j1], pool_chunk=pool_chunk)
+        )
     merged = states[0]
     for s in states[1:]:
         merged = mutual.merge(merged, s)
@@ -271,8 +275,11 @@ def sharded(queries, pool, grid, k, exclude, bounds, pool_chunk=16384):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("bounds,pool_chunk", [((0, 5, 11), 16384), ((0, 1, 8, 11), 16384), ((0, 6, 7, 11), 2 * 64)],
-                         ids=["2-shards", "3-uneven", "3-singleton-chunked"])
+@pytest.mark.parametrize(
+    "bounds,pool_chunk",
+    [((0, 5, 11), 16384), ((0, 1, 8, 11), 16384), ((0, 6, 7, 11), 2 * 64)],
+    ids=["2-shards", "3-uneven", "3-singleton-chunked"],
+)
 def test_sharded_pool_merged_equals_the_whole_pool(eleven, bounds, pool_chunk):
     queries, pool, grid, k, exclude, base = eleven
     torch.testing.assert_close(sharded(queries, pool, grid, k, exclude, bounds, pool_chunk), base, rtol=0, atol=1e-6)
@@ -392,7 +399,9 @@ def test_a_bright_square_on_one_image_raises_its_score_and_its_patches(visual, s
     the margins below held for all of 20 seeds tried, the smallest were 2.3x and 2.0x.)"""
     rng = np.random.default_rng(seed)
     n, sq = 10, 32
-    x = smooth_images(seed, 1).repeat(n, 1, 1, 1) + 0.1 * torch.from_numpy(rng.normal(size=(n, 3, SIZE, SIZE)).astype(np.float32))
+    x = smooth_images(seed, 1).repeat(n, 1, 1, 1) + 0.1 * torch.from_numpy(
+        rng.normal(size=(n, 3, SIZE, SIZE)).astype(np.float32)
+    )
     py, px = rng.integers(0, (SIZE - sq) // 16 + 1, 2) * 16
     x[0, :, py : py + sq, px : px + sq] = 3.0
     _, tokens, grid = mutual.image_features(visual, x, LAYERS)
@@ -421,9 +430,16 @@ def random_scores_and_embeddings(seed, n=12, dim=16):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_rscin_equals_the_loop(k_list, seed):
     scores, emb = random_scores_and_embeddings(seed)
-    torch.testing.assert_close(mutual.rscin(scores, emb, k_list), rscin_reference(scores, emb, k_list), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        mutual.rscin(scores, emb, k_list), rscin_reference(scores, emb, k_list), rtol=0, atol=1e-12
+    )
     # float32 inputs as the pipeline gives them
-    torch.testing.assert_close(mutual.rscin(scores.float(), emb.float(), k_list), rscin_reference(scores.float(), emb.float(), k_list), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        mutual.rscin(scores.float(), emb.float(), k_list),
+        rscin_reference(scores.float(), emb.float(), k_list),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def test_rscin_k1_is_the_min_max_normalised_score():
@@ -450,14 +466,20 @@ def test_rscin_of_equal_scores_is_zero():
 
 def test_rscin_window_larger_than_the_set_is_the_whole_set():
     scores, emb = random_scores_and_embeddings(5, n=7)
-    torch.testing.assert_close(mutual.rscin(scores, emb, [1, 8, 9]), mutual.rscin(scores, emb, [1, 7, 7]), rtol=0, atol=1e-12)
-    torch.testing.assert_close(mutual.rscin(scores, emb, [1, 8, 9]), rscin_reference(scores, emb, [1, 8, 9]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        mutual.rscin(scores, emb, [1, 8, 9]), mutual.rscin(scores, emb, [1, 7, 7]), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        mutual.rscin(scores, emb, [1, 8, 9]), rscin_reference(scores, emb, [1, 8, 9]), rtol=0, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5, 10**6])
 def test_rscin_chunk_size_does_not_change_the_result(chunk):
     scores, emb = random_scores_and_embeddings(6, n=11)
-    torch.testing.assert_close(mutual.rscin(scores, emb, [1, 8, 9], chunk=chunk), mutual.rscin(scores, emb, [1, 8, 9]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        mutual.rscin(scores, emb, [1, 8, 9], chunk=chunk), mutual.rscin(scores, emb, [1, 8, 9]), rtol=0, atol=1e-12
+    )
 
 
 def test_positional_embedding_is_resized_as_musc_open_clip_does(visual):
@@ -478,7 +500,8 @@ def test_positional_embedding_is_resized_as_musc_open_clip_does(visual):
             plain = F.interpolate(grid_pe, size=(12, 12), mode="bicubic", align_corners=False, antialias=antialias)
             resized = copy.deepcopy(visual)
             resized.positional_embedding = torch.nn.Parameter(
-                torch.cat([pos[:1], plain.permute(0, 2, 3, 1).reshape(144, -1)]))
+                torch.cat([pos[:1], plain.permute(0, 2, 3, 1).reshape(144, -1)])
+            )
             resized.grid_size = (12, 12)
             outs[antialias] = mutual.image_features(resized, x, LAYERS)
     assert grid == 12

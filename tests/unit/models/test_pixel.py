@@ -63,7 +63,9 @@ def test_fade_maps_shapes_and_range(tiny):
     model, pre, text = tiny
     img = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     with torch.no_grad():
-        lang, vis, fused = pixel.fade_maps(model.visual, {128: _pre(img, 128, pre), 192: _pre(img, 192, pre)}, text, grid=12, depth=2)
+        lang, vis, fused = pixel.fade_maps(
+            model.visual, {128: _pre(img, 128, pre), 192: _pre(img, 192, pre)}, text, grid=12, depth=2
+        )
     assert lang.shape == vis.shape == fused.shape == (1, 12, 12)
     assert 0 <= float(lang.min()) and float(lang.max()) <= 1
     assert 0 <= float(fused.min()) and float(fused.max()) <= 1

@@ -106,7 +106,9 @@ def meta_model():
 def test_preprocess_moves_pixels_to_the_device_and_resizes_there(meta_model):
     _, pre = meta_model
     rng = np.random.default_rng(0)
-    images = [torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 60), (50, 60), (70, 40))]
+    images = [
+        torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 60), (50, 60), (70, 40))
+    ]
     batch = clip_models.preprocess_images(images, pre, device="meta")
     assert batch.device.type == "meta" and batch.shape == (3, 3, pre.size, pre.size)
     cpu = clip_models.preprocess_images(images, pre)
@@ -122,8 +124,9 @@ def test_model_functions_keep_every_tensor_on_the_model_device(meta_model):
     images = [torch.zeros((40, 40, 3), dtype=torch.uint8)] * 2
     batch = clip_models.preprocess_images(images, pre, device="meta")
     feats = clip_models.encode_image(model, batch)
-    text = scoring.build_classifier(torch.randn(3, feats.shape[1], device="meta"), torch.randn(2, feats.shape[1], device="meta"),
-                                    "mean_norm_renorm")
+    text = scoring.build_classifier(
+        torch.randn(3, feats.shape[1], device="meta"), torch.randn(2, feats.shape[1], device="meta"), "mean_norm_renorm"
+    )
     probs = scoring.anomaly_probability(feats, text, 0.01)
     with precision.active("meta", "fp32"):
         wmap = pixel.winclip_map(model.visual, batch, text, 0.01, probs, (2, 3))

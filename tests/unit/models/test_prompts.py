@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
 import typing
 from importlib import resources
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from pipeline.config import PromptSetName
 from pipeline.models import prompts

@@ -20,7 +20,9 @@ def test_the_cached_registry_equals_open_clips_and_is_reused(tmp_path, monkeypat
     assert json.loads(files[0].read_text())["models"] == expected
     assert "zsad-tiny" in expected and "openai" in expected["ViT-L-14-336"]
 
-    files[0].write_text(json.dumps({"models": {"only-this": []}, "vision": {}}))  # the warm path reads the file, not open_clip
+    files[0].write_text(
+        json.dumps({"models": {"only-this": []}, "vision": {}})
+    )  # the warm path reads the file, not open_clip
     assert registry.models() == {"only-this": []}
     files[0].write_text("{broken")  # a damaged file is rebuilt
     assert registry.models() == expected
@@ -47,16 +49,28 @@ def test_the_vision_geometry_is_the_model_configs_and_matches_the_built_tower(tm
     model's numbers are checked against the tower open_clip builds, the rest against known values."""
     monkeypatch.setenv("ZSAD_CACHE_DIR", str(tmp_path))
     big = registry.vision("ViT-L-14-336")
-    assert (big.walkable, big.layers, big.width, big.patch_size, big.image_size, big.grid, big.embed_dim) == \
-        (True, 24, 1024, 14, 336, 24, 768)
+    assert (big.walkable, big.layers, big.width, big.patch_size, big.image_size, big.grid, big.embed_dim) == (
+        True,
+        24,
+        1024,
+        14,
+        336,
+        24,
+        768,
+    )
     assert registry.vision("ViT-B-16-plus-240").grid == 15
     assert not registry.vision("RN50").walkable and "ResNet" in registry.vision("RN50").why
     assert not registry.vision("EVA02-L-14").walkable and "timm" in registry.vision("EVA02-L-14").why
     assert registry.vision("no-such-model") is None
-    from pipeline.models import clip as clip_models, vit
+    from pipeline.models import clip as clip_models
+    from pipeline.models import vit
 
     visual = clip_models.build_clip("zsad-tiny", device="cpu")[0].visual
     tiny = registry.vision("zsad-tiny")
     assert (tiny.layers, tiny.width, tiny.patch_size, tiny.grid, tiny.embed_dim) == (
-        len(visual.transformer.resblocks), visual.transformer.width, vit.patch_size(visual), visual.grid_size[0],
-        int(visual.output_dim))
+        len(visual.transformer.resblocks),
+        visual.transformer.width,
+        vit.patch_size(visual),
+        visual.grid_size[0],
+        int(visual.output_dim),
+    )

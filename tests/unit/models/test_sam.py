@@ -251,7 +251,9 @@ def test_bad_prompts_are_refused_with_the_argument_named(engine, emb, kwargs, me
         engine.decode(emb, **kwargs)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 4), np.uint8)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 4), np.uint8)]
+)
 def test_bad_images_are_refused(engine, bad):
     with pytest.raises(SamInputError, match=r"\(H, W, 3\) uint8 RGB"):
         engine.embed(bad)
@@ -267,7 +269,9 @@ def test_automatic_masks_runs_the_image_encoder_once(tiny, engine, image):
     enc_calls, h1 = _count_calls(tiny.image_encoder)
     dec_calls, h2 = _count_calls(tiny.mask_decoder)
     try:
-        engine.automatic_masks(image, points_per_side=6, points_per_batch=10, pred_iou_thresh=0, stability_score_thresh=0)
+        engine.automatic_masks(
+            image, points_per_side=6, points_per_batch=10, pred_iou_thresh=0, stability_score_thresh=0
+        )
         assert len(enc_calls) == 1
         assert len(dec_calls) == 4  # 36 points in batches of 10
         e = engine.embed(image)
@@ -293,7 +297,9 @@ def _check_records(records, shape):
 
 def test_automatic_masks_records_are_well_formed(engine, image, emb):
     # random weights: masks are speckled over the whole image, so NMS would keep one; disable it
-    records = engine.automatic_masks(emb, points_per_side=8, pred_iou_thresh=0, stability_score_thresh=0, box_nms_thresh=1.0)
+    records = engine.automatic_masks(
+        emb, points_per_side=8, pred_iou_thresh=0, stability_score_thresh=0, box_nms_thresh=1.0
+    )
     assert len(records) > 100  # 8 x 8 points x 3 masks, none empty here
     _check_records(records, image.shape[:2])
     assert len(engine.automatic_masks(emb, points_per_side=8, pred_iou_thresh=0, stability_score_thresh=0)) >= 1
@@ -402,10 +408,14 @@ def test_cascade_equals_three_sam_predictor_calls_by_hand(tiny, engine, image, e
     masks1, iou1, low1 = pred.predict(point_coords=pts, point_labels=lab, multimask_output=True)
     k = int(np.argmax(iou1))
     expected = [(masks1[k], iou1[k], low1[k : k + 1])]
-    m2, i2, l2 = best(*pred.predict(point_coords=pts, point_labels=lab, mask_input=low1[k : k + 1], multimask_output=multimask))
+    m2, i2, l2 = best(
+        *pred.predict(point_coords=pts, point_labels=lab, mask_input=low1[k : k + 1], multimask_output=multimask)
+    )
     expected.append((m2, i2, l2))
     box = bounding_box(m2)
-    m3, i3, l3 = best(*pred.predict(point_coords=pts, point_labels=lab, box=box, mask_input=l2, multimask_output=multimask))
+    m3, i3, l3 = best(
+        *pred.predict(point_coords=pts, point_labels=lab, box=box, mask_input=l2, multimask_output=multimask)
+    )
     expected.append((m3, i3, l3))
     calls = []
     original = tiny.image_encoder.forward

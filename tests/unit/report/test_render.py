@@ -67,8 +67,19 @@ def test_pngs_and_svgs_are_data_uris():
 
 def _run(tmp_path, maps, map_range=(0.0, 1.0), group=2):
     """A run folder with only a masks table (several row groups), enough for mask_rows and the scale."""
-    rows = [{"image_id": f"id{i}", "map_png": encode_png16(m, *map_range), "map_min": map_range[0], "map_max": map_range[1],
-             "threshold": None, "mask_rle": None, "refined": False, "refine_rle": None} for i, m in enumerate(maps)]
+    rows = [
+        {
+            "image_id": f"id{i}",
+            "map_png": encode_png16(m, *map_range),
+            "map_min": map_range[0],
+            "map_max": map_range[1],
+            "threshold": None,
+            "mask_rle": None,
+            "refined": False,
+            "refine_rle": None,
+        }
+        for i, m in enumerate(maps)
+    ]
     (tmp_path / "masks").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "masks" / "shard-00000.parquet", row_group_size=group)
     record = {"run_id": "r", "map_range": list(map_range), "model": {"pixel_method": "winclip_windows"}}
@@ -116,8 +127,14 @@ def test_threshold_is_f1_max_with_labels_else_a_percentile():
 
 
 def test_select_takes_the_top_and_the_nearest_others():
-    frame = pd.DataFrame({"image_id": [f"i{k}" for k in range(10)], "uri": [f"u{k}" for k in range(10)],
-                          "status": ["ok"] * 9 + ["error"], "value": [0.1 * k for k in range(9)] + [np.nan]})
+    frame = pd.DataFrame(
+        {
+            "image_id": [f"i{k}" for k in range(10)],
+            "uri": [f"u{k}" for k in range(10)],
+            "status": ["ok"] * 9 + ["error"],
+            "value": [0.1 * k for k in range(9)] + [np.nan],
+        }
+    )
     high, near = select(frame, 3, 0.42)
     assert list(high["image_id"]) == ["i8", "i7", "i6"]
     assert set(near["image_id"]) == {"i4", "i5", "i3"} and not set(near["image_id"]) & set(high["image_id"])

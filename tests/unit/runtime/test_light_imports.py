@@ -44,8 +44,14 @@ def test_the_driver_checks_specs_and_plans_a_run_without_torch(tmp_path):
     )
     repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "ZSAD_CACHE_DIR": str(tmp_path / "cache")}
-    warm = subprocess.run([sys.executable, "-c", "from pipeline.models.registry import models; models()"], cwd=repo,
-                          env=env, capture_output=True, text=True, timeout=120)  # fills the registry file
+    warm = subprocess.run(
+        [sys.executable, "-c", "from pipeline.models.registry import models; models()"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fills the registry file
     assert warm.returncode == 0, warm.stderr
     assert list((tmp_path / "cache").glob("open_clip-*.json"))
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True, timeout=120)

@@ -13,10 +13,12 @@ class ActorDiedError(Exception):
 
 
 def test_the_workers_error_line_is_the_reason_not_the_empty_wrapper():
-    text = ("The actor died because of an error raised in its creation task, ray::MapWorker(...).__init__()\n"
-            "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
-            "pipeline.models.clip.ModelLoadError: weights file /w/bad.pt could not be loaded safely (weights_only=True): "
-            "invalid load key, '\\x8f'.\n")
+    text = (
+        "The actor died because of an error raised in its creation task, ray::MapWorker(...).__init__()\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        "pipeline.models.clip.ModelLoadError: weights file /w/bad.pt could not be loaded safely (weights_only=True): "
+        "invalid load key, '\\x8f'.\n"
+    )
     try:
         try:
             raise SystemException()
@@ -29,7 +31,10 @@ def test_the_workers_error_line_is_the_reason_not_the_empty_wrapper():
 
 
 def test_a_plain_error_keeps_its_type_and_message():
-    assert root_cause(StallError("no result for 5 s (stall_timeout_s)")) == "StallError: no result for 5 s (stall_timeout_s)"
+    assert (
+        root_cause(StallError("no result for 5 s (stall_timeout_s)"))
+        == "StallError: no result for 5 s (stall_timeout_s)"
+    )
     try:
         try:
             raise ValueError("inner problem")

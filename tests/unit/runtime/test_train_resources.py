@@ -29,7 +29,9 @@ def test_the_request_per_use_gpu():
     assert train._shown({"CPU": 4.0, "CPU_group_0_abc": 1.0, "node:127.0.0.1": 1.0, "memory": 2**31}) == \
         "{CPU: 4, memory: 2.0 GiB}"  # what a person reads: no placement groups or node markers
     assert worker_request(auto, NO_GPU, lines.append) == {"CPU": 4.0}
-    assert lines == ["train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (1 worker(s) x {CPU: 4})"]
+    assert lines == [
+        "train.use_gpu is auto and this machine's Ray has no GPU: training on the CPU (1 worker(s) x {CPU: 4})"
+    ]
     assert worker_request(auto, LOCAL_GPU, lines.append) == {"CPU": 4.0, "GPU": 1.0}
     assert worker_request(auto, CLUSTER, lines.append) == {"CPU": 4.0, "GPU": 1.0}  # an autoscaler may add GPU nodes
     assert len(lines) == 1
@@ -50,14 +52,21 @@ def test_use_gpu_and_the_gpu_count_must_agree():
 
 def test_local_refusals_name_the_keys_and_what_the_machine_has():
     spec = _spec("train.use_gpu=true", "train.resources_per_worker={CPU: 1, GPU: 1}")
-    with pytest.raises(TrainError, match=r"train.use_gpu is true and train.resources_per_worker asks for \{CPU: 1, GPU: 1\} "
-                                         r"per worker, but this machine's Ray has no GPU \(\{CPU: 2\}\)") as exc:
+    with pytest.raises(
+        TrainError,
+        match=r"train.use_gpu is true and train.resources_per_worker asks for \{CPU: 1, GPU: 1\} "
+        r"per worker, but this machine's Ray has no GPU \(\{CPU: 2\}\)",
+    ) as exc:
         check_local(spec, {"CPU": 1.0, "GPU": 1.0}, {"CPU": 2.0})
     assert exc.value.exit_code == 2
     spec = _spec("train.resources_per_worker={CPU: 4}", "train.num_workers=2")
-    with pytest.raises(TrainError, match=r"2 training worker\(s\) x \{CPU: 4\} .* need 8 CPU, but this machine's Ray has 6"):
+    with pytest.raises(
+        TrainError, match=r"2 training worker\(s\) x \{CPU: 4\} .* need 8 CPU, but this machine's Ray has 6"
+    ):
         check_local(spec, {"CPU": 4.0}, {"CPU": 6.0})
-    with pytest.raises(TrainError, match=r"leaving 0 for the data pipeline's tasks, which ask for resources.decode.num_cpus=1"):
+    with pytest.raises(
+        TrainError, match=r"leaving 0 for the data pipeline's tasks, which ask for resources.decode.num_cpus=1"
+    ):
         check_local(spec, {"CPU": 4.0}, {"CPU": 8.0})
     check_local(spec, {"CPU": 4.0}, {"CPU": 9.0})  # fits, with one CPU for the decode tasks
     check_local(spec, {"CPU": 4.0, "memory": 2.0**33}, {"CPU": 9.0})  # memory: not predicted before Ray starts
@@ -90,7 +99,9 @@ def test_the_wait_for_workers_says_what_it_waits_for_then_gives_up(monkeypatch):
     assert lines == []
     clock[0] += train.FIRST_WAIT_S
     waiting.check()
-    assert len(lines) == 1 and lines[0].startswith("waiting for 1 training worker(s) with {CPU: 1, GPU: 1} each: the cluster")
+    assert len(lines) == 1 and lines[0].startswith(
+        "waiting for 1 training worker(s) with {CPU: 1, GPU: 1} each: the cluster"
+    )
     assert "(30 s so far; train.start_timeout_s gives up after 300 s)" in lines[0]
     clock[0] += 30
     waiting.check()

@@ -56,6 +56,19 @@ class Contract:
     fields: tuple[Field, ...]
     rows: str = "all"  # which rows of the plan become rows of this table: all | ok | failed
     explode: tuple[str, ...] = ()  # list columns exploded in parallel: one table row per element
+    shard_order: int | None = None  # a run writes it as shard files; its place among those tables
+    written_when: str | None = None  # a dotted job-spec key that must be set; None: every run
+
+    def written_by(self, spec: Any) -> bool:
+        """Whether a run of ``spec`` writes this table's shards: it is a shard table and its
+        ``written_when`` key is set in ``spec`` (not null, false or ``"none"``; a missing section
+        counts as unset)."""
+        if self.shard_order is None:
+            return False
+        value = spec
+        for part in (self.written_when.split(".") if self.written_when else ()):
+            value = getattr(value, part, None)
+        return value is not None and value is not False and value != "none"
 
     @property
     def names(self) -> list[str]:
@@ -112,6 +125,10 @@ def load(table: str) -> Contract:
     names = [f.name for f in fields]
     if len(set(names)) != len(names):
         raise ContractError(f"{where}: duplicate field names")
+    shards = raw.get("shards")
+    if shards is not None and (not isinstance(shards, dict) or not isinstance(shards.get("order"), int)
+                               or set(shards) - {"order", "when"}):
+        raise ContractError(f"{where}: shards must be {{order: N, when: a.spec.key}} (when optional), got {shards!r}")
     return Contract(
         table=raw["table"],
         version=int(raw["version"]),
@@ -119,7 +136,20 @@ def load(table: str) -> Contract:
         fields=tuple(fields),
         rows=str(raw.get("rows", "all")),
         explode=tuple(raw.get("explode", ())),
+        shard_order=shards.get("order") if shards else None,
+        written_when=shards.get("when") if shards else None,
     )
+
+
+def shard_tables() -> list[str]:
+    """The tables a run writes as shard files (run.json lists their files), in their declared order."""
+    contracts = [load(t) for t in table_names()]
+    return [c.table for c in sorted((c for c in contracts if c.shard_order is not None), key=lambda c: c.shard_order)]
+
+
+def written_tables(spec: Any) -> list[str]:
+    """The shard tables a run of ``spec`` writes (each contract's ``shards.when``)."""
+    return [t for t in shard_tables() if load(t).written_by(spec)]
 
 
 def validate(table: pa.Table, contract: Contract) -> None:
@@ -130,7 +160,8 @@ def validate(table: pa.Table, contract: Contract) -> None:
     extra = [n for n in got if n not in contract.names]
     if missing or extra:
         raise ContractError(
-            f"table {contract.table!r} does not match its contract: missing columns {missing}, unexpected columns {extra}"
+            f"table {contract.table!r} does not match its contract: missing columns {missing}, "
+            f"unexpected columns {extra}"
         )
     if got != contract.names:
         raise ContractError(f"table {contract.table!r}: columns out of order: {got} != {contract.names}")

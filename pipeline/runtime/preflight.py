@@ -169,10 +169,12 @@ def layout_problem(layout: str) -> str | None:
 
 def spec_problem(spec: Any, storage: Any = None, *, objects: bool = False) -> str | None:
     """The first reason ``spec`` (a JobSpec or a TrainSpec) cannot run, as ``key: reason``; None when
-    none is found. Checked on the driver before anything starts: the model name and pretrained tag
-    against open_clip's registry (:func:`pipeline.models.registry.check_model`), local weight files
-    (they must exist), local prompt files (they must parse), then the settings that depend on the
-    model's shape (:func:`model_problems`, one per line).
+    none is found. The one check of ``zsad validate``, ``zsad submit``, ``zsad run`` and the run's
+    driver, made before anything starts, in this order: the model name and pretrained tag against
+    open_clip's registry (:func:`pipeline.models.registry.check_model`); the settings that depend on
+    the model's shape (:func:`model_problems`, before any weights are looked up: one message, a
+    problem per line); the weight files the job uses (local files must exist); the prompt files
+    (local files must parse).
 
     ``objects``: as a run's driver checks before Ray starts: also look up the weights and prompt
     files given by URI (with ``storage``), and read the structure of local torch checkpoints
@@ -187,8 +189,13 @@ def spec_problem(spec: Any, storage: Any = None, *, objects: bool = False) -> st
             registry.check_model(spec.clip.model, checked_tag)
         except registry.ModelLoadError as exc:
             return f"{key}: {exc}"
-    files = {"clip.weights": spec.clip.weights, "sam.weights": spec.sam.weights if getattr(spec, "sam", None) else None,
-             "foreground.dis_model": spec.foreground.dis_model if getattr(spec, "foreground", None) else None,
+    problems = model_problems(spec)
+    if problems:
+        return shape_error(spec, problems)
+    sam = spec.uses_sam() if hasattr(spec, "uses_sam") else False
+    files = {"clip.weights": spec.clip.weights,
+             "sam.weights": spec.sam.weights if sam and getattr(spec, "sam", None) else None,
+             "foreground.dis_model": spec.foreground.dis_model if sam and getattr(spec, "foreground", None) else None,
              "pixel.weights": getattr(getattr(spec, "pixel", None), "weights", None),
              "adapters.weights": getattr(getattr(spec, "adapters", None), "weights", None)}
     for key, weights in files.items():
@@ -202,9 +209,6 @@ def spec_problem(spec: Any, storage: Any = None, *, objects: bool = False) -> st
     problem = prompt_file_problem(spec, storage, objects=objects)
     if problem:
         return problem
-    problems = model_problems(spec)
-    if problems:
-        return "\n  ".join(problems)
     return _checkpoint_problem(spec) if objects else None
 
 

@@ -17,13 +17,11 @@ import pandas as pd
 
 import pipeline
 from pipeline.config import JobSpec
+from pipeline.io import contracts
 from pipeline.io import fs as fsio
 from pipeline.runtime.passes import CategoryPass
 from pipeline.runtime.progress import timed_stages
 from pipeline.stages.base import PlannedStage
-
-#: the tables whose shard files run.json lists
-SHARD_TABLES = ("scores", "errors", "masks", "foreground", "tiles", "embeddings")
 
 
 def _fused_parts(planned: PlannedStage) -> dict[str, Any]:
@@ -152,8 +150,7 @@ def run_record(run: Any, ended: dt.datetime, sections: dict[str, dict[str, Any]]
            if spec.sam_refine is not None else {}),
         "shards": {"size": run.shard_size, "count": len(run.expected), "done": len(markers)},
         "tables": {
-            **{t: sink.files(t) if t in run.tables and not run.output_lost else [] for t in
-               ("scores", "errors", "masks", "foreground", "tiles", "embeddings")},
+            **{t: sink.files(t) if t in run.tables and not run.output_lost else [] for t in contracts.shard_tables()},
             "inputs": fsio.join(run.run_dir, "inputs.parquet"),
         },
         "executor": run.executor,

@@ -29,13 +29,11 @@ from pipeline.io.layouts import InputError, list_inputs
 from pipeline.io.lease import Lease, LeaseHeld
 from pipeline.io.manifest import read_manifest, write_manifest
 from pipeline.io.sinks import ShardSink, read_json, write_json
-from pipeline.io.weights import WeightsError, preflight
-from pipeline.models import registry
 from pipeline.runtime import fewshot, mutual
 from pipeline.runtime.ids import check_run_id, new_run_id
 from pipeline.runtime.incremental import unscored
 from pipeline.runtime.passes import CategoryPass, PassError, RunContext
-from pipeline.runtime.preflight import model_problems, shape_error
+from pipeline.runtime.preflight import spec_problem
 from pipeline.runtime.progress import Progress, ShardTally, busy_seconds, timed_stages
 from pipeline.runtime.record import (
     plan_entries,
@@ -79,17 +77,9 @@ def skipped_text(skipped: dict[str, int]) -> str:
 
 
 def output_tables(spec: JobSpec) -> list[str]:
-    """The tables a run of ``spec`` writes, besides inputs.parquet."""
-    tables = ["scores", "errors"]
-    if spec.pixel.kind != "none":
-        tables.append("masks")
-    if spec.foreground is not None:
-        tables.append("foreground")
-    if spec.tiling is not None and spec.tiling.write_table:
-        tables.append("tiles")
-    if spec.mutual is not None:
-        tables.append("embeddings")
-    return tables
+    """The tables a run of ``spec`` writes, besides inputs.parquet: the shard tables whose contract's
+    ``shards.when`` key the spec sets (schemas/README.md)."""
+    return contracts.written_tables(spec)
 
 
 #: the passes over whole categories, in the order they run (each says whether a job has it)
@@ -142,49 +132,11 @@ def _comparable(spec_data: dict[str, Any]) -> dict[str, Any]:
 
 
 def preflight_spec(spec: JobSpec, storage: fsio.StorageOptions) -> None:
-    """Fail fast on the driver, before Ray starts: model name, pretrained tag, the settings against the
-    model's shape (:mod:`pipeline.runtime.preflight`), weights locations, local files."""
-    w = spec.clip.weights
-    try:
-        registry.check_model(spec.clip.model, w.tag if w is not None else None)
-    except registry.ModelLoadError as exc:
-        raise RunError(f"clip.weights / clip.model: {exc}", exit_code=2) from None
-    problems = model_problems(spec)  # the settings against the model's shape, before any weights are looked up
-    if problems:
-        raise RunError(shape_error(spec, problems), exit_code=2)
-    try:
-        preflight(w, storage)
-    except WeightsError as exc:
-        raise RunError(f"clip.weights / clip.model: {exc}", exit_code=2) from None
-    others = {
-        "sam.weights": spec.sam.weights if spec.uses_sam() and spec.sam else None,
-        "foreground.dis_model": spec.foreground.dis_model if spec.uses_sam() and spec.foreground else None,
-        "pixel.weights": getattr(spec.pixel, "weights", None),
-    }
-    for key, weights in others.items():
-        try:
-            preflight(weights, storage)
-        except WeightsError as exc:
-            raise RunError(f"{key}: {exc}", exit_code=2) from None
-    from pipeline.stages.clip_score import prompt_file_problem
-
-    problem = prompt_file_problem(spec, storage)
+    """Fail fast on the driver, before Ray starts (:func:`pipeline.runtime.preflight.spec_problem`,
+    the check ``zsad validate`` and ``zsad submit`` make, with the objects looked up and read)."""
+    problem = spec_problem(spec, storage, objects=True)
     if problem:
         raise RunError(problem, exit_code=2)
-    # local torch checkpoints: read their structure now (tensors mapped, not read), so an unusable file
-    # stops the run here with its reason instead of in every model actor (SAM's and the adapters' files:
-    # with the model-shape checks above)
-    torch_files = {"clip.weights": (spec.clip.weights, "weights file"),
-                   "pixel.weights": (spec.pixel.weights if spec.pixel.kind == "clipseg" else None,
-                                     "CLIPSeg weights file")}
-    for key, (weights, what) in torch_files.items():
-        if weights is not None and weights.path:
-            from pipeline.models.checkpoints import read_state_dict  # torch: only when there is a file to read
-
-            try:
-                read_state_dict(weights.path, what=what, error=registry.ModelLoadError, mmap=True)
-            except registry.ModelLoadError as exc:
-                raise RunError(f"{key}: {exc}", exit_code=2) from None
 
 
 def prepare(spec: JobSpec,

@@ -90,3 +90,47 @@ def test_json_roundtrip(tmp_path):
     assert read_json(str(tmp_path / "r" / "run.json")) == {"a": 1}
     assert json.loads((tmp_path / "r" / "run.json").read_text()) == {"a": 1}
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith((".run-", ".tmp-"))]
+
+
+def _tables_by_hand(spec) -> list[str]:
+    """What a run writes, as the code listed it before the contracts said it (issue 30)."""
+    tables = ["scores", "errors"]
+    tables += ["masks"] if spec.pixel.kind != "none" else []
+    tables += ["foreground"] if spec.foreground is not None else []
+    tables += ["tiles"] if spec.tiling is not None and spec.tiling.write_table else []
+    return tables + (["embeddings"] if spec.mutual is not None else [])
+
+
+def test_the_tables_a_run_writes_come_from_the_contracts():
+    """Issue 30: no list of tables in the code; each shard table's contract says when a run writes
+    it (shards.when, a job-spec key), and their order; every preset gets what the hand-kept rule gave."""
+    from pathlib import Path
+
+    from pipeline.config import load_spec
+    from pipeline.io.contracts import load, shard_tables, written_tables
+
+    jobs = Path(__file__).resolve().parents[3] / "jobs"
+
+    assert shard_tables() == ["scores", "errors", "masks", "foreground", "tiles", "embeddings"]
+    specs = [load_spec(str(p)) for p in sorted(jobs.glob("*.yaml")) if "train" not in p.name]
+    specs += [load_spec(str(jobs / "vvv.yaml"), ["tiling.write_table=false"]),
+              load_spec(str(jobs / "smoke.yaml"), ["pixel.kind=none"])]
+    seen = set()
+    for spec in specs:
+        assert written_tables(spec) == _tables_by_hand(spec), spec.name
+        seen |= set(written_tables(spec))
+    assert seen == set(shard_tables())  # each rule is exercised
+    assert written_tables(specs[-1]) == ["scores", "errors"]
+    assert not load("inputs").written_by(specs[0]) and not load("metrics").written_by(specs[0])
+
+
+def test_a_malformed_shards_rule_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "odd.yaml").write_text("table: odd\nversion: 1\nfields:\n"
+                                       "  - {name: a, type: string, nullable: false}\nshards: {when: mutual}\n")
+    monkeypatch.setattr(contracts, "_files", lambda: tmp_path)
+    contracts.load.cache_clear()
+    try:
+        with pytest.raises(contracts.ContractError, match=r"schemas/odd.yaml: shards must be \{order: N"):
+            contracts.load("odd")
+    finally:
+        contracts.load.cache_clear()

@@ -101,7 +101,8 @@ def test_a_sam_checkpoint_of_another_size_than_sam_model(tmp_path):
 
 def test_spec_problem_is_the_one_check_before_anything_starts(tmp_path):
     """Issue 30: zsad validate, zsad submit (and a run's driver, objects=True) share spec_problem:
-    model and tag, weight and prompt files, then the settings against the model's shape."""
+    model and tag, the settings against the model's shape (before any file is looked up), then the
+    weight and prompt files."""
     from pipeline.runtime.preflight import layout_problem, spec_problem
 
     assert layout_problem("auto") is None and layout_problem("mvtec") is None
@@ -111,9 +112,13 @@ def test_spec_problem_is_the_one_check_before_anything_starts(tmp_path):
     assert unknown.startswith("clip.model: unknown open_clip model 'ViT-Q-99'")
     assert spec_problem(_spec("smoke", f"clip.weights={tmp_path}/none.pt")).startswith("clip.weights: ")
     assert spec_problem(_spec("smoke", "clip.image_size=100")) == (
-        "clip.image_size 100 is not a multiple of zsad-tiny's patch size 16 (its patch embedding would drop the last 4 "
+        "the spec does not fit its models (clip.model zsad-tiny); nothing was started:\n"
+        "  clip.image_size 100 is not a multiple of zsad-tiny's patch size 16 (its patch embedding would drop the last 4 "
         "pixels): use 96 or 112")
-    assert spec_problem(_spec("winclip", "pixel.window_sizes=[2,9]", "clip.image_size=100")).count("\n  ") == 1
+    assert spec_problem(_spec("winclip", "pixel.window_sizes=[2,9]", "clip.image_size=100")).count("\n  ") == 2
+    # the shape first: a missing weights file is not looked up while the settings do not fit the model
+    both = spec_problem(_spec("smoke", "clip.image_size=100", f"clip.weights={tmp_path}/none.pt"))
+    assert both.startswith("the spec does not fit its models")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     junk = _spec("smoke", f"clip.weights={tmp_path / 'junk.pt'}")
     assert spec_problem(junk) is None  # validate leaves the file's contents to the run

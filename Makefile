@@ -15,7 +15,7 @@ PY  := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.zsad-installed
 
-.PHONY: demo test test-fast venv bench clean reference-check
+.PHONY: demo test test-fast lint venv bench clean reference-check
 
 venv: $(STAMP)
 
@@ -29,7 +29,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/zsad demo --output demo-output --data demo-data
 
-test: $(STAMP)
+# ruff's settings are in pyproject.toml ([tool.ruff]); the tree must pass them before the tests run
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadscope --durations=30 tests
 
 test-fast: $(STAMP)

@@ -88,7 +88,8 @@ def main() -> None:
         "images": args.images,
         "image_size": args.size,
         "batch_size": spec.resources.clip_score.batch_size,
-        "machine": f"{os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "machine": f"{os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
         "run_images_per_s_plan": round(args.images / plan_s, 2),
         "run_startup_s": round(first_s, 1),
         "run_actor_images_per_s": round(args.images / busy_s, 2),

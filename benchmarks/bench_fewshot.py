@@ -178,7 +178,8 @@ def main() -> None:
                 print(json.dumps(runs[k]), flush=True)
             rows.append((method, built, runs))
     print(
-        "\n| method | bank build s/reference (median) | zero-shot s/image | k | few-shot s/image | overhead s/image | bank MB | peak RSS scoring (MB) |"
+        "\n| method | bank build s/reference (median) | zero-shot s/image | k | few-shot s/image | overhead s/image | "
+        "bank MB | peak RSS scoring (MB) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for method, built, runs in rows:
@@ -186,7 +187,8 @@ def main() -> None:
         for k in (k for k in SHOTS if k in runs):
             r = runs[k]
             print(
-                f"| {method} | {built['seconds_per_reference_median']} | {zs} | {k} | {r['seconds_per_image_median']} | "
+                f"| {method} | {built['seconds_per_reference_median']} | {zs} | {k} | "
+                f"{r['seconds_per_image_median']} | "
                 f"{r['seconds_per_image_median'] - zs:+.3f} | {built['bank_mb'][str(k)]} | {r['peak_rss_mb']} |"
             )
 

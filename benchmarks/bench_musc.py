@@ -11,10 +11,10 @@ Phases, each in its own subprocess so that its peak RSS (ru_maxrss) is its own:
   scoring MODEL R     one query image's mutual map against R + 1 pool images' features of MODEL's
                       shape (M patches x C channels, random values: the cost does not depend on them),
                       through pipeline.models.mutual.mutual_map with the presets' chunk sizes
-  archive R           the pipeline's scoring stage (ClipScoreStage with the mutual scorer, tiny CLIP at 128 px, 4 blocks) holding
-                      one pool of R + 1 images scores categories of 200, 800 and 3200 generated images in
-                      batches of 8, one after another in one process: seconds per category, ms per image
-                      and the process's peak RSS after each category
+  archive R           the pipeline's scoring stage (ClipScoreStage with the mutual scorer, tiny CLIP at
+                      128 px, 4 blocks) holding one pool of R + 1 images scores categories of 200, 800 and
+                      3200 generated images in batches of 8, one after another in one process: seconds per
+                      category, ms per image and the process's peak RSS after each category
 
 Usage: python benchmarks/bench_musc.py [--phases features,scoring,archive] [--threads 2] [--json PATH]
 """
@@ -216,7 +216,8 @@ def main() -> None:
         results["features"] = [_child(["features", m], a.threads) for m in BACKBONES]
         for row in results["features"]:
             print(
-                f"features {row['model']} @{row['size']}: {row['ms_per_image']} ms/image, peak RSS {row['peak_rss_mb']} MB",
+                f"features {row['model']} @{row['size']}: {row['ms_per_image']} ms/image, "
+                f"peak RSS {row['peak_rss_mb']} MB",
                 flush=True,
             )
     if "scoring" in phases:

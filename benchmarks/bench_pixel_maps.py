@@ -126,7 +126,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(
-        "\n| measurement | s/image (min) | s/image (median) | RSS after setup (MB) | peak RSS (MB) | peak - setup (MB) | deviation from fp32 |"
+        "\n| measurement | s/image (min) | s/image (median) | RSS after setup (MB) | peak RSS (MB) | "
+        "peak - setup (MB) | deviation from fp32 |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -136,8 +137,8 @@ def main() -> None:
             else ""
         )
         print(
-            f"| {r['kind']} | {r['seconds_per_image_min']} | {r['seconds_per_image_median']} | {r['rss_after_setup_mb']} | "
-            f"{r['peak_rss_mb']} | {r['peak_rss_increase_mb']} | {dev} |"
+            f"| {r['kind']} | {r['seconds_per_image_min']} | {r['seconds_per_image_median']} | "
+            f"{r['rss_after_setup_mb']} | {r['peak_rss_mb']} | {r['peak_rss_increase_mb']} | {dev} |"
         )
 
 

@@ -147,7 +147,8 @@ def main() -> None:
             rows.append(run(preset, imgs, os.path.join(tmp, preset)))
             print(json.dumps(rows[-1]), flush=True)
     print(
-        "| preset (model @ px) | images | pool MB/image f32 -> f16 | max abs score diff | max abs map diff | same ranking |"
+        "| preset (model @ px) | images | pool MB/image f32 -> f16 | max abs score diff | max abs map diff | "
+        "same ranking |"
     )
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:

@@ -202,14 +202,14 @@ def main() -> None:
             r.pop("values")
             rows.append(r)
     print(
-        "| images | workers | tasks (rows each) | pass wall s | per-category tasks s | shard rewrite s | driver peak MiB | "
-        "largest worker peak MiB |"
+        "| images | workers | tasks (rows each) | pass wall s | per-category tasks s | shard rewrite s | "
+        "driver peak MiB | largest worker peak MiB |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['n']:,} | {r['workers']} | {r['tasks']} ({r['chunk']:,}) | {r['wall_s']} | {r['category_tasks_s']} | "
-            f"{r['rewrite_s']} | {r['driver_peak_mib']} | {r['worker_peak_mib']} |"
+            f"| {r['n']:,} | {r['workers']} | {r['tasks']} ({r['chunk']:,}) | {r['wall_s']} | "
+            f"{r['category_tasks_s']} | {r['rewrite_s']} | {r['driver_peak_mib']} | {r['worker_peak_mib']} |"
         )
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)

@@ -171,7 +171,10 @@ def main() -> None:
         rows.append(rec)
         print(json.dumps(rec))
     print()
-    print("| date | machine | command | model | images | points/side | embed s/img | decode s/img | total s/img | masks/img | peak RSS MiB (embed / decode) |")
+    print(
+        "| date | machine | command | model | images | points/side | embed s/img | decode s/img | total s/img | "
+        "masks/img | peak RSS MiB (embed / decode) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(

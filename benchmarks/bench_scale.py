@@ -384,7 +384,9 @@ def run_once(args: argparse.Namespace, sets: list[str], input_dir: Path, out_dir
             killed = sampler.reap()
     tail = (_read(str(log_path)) or "")[-3000:]
     if timed_out:
-        sys.exit(f"bench_scale: `zsad run` did not finish within --timeout {args.timeout} s ({run_id}); log tail:\n{tail}")
+        sys.exit(
+            f"bench_scale: `zsad run` did not finish within --timeout {args.timeout} s ({run_id}); log tail:\n{tail}"
+        )
     if rc != 0:
         sys.exit(f"bench_scale: `zsad run` exited {rc} ({run_id}); log tail:\n{tail}")
     manifest_path = out_dir / run_id / "run.json"

@@ -65,7 +65,8 @@ def main() -> None:
     tiles = np.array(per_tiles)
     print(
         f"| {dt.date.today()} | {cpu_name()}, {len(__import__('os').sched_getaffinity(0))} cores | "
-        f"`python benchmarks/bench_tiling.py --images {args.images} --size {args.size[0]} {args.size[1]} --min-tile {args.min_tile}` | "
+        f"`python benchmarks/bench_tiling.py --images {args.images} --size {args.size[0]} {args.size[1]} "
+        f"--min-tile {args.min_tile}` | "
         f"{args.kind} | {len(images)} | {np.mean(per_comps):.2f} | {found}/{len(images)} | "
         f"{tiles.mean():.2f} (min {tiles.min()}, median {np.median(tiles):.0f}, max {tiles.max()}) | "
         f"{dict(reasons)} | {np.median(fg_ms):.0f} | {np.median(tile_ms):.2f} |"

@@ -269,22 +269,33 @@ def main() -> None:
         f"  versions: python {v['python']}, anomalib {v['anomalib']}, open_clip_torch {v['open_clip_torch']}, "
         f"torch {v['torch']}, torchvision {v['torchvision']}"
     )
-    print(f"  machine: {result['machine']['nproc']} CPUs ({result['machine']['cpu']}); torch threads = {result['torch_threads']} (torch.set_num_threads({args.threads}))")
     print(
-        f"  import {import_s:.1f} s | model build (random init) {build_s:.1f} s | zero-shot setup ('{args.class_name}' text embeddings) {setup_s:.1f} s wall, {setup_cpu_s:.1f} s CPU"
+        f"  machine: {result['machine']['nproc']} CPUs ({result['machine']['cpu']}); "
+        f"torch threads = {result['torch_threads']} (torch.set_num_threads({args.threads}))"
     )
     print(
-        f"  batch 1, {args.size}x{args.size}: warm-up {warmup_s:.2f} s; per image over {len(wall)} images: min {min(wall):.2f} s, median {statistics.median(wall):.2f} s (process CPU median {statistics.median(cpu):.2f} s)"
+        f"  import {import_s:.1f} s | model build (random init) {build_s:.1f} s | "
+        f"zero-shot setup ('{args.class_name}' text embeddings) {setup_s:.1f} s wall, {setup_cpu_s:.1f} s CPU"
+    )
+    print(
+        f"  batch 1, {args.size}x{args.size}: warm-up {warmup_s:.2f} s; per image over {len(wall)} images: "
+        f"min {min(wall):.2f} s, median {statistics.median(wall):.2f} s "
+        f"(process CPU median {statistics.median(cpu):.2f} s)"
     )
     if batch8:
         print(
-            f"  batch 8: per image min {batch8['per_image_s_min']:.2f} s, median {batch8['per_image_s_median']:.2f} s ({batch8['repeats']} timed batches)"
+            f"  batch 8: per image min {batch8['per_image_s_min']:.2f} s, median {batch8['per_image_s_median']:.2f} s "
+            f"({batch8['repeats']} timed batches)"
         )
     print(
-        f"  process CPU / wall over timed images: {result['cpu_over_wall_per_image']:.2f} (2.0 = both threads busy); load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} (machine shared: other work inflates timings)"
+        f"  process CPU / wall over timed images: {result['cpu_over_wall_per_image']:.2f} (2.0 = both threads busy); "
+        f"load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f} "
+        "(machine shared: other work inflates timings)"
     )
     print(
-        f"  RSS: baseline (after imports, before model) {rss_baseline / 1024:.0f} MiB; after setup {rss_after_setup / 1024:.0f} MiB; peak (ru_maxrss) {peak / 1024:.0f} MiB; peak - baseline {(peak - rss_baseline) / 1024:.0f} MiB"
+        f"  RSS: baseline (after imports, before model) {rss_baseline / 1024:.0f} MiB; "
+        f"after setup {rss_after_setup / 1024:.0f} MiB; peak (ru_maxrss) {peak / 1024:.0f} MiB; "
+        f"peak - baseline {(peak - rss_baseline) / 1024:.0f} MiB"
     )
     if collapse:
         for s in collapse:

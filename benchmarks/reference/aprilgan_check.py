@@ -7,9 +7,9 @@ this project. Its vendored, modified open_clip (``open_clip/``), ``model.py`` (t
 ``prompt_ensemble.py`` are extracted into a scratch folder, with one shim beside them:
 ``pkg_resources.py`` re-exporting ``packaging`` (the only thing prompt_ensemble.py takes from
 setuptools, which this Python does not ship); on a machine without CUDA, the one ``.to('cuda')`` its
-vision forward makes (an attention sum it never uses) stays on the CPU. A child process runs there with that folder first on
-``sys.path`` (so ``import open_clip`` is APRIL-GAN's), and computes what its test.py computes per
-test image, in fp32 on the CPU:
+vision forward makes (an attention sum it never uses) stays on the CPU. A child process runs there
+with that folder first on ``sys.path`` (so ``import open_clip`` is APRIL-GAN's), and computes what
+its test.py computes per test image, in fp32 on the CPU:
 
 - the model as its ``create_model(..., img_size=518, pretrained='openai')`` builds it: the config's
   CLIP (exact GELU) at 518 px with the 336-px weights loaded through its ``resize_pos_embed``; the
@@ -75,7 +75,8 @@ def extract(source: str, scratch: str) -> str:
     commit = extract_files(source, scratch, ["open_clip", "model.py", "prompt_ensemble.py"])
     with open(os.path.join(scratch, "pkg_resources.py"), "w") as fh:
         fh.write(
-            "import packaging  # noqa: F401 - shim: prompt_ensemble.py takes `packaging` from setuptools' pkg_resources\n"
+            "import packaging  # noqa: F401 - shim: prompt_ensemble.py takes `packaging` "
+            "from setuptools' pkg_resources\n"
             "import packaging.version  # noqa: F401\n"
         )
     return commit

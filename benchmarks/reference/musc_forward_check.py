@@ -152,7 +152,8 @@ def main() -> None:
         commit = extract_files(args.musc, scratch, ["models/backbone/open_clip", "models/modules"])
         with open(os.path.join(scratch, "cv2.py"), "w") as fh:  # its transformer.py imports cv2 for a debug helper only
             fh.write(
-                "def __getattr__(name):\n    raise ImportError(f'cv2.{name}: OpenCV is not installed for the reference check')\n"
+                "def __getattr__(name):\n"
+                "    raise ImportError(f'cv2.{name}: OpenCV is not installed for the reference check')\n"
             )
         tests, _ = generated_images(scratch, CATEGORY, args.images)
         json.dump({"tests": tests}, open(os.path.join(scratch, "inputs.json"), "w"))
@@ -187,8 +188,8 @@ def main() -> None:
     }
     report(
         f"MuSc end-to-end reference check: {args.model} at {args.size} px, blocks {args.layers}, {args.images} images "
-        f"(the whole category as pool, streamed {got['chunk']} images at a time); MuSc commit {commit}; random weights; "
-        f"{time.monotonic() - t0:.0f} s",
+        f"(the whole category as pool, streamed {got['chunk']} images at a time); MuSc commit {commit}; "
+        f"random weights; {time.monotonic() - t0:.0f} s",
         rows,
         args.tol,
         args.json,

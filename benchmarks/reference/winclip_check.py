@@ -77,8 +77,8 @@ def prepare(scratch: str, anomalib: str, open_clip_src: str) -> str:
     )
     shims = {
         "anomalib/__init__.py": "",
-        "anomalib/data/__init__.py": "from typing import NamedTuple\n\nimport torch\n\n\nclass InferenceBatch(NamedTuple):\n"
-        "    pred_score: torch.Tensor\n    anomaly_map: torch.Tensor\n",
+        "anomalib/data/__init__.py": "from typing import NamedTuple\n\nimport torch\n\n\n"
+        "class InferenceBatch(NamedTuple):\n    pred_score: torch.Tensor\n    anomaly_map: torch.Tensor\n",
         "anomalib/models/__init__.py": "",
         "anomalib/models/components/__init__.py": "from .base.buffer_list import BufferListMixin  # noqa: F401\n"
         "from .base.dynamic_buffer import DynamicBufferMixin  # noqa: F401\n",

@@ -204,8 +204,9 @@ class StoredBank:
         m = self.manifest
         if expected_digest is not None and m.get("digest") != expected_digest:
             raise BankError(
-                f"bank {uri}: built for something else (digest {str(m.get('digest', '?'))[:12]}..., this run's spec and "
-                f"images give {expected_digest[:12]}...): the model, the method, the precision or the images changed. "
+                f"bank {uri}: built for something else (digest {str(m.get('digest', '?'))[:12]}..., "
+                f"this run's spec and images give {expected_digest[:12]}...): "
+                "the model, the method, the precision or the images changed. "
                 "Start a new run (another --run-id) to build it for the new spec"
             )
         self.image_ids: list[str] = list(m["image_ids"])

@@ -208,8 +208,8 @@ def _list_mvtec(
                 by_category[head][tail] = info
     if not by_category:
         raise InputError(
-            f"input {uri}: does not look like {'an' if name.startswith('MVTec') else 'a'} {name} tree (expected ROOT/<category>/{shape} "
-            f"or ROOT/{shape}; found no {split}/ folder)"
+            f"input {uri}: does not look like {'an' if name.startswith('MVTec') else 'a'} {name} tree "
+            f"(expected ROOT/<category>/{shape} or ROOT/{shape}; found no {split}/ folder)"
         )
     if data.category is not None:
         if data.category not in by_category:

@@ -137,7 +137,9 @@ def _project_exploded(batch: pa.Table, contract: Contract, values: Mapping[str, 
     lengths = pc.fill_null(pc.list_value_length(first), 0)
     for name, arr in lists.items():
         if not pc.all(pc.equal(pc.fill_null(pc.list_value_length(arr), 0), lengths)).as_py():
-            raise ContractError(f"table {contract.table!r}: list column {name!r} does not match {contract.explode[0]!r} row by row")
+            raise ContractError(
+                f"table {contract.table!r}: list column {name!r} does not match {contract.explode[0]!r} row by row"
+            )
     parents = pc.list_parent_indices(first)
     starts = np.repeat(np.asarray(first.offsets)[:-1], np.asarray(lengths))
     position = pa.array(np.arange(len(parents)) - starts + np.asarray(first.offsets)[0], pa.int64())

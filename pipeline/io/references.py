@@ -272,7 +272,9 @@ def choose_references(
                     f"reference: category {category!r} has {n} candidate reference image{'s' if n != 1 else ''}, "
                     f"fewer than few_shot.k = {k}; set few_shot.with_replacement: true, or a smaller few_shot.k"
                 )
-            picks = torch_shuffle_order(seed, n)[:k] if sampler == "torch_shuffle" else rng.choice(n, size=k, replace=False)
+            picks = (
+                torch_shuffle_order(seed, n)[:k] if sampler == "torch_shuffle" else rng.choice(n, size=k, replace=False)
+            )
         records = group.to_dict("records")
         for shot, index in enumerate(picks):
             record = records[int(index)]

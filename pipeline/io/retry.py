@@ -119,6 +119,7 @@ def retrying(
             delay = delays[attempt - 1]
             if log is not None:
                 log(
-                    f"{what}: transient failure ({type(exc).__name__}: {exc}); retry {attempt}/{len(delays)} in {delay:g} s"
+                    f"{what}: transient failure ({type(exc).__name__}: {exc}); "
+                    f"retry {attempt}/{len(delays)} in {delay:g} s"
                 )
             sleep(delay)

@@ -339,7 +339,8 @@ def _check_fit(sd: dict, label: str, width: int, embed: int, n_layers: int) -> d
     count = max(int(_FC_KEY.match(k).group(1)) for k in sd) + 1
     if count != n_layers:
         raise AdapterLoadError(
-            f"{label} holds adapters for {count} layers (fc.0 .. fc.{count - 1}), the backbone setup uses {n_layers} layers"
+            f"{label} holds adapters for {count} layers (fc.0 .. fc.{count - 1}), "
+            f"the backbone setup uses {n_layers} layers"
         )
     need = {}
     for i in range(n_layers):

@@ -218,7 +218,9 @@ def _check_image(img: np.ndarray, index: int) -> None:
         raise ValueError(f"image {index}: empty image of shape {img.shape}")
 
 
-def harmonic_mean(maps: torch.Tensor | np.ndarray, eps: float = HARMONIC_EPS, dim: int = 0) -> torch.Tensor | np.ndarray:
+def harmonic_mean(
+    maps: torch.Tensor | np.ndarray, eps: float = HARMONIC_EPS, dim: int = 0
+) -> torch.Tensor | np.ndarray:
     """Harmonic mean over axis ``dim``: ``n / sum_i 1 / max(p_i, eps)``.
 
     ``maps``: probabilities in [0, 1] (e.g. ``(P, H, W)`` sigmoid maps, one per prompt). Each value

@@ -7,9 +7,9 @@ and needs nothing else from open_clip; so the registry (every model open_clip kn
 configs included, with its pretrained tags and, for a plain ViT, the depth, width, patch size and
 native input size of its vision tower, read from the model's config) is read from open_clip once and kept
 in a small JSON file in zsad's cache folder (``$ZSAD_CACHE_DIR``, default ``~/.cache/zsad``; the
-weights cache is beside it), named by open_clip's installed version and zsad's config files. Another open_clip version or another config file is
-another name, so a stale registry is never read. Where that folder cannot be written, open_clip is
-imported every time (slower, same answer).
+weights cache is beside it), named by open_clip's installed version and zsad's config files. Another
+open_clip version or another config file is another name, so a stale registry is never read. Where
+that folder cannot be written, open_clip is imported every time (slower, same answer).
 """
 
 from __future__ import annotations

@@ -174,8 +174,9 @@ def build_sam(
     ``checkpoint``: a local state-dict file (resolve URIs first with :mod:`pipeline.io.weights`),
     read with ``torch.load(weights_only=True)`` (or safetensors for ``.safetensors``), optionally
     wrapped as ``{"model": ...}`` / ``{"state_dict": ...}`` and/or with ``module.`` prefixes, and
-    loaded strictly: every key and shape must match. ``None``: random init under ``torch.manual_seed(seed)`` so every actor builds the
-    same model (the caller's global RNG state is left untouched).
+    loaded strictly: every key and shape must match. ``None``: random init under
+    ``torch.manual_seed(seed)`` so every actor builds the same model (the caller's global RNG state is
+    left untouched).
 
     Raises :class:`SamLoadError` for an unknown model name, an unreadable or unsafe file, and a
     checkpoint whose keys or shapes do not fit the architecture.
@@ -205,9 +206,9 @@ def keep_freed_memory() -> bool:
     kernel (``mallopt``: no trimming, and no separate ``mmap`` for large blocks: both thresholds set
     to -1, which glibc reads as the largest size). SAM on a CPU allocates and frees large temporary
     tensors in every call; with the defaults each one is a fresh ``mmap`` whose pages fault in
-    again, which dominated its time (BENCHMARKS.md). The price is a higher resident size. The effect of starting the process
-    with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, from inside a worker that is already
-    running. Returns False where there is no glibc (nothing changed)."""
+    again, which dominated its time (BENCHMARKS.md). The price is a higher resident size. The effect
+    of starting the process with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, from inside a
+    worker that is already running. Returns False where there is no glibc (nothing changed)."""
     import ctypes
     import ctypes.util
 

@@ -205,7 +205,9 @@ def window_indices(grid: int, k: int) -> torch.Tensor:
 
 
 @forward_pass
-def window_embeddings(visual: torch.nn.Module, tokens: torch.Tensor, grid: int, k: int, chunk: int = 1024) -> torch.Tensor:
+def window_embeddings(
+    visual: torch.nn.Module, tokens: torch.Tensor, grid: int, k: int, chunk: int = 1024
+) -> torch.Tensor:
     """Embeddings of every k x k window: (B, W, E).
 
     Each window is its own sequence (class token + its k*k patch tokens, all with their original

@@ -127,7 +127,9 @@ def _size(rle: dict[str, Any]) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in rle["size"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"RLE needs 'size': [H, W], got {rle.get('size') if isinstance(rle, dict) else rle!r}") from exc
+        raise ValueError(
+            f"RLE needs 'size': [H, W], got {rle.get('size') if isinstance(rle, dict) else rle!r}"
+        ) from exc
     if h < 0 or w < 0:
         raise ValueError(f"RLE size must be non-negative, got {[h, w]}")
     return h, w

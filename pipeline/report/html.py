@@ -10,12 +10,16 @@ import math
 from typing import Any, Iterable
 
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1280px;padding:0 18px 40px;color:#1b1b1b}
-h1{font-size:22px;margin:18px 0 6px}h2{font-size:18px;margin:26px 0 8px;border-bottom:2px solid #ddd;padding-bottom:4px}
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1280px;
+padding:0 18px 40px;color:#1b1b1b}
+h1{font-size:22px;margin:18px 0 6px}
+h2{font-size:18px;margin:26px 0 8px;border-bottom:2px solid #ddd;padding-bottom:4px}
 h3{font-size:14px;margin:14px 0 6px}
-table{border-collapse:collapse;font-size:12px;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;font-size:12px;margin:6px 0}
+td,th{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.banner{background:#b00020;color:#fff;font-size:20px;font-weight:700;padding:14px 18px;margin:12px 0;border:4px solid #600}
+.banner{background:#b00020;color:#fff;font-size:20px;font-weight:700;padding:14px 18px;margin:12px 0;
+border:4px solid #600}
 .banner small{display:block;font-size:13px;font-weight:400}
 .note{color:#555;font-size:12px}.bad{color:#b00020;font-weight:600}.good{color:#1e7b34;font-weight:600}
 .plots img{margin:4px 8px 4px 0;border:1px solid #eee;height:220px}
@@ -43,7 +47,8 @@ def fmt(value: Any, digits: int = 4) -> str:
 
 def page_start(title: str) -> str:
     return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width">'
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>\n"
     )
 

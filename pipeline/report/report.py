@@ -225,7 +225,8 @@ def _run_section(run: RunData) -> str:
         ("started / ended", f"{r.get('started')} / {r.get('ended')}"),
         (
             "images",
-            f"{n} listed: {counts.get('ok')} ok, {counts.get('failed')} failed, {counts.get('missing', 0)} without a result",
+            f"{n} listed: {counts.get('ok')} ok, {counts.get('failed')} failed, "
+            f"{counts.get('missing', 0)} without a result",
         ),
         ("wall time", f"{wall:.1f} s" + (f"  ({n / wall:.2f} images/s)" if wall > 0 and n else "")),
         ("random weights", "YES - not a result" if run.random_weights else "no"),

@@ -211,7 +211,8 @@ def evaluate_run(
                 problems.setdefault(cat, []).extend(row["problems"].split("\n"))
     for cat, items in problems.items():
         log(
-            f"evaluate: {len(items)} anomalous image(s) of {cat} without a usable mask, left out of the pixel metrics: {items[:3]}"
+            f"evaluate: {len(items)} anomalous image(s) of {cat} without a usable mask, "
+            f"left out of the pixel metrics: {items[:3]}"
         )
 
     rows = []
@@ -321,8 +322,10 @@ def markdown(table: pd.DataFrame, settings: dict[str, Any]) -> str:
     if settings["random_weights"]:
         lines.append("**Random model weights: these numbers are NOT anomaly-detection results.**\n")
     lines.append(
-        f"Run `{settings['run_id']}`; eval size {settings['eval_size']}; image score: {settings['image_score_source']}; "
-        f"AUPRO {settings['aupro_mode']} @ {settings['aupro_limit']:g}; AP: step; {settings['connectivity']}-connected regions.\n"
+        f"Run `{settings['run_id']}`; eval size {settings['eval_size']}; "
+        f"image score: {settings['image_score_source']}; "
+        f"AUPRO {settings['aupro_mode']} @ {settings['aupro_limit']:g}; AP: step; "
+        f"{settings['connectivity']}-connected regions.\n"
     )
     lines.append("| " + " | ".join(heads) + " |")
     lines.append("|" + "---|" * len(heads))

@@ -4,8 +4,8 @@ A submission is ``zsad run job.yaml --input I --output O --run-id RUN_ID --addre
 on the cluster's head by Ray's job supervisor. The job spec travels in the runtime environment: it
 is written (fully resolved, ``--set`` overrides applied) to ``job.yaml`` in a fresh folder that is
 the job's ``working_dir``; storage secrets never go into that file, they travel as the job's
-environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``). zsad itself must be installed on the cluster's nodes (cluster.yaml's
-setup commands do that).
+environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``). zsad itself must be
+installed on the cluster's nodes (cluster.yaml's setup commands do that).
 
 Attempts: the first attempt's submission id is the run id itself; a retry (``zsad submit
 --retries N``) is a new submission ``RUN_ID--attempt-K`` of ``zsad run ... --resume``, so finished

@@ -5,8 +5,8 @@ Driver:
    input (a layout with masks), refuse data that cannot be trained on (exit 2);
 2. decide what each worker asks for (:func:`worker_request`: ``train.use_gpu`` auto/true/false);
    for a local Ray, refuse workers the machine can never hold (:func:`check_local`, exit 2) before
-   Ray starts, and again on the started Ray's resources; start (or attach to) Ray; then write ``OUTPUT/TRAIN_ID/_train_plan.json`` (spec, input; a
-   resume must match it);
+   Ray starts, and again on the started Ray's resources; start (or attach to) Ray; then write
+   ``OUTPUT/TRAIN_ID/_train_plan.json`` (spec, input; a resume must match it);
 3. the data flows through Ray Data (zsad's decode stage, then the training-sample stage: image at
    the adapters' size + mask) into a ``TorchTrainer`` with ``train.num_workers`` data-parallel
    workers (DDP), a bounded failure policy (:func:`failure_config`: ``train.max_failures``
@@ -87,7 +87,8 @@ def check_training_data(manifest: pd.DataFrame, input_uri: str) -> None:
                          "and masks (mvtec, visa, or a manifest with gt_label and mask_uri)", exit_code=2)
     anomalous = manifest["gt_label"] == 1
     if not anomalous.any():
-        raise TrainError(f"input {input_uri}: no anomalous image (gt_label 1): the adapters would learn nothing", exit_code=2)
+        raise TrainError(f"input {input_uri}: no anomalous image (gt_label 1): the adapters would learn nothing",
+                         exit_code=2)
     if manifest.loc[anomalous, "mask_uri"].isna().all():
         raise TrainError(f"input {input_uri}: the anomalous images have no masks (mask_uri); training needs "
                          "pixel masks (mvtec and visa layouts carry them)", exit_code=2)
@@ -161,10 +162,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
     width, embed = visual.transformer.width, int(visual.output_dim)
     layers = spec.adapters.layers
     if layers[-1] > len(visual.transformer.resblocks):
-        raise SpecError(f"adapters.layers {list(layers)} exceed the {len(visual.transformer.resblocks)} blocks of {spec.clip.model}")
+        raise SpecError(f"adapters.layers {list(layers)} exceed the {len(visual.transformer.resblocks)} blocks of "
+                        f"{spec.clip.model}")
     if resume:
-        adapters, _ = adapter_models.load_adapters(_read_local(fsio.join(resume, "adapters.safetensors"), storage, ".safetensors"),
-                                                   width=width, embed=embed, n_layers=len(layers))
+        adapters, _ = adapter_models.load_adapters(
+            _read_local(fsio.join(resume, "adapters.safetensors"), storage, ".safetensors"),
+            width=width, embed=embed, n_layers=len(layers))
     elif spec.adapters.weights is not None:  # start from given adapters (fetched once per node)
         from pipeline.io.weights import resolve
 
@@ -219,10 +222,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
             dist.all_reduce(sums)
         total, count, failed, mosaics = sums.tolist()
         if count == 0:
-            raise RuntimeError(f"epoch {epoch + 1}: no usable training image ({int(failed)} failed to decode or had no mask)")
+            raise RuntimeError(f"epoch {epoch + 1}: no usable training image "
+                               f"({int(failed)} failed to decode or had no mask)")
         mean = total / count
-        losses.append({"epoch": epoch + 1, "loss": mean, "images": int(count), "failed": int(failed), "mosaics": int(mosaics),
-                       "seconds": round(time.monotonic() - t0, 3)})
+        losses.append({"epoch": epoch + 1, "loss": mean, "images": int(count), "failed": int(failed),
+                       "mosaics": int(mosaics), "seconds": round(time.monotonic() - t0, 3)})
         if rank == 0:
             folder = fsio.join(config["train_dir"], "checkpoints", f"epoch-{epoch + 1:04d}")
             with file_target(fsio.join(folder, "adapters.safetensors"), storage) as local:
@@ -256,8 +260,8 @@ _GRACE_S = 60.0
 
 def _shown(resources: dict[str, float]) -> str:
     """``{CPU: 4, GPU: 1}``: the resources a person reads (no object store or node markers)."""
-    keep = {k: v for k, v in resources.items()
-            if not k.startswith(("node:", "object_store", "accelerator_type:")) and "_group_" not in k}  # no placement groups
+    keep = {k: v for k, v in resources.items()  # "_group_": no placement groups
+            if not k.startswith(("node:", "object_store", "accelerator_type:")) and "_group_" not in k}
     return "{" + ", ".join(f"{k}: {v / 2**30:.1f} GiB" if k == "memory" else f"{k}: {v:g}"
                            for k, v in sorted(keep.items())) + "}"
 
@@ -285,27 +289,28 @@ def check_local(spec: TrainSpec, request: dict[str, float], available: dict[str,
     n = t.num_workers
     have = _shown({k: v for k, v in available.items() if k in ("CPU", "GPU", "memory")})
     if request.get("GPU") and not available.get("GPU"):
-        raise TrainError(f"train.use_gpu is {str(t.use_gpu).lower()} and train.resources_per_worker asks for {_shown(request)} "
-                         f"per worker, but this machine's Ray has no GPU ({have}): set train.use_gpu: auto (train on "
-                         "the CPU) or false, or run on a cluster with GPUs (--address)", exit_code=2)
+        raise TrainError(f"train.use_gpu is {str(t.use_gpu).lower()} and train.resources_per_worker asks for "
+                         f"{_shown(request)} per worker, but this machine's Ray has no GPU ({have}): set "
+                         "train.use_gpu: auto (train on the CPU) or false, or run on a cluster with GPUs (--address)",
+                         exit_code=2)
     for resource, amount in request.items():
         if resource == "memory" and resource not in available:
             continue  # not predicted before Ray starts: checked on the started Ray's resources
         need = amount * n
         if need > available.get(resource, 0.0) + 1e-9:
-            raise TrainError(f"{n} training worker(s) x {_shown(request)} (train.num_workers x train.resources_per_worker) "
-                             f"need {need:g} {resource}, but this machine's Ray has {available.get(resource, 0.0):g} ({have}): "
-                             f"they could never start. Lower train.resources_per_worker.{resource} or train.num_workers "
-                             "(e.g. --set 'train.resources_per_worker={CPU: 1}'), or run on a cluster (--address)",
-                             exit_code=2)
+            raise TrainError(f"{n} training worker(s) x {_shown(request)} (train.num_workers x "
+                             f"train.resources_per_worker) need {need:g} {resource}, but this machine's Ray has "
+                             f"{available.get(resource, 0.0):g} ({have}): they could never start. Lower "
+                             f"train.resources_per_worker.{resource} or train.num_workers (e.g. --set "
+                             "'train.resources_per_worker={CPU: 1}'), or run on a cluster (--address)", exit_code=2)
     cpus = available.get("CPU", 0.0)
     left = cpus - request.get("CPU", 0.0) * n
     decode = spec.resources.decode.num_cpus
     if decode > left + 1e-9:
-        raise TrainError(f"the {n} training worker(s) hold {request.get('CPU', 0.0) * n:g} of this machine's {cpus:g} CPUs, "
-                         f"leaving {max(left, 0.0):g} for the data pipeline's tasks, which ask for "
-                         f"resources.decode.num_cpus={decode:g}: they could never run. Lower train.resources_per_worker.CPU "
-                         "or resources.decode.num_cpus (e.g. 0.5)", exit_code=2)
+        raise TrainError(f"the {n} training worker(s) hold {request.get('CPU', 0.0) * n:g} of this machine's "
+                         f"{cpus:g} CPUs, leaving {max(left, 0.0):g} for the data pipeline's tasks, which ask for "
+                         f"resources.decode.num_cpus={decode:g}: they could never run. Lower "
+                         "train.resources_per_worker.CPU or resources.decode.num_cpus (e.g. 0.5)", exit_code=2)
 
 
 def failure_config(t):
@@ -315,7 +320,8 @@ def failure_config(t):
     take is ``train.start_timeout_s`` (:func:`start_timeout_env`)."""
     from ray.train import FailureConfig
 
-    return FailureConfig(max_failures=t.max_failures, controller_failure_limit=0, max_preemption_failures=t.max_failures)
+    return FailureConfig(max_failures=t.max_failures, controller_failure_limit=0,
+                         max_preemption_failures=t.max_failures)
 
 
 @contextlib.contextmanager
@@ -365,9 +371,10 @@ class Waiting:
 
     def gave_up(self) -> TrainError:
         """The error of a training whose workers never started (exit 1)."""
-        return TrainError(f"no training worker started in {self.t.start_timeout_s:g} s (train.start_timeout_s): Ray could "
-                          f"not place {self.what}; {self._where()}. Add nodes with those resources, lower "
-                          "train.resources_per_worker or train.num_workers, or raise train.start_timeout_s", exit_code=1)
+        return TrainError(f"no training worker started in {self.t.start_timeout_s:g} s (train.start_timeout_s): "
+                          f"Ray could not place {self.what}; {self._where()}. Add nodes with those resources, "
+                          "lower train.resources_per_worker or train.num_workers, or raise train.start_timeout_s",
+                          exit_code=1)
 
     def check(self) -> None:
         if self.started:
@@ -378,8 +385,8 @@ class Waiting:
             raise self.gave_up()
         if now >= self.next:
             self.next, self.said = now + WAIT_EVERY_S, True
-            self.log(f"waiting for {self.what}: {self._where()} ({waited:.0f} s so far; train.start_timeout_s gives up after "
-                     f"{self.t.start_timeout_s:g} s)")
+            self.log(f"waiting for {self.what}: {self._where()} ({waited:.0f} s so far; "
+                     f"train.start_timeout_s gives up after {self.t.start_timeout_s:g} s)")
 
 
 
@@ -445,7 +452,8 @@ def train_job(
             raise TrainError(f"training {train_dir} was started with a different spec", exit_code=2)
         return TrainResult(run_id, train_dir, record["adapters"], record["sha256"], record, already=True)
     if finished:
-        raise TrainError(f"training {train_dir} already finished (it has a {RECORD}); choose another --run-id", exit_code=2)
+        raise TrainError(f"training {train_dir} already finished (it has a {RECORD}); choose another --run-id",
+                         exit_code=2)
     if resume and not planned:
         raise TrainError(f"nothing to resume at {train_dir}: no {PLAN}", exit_code=2)
     if planned and not resume:
@@ -477,10 +485,11 @@ def train_job(
             f"continuing at epoch {start_epoch + 1}")
     metadata = {
         "backbone": spec.clip.model, "clip_weights": spec.clip.weights.describe() if spec.clip.weights else "random",
-        "random_weights": spec.random_weights, "image_size": spec.adapters.image_size, "layers": list(spec.adapters.layers),
-        "activation": spec.clip.activation, "prompt_set": spec.score.describe_prompts(), "aggregation": spec.score.aggregation,
-        "object_names": spec.score.object_names.policy, "dataset_digest": digest, "zsad_version": versions().get("zsad"),
-        "train_id": run_id,
+        "random_weights": spec.random_weights, "image_size": spec.adapters.image_size,
+        "layers": list(spec.adapters.layers), "activation": spec.clip.activation,
+        "prompt_set": spec.score.describe_prompts(), "aggregation": spec.score.aggregation,
+        "object_names": spec.score.object_names.policy, "dataset_digest": digest,
+        "zsad_version": versions().get("zsad"), "train_id": run_id,
     }
     n_images = len(manifest)
     log(f"train {run_id}: {n_images} labelled images ({int((manifest['gt_label'] == 1).sum())} anomalous) from "
@@ -498,7 +507,8 @@ def train_job(
             try:
                 session = held.enter_context(ray_session(address, log))
             except ConnectionError as exc:  # a cluster that cannot be reached (or refuses this client)
-                raise TrainError(f"cannot attach to the Ray cluster at {address}: {root_cause(exc)}", exit_code=2) from None
+                raise TrainError(f"cannot attach to the Ray cluster at {address}: {root_cause(exc)}",
+                                 exit_code=2) from None
             request = worker_request(t, session, log if address else lambda m: None)  # a local one: said above
             if session["local"]:  # again, with what the started Ray has
                 check_local(spec, request, dict(session["resources"]))
@@ -507,12 +517,13 @@ def train_job(
                                       "spec": spec.redacted()}, storage)
             ds = training_dataset(spec, source_rows(manifest), storage)
             queue = Queue(maxsize=1000)
-            config = {"spec": spec.model_dump(mode="json"), "storage": storage, "train_dir": train_dir, "metadata": metadata,
-                      "start_epoch": start_epoch, "losses": losses, "steps": steps, "queue": queue,
-                      "resume": done.get(start_epoch), "use_gpu": "GPU" in request}
+            config = {"spec": spec.model_dump(mode="json"), "storage": storage, "train_dir": train_dir,
+                      "metadata": metadata, "start_epoch": start_epoch, "losses": losses, "steps": steps,
+                      "queue": queue, "resume": done.get(start_epoch), "use_gpu": "GPU" in request}
             trainer = TorchTrainer(
                 _worker_loop, train_loop_config=config,
-                scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu="GPU" in request, resources_per_worker=request),
+                scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu="GPU" in request,
+                                             resources_per_worker=request),
                 run_config=RunConfig(name=f"zsad-train-{run_id}", storage_path=tempfile.mkdtemp(prefix="zsad-train-"),
                                      failure_config=failure_config(t)),
                 datasets={"train": ds},
@@ -539,7 +550,8 @@ def train_job(
                 if "started" in msg:
                     waiting.done(msg["started"])
                 elif "epoch_done" in msg:
-                    log(f"epoch {msg['epoch_done']}/{msg['epochs']} done: loss {msg['loss']:.4f} on {msg['images']} images"
+                    log(f"epoch {msg['epoch_done']}/{msg['epochs']} done: loss {msg['loss']:.4f} "
+                        f"on {msg['images']} images"
                         + (f" ({msg['failed']} left out: decode or mask errors)" if msg["failed"] else "")
                         + "; checkpoint written")
                 elif time.monotonic() - last >= 2.0:
@@ -553,7 +565,8 @@ def train_job(
                 raise waiting.gave_up()  # Ray Train's controller gave up after train.start_timeout_s
             if error is not None:
                 kind, text = failure(error)
-                raise TrainError(f"training failed: {kind}: {text}", exit_code=2 if kind in LOAD_ERRORS + CONFIG_ERRORS else 1)
+                raise TrainError(f"training failed: {kind}: {text}",
+                                 exit_code=2 if kind in LOAD_ERRORS + CONFIG_ERRORS else 1)
     done = _checkpoints(train_dir, storage)
     if not done or max(done) < spec.train.epochs:
         raise TrainError(f"training {train_dir} ended without its last checkpoint (have epochs {sorted(done)})")
@@ -569,8 +582,8 @@ def train_job(
     adapters, _ = load_adapters(local, width=width, embed=embed, n_layers=len(spec.adapters.layers))
     final_uri = fsio.join(train_dir, FINAL)
     with file_target(final_uri, storage) as final_local:
-        sha = save_adapters(adapters, final_local, {**metadata, "width": width, "embed": embed, "epochs": spec.train.epochs,
-                                                    "loss": state["losses"][-1]["loss"]})
+        sha = save_adapters(adapters, final_local, {**metadata, "width": width, "embed": embed,
+                                                    "epochs": spec.train.epochs, "loss": state["losses"][-1]["loss"]})
     record = {
         "train_id": run_id, "status": "succeeded", "input": input_uri, "output": train_dir,
         "started": started.isoformat(), "ended": dt.datetime.now(dt.timezone.utc).isoformat(),

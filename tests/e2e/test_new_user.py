@@ -209,7 +209,8 @@ def test_a_second_run_with_the_same_run_id_is_refused_while_the_first_holds_the_
     resumed = _zsad(*args, "--resume", timeout=120)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
-    # --quiet: no progress and no log lines of the driver; the summary stays (Ray's own lines are not zsad's to drop yet)
+    # --quiet: no progress and no log lines of the driver; the summary stays
+    # (Ray's own lines are not zsad's to drop yet)
     assert "progress:" not in err and "[zsad] run same:" not in err and "[zsad] starting" not in err
     assert "run same: succeeded" in out
     for res in (second, resumed):

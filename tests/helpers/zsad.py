@@ -13,8 +13,9 @@
   becomes exit 1 with its traceback on stderr, as in a subprocess), so the suite pays the imports of
   torch and open_clip once per pytest worker instead of once per command. ``env`` is set for the
   call (a None value unsets a variable) and the working directory is the repository root.
-  ``ZSAD_TESTS_SUBPROCESS=1`` runs every command in a subprocess instead (the same assertions hold either way). Ray runs, training and
-  the commands a test starts in the background (:func:`popen`) are always subprocesses.
+  ``ZSAD_TESTS_SUBPROCESS=1`` runs every command in a subprocess instead (the same assertions hold
+  either way). Ray runs, training and the commands a test starts in the background (:func:`popen`)
+  are always subprocesses.
 - :data:`TINY` is the switch that puts a preset on the tiny random-weight models (``--tiny``,
   :func:`pipeline.config.tiny_overrides`); tests add their own ``--set`` after it where they need
   other sizes.

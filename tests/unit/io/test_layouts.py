@@ -229,7 +229,9 @@ def test_auto_layout_lists_like_explicit(tmp_path):
 def test_unknown_layout_error_lists_the_known_ones(tmp_path):
     touch(tmp_path, "a/1.png")
     spec = DataSpec.model_construct(**{**DataSpec().model_dump(), "layout": "zip"})  # past DataSpec's own check
-    with pytest.raises(InputError, match=r"unknown layout 'zip' \(known: auto, folder, mvtec, manifest, visa, visa_1cls, mpdd, btad\)"):
+    with pytest.raises(
+        InputError, match=r"unknown layout 'zip' \(known: auto, folder, mvtec, manifest, visa, visa_1cls, mpdd, btad\)"
+    ):
         list_inputs(str(tmp_path), spec)
 
 

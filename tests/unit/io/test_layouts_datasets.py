@@ -204,7 +204,12 @@ def test_visa_1cls_masks_without_suffix(tmp_path):
     root = str(tmp_path)
     layout, df = list_inputs(root, DataSpec(layout="visa_1cls"))
     assert layout == "visa_1cls"
-    assert rel(df, root) == ["candle/test/bad/000.JPG", "candle/test/bad/001.JPG", "candle/test/good/001.JPG", "pcb1/test/good/000.JPG"]
+    assert rel(df, root) == [
+        "candle/test/bad/000.JPG",
+        "candle/test/bad/001.JPG",
+        "candle/test/good/001.JPG",
+        "pcb1/test/good/000.JPG",
+    ]
     assert list(df["gt_label"]) == [1, 1, 0, 0]
     assert list(df["category"]) == ["candle", "candle", "candle", "pcb1"]
     assert df["mask_uri"][0] == os.path.join(root, "candle/ground_truth/bad/000.png")

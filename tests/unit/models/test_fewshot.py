@@ -164,7 +164,10 @@ def test_fade_few_shot_equals_the_formula(visual):
     _, lib_r = library_tokens(visual, refs)
     torch.testing.assert_close(q["scale128"], lib_q @ visual.proj, atol=1e-5, rtol=1e-5)
     maps = []
-    for size, (qq, rr) in {128: (lib_q @ visual.proj, lib_r @ visual.proj), 96: (q["scale96"], bank["scale96"])}.items():
+    for size, (qq, rr) in {
+        128: (lib_q @ visual.proj, lib_r @ visual.proj),
+        96: (q["scale96"], bank["scale96"]),
+    }.items():
         g = size // 16
         d = (0.5 * min_distance_loop(qq[0], rr.reshape(-1, rr.shape[-1]))).reshape(1, 1, g, g)
         maps.append(F.interpolate(d, size=(10, 10), mode="bilinear", align_corners=False)[:, 0])

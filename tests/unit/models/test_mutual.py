@@ -184,7 +184,9 @@ def test_lnamd_equals_the_window_loop(features, degree):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("idx", [[0, 1, 2, 4, 5], list(range(6)), list(range(11))], ids=["N5", "N6-constant", "N11-constant"])
+@pytest.mark.parametrize(
+    "idx", [[0, 1, 2, 4, 5], list(range(6)), list(range(11))], ids=["N5", "N6-constant", "N11-constant"]
+)
 def test_mutual_map_and_image_score_equal_the_formula(features, idx):
     tokens, grid = subset(features, idx)
     n = len(idx)

@@ -219,7 +219,9 @@ def test_boxes_and_mask_inputs_paths_run_the_cascade(engine, emb):
     m2 = engine.decode(emb, points=pts, labels=lab, mask_inputs=m1.low_res_logits, multimask=False)
     m3 = engine.decode(emb, points=pts, labels=lab, boxes=boxes, mask_inputs=m2.low_res_logits, multimask=False)
     assert m3.masks.shape == (2, 1, 96, 128) and m3.iou_predictions.shape == (2, 1)
-    assert not torch.allclose(m2.low_res_logits, engine.decode(emb, points=pts, labels=lab, multimask=False).low_res_logits)
+    assert not torch.allclose(
+        m2.low_res_logits, engine.decode(emb, points=pts, labels=lab, multimask=False).low_res_logits
+    )
     only_mask = engine.decode(emb, mask_inputs=m1.low_res_logits)
     assert only_mask.masks.shape == (2, 3, 96, 128)
 

@@ -35,7 +35,8 @@ def test_the_driver_checks_specs_and_plans_a_run_without_torch(tmp_path):
     code = (
         "import glob, sys; from pipeline.cli import app\n"
         "for args in (['validate', *sorted(glob.glob('jobs/*.yaml'))],\n"
-        f"             ['run', 'jobs/smoke.yaml', '--input', {str(tmp_path / 'in')!r}, '--output', 'unused', '--dry-run']):\n"
+        f"             ['run', 'jobs/smoke.yaml', '--input', {str(tmp_path / 'in')!r}, "
+        "'--output', 'unused', '--dry-run']):\n"
         "    try:\n"
         "        app(args, standalone_mode=False)\n"
         "    except SystemExit as exc:\n"

@@ -113,8 +113,8 @@ def test_spec_problem_is_the_one_check_before_anything_starts(tmp_path):
     assert spec_problem(_spec("smoke", f"clip.weights={tmp_path}/none.pt")).startswith("clip.weights: ")
     assert spec_problem(_spec("smoke", "clip.image_size=100")) == (
         "the spec does not fit its models (clip.model zsad-tiny); nothing was started:\n"
-        "  clip.image_size 100 is not a multiple of zsad-tiny's patch size 16 (its patch embedding would drop the last 4 "
-        "pixels): use 96 or 112")
+        "  clip.image_size 100 is not a multiple of zsad-tiny's patch size 16 (its patch embedding would drop the "
+        "last 4 pixels): use 96 or 112")
     assert spec_problem(_spec("winclip", "pixel.window_sizes=[2,9]", "clip.image_size=100")).count("\n  ") == 2
     # the shape first: a missing weights file is not looked up while the settings do not fit the model
     both = spec_problem(_spec("smoke", "clip.image_size=100", f"clip.weights={tmp_path}/none.pt"))

@@ -412,8 +412,6 @@ def train_job(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
 
-    from pipeline.io.weights import WeightsError, preflight
-    from pipeline.models import registry
     from pipeline.runtime.ray_plan import training_dataset
     from pipeline.runtime.rows import source_rows
     from pipeline.runtime.run import versions
@@ -426,18 +424,11 @@ def train_job(
     if problem:
         raise TrainError(problem, exit_code=2)
     storage = fsio.storage_options(spec.storage)
-    from pipeline.runtime.preflight import model_problems, shape_error
+    from pipeline.runtime.preflight import spec_problem
 
-    try:
-        w = spec.clip.weights
-        registry.check_model(spec.clip.model, w.tag if w is not None else None)
-        problems = model_problems(spec)  # the settings against the model's shape, before any weights are looked up
-        if problems:
-            raise TrainError(shape_error(spec, problems), exit_code=2)
-        preflight(w, storage)
-        preflight(spec.adapters.weights, storage)
-    except (registry.ModelLoadError, WeightsError) as exc:
-        raise TrainError(f"weights: {exc}", exit_code=2) from None
+    problem = spec_problem(spec, storage, objects=True)  # what a run's driver checks, before Ray starts
+    if problem:
+        raise TrainError(problem, exit_code=2)
     train_dir = fsio.join(fsio.normalise(output_uri), run_id)
     plan_uri = fsio.join(train_dir, PLAN)
     try:

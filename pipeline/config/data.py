@@ -41,7 +41,18 @@ class DataSpec(SpecModel):
 class DecodeSpec(SpecModel):
     """Decode stage: bytes -> RGB uint8. ``max_pixels`` guards against decompression bombs (an image
     whose header declares more pixels fails with error_type ``DecompressionBomb`` before any pixel
-    is decoded). Default: Pillow's own limit, 89,478,485 pixels (about 9459 x 9459)."""
+    is decoded). Default: Pillow's own limit, 89,478,485 pixels (about 9459 x 9459).
+
+    ``resolution``: ``exact`` (default) decodes every image at its full size and the model stages
+    resize it; ``working`` decodes it straight to the smallest size the plan's models need (the
+    largest CLIP input among the scales, SAM's 1024-px long side, ...; JPEGs with libjpeg's DCT
+    scaling, then one bicubic resize), so a fraction of the bytes travels between the stages. The
+    rows keep the original height and width, and the maps are stored at the size the original gives
+    (``maps.map_size``). Scores and maps then differ slightly from ``exact`` (BENCHMARKS.md "Feeding
+    the GPUs"). Plans with foreground, tiling or sam_refine decode at the full size in either mode
+    (their masks are stored at the image's resolution), and so does an image already at or below the
+    working size."""
 
     max_pixels: int = Field(default=89_478_485, ge=1)
+    resolution: Literal["exact", "working"] = "exact"
 

@@ -52,10 +52,12 @@ decode per worker process at a time (Ray tasks / single-threaded actors).
 from __future__ import annotations
 
 import io
+import math
 import re
 import threading
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -116,7 +118,45 @@ class DecodeError(ZsadError):
         return (type(self), (self.error_type, self.message))
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+@dataclass(frozen=True)
+class WorkingSize:
+    """What the models of a plan need of an image (``decode.resolution: working``): its short side at
+    least ``short`` pixels, its long side at least ``long``, and at least ``scale`` of its original
+    size (tiles: their crops at their model size). Sizes are in displayed orientation."""
+
+    short: int = 0
+    long: int = 0
+    scale: float = 0.0
+
+    def size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) to decode an image of ``height`` x ``width`` to: the smallest size
+        with the aspect ratio kept that meets every need (rounded up), never above the original."""
+        r = max(self.short / max(1, min(height, width)), self.long / max(1, max(height, width)), self.scale)
+        if r >= 1.0:
+            return height, width
+        up = lambda n: min(n, max(1, math.ceil(n * r - 1e-6)))  # noqa: E731 - 3000 * (896 / 3000) is 896.0000001
+        return up(height), up(width)
+
+
+#: EXIF orientations that swap width and height (transpose, 90 and 270 degree rotations)
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def decode_working(data: bytes, max_pixels: int, working: WorkingSize) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one encoded image straight to its working size (see :class:`WorkingSize`).
+
+    An RGB or grey JPEG is decoded with libjpeg's DCT scaling (Pillow's ``draft``) at the smallest
+    scale (1/2, 1/4, 1/8) whose result is still at least the working size; other formats (PNG, TIFF,
+    16-bit, CMYK JPEG...) are decoded at full size. Every image is then resized once
+    (Pillow's bicubic, on the 8-bit RGB image) to exactly that size. EXIF orientation is applied as
+    by :func:`decode_image`. Returns (``(h, w, 3)`` uint8 RGB, the original (height, width) in
+    displayed orientation). Errors as :func:`decode_image`."""
+    box: dict[str, tuple[int, int]] = {}
+    array = decode_image(data, max_pixels, _working=(working, box))
+    return array, box["original"]
+
+
+def decode_image(data: bytes, max_pixels: int, _working: tuple | None = None) -> np.ndarray:
     """Decode one encoded image to RGB.
 
     Args:
@@ -138,7 +178,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with _pillow_limit(max_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(data, max_pixels)
+            return _decode(data, max_pixels, _working)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -158,7 +198,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode(data: bytes, max_pixels: int, working: tuple | None = None) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data), formats=_formats())
     except UnidentifiedImageError as exc:
@@ -174,6 +214,17 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
                 f"decode.max_pixels = {max_pixels:,} (possible decompression bomb); not decoded",
             )
         fmt = image.format or "image"
+        target = None
+        if working is not None:
+            swapped = image.getexif().get(0x0112) in _SWAPPING_ORIENTATIONS
+            shown = (width, height) if swapped else (height, width)  # (displayed height, displayed width)
+            working[1]["original"] = shown
+            target = working[0].size(*shown)
+            if target != shown and fmt in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
+                # DCT scaling (libjpeg picks the smallest scale still at least the requested size);
+                # CMYK/YCCK JPEGs take the plain path
+                stored = (target[1], target[0]) if swapped else (target[0], target[1])  # (h, w) as stored
+                image.draft("RGB", (stored[1], stored[0]))
         try:
             image.load()  # first frame only
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -187,7 +238,11 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
             oriented = ImageOps.exif_transpose(image)
         except Exception as exc:  # noqa: BLE001
             raise DecodeError(type(exc).__name__, f"cannot apply the EXIF orientation: {_text(exc)}") from exc
-        return _to_rgb(oriented)
+        rgb = _to_rgb(oriented)
+        if target is not None and rgb.shape[:2] != target:
+            resized = Image.fromarray(rgb).resize((target[1], target[0]), Image.Resampling.BICUBIC)
+            rgb = np.asarray(resized, dtype=np.uint8).copy()
+        return rgb
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

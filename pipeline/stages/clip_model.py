@@ -36,6 +36,7 @@ from pipeline.ops.heatmap import map_shape
 from pipeline.stages.base import LazyModule, inference_mode, model_work
 from pipeline.stages.fewshot_methods import few_shot_method
 from pipeline.stages.pixel_methods import pixel_method
+from pipeline.stages.records import image_hw
 
 # imported by the actors when they first use them; the driver only reads the declarations
 torch = LazyModule("torch")
@@ -302,7 +303,7 @@ class ClipScorer:
         maps: list[np.ndarray] = []
         max_pixel = np.full(len(images), np.nan)
         for i, img in enumerate(images):
-            shape = (map_side, map_side) if map_side else map_shape(img.shape[0], img.shape[1], self.maps.map_size)
+            shape = (map_side, map_side) if map_side else map_shape(*image_hw(img), self.maps.map_size)
             grid = grids[i] if isinstance(grids, list) else grids[i : i + 1]  # a list: maps made at their size
             m = pixel_maps.upsample(grid.float(), shape)[0].clamp(*self.map_range)
             maps.append(m.cpu().numpy().astype(np.float32))

@@ -10,9 +10,12 @@ Columns produced (all other input columns pass through unchanged):
 column             dtype       value
 =================  ==========  ===========================================================
 ``image``          object      ``(H, W, 3)`` uint8 RGB array (row, col, channel); failed
-                               rows: ``np.zeros((0, 0, 3), np.uint8)``
-``height``         int64       ``H`` (0 on failure: the scores table stores null)
-``width``          int64       ``W`` (0 on failure: the scores table stores null)
+                               rows: ``np.zeros((0, 0, 3), np.uint8)``. With
+                               ``decode.resolution: working``, at the working size
+                               (:func:`working_size`), at most ``(H, W)``
+``height``         int64       ``H``, the original height (0 on failure: the scores table
+                               stores null)
+``width``          int64       ``W``, the original width (0 on failure)
 ``status``         object      ``"ok"`` or ``"error"``
 ``error_stage``    object      ``"decode"`` for rows that failed here, else None
 ``error_type``     object      see below, else None
@@ -39,10 +42,39 @@ import pyarrow as pa
 
 from pipeline.config import DecodeSpec, RetrySpec
 from pipeline.io.fs import StorageOptions, read_bytes
-from pipeline.io.images import DecodeError, decode_image
+from pipeline.io.images import DecodeError, WorkingSize, decode_image, decode_working
 from pipeline.io.retry import retrying, stderr_log
 from pipeline.stages.base import check_columns
 from pipeline.stages.records import STATUS_COLUMNS, TENSOR, RowErrors, each_row, object_column
+
+#: CLIPSeg's input side (transformers' CLIPSegProcessor)
+CLIPSEG_SIDE = 352
+
+
+def working_size(spec) -> WorkingSize | None:
+    """What the plan of ``spec`` needs of each image with ``decode.resolution: working``; None when it
+    decodes at the full size (``exact``, or a plan with foreground, tiling or sam_refine, whose
+    masks are stored at the image's resolution). The short side must hold the largest square input
+    of the scoring stage (``clip.image_size`` or the model's native size, FADE's ``pixel.scales``,
+    the adapters' or mutual scoring's ``pixel.image_size``, CLIPSeg's 352 px): each squashes the
+    whole image to that square."""
+    if spec.decode.resolution != "working":
+        return None
+    if spec.foreground is not None or spec.tiling is not None or spec.sam_refine is not None:
+        return None
+    from pipeline.models import registry
+
+    g = registry.vision(spec.clip.model)
+    sizes = [spec.clip.image_size or (g.image_size if g is not None else 0)]
+    pixel = spec.pixel
+    sizes += list(getattr(pixel, "scales", ()))
+    sizes += [getattr(pixel, "image_size", 0) or 0]
+    if pixel.kind == "clipseg":
+        sizes.append(CLIPSEG_SIDE)
+    short = max(sizes)
+    if short <= 0:
+        return None
+    return WorkingSize(short=short)
 
 
 def _empty_image() -> np.ndarray:
@@ -62,14 +94,15 @@ class DecodeStage:
     drops: tuple[str, ...] = ()
 
     def __init__(self, cfg: DecodeSpec, storage: StorageOptions | None = None,
-                 retries: RetrySpec | None = None) -> None:
+                 retries: RetrySpec | None = None, working: WorkingSize | None = None) -> None:
         self.cfg = cfg
         self.storage = dict(storage) if storage else None
         self.retries = retries or RetrySpec()
+        self.working = working
 
     @classmethod
     def from_spec(cls, spec, storage: StorageOptions | None) -> "DecodeStage":
-        return cls(spec.decode, storage, spec.retries)
+        return cls(spec.decode, storage, spec.retries, working_size(spec))
 
     def setup(self) -> None:
         """Nothing to build: decoding needs no model."""
@@ -89,9 +122,9 @@ class DecodeStage:
 
         def decode(i: int) -> None:
             row = self._decode_row(str(uris[i]))
-            if isinstance(row, np.ndarray):
-                image[i] = row
-                height[i], width[i] = row.shape[0], row.shape[1]
+            if isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], np.ndarray):
+                image[i] = row[0]
+                height[i], width[i] = row[1]
                 errors.clear(i)
             else:
                 image[i] = _empty_image()
@@ -102,8 +135,8 @@ class DecodeStage:
 
         return {**batch, "image": image, "height": height, "width": width, **errors.columns(), "decode_ms": decode_ms}
 
-    def _decode_row(self, uri: str) -> np.ndarray | tuple[str, str]:
-        """The decoded image, or ``(error_type, error_message)``."""
+    def _decode_row(self, uri: str) -> tuple[np.ndarray, tuple[int, int]] | tuple[str, str]:
+        """(the decoded image, its original (height, width)), or ``(error_type, error_message)``."""
         try:
             r = self.retries
             data = retrying(lambda: read_bytes(uri, self.storage), retries=r.read, backoff_s=r.backoff_s,
@@ -117,7 +150,10 @@ class DecodeStage:
                 message += f" (after {attempts} attempts)"
             return type(exc).__name__, message
         try:
-            return decode_image(data, self.cfg.max_pixels)
+            if self.working is not None:
+                return decode_working(data, self.cfg.max_pixels, self.working)
+            array = decode_image(data, self.cfg.max_pixels)
+            return array, (array.shape[0], array.shape[1])
         except DecodeError as exc:
             return exc.error_type, exc.message
         except Exception as exc:  # noqa: BLE001 - decode_image should not raise others; be safe

@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.ops.heatmap import map_shape
 from pipeline.stages.base import LazyModule
+from pipeline.stages.records import image_hw
 
 torch = LazyModule("torch")
 clip_models = LazyModule("pipeline.models.clip")
@@ -143,7 +144,7 @@ class AprilGanFewShot(FewShotMethod):
         for j, i in enumerate(idx.tolist()):
             qi = {k: v[j : j + 1] for k, v in q.items()}
             toks = [tok[i : i + 1] for tok in tokens]
-            shape = map_shape(images[i].shape[0], images[i].shape[1], s.maps.map_size)
+            shape = map_shape(*image_hw(images[i]), s.maps.map_size)
             dist = fewshot.aprilgan_distances(qi, bank, s.pixel.layers, s.chunks)  # searched once
             st.grids[i] = adapter_map(s.adapters, toks, t, shape) + fewshot.aprilgan_upsample_sum(dist, shape)
             # the reference takes the max of the combined map at the input size (518 x 518)

@@ -37,6 +37,7 @@ from pipeline.ops.heatmap import map_shape
 from pipeline.stages.base import LazyModule, model_work
 from pipeline.stages.clip_model import ClipScorer, clip_models, precision
 from pipeline.stages.pixel_methods import PixelMethod, register
+from pipeline.stages.records import image_hw
 
 torch = LazyModule("torch")
 mutual = LazyModule("pipeline.models.mutual")
@@ -222,7 +223,7 @@ class MutualScorer:
         score = mutual.upsample(grids, (side, side)).amax(dim=(1, 2)).double().cpu().numpy()
         maps, max_pixel = [], np.full(b, np.nan)
         for i, img in enumerate(images):
-            shape = map_shape(img.shape[0], img.shape[1], self.maps.map_size)
+            shape = map_shape(*image_hw(img), self.maps.map_size)
             m = mutual.upsample(grids[i : i + 1], shape)[0].clamp(*self.map_range)
             maps.append(m.cpu().numpy().astype(np.float32))
             max_pixel[i] = float(maps[-1].max())

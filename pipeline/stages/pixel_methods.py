@@ -17,6 +17,7 @@ import numpy as np
 from pipeline.config import SpecError
 from pipeline.ops.heatmap import map_shape
 from pipeline.stages.base import LazyModule
+from pipeline.stages.records import image_hw
 
 torch = LazyModule("torch")
 pixel_maps = LazyModule("pipeline.models.pixel")
@@ -129,7 +130,7 @@ class AprilGanMethod(PixelMethod):
             for i in idx.tolist():
                 img = images[i]
                 shape = ((map_side, map_side) if map_side
-                         else map_shape(img.shape[0], img.shape[1], scorer.maps.map_size))
+                         else map_shape(*image_hw(img), scorer.maps.map_size))
                 maps[i] = adapter_map(scorer.adapters, [tok[i : i + 1].float() for tok in tokens], text, shape)
         return maps, None
 

@@ -182,3 +182,27 @@ def each_row(status: Sequence[Any], work: Callable[[int], Any], *, ms: np.ndarra
                     on_error(i)
         if ms is not None:
             ms[i] = (time.perf_counter() - t0) * 1000.0
+
+
+class WorkingImage(np.ndarray):
+    """An image decoded below its original size (``decode.resolution: working``): the pixels at the
+    working size, and ``original``, the (height, width) the image has; the maps are stored at the
+    size the original gives (:func:`image_hw`)."""
+
+    original: tuple[int, int]
+
+
+def with_original(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``image``, marked with its original size when that differs from its array's."""
+    if image.ndim < 2 or (image.shape[0], image.shape[1]) == (height, width) or height <= 0 or width <= 0:
+        return image
+    view = image.view(WorkingImage)
+    view.original = (int(height), int(width))
+    return view
+
+
+def image_hw(image: np.ndarray) -> tuple[int, int]:
+    """The (height, width) an image's outputs are stored for: its original size (decoded at a working
+    size, :func:`with_original`), else its array's."""
+    original = getattr(image, "original", None)
+    return original if original is not None else (image.shape[0], image.shape[1])

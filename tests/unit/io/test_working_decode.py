@@ -1,0 +1,190 @@
+"""decode.resolution: working (issue 31): images decoded straight to the smallest size the plan's
+models need; JPEGs through libjpeg's DCT scaling (Pillow's draft), never below that size; the
+original size kept; EXIF orientation as in the exact decode; other formats on the plain path."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import load_spec
+from pipeline.io.images import WorkingSize, decode_image, decode_working
+from pipeline.stages.decode import DecodeStage, working_size
+from pipeline.stages.records import image_hw, with_original
+
+BIG = 10**9
+
+
+def smooth(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth random RGB image (JPEG-friendly: small blocks upsampled)."""
+    rng = np.random.default_rng(seed)
+    small = (rng.random((max(2, height // 16), max(2, width // 16), 3)) * 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC))
+
+
+def encode(array: np.ndarray, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def resizes(monkeypatch):
+    """Every resize the decoder makes: (source size, target size), both (w, h)."""
+    seen = []
+    original = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        seen.append((self.size, tuple(size)))
+        return original(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    return seen
+
+
+@pytest.fixture
+def drafts(monkeypatch):
+    """Every draft request: (format, mode, requested (w, h), the size it gave)."""
+    seen = []
+    original = Image.Image.draft
+
+    def spy(self, mode, size):
+        out = original(self, mode, size)
+        seen.append((self.format, self.mode, tuple(size), self.size))
+        return out
+
+    monkeypatch.setattr(Image.Image, "draft", spy)
+    from PIL import JpegImagePlugin
+
+    jpeg_original = JpegImagePlugin.JpegImageFile.draft
+
+    def jpeg_spy(self, mode, size):
+        out = jpeg_original(self, mode, size)
+        seen.append((self.format, self.mode, tuple(size), self.size))
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", jpeg_spy)
+    return seen
+
+
+def test_the_working_size_meets_every_need_and_is_the_smallest():
+    """Property over sizes and needs: short side >= short, long side >= long, at least `scale` of
+    the original, never above the original, aspect ratio kept to a pixel; one pixel less would
+    break a need (it is the smallest)."""
+    for (h, w), need in itertools.product(
+        [(3000, 4000), (4000, 3000), (1080, 1920), (517, 518), (240, 240), (100, 3000), (7, 5)],
+        [WorkingSize(short=896), WorkingSize(short=240), WorkingSize(long=1024), WorkingSize(short=518, long=700),
+         WorkingSize(scale=0.3), WorkingSize(short=240, scale=0.5)],
+    ):
+        th, tw = need.size(h, w)
+        assert th <= h and tw <= w
+        assert min(th, tw) >= min(need.short, min(h, w)) and max(th, tw) >= min(need.long, max(h, w))
+        assert th >= min(h, need.scale * h - 1e-6) and tw >= min(w, need.scale * w - 1e-6)
+        if (th, tw) != (h, w):  # reduced: the aspect ratio is kept (to a pixel), and it is the smallest such size
+            assert abs(th / h - tw / w) <= 1 / h + 1 / w
+            smaller = WorkingSize(short=need.short - 1 if need.short else 0, long=need.long - 1 if need.long else 0,
+                                  scale=need.scale * 0.99)
+            assert smaller.size(h, w) <= (th, tw)
+
+
+@pytest.mark.parametrize("h, w, short", [(1200, 1600, 240), (1200, 1600, 300), (1200, 1600, 600), (1200, 1600, 599),
+                                         (1600, 1200, 150), (963, 1283, 121), (640, 480, 448), (640, 480, 479)])
+def test_a_jpeg_is_draft_decoded_never_below_its_working_size(h, w, short, resizes, drafts):
+    data = encode(smooth(h, w), "JPEG", quality=92)
+    need = WorkingSize(short=short)
+    resizes.clear()
+    drafts.clear()
+    array, original = decode_working(data, BIG, need)
+    target = need.size(h, w)
+    assert original == (h, w) and array.shape == (*target, 3) and array.dtype == np.uint8
+    assert drafts and drafts[0][0] == "JPEG"
+    given = drafts[0][3]  # (w, h) after DCT scaling
+    assert given[0] >= target[1] and given[1] >= target[0]  # never below the working size
+    assert all(src[0] >= dst[0] and src[1] >= dst[1] for src, dst in resizes)  # only ever reduced
+    scale = w / given[0]
+    if scale < 8:  # a finer scale was possible only if it would have gone below the working size
+        finer = -(-w // (scale * 2)), -(-h // (scale * 2))
+        assert finer[0] < target[1] or finer[1] < target[0]
+    # the same pixels, up to the DCT scaling's rounding, as a full decode resized the same way
+    exact = np.asarray(Image.fromarray(decode_image(data, BIG)).resize((target[1], target[0]),
+                                                                      Image.Resampling.BICUBIC))
+    assert np.abs(array.astype(int) - exact.astype(int)).mean() < 5.0
+
+
+def test_an_image_at_or_below_its_working_size_is_decoded_as_it_is(resizes):
+    data = encode(smooth(200, 300), "JPEG", quality=95)
+    resizes.clear()
+    array, original = decode_working(data, BIG, WorkingSize(short=240))
+    assert original == (200, 300) and np.array_equal(array, decode_image(data, BIG)) and not resizes
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_is_applied_as_in_the_exact_decode(orientation):
+    stored = smooth(900, 1200, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, "JPEG", quality=95, exif=exif.tobytes())
+    exact = decode_image(data, BIG)
+    array, original = decode_working(data, BIG, WorkingSize(short=300))
+    assert original == exact.shape[:2]  # displayed orientation: 1200 x 900 for 6 and 8
+    assert min(array.shape[:2]) == 300 and (array.shape[0] > array.shape[1]) == (exact.shape[0] > exact.shape[1])
+    resized = np.asarray(Image.fromarray(exact).resize((array.shape[1], array.shape[0]), Image.Resampling.BICUBIC))
+    assert np.abs(array.astype(int) - resized.astype(int)).mean() < 3.0  # the same picture, the same way up
+
+
+@pytest.mark.parametrize("kind", ["png", "tiff", "png16", "cmyk_jpeg", "cmyk_tiff"])
+def test_other_formats_take_the_plain_path_and_one_resize(kind, drafts, resizes):
+    rgb = smooth(600, 800, seed=3)
+    if kind == "png":
+        data = encode(rgb, "PNG")
+    elif kind == "tiff":
+        data = encode(rgb, "TIFF")
+    elif kind == "png16":
+        buf = io.BytesIO()
+        Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)).save(buf, "PNG")  # 16-bit grey
+        data = buf.getvalue()
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG" if kind == "cmyk_jpeg" else "TIFF")
+        data = buf.getvalue()
+    drafts.clear()
+    resizes.clear()
+    array, original = decode_working(data, BIG, WorkingSize(short=150))
+    assert original == (600, 800) and array.shape == (150, 200, 3)
+    assert not [d for d in drafts if d[2] != d[3] or d[0] != "JPEG"] or kind == "cmyk_jpeg"
+    assert all(d[1] not in ("RGB", "L") or d[0] != "JPEG" for d in drafts) if kind == "cmyk_jpeg" else not drafts
+    assert resizes == [((800, 600), (200, 150))]  # full size, one resize
+    exact = np.asarray(Image.fromarray(decode_image(data, BIG)).resize((200, 150), Image.Resampling.BICUBIC))
+    assert np.array_equal(array, exact)
+
+
+def test_the_decode_stage_keeps_the_original_size_in_its_rows(tmp_path):
+    path = tmp_path / "big.jpg"
+    path.write_bytes(encode(smooth(960, 1280), "JPEG", quality=90))
+    small = tmp_path / "small.png"
+    small.write_bytes(encode(smooth(64, 96), "PNG"))
+    spec = load_spec("jobs/smoke.yaml", ["decode.resolution=working"])
+    stage = DecodeStage.from_spec(spec, None)
+    assert stage.working == working_size(spec) and stage.working.short == 128  # zsad-tiny's input
+    out = stage({"uri": np.array([str(path), str(small)], dtype=object)})
+    assert list(out["status"]) == ["ok", "ok"]
+    assert (out["height"].tolist(), out["width"].tolist()) == ([960, 64], [1280, 96])
+    assert out["image"][0].shape == (128, 171, 3) and out["image"][1].shape == (64, 96, 3)
+    exact = DecodeStage.from_spec(load_spec("jobs/smoke.yaml"), None)
+    assert exact.working is None
+    assert exact({"uri": np.array([str(path)], dtype=object)})["image"][0].shape == (960, 1280, 3)
+    marked = with_original(out["image"][0], 960, 1280)
+    assert image_hw(marked) == (960, 1280) and image_hw(out["image"][1]) == (64, 96)
+    assert np.array_equal(np.asarray(marked), out["image"][0])
+
+
+def test_plans_that_store_masks_at_the_image_resolution_decode_at_full_size():
+    for preset in ("vvv", "clip_sam"):
+        assert working_size(load_spec(f"jobs/{preset}.yaml", ["decode.resolution=working"])) is None
+    assert working_size(load_spec("jobs/default.yaml", ["decode.resolution=exact"])) is None
+    assert working_size(load_spec("jobs/default.yaml", ["decode.resolution=working"])) == WorkingSize(short=896)
+    assert working_size(load_spec("jobs/musc.yaml", ["decode.resolution=working"])) == WorkingSize(short=518)

@@ -188,3 +188,27 @@ def test_plans_that_store_masks_at_the_image_resolution_decode_at_full_size():
     assert working_size(load_spec("jobs/default.yaml", ["decode.resolution=exact"])) is None
     assert working_size(load_spec("jobs/default.yaml", ["decode.resolution=working"])) == WorkingSize(short=896)
     assert working_size(load_spec("jobs/musc.yaml", ["decode.resolution=working"])) == WorkingSize(short=518)
+
+
+def test_images_travel_between_stages_as_arrow_tensors_at_the_working_size(tmp_path):
+    """What Ray moves from the decode stage to the model stage: the image column as Ray's Arrow
+    tensor extension (raw pixels, no pickled objects), of the working size's bytes."""
+    import pyarrow as pa
+
+    from pipeline.runtime.udf import TaskStage
+
+    paths = []
+    for i, (h, w) in enumerate([(960, 1280), (1280, 960)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(encode(smooth(h, w, seed=i), "JPEG", quality=90))
+    block = pa.table({"uri": [str(p) for p in paths]})
+    sizes = {}
+    for mode in ("exact", "working"):
+        stage = DecodeStage.from_spec(load_spec("jobs/smoke.yaml", [f"decode.resolution={mode}"]), None)
+        out = TaskStage(stage)(block)
+        column = out.column("image")
+        assert "Tensor" in type(column.type).__name__ and not pa.types.is_binary(column.type.storage_type)
+        assert out.column("height").to_pylist() == [960, 1280] and out.column("width").to_pylist() == [1280, 960]
+        sizes[mode] = column.nbytes
+    assert sizes["exact"] >= 2 * 960 * 1280 * 3
+    assert 2 * 128 * 171 * 3 <= sizes["working"] <= 2 * 128 * 171 * 3 * 1.01  # the pixels, a few offsets more

@@ -48,10 +48,10 @@ class DecodeSpec(SpecModel):
     largest CLIP input among the scales, SAM's 1024-px long side, ...; JPEGs with libjpeg's DCT
     scaling, then one bicubic resize), so a fraction of the bytes travels between the stages. The
     rows keep the original height and width, and the maps are stored at the size the original gives
-    (``maps.map_size``). Scores and maps then differ slightly from ``exact`` (BENCHMARKS.md "Feeding
-    the GPUs"). Plans with foreground, tiling or sam_refine decode at the full size in either mode
-    (their masks are stored at the image's resolution), and so does an image already at or below the
-    working size."""
+    (``maps.map_size``); sam_refine's mask and prompts are stored in the original's pixels. Scores
+    and maps then differ slightly from ``exact`` (BENCHMARKS.md "Feeding the GPUs"). Plans with
+    foreground or tiling decode at the full size in either mode (their masks and tiles are made at
+    the image's resolution), and so does an image already at or below the working size."""
 
     max_pixels: int = Field(default=89_478_485, ge=1)
     resolution: Literal["exact", "working"] = "exact"

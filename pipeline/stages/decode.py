@@ -47,20 +47,23 @@ from pipeline.io.retry import retrying, stderr_log
 from pipeline.stages.base import check_columns
 from pipeline.stages.records import STATUS_COLUMNS, TENSOR, RowErrors, each_row, object_column
 
+#: the long side of SAM's input (segment-anything's ResizeLongestSide)
+SAM_LONG_SIDE = 1024
 #: CLIPSeg's input side (transformers' CLIPSegProcessor)
 CLIPSEG_SIDE = 352
 
 
 def working_size(spec) -> WorkingSize | None:
     """What the plan of ``spec`` needs of each image with ``decode.resolution: working``; None when it
-    decodes at the full size (``exact``, or a plan with foreground, tiling or sam_refine, whose
-    masks are stored at the image's resolution). The short side must hold the largest square input
-    of the scoring stage (``clip.image_size`` or the model's native size, FADE's ``pixel.scales``,
-    the adapters' or mutual scoring's ``pixel.image_size``, CLIPSeg's 352 px): each squashes the
-    whole image to that square."""
+    decodes at the full size (``exact``, or a plan with foreground or tiling, whose masks and tiles
+    are made at the image's resolution). The short side must hold the largest square input of the
+    scoring stage (``clip.image_size`` or the model's native size, FADE's ``pixel.scales``, the
+    adapters' or mutual scoring's ``pixel.image_size``, CLIPSeg's 352 px): each squashes the whole
+    image to that square. With sam_refine, the long side must hold SAM's 1024-px input too; its
+    refined mask and prompts are stored at the original size."""
     if spec.decode.resolution != "working":
         return None
-    if spec.foreground is not None or spec.tiling is not None or spec.sam_refine is not None:
+    if spec.foreground is not None or spec.tiling is not None:
         return None
     from pipeline.models import registry
 
@@ -74,7 +77,8 @@ def working_size(spec) -> WorkingSize | None:
     short = max(sizes)
     if short <= 0:
         return None
-    return WorkingSize(short=short)
+    # sam_refine: SAM squashes the long side to 1024 px; its mask is brought back to the original size
+    return WorkingSize(short=short, long=SAM_LONG_SIDE if spec.sam_refine is not None else 0)
 
 
 def _empty_image() -> np.ndarray:

@@ -31,7 +31,7 @@ from pipeline.ops import points as pts
 from pipeline.ops import rle
 from pipeline.ops.heatmap import resize_map
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import TENSOR, RowErrors, each_row, object_column
+from pipeline.stages.records import TENSOR, RowErrors, each_row, image_hw, object_column, with_original
 
 STAGE = "sam_refine"
 SAM_INPUT = 1024  # the long side of SAM's input: where sam_refine's geometry is measured by default
@@ -160,8 +160,18 @@ class SamRefineStage:
         mask = steps[-1].mask.detach().cpu().numpy().astype(bool)
         final_full = combine(full, mask, cfg.combine, cfg.blend_weight, self.lo, self.hi)
         final = np.clip(resize_map(final_full, stored.shape), self.lo, self.hi)
+        # decoded at a working size (decode.resolution: working): the mask and the prompts in the
+        # original image's pixels, as a full-size decode gives them
+        (oh, ow), box = image_hw(image), steps[-1].box
+        if (oh, ow) != (h, w):
+            rows = np.minimum((np.arange(oh) + 0.5) * h / oh, h - 1).astype(np.int64)  # nearest source pixel
+            cols = np.minimum((np.arange(ow) + 0.5) * w / ow, w - 1).astype(np.int64)
+            mask = mask[rows][:, cols]
+            to_original = np.array([ow / w, oh / h])  # points are (x, y)
+            positive, negative = ((p + 0.5) * to_original - 0.5 for p in (positive, negative))  # pixel centres
+            box = None if box is None else [float(v) * f for v, f in zip(box, [ow / w, oh / h] * 2)]
         info = {"refined": True, "positive": positive.tolist(), "negative": negative.tolist(),
-                "box": None if steps[-1].box is None else [float(v) for v in steps[-1].box],
+                "box": None if box is None else [float(v) for v in box],
                 "iou": [s.iou for s in steps], "steps": len(steps), "multimask": cfg.multimask,
                 "geometry": cfg.geometry, "ring_kernel_px": ring_kernel, "min_distance_px": min_distance}
         return final, True, json.dumps(rle.encode(mask)), json.dumps(info)
@@ -213,7 +223,10 @@ class SamRefineStage:
 
         def row(i: int) -> None:
             shared = np.asarray(batch["sam_embedding"][i]) if "sam_embedding" in batch else None
-            final, done, mask_rle, info = self._refine_fitting(np.asarray(batch["image"][i]),
+            image = np.asarray(batch["image"][i])
+            if "height" in batch and "width" in batch:  # decoded at a working size: outputs at the original's
+                image = with_original(image, int(batch["height"][i]), int(batch["width"][i]))
+            final, done, mask_rle, info = self._refine_fitting(image,
                                                                np.asarray(batch["anomaly_map"][i]),
                                                                float(batch["score"][i]), shared)
             infos[i] = info  # refined: the prompts and results; kept: why

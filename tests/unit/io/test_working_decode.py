@@ -182,9 +182,10 @@ def test_the_decode_stage_keeps_the_original_size_in_its_rows(tmp_path):
     assert np.array_equal(np.asarray(marked), out["image"][0])
 
 
-def test_plans_that_store_masks_at_the_image_resolution_decode_at_full_size():
-    for preset in ("vvv", "clip_sam"):
-        assert working_size(load_spec(f"jobs/{preset}.yaml", ["decode.resolution=working"])) is None
+def test_plans_with_foreground_or_tiles_decode_at_full_size_and_sam_refine_needs_its_long_side():
+    assert working_size(load_spec("jobs/vvv.yaml", ["decode.resolution=working"])) is None
+    assert working_size(load_spec("jobs/clip_sam.yaml", ["decode.resolution=working"])) == WorkingSize(short=518,
+                                                                                                        long=1024)
     assert working_size(load_spec("jobs/default.yaml", ["decode.resolution=exact"])) is None
     assert working_size(load_spec("jobs/default.yaml", ["decode.resolution=working"])) == WorkingSize(short=896)
     assert working_size(load_spec("jobs/musc.yaml", ["decode.resolution=working"])) == WorkingSize(short=518)

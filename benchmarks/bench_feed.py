@@ -63,18 +63,6 @@ def camera_like(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 
-def input_sizes(spec) -> list[int]:
-    """Every square input size the preset's scoring stage resizes an image to."""
-    from pipeline.models import registry
-
-    g = registry.vision(spec.clip.model)
-    sizes = {spec.clip.image_size or g.image_size}
-    sizes |= set(getattr(spec.pixel, "scales", ()))
-    if getattr(spec.pixel, "image_size", None):
-        sizes.add(spec.pixel.image_size)
-    return sorted(sizes)
-
-
 def cpu_ms(fn, repeats: int):
     times, out = [], None
     for _ in range(repeats):
@@ -92,7 +80,7 @@ def measure(preset: str, path: str, repeats: int) -> dict:
     from pipeline.io.images import decode_image, decode_working
     from pipeline.models.clip import OPENAI_MEAN, OPENAI_STD, Preprocess, preprocess_images
     from pipeline.ops.heatmap import map_shape
-    from pipeline.stages.decode import working_size
+    from pipeline.stages.decode import model_input_sizes, working_size
     from pipeline.stages.encode import EncodeStage
 
     rows = {}
@@ -107,7 +95,7 @@ def measure(preset: str, path: str, repeats: int) -> dict:
         else:
             decode, (image, original) = cpu_ms(lambda: decode_working(data, spec.decode.max_pixels, need), repeats)
         tensor = torch.from_numpy(image)
-        sizes = input_sizes(spec)
+        sizes = model_input_sizes(spec)
 
         def resize_all():
             return {s: preprocess_images([tensor], Preprocess(size=s, mean=OPENAI_MEAN, std=OPENAI_STD,

@@ -142,21 +142,7 @@ class WorkingSize:
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 
-def decode_working(data: bytes, max_pixels: int, working: WorkingSize) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode one encoded image straight to its working size (see :class:`WorkingSize`).
-
-    An RGB or grey JPEG is decoded with libjpeg's DCT scaling (Pillow's ``draft``) at the smallest
-    scale (1/2, 1/4, 1/8) whose result is still at least the working size; other formats (PNG, TIFF,
-    16-bit, CMYK JPEG...) are decoded at full size. Every image is then resized once
-    (Pillow's bicubic, on the 8-bit RGB image) to exactly that size. EXIF orientation is applied as
-    by :func:`decode_image`. Returns (``(h, w, 3)`` uint8 RGB, the original (height, width) in
-    displayed orientation). Errors as :func:`decode_image`."""
-    box: dict[str, tuple[int, int]] = {}
-    array = decode_image(data, max_pixels, _working=(working, box))
-    return array, box["original"]
-
-
-def decode_image(data: bytes, max_pixels: int, _working: tuple | None = None) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """Decode one encoded image to RGB.
 
     Args:
@@ -170,6 +156,20 @@ def decode_image(data: bytes, max_pixels: int, _working: tuple | None = None) ->
         DecodeError: for every problem with the bytes (never any other exception for bad input).
         ValueError: ``max_pixels`` below 1 (a programming error, not a bad file).
     """
+    return decode_working(data, max_pixels, None)[0]
+
+
+def decode_working(data: bytes, max_pixels: int,
+                   working: WorkingSize | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode one encoded image straight to its working size (see :class:`WorkingSize`; None: the
+    full size, as :func:`decode_image`).
+
+    An RGB or grey JPEG is decoded with libjpeg's DCT scaling (Pillow's ``draft``) at the smallest
+    scale (1/2, 1/4, 1/8) whose result is still at least the working size; other formats (PNG, TIFF,
+    16-bit, CMYK JPEG...) are decoded at full size. Every image is then resized once
+    (Pillow's bicubic, on the 8-bit RGB image) to exactly that size. EXIF orientation is applied as
+    by :func:`decode_image`. Returns (``(h, w, 3)`` uint8 RGB, the original (height, width) in
+    displayed orientation). Errors as :func:`decode_image`."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     data = bytes(data)
@@ -178,7 +178,7 @@ def decode_image(data: bytes, max_pixels: int, _working: tuple | None = None) ->
     try:
         with _pillow_limit(max_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(data, max_pixels, _working)
+            return _decode(data, max_pixels, working)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -198,7 +198,7 @@ def decode_image(data: bytes, max_pixels: int, _working: tuple | None = None) ->
 # --------------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, max_pixels: int, working: tuple | None = None) -> np.ndarray:
+def _decode(data: bytes, max_pixels: int, working: WorkingSize | None) -> tuple[np.ndarray, tuple[int, int]]:
     try:
         image = Image.open(io.BytesIO(data), formats=_formats())
     except UnidentifiedImageError as exc:
@@ -214,12 +214,11 @@ def _decode(data: bytes, max_pixels: int, working: tuple | None = None) -> np.nd
                 f"decode.max_pixels = {max_pixels:,} (possible decompression bomb); not decoded",
             )
         fmt = image.format or "image"
-        target = None
+        target = shown = None
         if working is not None:
             swapped = image.getexif().get(0x0112) in _SWAPPING_ORIENTATIONS
             shown = (width, height) if swapped else (height, width)  # (displayed height, displayed width)
-            working[1]["original"] = shown
-            target = working[0].size(*shown)
+            target = working.size(*shown)
             if target != shown and fmt in ("JPEG", "MPO") and image.mode in ("RGB", "L"):
                 # DCT scaling (libjpeg picks the smallest scale still at least the requested size);
                 # CMYK/YCCK JPEGs take the plain path
@@ -239,10 +238,11 @@ def _decode(data: bytes, max_pixels: int, working: tuple | None = None) -> np.nd
         except Exception as exc:  # noqa: BLE001
             raise DecodeError(type(exc).__name__, f"cannot apply the EXIF orientation: {_text(exc)}") from exc
         rgb = _to_rgb(oriented)
+        original = shown or (rgb.shape[0], rgb.shape[1])  # the header's size: a draft decodes below it
         if target is not None and rgb.shape[:2] != target:
             resized = Image.fromarray(rgb).resize((target[1], target[0]), Image.Resampling.BICUBIC)
             rgb = np.asarray(resized, dtype=np.uint8).copy()
-        return rgb
+        return rgb, original
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -29,7 +29,7 @@ def map_shape(height: int, width: int, map_size) -> tuple[int, int]:
     scale = map_size / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
 
-__all__ = ["LEVELS", "quantise", "dequantise", "encode_png16", "decode_png16", "resize_map"]
+__all__ = ["LEVELS", "quantise", "dequantise", "encode_png16", "decode_png16", "resize_map", "resize_nearest"]
 
 #: The largest quantisation level (uint16).
 LEVELS = 65535
@@ -86,6 +86,14 @@ def decode_png16(data: bytes, vmin: float, vmax: float) -> np.ndarray:
     """The float64 ``(H, W)`` map stored by ``encode_png16`` (levels mapped back to [vmin, vmax])."""
     _check_range(vmin, vmax)
     return dequantise(decode_png16_levels(data), vmin, vmax)
+
+
+def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A boolean mask resized to ``shape = (H, W)`` by nearest neighbour (Pillow's)."""
+    if mask.shape == tuple(shape):
+        return mask
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(img.resize((shape[1], shape[0]), Image.NEAREST)) > 0
 
 
 def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:

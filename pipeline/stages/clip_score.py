@@ -44,7 +44,7 @@ from pipeline.stages.clip_model import (  # noqa: F401 - pick_device, prompt_fil
     prompt_file_problem,
 )
 from pipeline.stages.mutual_score import MutualScorer
-from pipeline.stages.records import TENSOR, RowErrors, object_column, with_original
+from pipeline.stages.records import TENSOR, RowErrors, image_at, object_column
 
 STAGE = "clip_score"
 Scorer = Any  # ClipScorer | MutualScorer
@@ -182,9 +182,7 @@ class ClipScoreStage:
         extras = {k: object_column([None] * n) for k in self.scorer.extra_outputs}
         maps = object_column([_NO_MAP] * n)
         todo = [i for i in range(n) if errors.ok(i)]
-        images = batch["image"]
-        if "height" in batch and "width" in batch:  # decoded at a working size: maps at the original's
-            images = [with_original(img, h, w) for img, h, w in zip(images, batch["height"], batch["width"])]
+        images = [image_at(batch, i) for i in range(n)]  # decoded at a working size: maps at the original's
         cats = [str(c) for c in batch["category"]]
         ids = [str(v) for v in batch["image_id"]] if "image_id" in batch else [None] * n
 

@@ -1,8 +1,9 @@
 """Decode stage: ``uri`` -> RGB image plus a per-row status.
 
 One row per input image. Each row's bytes are fetched with :func:`pipeline.io.fs.read_bytes` and
-decoded with :func:`pipeline.io.images.decode_image`; any failure becomes that row's error columns and
-the batch goes on (a bad input never stops a run).
+decoded with :func:`pipeline.io.images.decode_working` (at full size unless ``decode.resolution:
+working``); any failure becomes that row's error columns and the batch goes on (a bad input never
+stops a run).
 
 Columns produced (all other input columns pass through unchanged):
 
@@ -42,7 +43,7 @@ import pyarrow as pa
 
 from pipeline.config import DecodeSpec, RetrySpec
 from pipeline.io.fs import StorageOptions, read_bytes
-from pipeline.io.images import DecodeError, WorkingSize, decode_image, decode_working
+from pipeline.io.images import DecodeError, WorkingSize, decode_working
 from pipeline.io.retry import retrying, stderr_log
 from pipeline.stages.base import check_columns
 from pipeline.stages.records import STATUS_COLUMNS, TENSOR, RowErrors, each_row, object_column
@@ -53,32 +54,37 @@ SAM_LONG_SIDE = 1024
 CLIPSEG_SIDE = 352
 
 
+def model_input_sizes(spec) -> list[int]:
+    """The square input sizes the scoring stage squashes a whole image to: ``clip.image_size`` or the
+    model's native size, FADE's ``pixel.scales``, the adapters' or mutual scoring's
+    ``pixel.image_size``, CLIPSeg's 352 px."""
+    from pipeline.models import registry
+
+    g = registry.vision(spec.clip.model)
+    pixel = spec.pixel
+    sizes = {spec.clip.image_size or (g.image_size if g is not None else 0), *getattr(pixel, "scales", ()),
+             getattr(pixel, "image_size", 0) or 0}
+    if pixel.kind == "clipseg":
+        sizes.add(CLIPSEG_SIDE)
+    return sorted(s for s in sizes if s > 0)
+
+
 def working_size(spec) -> WorkingSize | None:
     """What the plan of ``spec`` needs of each image with ``decode.resolution: working``; None when it
     decodes at the full size (``exact``, or a plan with foreground or tiling, whose masks and tiles
-    are made at the image's resolution). The short side must hold the largest square input of the
-    scoring stage (``clip.image_size`` or the model's native size, FADE's ``pixel.scales``, the
-    adapters' or mutual scoring's ``pixel.image_size``, CLIPSeg's 352 px): each squashes the whole
-    image to that square. With sam_refine, the long side must hold SAM's 1024-px input too; its
-    refined mask and prompts are stored at the original size."""
+    are made at the image's resolution). The short side must hold the largest of
+    :func:`model_input_sizes` (each squashes the whole image to that square). With sam_refine, the
+    long side must hold SAM's 1024-px input too; its refined mask and prompts are stored at the
+    original size."""
     if spec.decode.resolution != "working":
         return None
     if spec.foreground is not None or spec.tiling is not None:
         return None
-    from pipeline.models import registry
-
-    g = registry.vision(spec.clip.model)
-    sizes = [spec.clip.image_size or (g.image_size if g is not None else 0)]
-    pixel = spec.pixel
-    sizes += list(getattr(pixel, "scales", ()))
-    sizes += [getattr(pixel, "image_size", 0) or 0]
-    if pixel.kind == "clipseg":
-        sizes.append(CLIPSEG_SIDE)
-    short = max(sizes)
-    if short <= 0:
+    sizes = model_input_sizes(spec)
+    if not sizes:
         return None
     # sam_refine: SAM squashes the long side to 1024 px; its mask is brought back to the original size
-    return WorkingSize(short=short, long=SAM_LONG_SIDE if spec.sam_refine is not None else 0)
+    return WorkingSize(short=sizes[-1], long=SAM_LONG_SIDE if spec.sam_refine is not None else 0)
 
 
 def _empty_image() -> np.ndarray:
@@ -126,7 +132,7 @@ class DecodeStage:
 
         def decode(i: int) -> None:
             row = self._decode_row(str(uris[i]))
-            if isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], np.ndarray):
+            if isinstance(row[0], np.ndarray):
                 image[i] = row[0]
                 height[i], width[i] = row[1]
                 errors.clear(i)
@@ -154,11 +160,8 @@ class DecodeStage:
                 message += f" (after {attempts} attempts)"
             return type(exc).__name__, message
         try:
-            if self.working is not None:
-                return decode_working(data, self.cfg.max_pixels, self.working)
-            array = decode_image(data, self.cfg.max_pixels)
-            return array, (array.shape[0], array.shape[1])
+            return decode_working(data, self.cfg.max_pixels, self.working)
         except DecodeError as exc:
             return exc.error_type, exc.message
-        except Exception as exc:  # noqa: BLE001 - decode_image should not raise others; be safe
+        except Exception as exc:  # noqa: BLE001 - decode_working should not raise others; be safe
             return type(exc).__name__, str(exc) or type(exc).__name__

@@ -36,13 +36,6 @@ def read_mask(uri: str, storage: StorageOptions | None) -> np.ndarray:
     return arr != 0
 
 
-def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if mask.shape == tuple(shape):
-        return mask
-    img = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(img.resize((shape[1], shape[0]), Image.NEAREST)) > 0
-
-
 def long_side(shape: tuple[int, int], n: int) -> tuple[int, int]:
     scale = n / max(shape)
     return max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))
@@ -71,7 +64,7 @@ class EvaluateStage:
         if gt_label == 1:
             if not mask_uri:
                 raise FileNotFoundError("anomalous image without a ground-truth mask")
-            mask = resize_nearest(read_mask(mask_uri, self.storage), levels.shape)
+            mask = heatmap.resize_nearest(read_mask(mask_uri, self.storage), levels.shape)
         else:
             mask = np.zeros(levels.shape, dtype=bool)
         return levels.astype(np.int64), mask

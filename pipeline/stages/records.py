@@ -201,6 +201,15 @@ def with_original(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return view
 
 
+def image_at(batch: Mapping[str, Any], i: int) -> np.ndarray:
+    """Row ``i``'s image, marked with its original size (the ``height``/``width`` columns the decode
+    stage writes) when it was decoded at a working size (:func:`with_original`)."""
+    image = np.asarray(batch["image"][i])
+    if "height" in batch and "width" in batch:
+        return with_original(image, int(batch["height"][i]), int(batch["width"][i]))
+    return image
+
+
 def image_hw(image: np.ndarray) -> tuple[int, int]:
     """The (height, width) an image's outputs are stored for: its original size (decoded at a working
     size, :func:`with_original`), else its array's."""

@@ -29,9 +29,9 @@ from pipeline.config import RetrySpec, SamRefineSpec, SamSpec
 from pipeline.io.fs import StorageOptions
 from pipeline.ops import points as pts
 from pipeline.ops import rle
-from pipeline.ops.heatmap import resize_map
+from pipeline.ops.heatmap import resize_map, resize_nearest
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import TENSOR, RowErrors, each_row, image_hw, object_column, with_original
+from pipeline.stages.records import TENSOR, RowErrors, each_row, image_at, image_hw, object_column
 
 STAGE = "sam_refine"
 SAM_INPUT = 1024  # the long side of SAM's input: where sam_refine's geometry is measured by default
@@ -164,9 +164,7 @@ class SamRefineStage:
         # original image's pixels, as a full-size decode gives them
         (oh, ow), box = image_hw(image), steps[-1].box
         if (oh, ow) != (h, w):
-            rows = np.minimum((np.arange(oh) + 0.5) * h / oh, h - 1).astype(np.int64)  # nearest source pixel
-            cols = np.minimum((np.arange(ow) + 0.5) * w / ow, w - 1).astype(np.int64)
-            mask = mask[rows][:, cols]
+            mask = resize_nearest(mask, (oh, ow))
             to_original = np.array([ow / w, oh / h])  # points are (x, y)
             positive, negative = ((p + 0.5) * to_original - 0.5 for p in (positive, negative))  # pixel centres
             box = None if box is None else [float(v) * f for v, f in zip(box, [ow / w, oh / h] * 2)]
@@ -223,10 +221,7 @@ class SamRefineStage:
 
         def row(i: int) -> None:
             shared = np.asarray(batch["sam_embedding"][i]) if "sam_embedding" in batch else None
-            image = np.asarray(batch["image"][i])
-            if "height" in batch and "width" in batch:  # decoded at a working size: outputs at the original's
-                image = with_original(image, int(batch["height"][i]), int(batch["width"][i]))
-            final, done, mask_rle, info = self._refine_fitting(image,
+            final, done, mask_rle, info = self._refine_fitting(image_at(batch, i),
                                                                np.asarray(batch["anomaly_map"][i]),
                                                                float(batch["score"][i]), shared)
             infos[i] = info  # refined: the prompts and results; kept: why

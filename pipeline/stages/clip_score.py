@@ -19,17 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import (
-    AprilGanAdapters,
-    ClipSegMaps,
     ClipSpec,
-    FadeZeroShot,
-    FewShotSpec,
-    MapOutputSpec,
     MutualSpec,
-    NoPixelMap,
-    RetrySpec,
     TilingSpec,
-    WinclipWindows,
     ZeroShotImageScore,
 )
 from pipeline.io.fs import StorageOptions
@@ -79,27 +71,18 @@ class ClipScoreStage:
 
     def __init__(
         self,
-        clip: ClipSpec,
+        clip: ClipSpec | None,
         score: ZeroShotImageScore,
         *,
-        weights_cache: str | None = None,
-        storage: StorageOptions | None = None,
-        pixel: NoPixelMap | WinclipWindows | FadeZeroShot | ClipSegMaps | AprilGanAdapters = NoPixelMap(),
-        maps: MapOutputSpec = MapOutputSpec(),
-        use_gpu: bool = False,
-        model_factory: ModelFactory | None = None,
-        retries: RetrySpec | None = None,
         tiling: TilingSpec | None = None,
-        map_range: tuple[float, float] = (0.0, 1.0),
-        few_shot: FewShotSpec | None = None,
-        few_shot_method: str | None = None,
         mutual_spec: MutualSpec | None = None,
         scorer: Scorer | None = None,
+        **scorer_options: Any,
     ) -> None:
+        """``scorer_options``: the keyword arguments of :class:`ClipScorer` (``pixel``, ``maps``,
+        ``few_shot``, ``model_factory``...), for a scorer built here (``scorer`` None)."""
         if scorer is None:
-            scorer = ClipScorer(clip, score, weights_cache=weights_cache, storage=storage, pixel=pixel, maps=maps,
-                                use_gpu=use_gpu, model_factory=model_factory, retries=retries, map_range=map_range,
-                                few_shot=few_shot, few_shot_method=few_shot_method)
+            scorer = ClipScorer(clip, score, **scorer_options)
             if mutual_spec is not None:
                 scorer = MutualScorer(scorer, mutual_spec)
         self.scorer = scorer

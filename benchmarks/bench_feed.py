@@ -21,8 +21,12 @@ Bytes: the decoded array (the ``image`` tensor column between the stages: its Ar
 the same H x W x 3 bytes). Deviation: max |working - exact| of the normalised model input at the
 preset's largest size (what the model sees; its scores and maps follow from it).
 
+``--device-decode cpu|cuda`` adds ``decode.device: model`` against ``cpu`` on the JPEGs
+(:func:`device_decode_cost`): what the decode task still does (read + header), the bytes it ships,
+and the model actor's decode time per image on that device.
+
 Usage: .venv/bin/python benchmarks/bench_feed.py [--presets default musc_fast ...] [--sizes 2 5 12]
-       [--repeats 3] [--json OUT]
+       [--repeats 3] [--json OUT] [--device-decode cuda --device-batch 8]
 """
 
 from __future__ import annotations
@@ -122,6 +126,50 @@ def measure(preset: str, path: str, repeats: int) -> dict:
             "bytes_gain": round(rows["exact"]["bytes_to_model"] / rows["working"]["bytes_to_model"], 1)}
 
 
+def device_decode_cost(preset: str, path: str, device: str, repeats: int, batch: int) -> dict:
+    """``decode.device: model`` against ``cpu`` (both ``decode.resolution: working``) for one file:
+    the decode task's CPU ms per image (read + header probe, against read + decode), the bytes that
+    travel to the model actor (the file, against the decoded pixels), and in the model actor, per
+    image of a batch of ``batch`` copies decoded by :class:`pipeline.models.device_decode.DeviceDecoder`
+    on ``device``: wall ms (synchronised on a GPU) and the actor's CPU ms."""
+    import torch
+
+    from pipeline.config import load_spec
+    from pipeline.io.fs import read_bytes
+    from pipeline.io.images import decode_working, probe
+    from pipeline.models.device_decode import DeviceDecoder
+    from pipeline.stages.decode import working_size
+
+    spec = load_spec(str(ROOT / "jobs" / f"{preset}.yaml"), ["decode.resolution=working"])
+    need, limit = working_size(spec), spec.decode.max_pixels
+    task_cpu, (image, _) = cpu_ms(lambda: decode_working(read_bytes(path), limit, need), repeats)
+    def fetch_and_probe():
+        data = read_bytes(path)
+        probe(data, limit)
+        return data
+
+    task_model, data = cpu_ms(fetch_and_probe, repeats)
+    decoder = DeviceDecoder(device, limit, need)
+    blobs = [data] * batch
+    decoder.decode(blobs[:1])  # warm-up (CUDA context, nvJPEG handles)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        out = decoder.decode(blobs)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t) * 1000.0 / batch)
+        cpus.append((time.process_time() - c) * 1000.0 / batch)
+    assert decoder.refused == 0 and decoder.on_device == batch * repeats + 1, (decoder.refused, decoder.last_refusal)
+    got = out[0]
+    dev = np.abs(got.astype(np.int16) - image.astype(np.int16))
+    return {"preset": preset, "device": str(decoder.device), "batch": batch, "decoded": list(got.shape[:2]),
+            "task_ms_cpu_decode": round(task_cpu, 1), "task_ms_model_decode": round(task_model, 2),
+            "bytes_cpu_decode": int(image.nbytes), "bytes_model_decode": len(data),
+            "actor_wall_ms": round(statistics.median(walls), 1), "actor_cpu_ms": round(statistics.median(cpus), 1),
+            "pixel_dev_mean": round(float(dev.mean()), 3), "pixel_dev_max": int(dev.max())}
+
+
 def score_deviation(preset: str, n: int, scratch: str, sets: list[str] = ()) -> dict:
     """The preset's scoring stage on the real architecture with random weights (seeded), on ``n``
     generated 12-MP JPEGs decoded exact and working: max |difference| of the image scores and of
@@ -173,13 +221,16 @@ def main() -> None:
     ap.add_argument("--deviation-set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="overrides for the deviation runs (e.g. pixel.vision_multiplier=1: FADE's vision map x 80 "
                          "saturates the fused map with random weights)")
+    ap.add_argument("--device-decode", default=None, metavar="DEVICE",
+                    help="also measure decode.device: model against cpu on the JPEGs (cpu, or cuda on a GPU machine)")
+    ap.add_argument("--device-batch", type=int, default=8, help="images per device decode call")
     args = ap.parse_args()
 
     import torch
     from PIL import Image
 
     torch.set_num_threads(1)
-    results = []
+    results, on_device = [], []
     with tempfile.TemporaryDirectory(prefix="bench-feed-") as scratch:
         for mp in args.sizes:
             h, w = SIZES[mp]
@@ -195,6 +246,11 @@ def main() -> None:
                     r.update(preset=preset, megapixels=mp, format=fmt, file_bytes=len(buf.getvalue()))
                     results.append(r)
                     print(json.dumps(r), flush=True)
+                    if args.device_decode and fmt == "jpeg":
+                        d = device_decode_cost(preset, path, args.device_decode, args.repeats, args.device_batch)
+                        d.update(megapixels=mp)
+                        on_device.append(d)
+                        print(json.dumps(d), flush=True)
         from pipeline.config import load_spec
 
         alone = [p for p in args.presets  # mutual scoring and few-shot need their category pass first: left out
@@ -218,6 +274,17 @@ def main() -> None:
             print(f"| {r['preset']} | {r['megapixels']} MP {r['format']} | {mode} | {m['decoded'][1]} x "
                   f"{m['decoded'][0]} | {m['read_ms']} | {m['decode_ms']} | {m['resize_ms']} | {m['encode_ms']} | "
                   f"{m['total_ms']} | {m['cores_for_200_per_s']} | {m['bytes_to_model'] / 1e6:.1f} | {gains} |")
+    if on_device:
+        print("\ndecode.device: model against cpu (working size): the decode task's CPU ms per image and the bytes "
+              "it ships; the model actor's decode per image (wall, and its CPU)")
+        print("| preset | image | device | batch | decoded | task ms, cpu decode | task ms, model decode | "
+              "MB shipped, cpu / model | actor wall ms | actor CPU ms | pixels vs cpu decode, mean / max |")
+        print("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        for d in on_device:
+            print(f"| {d['preset']} | {d['megapixels']} MP jpeg | {d['device']} | {d['batch']} | {d['decoded'][1]} x "
+                  f"{d['decoded'][0]} | {d['task_ms_cpu_decode']} | {d['task_ms_model_decode']} | "
+                  f"{d['bytes_cpu_decode'] / 1e6:.2f} / {d['bytes_model_decode'] / 1e6:.2f} | {d['actor_wall_ms']} | "
+                  f"{d['actor_cpu_ms']} | {d['pixel_dev_mean']} / {d['pixel_dev_max']} |")
     if deviations:
         print("\nworking against exact, the preset's real model with random weights, generated 12-MP JPEGs")
         print("| preset | images | max score diff | max map diff | mean map diff | map range |")
@@ -227,7 +294,8 @@ def main() -> None:
                   f"{d['map_mean']:.2e} | [{d['map_range'][0]:.3f}, {d['map_range'][1]:.3f}] |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": os.uname().nodename, "results": results, "deviations": deviations}, fh, indent=1)
+            json.dump({"machine": os.uname().nodename, "results": results, "deviations": deviations,
+                       "device_decode": on_device}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,20 @@ class DecodeSpec(SpecModel):
     (``maps.map_size``); sam_refine's mask and prompts are stored in the original's pixels. Scores
     and maps then differ slightly from ``exact`` (BENCHMARKS.md "Feeding the GPUs"). Plans with
     foreground or tiling decode at the full size in either mode (their masks and tiles are made at
-    the image's resolution), and so does an image already at or below the working size."""
+    the image's resolution), and so does an image already at or below the working size.
+
+    ``device``: where the pixels are decoded. ``cpu`` (default): in the decode stage's CPU tasks.
+    ``model``: the decode stage only fetches each file and reads its header (format, size, the
+    ``max_pixels`` guard, truncation); the encoded bytes travel to the first model actor, which
+    decodes them before its model runs: RGB and grey JPEGs with nvJPEG on its GPU
+    (``torchvision.io.decode_jpeg``; on an actor without a GPU the same code on its CPU), then the
+    EXIF orientation and the resize to the working size on the device; other formats, and JPEGs
+    the device decoder refuses, with Pillow on the actor's CPU. It pays where CPU cores, not the
+    network, limit the feed (BENCHMARKS.md "Feeding the GPUs"); the first stage after decode must
+    be a model actor (CLIP scoring or SAM foreground). The passes before the plan (few-shot banks,
+    mutual pools) and ``zsad train`` decode on the CPU in either case."""
 
     max_pixels: int = Field(default=89_478_485, ge=1)
     resolution: Literal["exact", "working"] = "exact"
+    device: Literal["cpu", "model"] = "cpu"
 

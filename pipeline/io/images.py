@@ -1,8 +1,10 @@
 """Image bytes -> RGB uint8 arrays.
 
-:func:`decode_image` is the only entry point. It is pure (bytes in, array out), never touches the
-network or the disk, and turns every failure into a :class:`DecodeError` whose ``error_type`` comes
-from a small fixed vocabulary (see :data:`ERROR_TYPES`), so one bad file never stops a run.
+:func:`decode_image` (full size), :func:`decode_working` (straight to a working size) and :func:`probe`
+(the header only, for a decode elsewhere: ``decode.device: model``) are the entry points. They are
+pure (bytes in, array out), never touch the network or the disk, and turn every failure into a
+:class:`DecodeError` whose ``error_type`` comes from a small fixed vocabulary (see
+:data:`ERROR_TYPES`), so one bad file never stops a run.
 
 Output convention: a C-contiguous, writeable ``np.ndarray`` of shape ``(H, W, 3)`` (row, column,
 channel), dtype ``uint8``, channels in R, G, B order, in the *displayed* orientation (the EXIF
@@ -170,6 +172,37 @@ def decode_working(data: bytes, max_pixels: int,
     (Pillow's bicubic, on the 8-bit RGB image) to exactly that size. EXIF orientation is applied as
     by :func:`decode_image`. Returns (``(h, w, 3)`` uint8 RGB, the original (height, width) in
     displayed orientation). Errors as :func:`decode_image`."""
+    return _guarded(data, max_pixels, lambda data: _decode(data, max_pixels, working))
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an image's header says (:func:`probe`): its container ``format`` (one of
+    :data:`FORMATS`), Pillow's pixel ``mode``, its ``height`` and ``width`` in displayed orientation
+    and its EXIF ``orientation`` (1 when it has none)."""
+
+    format: str
+    mode: str
+    height: int
+    width: int
+    orientation: int = 1
+
+    @property
+    def plain_jpeg(self) -> bool:
+        """An RGB or grey baseline/progressive JPEG (no CMYK, not a multi-picture file): what a JPEG
+        decoder other than Pillow's (nvJPEG, torchvision's) is given."""
+        return self.format == "JPEG" and self.mode in ("RGB", "L")
+
+
+def probe(data: bytes, max_pixels: int) -> Header:
+    """Read an image's header without decoding any pixel: the same checks as :func:`decode_working`
+    makes before it decodes (a recognised format, a parsable header, at most ``max_pixels`` pixels,
+    for a JPEG an end-of-image marker). Raises :class:`DecodeError` as :func:`decode_working`."""
+    return _guarded(data, max_pixels, lambda data: _probe(data, max_pixels))
+
+
+def _guarded(data: bytes, max_pixels: int, step):
+    """``step(bytes)`` with Pillow's bomb guard at ``max_pixels`` and every failure a DecodeError."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     data = bytes(data)
@@ -178,7 +211,7 @@ def decode_working(data: bytes, max_pixels: int,
     try:
         with _pillow_limit(max_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return _decode(data, max_pixels, working)
+            return step(data)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -198,21 +231,48 @@ def decode_working(data: bytes, max_pixels: int,
 # --------------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes, max_pixels: int, working: WorkingSize | None) -> tuple[np.ndarray, tuple[int, int]]:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """The image opened on its header (no pixel decoded), its size checked against ``max_pixels``."""
     try:
         image = Image.open(io.BytesIO(data), formats=_formats())
     except UnidentifiedImageError as exc:
         raise _unidentified(data, exc) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _broken(data, exc, during="header") from exc
-    with image:
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise DecodeError(
+            "DecompressionBomb",
+            f"{image.format} header declares {width} x {height} = {width * height:,} pixels, more than "
+            f"decode.max_pixels = {max_pixels:,} (possible decompression bomb); not decoded",
+        )
+    return image
+
+
+def _truncated_jpeg(data: bytes) -> DecodeError:
+    return DecodeError("TruncatedImage",
+                       f"JPEG data ({len(data):,} bytes) ends before its end-of-image marker (0xFFD9)")
+
+
+def _probe(data: bytes, max_pixels: int) -> Header:
+    with _open(data, max_pixels) as image:
+        fmt = image.format or "image"
+        if fmt in ("JPEG", "MPO") and _jpeg_complete(data) is False:
+            raise _truncated_jpeg(data)
+        try:
+            orientation = int(image.getexif().get(0x0112) or 1)
+        except Exception:  # noqa: BLE001 - an unreadable EXIF block: as Pillow's exif_transpose, no rotation
+            orientation = 1
         width, height = image.size
-        if width * height > max_pixels:
-            raise DecodeError(
-                "DecompressionBomb",
-                f"{image.format} header declares {width} x {height} = {width * height:,} pixels, more than "
-                f"decode.max_pixels = {max_pixels:,} (possible decompression bomb); not decoded",
-            )
+        if orientation in _SWAPPING_ORIENTATIONS:
+            width, height = height, width
+        return Header(fmt, image.mode, height, width, orientation if 1 <= orientation <= 8 else 1)
+
+
+def _decode(data: bytes, max_pixels: int, working: WorkingSize | None) -> tuple[np.ndarray, tuple[int, int]]:
+    with _open(data, max_pixels) as image:
+        width, height = image.size
         fmt = image.format or "image"
         target = shown = None
         if working is not None:
@@ -229,10 +289,7 @@ def _decode(data: bytes, max_pixels: int, working: WorkingSize | None) -> tuple[
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise _broken(data, exc, during="pixels") from exc
         if fmt in ("JPEG", "MPO") and _jpeg_complete(data) is False:
-            raise DecodeError(
-                "TruncatedImage",
-                f"JPEG data ({len(data):,} bytes) ends before its end-of-image marker (0xFFD9)",
-            )
+            raise _truncated_jpeg(data)
         try:
             oriented = ImageOps.exif_transpose(image)
         except Exception as exc:  # noqa: BLE001

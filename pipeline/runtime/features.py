@@ -72,7 +72,7 @@ def build(spec: JobSpec, wanted: pd.DataFrame, folder: str, run_dir: str, digest
     rows = manifest_frame([{"uri": r.uri, "category": r.category, "gt_label": 0, "size": _na(r.size),
                             "mtime": _na(r.mtime), "etag": r.etag} for r in unique.itertuples()])
     target = BankTarget(run_dir=run_dir, folder=folder, digests=dict(digests), dtype=dtype)
-    plan = [PlannedStage(DecodeStage.from_spec(spec, storage), spec.resources.decode),
+    plan = [PlannedStage(DecodeStage.from_spec(spec, storage, on_cpu=True), spec.resources.decode),
             PlannedStage(BankStage.from_spec(spec, storage, target), spec.resources.clip_score)]
     expected = {str(c): set(g["image_id"]) for c, g in unique.groupby("category")}
     order = {str(c): list(g["image_id"]) for c, g in wanted.groupby("category")}  # shot order (repeats kept)

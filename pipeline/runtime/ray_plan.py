@@ -176,7 +176,7 @@ def training_dataset(spec, inputs: pa.Table, storage: Any) -> "ray.data.Dataset"
     res = spec.resources.decode
     args = _remote_args({"CPU": res.num_cpus, **({"memory": res.memory} if getattr(res, "memory", None) else {})})
     ds = ray.data.from_arrow(inputs)
-    ds = ds.map_batches(TaskStage(DecodeStage.from_spec(spec, storage)), batch_size=res.batch_size,
+    ds = ds.map_batches(TaskStage(DecodeStage.from_spec(spec, storage, on_cpu=True)), batch_size=res.batch_size,
                         batch_format="pyarrow", **args)
     prep = TrainPrepStage(spec.adapters.image_size, spec.clip.resize, storage)
     ds = ds.map_batches(TaskStage(prep), batch_size=res.batch_size, batch_format="pyarrow", **args)

@@ -23,16 +23,18 @@ NAME = "models"
 
 
 class FusedStage:
-    """The stages ``parts`` (in plan order, at least one actor stage among them) as one actor stage."""
+    """The stages ``parts`` (in plan order, at least one actor stage among them) as one actor stage,
+    called ``name`` (a stage that runs a part first in its actor, ``decode.device: model``, keeps
+    its own name and resources)."""
 
     section = "runtime"
     kind = "actor"
 
-    def __init__(self, parts: list[Any]) -> None:
+    def __init__(self, parts: list[Any], name: str = NAME) -> None:
         if not parts:
             raise ValueError("nothing to fuse")
         self.parts = list(parts)
-        self.name = NAME
+        self.name = name
 
     def describe(self) -> str:
         return "+".join(p.name for p in self.parts)
@@ -128,8 +130,8 @@ def find_stage(planned: list[Any], name: str) -> Any | None:
     """The stage called ``name`` in a built plan, also inside a fused stage."""
     for p in planned:
         stage = p.stage
-        if stage.name == name:
-            return stage
         if isinstance(stage, FusedStage) and stage.find(name) is not None:
             return stage.find(name)
+        if stage.name == name:
+            return stage
     return None

@@ -38,10 +38,10 @@ from pipeline.io.fs import StorageOptions
 from pipeline.stages.aggregate import AggregateStage
 from pipeline.stages.base import STAGE_KINDS, PlannedStage, Stage
 from pipeline.stages.clip_score import ClipScoreStage
-from pipeline.stages.decode import DecodeStage
+from pipeline.stages.decode import DecodeStage, DeviceDecodeStage
 from pipeline.stages.encode import EncodeStage
 from pipeline.stages.foreground import ForegroundStage
-from pipeline.stages.fused import fuse
+from pipeline.stages.fused import FusedStage, fuse
 from pipeline.stages.sam_refine import SamRefineStage
 from pipeline.stages.tiling import TilingStage
 
@@ -80,6 +80,9 @@ def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: 
     planned = share_optional(planned)
     if spec.runtime.fuse_models:  # one actor pool for the model stages (pipeline.stages.fused)
         planned = fuse(planned)
+    device_decode = DeviceDecodeStage.from_spec(spec, storage)
+    if device_decode is not None:  # decode.device: model
+        planned = decode_in_model(planned, device_decode)
     final = check_columns(planned, source) | set(column_defaults(planned))
     for table, (required, _) in (outputs or {}).items():
         missing = sorted(required - final)
@@ -87,6 +90,23 @@ def build_plan(spec: JobSpec, storage: StorageOptions | None = None, *, source: 
             raise PlanError(f"table {table!r} needs column(s) {', '.join(missing)} that no stage of this plan produces "
                             f"(plan: {' -> '.join(p.name for p in planned)})")
     return planned
+
+
+def decode_in_model(planned: list[PlannedStage], stage: Any) -> list[PlannedStage]:
+    """``planned`` with ``stage`` (:class:`~pipeline.stages.decode.DeviceDecodeStage`) run first in
+    the actor of the stage after decode, which keeps its name and resources
+    (:class:`~pipeline.stages.fused.FusedStage`). Raises :class:`PlanError` when that stage is not
+    a model actor."""
+    names = [p.name for p in planned]
+    at = names.index(DecodeStage.name) + 1 if DecodeStage.name in names else 0
+    after = planned[at] if at < len(planned) else None
+    if after is None or after.kind != "actor":
+        what = f"{after.name!r}, a CPU task" if after is not None else "nothing"
+        raise PlanError(f"decode.device: model decodes in the model actor after the decode stage, but that stage is "
+                        f"{what} (plan: {' -> '.join(names)}); use decode.device: cpu")
+    parts = after.stage.parts if isinstance(after.stage, FusedStage) else [after.stage]
+    fused = replace(after, stage=FusedStage([stage, *parts], name=after.name))
+    return [*planned[:at], fused, *planned[at + 1:]]
 
 
 def column_defaults(planned: list[PlannedStage]) -> dict[str, tuple[Any, Any]]:

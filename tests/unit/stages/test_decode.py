@@ -191,7 +191,7 @@ def test_empty_batch():
 
 def test_stage_declares_columns_and_imports_no_ray():
     assert DecodeStage.requires == ("uri",)
-    assert DecodeStage.produces == PRODUCED
+    assert DecodeStage(DecodeSpec()).produces == PRODUCED
     tree = ast.parse(inspect.getsource(decode_module))
     imported = set()
     for node in ast.walk(tree):

@@ -19,6 +19,9 @@ Steps (each in its own try/except: a failing step records its error and the suit
   sam_vit_h_encoder  SAM vit_h's image encoder at 1024 px, batch 1 and 8, fp32 and bf16 (autocast),
                      TFLOP/s from FlopCounterMode on one batch-1 forward; plus SamEngine.embed on one
                      image (host resize + normalise + encoder: what the foreground stage does per image)
+  jpeg_decode        decode.device: model's decoder on the device (torchvision decode_jpeg: nvJPEG on a
+                     GPU) at batch 1 and 8 against the CPU decode stage's Pillow decode, a generated
+                     12-MP JPEG to jobs/default.yaml's working size (1195 x 896)
   e2e_default        `zsad run jobs/default.yaml` (CLI subprocess, local Ray) on --e2e-images generated
                      PNGs (fewer when the FADE stage's rate says they would not fit the step's time)
   e2e_vvv            `zsad run jobs/vvv.yaml` (SAM vit_h automatic masks, 32 x 32 points) on
@@ -66,7 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the suite's modules,
 
 from gpu_suite_base import REPO, StepEntry, Suite, cuda_available, settings  # noqa: E402
 from gpu_suite_e2e import step_e2e  # noqa: E402
-from gpu_suite_micro import step_clip_image_scores, step_sam_encoder, step_stage  # noqa: E402
+from gpu_suite_micro import step_clip_image_scores, step_jpeg_decode, step_sam_encoder, step_stage  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ main
 
@@ -77,6 +80,7 @@ STEP_TABLE: dict[str, StepEntry] = {
     "fade_zero_shot": (step_stage("fade_zero_shot"), True, 8),
     "april_gan_518": (step_stage("april_gan_518"), True, 10),
     "sam_vit_h_encoder": (step_sam_encoder, True, 10),
+    "jpeg_decode": (step_jpeg_decode, True, 10),
     "e2e_default": (step_e2e("e2e_default"), False, 50),
     "e2e_vvv": (step_e2e("e2e_vvv"), False, 50),
     "e2e_vvv_fused": (step_e2e("e2e_vvv_fused"), False, 50),

@@ -63,9 +63,9 @@ class Settings:
 
 
 GPU_CAPS = {"clip_image_scores": 60, "winclip_windows": 30, "fade_zero_shot": 35, "april_gan_518": 40,
-            "sam_vit_h_encoder": 45, "e2e_default": 110, "e2e_vvv": 100, "e2e_vvv_fused": 100}
+            "sam_vit_h_encoder": 45, "jpeg_decode": 20, "e2e_default": 110, "e2e_vvv": 100, "e2e_vvv_fused": 100}
 DRY_CAPS = {"clip_image_scores": 20, "winclip_windows": 20, "fade_zero_shot": 20, "april_gan_518": 20,
-            "sam_vit_h_encoder": 20, "e2e_default": 120, "e2e_vvv": 120, "e2e_vvv_fused": 120}
+            "sam_vit_h_encoder": 20, "jpeg_decode": 20, "e2e_default": 120, "e2e_vvv": 120, "e2e_vvv_fused": 120}
 
 def settings(args: argparse.Namespace) -> Settings:
     device = args.device

@@ -151,6 +151,53 @@ def step_sam_encoder(suite: Suite, rec: dict, deadline: float) -> None:
                                      "normalise + pad + encoder; TFLOP/s from the encoder's FLOPs"))
 
 
+def step_jpeg_decode(suite: Suite, rec: dict, deadline: float) -> None:
+    """decode.device: model's decoder (pipeline.models.device_decode.DeviceDecoder) on the suite's
+    device against the CPU decode stage's decode_working, on generated 12-MP JPEGs (the dry run: 0.3 MP),
+    both to jobs/default.yaml's working size."""
+    require("torch", "torchvision", "PIL")
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.config import load_spec
+    from pipeline.io.images import decode_working
+    from pipeline.models.device_decode import DeviceDecoder
+    from pipeline.stages.decode import working_size
+
+    cfg = suite.cfg
+    h, w = (480, 640) if cfg.dry_run else (3000, 4000)
+    rng = np.random.default_rng(0)
+    small = (rng.random((h // 64 + 2, w // 64 + 2, 3)) * 255).astype(np.uint8)
+    pixels = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)).astype(np.int16)
+    pixels = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)  # sensor-like noise
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    spec = load_spec(str(REPO / "jobs" / "default.yaml"), ["decode.resolution=working"])
+    need, limit = working_size(spec), spec.decode.max_pixels
+    what = f"{w} x {h} JPEG ({len(data) / 1e6:.1f} MB) -> default's working size"
+    for batch in (1, 8):
+        decoder = DeviceDecoder(cfg.device, limit, need)
+        label = f"JPEG decode on {cfg.device} (torchvision decode_jpeg), {what}"
+        try:
+            timing = timed(partial(decoder.decode, [data] * batch), cfg, deadline)
+            assert decoder.refused == 0, decoder.last_refusal
+        except Exception as exc:  # noqa: BLE001
+            rec["rows"].append(failed_row(label, batch, "uint8", "error", describe(exc)))
+            continue
+        rec["rows"].append(row(label, batch, "uint8", timing, notes="the model actor's decode of decode.device: "
+                               "model: decode, EXIF turn, resize on the device, copy to the host"))
+    label = f"JPEG decode on the CPU (Pillow draft + bicubic, one thread), {what}"
+    try:
+        timing = timed(lambda: decode_working(data, limit, need), cfg, deadline)
+    except Exception as exc:  # noqa: BLE001
+        rec["rows"].append(failed_row(label, 1, "uint8", "error", describe(exc)))
+        return
+    rec["rows"].append(row(label, 1, "uint8", timing, notes="the decode stage's decode of decode.device: cpu"))
+
+
 # ------------------------------------------------------------------------------------------ stage steps
 
 

@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 STEPS = ["clip_image_scores", "winclip_windows", "fade_zero_shot", "april_gan_518", "sam_vit_h_encoder",
-         "e2e_default", "e2e_vvv", "e2e_vvv_fused"]
+         "jpeg_decode", "e2e_default", "e2e_vvv", "e2e_vvv_fused"]
 
 
 def test_gpu_suite_dry_run_runs_every_step(tmp_path):

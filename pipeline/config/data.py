@@ -45,13 +45,17 @@ class DecodeSpec(SpecModel):
 
     ``resolution``: ``exact`` (default) decodes every image at its full size and the model stages
     resize it; ``working`` decodes it straight to the smallest size the plan's models need (the
-    largest CLIP input among the scales, SAM's 1024-px long side, ...; JPEGs with libjpeg's DCT
+    largest CLIP input among the scales, SAM's 1024-px long side, a dichotomous model's input, and
+    with tiling a scale: the smallest tile, ``tiling.min_tile`` original pixels, keeps as many pixels
+    as its largest model input; :func:`pipeline.stages.decode.working_size`; JPEGs with libjpeg's DCT
     scaling, then one bicubic resize), so a fraction of the bytes travels between the stages. The
-    rows keep the original height and width, and the maps are stored at the size the original gives
-    (``maps.map_size``); sam_refine's mask and prompts are stored in the original's pixels. Scores
-    and maps then differ slightly from ``exact`` (BENCHMARKS.md "Feeding the GPUs"). Plans with
-    foreground or tiling decode at the full size in either mode (their masks and tiles are made at
-    the image's resolution), and so does an image already at or below the working size.
+    rows keep the original height and width, and everything stored at the image's resolution is
+    still made at the original size: the maps at the size the original gives (``maps.map_size``),
+    the foreground mask, component boxes and areas, the tiles and sam_refine's mask and prompts in
+    the original's pixels. Scores and maps then differ slightly from ``exact`` (BENCHMARKS.md
+    "Feeding the GPUs"). An image already at or below the working size decodes as it is; with
+    ``vvv``'s own tiling (352-px tiles, inputs up to 448 px) that is every image: its tiles need
+    every original pixel, and only a larger ``min_tile`` lets it decode smaller.
 
     ``device``: where the pixels are decoded. ``cpu`` (default): in the decode stage's CPU tasks.
     ``model``: the decode stage only fetches each file and reads its header (format, size, the

@@ -123,8 +123,10 @@ class DecodeError(ZsadError):
 @dataclass(frozen=True)
 class WorkingSize:
     """What the models of a plan need of an image (``decode.resolution: working``): its short side at
-    least ``short`` pixels, its long side at least ``long``, and at least ``scale`` of its original
-    size (tiles: their crops at their model size). Sizes are in displayed orientation."""
+    least ``short`` pixels, its long side at least ``long``, and each side at least ``scale`` (a
+    linear factor, 0 to 1) of the original's: a constraint that grows with the image, for tiles
+    planned in original pixels whose crops must keep their model's input size (see
+    :func:`pipeline.stages.decode.working_size`). Sizes are in displayed orientation."""
 
     short: int = 0
     long: int = 0

@@ -7,6 +7,7 @@
 - :func:`union`: the kept masks merged into one foreground mask.
 - :func:`components`: connected components of a foreground mask, with boxes, areas and the number
   of SAM parts assigned to each (the tiling plan, ``pipeline.ops.tiling``, uses the part counts).
+- :func:`components_at`: those of an image decoded at a working size, brought to its original size.
 
 Conventions
 -----------
@@ -60,7 +61,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Component", "classical_foreground", "filter_masks", "union", "components"]
+from pipeline.ops import heatmap
+
+__all__ = ["Component", "classical_foreground", "filter_masks", "union", "components", "components_at"]
 
 _MAD_TO_SIGMA = 1.4826
 _MAX_BORDER_SAMPLES = 20000
@@ -271,6 +274,42 @@ def components(
         for comp in comps:
             comp.n_parts = int(counts[comp.id])
     return labels, comps
+
+
+def components_at(labels: np.ndarray, comps: list[Component],
+                  shape: tuple[int, int]) -> tuple[np.ndarray, list[Component]]:
+    """The foreground and components of an image found at a reduced (working) size, at its original
+    size ``shape = (H, W)``: ``labels`` and ``comps`` as :func:`components` returns them for the
+    reduced image (no side larger than ``shape``'s).
+
+    Returns ``(mask, comps)``: the foreground (``labels >= 0``) enlarged by nearest neighbour
+    (:func:`pipeline.ops.heatmap.resize_nearest`), and each component with its box and area in the
+    original's pixels, exactly those of its pixels in that mask (nearest neighbour keeps components
+    connected and apart): the box is the bounding box of the output pixels whose source pixel lies in
+    the component's box, the area the count of output pixels whose source pixel is the component's
+    (computed at the reduced size). Boxes stay inside ``shape`` and non-empty; ids, order and
+    ``n_parts`` are unchanged."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be an (H, W) array, got shape {labels.shape}")
+    h, w = labels.shape
+    oh, ow = _check_hw("shape", shape)
+    if oh < h or ow < w:
+        raise ValueError(f"shape {(oh, ow)} is smaller than the labels' {(h, w)}: only an enlargement is exact")
+    inside = labels >= 0
+    rows, cols = heatmap.nearest_indices(h, oh), heatmap.nearest_indices(w, ow)
+    mask = heatmap.resize_nearest(inside, (oh, ow))
+    # the first output row (column) of each source row (column), and the output size after the last
+    first_row = np.searchsorted(rows, np.arange(h + 1))
+    first_col = np.searchsorted(cols, np.arange(w + 1))
+    covered = np.outer(np.bincount(rows, minlength=h), np.bincount(cols, minlength=w))  # output px per source px
+    areas = np.bincount(labels[inside], weights=covered[inside], minlength=len(comps))
+    out = []
+    for comp in comps:
+        x0, y0, x1, y1 = comp.box
+        box = (int(first_col[x0]), int(first_row[y0]), int(first_col[x1]), int(first_row[y1]))
+        out.append(Component(id=comp.id, box=box, area=int(round(areas[comp.id])), n_parts=comp.n_parts))
+    return mask, out
 
 
 def _disc(radius: int) -> np.ndarray:

@@ -29,7 +29,8 @@ def map_shape(height: int, width: int, map_size) -> tuple[int, int]:
     scale = map_size / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
 
-__all__ = ["LEVELS", "quantise", "dequantise", "encode_png16", "decode_png16", "resize_map", "resize_nearest"]
+__all__ = ["LEVELS", "quantise", "dequantise", "encode_png16", "decode_png16", "resize_map", "resize_nearest",
+           "nearest_indices"]
 
 #: The largest quantisation level (uint16).
 LEVELS = 65535
@@ -94,6 +95,17 @@ def resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         return mask
     img = Image.fromarray(mask.astype(np.uint8) * 255)
     return np.asarray(img.resize((shape[1], shape[0]), Image.NEAREST)) > 0
+
+
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """The source index (int64, length ``n_out``) of each output row (or column) of
+    :func:`resize_nearest` from ``n_in`` to ``n_out``: Pillow's nearest neighbour is separable, so
+    ``resize_nearest(mask, (H, W)) == mask[np.ix_(nearest_indices(h, H), nearest_indices(w, W))]``.
+    Non-decreasing; when enlarging (``n_out >= n_in``) every source index appears."""
+    if n_in < 1 or n_out < 1:
+        raise ValueError(f"sizes must be positive, got {n_in} -> {n_out}")
+    line = Image.fromarray(np.arange(n_in, dtype=np.int32)[None, :])  # mode I: Pillow's own rounding
+    return np.asarray(line.resize((n_out, 1), Image.NEAREST))[0].astype(np.int64)
 
 
 def resize_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:

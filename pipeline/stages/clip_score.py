@@ -36,7 +36,7 @@ from pipeline.stages.clip_model import (  # noqa: F401 - pick_device, prompt_fil
     prompt_file_problem,
 )
 from pipeline.stages.mutual_score import MutualScorer
-from pipeline.stages.records import TENSOR, RowErrors, image_at, object_column
+from pipeline.stages.records import TENSOR, RowErrors, image_at, object_column, working_box
 
 STAGE = "clip_score"
 Scorer = Any  # ClipScorer | MutualScorer
@@ -247,11 +247,14 @@ class ClipScoreStage:
         for i in todo:
             t0 = time.perf_counter()
             try:
-                image = np.asarray(batch["image"][i])
+                image = image_at(batch, i)
                 boxes = np.asarray(batch["tiles"][i], dtype=np.int64).reshape(-1, 5)
                 if not len(boxes):
                     raise ValueError("no tiles planned for this image")
-                crops = [image[y0:y1, x0:x1] for _, x0, y0, x1, y1 in boxes]
+                # tiles are in the original's pixels; an image decoded at a working size is cropped
+                # where the tile lies in its own pixels
+                pixels = np.asarray(image)
+                crops = [pixels[y0:y1, x0:x1] for x0, y0, x1, y1 in (working_box(image, b[1:]) for b in boxes)]
                 scores, maps, vision = [], [], []
                 def score_tiles(ks: list[int]) -> dict[str, object]:
                     chunk = [crops[k] for k in ks]

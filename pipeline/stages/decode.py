@@ -73,20 +73,34 @@ def model_input_sizes(spec) -> list[int]:
 
 def working_size(spec) -> WorkingSize | None:
     """What the plan of ``spec`` needs of each image with ``decode.resolution: working``; None when it
-    decodes at the full size (``exact``, or a plan with foreground or tiling, whose masks and tiles
-    are made at the image's resolution). The short side must hold the largest of
-    :func:`model_input_sizes` (each squashes the whole image to that square). With sam_refine, the
-    long side must hold SAM's 1024-px input too; its refined mask and prompts are stored at the
-    original size."""
+    decodes at the full size (``exact``, or a scorer whose input size is unknown). Every need of the
+    plan's stages together:
+
+    - the short side holds the largest of :func:`model_input_sizes` (each squashes the whole image,
+      or a whole-image tile, to that square);
+    - SAM (a ``sam_dis`` foreground, sam_refine): the long side holds SAM's 1024-px input; the
+      foreground's mask, boxes and areas and sam_refine's mask and prompts are stored in the
+      original's pixels. A dichotomous model (``foreground.dis_model``) squashes the image to
+      ``foreground.dis_input_size``: the short side holds that too. The classical map needs no size;
+    - tiling: tiles are planned in the original's pixels and each crop is squashed to the model
+      inputs, so the smallest tile (``tiling.min_tile`` original pixels) must keep
+      ``min(min_tile, largest input)`` pixels: a scale of at least ``min(1, largest input / min_tile)``
+      of the original (not a fixed size). With ``vvv``'s own values (352-px tiles, inputs up to 448
+      px) that is 1: ``vvv`` decodes at the full size in either mode, and only a larger ``min_tile``
+      (or smaller inputs) lets it decode smaller."""
     if spec.decode.resolution != "working":
-        return None
-    if spec.foreground is not None or spec.tiling is not None:
         return None
     sizes = model_input_sizes(spec)
     if not sizes:
         return None
-    # sam_refine: SAM squashes the long side to 1024 px; its mask is brought back to the original size
-    return WorkingSize(short=sizes[-1], long=SAM_LONG_SIDE if spec.sam_refine is not None else 0)
+    short, largest = sizes[-1], sizes[-1]
+    fg = spec.foreground
+    if fg is not None and fg.kind == "sam_dis" and fg.dis_model is not None:
+        short = max(short, fg.dis_input_size)
+    # SAM squashes the long side to 1024 px; its masks are brought back to the original size
+    long = SAM_LONG_SIDE if spec.uses_sam() else 0
+    scale = min(1.0, largest / spec.tiling.min_tile) if spec.tiling is not None else 0.0
+    return WorkingSize(short=short, long=long, scale=scale)
 
 
 def _empty_image() -> np.ndarray:

@@ -14,13 +14,20 @@
 Columns produced (one row per image):
 
 ==================  ==========  ============================================================
-``fg_rle``          string      COCO RLE (JSON) of the foreground mask; None when none / failed
+``fg_rle``          string      COCO RLE (JSON) of the foreground mask at the original image
+                                size; None when none / failed
 ``fg_components``   COMPONENTS  int64 (C, 7): id, x0, y0, x1, y1 (exclusive), area, n_parts
+                                (boxes and areas in the original image's pixels)
                                 (in flight: ``list<struct>``, :data:`~pipeline.stages.records.COMPONENTS`)
 ``fg_sam_masks``    int64       SAM masks proposed (0 without SAM)
 ``fg_kept_masks``   int64       SAM masks kept by the foreground filter
 ``foreground_ms``   float64     milliseconds for the row (NaN for rows that failed before)
 ==================  ==========  ============================================================
+
+With ``decode.resolution: working`` the foreground is found on the working image (SAM, the
+classical map and the dichotomous model see those pixels) and stored at the original size: the mask
+enlarged by nearest neighbour, the boxes and areas those of the enlarged mask. The SAM embedding
+handed to sam_refine is the working image's.
 
 A failure on one row makes it an error row (``error_stage = foreground``); the batch goes on.
 """
@@ -40,7 +47,16 @@ from pipeline.io.weights import resolve
 from pipeline.ops import foreground as fgm
 from pipeline.ops import rle
 from pipeline.stages.base import check_columns
-from pipeline.stages.records import COMPONENT_CODEC, COMPONENTS, TENSOR, RowErrors, each_row, object_column
+from pipeline.stages.records import (
+    COMPONENT_CODEC,
+    COMPONENTS,
+    TENSOR,
+    RowErrors,
+    each_row,
+    image_at,
+    image_hw,
+    object_column,
+)
 
 STAGE = "foreground"
 
@@ -162,12 +178,20 @@ class ForegroundStage:
                    points_per_batch: int | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(foreground bool HxW, components (C, 7), SAM masks proposed, SAM masks kept). The SAM
         embedding of the image is kept in ``self.last_embedding`` (None without SAM).
-        ``points_per_batch``: SAM's point prompts decoded per batch (default ``foreground.points_per_batch``)."""
+        ``points_per_batch``: SAM's point prompts decoded per batch (default ``foreground.points_per_batch``).
+
+        An image decoded at a working size (``decode.resolution: working``, marked with its original
+        size: :func:`~pipeline.stages.records.image_at`) is segmented at that size; the mask, boxes
+        and areas come out at the original size (:func:`pipeline.ops.foreground.components_at`), as
+        a full-size decode gives them. The SAM embedding stays the working image's (sam_refine gets
+        the same working image)."""
         self.last_embedding = None
         cfg = self.cfg
+        original = image_hw(image)
+        image = np.asarray(image)  # the pixels, without the mark
         h, w = image.shape[:2]
         if cfg.kind == "none":
-            return np.zeros((h, w), bool), _no_components(), 0, 0
+            return np.zeros(original, bool), _no_components(), 0, 0
         prob = self.dis.predict(image) if self.dis is not None else fgm.classical_foreground(image, border=cfg.border)
         parts = None
         proposed = kept_n = 0
@@ -187,8 +211,11 @@ class ForegroundStage:
             fg = prob >= cfg.prob_threshold
         min_area = int(np.ceil(cfg.min_component_fraction * h * w))
         labels, comps = fgm.components(fg, parts, min_area=min_area)
+        mask = labels >= 0
+        if original != (h, w):  # decoded at a working size: the mask and the components in the original's pixels
+            mask, comps = fgm.components_at(labels, comps, original)
         table = COMPONENT_CODEC.table([[c.id, *c.box, c.area, c.n_parts] for c in comps])
-        return labels >= 0, table, proposed, kept_n
+        return mask, table, proposed, kept_n
 
     def _foreground_fitting(self, image: np.ndarray):
         """:meth:`foreground`, and when SAM runs out of accelerator memory on the image: the cache
@@ -225,7 +252,7 @@ class ForegroundStage:
         embeddings = object_column([np.zeros((0, 0, 0), np.float32) for _ in range(n)])
 
         def row(i: int) -> None:
-            mask, table, proposed[i], kept[i] = self._foreground_fitting(np.asarray(batch["image"][i]))
+            mask, table, proposed[i], kept[i] = self._foreground_fitting(image_at(batch, i))
             if self.share_embedding and self.last_embedding is not None:
                 embeddings[i] = self.last_embedding.features[0].detach().float().cpu().numpy()
             comps[i] = table

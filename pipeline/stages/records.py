@@ -215,3 +215,23 @@ def image_hw(image: np.ndarray) -> tuple[int, int]:
     size, :func:`with_original`), else its array's."""
     original = getattr(image, "original", None)
     return original if original is not None else (image.shape[0], image.shape[1])
+
+
+def working_box(image: np.ndarray, box: Sequence[int]) -> tuple[int, int, int, int]:
+    """A box ``(x0, y0, x1, y1)`` (x1/y1 exclusive) in the original image's pixels (tiles, foreground
+    components) -> the box covering the same region in ``image``'s pixels, for an image decoded at a
+    working size (:func:`with_original`): the start scaled and floored, the end scaled and ceiled,
+    clipped to the image, at least one pixel wide and high. The box as given for an image at its
+    original size."""
+    h, w = image.shape[:2]
+    oh, ow = image_hw(image)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if (oh, ow) == (h, w):
+        return x0, y0, x1, y1
+
+    def span(start: int, end: int, n: int, original: int) -> tuple[int, int]:
+        lo = min(max(start * n // original, 0), n - 1)  # exact integer floor and ceil
+        return lo, min(max(-(-end * n // original), lo + 1), n)
+
+    (x0, x1), (y0, y1) = span(x0, x1, w, ow), span(y0, y1, h, oh)
+    return x0, y0, x1, y1

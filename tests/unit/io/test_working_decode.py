@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline.config import load_spec
 from pipeline.io.images import WorkingSize, decode_image, decode_working
 from pipeline.stages.decode import DecodeStage, working_size
-from pipeline.stages.records import image_hw, with_original
+from pipeline.stages.records import image_hw, with_original, working_box
 
 BIG = 10**9
 
@@ -182,13 +182,73 @@ def test_the_decode_stage_keeps_the_original_size_in_its_rows(tmp_path):
     assert np.array_equal(np.asarray(marked), out["image"][0])
 
 
-def test_plans_with_foreground_or_tiles_decode_at_full_size_and_sam_refine_needs_its_long_side():
-    assert working_size(load_spec("jobs/vvv.yaml", ["decode.resolution=working"])) is None
+def test_each_plan_needs_its_models_sizes_sam_its_long_side_and_tiles_a_scale():
     assert working_size(load_spec("jobs/clip_sam.yaml", ["decode.resolution=working"])) == WorkingSize(short=518,
                                                                                                         long=1024)
     assert working_size(load_spec("jobs/default.yaml", ["decode.resolution=exact"])) is None
     assert working_size(load_spec("jobs/default.yaml", ["decode.resolution=working"])) == WorkingSize(short=896)
     assert working_size(load_spec("jobs/musc.yaml", ["decode.resolution=working"])) == WorkingSize(short=518)
+    # vvv: 352-px tiles squashed to inputs up to 448 px need every original pixel: the full size
+    vvv = working_size(load_spec("jobs/vvv.yaml"))
+    assert vvv == WorkingSize(short=448, long=1024, scale=1.0) and vvv.size(3000, 4000) == (3000, 4000)
+    bigger = working_size(load_spec("jobs/vvv.yaml", ["tiling.min_tile=1024"]))
+    assert bigger == WorkingSize(short=448, long=1024, scale=448 / 1024) and bigger.size(3000, 4000) == (1313, 1750)
+    classical = working_size(load_spec("jobs/vvv.yaml", ["tiling.min_tile=1024", "foreground.kind=classical"]))
+    assert classical == WorkingSize(short=448, scale=448 / 1024)  # the classical map needs no size
+    dis = working_size(load_spec("jobs/vvv.yaml", ["foreground.dis_model=/m/dis.onnx", "foreground.dis_input_size=800",
+                                                   "tiling.min_tile=2048"]))
+    assert dis == WorkingSize(short=800, long=1024, scale=448 / 2048)  # the dichotomous model's square input
+    assert working_size(load_spec("jobs/vvv.yaml", ["decode.resolution=exact"])) is None
+
+
+@pytest.mark.parametrize("min_tile", [96, 352, 640, 1024, 2000])
+def test_the_smallest_tile_keeps_the_pixels_its_models_need_and_no_more(min_tile):
+    """Property over vvv plans and image sizes: in the working image the smallest possible tile
+    (min_tile original pixels, clipped to the image) keeps min(its side, the largest model input)
+    pixels, SAM's long side and the whole-image input hold, and a working size one percent smaller
+    would break one of them (it is the smallest)."""
+    spec = load_spec("jobs/vvv.yaml", [f"tiling.min_tile={min_tile}"])
+    need = working_size(spec)
+    largest = max(spec.pixel.scales)
+
+    def meets(h, w, th, tw):
+        side = min(min_tile, h, w)  # a tile is clipped to the image's short side
+        image = with_original(np.zeros((th, tw, 3), np.uint8), h, w)
+        x0, y0, x1, y1 = working_box(image, (0, 0, side, side))
+        tile = min(x1 - x0, y1 - y0) >= min(side, largest)
+        return tile and max(th, tw) >= min(1024, max(h, w)) and min(th, tw) >= min(largest, h, w)
+
+    for h, w in [(3000, 4000), (4000, 3000), (1080, 1920), (960, 1280), (500, 700), (300, 2000), (7, 5)]:
+        th, tw = need.size(h, w)
+        assert th <= h and tw <= w and meets(h, w, th, tw), (h, w, th, tw)
+        if (th, tw) != (h, w):
+            r = max(th / h, tw / w) * 0.99
+            assert not meets(h, w, max(1, int(h * r)), max(1, int(w * r))), (h, w, th, tw)
+    if min_tile <= largest:
+        assert need.size(3000, 4000) == (3000, 4000)  # vvv's own values: every pixel
+
+
+def test_a_box_in_original_pixels_maps_to_the_working_pixels_it_covers():
+    """working_box: the original box scaled, start floored and end ceiled (so the crop covers the
+    whole region, at most a pixel more on each side), clipped, at least one pixel; as given for an
+    image at its original size."""
+    rng = np.random.default_rng(2)
+    plain = np.zeros((40, 50, 3), np.uint8)
+    assert working_box(plain, (3, 4, 20, 30)) == (3, 4, 20, 30)
+    assert working_box(with_original(plain, 40, 50), (3, 4, 20, 30)) == (3, 4, 20, 30)
+    for _ in range(500):
+        oh, ow = (int(v) for v in rng.integers(2, 3000, 2))
+        h, w = max(1, int(oh * rng.uniform(0.05, 1))), max(1, int(ow * rng.uniform(0.05, 1)))
+        x0, x1 = sorted(int(v) for v in rng.choice(ow + 1, 2, replace=False))
+        y0, y1 = sorted(int(v) for v in rng.choice(oh + 1, 2, replace=False))
+        image = with_original(np.zeros((h, w, 3), np.uint8), oh, ow)
+        bx0, by0, bx1, by1 = working_box(image, (x0, y0, x1, y1))
+        assert 0 <= bx0 < bx1 <= w and 0 <= by0 < by1 <= h
+        for a, b, lo, hi, n, on in ((bx0, bx1, x0, x1, w, ow), (by0, by1, y0, y1, h, oh)):
+            assert a <= lo * n / on + 1e-9 and b >= min(n, hi * n / on) - 1e-9  # covers the region
+            assert a > lo * n / on - 1 or a == n - 1  # floored (clipped to leave one pixel)
+            assert b < hi * n / on + 1 or b == a + 1  # ceiled (or one pixel)
+    assert working_box(with_original(np.zeros((10, 10, 3), np.uint8), 1000, 1000), (995, 0, 1000, 3)) == (9, 0, 10, 1)
 
 
 def test_images_travel_between_stages_as_arrow_tensors_at_the_working_size(tmp_path):

@@ -266,3 +266,35 @@ def test_components_count_parts_by_largest_overlap():
     with pytest.raises(ValueError, match="foreground"):
         components(fg.astype(np.uint8))
     assert isinstance(comps[0], Component)
+
+
+def test_components_at_the_original_size_are_those_of_the_enlarged_mask():
+    """Components found at a working size, brought to the original size: the mask enlarged by
+    nearest neighbour, and each box and area exactly those of the component in that mask (the
+    components of the enlarged mask are the same ones), boxes inside the image, ids and parts kept."""
+    from scipy import ndimage
+
+    from pipeline.ops.foreground import components_at
+    from pipeline.ops.heatmap import resize_nearest
+
+    rng = np.random.default_rng(11)
+    for trial, (h, w, oh, ow) in enumerate([(48, 64, 96, 128), (60, 80, 119, 163), (77, 50, 77, 101),
+                                            (30, 40, 1000, 1333), (64, 64, 64, 64)]):
+        small = rng.random((max(2, h // 6), max(2, w // 6))) > 0.6
+        fg = np.asarray(Image.fromarray(small.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+        fg[rng.integers(0, h, 5), rng.integers(0, w, 5)] = True  # specks, some below min_area
+        parts = [fg & (rng.random((h, w)) > 0.5)]
+        labels, comps = components(fg, parts, min_area=3)
+        mask, big = components_at(labels, comps, (oh, ow))
+        assert mask.shape == (oh, ow) and np.array_equal(mask, resize_nearest(labels >= 0, (oh, ow)))
+        assert [(c.id, c.n_parts) for c in big] == [(c.id, c.n_parts) for c in comps]
+        raw, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        assert n == len(comps), trial  # the enlarged mask has the same components
+        assert mask.sum() == sum(c.area for c in big)
+        found = {}
+        for label, (ys, xs) in enumerate(ndimage.find_objects(raw), start=1):
+            found[(xs.start, ys.start, xs.stop, ys.stop)] = int((raw == label).sum())
+        assert {c.box: c.area for c in big} == found
+        assert all(0 <= c.box[0] < c.box[2] <= ow and 0 <= c.box[1] < c.box[3] <= oh for c in big)
+    with pytest.raises(ValueError, match="enlargement"):
+        components_at(labels, comps, (oh - 1, ow))

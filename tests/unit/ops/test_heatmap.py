@@ -117,3 +117,20 @@ def test_resize_matches_torch_bilinear():
             torch.from_numpy(x)[None, None], size=size, mode="bilinear", align_corners=False
         )[0, 0].numpy()
         assert np.allclose(resize_map(x, size), expected, rtol=0, atol=1e-12), size
+
+
+def test_nearest_indices_are_the_nearest_resize_row_by_row_and_column_by_column():
+    """resize_nearest is separable: the mask indexed by the two index vectors; they never decrease,
+    and enlarging hits every source index."""
+    from pipeline.ops.heatmap import nearest_indices, resize_nearest
+
+    rng = np.random.default_rng(5)
+    for h, w, oh, ow in [(3, 5, 7, 11), (768, 1024, 960, 1280), (37, 41, 37, 90), (100, 80, 333, 81), (9, 9, 4, 5)]:
+        mask = rng.random((h, w)) > 0.5
+        rows, cols = nearest_indices(h, oh), nearest_indices(w, ow)
+        assert np.array_equal(resize_nearest(mask, (oh, ow)), mask[np.ix_(rows, cols)])
+        assert (np.diff(rows) >= 0).all() and (np.diff(cols) >= 0).all()
+        if oh >= h and ow >= w:
+            assert set(rows) == set(range(h)) and set(cols) == set(range(w))
+    with pytest.raises(ValueError):
+        nearest_indices(0, 4)

@@ -161,3 +161,80 @@ def test_sam_dis_uses_the_onnx_foreground_model_through_the_weights_spec(tmp_pat
     if mask.any():  # every kept SAM mask lies >= 80 % on the model's foreground side
         assert mask[:, :40].sum() >= 0.8 * mask.sum()
     assert all(c[3] <= 80 and c[4] <= 60 for c in comps)
+
+
+def _originals_and_working(images, scale=3, working=0.5):
+    """The dataset's images enlarged ``scale`` times (the originals) and those decoded at ``working``
+    of that size, as the decode stage hands them on (pixels at the working size, the original
+    height and width in the row)."""
+    originals, small = [], []
+    for im in images:
+        h, w = im.shape[:2]
+        big = np.asarray(Image.fromarray(im).resize((w * scale, h * scale), Image.Resampling.BICUBIC))
+        originals.append(big)
+        size = (round(w * scale * working), round(h * scale * working))
+        small.append(np.asarray(Image.fromarray(big).resize(size, Image.Resampling.BICUBIC)))
+    return originals, small
+
+
+def _working_batch(originals, small):
+    return image_batch(small, "pills", height=[o.shape[0] for o in originals], width=[o.shape[1] for o in originals])
+
+
+@pytest.mark.parametrize("kind", ["classical", "sam_dis"])
+def test_the_foreground_of_a_working_image_is_stored_at_the_original_size(dataset, kind):
+    """decode.resolution working: the foreground is found on the working pixels and stored as a
+    full-size decode stores it: the mask at the original size, boxes and areas in the original's
+    pixels (those of the stored mask), close to the foreground of the original itself."""
+    from scipy import ndimage
+
+    _, images = dataset
+    originals, small = _originals_and_working(images[:2])  # 576 x 768 originals, 288 x 384 working
+    fg = ForegroundSpec(kind=kind, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, min_inside=0.5)
+    stage = ForegroundStage(fg, SamSpec(model="tiny")).offering({"sam_embedding"})
+    work = stage(_working_batch(originals, small))
+    exact = stage(image_batch(originals, "pills"))
+    for i, original in enumerate(originals):
+        assert work["status"][i] == exact["status"][i] == "ok", work["error_message"][i]
+        mask = rle.decode(json.loads(work["fg_rle"][i]))
+        ref = rle.decode(json.loads(exact["fg_rle"][i]))
+        assert mask.shape == ref.shape == original.shape[:2]
+        comps = np.asarray(work["fg_components"][i]).reshape(-1, 7)
+        assert mask.sum() == comps[:, 5].sum()
+        raw, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+        boxes = {(xs.start, ys.start, xs.stop, ys.stop) for ys, xs in ndimage.find_objects(raw)}
+        assert n == len(comps) and boxes == {tuple(c[1:5]) for c in comps.tolist()}  # the stored mask's components
+        assert ((comps[:, 1] < comps[:, 3]) & (comps[:, 3] <= 768) & (comps[:, 2] < comps[:, 4])
+                & (comps[:, 4] <= 576)).all()
+        if kind == "classical":  # the same objects as on the original's pixels, a few pixels apart
+            want = np.asarray(exact["fg_components"][i]).reshape(-1, 7)
+            assert len(comps) == len(want) >= 2
+            assert np.abs(comps[:, 1:5] - want[:, 1:5]).max() <= 6  # measured: 1 px
+            assert (mask & ref).sum() / (mask | ref).sum() > 0.95  # measured: IoU 0.981
+        # SAM's embedding handed to sam_refine is the working image's (it sees the same pixels)
+        assert (work["sam_embedding"][i].size > 0) == (kind == "sam_dis")
+
+
+def test_tiles_in_original_pixels_are_cropped_from_the_working_image(dataset):
+    """Tiling mode on a working image: tiles planned in the original's pixels (inside it), each
+    scored on the working image's crop of the same region (records.working_box), the maps pasted
+    back at the size the original gives."""
+    from pipeline.stages.records import with_original, working_box
+
+    _, images = dataset
+    originals, small = _originals_and_working(images[:2])
+    clip = ClipScoreStage(TINY, ZeroShotImageScore(), pixel=WinclipWindows(), tiling=TILING)
+    batch = _working_batch(originals, small)
+    for stage in (ForegroundStage(ForegroundSpec(kind="classical")), TilingStage(TILING), clip,
+                  AggregateStage(AggregationSpec(), MapOutputSpec(map_size=128))):
+        batch = stage(batch)
+    for i, original in enumerate(originals):
+        assert batch["status"][i] == "ok" and batch["scoring_mode"][i] == "tiles", batch["error_message"][i]
+        tiles = np.asarray(batch["tiles"][i]).reshape(-1, 5)
+        assert (tiles[:, 3] <= 768).all() and (tiles[:, 4] <= 576).all() and (tiles[:, 3] - tiles[:, 1] >= 96).all()
+        marked = with_original(small[i], *original.shape[:2])
+        crops = [small[i][y0:y1, x0:x1] for x0, y0, x1, y1 in (working_box(marked, t[1:]) for t in tiles)]
+        assert all(abs(c.shape[0] - (t[4] - t[2]) / 2) <= 1 for c, t in zip(crops, tiles))  # half the tile
+        alone = np.concatenate([clip.score_images([c], ["pills"], map_side=32)["score"] for c in crops])
+        np.testing.assert_allclose(batch["tile_scores"][i], alone, atol=1e-5)
+        assert batch["anomaly_map"][i].shape == (96, 128)  # the original's 576 x 768 at map_size 128

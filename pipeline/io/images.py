@@ -171,8 +171,8 @@ def decode_working(data: bytes, max_pixels: int,
     An RGB or grey JPEG is decoded with libjpeg's DCT scaling (Pillow's ``draft``) at the smallest
     scale (1/2, 1/4, 1/8) whose result is still at least the working size; other formats (PNG, TIFF,
     16-bit, CMYK JPEG...) are decoded at full size. Every image is then resized once
-    (Pillow's bicubic, on the 8-bit RGB image) to exactly that size. EXIF orientation is applied as
-    by :func:`decode_image`. Returns (``(h, w, 3)`` uint8 RGB, the original (height, width) in
+    (:func:`resize_rgb`: antialiased bicubic on the 8-bit RGB image) to exactly that size. EXIF
+    orientation is applied as by :func:`decode_image`. Returns (``(h, w, 3)`` uint8 RGB, the original (height, width) in
     displayed orientation). Errors as :func:`decode_image`."""
     return _guarded(data, max_pixels, lambda data: _decode(data, max_pixels, working))
 
@@ -299,9 +299,21 @@ def _decode(data: bytes, max_pixels: int, working: WorkingSize | None) -> tuple[
         rgb = _to_rgb(oriented)
         original = shown or (rgb.shape[0], rgb.shape[1])  # the header's size: a draft decodes below it
         if target is not None and rgb.shape[:2] != target:
-            resized = Image.fromarray(rgb).resize((target[1], target[0]), Image.Resampling.BICUBIC)
-            rgb = np.asarray(resized, dtype=np.uint8).copy()
+            rgb = resize_rgb(rgb, target)
         return rgb, original
+
+
+def resize_rgb(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 image resized to ``size`` (height, width): antialiased bicubic with
+    torch's uint8 kernel, which gives Pillow's bicubic resize within two grey levels (measured on
+    a 2000 x 1500 photo: mean 0.003-0.004, max 1, 2 on a few pixels at scales near 1) at about a
+    sixth of its CPU time."""
+    import torch  # a dependency of zsad; imported when an image is first resized, not with this module
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None]
+    y = F.interpolate(x, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    return np.ascontiguousarray(y[0].permute(1, 2, 0).numpy())
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -43,10 +43,13 @@ ORIENTATIONS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def resize_uint8(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A (C, H, W) uint8 tensor resized to ``size`` (height, width): antialiased bicubic on floats,
-    rounded and clipped back to uint8 (close to Pillow's bicubic resize of the 8-bit image)."""
+    """A (C, H, W) uint8 tensor resized to ``size`` (height, width), antialiased bicubic: on the CPU
+    torch's uint8 kernel (:func:`pipeline.io.images.resize_rgb`'s), on a GPU on floats, rounded and
+    clipped back to uint8 (both within a few grey levels of Pillow's bicubic resize)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if x.device.type == "cpu":
+        return F.interpolate(x[None], size=size, mode="bicubic", antialias=True, align_corners=False)[0]
     y = F.interpolate(x[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)[0]
     return y.round_().clamp_(0, 255).to(torch.uint8)
 

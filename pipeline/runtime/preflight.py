@@ -174,7 +174,7 @@ def spec_problem(spec: Any, storage: Any = None, *, objects: bool = False) -> st
     open_clip's registry (:func:`pipeline.models.registry.check_model`); the settings that depend on
     the model's shape (:func:`model_problems`, before any weights are looked up: one message, a
     problem per line); the weight files the job uses (local files must exist); the prompt files
-    (local files must parse).
+    (local files must parse); the job's plan (:func:`pipeline.stages.plan.build_plan`).
 
     ``objects``: as a run's driver checks before Ray starts: also look up the weights and prompt
     files given by URI (with ``storage``), and read the structure of local torch checkpoints
@@ -209,7 +209,25 @@ def spec_problem(spec: Any, storage: Any = None, *, objects: bool = False) -> st
     problem = prompt_file_problem(spec, storage, objects=objects)
     if problem:
         return problem
+    problem = _plan_problem(spec, storage)
+    if problem:
+        return problem
     return _checkpoint_problem(spec) if objects else None
+
+
+def _plan_problem(spec: Any, storage: Any) -> str | None:
+    """Why the plan of a JobSpec cannot be built (a stage combination the plan refuses, such as
+    ``decode.device: model`` before a CPU stage), as ``plan: reason``; None for a TrainSpec."""
+    if not hasattr(spec, "decode") or not hasattr(spec, "runtime"):
+        return None
+    from pipeline.runtime.rows import SOURCE_COLUMNS
+    from pipeline.stages.plan import PlanError, build_plan
+
+    try:
+        build_plan(spec, storage, source=SOURCE_COLUMNS)
+    except PlanError as exc:
+        return f"plan: {exc}"
+    return None
 
 
 def _checkpoint_problem(spec: Any) -> str | None:

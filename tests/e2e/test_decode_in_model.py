@@ -72,3 +72,7 @@ def test_a_plan_without_a_model_actor_after_decode_is_refused_before_it_runs(tmp
                "--executor", "local", "--set", "decode.device=model", "--set", "foreground.kind=classical")
     assert res.returncode == 2, res.stderr[-2000:]
     assert "decode.device: model" in res.stderr and "'foreground', a CPU task" in res.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+    res = zsad("validate", "jobs/vvv.yaml", *TINY, "--set", "decode.device=model", "--set", "foreground.kind=classical")
+    assert res.returncode == 2 and "plan: decode.device: model" in res.stderr, res.stderr[-2000:]
+    assert zsad("validate", "jobs/vvv.yaml", *TINY, "--set", "decode.device=model").returncode == 0  # SAM: an actor

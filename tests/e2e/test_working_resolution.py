@@ -90,6 +90,16 @@ def test_the_clip_sam_cascade_refines_at_the_working_size_and_stores_the_origina
         # the prompts land where the full-size decode put them (measured: within 0.2 px)
         assert np.abs(np.array(info["positive"]) - np.array(json.loads(ref.refine_info)["positive"])).max() < 2.0
     assert min(agree) > 0.99, agree  # measured: 0.997
+    # what a user exports from the working run: the refined masks and the overlays at the original size
+    export = tmp_path / "export"
+    res = zsad("export-maps", str(tmp_path / "sam-working" / "r"), "--out", str(export), "--overlay")
+    assert res.returncode == 0, res.stderr[-2000:]
+    overlays = sorted(export.rglob("*_overlay.png"))
+    refined = sorted(export.rglob("*_refined.png"))
+    assert len(overlays) == 3 and len(refined) == int(work["refined"].sum())
+    for path in overlays + refined:
+        with Image.open(path) as img:
+            assert max(img.size) == 1280 and sorted(img.size) == [960, 1280], (path.name, img.size)
 
 
 # ------------------------------------------------------------------ vvv: foreground and tiles (measured 2026-12-07)

@@ -158,7 +158,7 @@ def step_jpeg_decode(suite: Suite, rec: dict, deadline: float) -> None:
     require("torch", "torchvision", "PIL")
     import io
 
-    import numpy as np
+    from bench_feed import camera_like  # benchmarks/ is on sys.path
     from PIL import Image
 
     from pipeline.config import load_spec
@@ -168,12 +168,8 @@ def step_jpeg_decode(suite: Suite, rec: dict, deadline: float) -> None:
 
     cfg = suite.cfg
     h, w = (480, 640) if cfg.dry_run else (3000, 4000)
-    rng = np.random.default_rng(0)
-    small = (rng.random((h // 64 + 2, w // 64 + 2, 3)) * 255).astype(np.uint8)
-    pixels = np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)).astype(np.int16)
-    pixels = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)  # sensor-like noise
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    Image.fromarray(camera_like(h, w, seed=0)).save(buf, "JPEG", quality=90)  # bench_feed's images
     data = buf.getvalue()
     spec = load_spec(str(REPO / "jobs" / "default.yaml"), ["decode.resolution=working"])
     need, limit = working_size(spec), spec.decode.max_pixels

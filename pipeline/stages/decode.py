@@ -103,6 +103,11 @@ def working_size(spec) -> WorkingSize | None:
     return WorkingSize(short=short, long=long, scale=scale)
 
 
+#: The columns a decode makes (the decode stage, or DeviceDecodeStage in the model actor)
+DECODED: dict[str, object] = {"image": TENSOR, "height": pa.int64(), "width": pa.int64(), **STATUS_COLUMNS,
+                              "decode_ms": pa.float64()}
+
+
 def _empty_image() -> np.ndarray:
     return np.zeros((0, 0, 3), np.uint8)
 
@@ -141,7 +146,7 @@ class DecodeStage:
     @property
     def types(self) -> dict[str, object]:
         pixels = {"image_bytes": pa.binary()} if self.ship_bytes else {"image": TENSOR}
-        return {**pixels, "height": pa.int64(), "width": pa.int64(), **STATUS_COLUMNS, "decode_ms": pa.float64()}
+        return {**pixels, **{k: v for k, v in DECODED.items() if k != "image"}}
 
     @property
     def produces(self) -> tuple[str, ...]:
@@ -218,7 +223,7 @@ class DeviceDecodeStage:
     section = "decode"
     kind = "actor"
     requires = ("image_bytes", "height", "width", "decode_ms", *STATUS_COLUMNS)
-    types = {"image": TENSOR, "height": pa.int64(), "width": pa.int64(), **STATUS_COLUMNS, "decode_ms": pa.float64()}
+    types = DECODED
     produces = tuple(types)
     drops = ("image_bytes",)
 
